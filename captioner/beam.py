@@ -1,0 +1,129 @@
+"""Greedy and beam-search decoding, batched over images on the model's device.
+
+    out = beam_search(model, raw, beam_size=3, max_len=20)   # raw: (B, C, H, W) encoder activations
+    out.tokens (B, L) ids ending in <end> then <pad>; out.scores (B,); out.alphas (B, L, N); out.lengths (B,)
+
+Every image gets a caption: when no hypothesis has ended by max_len words, <end> is forced, so the
+best hypothesis found so far is returned (never an empty result or a crash). Beam size 1 equals greedy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from captioner.vocab import Vocabulary
+
+
+@dataclass
+class Decoded:
+    tokens: torch.Tensor  # (B, L) long: words, <end>, then <pad>
+    scores: torch.Tensor  # (B,) total log-probability of the chosen caption (before length penalty)
+    alphas: torch.Tensor  # (B, L, N) attention over the N regions for each emitted token
+    lengths: torch.Tensor  # (B,) tokens up to and including <end>
+
+
+def _step_log_probs(model, tokens, state, t: int, max_len: int):
+    logits, state, alpha = model.decoder.step(tokens, state)
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B', V)
+    if t == max_len:  # the word budget is spent: only <end> may follow
+        forced = torch.full_like(logp, float("-inf"))
+        forced[:, Vocabulary.end_id] = logp[:, Vocabulary.end_id]
+        logp = forced
+    return logp, state, alpha
+
+
+def _lengths(tokens: torch.Tensor) -> torch.Tensor:
+    return (tokens != Vocabulary.pad_id).sum(dim=1)
+
+
+def _evaluating(model):
+    """Decoding always runs in eval mode (dropout off), whatever mode the caller left the model in."""
+    was_training = model.training
+    model.eval()
+    return was_training
+
+
+@torch.no_grad()
+def greedy_decode(model, raw: torch.Tensor, max_len: int = 30) -> Decoded:
+    """raw (B, C, H, W) encoder activations -> Decoded with the most likely word at each step."""
+    was_training = _evaluating(model)
+    state = model.decoder.init_state(model.project(raw))
+    B = raw.shape[0]
+    tokens = torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=raw.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=raw.device)
+    scores = torch.zeros(B, device=raw.device)
+    out_tokens, out_alphas = [], []
+    for t in range(max_len + 1):
+        logp, state, alpha = _step_log_probs(model, tokens, state, t, max_len)
+        best_logp, best = logp.max(dim=1)  # (B,)
+        scores += torch.where(finished, torch.zeros_like(best_logp), best_logp)
+        tokens = torch.where(finished, torch.full_like(best, Vocabulary.pad_id), best)
+        out_tokens.append(tokens)
+        out_alphas.append(alpha)
+        finished |= tokens == Vocabulary.end_id
+        if bool(finished.all()):  # the one host sync per step: needed to stop early
+            break
+    model.train(was_training)
+    tokens = torch.stack(out_tokens, dim=1)
+    return Decoded(tokens, scores, torch.stack(out_alphas, dim=1), _lengths(tokens))
+
+
+@torch.no_grad()
+def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
+                length_penalty: float = 0.0) -> Decoded:
+    """raw (B, C, H, W) -> Decoded best of beam_size hypotheses per image, all images in one batch.
+
+    Hypotheses are ranked by log-probability / ((5 + length) / 6) ** length_penalty (GNMT); 0 ranks by
+    total log-probability.
+    """
+    was_training = _evaluating(model)
+    B, device = raw.shape[0], raw.device
+    h, c, features, projected = model.decoder.init_state(model.project(raw))
+    V = model.decoder.vocab_size
+    k = min(beam_size, V)
+    N = features.shape[1]
+    # Every image's k beams sit next to each other: row b*k + j is beam j of image b.
+    h, c = h.repeat_interleave(k, 0), c.repeat_interleave(k, 0)  # (B*k, H)
+    features, projected = features.repeat_interleave(k, 0), projected.repeat_interleave(k, 0)  # (B*k, N, .)
+    tokens = torch.full((B * k,), Vocabulary.start_id, dtype=torch.long, device=device)
+    scores = torch.full((B, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first at step 0
+    finished = torch.zeros(B, k, dtype=torch.bool, device=device)
+    history = torch.empty(B, k, 0, dtype=torch.long, device=device)
+    alpha_history = torch.empty(B, k, 0, N, device=device)
+    # A finished beam may only continue with <pad> at no cost, so it keeps its score.
+    pad_row = torch.full((V,), float("-inf"), device=device)
+    pad_row[Vocabulary.pad_id] = 0.0
+    offsets = (torch.arange(B, device=device) * k).unsqueeze(1)  # (B, 1)
+    for t in range(max_len + 1):
+        logp, (h, c, _, _), alpha = _step_log_probs(model, tokens, (h, c, features, projected), t, max_len)
+        logp = torch.where(finished.view(-1, 1), pad_row, logp).view(B, k, V)
+        candidates = (scores.unsqueeze(2) + logp).view(B, k * V)  # (B, k, V) -> (B, k*V)
+        scores, index = candidates.topk(k, dim=1)  # (B, k)
+        beam, word = index // V, index % V  # which parent beam, which next word
+        rows = (beam + offsets).view(-1)  # (B*k,) rows of the parents
+        h, c = h[rows], c[rows]
+        history = torch.cat([history.gather(1, beam.unsqueeze(2).expand_as(history)), word.unsqueeze(2)], dim=2)
+        parent_alphas = alpha.view(B, k, N).gather(1, beam.unsqueeze(2).expand(B, k, N))
+        alpha_history = torch.cat([
+            alpha_history.gather(1, beam.view(B, k, 1, 1).expand_as(alpha_history)),
+            parent_alphas.unsqueeze(2)], dim=2)  # (B, k, t+1, N)
+        finished = finished.gather(1, beam) | (word == Vocabulary.end_id)
+        tokens = word.view(-1)
+        if bool(finished.all()):  # the one host sync per step: needed to stop early
+            break
+    model.train(was_training)
+    lengths = (history != Vocabulary.pad_id).sum(dim=2)  # (B, k)
+    ranked = scores / ((5.0 + lengths.float()) / 6.0) ** length_penalty if length_penalty else scores
+    best = ranked.argmax(dim=1)  # (B,)
+    pick = torch.arange(B, device=device)
+    tokens = history[pick, best]
+    return Decoded(tokens, scores[pick, best], alpha_history[pick, best], _lengths(tokens))
+
+
+def decode(model, raw: torch.Tensor, beam_size: int = 1, max_len: int = 30, length_penalty: float = 0.0) -> Decoded:
+    if beam_size <= 1:
+        return greedy_decode(model, raw, max_len)
+    return beam_search(model, raw, beam_size, max_len, length_penalty)

@@ -1,0 +1,79 @@
+"""Checkpoints as plain data: state_dicts, the config as a dict, the vocabulary as a list of words.
+
+Written to a temporary file, fsynced, then renamed, so a crash while saving never leaves a truncated file.
+Loaded with weights_only=True: loading a checkpoint can never run code.
+
+    save_checkpoint("runs/x/best.pt", {"model": model.state_dict(), ...})
+    model, vocab, cfg = load_model("runs/x/best.pt", device="cpu")
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from captioner.config import Config, from_dict
+from captioner.encoder import strip_wrapper_prefixes
+from captioner.errors import CaptionerError
+from captioner.model import CaptionModel
+from captioner.vocab import Vocabulary
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionerError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign files all get one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptionerError(f"checkpoint {path} is truncated or not a captioner checkpoint: {reason[:200]}") from None
+    missing = [k for k in ("model", "config", "vocab") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CaptionerError(f"checkpoint {path} lacks {', '.join(missing)}: not a captioner checkpoint")
+    state["model"] = strip_wrapper_prefixes(state["model"])
+    return state
+
+
+def model_from_checkpoint(state: dict, path: str | Path = "checkpoint") -> tuple[CaptionModel, Vocabulary, Config]:
+    """Rebuild the model from the checkpoint's own config (never guessed from weight shapes)."""
+    try:
+        cfg = from_dict(state["config"])
+    except CaptionerError as e:
+        raise CaptionerError(f"checkpoint {path} has an invalid config: {e}") from None
+    vocab = Vocabulary(state["vocab"])
+    # The backbone's weights come from the checkpoint itself: do not load or download them again.
+    cfg_no_weights = from_dict(state["config"])
+    cfg_no_weights.encoder.weights = None
+    model = CaptionModel(cfg_no_weights.encoder, cfg.model, len(vocab))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise CaptionerError(f"checkpoint {path} does not match its config: {' '.join(lines[1:3])[:300]}") from None
+    return model, vocab, cfg
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CaptionModel, Vocabulary, Config]:
+    """The model (in eval mode, on device), its vocabulary and its config, from one checkpoint file."""
+    model, vocab, cfg = model_from_checkpoint(load_checkpoint(path), path)
+    return model.to(device).eval(), vocab, cfg

@@ -1,0 +1,205 @@
+"""Typed configuration: YAML files in configs/ load into these dataclasses; `key=value` overrides any field.
+
+    cfg = load_config("configs/tiny.yaml", ["encoder.layer=layer3", "train.epochs=2"])
+
+Unknown keys and values of the wrong type are CaptionerErrors that name the key and list the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from captioner.errors import CaptionerError
+
+
+@dataclass
+class EncoderConfig:
+    arch: str = "resnet152"  # any torchvision classification CNN with named modules (resnet18/50/101/152, ...)
+    layer: str = "layer4"  # module whose output is taken by a forward hook; see `captioner layers ARCH`
+    weights: str | None = None  # None (random init), a torchvision enum name (IMAGENET1K_V2) or a local .pth path
+    in_channels: int = 3  # != 3 replaces conv1 (e.g. 11-band satellite images)
+    image_size: int = 224  # images are resized to image_size x image_size; 224 gives a 7x7 layer4 grid
+    finetune_from: str | None = None  # None keeps the backbone frozen
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 512  # word embedding size, also the size features are projected to
+    attention_dim: int = 512
+    decoder_dim: int = 512  # LSTM hidden size
+    dropout: float = 0.5
+    alpha_c: float = 1.0  # weight of the doubly stochastic attention regulariser (Show, Attend and Tell eq. 14)
+
+
+@dataclass
+class DatasetConfig:
+    format: str = "synthetic"  # synthetic | coco | folder
+    root: str = "data/synthetic"  # synthetic: generated here on first use; coco: base for relative paths
+    annotations: str = ""  # coco: captions JSON (COCO format)
+    images: str = ""  # coco: folder holding the image files
+    splits: str = ""  # optional JSON {"train": [image ids], "val": [...], "test": [...]}
+    val_fraction: float = 0.1  # without a splits file: share of images held out for val, and again for test
+    min_freq: int = 1  # words seen fewer times in the training captions become <unk>
+    max_len: int = 30  # captions are cut to this many words
+    synthetic_images: int = 2000  # synthetic only: how many images to generate
+    synthetic_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 50  # steps between metrics.jsonl lines
+    precompute_features: bool = True  # run the frozen encoder once per image instead of once per caption per epoch
+    val_images: int = 0  # cap on validation images per epoch (0 = all)
+
+
+@dataclass
+class DecodeConfig:
+    beam_size: int = 3
+    max_len: int = 30  # longest caption produced, in words
+    length_penalty: float = 0.0  # 0 ranks beams by total log-probability; 1 by mean per word
+    batch_size: int = 32
+
+
+@dataclass
+class Config:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+def valid_keys(cfg: Config | None = None) -> list[str]:
+    cfg = cfg or Config()
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def _unknown_key(key: str, cfg: Config) -> CaptionerError:
+    keys = valid_keys(cfg)
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return CaptionerError(f"unknown config key '{key}'{hint}; valid keys: {', '.join(keys)}")
+
+
+def _coerce(key: str, value, annotation):
+    """Convert a YAML/CLI value to the field's declared type, or raise a one-line error."""
+    hint = annotation
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    target = next((a for a in args if a is not type(None)), hint) if args else hint
+    if target in (int, float) and isinstance(value, str):
+        try:  # YAML reads "1e-3" (no dot) as a string
+            value = target(value)
+        except ValueError:
+            pass
+    if target is bool and isinstance(value, bool):
+        return value
+    if target is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if target is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise CaptionerError(f"config key '{key}' expects {target.__name__}, got {value!r}")
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    section_name, _, name = key.partition(".")
+    section = getattr(cfg, section_name, None) if section_name in {f.name for f in dataclasses.fields(cfg)} else None
+    if section is None or name not in {f.name for f in dataclasses.fields(section)}:
+        raise _unknown_key(key, cfg)
+    annotation = typing.get_type_hints(type(section))[name]
+    setattr(section, name, _coerce(key, value, annotation))
+
+
+def from_dict(data: dict, cfg: Config | None = None) -> Config:
+    """Apply a nested dict ({"encoder": {"layer": "layer3"}}) on top of cfg (defaults when None)."""
+    cfg = cfg or Config()
+    if not isinstance(data, dict):
+        raise CaptionerError(f"config must be a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise _unknown_key(str(section), cfg) if not hasattr(cfg, str(section)) else CaptionerError(
+                f"config section '{section}' must be a mapping of keys")
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings; the value is parsed as a YAML scalar (so 3, 1e-4, true, null work)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CaptionerError(f"override '{item}' is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(cfg, key.strip(), value)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise CaptionerError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise CaptionerError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        try:
+            from_dict(data, cfg)
+        except CaptionerError as e:
+            raise CaptionerError(f"{path}: {e}") from None
+    return apply_overrides(cfg, list(overrides))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that would only fail later, deep inside a run."""
+    checks = [
+        (cfg.encoder.in_channels >= 1, "encoder.in_channels must be >= 1"),
+        (cfg.encoder.image_size >= 32, "encoder.image_size must be >= 32"),
+        (cfg.model.embed_dim > 0 and cfg.model.attention_dim > 0 and cfg.model.decoder_dim > 0,
+         "model sizes must be positive"),
+        (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (cfg.model.alpha_c >= 0, "model.alpha_c must be >= 0"),
+        (cfg.dataset.format in ("synthetic", "coco"), "dataset.format must be one of: synthetic, coco"),
+        (0.0 <= cfg.dataset.val_fraction < 0.5, "dataset.val_fraction must be in [0, 0.5)"),
+        (cfg.dataset.min_freq >= 1, "dataset.min_freq must be >= 1"),
+        (cfg.dataset.max_len >= 1, "dataset.max_len must be >= 1"),
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.lr > 0, f"train.lr must be > 0, got {cfg.train.lr}"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
+        (cfg.train.num_workers >= 0, "train.num_workers must be >= 0"),
+        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.decode.beam_size >= 1, f"decode.beam_size must be >= 1, got {cfg.decode.beam_size}"),
+        (cfg.decode.max_len >= 1, "decode.max_len must be >= 1"),
+        (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CaptionerError(message)

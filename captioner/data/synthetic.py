@@ -1,0 +1,84 @@
+"""A synthetic captioning dataset: two coloured shapes in a spatial relation, several templated captions each.
+
+    generate("data/synthetic", num_images=2000, seed=0)
+
+writes images/000000.jpg ..., captions.json (COCO captions format) and splits.json ({"train": [ids], ...}).
+The same seed always gives the same images, captions and splits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20),
+           "purple": (140, 40, 170), "white": (250, 250, 250), "black": (15, 15, 15)}
+SHAPES = ("circle", "square", "triangle")
+RELATIONS = {  # relation of the first object to the second: (dx, dy) sign, phrase, inverse phrase
+    "left": ((-1, 0), "to the left of", "to the right of"),
+    "right": ((1, 0), "to the right of", "to the left of"),
+    "above": ((0, -1), "above", "below"),
+    "below": ((0, 1), "below", "above"),
+}
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+
+
+def make_example(rng: random.Random, size: int = 128) -> tuple[Image.Image, list[str]]:
+    (c1, c2) = rng.sample(sorted(COLOURS), 2)
+    s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
+    relation = rng.choice(sorted(RELATIONS))
+    (dx, dy), phrase, inverse = RELATIONS[relation]
+    background = tuple(rng.randint(110, 160) for _ in range(3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    r = size * rng.uniform(0.12, 0.17)
+    # Object 1 on one side of the centre, object 2 mirrored on the other, with some jitter.
+    offset = size * rng.uniform(0.2, 0.28)
+    jitter = lambda: size * rng.uniform(-0.08, 0.08)  # noqa: E731
+    cx, cy = size / 2, size / 2
+    p1 = (cx + dx * offset + (jitter() if dx == 0 else 0), cy + dy * offset + (jitter() if dy == 0 else 0))
+    p2 = (cx - dx * offset + (jitter() if dx == 0 else 0), cy - dy * offset + (jitter() if dy == 0 else 0))
+    _draw_shape(draw, s1, *p1, r, COLOURS[c1])
+    _draw_shape(draw, s2, *p2, r, COLOURS[c2])
+    a, b = f"a {c1} {s1}", f"a {c2} {s2}"
+    captions = [f"{a} {phrase} {b}", f"{b} {inverse} {a}", f"there is {a} {phrase} {b}"]
+    return image, captions
+
+
+def generate(root: str | Path, num_images: int = 2000, seed: int = 0, size: int = 128,
+             val_fraction: float = 0.1) -> Path:
+    """Write the dataset under root (idempotent: an existing complete dataset is left as it is)."""
+    root = Path(root)
+    annotations = root / "captions.json"
+    if annotations.is_file() and (root / "splits.json").is_file():
+        return root
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    images, anns = [], []
+    for i in range(num_images):
+        image, captions = make_example(rng, size)
+        name = f"{i:06d}.jpg"
+        image.save(root / "images" / name, quality=92)
+        images.append({"id": i, "file_name": name, "width": size, "height": size})
+        anns.extend({"id": len(anns), "image_id": i, "caption": c} for c in captions)
+    n_held = max(1, int(num_images * val_fraction))
+    ids = list(range(num_images))
+    splits = {"train": ids[: num_images - 2 * n_held], "val": ids[num_images - 2 * n_held: num_images - n_held],
+              "test": ids[num_images - n_held:]}
+    # Written last and atomically: their presence marks a complete dataset.
+    for name, data in (("splits.json", splits), ("captions.json", {"images": images, "annotations": anns})):
+        tmp = root / (name + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, root / name)
+    return root

@@ -1,0 +1,223 @@
+"""A frozen torchvision CNN whose chosen module's output is taken through a forward hook.
+
+    enc = HookedEncoder("resnet152", "layer4", weights=None, image_size=224)
+    feats = enc(images_uint8)          # (B, 3, 224, 224) uint8 -> (B, 2048, 7, 7) float
+    enc.channels, enc.grid, enc.reduction   # 2048, (7, 7), 32
+
+The forward pass stops right after the hooked module: nothing behind it (avgpool, fc, or layer4 when
+hooking layer3) is computed. Normalisation lives here too, so the data pipeline only resizes.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from captioner.errors import CaptionerError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _StopForward(Exception):
+    """Raised by the hook to skip every layer after the hooked one."""
+
+
+def available_archs() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def strip_wrapper_prefixes(state: dict) -> dict:
+    # DDP ("module.") and torch.compile ("_orig_mod.") wrappers prefix every key.
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _weights_state_dict(arch: str, weights: str) -> dict:
+    """A state_dict from a local .pth file or a cached torchvision weight enum; never runs pickled code."""
+    looks_like_path = weights.endswith((".pth", ".pt", ".bin")) or os.sep in weights or Path(weights).exists()
+    if looks_like_path:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise CaptionerError(f"encoder weights file {path} not found (encoder.weights)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+            raise CaptionerError(f"encoder weights file {path} is not a readable state_dict: {e}") from None
+        for key in ("state_dict", "model"):  # common wrappers around the weights
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        if not isinstance(state, dict):
+            raise CaptionerError(f"encoder weights file {path} does not hold a state_dict")
+        return strip_wrapper_prefixes(state)
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except ValueError:
+        raise CaptionerError(f"no torchvision weights known for arch '{arch}'") from None
+    names = [w.name for w in enum]
+    if weights not in names:
+        raise CaptionerError(f"encoder.weights '{weights}' is not a {arch} weight name or an existing file; "
+                             f"valid names: {', '.join(names)}, or a path to a .pth file")
+    url = enum[weights].url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if not cached.is_file():
+        try:
+            torch.hub.download_url_to_file(url, str(cached.with_suffix(".part")), progress=True)
+            os.replace(cached.with_suffix(".part"), cached)
+        except Exception as e:  # noqa: BLE001 - offline machines fail in many ways; all mean the same
+            raise CaptionerError(f"{arch} {weights} weights are not cached at {cached} and could not be downloaded "
+                                 f"({type(e).__name__}); download {url} to that path, or set encoder.weights to a "
+                                 f"local .pth file") from None
+    return torch.load(cached, map_location="cpu", weights_only=True)
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return name, module
+    raise CaptionerError("the backbone has no Conv2d to adapt to encoder.in_channels")
+
+
+def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
+    """Replace the stem conv with one taking in_channels, each new filter slice the mean of the RGB ones."""
+    name, old = _first_conv(model)
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    old.dilation, old.groups, old.bias is not None)
+    with torch.no_grad():
+        # Scaled by 3/in_channels so a uniform image gives the same response as it did through RGB.
+        mean = old.weight.mean(dim=1, keepdim=True)  # (64, 1, 7, 7)
+        new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (3.0 / in_channels))
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def build_backbone(arch: str, weights: str | None = None, in_channels: int = 3) -> nn.Module:
+    archs = available_archs()
+    if arch not in archs:
+        close = difflib.get_close_matches(arch, archs, n=4)
+        raise CaptionerError(f"unknown encoder.arch '{arch}'; close matches: {', '.join(close) or 'none'}; "
+                             f"e.g. resnet18, resnet50, resnet101, resnet152")
+    state = _weights_state_dict(arch, weights) if weights else None  # fail before building anything
+    model = torchvision.models.get_model(arch, weights=None)
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise CaptionerError(f"encoder weights {weights} do not fit {arch}: {first}") from None
+    if in_channels != 3:
+        _adapt_input_channels(model, in_channels)
+    return model
+
+
+def _check_layer(model: nn.Module, arch: str, layer: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if layer and layer in modules:
+        return modules[layer]
+    close = difflib.get_close_matches(layer, [n for n in modules if n], n=4, cutoff=0.5)
+    raise CaptionerError(f"layer '{layer}' not in {arch}; close matches: {', '.join(close) or 'none'}; "
+                         f"run `captioner layers {arch}` for the full list")
+
+
+class HookedEncoder(nn.Module):
+    """Frozen CNN returning the hooked module's activation (B, C, H, W) for uint8 or [0, 1] float images."""
+
+    def __init__(self, arch: str = "resnet152", layer: str = "layer4", weights: str | None = None,
+                 in_channels: int = 3, image_size: int = 224):
+        super().__init__()
+        self.arch, self.layer, self.in_channels, self.image_size = arch, layer, in_channels, image_size
+        self.backbone = build_backbone(arch, weights, in_channels)
+        target = _check_layer(self.backbone, arch, layer)
+        # A hook is a managed resource: one handle, removed in close(); the capture is dropped when read.
+        # A module called several times in one forward (a Bottleneck's shared relu) yields its first call.
+        self._captured: torch.Tensor | None = None
+        self._handle = target.register_forward_hook(self._hook)
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        mean = IMAGENET_MEAN if in_channels == 3 else (sum(IMAGENET_MEAN) / 3,) * in_channels
+        std = IMAGENET_STD if in_channels == 3 else (sum(IMAGENET_STD) / 3,) * in_channels
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        # Describe itself (timm FeatureInfo): channels and grid come from one small dry run.
+        with torch.no_grad():
+            out = self(torch.zeros(1, in_channels, image_size, image_size))
+        self.channels, self.grid = out.shape[1], (out.shape[2], out.shape[3])
+        self.reduction = image_size // out.shape[2]
+
+    def _hook(self, module, inputs, output):
+        if self._captured is None:
+            self._captured = output
+            raise _StopForward
+
+    def train(self, mode: bool = True):
+        # Frozen stays frozen: BatchNorm statistics never move, whatever the parent model's mode.
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W) uint8 or float in [0, 1] -> (B, C, H/r, W/r) float activation."""
+        if images.dim() != 4 or images.shape[1] != self.in_channels:
+            raise CaptionerError(f"encoder expects (B, {self.in_channels}, H, W) images, got {tuple(images.shape)}")
+        x = self.normalize(images)
+        self._captured = None
+        with torch.no_grad():
+            try:
+                self.backbone(x)
+            except _StopForward:
+                pass
+        out, self._captured = self._captured, None
+        if not isinstance(out, torch.Tensor):
+            raise CaptionerError(f"layer '{self.layer}' of {self.arch} produced no tensor output")
+        return out
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def list_layers(arch: str, image_size: int = 224, in_channels: int = 3) -> list[tuple[str, str, tuple]]:
+    """(name, module type, output shape without batch) for every module a forward pass calls, in order."""
+    model = build_backbone(arch, None, in_channels).eval()
+    shapes: dict[str, tuple] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(mod, inp, out, name=name):
+            if name not in shapes and isinstance(out, torch.Tensor):
+                shapes[name] = tuple(out.shape[1:])
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_channels, image_size, image_size))
+    finally:
+        for h in handles:
+            h.remove()
+    return [(n, type(m).__name__, shapes[n]) for n, m in model.named_modules() if n in shapes]

@@ -1,0 +1,95 @@
+"""Evaluate a checkpoint on a dataset split: captions every image, scores them, writes results and metrics.
+
+    captioner evaluate --checkpoint runs/tiny/best.pt
+    captioner evaluate --checkpoint runs/tiny/best.pt --split val --beam 1 dataset.root=data/other
+
+The dataset comes from the checkpoint's own config; `key=value` overrides change it (e.g. dataset.root).
+Writes OUT/results_SPLIT.json (COCO results format: [{"image_id", "caption"}]) and OUT/metrics_SPLIT.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from captioner.beam import decode
+from captioner.checkpoint import load_model
+from captioner.config import apply_overrides
+from captioner.data import by_split, load_records
+from captioner.data.images import ImageFiles
+from captioner.errors import CaptionerError
+from captioner.metrics import corpus_bleu_scores
+from captioner.runtime import resolve_device
+
+log = logging.getLogger("captioner")
+
+
+@torch.inference_mode()
+def predict(model, vocab, records, batch_size: int, device, beam_size: int = 1, max_len: int = 30,
+            length_penalty: float = 0.0, features: torch.Tensor | None = None, num_workers: int = 0) -> dict:
+    """Caption every record -> {image_id: caption}. features (N, C, H, W) skips the encoder when given;
+    unreadable images are reported and left out."""
+    model.eval()
+    results = {}
+    if features is not None:
+        batches = ((features[i:i + batch_size], range(i, min(i + batch_size, len(records))), None)
+                   for i in range(0, len(records), batch_size))
+    else:
+        batches = DataLoader(ImageFiles([r.path for r in records], model.encoder.image_size), batch_size=batch_size,
+                             num_workers=num_workers, pin_memory=device.type == "cuda")
+    for inputs, index, errors in tqdm(batches, desc="captioning", unit="batch", leave=False,
+                                      total=-(-len(records) // batch_size)):
+        inputs = inputs.to(device, non_blocking=True)
+        raw = inputs if inputs.is_floating_point() else model.encode(inputs)
+        out = decode(model, raw, beam_size, max_len, length_penalty)
+        for row, i in enumerate(index):
+            if errors is not None and errors[row]:
+                log.warning("skipped: %s", errors[row])
+                continue
+            results[records[int(i)].image_id] = vocab.decode(out.tokens[row].tolist())
+    return results
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out_dir: str | None = None,
+         overrides: list[str] = (), device: str | None = "auto", batch_size: int | None = None) -> dict:
+    device = resolve_device(device)
+    model, vocab, cfg = load_model(checkpoint, device)
+    apply_overrides(cfg, list(overrides))
+    beam_size = beam_size or cfg.decode.beam_size
+    if beam_size < 1:
+        raise CaptionerError(f"--beam must be >= 1, got {beam_size}")
+    records = [r for r in by_split(load_records(cfg.dataset), split) if r.captions]
+    if not records:
+        raise CaptionerError(f"split '{split}' of the dataset has no captioned images")
+    missing = [r for r in records if not Path(r.path).is_file()]
+    if missing:
+        log.warning("%d of %d %s images are missing and not scored (first: %s)", len(missing), len(records), split,
+                    missing[0].path)
+        records = [r for r in records if Path(r.path).is_file()]
+    hypotheses = predict(model, vocab, records, batch_size or cfg.decode.batch_size, device, beam_size,
+                         cfg.decode.max_len, cfg.decode.length_penalty, num_workers=cfg.train.num_workers)
+    if len(hypotheses) != len(records):
+        log.warning("scored %d captions for %d images in the split", len(hypotheses), len(records))
+    scores = corpus_bleu_scores(hypotheses, {r.image_id: r.captions for r in records})
+    out = Path(out_dir) if out_dir else Path(checkpoint).parent
+    out.mkdir(parents=True, exist_ok=True)
+    results_path, metrics_path = out / f"results_{split}.json", out / f"metrics_{split}.json"
+    _write_json(results_path, [{"image_id": i, "caption": c} for i, c in hypotheses.items()])
+    metrics = {"checkpoint": str(checkpoint), "split": split, "images": len(hypotheses),
+               "decoding": "greedy" if beam_size == 1 else "beam", "beam_size": beam_size,
+               "max_len": cfg.decode.max_len, "length_penalty": cfg.decode.length_penalty, "scale": "0-1",
+               "bleu_implementation": "nltk corpus_bleu", **scores,
+               "results_file": str(results_path), "metrics_file": str(metrics_path)}
+    _write_json(metrics_path, metrics)
+    return metrics

@@ -1,0 +1,56 @@
+"""The whole captioner: hooked encoder -> projector (Linear + LayerNorm) -> attention LSTM decoder.
+
+    model = CaptionModel(cfg.encoder, cfg.model, vocab_size=len(vocab))
+    raw = model.encode(images)                       # (B, 3, S, S) uint8 -> (B, C, H, W), frozen
+    logits, alphas = model(raw, captions)            # teacher forcing on raw encoder features
+    out = greedy_decode(model, raw, ...)             # see beam.py
+
+Training and decoding take the raw encoder activations, so features cached on disk and features
+computed on the fly go through exactly the same projector.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from captioner.config import EncoderConfig, ModelConfig
+from captioner.decoder import AttentionDecoder
+from captioner.encoder import HookedEncoder
+
+
+def build_encoder(cfg: EncoderConfig) -> HookedEncoder:
+    return HookedEncoder(cfg.arch, cfg.layer, cfg.weights, cfg.in_channels, cfg.image_size)
+
+
+class CaptionModel(nn.Module):
+    def __init__(self, encoder_cfg: EncoderConfig, model_cfg: ModelConfig, vocab_size: int,
+                 encoder: HookedEncoder | None = None):
+        super().__init__()
+        self.encoder = encoder if encoder is not None else build_encoder(encoder_cfg)
+        self.alpha_c = model_cfg.alpha_c
+        # Random-init ResNet-152 layer4 activations reach ~1e8: LayerNorm after the projection keeps the
+        # decoder's inputs at unit scale whatever the backbone's weights.
+        self.projector = nn.Sequential(nn.Linear(self.encoder.channels, model_cfg.embed_dim),
+                                       nn.LayerNorm(model_cfg.embed_dim))
+        self.decoder = AttentionDecoder(vocab_size, model_cfg.embed_dim, model_cfg.embed_dim,
+                                        model_cfg.attention_dim, model_cfg.decoder_dim, model_cfg.dropout)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.encoder.grid
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, S, S) images -> raw frozen activations (B, C, H, W)."""
+        return self.encoder(images)
+
+    def project(self, raw: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) raw activations (any float dtype) -> (B, N=H*W, D) decoder features."""
+        regions = raw.float().flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, C)
+        return self.projector(regions)  # (B, N, C) -> (B, N, D)
+
+    def forward(self, raw: torch.Tensor, captions: torch.Tensor):
+        """raw (B, C, H, W), captions (B, T+1) -> logits (B, T, V), alphas (B, T, N)."""
+        return self.decoder(self.project(raw), captions)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,37 @@
+"""Shared fixtures: a small synthetic dataset and one tiny trained model, built once per test session."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner import train
+from captioner.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
+
+torch.set_num_threads(2)
+
+
+def tiny_config(data_root, *overrides):
+    """configs/tiny.yaml on a smaller synthetic set, for fast tests."""
+    return load_config(TINY, [f"dataset.root={data_root}", "dataset.synthetic_images=1000", "train.num_workers=0",
+                              *overrides])
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, synthetic_root):
+    """(summary, cfg) of a tiny model trained on synthetic shapes: the learning test and the CLI tests use it."""
+    logging.getLogger("captioner").setLevel(logging.WARNING)
+    cfg = tiny_config(synthetic_root, "train.epochs=12")
+    run_dir = tmp_path_factory.mktemp("run")
+    return train.main(cfg, run_dir, "cpu"), cfg

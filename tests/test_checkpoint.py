@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from captioner.beam import greedy_decode
+from captioner.checkpoint import load_checkpoint, load_model, save_checkpoint
+from captioner.config import Config, to_dict
+from captioner.errors import CaptionerError
+from captioner.model import CaptionModel
+from captioner.vocab import Vocabulary
+
+
+def _small(tmp_path):
+    cfg = Config()
+    cfg.encoder.arch, cfg.encoder.image_size = "resnet18", 64
+    cfg.model.embed_dim = cfg.model.attention_dim = cfg.model.decoder_dim = 32
+    vocab = Vocabulary.build(["a red square", "a blue circle"])
+    torch.manual_seed(1)
+    model = CaptionModel(cfg.encoder, cfg.model, len(vocab))
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": to_dict(cfg), "vocab": vocab.tokens})
+    return model, vocab, cfg, path
+
+
+def test_round_trip_with_weights_only(tmp_path):
+    model, vocab, cfg, path = _small(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["vocab"] == vocab.tokens and state["config"]["encoder"]["arch"] == "resnet18"
+    loaded, loaded_vocab, loaded_cfg = load_model(path)
+    assert loaded_vocab == vocab and loaded_cfg == cfg
+    images = torch.rand(2, 3, 64, 64)
+    model.eval()
+    assert torch.equal(model.encode(images), loaded.encode(images))
+    raw = model.encode(images)
+    assert torch.equal(greedy_decode(model, raw).tokens, greedy_decode(loaded, raw).tokens)
+
+
+def test_wrapper_prefixes_are_stripped(tmp_path):
+    model, vocab, cfg, path = _small(tmp_path)
+    state = torch.load(path, weights_only=True)
+    state["model"] = {"module." + k: v for k, v in state["model"].items()}
+    save_checkpoint(path, state)
+    load_model(path)
+
+
+def test_truncated_and_foreign_checkpoints_are_refused(tmp_path):
+    _, _, _, path = _small(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CaptionerError, match="truncated or not a captioner checkpoint"):
+        load_checkpoint(path)
+    torch.save({"weights": torch.zeros(1)}, path)
+    with pytest.raises(CaptionerError, match="lacks model, config, vocab"):
+        load_checkpoint(path)
+    with pytest.raises(CaptionerError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")

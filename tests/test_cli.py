@@ -1,0 +1,60 @@
+"""The CLI: one-line errors with exit code 2, and the train -> evaluate -> caption path."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from captioner.cli import main
+
+from conftest import TINY
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+def test_bad_layer_is_one_line(capsys, tmp_path):
+    assert main(["train", "--config", str(TINY), "--run-dir", str(tmp_path), "encoder.layer=layer9"]) == 2
+    line = _error_line(capsys)
+    assert "layer 'layer9' not in resnet18" in line and "layer4" in line and "Traceback" not in line
+
+
+def test_bad_weights_and_config_are_one_line(capsys, tmp_path):
+    assert main(["train", "--config", str(TINY), "--run-dir", str(tmp_path),
+                 f"encoder.weights={tmp_path}/nope.pth"]) == 2
+    assert "nope.pth not found" in _error_line(capsys)
+    assert main(["train", "--config", str(TINY), "--run-dir", str(tmp_path), "train.lrr=1"]) == 2
+    assert "unknown config key 'train.lrr'" in _error_line(capsys)
+    assert main(["train", "--config", str(tmp_path / "missing.yaml"), "--run-dir", str(tmp_path)]) == 2
+    assert "missing.yaml not found" in _error_line(capsys)
+    assert not (tmp_path / "data").exists()  # nothing ran before the error
+
+
+def test_evaluate_and_caption_from_cli(trained, tmp_path, capsys):
+    summary, cfg = trained
+    assert main(["evaluate", "--checkpoint", summary["best_checkpoint"], "--beam", "1", "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["decoding"] == "greedy" and 0 <= metrics["bleu4"] <= 1
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    from captioner.data import by_split, load_records
+    import shutil
+    for r in by_split(load_records(cfg.dataset), "test")[:5]:
+        shutil.copy(r.path, folder)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "captions.jsonl"
+    assert main(["caption", "--checkpoint", summary["best_checkpoint"], str(folder), "--out", str(out),
+                 "--workers", "0", "--device", "cpu"]) == 0
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(records) == 6
+    assert sum("caption" in r for r in records) == 5
+    assert [r["file"].endswith("broken.jpg") for r in records if "error" in r] == [True]
+
+
+def test_entry_point_and_script_help():
+    for cmd in (["captioner", "--help"], [sys.executable, "scripts/train.py", "--help"]):
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=str(TINY.parent.parent))
+        assert done.returncode == 0 and "usage" in done.stdout

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from captioner.beam import beam_search, greedy_decode
+from captioner.config import EncoderConfig, ModelConfig
+from captioner.decoder import caption_loss
+from captioner.model import CaptionModel
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = CaptionModel(EncoderConfig(arch="resnet18", image_size=64), ModelConfig(64, 64, 96, dropout=0.3), 40)
+    return m.eval()
+
+
+def test_teacher_forcing_shapes_and_masked_loss(model):
+    raw = model.encode(torch.rand(3, 3, 64, 64))
+    assert raw.shape == (3, 512, 2, 2)
+    captions = torch.randint(4, 40, (3, 9))
+    captions[:, 0] = 1
+    lengths = torch.tensor([9, 6, 4])
+    logits, alphas = model(raw, captions)
+    assert logits.shape == (3, 8, 40) and alphas.shape == (3, 8, 4)
+    assert torch.allclose(alphas.sum(-1), torch.ones(3, 8), atol=1e-5)
+    loss, _ = caption_loss(logits, alphas, captions, lengths, 1.0)
+    # What lies beyond each caption's length never changes the loss.
+    changed = captions.clone()
+    changed[1, 6:], changed[2, 4:] = 0, 5
+    logits2, alphas2 = model(raw, changed)
+    loss2, _ = caption_loss(logits2, alphas2, changed, lengths, 1.0)
+    assert torch.allclose(loss, loss2)
+
+
+def test_beam_one_equals_greedy(model):
+    raw = torch.randn(5, 512, 2, 2) * 100
+    g = greedy_decode(model, raw, max_len=12)
+    b = beam_search(model, raw, beam_size=1, max_len=12)
+    assert torch.equal(g.tokens, b.tokens)
+    assert torch.allclose(g.scores, b.scores, atol=1e-5)
+
+
+def test_batched_beam_equals_per_image_beam(model):
+    raw = torch.randn(6, 512, 2, 2) * 100
+    batched = beam_search(model, raw, beam_size=4, max_len=10, length_penalty=0.7)
+    for i in range(6):
+        single = beam_search(model, raw[i:i + 1], beam_size=4, max_len=10, length_penalty=0.7)
+        n = int(single.lengths[0])
+        assert torch.equal(batched.tokens[i, :n], single.tokens[0, :n])
+        assert torch.allclose(batched.scores[i], single.scores[0], atol=1e-4)
+        assert torch.allclose(batched.alphas[i, :n], single.alphas[0, :n], atol=1e-5)
+
+
+def test_untrained_model_always_gets_a_caption_within_max_len(model):
+    raw = torch.randn(4, 512, 2, 2)
+    for out in (greedy_decode(model, raw, max_len=3), beam_search(model, raw, beam_size=3, max_len=3)):
+        assert out.tokens.shape[1] <= 4
+        assert (out.lengths >= 1).all() and (out.lengths <= 4).all()
+        ends = (out.tokens == 2).sum(dim=1)
+        assert (ends == 1).all()  # exactly one <end>, forced at the limit when needed
+        assert out.alphas.shape[:2] == out.tokens.shape and torch.isfinite(out.scores).all()
+
+
+def test_decoding_leaves_training_mode_alone(model):
+    model.train()
+    greedy_decode(model, torch.randn(1, 512, 2, 2), max_len=2)
+    assert model.training and not model.encoder.backbone.training
+    model.eval()
+
+
+def test_huge_random_features_stay_finite():
+    # Random-init ResNet-152 layer4 reaches ~1e8: the LayerNorm after the projector must absorb it.
+    m = CaptionModel(EncoderConfig(arch="resnet18", image_size=64), ModelConfig(32, 32, 32), 20)
+    logits, _ = m(torch.randn(2, 512, 2, 2) * 1e8, torch.ones(2, 4, dtype=torch.long))
+    assert torch.isfinite(logits).all()
