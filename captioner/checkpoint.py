@@ -1,7 +1,8 @@
 """Checkpoints as plain data: state_dicts, the config as a dict, the vocabulary as a list of words.
 
-Written to a temporary file, fsynced, then renamed, so a crash while saving never leaves a truncated file.
-Loaded with weights_only=True: loading a checkpoint can never run code.
+Written to a temporary file, fsynced, then renamed (and the folder fsynced, so the rename itself survives a
+power cut): a crash while saving never leaves a truncated file. Loaded with weights_only=True: loading a
+checkpoint can never run code.
 
     save_checkpoint("runs/x/best.pt", {"model": model.state_dict(), ...})
     model, vocab, cfg = load_model("runs/x/best.pt", device="cpu")
@@ -36,14 +37,30 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in folder durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """The checkpoint's dict (tensors on CPU); mmap=True maps tensors lazily (cheap when only the config is read)."""
     path = Path(path)
     if not path.is_file():
         raise CaptionerError(f"checkpoint {path} not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign files all get one line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaptionerError(f"checkpoint {path} is truncated or not a captioner checkpoint: {reason[:200]}") from None
@@ -52,6 +69,17 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CaptionerError(f"checkpoint {path} lacks {', '.join(missing)}: not a captioner checkpoint")
     state["model"] = strip_wrapper_prefixes(state["model"])
     return state
+
+
+TRAINING_STATE = ("optimizer", "schedule", "scaler", "progress", "rng")
+
+
+def check_resumable(state: dict, path: str | Path) -> None:
+    """A checkpoint to resume from must hold the whole training state, not only the weights."""
+    missing = [k for k in TRAINING_STATE if k not in state]
+    if missing:
+        raise CaptionerError(f"checkpoint {path} lacks the training state to resume from ({', '.join(missing)}); "
+                             f"its weights still work with `captioner evaluate` and `captioner caption`")
 
 
 def model_from_checkpoint(state: dict, path: str | Path = "checkpoint") -> tuple[CaptionModel, Vocabulary, Config]:

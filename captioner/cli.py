@@ -1,12 +1,15 @@
 """The `captioner` command: argument parsing, printing and exit codes; the work happens in the job modules.
 
-Exit codes: 0 done, 2 bad input (one line on stderr: what is wrong and what to try), 130 interrupted.
+Exit codes: 0 done, 2 bad input (one line on stderr: what is wrong and what to try), 130 interrupted
+(train: 130 after SIGINT, 143 after SIGTERM, with last.pt saved).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 
 from captioner import __version__
@@ -38,11 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
-    p = command("train", "train a captioner from a YAML config",
+    p = command("train", "train a captioner from a YAML config, or resume a run",
                 "example: captioner train --config configs/tiny.yaml --run-dir runs/tiny train.epochs=3\n"
-                "RUN_DIR receives best.pt, last.pt, metrics.jsonl, config.yaml and vocab.json.")
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    p.add_argument("--run-dir", required=True, help="folder for checkpoints and logs")
+                "         captioner train --resume runs/tiny         (after a kill, Ctrl-C or pre-emption)\n"
+                "         torchrun --nproc_per_node=2 -m captioner train --config FILE --run-dir DIR\n"
+                "RUN_DIR receives best.pt, last.pt, metrics.jsonl, config.yaml and vocab.json.\n"
+                "SIGINT/SIGTERM save last.pt and exit with 130/143; --resume continues at the exact sample.")
+    p.add_argument("--config", help="YAML config file (see configs/); with --resume, checked against the run's")
+    p.add_argument("--run-dir", help="folder for checkpoints and logs")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in a --run-dir that holds another run")
     _add_device(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
@@ -70,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="image decoding worker processes (default: 2)")
     _add_device(p)
 
+    p = command("plot", "draw a run's loss and validation curves into a PNG",
+                "example: captioner plot runs/tiny          (writes runs/tiny/curves.png)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `captioner train`")
+    p.add_argument("--out", default=None, help="PNG file to write (default: RUN_DIR/curves.png)")
+
     p = command("layers", "list the hookable modules of a torchvision CNN with their output shapes",
                 "example: captioner layers resnet152 --image-size 448\n"
                 "Any name printed can be used as encoder.layer.")
@@ -83,6 +96,28 @@ def _print_json(data: dict) -> None:
     print(json.dumps(data), flush=True)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from captioner import train
+    from captioner.config import load_config
+    if args.resume:
+        if args.run_dir and args.run_dir != args.resume:
+            raise CaptionerError(f"--resume {args.resume} and --run-dir {args.run_dir} name different folders")
+        run_dir = args.resume
+        cfg = train.resume_config(run_dir, args.config, args.overrides)
+    else:
+        if not args.config or not args.run_dir:
+            raise CaptionerError("train needs --config FILE and --run-dir DIR, or --resume RUN_DIR")
+        run_dir, cfg = args.run_dir, load_config(args.config, args.overrides)
+    summary = train.main(cfg, run_dir, args.device, resume=bool(args.resume), overwrite=args.overwrite)
+    interrupted = summary["stopped"] in ("SIGINT", "SIGTERM")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        _print_json(summary)
+        if interrupted:
+            print(f"captioner train: stopped by {summary['stopped']} at step {summary['steps']}; last.pt saved; "
+                  f"continue with: captioner train --resume {run_dir}", file=sys.stderr)
+    return 128 + getattr(signal, summary["stopped"]).value if interrupted else 0
+
+
 def run(args: argparse.Namespace) -> int:
     # Job modules are imported here, not at the top, so `captioner --help` stays instant.
     if args.command == "demo":
@@ -94,10 +129,10 @@ def run(args: argparse.Namespace) -> int:
               f"  captions:   {summary['captions_file']}")
         _print_json(summary)
     elif args.command == "train":
-        from captioner import train
-        from captioner.config import load_config
-        cfg = load_config(args.config, args.overrides)
-        _print_json(train.main(cfg, args.run_dir, args.device))
+        return _train(args)
+    elif args.command == "plot":
+        from captioner import plot
+        _print_json(plot.main(args.run_dir, args.out))
     elif args.command == "evaluate":
         from captioner import evaluate
         _print_json(evaluate.main(args.checkpoint, args.split, args.beam, args.out, args.overrides, args.device,

@@ -24,7 +24,7 @@ class EncoderConfig:
     weights: str | None = None  # None (random init), a torchvision enum name (IMAGENET1K_V2) or a local .pth path
     in_channels: int = 3  # != 3 replaces conv1 (e.g. 11-band satellite images)
     image_size: int = 224  # images are resized to image_size x image_size; 224 gives a 7x7 layer4 grid
-    finetune_from: str | None = None  # None keeps the backbone frozen
+    finetune_from: str | None = None  # None keeps the backbone frozen; e.g. layer4 trains it and what follows, up to the hook
 
 
 @dataclass
@@ -62,6 +62,18 @@ class TrainConfig:
     log_every: int = 50  # steps between metrics.jsonl lines
     precompute_features: bool = True  # run the frozen encoder once per image instead of once per caption per epoch
     val_images: int = 0  # cap on validation images per epoch (0 = all)
+    checkpoint_every: int = 500  # steps between last.pt saves (0: only at the end of each epoch)
+    max_bad_steps: int = 5  # a non-finite loss skips its step; this many in a row stop the run
+    lr_schedule: str = "none"  # none | cosine | step | plateau (after warmup_steps of linear warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine: the final lr as a fraction of the initial one
+    lr_decay_epochs: int = 1  # step: the lr is multiplied by lr_gamma every this many epochs
+    lr_gamma: float = 0.1  # step and plateau: the factor of each decay
+    lr_patience: int = 2  # plateau: validations without improvement before the lr decays
+    select_metric: str = "bleu4"  # validation score that picks best.pt and drives plateau and early stopping
+    early_stop_patience: int = 0  # stop after this many validations without improvement (0: never)
+    encoder_lr: float = 1e-4  # learning rate of the fine-tuned encoder stages (encoder.finetune_from)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler and needs CUDA)
 
 
 @dataclass
@@ -79,6 +91,12 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+LR_SCHEDULES = ("none", "cosine", "step", "plateau")
+# Validation scores a run may select on; those the metrics module does not compute fall back to bleu4.
+SELECT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor", "rouge_l")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
@@ -196,6 +214,21 @@ def validate(cfg: Config) -> None:
         (cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
         (cfg.train.num_workers >= 0, "train.num_workers must be >= 0"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: only at epoch ends)"),
+        (cfg.train.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
+        (cfg.train.lr_schedule in LR_SCHEDULES,
+         f"train.lr_schedule must be one of: {', '.join(LR_SCHEDULES)}, got '{cfg.train.lr_schedule}'"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (0.0 <= cfg.train.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (cfg.train.lr_decay_epochs >= 1, "train.lr_decay_epochs must be >= 1"),
+        (0.0 < cfg.train.lr_gamma <= 1.0, "train.lr_gamma must be in (0, 1]"),
+        (cfg.train.lr_patience >= 0, "train.lr_patience must be >= 0"),
+        (cfg.train.select_metric in SELECT_METRICS,
+         f"train.select_metric must be one of: {', '.join(SELECT_METRICS)}, got '{cfg.train.select_metric}'"),
+        (cfg.train.early_stop_patience >= 0, "train.early_stop_patience must be >= 0 (0: never stop early)"),
+        (cfg.train.encoder_lr > 0, f"train.encoder_lr must be > 0, got {cfg.train.encoder_lr}"),
+        (cfg.train.precision in PRECISIONS,
+         f"train.precision must be one of: {', '.join(PRECISIONS)}, got '{cfg.train.precision}'"),
         (cfg.decode.beam_size >= 1, f"decode.beam_size must be >= 1, got {cfg.decode.beam_size}"),
         (cfg.decode.max_len >= 1, "decode.max_len must be >= 1"),
         (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),

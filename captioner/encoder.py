@@ -6,6 +6,9 @@
 
 The forward pass stops right after the hooked module: nothing behind it (avgpool, fc, or layer4 when
 hooking layer3) is computed. Normalisation lives here too, so the data pipeline only resizes.
+
+finetune_from="layer4" makes the modules from layer4 up to the hooked one trainable (their BatchNorm
+follows train()/eval()); everything before stays frozen in eval mode.
 """
 from __future__ import annotations
 
@@ -131,20 +134,41 @@ def _check_layer(model: nn.Module, arch: str, layer: str) -> nn.Module:
                          f"run `captioner layers {arch}` for the full list")
 
 
+def _finetuned_modules(model: nn.Module, arch: str, layer: str, finetune_from: str) -> list[nn.Module]:
+    """The modules from finetune_from up to the end of the hooked layer, in definition (= forward) order."""
+    try:
+        _check_layer(model, arch, finetune_from)
+    except CaptionerError as e:
+        raise CaptionerError(f"encoder.finetune_from: {e}") from None
+    names = [name for name, _ in model.named_modules()]  # parents before children, in definition order
+    start = names.index(finetune_from)
+    end = max(i for i, name in enumerate(names) if name == layer or name.startswith(layer + "."))
+    if start > end:
+        raise CaptionerError(f"encoder.finetune_from '{finetune_from}' comes after the hooked layer '{layer}' of "
+                             f"{arch}, so nothing would be trained; use '{layer}' or an earlier module")
+    modules = dict(model.named_modules())
+    return [modules[name] for name in names[start:end + 1]]
+
+
 class HookedEncoder(nn.Module):
     """Frozen CNN returning the hooked module's activation (B, C, H, W) for uint8 or [0, 1] float images."""
 
     def __init__(self, arch: str = "resnet152", layer: str = "layer4", weights: str | None = None,
-                 in_channels: int = 3, image_size: int = 224):
+                 in_channels: int = 3, image_size: int = 224, finetune_from: str | None = None):
         super().__init__()
         self.arch, self.layer, self.in_channels, self.image_size = arch, layer, in_channels, image_size
         self.backbone = build_backbone(arch, weights, in_channels)
         target = _check_layer(self.backbone, arch, layer)
+        # A plain list, not submodules: the same modules stay registered (and saved) under self.backbone.
+        self.finetuned = _finetuned_modules(self.backbone, arch, layer, finetune_from) if finetune_from else []
         # A hook is a managed resource: one handle, removed in close(); the capture is dropped when read.
         # A module called several times in one forward (a Bottleneck's shared relu) yields its first call.
         self._captured: torch.Tensor | None = None
         self._handle = target.register_forward_hook(self._hook)
         self.backbone.requires_grad_(False)
+        for module in self.finetuned:  # recurse=False: a container's later children (after the hook) stay frozen
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(True)
         self.backbone.eval()
         mean = IMAGENET_MEAN if in_channels == 3 else (sum(IMAGENET_MEAN) / 3,) * in_channels
         std = IMAGENET_STD if in_channels == 3 else (sum(IMAGENET_STD) / 3,) * in_channels
@@ -165,6 +189,8 @@ class HookedEncoder(nn.Module):
         # Frozen stays frozen: BatchNorm statistics never move, whatever the parent model's mode.
         super().train(mode)
         self.backbone.eval()
+        for module in self.finetuned:  # only the fine-tuned stages follow the mode
+            module.training = mode
         return self
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -178,7 +204,8 @@ class HookedEncoder(nn.Module):
             raise CaptionerError(f"encoder expects (B, {self.in_channels}, H, W) images, got {tuple(images.shape)}")
         x = self.normalize(images)
         self._captured = None
-        with torch.no_grad():
+        # Grad only when fine-tuning; even then the frozen stages before the first trainable one record no graph.
+        with torch.set_grad_enabled(bool(self.finetuned) and torch.is_grad_enabled()):
             try:
                 self.backbone(x)
             except _StopForward:

@@ -19,7 +19,7 @@ from captioner.encoder import HookedEncoder
 
 
 def build_encoder(cfg: EncoderConfig) -> HookedEncoder:
-    return HookedEncoder(cfg.arch, cfg.layer, cfg.weights, cfg.in_channels, cfg.image_size)
+    return HookedEncoder(cfg.arch, cfg.layer, cfg.weights, cfg.in_channels, cfg.image_size, cfg.finetune_from)
 
 
 class CaptionModel(nn.Module):

@@ -1,0 +1,97 @@
+"""Several processes (GPUs) with torchrun: which process this is, and the few collectives training needs.
+
+    torchrun --nproc_per_node=2 -m captioner train --config configs/tiny.yaml --run-dir runs/ddp
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them there is one process and every helper here
+is a no-op. The backend is NCCL on CUDA (one GPU per process, cuda:LOCAL_RANK) and gloo on CPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from captioner.errors import CaptionerError
+from captioner.runtime import resolve_device
+
+log = logging.getLogger("captioner")
+
+
+@dataclass
+class Process:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool = False  # setup() created the process group, so cleanup() destroys it
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints, metrics and logs."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device_name: str | None = "auto") -> Process:
+    """This process, with the process group initialised when launched by torchrun with several processes."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world_size == 1:
+        return Process(0, 1, 0, device)
+    try:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    except (KeyError, ValueError):
+        raise CaptionerError("WORLD_SIZE is set but RANK or LOCAL_RANK is not: launch with torchrun") from None
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise CaptionerError(f"process {rank} wants cuda:{local_rank} but only {torch.cuda.device_count()} "
+                                 f"GPUs are visible: use --nproc_per_node <= {torch.cuda.device_count()}")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    if rank != 0:  # one voice: only errors from the other ranks
+        logging.getLogger("captioner").setLevel(logging.ERROR)
+    return Process(rank, world_size, local_rank, device, owns_group)
+
+
+def cleanup(process: Process) -> None:
+    if process.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor, process: Process) -> torch.Tensor:
+    """Sum a tensor over processes (in place; returned for convenience)."""
+    if process.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def gather_to_main(obj, process: Process) -> list | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere (small Python objects only)."""
+    if not process.distributed:
+        return [obj]
+    gathered = [None] * process.world_size if process.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def broadcast_from_main(obj, process: Process):
+    """Rank 0's obj, on every rank."""
+    if not process.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(process: Process) -> None:
+    if process.distributed:
+        dist.barrier()

@@ -1,0 +1,134 @@
+"""A training run's folder: whether a run may start in it, and its metrics log.
+
+    RUN_DIR/config.yaml, vocab.json   written at start, for people (each checkpoint holds its own copies)
+    RUN_DIR/last.pt                   every train.checkpoint_every steps, at each epoch end and on SIGINT/SIGTERM
+    RUN_DIR/best.pt                   when the validation score improves
+    RUN_DIR/metrics.jsonl             one JSON object per logged step and per validation
+    RUN_DIR/curves.png                `captioner plot RUN_DIR`
+
+A folder holding another run is never overwritten without --overwrite; one holding the same run (same
+config) with a last.pt is resumed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import yaml
+
+from captioner.config import from_dict, to_dict
+from captioner.errors import CaptionerError
+
+log = logging.getLogger("captioner")
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "vocab.json")
+
+
+def _flatten(config: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """'section.key: old -> new' for every key whose value differs between two config dicts."""
+    old, new = _flatten(old), _flatten(new)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _existing_config(run_dir: Path) -> dict | None:
+    """The config of the run already in run_dir (None when unreadable), normalised through the dataclasses."""
+    path = run_dir / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+        return to_dict(from_dict(data))
+    except (OSError, yaml.YAMLError, CaptionerError):
+        return None
+
+
+def plan_run(run_dir: str | Path, config: dict, resume: bool, overwrite: bool) -> str:
+    """'new' or 'resume' for a run with this config (a dict) in run_dir; a CaptionerError when refused.
+
+    Read-only: nothing in run_dir changes here, so a refusal leaves everything as it was."""
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise CaptionerError("--resume and --overwrite contradict each other: choose one")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CaptionerError(f"run dir {run_dir} is a file, not a folder")
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if resume:
+        if "last.pt" not in present:
+            holds = f"it holds only {', '.join(present)}" if present else "it holds no run"
+            raise CaptionerError(f"cannot resume {run_dir}: no last.pt there ({holds}); start a run with "
+                                 f"`captioner train --config FILE --run-dir {run_dir}`")
+        return "resume"
+    if not present or overwrite:
+        return "new"
+    existing = _existing_config(run_dir)
+    if existing == config:
+        if "last.pt" in present:
+            log.info("%s already holds this run (same config): resuming it from last.pt; pass --overwrite to "
+                     "start over", run_dir)
+            return "resume"
+        return "new"  # the same run, stopped before its first checkpoint: nothing to keep
+    if existing is None:
+        why = f"its config.yaml is missing or unreadable, and it holds {', '.join(present)}"
+    else:
+        changes = config_differences(existing, config)
+        why = f"config differs in {'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''}"
+    raise CaptionerError(f"run dir {run_dir} already holds a different run ({why}); resume it with "
+                         f"`captioner train --resume {run_dir}`, pick another --run-dir, or pass --overwrite")
+
+
+def clear_run_files(run_dir: str | Path) -> None:
+    """Remove a previous run's files (a new run, or --overwrite), once the new run is sure to start."""
+    for name in RUN_FILES:
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl, appended one flushed line per record; a no-op on ranks other than 0.
+
+    offset (bytes written so far) goes into each checkpoint; resuming truncates the file back to it, so lines
+    logged after the checkpoint by a killed run are dropped and never appear twice."""
+
+    def __init__(self, path: str | Path, enabled: bool = True, truncate_to: int | None = None):
+        self.path, self.file = Path(path), None
+        if not enabled:
+            return
+        if truncate_to is not None and self.path.exists():
+            size = self.path.stat().st_size
+            if size < truncate_to:
+                log.warning("%s is shorter (%d bytes) than when last.pt was saved (%d): its earlier lines are lost",
+                            self.path, size, truncate_to)
+            else:
+                with open(self.path, "r+b") as f:
+                    f.truncate(truncate_to)
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    @property
+    def offset(self) -> int:
+        return self.file.tell() if self.file else 0
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Every record of a metrics.jsonl; a torn last line (a killed run) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionerError(f"{path} not found: is this a run dir written by `captioner train`?")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            log.warning("%s line %d is not JSON: skipped", path, number)
+    return records
