@@ -30,7 +30,7 @@ def main(out_dir: str = "demo", device: str | None = "auto", overrides: list[str
     out = Path(out_dir).resolve()
     cfg = load_config(TINY_CONFIG, [f"dataset.root={out / 'data'}", "train.epochs=15", *overrides])
     log.info("demo: training %s %s on synthetic shapes under %s", cfg.encoder.arch, cfg.encoder.layer, out)
-    summary = train.main(cfg, out / "run", device)
+    summary = train.main(cfg, out / "run", device, overwrite=True)  # a rerun, maybe with other overrides, retrains
     metrics = evaluate.main(summary["best_checkpoint"], "test", out_dir=str(out / "eval"), device=device)
     folder = out / "images"  # a plain folder of held-out images, as a user would have
     folder.mkdir(parents=True, exist_ok=True)

@@ -39,17 +39,23 @@ def main(run_dir: str | Path, out: str | Path | None = None) -> dict:
 
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
     x, loss = [r["step"] for r in steps], [r["loss"] for r in steps]
+    window = max(5, len(loss) // 25)
     ax_loss.plot(x, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
-    ax_loss.plot(x, _moving_average(loss, max(1, len(loss) // 50)), color="tab:blue", label="loss (moving avg)")
-    for step in skipped:
-        ax_loss.axvline(step, color="tab:red", alpha=0.4, linewidth=0.8)
+    ax_loss.plot(x, _moving_average(loss, window), color="tab:blue", label=f"loss, mean of {window}")
+    for i, step in enumerate(skipped):
+        ax_loss.axvline(step, color="tab:red", alpha=0.4, linewidth=0.8, label=None if i else "skipped (non-finite)")
     ax_loss.set(xlabel="step", ylabel="training loss", title=f"{run_dir.name}: training")
+    handles, labels = ax_loss.get_legend_handles_labels()
     if steps and "lr" in steps[0]:
         ax_lr = ax_loss.twinx()
-        ax_lr.plot(x, [r["lr"] for r in steps], color="tab:gray", linestyle="--", linewidth=1, label="lr")
+        lrs = [r["lr"] for r in steps]
+        ax_lr.plot(x, lrs, color="tab:gray", linestyle="--", linewidth=1, label="learning rate")
+        ax_lr.set_ylim(0, max(lrs) * 1.1)  # from zero, so a constant lr reads as constant
         ax_lr.set_ylabel("learning rate")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    ax_loss.legend(loc="upper right")
+        more_handles, more_labels = ax_lr.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax_loss.legend(handles, labels, loc="lower left", fontsize="small")
 
     names = sorted({k for r in validations for k in r if k.startswith("val_") and k != "val_images"})
     vx = [r["step"] for r in validations]
@@ -69,6 +75,8 @@ def main(run_dir: str | Path, out: str | Path | None = None) -> dict:
         for step in resumes:
             ax.axvline(step, color="black", linestyle=":", linewidth=0.8)
         ax.grid(alpha=0.3)
+    if resumes:
+        ax_val.text(resumes[0], 1.0, " resumed", transform=ax_val.get_xaxis_transform(), va="top", fontsize="small")
     fig.tight_layout()
     out = Path(out) if out else run_dir / "curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)

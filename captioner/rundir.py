@@ -23,6 +23,7 @@ from captioner.errors import CaptionerError
 log = logging.getLogger("captioner")
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "vocab.json")
+DERIVED_FILES = ("curves.png",)  # made from the run files: removed with them
 
 
 def _flatten(config: dict) -> dict:
@@ -81,7 +82,7 @@ def plan_run(run_dir: str | Path, config: dict, resume: bool, overwrite: bool) -
 
 def clear_run_files(run_dir: str | Path) -> None:
     """Remove a previous run's files (a new run, or --overwrite), once the new run is sure to start."""
-    for name in RUN_FILES:
+    for name in RUN_FILES + DERIVED_FILES:
         (Path(run_dir) / name).unlink(missing_ok=True)
 
 

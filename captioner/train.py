@@ -206,6 +206,12 @@ def _autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def _grad_scaler(device: torch.device, enabled: bool):
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3
+
+
 def _weights_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
@@ -340,8 +346,9 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader, epoch: int) -> bool:
             run.metrics.write({
                 "step": step, "epoch": epoch, "loss": global_loss, "loss_avg": window.loss / max(window.steps, 1),
                 "lr": lr, **({"encoder_lr": groups[1]["lr"]} if len(groups) > 1 else {}), "grad_norm": grad_norm,
-                "captions_per_s": window.captions / max(elapsed, 1e-9),
-                "data_s": window.data_s / max(window.steps, 1), "compute_s": window.compute_s / max(window.steps, 1),
+                "captions_per_s": round(window.captions / max(elapsed, 1e-9), 1),
+                "data_s": round(window.data_s / max(window.steps, 1), 6),
+                "compute_s": round(window.compute_s / max(window.steps, 1), 6),
                 **_peak_memory(device)})
             window = _Window()
 
@@ -528,7 +535,7 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     schedule = LRSchedule(optimizer, cfg.train.lr_schedule, cfg.train.epochs * len(loader), len(loader),
                           cfg.train.warmup_steps, cfg.train.min_lr_ratio, cfg.train.lr_decay_epochs,
                           cfg.train.lr_gamma, cfg.train.lr_patience)
-    scaler = torch.amp.GradScaler(process.device.type, enabled=cfg.train.precision == "fp16")
+    scaler = _grad_scaler(process.device, enabled=cfg.train.precision == "fp16")
     forward = LossForward(model)
     if process.distributed:
         forward = DistributedDataParallel(forward, device_ids=[process.device] if process.device.type == "cuda" else None)

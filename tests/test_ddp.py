@@ -1,0 +1,50 @@
+"""`torchrun --nproc_per_node=2` on CPU (gloo) trains like one process with the same global batch."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from captioner import train
+
+from conftest import ROOT, TINY
+from small_runs import metric_lines, one_thread, small_config, small_overrides, step_losses, weights
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+# softmax ignores a shift of all scores, so this bias gets only rounding noise as gradient, which Adam turns
+# into lr-sized steps of either sign: it cannot match across batch splits and does not affect any output.
+SHIFT_INVARIANT = {"decoder.attention.score.bias"}
+
+
+def test_two_process_gloo_run_matches_one_process_with_the_global_batch(tmp_path):
+    data, ddp_dir, single_dir = tmp_path / "data", tmp_path / "ddp", tmp_path / "single"
+    extra = ["model.dropout=0", "train.checkpoint_every=0"]  # dropout masks are drawn per process
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "captioner", "-q",
+         "train", "--config", str(TINY), "--run-dir", str(ddp_dir), "--device", "cpu",
+         *small_overrides(data, *extra, "train.batch_size=8")],
+        env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"best_checkpoint"') == 1  # rank 0 alone prints the summary
+    train.main(small_config(data, *extra, "train.batch_size=16"), single_dir, "cpu")
+
+    ddp, single = step_losses(ddp_dir), step_losses(single_dir)
+    assert [s for s, _ in ddp] == [s for s, _ in single] == list(range(1, 19))  # one line per step: rank 0 logs
+    assert max(abs(a - b) for (_, a), (_, b) in zip(ddp, single)) < 1e-5
+    wd, ws = weights(ddp_dir / "last.pt"), weights(single_dir / "last.pt")
+    for name in wd.keys() - SHIFT_INVARIANT:
+        assert torch.allclose(wd[name], ws[name], atol=1e-4), name
+    # validation: each process captions half of the val images, rank 0 gathers and scores all of them
+    val = lambda d: [(x["val_images"], round(x["val_bleu4"], 6)) for x in metric_lines(d) if "val_bleu4" in x]  # noqa: E731
+    assert val(ddp_dir) == val(single_dir) and val(ddp_dir)[0][0] == 6
+    state = torch.load(ddp_dir / "last.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and not any(k.startswith("module.") for k in state["model"])

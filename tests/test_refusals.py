@@ -1,0 +1,112 @@
+"""Every refusal is one line on stderr, exit code 2, and leaves the run directory exactly as it was."""
+import shutil
+
+import pytest
+import torch
+
+from captioner import train
+from captioner.checkpoint import save_checkpoint
+from captioner.cli import main as cli
+
+from conftest import TINY
+from small_runs import one_thread, small_config, small_overrides
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+QUICK = ["train.epochs=1", "train.batch_size=48"]  # 3 steps
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("small-synthetic")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, small_root):
+    run_dir = tmp_path_factory.mktemp("finished")
+    train.main(small_config(small_root, *QUICK), run_dir, "cpu")
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(finished, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy)
+    return copy
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _refused(capsys, argv, folder, *expected):
+    before = _snapshot(folder) if folder.exists() else None
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("captioner train: error: "), err
+    for text in expected:
+        assert text in err[0], err[0]
+    assert (_snapshot(folder) if folder.exists() else None) == before  # nothing written, nothing removed
+    return err[0]
+
+
+def test_truncated_checkpoint_is_refused(run_dir, capsys):
+    data = (run_dir / "last.pt").read_bytes()
+    (run_dir / "last.pt").write_bytes(data[: len(data) // 3])
+    _refused(capsys, ["train", "--resume", str(run_dir)], run_dir, "last.pt is truncated or not a captioner checkpoint")
+
+
+def test_mismatched_vocabulary_is_refused(run_dir, capsys):
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    tokens = state["vocab"]
+    tokens[5], tokens[6] = tokens[6], tokens[5]  # same words, other ids: every caption would be mis-encoded
+    save_checkpoint(run_dir / "last.pt", state)
+    line = _refused(capsys, ["train", "--resume", str(run_dir)], run_dir, "vocabulary", "first difference at id 5")
+    assert "dataset or dataset.min_freq changed" in line
+
+
+def test_mismatched_architecture_is_refused(run_dir, small_root, capsys):
+    _refused(capsys, ["train", "--resume", str(run_dir), "--config", str(TINY),
+                      *small_overrides(small_root, *QUICK, "model.decoder_dim=48")],
+             run_dir, "does not match the config's architecture", "model.decoder_dim: 32 -> 48")
+
+
+def test_weights_only_checkpoint_cannot_be_resumed(run_dir, capsys):
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    save_checkpoint(run_dir / "last.pt", {k: state[k] for k in ("model", "config", "vocab")})
+    _refused(capsys, ["train", "--resume", str(run_dir)], run_dir, "lacks the training state")
+
+
+def test_run_dir_holding_another_run(run_dir, small_root, capsys, tmp_path):
+    line = _refused(capsys, ["train", "--config", str(TINY), "--run-dir", str(run_dir),
+                             *small_overrides(small_root, *QUICK, "train.lr=0.001")],
+                    run_dir, "already holds a different run", "train.lr: 0.002 -> 0.001", "--overwrite")
+    assert "--resume" in line
+    _refused(capsys, ["train", "--resume", str(tmp_path / "empty")], tmp_path / "empty", "no last.pt")
+    _refused(capsys, ["train", "--resume", str(run_dir), "--overwrite"], run_dir, "contradict")
+    # --overwrite starts over: the old run's files are replaced by the new run's
+    assert cli(["-q", "train", "--config", str(TINY), "--run-dir", str(run_dir), "--device", "cpu", "--overwrite",
+                *small_overrides(small_root, *QUICK, "train.lr=0.001")]) == 0
+    assert torch.load(run_dir / "last.pt", weights_only=True)["config"]["train"]["lr"] == 0.001
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=-0.1", "train.lr must be > 0, got -0.1"),
+    ("decode.beam_size=0", "decode.beam_size must be >= 1, got 0"),
+    ("encoder.arch=resnet9", "unknown encoder.arch 'resnet9'"),
+    ("encoder.layer=layer9", "layer 'layer9' not in resnet18"),
+    ("encoder.finetune_from=layer9", "encoder.finetune_from: layer 'layer9' not in resnet18"),
+    ("train.lr_schedule=linear", "train.lr_schedule must be one of: none, cosine, step, plateau"),
+    ("train.select_metric=bleu5", "train.select_metric must be one of"),
+    ("train.max_bad_steps=0", "train.max_bad_steps must be >= 1"),
+])
+def test_bad_config_values(override, expected, small_root, tmp_path, capsys):
+    folder = tmp_path / "never"
+    _refused(capsys, ["train", "--config", str(TINY), "--run-dir", str(folder),
+                      *small_overrides(small_root, override)], folder, expected)
+    assert not folder.exists()

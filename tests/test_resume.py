@@ -1,0 +1,126 @@
+"""Exact resume: a run killed with SIGKILL mid-epoch (or stopped by SIGTERM) and resumed repeats an
+uninterrupted run: the same per-step losses in metrics.jsonl and the same final weights."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from captioner import train
+from captioner.cli import main as cli
+from captioner.rundir import MetricsLog
+
+from conftest import ROOT, TINY
+from small_runs import metric_lines, one_thread, small_config, small_overrides, step_losses, weights
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("small-synthetic")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, small_root):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    summary = train.main(small_config(small_root), run_dir, "cpu")
+    assert summary["steps"] == 18 and summary["epochs"] == 2 and summary["stopped"] is None
+    return run_dir
+
+
+def _same_run(a, b):
+    assert step_losses(a) == step_losses(b)  # exact floats, every step 1..18
+    assert [s for s, _ in step_losses(b)] == list(range(1, 19))  # no step lost or logged twice
+    wa, wb = weights(a / "last.pt"), weights(b / "last.pt")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    val = lambda d: [(x["step"], x["val_bleu4"], x["train_loss"]) for x in metric_lines(d) if "val_bleu4" in x]  # noqa: E731
+    assert val(a) == val(b) and len(val(a)) == 2
+
+
+# The child trains through the real CLI and SIGKILLs itself right after logging step 8: mid-epoch 1 (9 steps),
+# two steps after the step-6 checkpoint, so metrics.jsonl holds lines the resume must drop.
+KILLED_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(int(sys.argv[1]))
+    from captioner.cli import main
+    from captioner.rundir import MetricsLog
+    write = MetricsLog.write
+    def write_then_die(self, record):
+        write(self, record)
+        if record.get("step") == 8 and "loss" in record:
+            os.kill(os.getpid(), signal.SIGKILL)
+    MetricsLog.write = write_then_die
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, small_root, tmp_path):
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["-q", "train", "--config", str(TINY), "--run-dir", str(run_dir), "--device", "cpu",
+            *small_overrides(small_root)]
+    done = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(torch.get_num_threads()), *args], env=env,
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert [s for s, _ in step_losses(run_dir)][-1] == 8  # logged past the checkpoint ...
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    assert state["step"] == 6 and state["progress"]["epoch"] == 0 and state["progress"]["sample"] == 6 * 16
+    assert cli(["-q", "train", "--resume", str(run_dir), "--device", "cpu"]) == 0  # ... and resumed from step 6
+    _same_run(uninterrupted, run_dir)
+    events = [x for x in metric_lines(run_dir) if x.get("event") == "resume"]
+    assert events == [{"event": "resume", "step": 6, "epoch": 0, "processes": 1}]
+
+
+def test_sigterm_saves_last_and_exits_cleanly_then_resumes(uninterrupted, small_root, tmp_path, monkeypatch,
+                                                           capsys):
+    run_dir = tmp_path / "terminated"
+    write = MetricsLog.write
+
+    def write_then_terminate(self, record):  # the signal lands during step 13 (epoch 2), handled after it
+        write(self, record)
+        if record.get("step") == 12 and "loss" in record:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLog, "write", write_then_terminate)
+    code = cli(["-q", "train", "--config", str(TINY), "--run-dir", str(run_dir), "--device", "cpu",
+                *small_overrides(small_root)])
+    assert code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "stopped by SIGTERM at step 13; last.pt saved" in err[-1] and "--resume" in err[-1]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are given back
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    assert state["step"] == 13 and state["progress"]["epoch"] == 1
+    monkeypatch.setattr(MetricsLog, "write", write)
+    # Same command again (no --resume): the folder holds this very run, so it is resumed.
+    assert cli(["-q", "train", "--config", str(TINY), "--run-dir", str(run_dir), "--device", "cpu",
+                *small_overrides(small_root)]) == 0
+    _same_run(uninterrupted, run_dir)
+
+
+def test_resume_a_finished_run_to_train_longer(uninterrupted, tmp_path):
+    run_dir = tmp_path / "longer"
+    shutil.copytree(uninterrupted, run_dir)
+    assert cli(["-q", "train", "--resume", str(run_dir), "--device", "cpu", "train.epochs=3"]) == 0
+    assert [s for s, _ in step_losses(run_dir)] == list(range(1, 28))
+    assert torch.load(run_dir / "last.pt", weights_only=True)["config"]["train"]["epochs"] == 3
+
+
+def test_plot_writes_a_png_of_the_curves(uninterrupted, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    assert cli(["plot", str(run_dir)]) == 0
+    png = run_dir / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert '"steps": 18, "validations": 2' in capsys.readouterr().out
+    assert cli(["plot", str(tmp_path / "nope")]) == 2
+    assert "metrics.jsonl not found" in capsys.readouterr().err
