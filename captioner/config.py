@@ -73,12 +73,29 @@ class DecodeConfig:
 
 
 @dataclass
+class CacheConfig:
+    dir: str = ""  # feature cache folder written by `captioner extract`; "" = DATASET_ROOT/features/ARCH-LAYER-SIZE
+    dtype: str = "bfloat16"  # bfloat16 | float32; never float16: random-weight activations (~1e8) overflow it
+    use: bool = True  # train and evaluate read features from the cache when it is valid and covers the split
+
+
+@dataclass
+class ComputeConfig:
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # the CNN in channels_last memory format on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the encoder: a slow first batch, then faster; for long runs
+    gpu_decode: bool = False  # CUDA only: workers read JPEG bytes, the GPU decodes and resizes them in batches
+
+
+@dataclass
 class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
@@ -199,6 +216,8 @@ def validate(cfg: Config) -> None:
         (cfg.decode.beam_size >= 1, f"decode.beam_size must be >= 1, got {cfg.decode.beam_size}"),
         (cfg.decode.max_len >= 1, "decode.max_len must be >= 1"),
         (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),
+        (cfg.cache.dtype in ("bfloat16", "float32"),
+         f"cache.dtype must be bfloat16 or float32 (float16 overflows random-weight features), got {cfg.cache.dtype!r}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -20,8 +20,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.checkpoint import save_checkpoint
+from captioner.compute import autocast, prepare_encoder
 from captioner.config import Config, to_dict
 from captioner.data import by_split, load_records
+from captioner.data.cache import training_inputs
 from captioner.data.images import CaptionPairs, ImageFiles, ImageSource
 from captioner.decoder import caption_loss
 from captioner.errors import CaptionerError
@@ -69,11 +71,12 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device, epoch: int, s
     total, count, window_start, window_items = 0.0, 0, time.perf_counter(), 0
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False)
     for inputs, captions, lengths in bar:
-        inputs, captions, lengths = inputs.to(device), captions.to(device), lengths.to(device)
-        raw = inputs if inputs.is_floating_point() else model.encode(inputs)  # cached features or images
-        width = int(lengths.max())  # trim padding beyond the longest caption in the batch
-        logits, alphas = model(raw, captions[:, :width])
-        loss, ce = caption_loss(logits, alphas, captions[:, :width], lengths, model.alpha_c)
+        width = int(lengths.max())  # trim padding beyond the longest caption in the batch (CPU: no sync)
+        inputs, captions, lengths = (t.to(device, non_blocking=True) for t in (inputs, captions, lengths))
+        with autocast(device, cfg.compute.bf16):
+            raw = inputs if inputs.is_floating_point() else model.encode(inputs)  # cached features or images
+            logits, alphas = model(raw, captions[:, :width])
+            loss, ce = caption_loss(logits, alphas, captions[:, :width], lengths, model.alpha_c)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:
@@ -110,6 +113,7 @@ def main(cfg: Config, run_dir: str | Path, device: str | None = "auto") -> dict:
         val_records = val_records[: cfg.train.val_images]
     vocab = Vocabulary.build([c for r in train_records for c in r.captions], cfg.dataset.min_freq)
     model = CaptionModel(cfg.encoder, cfg.model, len(vocab), encoder=encoder).to(device)
+    prepare_encoder(model.encoder, device, cfg.compute)  # CUDA: channels_last, optional torch.compile
     params = model.trainable_parameters()
     log.info("device %s; %d train / %d val images; vocabulary %d words; %.2fM trainable parameters",
              device, len(train_records), len(val_records), len(vocab), sum(p.numel() for p in params) / 1e6)
@@ -120,7 +124,11 @@ def main(cfg: Config, run_dir: str | Path, device: str | None = "auto") -> dict:
     vocab.save(run_dir / "vocab.json")
 
     val_features = None
-    if cfg.train.precompute_features:  # the encoder is frozen: its output per image never changes
+    cached = training_inputs(cfg, model.encoder, train_records, val_records)  # None: no valid cache for both
+    if cached is not None:  # memory-mapped: workers read the rows each batch needs, nothing more
+        source, train_records, val_features, val_records = cached
+        workers = cfg.train.num_workers
+    elif cfg.train.precompute_features:  # the encoder is frozen: its output per image never changes
         train_features, train_records = extract_features(model, train_records, cfg.decode.batch_size,
                                                          cfg.train.num_workers, device, "train features")
         val_features, val_records = extract_features(model, val_records, cfg.decode.batch_size,
@@ -131,7 +139,7 @@ def main(cfg: Config, run_dir: str | Path, device: str | None = "auto") -> dict:
     pairs = CaptionPairs(train_records, vocab, cfg.dataset.max_len, source)
     loader = DataLoader(pairs, batch_size=cfg.train.batch_size, shuffle=True, num_workers=workers,
                         generator=generator, drop_last=len(pairs) > cfg.train.batch_size,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     references = {r.image_id: r.captions for r in val_records}
 
