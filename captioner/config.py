@@ -217,7 +217,7 @@ def validate(cfg: Config) -> None:
         (cfg.decode.max_len >= 1, "decode.max_len must be >= 1"),
         (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),
         (cfg.cache.dtype in ("bfloat16", "float32"),
-         f"cache.dtype must be bfloat16 or float32 (float16 overflows random-weight features), got {cfg.cache.dtype!r}"),
+         f"cache.dtype must be bfloat16 or float32 (float16 overflows random-weight features), not {cfg.cache.dtype}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -129,6 +129,8 @@ def main(cfg: Config, splits: str | list[str] = SPLITS, device: str | None = "au
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:
         raise CaptionerError(f"--split {','.join(splits)}: splits are {', '.join(SPLITS)} (comma-separated)")
+    if (batch_size is not None and batch_size < 1) or (num_workers is not None and num_workers < 0):
+        raise CaptionerError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {num_workers}")
     device = resolve_device(device)
     seed_everything(cfg.train.seed)  # random-init weights come out exactly as training will build them
     encoder = prepare_encoder(build_encoder(cfg.encoder), device, cfg.compute)

@@ -124,6 +124,12 @@ def test_extraction_resumes_and_reports_unreadable_images(small_data, tmp_path, 
 def test_corrupt_cache_gives_one_line(small_data, tmp_path):
     cfg = _cfg(small_data, f"cache.dir={tmp_path / 'cache'}")
     extract.main(cfg, "val", device="cpu")
+    index_path = tmp_path / "cache" / "index.json"
+    index = index_path.read_text()
+    index_path.write_text(index.replace("[0,", "[7,"))  # a row beyond the 3 written
+    with pytest.raises(CaptionerError, match="index.json is damaged"):
+        FeatureCache.load(tmp_path / "cache")
+    index_path.write_text(index)
     with open(tmp_path / "cache" / "features.bin", "r+b") as f:
         f.truncate(100)
     with pytest.raises(CaptionerError, match="truncated"):

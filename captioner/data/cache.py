@@ -19,6 +19,7 @@ the batch size, not the dataset size.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -181,7 +182,15 @@ class FeatureCache:
             raise CaptionerError(f"feature cache {folder} has format {header['format']}, this captioner reads "
                                  f"{FORMAT_VERSION}; rebuild it with `captioner extract --rebuild`")
         index = _read_json(folder / "index.json") if (folder / "index.json").is_file() else {}
-        cache = cls(folder, header, index)
+        try:
+            cache = cls(folder, header, index)
+            bad = [k for k, (row, name) in cache.rows.items()
+                   if not 0 <= row < cache.num_rows or not isinstance(name, str)]
+        except (TypeError, ValueError, AttributeError):
+            bad = ["its entries"]
+        if bad:
+            raise CaptionerError(f"feature cache {folder}/index.json is damaged (image {bad[0]}); rebuild it with "
+                                 f"`captioner extract --rebuild`")
         on_disk = cache.data_path.stat().st_size if cache.data_path.is_file() else 0
         if on_disk < cache.num_rows * cache.row_bytes:
             raise CaptionerError(f"feature cache {cache.data_path} holds {on_disk // cache.row_bytes} rows but its "
@@ -263,7 +272,13 @@ class FeatureCache:
         block = features.to(torch_dtype).contiguous().cpu()
         if self.dtype == "bfloat16":
             block = block.view(torch.int16)  # the raw bits; numpy has no bfloat16
-        self._file.write(block.numpy().tobytes())
+        try:
+            self._file.write(block.numpy().tobytes())
+        except OSError as e:  # disk full, quota, removed drive: cut the partial block so rows stay aligned
+            with contextlib.suppress(OSError):
+                self._file.truncate(self.num_rows * self.row_bytes)
+                self._file.seek(self.num_rows * self.row_bytes)
+            raise CaptionerError(f"feature cache {self.data_path}: cannot write ({e.strerror or e})") from None
         for r in records:
             self.rows[str(r.image_id)] = [self.num_rows, Path(r.path).name]
             self.failed.pop(str(r.image_id), None)
