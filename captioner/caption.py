@@ -12,12 +12,12 @@ import logging
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.beam import decode
 from captioner.checkpoint import load_model
-from captioner.data.images import ImageFiles
+from captioner.compute import autocast, prepare_encoder, use_gpu_decode
+from captioner.data.pipeline import image_batches
 from captioner.errors import CaptionerError
 from captioner.runtime import resolve_device
 
@@ -48,19 +48,21 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
     """Caption every image under paths into out (JSONL); returns {"captioned", "errors", "out"}."""
     device = resolve_device(device)
     model, vocab, cfg = load_model(checkpoint, device)
+    prepare_encoder(model.encoder, device, cfg.compute)
     beam_size = beam_size or cfg.decode.beam_size
     files = collect_paths(paths, recursive)
     if not files:
         raise CaptionerError(f"no image files found in {', '.join(paths)}")
     out_path = Path(out) if out else Path("captions.jsonl")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    loader = DataLoader(ImageFiles(files, model.encoder.image_size), batch_size=batch_size,
-                        num_workers=min(num_workers, len(files)), pin_memory=device.type == "cuda")
+    loader = image_batches(files, model.encoder.image_size, batch_size, num_workers, device,
+                           use_gpu_decode(cfg.compute, device))
     captioned = errors = 0
     with open(out_path, "w", encoding="utf-8") as f, tqdm(total=len(files), unit="img", desc="captioning") as bar:
         for images, index, messages in loader:
-            decoded = decode(model, model.encode(images.to(device)), beam_size, cfg.decode.max_len,
-                             cfg.decode.length_penalty)
+            with autocast(device, cfg.compute.bf16):
+                decoded = decode(model, model.encode(images), beam_size, cfg.decode.max_len,
+                                 cfg.decode.length_penalty)
             for row, i in enumerate(index.tolist()):
                 if messages[row]:
                     record, errors = {"file": files[i], "error": messages[row]}, errors + 1

@@ -83,6 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `captioner train`")
     p.add_argument("--out", default=None, help="PNG file to write (default: RUN_DIR/curves.png)")
 
+    p = command("extract", "run the frozen encoder once and cache its features on disk for training/evaluation",
+                "example: captioner extract --config configs/tiny.yaml --split train,val\n"
+                "Writes cache.dir (default DATASET_ROOT/features/ARCH-LAYER-SIZE); resumes where it stopped.\n"
+                "train and evaluate then read the features instead of running the CNN.")
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--split", default="train,val,test", help="comma-separated splits (default: train,val,test)")
+    p.add_argument("--rebuild", action="store_true", help="replace a cache built with other encoder settings")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: decode.batch_size)")
+    p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: train.num_workers)")
+    _add_device(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+    p = command("bench", "measure encoder, extraction, training and captioning throughput on synthetic images",
+                "example: captioner bench --device cpu --json bench.json     (about a minute on 2 CPU cores)\n"
+                "         captioner bench --device cuda --full               (ResNet-152, 640x480 JPEGs, COCO sizes)\n"
+                "Prints a table; --json also writes the numbers with the device, versions and settings.")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--full", action="store_true",
+                   help="GPU sizes: ResNet-152 at 224, 640x480 JPEGs, COCO recipe model, torch.compile, GPU decoding")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes that only check the command works (seconds)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
+    p.add_argument("--no-compile", action="store_true", help="without torch.compile (--full turns it on)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("overrides", nargs="*", metavar="field=value",
+                   help="change a size of the preset, e.g. arch=resnet152 image_size=448 train_batch=64")
+
     p = command("layers", "list the hookable modules of a torchvision CNN with their output shapes",
                 "example: captioner layers resnet152 --image-size 448\n"
                 "Any name printed can be used as encoder.layer.")
@@ -143,6 +169,17 @@ def run(args: argparse.Namespace) -> int:
             raise CaptionerError(f"--beam must be >= 1, got {args.beam}")
         _print_json(caption.main(args.checkpoint, args.paths, args.out, args.beam, args.batch_size, args.recursive,
                                  args.device, args.workers))
+    elif args.command == "extract":
+        from captioner import extract
+        from captioner.config import load_config
+        cfg = load_config(args.config, args.overrides)
+        _print_json(extract.main(cfg, args.split, args.device, args.rebuild, args.batch_size, args.workers))
+    elif args.command == "bench":
+        from captioner import bench
+        preset = "full" if args.full else "smoke" if args.smoke else "default"
+        results = bench.main(args.device, preset, args.json, compile=False if args.no_compile else None,
+                             threads=args.threads, overrides=args.overrides)
+        print(bench.format_table(results))
     elif args.command == "layers":
         from captioner.encoder import list_layers
         for name, kind, shape in list_layers(args.arch, args.image_size, args.in_channels):

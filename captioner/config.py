@@ -73,7 +73,6 @@ class TrainConfig:
     select_metric: str = "bleu4"  # validation score that picks best.pt and drives plateau and early stopping
     early_stop_patience: int = 0  # stop after this many validations without improvement (0: never)
     encoder_lr: float = 1e-4  # learning rate of the fine-tuned encoder stages (encoder.finetune_from)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler and needs CUDA)
 
 
 @dataclass
@@ -85,18 +84,34 @@ class DecodeConfig:
 
 
 @dataclass
+class CacheConfig:
+    dir: str = ""  # feature cache folder written by `captioner extract`; "" = DATASET_ROOT/features/ARCH-LAYER-SIZE
+    dtype: str = "bfloat16"  # bfloat16 | float32; never float16: random-weight activations (~1e8) overflow it
+    use: bool = True  # train and evaluate read features from the cache when it is valid and covers the split
+
+
+@dataclass
+class ComputeConfig:
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # the CNN in channels_last memory format on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the encoder: a slow first batch, then faster; for long runs
+    gpu_decode: bool = False  # CUDA only: workers read JPEG bytes, the GPU decodes and resizes them in batches
+
+
+@dataclass
 class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 LR_SCHEDULES = ("none", "cosine", "step", "plateau")
 # Validation scores a run may select on; those the metrics module does not compute fall back to bleu4.
 SELECT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor", "rouge_l")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
@@ -227,11 +242,11 @@ def validate(cfg: Config) -> None:
          f"train.select_metric must be one of: {', '.join(SELECT_METRICS)}, got '{cfg.train.select_metric}'"),
         (cfg.train.early_stop_patience >= 0, "train.early_stop_patience must be >= 0 (0: never stop early)"),
         (cfg.train.encoder_lr > 0, f"train.encoder_lr must be > 0, got {cfg.train.encoder_lr}"),
-        (cfg.train.precision in PRECISIONS,
-         f"train.precision must be one of: {', '.join(PRECISIONS)}, got '{cfg.train.precision}'"),
         (cfg.decode.beam_size >= 1, f"decode.beam_size must be >= 1, got {cfg.decode.beam_size}"),
         (cfg.decode.max_len >= 1, "decode.max_len must be >= 1"),
         (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),
+        (cfg.cache.dtype in ("bfloat16", "float32"),
+         f"cache.dtype must be bfloat16 or float32 (float16 overflows random-weight features), not {cfg.cache.dtype}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -14,14 +14,15 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.beam import decode
 from captioner.checkpoint import load_model
+from captioner.compute import autocast, prepare_encoder, use_gpu_decode
 from captioner.config import apply_overrides
 from captioner.data import by_split, load_records
-from captioner.data.images import ImageFiles
+from captioner.data.cache import cached_source
+from captioner.data.pipeline import image_batches
 from captioner.errors import CaptionerError
 from captioner.metrics import corpus_bleu_scores
 from captioner.runtime import resolve_device
@@ -31,22 +32,27 @@ log = logging.getLogger("captioner")
 
 @torch.inference_mode()
 def predict(model, vocab, records, batch_size: int, device, beam_size: int = 1, max_len: int = 30,
-            length_penalty: float = 0.0, features: torch.Tensor | None = None, num_workers: int = 0) -> dict:
-    """Caption every record -> {image_id: caption}. features (N, C, H, W) skips the encoder when given;
-    unreadable images are reported and left out."""
+            length_penalty: float = 0.0, features=None, num_workers: int = 0, bf16: bool = True,
+            gpu_decode: bool = False) -> dict:
+    """Caption every record -> {image_id: caption}; unreadable images are reported and left out.
+
+    features skips the encoder when given: an (N, C, H, W) tensor or a feature-cache source (features[i:j]
+    -> (j-i, C, H, W)). bf16: autocast on CUDA. gpu_decode: JPEGs decoded on the GPU (CUDA only).
+    """
     model.eval()
     results = {}
     if features is not None:
         batches = ((features[i:i + batch_size], range(i, min(i + batch_size, len(records))), None)
                    for i in range(0, len(records), batch_size))
     else:
-        batches = DataLoader(ImageFiles([r.path for r in records], model.encoder.image_size), batch_size=batch_size,
-                             num_workers=num_workers, pin_memory=device.type == "cuda")
+        batches = image_batches([r.path for r in records], model.encoder.image_size, batch_size, num_workers,
+                                device, gpu_decode)
     for inputs, index, errors in tqdm(batches, desc="captioning", unit="batch", leave=False,
                                       total=-(-len(records) // batch_size)):
         inputs = inputs.to(device, non_blocking=True)
-        raw = inputs if inputs.is_floating_point() else model.encode(inputs)
-        out = decode(model, raw, beam_size, max_len, length_penalty)
+        with autocast(device, bf16):
+            raw = inputs if inputs.is_floating_point() else model.encode(inputs)
+            out = decode(model, raw, beam_size, max_len, length_penalty)
         for row, i in enumerate(index):
             if errors is not None and errors[row]:
                 log.warning("skipped: %s", errors[row])
@@ -66,6 +72,7 @@ def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out
     device = resolve_device(device)
     model, vocab, cfg = load_model(checkpoint, device)
     apply_overrides(cfg, list(overrides))
+    prepare_encoder(model.encoder, device, cfg.compute)
     beam_size = beam_size or cfg.decode.beam_size
     if beam_size < 1:
         raise CaptionerError(f"--beam must be >= 1, got {beam_size}")
@@ -77,8 +84,12 @@ def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out
         log.warning("%d of %d %s images are missing and not scored (first: %s)", len(missing), len(records), split,
                     missing[0].path)
         records = [r for r in records if Path(r.path).is_file()]
+    cached = cached_source(cfg, model.encoder, records, f"{split} split")  # None: run the encoder
+    features, records = cached if cached else (None, records)
     hypotheses = predict(model, vocab, records, batch_size or cfg.decode.batch_size, device, beam_size,
-                         cfg.decode.max_len, cfg.decode.length_penalty, num_workers=cfg.train.num_workers)
+                         cfg.decode.max_len, cfg.decode.length_penalty, features=features,
+                         num_workers=cfg.train.num_workers, bf16=cfg.compute.bf16,
+                         gpu_decode=use_gpu_decode(cfg.compute, device))
     if len(hypotheses) != len(records):
         log.warning("scored %d captions for %d images in the split", len(hypotheses), len(records))
     scores = corpus_bleu_scores(hypotheses, {r.image_id: r.captions for r in records})
@@ -89,7 +100,8 @@ def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out
     metrics = {"checkpoint": str(checkpoint), "split": split, "images": len(hypotheses),
                "decoding": "greedy" if beam_size == 1 else "beam", "beam_size": beam_size,
                "max_len": cfg.decode.max_len, "length_penalty": cfg.decode.length_penalty, "scale": "0-1",
-               "bleu_implementation": "nltk corpus_bleu", **scores,
+               "bleu_implementation": "nltk corpus_bleu",
+               "features": f"cache {features.path} ({features.dtype})" if cached else "encoder", **scores,
                "results_file": str(results_path), "metrics_file": str(metrics_path)}
     _write_json(metrics_path, metrics)
     return metrics

@@ -22,7 +22,6 @@ import logging
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +34,10 @@ from tqdm import tqdm
 
 from captioner import distributed
 from captioner.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from captioner.compute import autocast, prepare_encoder
 from captioner.config import Config, apply_overrides, from_dict, load_config, to_dict
 from captioner.data import by_split, load_records
+from captioner.data.cache import training_inputs as cached_inputs
 from captioner.data.images import CaptionPairs, ImageFiles, ImageSource
 from captioner.data.sampler import ResumableSampler
 from captioner.decoder import caption_loss
@@ -97,7 +98,7 @@ class TrainingInputs:
     """Where the training and validation inputs come from."""
     train_source: object  # train_source[i] -> input of train_records[i]: image (3, S, S) uint8 or features (C, H, W)
     train_records: list
-    val_features: torch.Tensor | None  # (N, C, H, W) for val_records, or None: read the images
+    val_features: object  # (N, C, H, W) tensor or cache source for val_records, or None: read the images
     val_records: list  # this process's share of the val images
     num_workers: int
 
@@ -106,6 +107,10 @@ def training_inputs(cfg: Config, model: CaptionModel, train_records, val_records
     """Choose the input source: encoder features computed once per image (a frozen encoder gives the same ones
     every epoch) or image files read per batch. One place, so that a feature cache can take over."""
     val_records = val_records[process.rank::process.world_size]  # validation is split across processes
+    cached = None if cfg.encoder.finetune_from else cached_inputs(cfg, model.encoder, train_records, val_records)
+    if cached is not None:  # memory-mapped feature cache: workers read only the rows each batch needs
+        train_source, train_records, val_features, val_records = cached
+        return TrainingInputs(train_source, train_records, val_features, val_records, cfg.train.num_workers)
     precompute = cfg.train.precompute_features
     if precompute and cfg.encoder.finetune_from:
         log.info("encoder.finetune_from=%s: the encoder changes while training, so its features are computed "
@@ -197,13 +202,6 @@ def build_optimizer(model: CaptionModel, cfg: Config) -> torch.optim.AdamW:
         log.info("optimizing %s: %d tensors, %.2fM parameters, lr %g", group["name"], len(group["params"]),
                  sum(p.numel() for p in group["params"]) / 1e6, group["lr"])
     return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-
-def _autocast(cfg: Config, device: torch.device):
-    if cfg.train.precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _grad_scaler(device: torch.device, enabled: bool):
@@ -324,7 +322,7 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader, epoch: int) -> bool:
         width = int(lengths.max())  # trim padding beyond the longest caption in the batch
         step = progress.step + 1
         lr = run.schedule.step(step)
-        with _autocast(cfg, device):
+        with autocast(device, cfg.compute.bf16):
             loss, ce = run.forward(inputs, captions[:, :width], lengths)
         loss, global_loss, stop = _reduce_step(run, loss, ce, lengths)
         grad_norm = _backward_and_step(run, loss) if math.isfinite(global_loss) else None
@@ -493,8 +491,6 @@ def main(cfg: Config, run_dir: str | Path, device: str | None = "auto", resume: 
 
 
 def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite: bool, stop: StopRequest) -> dict:
-    if cfg.train.precision == "fp16" and process.device.type != "cuda":
-        raise CaptionerError("train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
     mode = plan_run(run_dir, to_dict(cfg), resume, overwrite)  # refusals first: nothing is written before
     distributed.barrier(process)  # every process has read the folder before rank 0 changes it
     checkpoint = _resume_checkpoint(run_dir, cfg) if mode == "resume" else None
@@ -519,6 +515,7 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
             raise CaptionerError(f"checkpoint {run_dir / 'last.pt'} does not fit the model: "
                                  f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
     model.to(process.device)
+    prepare_encoder(model.encoder, process.device, cfg.compute)  # CUDA: channels_last, optional torch.compile
 
     if process.is_main:
         if mode == "new":
@@ -535,7 +532,9 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     schedule = LRSchedule(optimizer, cfg.train.lr_schedule, cfg.train.epochs * len(loader), len(loader),
                           cfg.train.warmup_steps, cfg.train.min_lr_ratio, cfg.train.lr_decay_epochs,
                           cfg.train.lr_gamma, cfg.train.lr_patience)
-    scaler = _grad_scaler(process.device, enabled=cfg.train.precision == "fp16")
+    # bf16 (compute.bf16, CUDA) keeps float32's range and needs no loss scaling; float16 is not offered since
+    # random-weight activations (~1e8) overflow it. The disabled scaler keeps the one unscale/clip/step path.
+    scaler = _grad_scaler(process.device, enabled=False)
     forward = LossForward(model)
     if process.distributed:
         forward = DistributedDataParallel(forward, device_ids=[process.device] if process.device.type == "cuda" else None)

@@ -1,0 +1,349 @@
+"""An on-disk, memory-mapped cache of frozen encoder features, keyed by image id.
+
+    captioner extract --config configs/tiny.yaml      # fills DATASET_ROOT/features/resnet18-layer4-128/
+
+    cache = FeatureCache.load(folder)                   # None when there is no cache there
+    source, kept = cache.source(records)                # source[i] -> (C, H, W) features of kept[i]
+
+A cache folder holds
+    header.json    how the features were made: encoder arch, layer, image size, input channels, weights name,
+                   a SHA-256 of the backbone's actual weights (random-init ones too), feature shape, dtype
+    features.bin   one row of C*H*W values per image: bfloat16 stored as its raw 16 bits, or float32
+    index.json     {"num_rows": n, "rows": {image_id: [row, file name]}, "failed": {image_id: error}}
+
+The encoder is frozen, so an image's features never change: extracting them once replaces running the CNN
+on every caption of every epoch. A cache whose header differs from the current encoder is refused. Rows are
+appended first and the index is rewritten atomically after them, so an interrupted extraction resumes where
+its index ends. Readers memory-map features.bin and copy only the rows a batch asks for: memory use follows
+the batch size, not the dataset size.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from captioner.config import Config
+from captioner.errors import CaptionerError
+
+try:  # POSIX: one writer at a time; elsewhere the lock is skipped
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+log = logging.getLogger("captioner")
+
+FORMAT_VERSION = 1
+PREPROCESS = "rgb, exif-transposed, bicubic resize to image_size x image_size, imagenet-normalised"
+# Storage: torch dtype, numpy dtype of the stored bits, bytes per value. numpy has no bfloat16, so its
+# 16 bits are stored as int16 and viewed back as bfloat16. float16 is refused on purpose (it overflows).
+DTYPES = {"bfloat16": (torch.bfloat16, np.int16, 2), "float32": (torch.float32, np.float32, 4)}
+# The header fields that must match for cached features to equal the encoder's (weights_name is informative:
+# the fingerprint decides, so a .pth path and the enum name of the same weights agree).
+MUST_MATCH = ("arch", "layer", "image_size", "in_channels", "shape", "fingerprint")
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer of module (names, dtypes, shapes and values), first 16 hex digits.
+
+    Random-init weights depend on the seed, so settings alone cannot tell two encoders apart; the values can.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def encoder_signature(encoder, weights_name: str | None = None) -> dict:
+    """What a cached feature depends on, for a HookedEncoder."""
+    return {"arch": encoder.arch, "layer": encoder.layer, "image_size": encoder.image_size,
+            "in_channels": encoder.in_channels, "shape": [encoder.channels, *encoder.grid],
+            "fingerprint": weights_fingerprint(encoder.backbone), "weights_name": weights_name,
+            "preprocess": PREPROCESS}
+
+
+def default_cache_dir(cfg: Config) -> Path:
+    """cache.dir, or DATASET_ROOT/features/ARCH-LAYER-SIZE so that other encoder settings get their own folder."""
+    if cfg.cache.dir:
+        return Path(cfg.cache.dir)
+    e = cfg.encoder
+    return Path(cfg.dataset.root or ".") / "features" / f"{e.arch}-{e.layer}-{e.image_size}"
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CaptionerError(f"feature cache file {path} is unreadable ({type(e).__name__}); "
+                             f"rebuild it with `captioner extract --rebuild`") from None
+    if not isinstance(data, dict):
+        raise CaptionerError(f"feature cache file {path} is not a JSON object; rebuild it with `captioner extract "
+                             f"--rebuild`")
+    return data
+
+
+def describe_size(num_images: int, shape, dtype: str) -> str:
+    """'80 images x 512x7x7 bfloat16 = 4.0 MB' for the size estimate shown before writing."""
+    total = num_images * int(np.prod(shape)) * DTYPES[dtype][2]
+    return f"{num_images} images x {'x'.join(map(str, shape))} {dtype} = {total / 1e6:,.1f} MB"
+
+
+class CachedFeatures:
+    """A training/evaluation source over cache rows: source[i] -> (C, H, W), source[i:j] -> (j-i, C, H, W).
+
+    Tensors come back in the stored dtype (bfloat16 by default); the model's projector casts them to float32.
+    Only the file name and row numbers are pickled: every DataLoader worker, fork- or spawn-started, maps
+    the file itself on first use, and nothing is read before a batch asks for it.
+    """
+
+    def __init__(self, path: Path, shape, dtype: str, rows: list[int], num_rows: int):
+        self.path, self.shape, self.dtype = str(path), tuple(shape), dtype
+        self.rows, self.num_rows = list(rows), num_rows
+        self._array = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_array": None}  # a memory map does not travel to another process
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _mapped(self) -> np.memmap:
+        if self._array is None:
+            self._array = np.memmap(self.path, dtype=DTYPES[self.dtype][1], mode="r",
+                                    shape=(self.num_rows, *self.shape))
+        return self._array
+
+    def __getitem__(self, i):
+        rows = self.rows[i] if isinstance(i, slice) else [self.rows[i]]
+        block = torch.from_numpy(np.array(self._mapped()[rows]))  # copies only these rows: (b, C, H, W)
+        if self.dtype == "bfloat16":
+            block = block.view(torch.bfloat16)
+        return block if isinstance(i, slice) else block[0]
+
+
+class FeatureCache:
+    """One cache folder: its header and index; append() and commit() while extracting."""
+
+    def __init__(self, folder: str | Path, header: dict, index: dict):
+        self.folder, self.header = Path(folder), header
+        self.num_rows = int(index.get("num_rows", 0))
+        self.rows: dict[str, list] = dict(index.get("rows", {}))  # image id -> [row, file name]
+        self.failed: dict[str, str] = dict(index.get("failed", {}))  # image id -> why it could not be read
+        self._file = None
+        self._lock = None
+
+    # ---- opening ------------------------------------------------------------------------------------------
+
+    @property
+    def data_path(self) -> Path:
+        return self.folder / "features.bin"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.header["shape"])
+
+    @property
+    def dtype(self) -> str:
+        return self.header["dtype"]
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape)) * DTYPES[self.dtype][2]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> FeatureCache | None:
+        """The cache in folder, None when there is none; a CaptionerError when it is damaged."""
+        folder = Path(folder)
+        if not (folder / "header.json").is_file():
+            return None
+        header = _read_json(folder / "header.json")
+        missing = [k for k in (*MUST_MATCH, "dtype", "format") if k not in header]
+        if missing or header.get("dtype") not in DTYPES:
+            raise CaptionerError(f"feature cache {folder}/header.json lacks {', '.join(missing) or 'a valid dtype'}; "
+                                 f"rebuild it with `captioner extract --rebuild`")
+        if header["format"] != FORMAT_VERSION:
+            raise CaptionerError(f"feature cache {folder} has format {header['format']}, this captioner reads "
+                                 f"{FORMAT_VERSION}; rebuild it with `captioner extract --rebuild`")
+        index = _read_json(folder / "index.json") if (folder / "index.json").is_file() else {}
+        try:
+            cache = cls(folder, header, index)
+            bad = [k for k, (row, name) in cache.rows.items()
+                   if not 0 <= row < cache.num_rows or not isinstance(name, str)]
+        except (TypeError, ValueError, AttributeError):
+            bad = ["its entries"]
+        if bad:
+            raise CaptionerError(f"feature cache {folder}/index.json is damaged (image {bad[0]}); rebuild it with "
+                                 f"`captioner extract --rebuild`")
+        on_disk = cache.data_path.stat().st_size if cache.data_path.is_file() else 0
+        if on_disk < cache.num_rows * cache.row_bytes:
+            raise CaptionerError(f"feature cache {cache.data_path} holds {on_disk // cache.row_bytes} rows but its "
+                                 f"index lists {cache.num_rows} (truncated?); rebuild it with "
+                                 f"`captioner extract --rebuild`")
+        return cache
+
+    @classmethod
+    def create(cls, folder: str | Path, signature: dict, dtype: str = "bfloat16") -> FeatureCache:
+        """A new, empty cache in folder (anything there before is removed)."""
+        if dtype not in DTYPES:
+            raise CaptionerError(f"cache.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("index.json", "features.bin", "header.json"):
+            (folder / name).unlink(missing_ok=True)
+        header = {"format": FORMAT_VERSION, **signature, "dtype": dtype}
+        cache = cls(folder, header, {})
+        cache.commit()
+        _write_json(folder / "header.json", header)  # last: its presence marks a usable cache
+        return cache
+
+    def mismatch(self, signature: dict) -> str | None:
+        """None when features from this cache equal the encoder's; otherwise what differs, in words."""
+        diffs = [f"{k} {self.header[k]} (now {signature[k]})" for k in MUST_MATCH
+                 if k != "fingerprint" and self.header[k] != signature[k]]
+        if not diffs and self.header["fingerprint"] != signature["fingerprint"]:  # same settings, other values
+            diffs.append(f"other encoder weights (weights {self.header.get('weights_name')}, fingerprint "
+                         f"{self.header['fingerprint']}; now {signature.get('weights_name')}, "
+                         f"{signature['fingerprint']})")
+        return "; ".join(diffs) or None
+
+    # ---- reading ------------------------------------------------------------------------------------------
+
+    def has(self, record) -> bool:
+        """Whether record's image is cached; a different file name under the same id does not count."""
+        entry = self.rows.get(str(record.image_id))
+        return entry is not None and entry[1] == Path(record.path).name
+
+    def source(self, records: list) -> tuple[CachedFeatures, list] | None:
+        """(source, records kept) when every record is cached or known unreadable, else None.
+
+        Records whose image failed to extract are dropped with a warning, as unreadable images are elsewhere.
+        """
+        if not all(self.has(r) or str(r.image_id) in self.failed for r in records):
+            return None
+        kept = [r for r in records if self.has(r)]
+        if len(kept) < len(records):
+            log.warning("feature cache %s: %d of %d images were unreadable at extraction and are skipped",
+                        self.folder, len(records) - len(kept), len(records))
+        rows = [self.rows[str(r.image_id)][0] for r in kept]
+        return CachedFeatures(self.data_path, self.shape, self.dtype, rows, self.num_rows), kept
+
+    # ---- writing ------------------------------------------------------------------------------------------
+
+    def _open_for_append(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.folder / "lock", "w")
+        if fcntl is not None:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._lock.close()
+                self._lock = None
+                raise CaptionerError(f"feature cache {self.folder} is being written by another process") from None
+        self._file = open(self.data_path, "r+b" if self.data_path.exists() else "w+b")
+        # Rows written after the last commit belong to no index entry: drop them and append from there.
+        self._file.truncate(self.num_rows * self.row_bytes)
+        self._file.seek(self.num_rows * self.row_bytes)
+
+    def append(self, records: list, features: torch.Tensor) -> None:
+        """Append features (B, C, H, W) of records (B) on CPU; they count once commit() has run."""
+        if features.shape[1:] != self.shape:
+            raise CaptionerError(f"feature cache {self.folder} stores {self.shape} features, got "
+                                 f"{tuple(features.shape[1:])}")
+        if self._file is None:
+            self._open_for_append()
+        torch_dtype, _, _ = DTYPES[self.dtype]
+        block = features.to(torch_dtype).contiguous().cpu()
+        if self.dtype == "bfloat16":
+            block = block.view(torch.int16)  # the raw bits; numpy has no bfloat16
+        try:
+            self._file.write(block.numpy().tobytes())
+        except OSError as e:  # disk full, quota, removed drive: cut the partial block so rows stay aligned
+            with contextlib.suppress(OSError):
+                self._file.truncate(self.num_rows * self.row_bytes)
+                self._file.seek(self.num_rows * self.row_bytes)
+            raise CaptionerError(f"feature cache {self.data_path}: cannot write ({e.strerror or e})") from None
+        for r in records:
+            self.rows[str(r.image_id)] = [self.num_rows, Path(r.path).name]
+            self.failed.pop(str(r.image_id), None)
+            self.num_rows += 1
+
+    def fail(self, record, message: str) -> None:
+        self.failed[str(record.image_id)] = message
+
+    def commit(self) -> None:
+        """Make appended rows durable, then point the index at them (in that order)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        _write_json(self.folder / "index.json", {"num_rows": self.num_rows, "rows": self.rows, "failed": self.failed})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self.commit()
+            self._file.close()
+            self._file = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def open_valid_cache(cfg: Config, encoder, purpose: str) -> FeatureCache | None:
+    """The configured cache when it exists and was built by this very encoder; else None, saying why."""
+    folder = default_cache_dir(cfg)
+    if not cfg.cache.use or cfg.encoder.finetune_from:  # a fine-tuned encoder's features change every step
+        return None
+    cache = FeatureCache.load(folder)
+    if cache is None:
+        log.info("%s: no feature cache at %s (run `captioner extract` to build one); running the encoder",
+                 purpose, folder)
+        return None
+    why = cache.mismatch(encoder_signature(encoder))
+    if why:
+        log.warning("%s: feature cache %s is not used, it was built with %s; run `captioner extract --rebuild`",
+                    purpose, folder, why)
+        return None
+    return cache
+
+
+def cached_source(cfg: Config, encoder, records: list, purpose: str,
+                  cache: FeatureCache | None = None) -> tuple[CachedFeatures, list] | None:
+    """(memory-mapped source, records kept) when a valid cache covers records, else None (and one log line)."""
+    cache = cache or open_valid_cache(cfg, encoder, purpose)
+    if cache is None:
+        return None
+    found = cache.source(records)
+    if found is None:
+        covered = sum(cache.has(r) for r in records)
+        log.warning("%s: feature cache %s covers %d of %d images; run `captioner extract` to finish it; "
+                    "running the encoder", purpose, cache.folder, covered, len(records))
+    else:
+        log.info("%s: features of %d images from cache %s (%s)", purpose, len(found[1]), cache.folder, cache.dtype)
+    return found
+
+
+def training_inputs(cfg: Config, encoder, train_records: list, val_records: list):
+    """(train source, train records, val source, val records) from one valid cache covering both splits,
+    or None so that training runs (or precomputes) the encoder itself."""
+    cache = open_valid_cache(cfg, encoder, "train")
+    train = cache and cached_source(cfg, encoder, train_records, "train split", cache)
+    val = cache and cached_source(cfg, encoder, val_records, "val split", cache)
+    if not train or not val:
+        return None
+    return (*train, *val)

@@ -1,0 +1,87 @@
+"""`captioner bench` runs on CPU and writes every number; batched beam search equals one image at a time.
+
+Benchmarks print numbers: nothing here asserts on a speed.
+"""
+import json
+import math
+
+import pytest
+import torch
+
+from captioner import bench
+from captioner.beam import beam_search
+from captioner.cli import main
+from captioner.config import EncoderConfig, ModelConfig
+from captioner.errors import CaptionerError
+from captioner.model import CaptionModel
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread beats two on a shared 2-core machine (OpenMP threads wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+def test_bench_smoke_writes_json_with_every_key(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    # One thread: on a shared 2-core machine, two OpenMP threads can be 10x slower on these tiny ops.
+    assert main(["bench", "--smoke", "--device", "cpu", "--threads", "1", "--json", str(out), "max_len=4"]) == 0
+    assert torch.get_num_threads() == threads  # restored
+    table = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    for key in (*bench.KEYS, "beam_batched_speedup", "train_cached_speedup"):
+        value = results[key]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+        assert key in table
+    assert results["settings"]["arch"] == "resnet18" and results["settings"]["max_len"] == 4
+    assert results["settings"]["device_type"] == "cpu" and results["settings"]["bf16_active"] is False
+    assert results["versions"]["torch"] == torch.__version__ and "CPU, 1 threads" in results["device"]
+
+
+def test_bench_rejects_unknown_sizes(capsys):
+    assert main(["bench", "--smoke", "--device", "cpu", "trian_batch=4"]) == 2
+    assert "field among: arch" in capsys.readouterr().err
+    with pytest.raises(CaptionerError, match="expects int"):
+        bench.main("cpu", "smoke", overrides=["train_batch=big"])
+
+
+def test_synthetic_jpegs_are_photo_sized(tmp_path):
+    paths = bench.write_jpegs(tmp_path, 5, 640, 480, distinct=2)
+    sizes = [len(open(p, "rb").read()) for p in paths]
+    assert len(paths) == 5 and sizes[0] == sizes[2] != sizes[1]
+    assert all(20_000 < s < 400_000 for s in sizes)  # a real 640x480 photo at q90 is 50-200 kB
+
+
+def test_batched_beam_at_batch_32_equals_per_image_beam():
+    """The bench's per-image vs batched comparison decodes the very same captions."""
+    torch.manual_seed(0)
+    model = CaptionModel(EncoderConfig(arch="resnet18", image_size=64), ModelConfig(48, 48, 64, dropout=0.5), 300)
+    raw = torch.randn(32, 512, 2, 2) * 50
+    batched = beam_search(model, raw, beam_size=3, max_len=12)
+    for i in range(32):
+        single = beam_search(model, raw[i:i + 1], beam_size=3, max_len=12)
+        n = int(single.lengths[0])
+        assert int(batched.lengths[i]) == n
+        assert torch.equal(batched.tokens[i, :n], single.tokens[0, :n])
+        assert torch.allclose(batched.scores[i], single.scores[0], atol=1e-4)
+
+
+def test_bf16_autocast_path_runs_decoding_and_training():
+    """The CUDA bf16 path, run under CPU autocast: no dtype clashes in beam search, the loss or backward."""
+    from captioner.decoder import caption_loss
+    torch.manual_seed(0)
+    model = CaptionModel(EncoderConfig(arch="resnet18", image_size=64), ModelConfig(32, 32, 32), 50)
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    captions = torch.randint(4, 50, (4, 7))
+    captions[:, 0] = 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = model.encode(images)
+        out = beam_search(model, raw, beam_size=3, max_len=5)
+        logits, alphas = model.train()(raw, captions)
+        loss, _ = caption_loss(logits, alphas, captions, torch.tensor([7, 6, 5, 4]), 1.0)
+    loss.backward()
+    assert out.tokens.shape[0] == 4 and torch.isfinite(out.scores).all() and torch.isfinite(loss)
+    assert model.projector[0].weight.grad is not None and model.projector[0].weight.dtype == torch.float32
