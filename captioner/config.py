@@ -195,6 +195,8 @@ def validate(cfg: Config) -> None:
         (cfg.model.alpha_c >= 0, "model.alpha_c must be >= 0"),
         (cfg.dataset.format in DATASET_FORMATS,
          f"dataset.format must be one of: {', '.join(DATASET_FORMATS)}; got '{cfg.dataset.format}'"),
+        (not (cfg.dataset.format == "synthetic" and cfg.dataset.annotations),
+         "dataset.format=synthetic ignores dataset.annotations: set dataset.format=auto (or the file's format)"),
         (cfg.dataset.restval in ("train", "drop"), "dataset.restval must be train or drop"),
         (0.0 <= cfg.dataset.max_missing_fraction <= 1.0, "dataset.max_missing_fraction must be in [0, 1]"),
         (0.0 <= cfg.dataset.val_fraction < 0.5, "dataset.val_fraction must be in [0, 0.5)"),

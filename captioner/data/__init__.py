@@ -61,9 +61,13 @@ def detect_format(path: Path) -> tuple[str, object]:
 
 
 def _resolver(cfg: DatasetConfig):
-    """Paths in the config: as given when absolute or present, else relative to dataset.root."""
+    """Paths in the config: as given when absolute or present, else relative to dataset.root when present there;
+    a path found in neither place stays as written, so the error names what the user wrote."""
     base = Path(cfg.root) if cfg.root else Path(".")
-    return lambda p: Path(p) if Path(p).is_absolute() or Path(p).exists() else base / p
+
+    def resolve(p: str) -> Path:
+        return Path(p) if Path(p).is_absolute() or Path(p).exists() or not (base / p).exists() else base / p
+    return resolve
 
 
 def read_dataset(cfg: DatasetConfig) -> tuple[str, list[ImageRecord]]:

@@ -14,6 +14,7 @@ Column names are matched case-insensitively with the aliases below; optional `sp
 from __future__ import annotations
 
 import csv
+import io
 from collections import defaultdict
 from pathlib import Path
 
@@ -77,20 +78,20 @@ def read_csv(path: str | Path, images_dir: str | Path) -> list[ImageRecord]:
     path = Path(path)
     if not path.is_file():
         raise CaptionerError(f"CSV file {path} not found")
-    lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
-    columns = table_columns(lines[0]) if lines else None
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    columns = table_columns(text.splitlines()[0]) if text.strip() else None
     if columns is None:
         raise CaptionerError(f"CSV file {path}: the first line must be a header naming an image column "
                              f"({', '.join(IMAGE_COLUMNS[:3])}, ...) and a caption column "
                              f"({', '.join(CAPTION_COLUMNS[:3])}, ...), e.g. 'image,caption'")
     delimiter, image_col, caption_col = columns
-    header = [h.strip().lower() for h in next(csv.reader([lines[0]], delimiter=delimiter))]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = [h.strip().lower() for h in next(reader)]
     split_col = header.index("split") if "split" in header else None
     id_col = header.index("image_id") if "image_id" in header else None
     rows, bad, total = [], [], 0
-    reader = csv.reader(lines[1:], delimiter=delimiter)
     for row in reader:
-        number = reader.line_num + 1  # + the header; a quoted caption may span lines
+        number = reader.line_num  # the last physical line of the row: a quoted caption may span lines
         if not any(field.strip() for field in row):
             continue
         total += 1
