@@ -109,6 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="field=value",
                    help="change a size of the preset, e.g. arch=resnet152 image_size=448 train_batch=64")
 
+    p = command("prepare", "check a dataset; write its vocabulary, split manifest and reference captions",
+                "example: captioner prepare --config configs/coco_resnet152.yaml\n"
+                "Reports images and captions per split, missing images, vocabulary size, <unk> rate and long\n"
+                "captions; writes vocab.json, splits.json, captions_{val,test}.json and summary.json to --out.")
+    p.add_argument("--config", required=True, help="YAML config file (its dataset section is used)")
+    p.add_argument("--out", default=None, help="output folder (default: DATASET_ROOT/prepared)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+    p = command("score", "score a COCO-format results file with coco-caption's metrics",
+                "example: captioner score --results runs/coco/results_test.json \\\n"
+                "             --annotations data/coco/annotations/captions_val2014.json --out metrics.json\n"
+                "BLEU-1..4, METEOR, ROUGE-L and CIDEr-D as coco-caption computes them (SPICE skipped), on the\n"
+                "images in the results only; nltk corpus BLEU beside them. METEOR and the tokenizer need java.")
+    p.add_argument("--results", required=True, help='[{"image_id": ..., "caption": ...}] JSON (evaluate writes one)')
+    p.add_argument("--annotations", required=True,
+                   help="COCO captions JSON (or a Karpathy/Flickr/CSV/JSONL captions file) holding the references")
+    p.add_argument("--out", default=None, help="also write the metrics JSON here")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a java process: ~10 s)")
+
     p = command("layers", "list the hookable modules of a torchvision CNN with their output shapes",
                 "example: captioner layers resnet152 --image-size 448\n"
                 "Any name printed can be used as encoder.layer.")
@@ -180,6 +199,17 @@ def run(args: argparse.Namespace) -> int:
         results = bench.main(args.device, preset, args.json, compile=False if args.no_compile else None,
                              threads=args.threads, overrides=args.overrides)
         print(bench.format_table(results))
+    elif args.command == "prepare":
+        from captioner import prepare
+        from captioner.config import load_config
+        summary = prepare.main(load_config(args.config, args.overrides), args.out)
+        print("\n".join(prepare.summary_lines(summary)), flush=True)
+        _print_json(summary["files"])
+    elif args.command == "score":
+        from captioner import score
+        metrics = score.main(args.results, args.annotations, args.out, meteor=not args.no_meteor)
+        print("\n".join(score.summary_lines(metrics)), flush=True)
+        _print_json(metrics)
     elif args.command == "layers":
         from captioner.encoder import list_layers
         for name, kind, shape in list_layers(args.arch, args.image_size, args.in_channels):

@@ -36,14 +36,22 @@ class ModelConfig:
     alpha_c: float = 1.0  # weight of the doubly stochastic attention regulariser (Show, Attend and Tell eq. 14)
 
 
+DATASET_FORMATS = ("auto", "synthetic", "coco", "karpathy", "flickr8k", "flickr30k", "csv", "jsonl")
+
+
 @dataclass
 class DatasetConfig:
-    format: str = "synthetic"  # synthetic | coco | folder
-    root: str = "data/synthetic"  # synthetic: generated here on first use; coco: base for relative paths
-    annotations: str = ""  # coco: captions JSON (COCO format)
-    images: str = ""  # coco: folder holding the image files
-    splits: str = ""  # optional JSON {"train": [image ids], "val": [...], "test": [...]}
-    val_fraction: float = 0.1  # without a splits file: share of images held out for val, and again for test
+    format: str = "auto"  # auto (from the annotations file; synthetic without one) or one of DATASET_FORMATS
+    root: str = "data/synthetic"  # synthetic: generated here on first use; others: base for relative paths
+    annotations: str = ""  # the captions file: COCO JSON, Karpathy dataset_*.json, Flickr8k.token.txt, CSV, JSONL
+    images: str = ""  # image folder (Karpathy COCO: the one holding train2014/, val2014/); empty: annotations' folder
+    splits: str = ""  # optional JSON {"train": [image ids], "val": [...], "test": [...]}; overrides the file's own
+    train_list: str = ""  # optional image-name lists, one per line (Flickr_8k.trainImages.txt); Flickr8k's three
+    val_list: str = ""  # lists are found next to the token file without these; images in no list are unused
+    test_list: str = ""
+    restval: str = "train"  # Karpathy 'restval' images: train (Karpathy's recipe, 113k train images) or drop
+    max_missing_fraction: float = 0.05  # missing image files are skipped with a warning; more than this is an error
+    val_fraction: float = 0.1  # data without splits: share of images held out for val, and again for test
     min_freq: int = 1  # words seen fewer times in the training captions become <unk>
     max_len: int = 30  # captions are cut to this many words
     synthetic_images: int = 2000  # synthetic only: how many images to generate
@@ -218,7 +226,12 @@ def validate(cfg: Config) -> None:
          "model sizes must be positive"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (cfg.model.alpha_c >= 0, "model.alpha_c must be >= 0"),
-        (cfg.dataset.format in ("synthetic", "coco"), "dataset.format must be one of: synthetic, coco"),
+        (cfg.dataset.format in DATASET_FORMATS,
+         f"dataset.format must be one of: {', '.join(DATASET_FORMATS)}; got '{cfg.dataset.format}'"),
+        (not (cfg.dataset.format == "synthetic" and cfg.dataset.annotations),
+         "dataset.format=synthetic ignores dataset.annotations: set dataset.format=auto (or the file's format)"),
+        (cfg.dataset.restval in ("train", "drop"), "dataset.restval must be train or drop"),
+        (0.0 <= cfg.dataset.max_missing_fraction <= 1.0, "dataset.max_missing_fraction must be in [0, 1]"),
         (0.0 <= cfg.dataset.val_fraction < 0.5, "dataset.val_fraction must be in [0, 0.5)"),
         (cfg.dataset.min_freq >= 1, "dataset.min_freq must be >= 1"),
         (cfg.dataset.max_len >= 1, "dataset.max_len must be >= 1"),

@@ -4,7 +4,9 @@
     captioner evaluate --checkpoint runs/tiny/best.pt --split val --beam 1 dataset.root=data/other
 
 The dataset comes from the checkpoint's own config; `key=value` overrides change it (e.g. dataset.root).
-Writes OUT/results_SPLIT.json (COCO results format: [{"image_id", "caption"}]) and OUT/metrics_SPLIT.json.
+Writes OUT/results_SPLIT.json (COCO results format: [{"image_id", "caption"}]) and OUT/metrics_SPLIT.json:
+coco-caption's BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (captioner.metrics; equal to `captioner score` on the
+results file), nltk corpus BLEU beside them, with the checkpoint, split, beam size and decoding.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from captioner.data import by_split, load_records
 from captioner.data.cache import cached_source
 from captioner.data.pipeline import image_batches
 from captioner.errors import CaptionerError
-from captioner.metrics import corpus_bleu_scores
+from captioner.metrics import caption_metrics
 from captioner.runtime import resolve_device
 
 log = logging.getLogger("captioner")
@@ -92,15 +94,15 @@ def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out
                          gpu_decode=use_gpu_decode(cfg.compute, device))
     if len(hypotheses) != len(records):
         log.warning("scored %d captions for %d images in the split", len(hypotheses), len(records))
-    scores = corpus_bleu_scores(hypotheses, {r.image_id: r.captions for r in records})
+    scores = caption_metrics(hypotheses, {r.image_id: r.captions for r in records})
     out = Path(out_dir) if out_dir else Path(checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     results_path, metrics_path = out / f"results_{split}.json", out / f"metrics_{split}.json"
     _write_json(results_path, [{"image_id": i, "caption": c} for i, c in hypotheses.items()])
-    metrics = {"checkpoint": str(checkpoint), "split": split, "images": len(hypotheses),
+    metrics = {"checkpoint": str(checkpoint), "split": split, "split_images": len(records),
+               "dataset": cfg.dataset.annotations or cfg.dataset.root,
                "decoding": "greedy" if beam_size == 1 else "beam", "beam_size": beam_size,
-               "max_len": cfg.decode.max_len, "length_penalty": cfg.decode.length_penalty, "scale": "0-1",
-               "bleu_implementation": "nltk corpus_bleu",
+               "max_len": cfg.decode.max_len, "length_penalty": cfg.decode.length_penalty,
                "features": f"cache {features.path} ({features.dtype})" if cached else "encoder", **scores,
                "results_file": str(results_path), "metrics_file": str(metrics_path)}
     _write_json(metrics_path, metrics)

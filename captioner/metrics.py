@@ -1,12 +1,39 @@
-"""Caption metrics. Corpus BLEU-1..4 (nltk, on our tokenizer's words), on a 0-1 scale.
+"""Caption metrics, on a 0-1 scale (CIDEr-D on its own 0-10 scale).
 
-    corpus_bleu_scores({"1": ["a dog runs"]}, {"1": ["a dog runs", "the dog is running"]})
+    scores = caption_metrics({1: "a dog runs"}, {1: ["A dog is running.", "a brown dog runs"]})
+    scores["bleu4"], scores["meteor"], scores["rouge_l"], scores["cider"], scores["nltk_bleu4"]
+
+coco-caption's numbers (bleu1..4, meteor, rouge_l, cider) are computed exactly as pycocoevalcap's
+COCOEvalCap.evaluate computes them: its PTBTokenizer (Stanford CoreNLP 3.4.1, lower-cased, punctuation
+removed) over the references and over the hypotheses, then its Bleu(4), Meteor, Rouge and Cider (which is
+CIDEr-D) scorers on the tokenized text. SPICE is skipped: it needs a Stanford CoreNLP models download.
+The tokenizer and METEOR run on java; without java, METEOR is skipped and a Python approximation of the
+tokenizer is used, both with a one-line notice and a note in the returned "skipped"/"tokenizer" fields.
+
+nltk corpus BLEU (corpus_bleu_scores, on captioner's own tokenizer) is fast and needs no java: training's
+per-epoch validation uses it. It is reported beside the official numbers as nltk_bleu1..4; it is close to,
+but not the same as, coco-caption's BLEU.
 """
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 
+from captioner.errors import CaptionerError
 from captioner.vocab import tokenize
+
+log = logging.getLogger("captioner")
+
+COCO_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
+SPICE_SKIPPED = "needs a Stanford CoreNLP models download (pycocoevalcap's get_stanford_models)"
 
 
 def corpus_bleu_scores(hypotheses: dict, references: dict) -> dict[str, float]:
@@ -20,3 +47,131 @@ def corpus_bleu_scores(hypotheses: dict, references: dict) -> dict[str, float]:
     weights = {1: (1.0,), 2: (0.5, 0.5), 3: (1 / 3,) * 3, 4: (0.25,) * 4}
     return {f"bleu{n}": float(corpus_bleu(refs, hyps, weights=w, smoothing_function=smooth))
             for n, w in weights.items()}
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def ptb_tokenize(captions: dict) -> dict:
+    """{id: [caption, ...]} -> {id: [tokenized caption, ...]}, as pycocoevalcap's PTBTokenizer.tokenize does
+    (same jar, flags and punctuation removal), but with its temporary file in the system temp folder rather
+    than inside site-packages (read-only in many installs) and a check that no line went astray."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
+                       ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    ids = [k for k, caps in captions.items() for _ in caps]
+    # A line break inside a caption would shift every later line: coco-caption replaces '\n'; '\r' too here.
+    sentences = "\n".join(c.replace("\n", " ").replace("\r", " ") for caps in captions.values() for c in caps)
+    with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as f:
+        f.write(sentences.encode())
+    try:
+        done = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", f.name], capture_output=True)
+    finally:
+        os.remove(f.name)
+    lines = done.stdout.decode().split("\n")
+    if done.returncode != 0 or len(lines) < len(ids):
+        reason = done.stderr.decode(errors="replace").strip().splitlines()
+        raise CaptionerError(f"the PTB tokenizer (java) failed on {len(ids)} captions: "
+                             f"{reason[-1] if reason else f'{len(lines)} lines came back'}")
+    tokenized = {k: [] for k in captions}
+    for k, line in zip(ids, lines):
+        tokenized[k].append(" ".join(w for w in line.rstrip().split(" ") if w not in ptbtokenizer.PUNCTUATIONS))
+    return tokenized
+
+
+# Without java: an approximation of PTBTokenizer -lowerCase followed by coco-caption's punctuation removal
+# ("can't" -> "ca n't", "dog's" -> "dog 's", "(" -> "-lrb-", which coco-caption keeps; quotes and . , ; dropped).
+_PTB_TOKEN = re.compile(r"\w+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|(?:[^\W\d_]\.){2,}|\w+(?:[-./]\w+)*|[^\s\w]")
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_DROPPED = {".", ",", "?", "!", ":", ";", "-", "'", "`", '"'}
+
+
+def fallback_tokenize(captions: dict) -> dict:
+    return {k: [" ".join(_BRACKETS.get(w, w) for w in _PTB_TOKEN.findall(c.lower()) if w not in _DROPPED)
+                for c in caps] for k, caps in captions.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _meteor():
+    """One METEOR java process per Python process: starting it (and its paraphrase table) takes seconds."""
+    from pycocoevalcap.meteor.meteor import Meteor
+    return Meteor()
+
+
+def _meteor_score(gts: dict, res: dict) -> tuple[float | None, str]:
+    """(score, "") or (None, why it was skipped)."""
+    try:
+        return float(_meteor().compute_score(gts, res)[0]), ""
+    except (OSError, ValueError) as e:  # java died (e.g. cannot reserve its 2 GB heap) or answered garbage
+        broken = _meteor()
+        _meteor.cache_clear()
+        if broken.lock.locked():  # compute_score raised while holding it: Meteor.__del__ would wait forever
+            broken.lock.release()
+        return None, f"METEOR failed ({type(e).__name__}: {str(e)[:120]})"
+
+
+def coco_caption_scores(hypotheses: dict, references: dict, meteor: bool = True) -> dict:
+    """coco-caption's metrics of hypotheses {image_id: caption} against references {image_id: [captions]},
+    on the images in hypotheses (each needs at least one reference).
+
+    Returns {"bleu1".."bleu4", "meteor", "rouge_l", "cider", "spice"} (None when skipped), plus "tokenizer" and
+    "skipped" ({metric: reason}) saying how they were computed.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if not hypotheses:
+        raise CaptionerError("no captions to score")
+    unreferenced = [i for i in hypotheses if not references.get(i)]
+    if unreferenced:
+        raise CaptionerError(f"{len(unreferenced)} captioned images have no reference captions "
+                             f"(first: {unreferenced[:5]})")
+    gts = {i: list(references[i]) for i in hypotheses}
+    res = {i: [hypotheses[i]] for i in hypotheses}
+    skipped = {"spice": SPICE_SKIPPED}
+    log.info("SPICE skipped: it %s", SPICE_SKIPPED)
+    if java_available():
+        # Two tokenizer runs, references then hypotheses, as COCOEvalCap.evaluate does.
+        gts, res, tokenizer = ptb_tokenize(gts), ptb_tokenize(res), "PTBTokenizer (Stanford CoreNLP 3.4.1)"
+    else:
+        gts, res = fallback_tokenize(gts), fallback_tokenize(res)
+        tokenizer = "python approximation of PTBTokenizer (java not found)"
+        log.warning("java not found: METEOR skipped and the PTB tokenizer approximated in Python; "
+                    "install java (e.g. apt install default-jre) for the official numbers")
+        skipped["meteor"] = "java not found"
+    scores = dict(zip(("bleu1", "bleu2", "bleu3", "bleu4"), Bleu(4).compute_score(gts, res, verbose=0)[0]))
+    scores["meteor"] = None
+    if meteor and "meteor" not in skipped:
+        scores["meteor"], why = _meteor_score(gts, res)
+        if why:
+            log.warning("%s; the other metrics are unaffected", why)
+            skipped["meteor"] = why
+    elif not meteor:
+        skipped["meteor"] = "not asked for"
+    scores["rouge_l"] = Rouge().compute_score(gts, res)[0]
+    scores["cider"] = Cider().compute_score(gts, res)[0]
+    scores = {k: (float(v) if v is not None else None) for k, v in scores.items()}
+    return {**scores, "spice": None, "tokenizer": tokenizer, "skipped": skipped}
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def caption_metrics(hypotheses: dict, references: dict, meteor: bool = True) -> dict:
+    """Everything evaluate and score report: coco-caption's metrics, nltk BLEU beside them (nltk_bleu1..4),
+    and how they were computed. hypotheses {image_id: caption}, references {image_id: [captions]}."""
+    coco = coco_caption_scores(hypotheses, references, meteor)
+    nltk = {f"nltk_{k}": v for k, v in corpus_bleu_scores(hypotheses, references).items()}
+    return {**{k: coco[k] for k in (*COCO_KEYS, "spice")}, **nltk, "images": len(hypotheses),
+            "scale": "0-1 (CIDEr-D: 0-10)",
+            "scorer": f"coco-caption (pycocoevalcap {_package_version('pycocoevalcap')}); "
+                      f"nltk_bleu*: nltk {_package_version('nltk')} corpus_bleu on captioner's tokenizer",
+            "tokenizer": coco["tokenizer"], "skipped": coco["skipped"]}

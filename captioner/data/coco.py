@@ -1,53 +1,65 @@
-"""COCO captions JSON (captions_train2017.json and the like) -> ImageRecords.
+"""COCO captions JSON (captions_train2014.json, captions_val2017.json, ...) -> ImageRecords, via pycocotools.
 
-Splits come from an optional splits JSON ({"train": [image ids], "val": [...], "test": [...]}); without
-one, the images are split deterministically by id: the last val_fraction for test, the one before for val.
+    records = read_coco("data/coco/annotations/captions_val2014.json", "data/coco/val2014")
+
+The file is indexed by pycocotools' COCO class, the same index coco-caption's scorer uses, after a check of
+the fields it needs (so a malformed file is one clear line, not a KeyError from inside pycocotools).
+The official files bring no train/val/test split: records get split "" and load_records assigns one
+(from dataset.splits or dataset.val_fraction).
 """
 from __future__ import annotations
 
-import json
-from collections import defaultdict
+import contextlib
+import io
+import logging
 from pathlib import Path
 
-from captioner.data.records import ImageRecord
+from pycocotools.coco import COCO
+
+from captioner.data.records import ImageRecord, read_json
 from captioner.errors import CaptionerError
 
-
-def _read_json(path: Path, what: str):
-    if not path.is_file():
-        raise CaptionerError(f"{what} {path} not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CaptionerError(f"{what} {path} is not valid JSON: {e}") from None
+log = logging.getLogger("captioner")
 
 
-def read_coco(annotations: str | Path, images_dir: str | Path, splits: str | Path | None = None,
-              val_fraction: float = 0.1) -> list[ImageRecord]:
-    annotations = Path(annotations)
-    data = _read_json(annotations, "annotations file")
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def coco_index(data, path: Path) -> COCO:
+    """A pycocotools COCO index over already-parsed COCO captions data; annotation ids are added if absent."""
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
-        raise CaptionerError(f"annotations file {annotations} is not COCO captions format "
+        raise CaptionerError(f"annotations file {path} is not COCO captions format "
                              f"(needs 'images' and 'annotations' lists)")
-    captions = defaultdict(list)
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not _is_int(img.get("id")) or not isinstance(img.get("file_name"), str):
+            raise CaptionerError(f"annotations file {path}: images[{i}] lacks an integer 'id' or a 'file_name'")
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise CaptionerError(f"annotations file {annotations}: annotation #{i} lacks image_id or caption")
-        captions[ann["image_id"]].append(ann["caption"].strip())
+            raise CaptionerError(f"annotations file {path}: annotations[{i}] lacks 'image_id' or a 'caption' string")
+        ann.setdefault("id", i)  # pycocotools indexes annotations by id; hand-made files often leave it out
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress on stdout
+        coco.createIndex()
+    return coco
+
+
+def read_coco(annotations: str | Path, images_dir: str | Path, data=None) -> list[ImageRecord]:
+    """Every image of the file with its (stripped, non-empty) captions, sorted by image id.
+    data: the file's already-parsed JSON, to avoid reading a large file twice."""
+    annotations = Path(annotations)
+    if data is None:
+        data = read_json(annotations, "annotations file")
+    coco = coco_index(data, annotations)
+    orphans = set(coco.imgToAnns) - set(coco.imgs)
+    if orphans:
+        log.warning("annotations file %s: captions of %d image ids absent from its 'images' list are ignored "
+                    "(first: %s)", annotations, len(orphans), sorted(orphans, key=str)[:3])
     records = []
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise CaptionerError(f"annotations file {annotations}: image #{i} lacks id or file_name")
-        records.append(ImageRecord(img["id"], str(Path(images_dir) / img["file_name"]), captions.get(img["id"], [])))
+    for image_id, img in coco.imgs.items():
+        captions = [a["caption"].strip() for a in coco.imgToAnns.get(image_id, []) if a["caption"].strip()]
+        records.append(ImageRecord(image_id, str(Path(images_dir) / img["file_name"]), captions, ""))
     records.sort(key=lambda r: r.image_id)
-    if splits:
-        assignment = _read_json(Path(splits), "splits file")
-        split_of = {image_id: name for name, ids in assignment.items() for image_id in ids}
-        for r in records:
-            r.split = split_of.get(r.image_id, "unused")
-    else:
-        n_held = int(len(records) * val_fraction)
-        for j, r in enumerate(records):
-            r.split = "test" if j >= len(records) - n_held else "val" if j >= len(records) - 2 * n_held else "train"
     return records

@@ -1,7 +1,20 @@
-"""The one internal form every dataset reader produces: an image file with its captions and split."""
+"""The one internal form every dataset reader produces: an image file with its captions and split,
+and the small helpers the readers share (split assignment, ids from file names, missing files)."""
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
+from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from captioner.errors import CaptionerError
+
+log = logging.getLogger("captioner")
+
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -9,8 +22,102 @@ class ImageRecord:
     image_id: int
     path: str  # absolute or relative to the working directory
     captions: list[str] = field(default_factory=list)
-    split: str = "train"  # train | val | test
+    split: str = "train"  # train | val | test; unused: in no split; "": not assigned yet (see load_records)
 
 
 def by_split(records: list[ImageRecord], split: str) -> list[ImageRecord]:
     return [r for r in records if r.split == split]
+
+
+def read_json(path: Path, what: str):
+    if not path.is_file():
+        raise CaptionerError(f"{what} {path} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CaptionerError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def split_by_fraction(records: list[ImageRecord], val_fraction: float) -> None:
+    """Deterministic split when the dataset brings none: in image id order, the last val_fraction is test,
+    the val_fraction before it val, the rest train."""
+    records = sorted(records, key=lambda r: r.image_id)
+    n_held = int(len(records) * val_fraction)
+    for j, r in enumerate(records):
+        r.split = "test" if j >= len(records) - n_held else "val" if j >= len(records) - 2 * n_held else "train"
+
+
+def split_from_ids_file(records: list[ImageRecord], path: Path) -> None:
+    """Splits JSON {"train": [image ids], "val": [...], "test": [...]}; images in no list become 'unused'."""
+    assignment = read_json(path, "splits file")
+    if not isinstance(assignment, dict) or not all(isinstance(v, list) for v in assignment.values()):
+        raise CaptionerError(f"splits file {path} must be a JSON object of lists of image ids, "
+                             f'e.g. {{"train": [1, 2], "val": [3], "test": [4]}}')
+    split_of = {image_id: name for name, ids in assignment.items() for image_id in ids}
+    for r in records:
+        r.split = split_of.get(r.image_id, "unused")
+
+
+def split_from_name_lists(records: list[ImageRecord], lists: dict[str, Path]) -> None:
+    """Flickr-style split lists: one image file name per line per split ({"train": Flickr_8k.trainImages.txt,
+    ...}); images in no list become 'unused'."""
+    split_of = {}
+    for split, path in lists.items():
+        if not path.is_file():
+            raise CaptionerError(f"{split} image list {path} not found")
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.strip():
+                split_of[Path(line.strip()).name] = split
+    for r in records:
+        r.split = split_of.get(Path(r.path).name, "unused")
+
+
+_LEADING_DIGITS = re.compile(r"^(\d+)")
+
+
+def ids_from_names(names: list[str]) -> dict[str, int]:
+    """Integer image ids for datasets that only name their files (Flickr, CSV).
+
+    The Flickr photo id at the start of the name (1000268201_693b08cb0e.jpg -> 1000268201) when every name has
+    one and they are unique, so results files point at recognisable photos; otherwise 0..N-1 in name order.
+    """
+    unique = sorted(set(names))
+    matches = [_LEADING_DIGITS.match(Path(n).name) for n in unique]
+    if all(matches) and len({int(m.group(1)) for m in matches}) == len(unique):
+        return {n: int(m.group(1)) for n, m in zip(unique, matches)}
+    return {n: i for i, n in enumerate(unique)}
+
+
+def find_missing(records: list[ImageRecord]) -> list[ImageRecord]:
+    """Records whose image file does not exist. Lists each folder once instead of one stat per image,
+    which matters on network file systems with COCO's 123k images."""
+    by_folder = defaultdict(list)
+    for r in records:
+        by_folder[os.path.dirname(r.path)].append(r)
+    missing = []
+    for folder, folder_records in by_folder.items():
+        try:
+            present = set(os.listdir(folder or "."))
+        except OSError:
+            present = set()
+        missing.extend(r for r in folder_records if os.path.basename(r.path) not in present)
+    return missing
+
+
+def drop_missing(records: list[ImageRecord], max_missing_fraction: float, what: str) -> list[ImageRecord]:
+    """Records whose image exists. Missing ones are reported (count, first few) and skipped, unless more than
+    max_missing_fraction of them are missing: then the folder is most likely wrong, and that is an error."""
+    missing = find_missing(records)
+    if not missing:
+        return records
+    first = ", ".join(r.path for r in missing[:3])
+    fraction = len(missing) / len(records)
+    if fraction > max_missing_fraction:
+        raise CaptionerError(
+            f"{what}: {len(missing)} of {len(records)} image files are missing ({fraction:.0%}, above "
+            f"dataset.max_missing_fraction={max_missing_fraction:g}; first: {first}). Check dataset.images "
+            f"(and dataset.root), or set dataset.max_missing_fraction=1 to go on without them")
+    log.warning("%s: %d of %d image files are missing and skipped (first: %s)", what, len(missing), len(records),
+                first)
+    gone = {id(r) for r in missing}
+    return [r for r in records if id(r) not in gone]

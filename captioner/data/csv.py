@@ -1,0 +1,113 @@
+"""Image/caption tables -> ImageRecords: the common CSV form (Kaggle's Flickr8k captions.txt, one's own data).
+
+    records = read_csv("data/flickr8k/captions.txt", "data/flickr8k/Images")
+
+A header row names the columns; one row per caption, so an image with five captions has five rows:
+
+    image,caption
+    1000268201_693b08cb0e.jpg,A child in a pink dress is climbing up a set of stairs in an entry way .
+
+The delimiter may be , | ; or TAB (Flickr30k's results.csv is `image_name| comment_number| comment`).
+Column names are matched case-insensitively with the aliases below; optional `split` (train/val/test) and
+`image_id` columns are used when present. A malformed row is skipped with a warning naming its line.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from pathlib import Path
+
+from captioner.data.flickr import report_malformed
+from captioner.data.records import ImageRecord, ids_from_names
+from captioner.errors import CaptionerError
+
+IMAGE_COLUMNS = ("image", "image_name", "filename", "file_name", "file", "path", "image_path", "img")
+CAPTION_COLUMNS = ("caption", "comment", "text", "sentence", "description")
+SPLIT_NAMES = {"train": "train", "val": "val", "test": "test", "dev": "val", "valid": "val",
+               "validation": "val", "restval": "train"}
+DELIMITERS = (",", "|", "\t", ";")
+
+
+def _column(header: list[str], names: tuple[str, ...]) -> int | None:
+    lowered = [h.strip().lower() for h in header]
+    return next((lowered.index(n) for n in names if n in lowered), None)
+
+
+def table_columns(first_line: str) -> tuple[str, int, int] | None:
+    """(delimiter, image column, caption column) when first_line is a header naming both, else None."""
+    for delimiter in DELIMITERS:
+        header = next(csv.reader([first_line], delimiter=delimiter))
+        image, caption = _column(header, IMAGE_COLUMNS), _column(header, CAPTION_COLUMNS)
+        if image is not None and caption is not None:
+            return delimiter, image, caption
+    return None
+
+
+def records_from_rows(rows, images_dir: str | Path) -> list[ImageRecord]:
+    """rows: (image name, caption, split or None, image id or None) -> one record per image, by image id."""
+    captions, split_of, id_of = defaultdict(list), {}, {}
+    for name, caption, split, image_id in rows:
+        captions[name].append(caption)
+        if split is not None:
+            split_of[name] = split
+        if image_id is not None:
+            id_of[name] = image_id
+    if len(id_of) < len(captions):  # ids only when every image has one
+        id_of = ids_from_names(list(captions))
+    # Split "" (no split column): load_records splits by list files or dataset.val_fraction instead.
+    records = [ImageRecord(id_of[name], str(Path(images_dir) / name), caps, split_of.get(name, ""))
+               for name, caps in captions.items()]
+    if len({r.image_id for r in records}) != len(records):
+        raise CaptionerError("the image_id column gives the same id to different images")
+    return sorted(records, key=lambda r: r.image_id)
+
+
+def parse_split(value) -> str | None:
+    return SPLIT_NAMES.get(str(value).strip().lower())
+
+
+def parse_id(value) -> int | None:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+def read_csv(path: str | Path, images_dir: str | Path) -> list[ImageRecord]:
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionerError(f"CSV file {path} not found")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    columns = table_columns(text.splitlines()[0]) if text.strip() else None
+    if columns is None:
+        raise CaptionerError(f"CSV file {path}: the first line must be a header naming an image column "
+                             f"({', '.join(IMAGE_COLUMNS[:3])}, ...) and a caption column "
+                             f"({', '.join(CAPTION_COLUMNS[:3])}, ...), e.g. 'image,caption'")
+    delimiter, image_col, caption_col = columns
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = [h.strip().lower() for h in next(reader)]
+    split_col = header.index("split") if "split" in header else None
+    id_col = header.index("image_id") if "image_id" in header else None
+    rows, bad, total = [], [], 0
+    for row in reader:
+        number = reader.line_num  # the last physical line of the row: a quoted caption may span lines
+        if not any(field.strip() for field in row):
+            continue
+        total += 1
+        row = [field.strip() for field in row]
+        needed = max(c for c in (image_col, caption_col, split_col, id_col) if c is not None)
+        if len(row) <= needed or not row[image_col] or not row[caption_col]:
+            bad.append(number)
+            continue
+        split = parse_split(row[split_col]) if split_col is not None else None
+        image_id = parse_id(row[id_col]) if id_col is not None else None
+        if (split_col is not None and split is None) or (id_col is not None and image_id is None):
+            bad.append(number)
+            continue
+        rows.append((row[image_col], row[caption_col], split, image_id))
+    report_malformed(path, bad, total, f"a row with {delimiter!r}-separated {', '.join(header)}")
+    try:
+        return records_from_rows(rows, images_dir)
+    except CaptionerError as e:
+        raise CaptionerError(f"CSV file {path}: {e}") from None

@@ -1,0 +1,130 @@
+"""Check a dataset and write what training and scoring need from it, before hours of training find a problem.
+
+    captioner prepare --config configs/coco_resnet152.yaml                 # writes data/coco/prepared/
+    captioner prepare --config configs/flickr8k_resnet152.yaml --out /tmp/f8k dataset.min_freq=3
+
+Reads the dataset exactly as `captioner train` and `evaluate` do (the dataset.* keys) and reports images and
+captions per split, missing image files (count and first few; above dataset.max_missing_fraction an error),
+the vocabulary size, the share of words that become <unk> in each split, and how many captions are longer
+than dataset.max_len. Writes to OUT (default: DATASET_ROOT/prepared):
+
+    vocab.json            the vocabulary, from the train split only (train builds the same one itself)
+    splits.json           {"train": [image ids], "val": [...], "test": [...]}, usable as dataset.splits
+    captions_val.json     val and test references in COCO captions format, for `captioner score`
+    captions_test.json
+    missing_images.txt    every missing image file, when there are any
+    summary.json          everything printed
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from captioner.config import Config, DatasetConfig, to_dict
+from captioner.data import read_dataset
+from captioner.data.records import SPLITS, ImageRecord, by_split, drop_missing, find_missing
+from captioner.errors import CaptionerError
+from captioner.vocab import Vocabulary, tokenize
+
+log = logging.getLogger("captioner")
+
+
+def build_vocabulary(train_records: list[ImageRecord], cfg: DatasetConfig) -> Vocabulary:
+    """The vocabulary of the train split's captions (words seen at least dataset.min_freq times)."""
+    return Vocabulary.build([c for r in train_records for c in r.captions], cfg.min_freq)
+
+
+def caption_stats(records: list[ImageRecord], vocab: Vocabulary, max_len: int) -> dict:
+    """Captions, words, share of words not in vocab (-> <unk>), captions cut at max_len, length percentiles."""
+    lengths, unknown = [], 0
+    for r in records:
+        for c in r.captions:
+            words = tokenize(c)
+            lengths.append(len(words))
+            unknown += sum(w not in vocab.index for w in words)
+    lengths.sort()
+    words = sum(lengths)
+    return {"images": len(records), "captions": len(lengths), "words": words,
+            "unk_rate": round(unknown / words, 5) if words else 0.0,
+            "truncated_captions": sum(n > max_len for n in lengths),
+            "empty_captions": sum(n == 0 for n in lengths),
+            "length_mean": round(words / len(lengths), 2) if lengths else 0.0,
+            "length_p95": lengths[int(0.95 * (len(lengths) - 1))] if lengths else 0,
+            "length_max": lengths[-1] if lengths else 0}
+
+
+def coco_captions(records: list[ImageRecord], description: str) -> dict:
+    """Records -> a COCO captions JSON object (what `captioner score --annotations` and coco-caption read)."""
+    images = [{"id": r.image_id, "file_name": r.path} for r in records]
+    annotations = [{"id": n, "image_id": image_id, "caption": c}
+                   for n, (image_id, c) in enumerate((r.image_id, c) for r in records for c in r.captions)]
+    return {"info": {"description": description}, "licenses": [], "images": images, "annotations": annotations}
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(cfg: Config, out_dir: str | Path | None = None) -> dict:
+    """Check cfg.dataset and write vocab, splits, references and a summary into out_dir; returns the summary."""
+    fmt, records = read_dataset(cfg.dataset)
+    unused = [r for r in records if r.split not in SPLITS]
+    in_splits = [r for r in records if r.split in SPLITS]
+    missing = find_missing(in_splits)
+    # The same call load_records makes, so train and evaluate will see exactly these records.
+    kept = drop_missing(in_splits, cfg.dataset.max_missing_fraction, f"dataset {cfg.dataset.annotations or fmt}")
+    splits = {s: by_split(kept, s) for s in SPLITS}
+    if not splits["train"]:
+        raise CaptionerError("the train split is empty: check dataset.splits, the split lists or dataset.val_fraction")
+    vocab = build_vocabulary(splits["train"], cfg.dataset)
+
+    out = Path(out_dir) if out_dir else Path(cfg.dataset.root) / "prepared"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CaptionerError(f"cannot create output folder {out}: {e.strerror}; choose another with --out") from None
+    vocab.save(out / "vocab.json")
+    _write(out / "splits.json", json.dumps({s: [r.image_id for r in rs] for s, rs in splits.items()}))
+    files = {"vocab": str(out / "vocab.json"), "splits": str(out / "splits.json")}
+    for s in ("val", "test"):
+        if splits[s]:
+            path = out / f"captions_{s}.json"
+            _write(path, json.dumps(coco_captions(splits[s], f"captioner prepare: {s} split of "
+                                                  f"{cfg.dataset.annotations or cfg.dataset.root}")))
+            files[f"captions_{s}"] = str(path)
+    if missing:
+        _write(out / "missing_images.txt", "".join(r.path + "\n" for r in missing))
+        files["missing_images"] = str(out / "missing_images.txt")
+
+    summary = {"format": fmt, "annotations": cfg.dataset.annotations, "images_folder": cfg.dataset.images,
+               "splits": {s: caption_stats(rs, vocab, cfg.dataset.max_len) for s, rs in splits.items()},
+               "unused_images": len(unused), "missing_images": len(missing),
+               "missing_examples": [r.path for r in missing[:5]],
+               "vocab_size": len(vocab), "min_freq": cfg.dataset.min_freq, "max_len": cfg.dataset.max_len,
+               "dataset_config": to_dict(cfg)["dataset"], "files": files}
+    _write(out / "summary.json", json.dumps(summary, indent=1))
+    summary["files"]["summary"] = str(out / "summary.json")
+    return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """Human-readable lines for the CLI."""
+    lines = [f"format {summary['format']}: {summary['annotations'] or 'synthetic'}"]
+    for s, st in summary["splits"].items():
+        lines.append(f"  {s:<5} {st['images']:>7} images {st['captions']:>8} captions  <unk> {st['unk_rate']:6.2%}  "
+                     f"over {summary['max_len']} words: {st['truncated_captions']:<5} "
+                     f"words mean {st['length_mean']}, p95 {st['length_p95']}, max {st['length_max']}")
+    if summary["unused_images"]:
+        lines.append(f"  {summary['unused_images']} images in no split (not used)")
+    if summary["missing_images"]:
+        lines.append(f"  {summary['missing_images']} image files missing and skipped (first: "
+                     f"{', '.join(summary['missing_examples'][:3])}); all listed in {summary['files']['missing_images']}")
+    lines.append(f"vocabulary: {summary['vocab_size']} tokens (train words seen >= {summary['min_freq']} times, "
+                 f"with 4 specials)")
+    lines.append(f"written to {Path(summary['files']['vocab']).parent}: " +
+                 ", ".join(Path(p).name for p in summary["files"].values()))
+    return lines
