@@ -131,21 +131,21 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
 def _caption_batch(model, vocab, cfg, beam_size, device, files, images, messages, sizes, results, gallery, counts):
     """Encode and decode the good images of one batch; append their records (and gallery entries) at once."""
     good = [row for row, message in enumerate(messages) if not message]
-    decoded = None
     if good:  # unreadable images are never encoded: a batch's captions do not depend on its bad files
-        raw = model.encode(images[good].to(device, non_blocking=True))  # (G, 3, S, S) -> (G, C, H, W)
+        raw = model.encode(images.to(device, non_blocking=True)[good])  # (G, 3, S, S) -> (G, C, H, W)
         decoded = decode(model, raw, beam_size, cfg.decode.max_len, cfg.decode.length_penalty)
+        # One copy to the host per batch: (G, L) tokens, (G,) scores, (G, L, N) attention.
+        tokens, scores, alphas = decoded.tokens.cpu(), decoded.scores.cpu(), decoded.alphas.float().cpu()
     records = []
     for row, (file, message) in enumerate(zip(files, messages)):
+        entry = None
         if message:
             # The dataset's message starts with the path, which the record already holds.
-            reason = message.removeprefix(f"{file}: ")
-            record, entry = {"file": file, "error": reason}, None
+            record = {"file": file, "error": message.removeprefix(f"{file}: ")}
         else:
             g = good.index(row)
-            tokens, alphas = decoded.tokens[g].cpu(), decoded.alphas[g].float().cpu()  # (L,), (L, N)
-            words, word_alphas = words_and_alphas(tokens, alphas, vocab)
-            record = {"file": file, "caption": " ".join(words), "score": round(float(decoded.scores[g]), 4)}
+            words, word_alphas = words_and_alphas(tokens[g], alphas[g], vocab)
+            record = {"file": file, "caption": " ".join(words), "score": round(float(scores[g]), 4)}
             entry = (images[row].permute(1, 2, 0).numpy(), tuple(sizes[row].tolist()), words, word_alphas.numpy())
         if same_file(file) not in results.done:
             records.append(record)
