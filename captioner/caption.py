@@ -64,8 +64,8 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
         if value is not None and value < low:
             raise CaptionerError(f"{name} must be >= {low}, got {value}")
     max_pixels = max_pixels or MAX_PIXELS
-    fmt = format_for(out or "", fmt) if out or fmt else "jsonl"
-    out_path = Path(out) if out else Path(f"captions.{fmt}")
+    fmt = format_for(out or "captions.jsonl", fmt)
+    out_path = Path(out or f"captions.{fmt}")
     device = resolve_device(device)
     files = find_images(paths, recursive)  # before loading the model: a typo in a path fails fast
     if not files:
@@ -84,8 +84,8 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
     todo = [f for f in files if same_file(f) not in results.done or (gallery and not gallery.has(f))]
     skipped = sum(same_file(f) in results.done for f in files)
     if skipped:
-        log.info("%d of %d images are already in %s: skipped (--overwrite starts again%s)", skipped, len(files),
-                 out_path, "" if retry_errors else ", --retry-errors retries the failed ones")
+        log.info("%d of %d images are already in %s: skipped (--overwrite starts again)", skipped, len(files),
+                 out_path)
     counts = {"captioned": 0, "errors": 0}
     start, waiting = time.perf_counter(), 0.0
     try:
@@ -101,8 +101,12 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
             if batch is None:
                 break
             images, index, messages, sizes = batch
-            _caption_batch(model, vocab, cfg, beam_size, device, [todo[i] for i in index.tolist()], images,
-                           messages, sizes, results, gallery, counts)
+            try:
+                _caption_batch(model, vocab, cfg, beam_size, device, [todo[i] for i in index.tolist()], images,
+                               messages, sizes, results, gallery, counts)
+            except torch.cuda.OutOfMemoryError:
+                raise CaptionerError(f"out of GPU memory at --batch-size {batch_size}: rerun with a smaller one "
+                                     f"(the images captioned so far are kept)") from None
             bar.update(len(index))
             bar.set_postfix(errors=counts["errors"], refresh=False)
         bar.close()

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo finished in {summary['seconds']}s: test BLEU-4 {summary['bleu4']:.3f} "
               f"(beam {summary['beam_size']}, {summary['test_images']} held-out images)")
         print(f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics_file']}\n"
-              f"  captions:   {summary['captions_file']}")
+              f"  captions:   {summary['captions_file']}\n  gallery:    {summary['gallery_file']}")
         _print_json(summary)
     elif args.command == "train":
         from captioner import train

@@ -64,10 +64,11 @@ class Gallery:
         self.log = AppendLog(path, overwrite)
         self.path, self.folder = self.log.path, self.log.path.resolve().parent
         lines = self.log.lines
-        if lines and not any(GENERATOR in line for line in lines[:8]):
+        if not self.log.is_ours("<!DOCTYPE html>") or (lines and not any(GENERATOR in line for line in lines[:8])):
             self.log.close()
             raise CaptionerError(f"{self.path} exists and is not a captioner gallery; choose another --html "
                                  f"or pass --overwrite")
+        self.log.drop_partial_line()
         if lines and lines[-1].startswith("<footer"):  # resuming: new entries go before a new footer
             self.log.rewrite(lines[:-1])
         if not self.log.lines:
@@ -79,7 +80,7 @@ class Gallery:
         self._pending: list[str] = []
 
     def add(self, file: str, image: np.ndarray, size: tuple[int, int], words: list[str], alphas: np.ndarray,
-            grid: tuple[int, int], score: float | None = None) -> str:
+            grid: tuple[int, int], score: float | None = None) -> None:
         """One entry: image (S, S, 3) uint8, size the original (width, height), alphas (L, H*W) for L words."""
         width, height = _fit(size, PANEL, MIN_SIDE)
         thumbnail = _jpeg_base64(image, _fit(size, THUMBNAIL, MIN_SIDE))
@@ -99,7 +100,6 @@ class Gallery:
                  f'<div class="words">{"".join(panels)}</div></div></figure>')
         self._append(file, entry)
         self.images += 1
-        return entry
 
     def add_error(self, file: str, message: str) -> None:
         self._append(file, f'<div class="entry error" data-file="{_attr(file)}"><span class="file">'

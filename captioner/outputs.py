@@ -49,8 +49,8 @@ def same_file(path: str) -> str:
 class AppendLog:
     """A text file of whole lines that is only ever appended to, locked while open.
 
-    Opening recovers from a kill mid-write: bytes after the last newline are truncated away. Lines are
-    bytes-exact round trips of str, file names that are not valid UTF-8 included (surrogateescape).
+    `lines` are the complete lines; drop_partial_line() recovers from a kill mid-write. Lines are bytes-exact
+    round trips of str, file names that are not valid UTF-8 included (surrogateescape).
     """
 
     def __init__(self, path: str | Path, overwrite: bool = False):
@@ -63,14 +63,25 @@ class AppendLog:
             self._file.truncate(0)
         self._file.seek(0)
         data = self._file.read()
-        complete = data.rfind(b"\n") + 1
-        if complete < len(data):  # a killed write left a partial line: drop it, it will be redone
-            log.warning("%s: dropped an incomplete last line (%d bytes) left by an interrupted run",
-                        self.path, len(data) - complete)
-            self._file.truncate(complete)
-            self._sync()
+        self._complete = data.rfind(b"\n") + 1
+        self.partial = data[self._complete:].decode("utf-8", "surrogateescape")  # "" after a clean close
         # split("\n"), not splitlines(): JSON keeps U+2028 and friends unescaped inside a line.
-        self.lines = data[:complete].decode("utf-8", "surrogateescape").split("\n")[:-1]
+        self.lines = data[:self._complete].decode("utf-8", "surrogateescape").split("\n")[:-1]
+
+    def is_ours(self, first_line: str) -> bool:
+        """Whether the file could have been written by us: empty, or starting the way we start it."""
+        start = self.lines[0] if self.lines else self.partial
+        return start.startswith(first_line) or first_line.startswith(start)
+
+    def drop_partial_line(self) -> None:
+        """Cut off what follows the last newline: a write a kill interrupted. The owner calls this once it
+        has checked that the file is its own, so a stranger's file is never modified."""
+        if self.partial:
+            log.warning("%s: dropped an incomplete last line (%r) left by an interrupted run",
+                        self.path, self.partial[:60])
+            self._file.truncate(self._complete)
+            self._sync()
+            self.partial = ""
 
     def _open_locked(self):
         try:
@@ -109,7 +120,7 @@ class AppendLog:
         os.replace(tmp, self.path)
         old, self._file = self._file, self._open_locked()
         old.close()
-        self.lines = list(lines)
+        self.lines, self.partial = list(lines), ""
 
     def close(self) -> None:
         self._file.close()  # closing releases the lock
@@ -128,7 +139,10 @@ class CaptionsFile:
         self.log = AppendLog(path, overwrite)
         self.path = self.log.path
         try:
+            if not self.log.is_ours(_csv_line(CSV_FIELDS) if self.format == "csv" else '{"file": '):
+                raise self._not_ours(1, "it starts differently")
             records = self._parse(self.log.lines)
+            self.log.drop_partial_line()
             if retry_errors and any("error" in r for r in records):
                 records = [r for r in records if "error" not in r]
                 self.log.rewrite(self._header() + [self._line(r) for r in records])

@@ -368,6 +368,13 @@ def test_output_that_is_not_ours_or_in_use_is_refused(tmp_path, checkpoint, caps
     Image.new("RGB", (8, 8)).save(image)
     assert main(["caption", "--checkpoint", checkpoint, str(image), "--out", str(out), "--device", "cpu"]) == 2
     assert "line 1 is not a caption record" in capsys.readouterr().err
+    for stranger in (tmp_path / "notes.csv", tmp_path / "page.html"):  # no final newline: still not touched
+        stranger.write_text("my own notes")
+        flag = "--html" if stranger.suffix == ".html" else "--out"
+        assert main(["caption", "--checkpoint", checkpoint, str(image), "--out", str(tmp_path / "c.jsonl"),
+                     flag, str(stranger), "--device", "cpu"]) == 2
+        assert stranger.read_text() == "my own notes"
+        assert "choose another" in capsys.readouterr().err
     held = CaptionsFile(tmp_path / "busy.jsonl")
     try:
         with pytest.raises(CaptionerError, match="another captioner process"):

@@ -109,8 +109,11 @@ def _describe_failure(path: str, e: Exception) -> str:
     if isinstance(e, PermissionError) or getattr(e, "errno", None) == errno.EACCES:
         return "permission denied"
     if isinstance(e, Image.UnidentifiedImageError):
-        with open(path, "rb") as f:
-            head = f.read(32)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(32)
+        except OSError:  # gone or changed since: no hint, the error stands
+            head = b""
         if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
             return "HEIC/HEIF image, which Pillow cannot decode: convert it to JPEG (e.g. with heif-convert)"
         kind = next((what for sig, what in _NOT_IMAGE_SIGNATURES.items() if head.lstrip().lower().startswith(sig)),
