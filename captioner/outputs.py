@@ -49,8 +49,9 @@ def same_file(path: str) -> str:
 class AppendLog:
     """A text file of whole lines that is only ever appended to, locked while open.
 
-    `lines` are the complete lines; drop_partial_line() recovers from a kill mid-write. Lines are bytes-exact
-    round trips of str, file names that are not valid UTF-8 included (surrogateescape).
+    `lines` are the complete lines found when opening (appends are not kept in memory: a gallery can be
+    large); drop_partial_line() recovers from a kill mid-write. Lines are bytes-exact round trips of str,
+    file names that are not valid UTF-8 included (surrogateescape).
     """
 
     def __init__(self, path: str | Path, overwrite: bool = False):
@@ -108,7 +109,6 @@ class AppendLog:
         self._file.seek(0, os.SEEK_END)
         self._file.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"))
         self._sync()
-        self.lines.extend(lines)
 
     def rewrite(self, lines: list[str]) -> None:
         """Replace the whole content atomically (temporary file, then rename): a kill keeps old or new."""

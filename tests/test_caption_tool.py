@@ -230,7 +230,7 @@ def test_bad_files_are_refused_with_a_reason(mixed, monkeypatch):
         load_image(str(folder / "photo.jpg"), 64, max_pixels=1000)
 
 
-def test_find_images(tmp_path):
+def test_find_images(tmp_path):  # sorted, hidden skipped, links to folders not followed, lists, no duplicates
     (tmp_path / "a" / "deep").mkdir(parents=True)
     for name in ("b.PNG", "a/x.jpg", "a/deep/y.webp", "a/.hidden.jpg", "a/readme.txt", "c.md"):
         (tmp_path / name).write_bytes(b"x")
@@ -244,6 +244,11 @@ def test_find_images(tmp_path):
                                            str(tmp_path / "missing.jpg")]
     with pytest.raises(CaptionerError, match="nope: no such file or folder"):
         find_images([str(tmp_path / "nope")])
+
+
+def test_paths_from_standard_input(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{tmp_path / 'a.jpg'}\n# comment\n{tmp_path / 'a.jpg'}\n"))
+    assert find_images(["-"]) == [str(tmp_path / "a.jpg")]
 
 
 # ---------------------------------------------------------------- the command on a mixed folder
