@@ -1,7 +1,8 @@
 """The `captioner` command: argument parsing, printing and exit codes; the work happens in the job modules.
 
 Exit codes: 0 done, 2 bad input (one line on stderr: what is wrong and what to try), 130 interrupted
-(train: 130 after SIGINT, 143 after SIGTERM, with last.pt saved).
+(train: 130 after SIGINT, 143 after SIGTERM, with last.pt saved); `caption --strict` exits 1 when some
+image could not be read.
 """
 from __future__ import annotations
 
@@ -66,16 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
-    p = command("caption", "caption image files or folders",
-                "example: captioner caption --checkpoint runs/tiny/best.pt photos/ --out captions.jsonl\n"
-                "One JSON line per image: {\"file\", \"caption\", \"score\"}, or {\"file\", \"error\"} for a bad file.")
+    p = command("caption", "caption image files or folders (batched, resumable, optional HTML attention gallery)",
+                "example: captioner caption --checkpoint runs/tiny/best.pt photos/ --out captions.jsonl --html gallery.html\n"
+                "One record per image: {\"file\", \"caption\", \"score\"}, or {\"file\", \"error\"} for a file that cannot\n"
+                "be read (the run goes on). Rerunning the same command resumes: images already in the output are skipped.\n"
+                "Exit status: 0 done (even with error records), 1 with --strict when some image could not be read,\n"
+                "2 bad arguments, 130 interrupted (rerun to resume).")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `captioner train`")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, or .txt files listing paths")
-    p.add_argument("--out", default="captions.jsonl", help="output JSONL file (default: captions.jsonl)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files, folders, .txt files listing paths (one per line), or - for paths on stdin")
+    p.add_argument("--out", default=None, help="output file (default: captions.jsonl, or captions.csv with --format csv)")
+    p.add_argument("--format", choices=["jsonl", "csv"], default=None,
+                   help="output format (default: from the --out extension, else jsonl)")
+    p.add_argument("--html", default=None, metavar="FILE",
+                   help="also write a self-contained HTML gallery with per-word attention maps")
     p.add_argument("--beam", type=int, default=None, help="beam size; 1 is greedy (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the checkpoint's)")
     p.add_argument("--recursive", action="store_true", help="look into sub-folders too")
-    p.add_argument("--workers", type=int, default=2, help="image decoding worker processes (default: 2)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding worker processes; 0 decodes in the main "
+                   "process (default: 2)")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any image could not be read")
+    p.add_argument("--overwrite", action="store_true", help="start the output (and gallery) again instead of resuming")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="when resuming, try the images recorded as errors again instead of skipping them")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse larger images as likely decompression bombs (default: 100000000)")
     _add_device(p)
 
     p = command("plot", "draw a run's loss and validation curves into a PNG",
@@ -171,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo finished in {summary['seconds']}s: test BLEU-4 {summary['bleu4']:.3f} "
               f"(beam {summary['beam_size']}, {summary['test_images']} held-out images)")
         print(f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics_file']}\n"
-              f"  captions:   {summary['captions_file']}")
+              f"  captions:   {summary['captions_file']}\n  gallery:    {summary['gallery_file']}")
         _print_json(summary)
     elif args.command == "train":
         return _train(args)
@@ -184,10 +200,12 @@ def run(args: argparse.Namespace) -> int:
                                   args.batch_size))
     elif args.command == "caption":
         from captioner import caption
-        if args.beam is not None and args.beam < 1:
-            raise CaptionerError(f"--beam must be >= 1, got {args.beam}")
-        _print_json(caption.main(args.checkpoint, args.paths, args.out, args.beam, args.batch_size, args.recursive,
-                                 args.device, args.workers))
+        summary = caption.main(args.checkpoint, args.paths, args.out, args.beam, args.batch_size, args.recursive,
+                               args.device, args.workers, args.format, args.html, args.overwrite, args.retry_errors,
+                               args.max_pixels)
+        _print_json(summary)
+        if args.strict and summary["failed"]:
+            return 1
     elif args.command == "extract":
         from captioner import extract
         from captioner.config import load_config

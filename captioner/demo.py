@@ -4,7 +4,8 @@
     captioner demo --out /tmp/d    # or elsewhere
 
 generates the synthetic dataset, trains configs/tiny.yaml (ResNet-18 backbone for speed), evaluates the
-best checkpoint on the held-out test split with beam search, and captions a folder of held-out images.
+best checkpoint on the held-out test split with beam search, and captions a folder of held-out images
+(captions.jsonl, and gallery.html showing each word's attention map).
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ def main(out_dir: str = "demo", device: str | None = "auto", overrides: list[str
     for record in by_split(load_records(cfg.dataset), "test")[:16]:
         shutil.copy(record.path, folder / Path(record.path).name)
     captions = caption.main(summary["best_checkpoint"], [str(folder)], out=str(out / "captions.jsonl"),
-                            device=device)
+                            device=device, html=str(out / "gallery.html"), overwrite=True)  # a new model: no resume
     return {"bleu1": metrics["bleu1"], "bleu4": metrics["bleu4"], "beam_size": metrics["beam_size"],
             "test_images": metrics["images"], "checkpoint": summary["best_checkpoint"], "output_dir": str(out),
             "metrics_file": metrics["metrics_file"], "captions_file": captions["out"],
+            "gallery_file": captions["html"],
             "seconds": round(time.perf_counter() - start, 1)}

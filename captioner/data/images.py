@@ -3,14 +3,26 @@
 Normalisation is the encoder's job (it travels with the model); here images are only decoded and resized
 to image_size x image_size, the same way at train and at eval time since the encoder is frozen.
 Every Dataset here is a plain picklable object, so spawn-started DataLoader workers work too.
+
+    image = load_image("photo.jpg", 224)          # (3, 224, 224) uint8, or a one-line CaptionerError
+
+Any file is either decoded or refused with a CaptionerError naming it and saying what is wrong: empty,
+truncated, not an image (an HTML page saved as .jpg, ...), above the pixel limit (decompression bomb), a
+folder, a FIFO or device (never opened: reading it could block forever), a broken symbolic link, unreadable.
+Accepted: every mode Pillow decodes (greyscale, palette, CMYK, 16-bit, float, alpha), EXIF orientation
+applied, the first frame of animations.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import stat
 import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 
 from captioner.data.records import ImageRecord
@@ -19,57 +31,148 @@ from captioner.vocab import Vocabulary
 
 MAX_PIXELS = 100_000_000  # larger images are refused as likely decompression bombs
 
+# First bytes of files that users save with an image extension by mistake (downloads gone wrong, ...).
+_NOT_IMAGE_SIGNATURES = {b"<!doctype html": "an HTML page", b"<html": "an HTML page", b"<?xml": "an XML file",
+                         b"%pdf": "a PDF document", b"pk\x03\x04": "a ZIP archive", b"{": "JSON or text"}
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1")
+_ORIENTATION_TAG = 0x0112  # EXIF orientation; values 5-8 swap width and height
 
-def load_image(path: str, image_size: int) -> torch.Tensor:
+
+def load_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Decode, apply EXIF orientation, flatten alpha onto white, resize -> (3, S, S) uint8."""
+    return read_image(path, image_size, max_pixels)[0]
+
+
+def read_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
+    """load_image, also returning the file's (width, height) as displayed (after EXIF orientation)."""
+    _check_is_regular_file(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise CaptionerError(f"{path}: {img.width}x{img.height} pixels is above the {MAX_PIXELS} limit")
-                img.seek(0)  # animated formats: first frame
-                img = ImageOps.exif_transpose(img)
-                img = _to_rgb(img)
-                img = img.resize((image_size, image_size), Image.BICUBIC)
+        with _strict_pil(max_pixels), Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise CaptionerError(f"{path}: {width}x{height} is above the limit of {max_pixels} pixels "
+                                     f"(a decompression bomb?)")
+            # JPEG only (a no-op elsewhere): decode at 1/2, 1/4 or 1/8 scale while that still leaves twice the
+            # target size, so a 12-megapixel photo is not fully decoded to make a 224x224 input.
+            img.draft("RGB", (2 * image_size, 2 * image_size))
+            img.load()  # decode now, inside the try: truncated or corrupt data fails here, never half-decoded
+            img, swapped = _apply_exif_orientation(img)
+            img = _to_rgb(img).resize((image_size, image_size), Image.BICUBIC)
     except CaptionerError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-            EOFError) as e:
-        raise CaptionerError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (S, S, 3) -> (3, S, S)
+    except Image.DecompressionBombError:  # Pillow's own check, at twice ours, fired while opening
+        raise CaptionerError(f"{path}: image size is above the limit of {max_pixels} pixels "
+                             f"(a decompression bomb?)") from None
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types on bad data (OSError, SyntaxError, struct.error, ...)
+        raise CaptionerError(f"{path}: {_describe_failure(path, e)}") from None
+    size = (height, width) if swapped else (width, height)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), size  # (S, S, 3) -> (3, S, S)
+
+
+def _check_is_regular_file(path: str) -> None:
+    """Refuse what Image.open should never see: missing files, folders, FIFOs and devices (reads block)."""
+    try:
+        info = os.stat(path)  # follows symbolic links
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise CaptionerError(f"{path}: broken symbolic link to {os.readlink(path)}") from None
+        raise CaptionerError(f"{path}: no such file") from None
+    except OSError as e:  # a symbolic link loop, a folder on the way that cannot be entered, ...
+        raise CaptionerError(f"{path}: cannot access ({e.strerror or e})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise CaptionerError(f"{path}: is a folder, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
+        raise CaptionerError(f"{path}: is {kind}, not a regular file; not read")
+    if info.st_size == 0:
+        raise CaptionerError(f"{path}: empty file (0 bytes)")
+
+
+@contextlib.contextmanager
+def _strict_pil(max_pixels: int):
+    """Pillow's process-wide switches, set for one decode (DataLoader workers are processes, not threads).
+
+    Our max_pixels check replaces Pillow's bomb warning (Pillow still errors at twice its own limit before
+    anything is decoded); truncated data stays an error even where other code set LOAD_TRUNCATED_IMAGES.
+    """
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # odd metadata ("Corrupt EXIF data") warns; real failures raise
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def _describe_failure(path: str, e: Exception) -> str:
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) == errno.EACCES:
+        return "permission denied"
+    if isinstance(e, Image.UnidentifiedImageError):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(32)
+        except OSError:  # gone or changed since: no hint, the error stands
+            head = b""
+        if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+            return "HEIC/HEIF image, which Pillow cannot decode: convert it to JPEG (e.g. with heif-convert)"
+        kind = next((what for sig, what in _NOT_IMAGE_SIGNATURES.items() if head.lstrip().lower().startswith(sig)),
+                    None)
+        return f"not an image: looks like {kind}" if kind else "not an image, or a format Pillow cannot read"
+    reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    if "truncated" in reason:
+        return reason  # Pillow's "image file is truncated (143 bytes not processed)" says it all
+    return f"cannot decode image ({type(e).__name__}: {reason[:200]})"
+
+
+def _apply_exif_orientation(img: Image.Image) -> tuple[Image.Image, bool]:
+    """Rotate/flip as the EXIF orientation tag says; returns (image, whether width and height swapped)."""
+    try:
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+        return ImageOps.exif_transpose(img), orientation in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - corrupt EXIF: the pixels are fine, keep them as stored
+        return img, False
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits, don't clip
-        array = np.asarray(img, dtype=np.float64)
-        top = array.max() or 1.0
-        img = Image.fromarray((array / top * 255).astype(np.uint8), mode="L")
-    if img.mode == "P":
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):  # 16-bit, 32-bit integer or float greyscale
+        img = Image.fromarray(_to_uint8(np.asarray(img), sixteen_bit=img.mode != "F"))
+    if img.mode == "P" or "transparency" in img.info:  # palette or a transparent colour key: make alpha explicit
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
         background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return img.convert("RGB")
 
 
-class ImageFiles(Dataset):
-    """Paths -> (image (3, S, S) uint8, index, error message or ""). A bad file yields zeros and its error."""
+def _to_uint8(array: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    """16-bit data maps to 8 bits as viewers show it (/257); float or wider integer data is stretched to 0-255."""
+    array = array.astype(np.float64)
+    low, high = float(array.min()), float(array.max())
+    if sixteen_bit and low >= 0 and high <= 65535:
+        return np.round(array / 257).astype(np.uint8)
+    span = (high - low) or 1.0
+    return np.round((array - low) / span * 255).astype(np.uint8)
 
-    def __init__(self, paths: list[str], image_size: int):
-        self.paths, self.image_size = list(paths), image_size
+
+class ImageFiles(Dataset):
+    """Paths -> (image (3, S, S) uint8, index, error message or "") and, with with_size, the file's
+    (width, height) as a (2,) tensor. A bad file yields zeros and its error, so it never stops a worker."""
+
+    def __init__(self, paths: list[str], image_size: int, max_pixels: int = MAX_PIXELS, with_size: bool = False):
+        self.paths, self.image_size, self.max_pixels, self.with_size = list(paths), image_size, max_pixels, with_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return load_image(self.paths[i], self.image_size), i, ""
+            (image, size), message = read_image(self.paths[i], self.image_size, self.max_pixels), ""
         except CaptionerError as e:
-            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), i, str(e)
-
-
+            image, size, message = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), (0, 0), str(e)
+        return (image, i, message, torch.tensor(size)) if self.with_size else (image, i, message)
 class CaptionPairs(Dataset):
     """One item per (image, caption): (image or cached features, caption ids (max_len+2,), length).
 

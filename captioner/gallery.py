@@ -1,0 +1,181 @@
+"""An HTML page of captions with, for every word, where the decoder looked: one self-contained file.
+
+    gallery = Gallery("gallery.html", title="runs/tiny/best.pt, beam 3")
+    gallery.add("a.jpg", image, (640, 480), ["a", "dog"], alphas, grid=(7, 7), score=-2.1)
+    gallery.add_error("b.jpg", "truncated image file")
+    gallery.close()
+
+image is the (S, S, 3) uint8 picture the encoder saw and alphas the (L, H*W) attention weights of its L
+words. Each image is embedded once, as a JPEG thumbnail in its original aspect ratio; each word gets a
+panel where its attention over the H x W grid of image regions, a tiny PNG, is upsampled by the browser
+and laid over the image, dimming what the decoder did not look at (as the Show, Attend and Tell figures
+do). No script, no other file: the page opens from anywhere, and a thumbnail links to its original.
+
+The page resumes like the captions file: one entry per line, appended and flushed per batch; reopening
+drops a half-written last line and the footer, and `has(file)` tells whether a file is already in it.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import re
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image
+
+from captioner.errors import CaptionerError
+from captioner.outputs import AppendLog, same_file
+
+THUMBNAIL = 224  # longest side of the embedded JPEG, in pixels
+PANEL = 112  # longest side of a word's panel on the page, in CSS pixels (the image panel is twice that)
+MIN_SIDE = 12  # a 50:1 panorama still gets a visible strip
+DIMMING = 0.75  # opacity of the shade over regions that got no attention
+
+GENERATOR = '<meta name="generator" content="captioner gallery">'
+_ENTRY = re.compile(r'^<(?:figure|div) class="entry[^"]*" data-file="([^"]*)"')
+
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; background: #f4f4f1; color: #222; }
+header p { color: #555; max-width: 70em; }
+.entry { display: flex; gap: 16px; align-items: flex-start; background: #fff; border-radius: 8px;
+         box-shadow: 0 1px 3px #0002; padding: 12px; margin: 0 0 14px; }
+.pic { display: block; flex: none; position: relative; width: var(--w); height: var(--h); border-radius: 3px;
+       overflow: hidden; background: var(--img) center / 100% 100% no-repeat; }
+.pic.main { width: calc(2 * var(--w)); height: calc(2 * var(--h)); }
+.pic img { position: absolute; inset: 0; width: 100%; height: 100%; }
+figcaption { margin-bottom: 8px; }
+.caption { font-size: 17px; font-weight: 600; }
+.meta { color: #777; font-size: 12px; margin-left: 8px; }
+.file { font-family: ui-monospace, monospace; color: #555; font-size: 12px; word-break: break-all; }
+.words { display: flex; flex-wrap: wrap; gap: 8px; }
+.word { display: flex; flex-direction: column; align-items: center; font-size: 13px; }
+.entry.error { display: block; background: #fff4f2; color: #8a1c0c; padding: 8px 12px; }
+footer { color: #555; margin-top: 20px; }
+""".strip()
+
+
+class Gallery:
+    def __init__(self, path: str | Path, title: str = "captions", overwrite: bool = False):
+        self.log = AppendLog(path, overwrite)
+        self.path, self.folder = self.log.path, self.log.path.resolve().parent
+        lines = self.log.lines
+        if not self.log.is_ours("<!DOCTYPE html>") or (lines and not any(GENERATOR in line for line in lines[:8])):
+            self.log.close()
+            raise CaptionerError(f"{self.path} exists and is not a captioner gallery; choose another --html "
+                                 f"or pass --overwrite")
+        self.log.drop_partial_line()
+        if lines and lines[-1].startswith("<footer"):  # resuming: new entries go before a new footer
+            self.log.rewrite(lines[:-1])
+        if not self.log.lines:
+            self.log.append(_header(title))
+        entries = [(m.group(1), "entry error" in line) for line in self.log.lines if (m := _ENTRY.match(line))]
+        self.done = {same_file(html.unescape(file)) for file, _ in entries}  # as _shown() writes them
+        self.errors = sum(is_error for _, is_error in entries)
+        self.images = len(entries) - self.errors
+        self._pending: list[str] = []
+
+    def add(self, file: str, image: np.ndarray, size: tuple[int, int], words: list[str], alphas: np.ndarray,
+            grid: tuple[int, int], score: float | None = None) -> None:
+        """One entry: image (S, S, 3) uint8, size the original (width, height), alphas (L, H*W) for L words."""
+        width, height = _fit(size, PANEL, MIN_SIDE)
+        thumbnail = _jpeg_base64(image, _fit(size, THUMBNAIL, MIN_SIDE))
+        panels = []
+        for word, alpha in zip(words, alphas):
+            weights = np.asarray(alpha, dtype=np.float64).reshape(grid)  # (H*W,) -> (H, W)
+            row, col = np.unravel_index(int(weights.argmax()), grid)
+            title = f"{word}: peak attention {weights.max():.2f} at row {row + 1}, column {col + 1} of {grid[0]}x{grid[1]}"
+            panels.append(f'<div class="word" title="{_attr(title)}"><div class="pic">'
+                          f'<img src="data:image/png;base64,{_attention_png(weights)}" alt="attention for {_attr(word)}">'
+                          f'</div><span>{_attr(word)}</span></div>')
+        meta = f"log-probability {score:.2f}" if score is not None else ""
+        entry = (f'<figure class="entry" data-file="{_attr(file)}" style="--img:url(data:image/jpeg;base64,{thumbnail});'
+                 f'--w:{width}px;--h:{height}px"><a class="pic main" href="{_link(file, self.folder)}" '
+                 f'title="open the original"></a><div><figcaption><span class="caption">{_attr(" ".join(words))}'
+                 f'</span><span class="meta">{meta}</span><div class="file">{_attr(file)}</div></figcaption>'
+                 f'<div class="words">{"".join(panels)}</div></div></figure>')
+        self._append(file, entry)
+        self.images += 1
+
+    def add_error(self, file: str, message: str) -> None:
+        self._append(file, f'<div class="entry error" data-file="{_attr(file)}"><span class="file">'
+                           f'{_attr(file)}</span>: {_attr(message)}</div>')
+        self.errors += 1
+
+    def has(self, file: str) -> bool:
+        return same_file(_shown(file)) in self.done
+
+    def flush(self) -> None:
+        """Write the entries added since the last flush (the caller flushes once per batch)."""
+        self.log.append(self._pending)
+        self._pending = []
+
+    def _append(self, file: str, line: str) -> None:
+        self._pending.append(line)
+        self.done.add(same_file(_shown(file)))
+
+    def close(self) -> None:
+        self.flush()
+        self.log.append([f"<footer>{self.images} images captioned, {self.errors} could not be read; "
+                         f"last written {time.strftime('%Y-%m-%d %H:%M')}</footer></main></body></html>"])
+        self.log.close()
+
+
+def _header(title: str) -> list[str]:
+    return ['<!DOCTYPE html>',
+            f'<html lang="en"><head><meta charset="utf-8">{GENERATOR}'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<title>{_attr(title)}</title>',
+            f'<style>{" ".join(STYLE.split())}</style></head><body>',
+            f'<header><h1>{_attr(title)}</h1><p>Each word of a caption comes with where the decoder looked '
+            f'when it chose that word: its attention weights over the grid of image regions, upsampled and laid '
+            f'over the image, the most attended regions bright and the others shaded. Hover over a word for its '
+            f'peak weight; click an image to open the original file.</p></header><main>']
+
+
+def _fit(size: tuple[int, int], longest: int, shortest: int) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is `longest`, neither below `shortest`; unknown -> square."""
+    width, height = size
+    if width <= 0 or height <= 0:
+        return longest, longest
+    scale = longest / max(width, height)
+    return max(shortest, round(width * scale)), max(shortest, round(height * scale))
+
+
+def _jpeg_base64(image: np.ndarray, size: tuple[int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).resize(size, Image.BICUBIC).save(buffer, "JPEG", quality=80)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _attention_png(weights: np.ndarray) -> str:
+    """(H, W) weights -> a black H x W PNG whose opacity shades regions by how little they were attended."""
+    relative = weights / (weights.max() or 1.0)  # the most attended region of each word is fully lit
+    shade = np.round(255 * DIMMING * (1.0 - relative)).astype(np.uint8)  # (H, W) alpha
+    pixels = np.stack([np.zeros_like(shade), shade], axis=-1)  # (H, W, 2) LA: black, shade as alpha
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")  # (H, W, 2) uint8 loads as mode LA
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _link(file: str, folder: Path) -> str:
+    """The original file's address relative to the gallery, so the page and the photos can move together."""
+    target = Path(os.path.abspath(file))
+    try:
+        return _attr(quote(os.fsencode(os.path.relpath(target, folder))))
+    except ValueError:  # another drive on Windows: no relative path exists
+        return _attr(target.as_uri())
+
+
+def _shown(text: str) -> str:
+    """A file name that is not valid UTF-8 (surrogate escapes) shows U+FFFD, so the page stays valid UTF-8."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _attr(text: str) -> str:
+    """Escaped for text or a double-quoted attribute, on one line (entries are one line each)."""
+    return html.escape(_shown(text), quote=True).replace("\n", "&#10;").replace("\r", "&#13;")

@@ -1,0 +1,216 @@
+"""Caption records on disk, appended batch by batch, so a killed run resumes where it stopped.
+
+    out = CaptionsFile("captions.jsonl")        # or "captions.csv"; format from the extension or fmt=
+    out.done                                    # {file: record} already in the file: skip these
+    out.append([{"file": "a.jpg", "caption": "a dog", "score": -3.2}, {"file": "b.jpg", "error": "empty file"}])
+    out.close()
+
+JSONL: one JSON object per line. CSV: a header, then one file,caption,score,error row per image.
+Each append is whole lines written at once, flushed and fsynced. A last line cut short by a kill (no final
+newline) is cut off when the file is opened again, so a record is never half-written and never written twice.
+While a run holds the file, a second run on the same file stops with an error (POSIX advisory lock).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+from captioner.errors import CaptionerError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock, the rest works the same
+    fcntl = None
+
+log = logging.getLogger("captioner")
+
+FORMATS = ("jsonl", "csv")
+CSV_FIELDS = ("file", "caption", "score", "error")
+
+
+def format_for(path: str | Path, fmt: str | None = None) -> str:
+    """The explicit format, else csv for a .csv file, else jsonl."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise CaptionerError(f"unknown output format '{fmt}'; use one of: {', '.join(FORMATS)}")
+        return fmt
+    return "csv" if Path(path).suffix.lower() == ".csv" else "jsonl"
+
+
+def same_file(path: str) -> str:
+    """The key two spellings of one input path share ("./a.jpg" and "a.jpg")."""
+    return os.path.normpath(path)
+
+
+class AppendLog:
+    """A text file of whole lines that is only ever appended to, locked while open.
+
+    `lines` are the complete lines found when opening (appends are not kept in memory: a gallery can be
+    large); drop_partial_line() recovers from a kill mid-write. Lines are bytes-exact round trips of str,
+    file names that are not valid UTF-8 included (surrogateescape).
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool = False):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise CaptionerError(f"{self.path} is a folder; give a file name")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self._open_locked()
+        if overwrite:
+            self._file.truncate(0)
+        self._file.seek(0)
+        data = self._file.read()
+        self._complete = data.rfind(b"\n") + 1
+        self.partial = data[self._complete:].decode("utf-8", "surrogateescape")  # "" after a clean close
+        # split("\n"), not splitlines(): JSON keeps U+2028 and friends unescaped inside a line.
+        self.lines = data[:self._complete].decode("utf-8", "surrogateescape").split("\n")[:-1]
+
+    def is_ours(self, first_line: str) -> bool:
+        """Whether the file could have been written by us: empty, or starting the way we start it."""
+        start = self.lines[0] if self.lines else self.partial
+        return start.startswith(first_line) or first_line.startswith(start)
+
+    def drop_partial_line(self) -> None:
+        """Cut off what follows the last newline: a write a kill interrupted. The owner calls this once it
+        has checked that the file is its own, so a stranger's file is never modified."""
+        if self.partial:
+            log.warning("%s: dropped an incomplete last line (%r) left by an interrupted run",
+                        self.path, self.partial[:60])
+            self._file.truncate(self._complete)
+            self._sync()
+            self.partial = ""
+
+    def _open_locked(self):
+        try:
+            f = open(self.path, "a+b")
+        except OSError as e:
+            raise CaptionerError(f"{self.path}: cannot open for writing ({e.strerror or e})") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                raise CaptionerError(f"{self.path} is being written by another captioner process; wait for it "
+                                     f"to finish or choose another output file") from None
+        return f
+
+    def _sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def append(self, lines: list[str]) -> None:
+        """Write whole lines in one call, then flush and fsync: a kill loses at most these lines."""
+        if not lines:
+            return
+        self._file.seek(0, os.SEEK_END)
+        self._file.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"))
+        self._sync()
+
+    def rewrite(self, lines: list[str]) -> None:
+        """Replace the whole content atomically (temporary file, then rename): a kill keeps old or new."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        old, self._file = self._file, self._open_locked()
+        old.close()
+        self.lines, self.partial = list(lines), ""
+
+    def close(self) -> None:
+        self._file.close()  # closing releases the lock
+
+
+class CaptionsFile:
+    """Caption and error records in JSONL or CSV; `done` maps each input already recorded to its record.
+
+    retry_errors=True removes the error records, so those files are tried again (a file that was still
+    being copied, a disk that was not mounted); by default a rerun skips them like captioned ones.
+    """
+
+    def __init__(self, path: str | Path, fmt: str | None = None, overwrite: bool = False,
+                 retry_errors: bool = False):
+        self.format = format_for(path, fmt)
+        self.log = AppendLog(path, overwrite)
+        self.path = self.log.path
+        try:
+            if not self.log.is_ours(_csv_line(CSV_FIELDS) if self.format == "csv" else '{"file": '):
+                raise self._not_ours(1, "it starts differently")
+            records = self._parse(self.log.lines)
+            self.log.drop_partial_line()
+            if retry_errors and any("error" in r for r in records):
+                records = [r for r in records if "error" not in r]
+                self.log.rewrite(self._header() + [self._line(r) for r in records])
+            if not self.log.lines:
+                self.log.append(self._header())
+        except BaseException:
+            self.log.close()
+            raise
+        self.done = {same_file(r["file"]): r for r in records}
+
+    def append(self, records: list[dict]) -> None:
+        self.log.append([self._line(r) for r in records])
+        self.done.update((same_file(r["file"]), r) for r in records)
+
+    def close(self) -> None:
+        self.log.close()
+
+    def _header(self) -> list[str]:
+        return [_csv_line(CSV_FIELDS)] if self.format == "csv" else []
+
+    def _line(self, record: dict) -> str:
+        return _json_line(record) if self.format == "jsonl" else _csv_line([record.get(k, "") for k in CSV_FIELDS])
+
+    def _parse(self, lines: list[str]) -> list[dict]:
+        """Records already in the file; anything that is not a record is an error naming the line."""
+        if self.format == "csv":
+            rows = list(csv.reader(io.StringIO("".join(line + "\n" for line in lines), newline="")))
+            if not rows:
+                return []
+            if tuple(rows[0]) != CSV_FIELDS:
+                raise self._not_ours(1, f"header {','.join(rows[0])[:80]!r}, expected {','.join(CSV_FIELDS)!r}")
+            records = []
+            for number, row in enumerate(rows[1:], start=2):
+                if len(row) != len(CSV_FIELDS) or not row[0]:
+                    raise self._not_ours(number, f"{len(row)} columns")
+                file, caption, score, error = row
+                try:
+                    records.append({"file": file, "error": error} if error else
+                                   {"file": file, "caption": caption, "score": float(score) if score else None})
+                except ValueError:
+                    raise self._not_ours(number, f"score {score[:20]!r}") from None
+            return records
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise self._not_ours(number, "not JSON") from None
+            if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+                raise self._not_ours(number, 'no "file" field')
+            records.append(record)
+        return records
+
+    def _not_ours(self, line: int, what: str) -> CaptionerError:
+        return CaptionerError(f"{self.path} line {line} is not a caption record ({what}): to resume, the output "
+                              f"must be one this command wrote; choose another --out or pass --overwrite")
+
+
+def _csv_line(values) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerow(values)  # "\r\n" so fields holding either get quoted
+    return buffer.getvalue()[:-2]
+
+
+def _json_line(record: dict) -> str:
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not valid UTF-8: \udcXX escapes keep the file valid UTF-8
+        line = json.dumps(record)
+    return line
