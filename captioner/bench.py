@@ -121,6 +121,9 @@ def apply_overrides(sizes: BenchSizes, overrides: list[str]) -> BenchSizes:
                 and f.name != "num_workers"]
     if positive or sizes.num_workers < 0:
         raise CaptionerError(f"bench sizes must be >= 1 (num_workers >= 0): {', '.join(positive) or 'num_workers'}")
+    if sizes.beam_images > sizes.extract_images:
+        raise CaptionerError(f"bench beam_images ({sizes.beam_images}) must be <= extract_images "
+                             f"({sizes.extract_images}): beam search reads the extracted features")
     return sizes
 
 
@@ -233,12 +236,12 @@ def run(sizes: BenchSizes, device: torch.device, workdir: Path) -> dict:
                            device=device)
     batches = max(sizes.encoder_images // sizes.encoder_batch, 1)
 
-    def encode_all():
-        with autocast(device, sizes.bf16):
+    def encode_all(batches=batches):
+        with torch.no_grad(), autocast(device, sizes.bf16):  # as `captioner extract` runs it
             for _ in range(batches):
                 encoder(images)
 
-    encoder(images)  # warm-up: cuDNN autotuning, torch.compile
+    encode_all(1)  # warm-up: cuDNN autotuning, torch.compile
     results["encoder_images_per_s"] = batches * sizes.encoder_batch / _timed(encode_all, device)
 
     # (b) JPEG files -> feature cache, the `captioner extract` path, after a warm-up on a throwaway cache
