@@ -9,9 +9,10 @@ Each number is items per second over a timed run that follows a warm-up run (cuD
 torch.compile happen in the warm-up):
     encoder_images_per_s           the frozen CNN alone, on uint8 batches already on the device
     extract_images_per_s           `captioner extract`: JPEG files -> decode, resize, CNN -> feature cache
+                                   (after the first batch: worker start-up is left out)
     train_captions_per_s_cached    training steps fed from the feature cache
     train_captions_per_s_images    training steps running the CNN on every caption's image
-    caption_images_per_s_greedy    captioning JPEG files end to end, greedy
+    caption_images_per_s_greedy    captioning JPEG files end to end, greedy (worker start-up included)
     caption_images_per_s_beam3     the same with beam size 3
     beam_per_image_images_per_s    beam 3 on cached features, one image at a time
     beam_batched_images_per_s      beam 3 on the same features, all of them in one batch
@@ -98,7 +99,7 @@ PRESETS = {
                         encoder_batch=4, encoder_images=8, extract_images=8, train_batch=4, train_steps_cached=2,
                         train_steps_images=1, caption_images=4, caption_batch=4, beam_images=4, num_workers=0),
     "full": BenchSizes(arch="resnet152", encoder_batch=256, encoder_images=4096, extract_images=4096,
-                       train_batch=256, train_steps_cached=200, train_steps_images=8, caption_images=4096,
+                       train_batch=256, train_steps_cached=200, train_steps_images=8, caption_images=8192,
                        caption_batch=256, num_workers=min(16, os.cpu_count() or 1), compile=True, gpu_decode=True),
 }
 
@@ -120,6 +121,9 @@ def apply_overrides(sizes: BenchSizes, overrides: list[str]) -> BenchSizes:
                 and f.name != "num_workers"]
     if positive or sizes.num_workers < 0:
         raise CaptionerError(f"bench sizes must be >= 1 (num_workers >= 0): {', '.join(positive) or 'num_workers'}")
+    if sizes.beam_images > sizes.extract_images:
+        raise CaptionerError(f"bench beam_images ({sizes.beam_images}) must be <= extract_images "
+                             f"({sizes.extract_images}): beam search reads the extracted features")
     return sizes
 
 
@@ -232,12 +236,12 @@ def run(sizes: BenchSizes, device: torch.device, workdir: Path) -> dict:
                            device=device)
     batches = max(sizes.encoder_images // sizes.encoder_batch, 1)
 
-    def encode_all():
-        with autocast(device, sizes.bf16):
+    def encode_all(batches=batches):
+        with torch.no_grad(), autocast(device, sizes.bf16):  # as `captioner extract` runs it
             for _ in range(batches):
                 encoder(images)
 
-    encoder(images)  # warm-up: cuDNN autotuning, torch.compile
+    encode_all(1)  # warm-up: cuDNN autotuning, torch.compile
     results["encoder_images_per_s"] = batches * sizes.encoder_batch / _timed(encode_all, device)
 
     # (b) JPEG files -> feature cache, the `captioner extract` path, after a warm-up on a throwaway cache
@@ -253,7 +257,7 @@ def run(sizes: BenchSizes, device: torch.device, workdir: Path) -> dict:
     extracted = extract_into(cache, encoder, records, sizes.encoder_batch, sizes.num_workers, device, sizes.bf16,
                              gpu_decode, desc="extract")
     cache.close()
-    results["extract_images_per_s"] = extracted["images_per_s"]
+    results["extract_images_per_s"] = extracted["steady_images_per_s"]
 
     # (c) training steps from the cache and from the images
     source, kept = FeatureCache.load(workdir / "cache").source(records)

@@ -82,15 +82,18 @@ def _write(cache: FeatureCache, records, features: torch.Tensor, event, failures
 @torch.no_grad()
 def extract_into(cache: FeatureCache, encoder, records: list, batch_size: int, num_workers: int,
                  device: torch.device, bf16: bool = True, gpu_decode: bool = False, desc: str = "extract") -> dict:
-    """Append the features of every record not yet in cache. Returns {"added", "failed", "images_per_s"}.
+    """Append the features of every record not yet in cache.
 
+    Returns {"added", "failed", "seconds", "images_per_s", "steady_images_per_s"}; the steady rate leaves out
+    the start (worker processes starting, the first batch) that a long run amortises.
     The encoder runs on the main thread while a writer thread copies the previous batch to the host and
     appends it to features.bin, so the GPU never waits for the disk.
     """
     todo = [r for r in records if not cache.has(r)]
     storage_dtype = torch.bfloat16 if cache.dtype == "bfloat16" else torch.float32
     added = failed = 0
-    start, last_commit = time.perf_counter(), time.perf_counter()
+    start = last_commit = time.perf_counter()
+    steady_start, steady_added = None, 0  # from the end of the first batch on
     batches = image_batches([r.path for r in todo], encoder.image_size, batch_size, num_workers, device, gpu_decode)
     with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=len(todo), unit="img", desc=desc) as bar:
         pending = deque()
@@ -110,6 +113,10 @@ def extract_into(cache: FeatureCache, encoder, records: list, batch_size: int, n
                 while len(pending) > 2:  # at most two batches in flight: memory stays bounded
                     pending.popleft().result()
                 added, failed = added + len(ok), failed + len(failures)
+                if steady_start is None:
+                    steady_start = time.perf_counter()
+                else:
+                    steady_added += len(ok)
                 bar.update(len(errors))
                 if time.perf_counter() - last_commit > COMMIT_EVERY_S:
                     pending.append(writer.submit(cache.commit))
@@ -118,8 +125,10 @@ def extract_into(cache: FeatureCache, encoder, records: list, batch_size: int, n
             for future in pending:
                 future.result()
             cache.commit()
-    seconds = time.perf_counter() - start
-    return {"added": added, "failed": failed, "seconds": seconds, "images_per_s": added / max(seconds, 1e-9)}
+    end = time.perf_counter()
+    steady = steady_added / (end - steady_start) if steady_added else added / max(end - start, 1e-9)
+    return {"added": added, "failed": failed, "seconds": end - start, "images_per_s": added / max(end - start, 1e-9),
+            "steady_images_per_s": steady}
 
 
 def main(cfg: Config, splits: str | list[str] = SPLITS, device: str | None = "auto", rebuild: bool = False,

@@ -273,7 +273,7 @@ class FeatureCache:
         if self.dtype == "bfloat16":
             block = block.view(torch.int16)  # the raw bits; numpy has no bfloat16
         try:
-            self._file.write(block.numpy().tobytes())
+            self._file.write(block.numpy().data)  # the tensor's own buffer: no extra copy
         except OSError as e:  # disk full, quota, removed drive: cut the partial block so rows stay aligned
             with contextlib.suppress(OSError):
                 self._file.truncate(self.num_rows * self.row_bytes)
@@ -338,12 +338,29 @@ def cached_source(cfg: Config, encoder, records: list, purpose: str,
     return found
 
 
+def _available_memory() -> int | None:
+    """Bytes of RAM available to new allocations (Linux MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def training_inputs(cfg: Config, encoder, train_records: list, val_records: list):
     """(train source, train records, val source, val records) from one valid cache covering both splits,
     or None so that training runs (or precomputes) the encoder itself."""
     cache = open_valid_cache(cfg, encoder, "train")
     train = cache and cached_source(cfg, encoder, train_records, "train split", cache)
     val = cache and cached_source(cfg, encoder, val_records, "val split", cache)
-    if not train or not val:
-        return None
-    return (*train, *val)
+    if train and val:
+        return (*train, *val)
+    # Without a cache, train.precompute_features holds float32 features of every image in RAM.
+    needed = (len(train_records) + len(val_records)) * encoder.channels * encoder.grid[0] * encoder.grid[1] * 4
+    available = _available_memory()
+    if cfg.train.precompute_features and available is not None and needed > available // 2:
+        log.warning("precomputing features in memory needs %.1f GB of the %.1f GB available; run `captioner "
+                    "extract` first to keep them on disk (memory-mapped)", needed / 1e9, available / 1e9)
+    return None
