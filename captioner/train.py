@@ -501,7 +501,8 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     seed_everything(cfg.train.seed)  # the same initial weights in every process
     # A resumed backbone comes from the checkpoint: its weights file need not exist any more.
     encoder = build_encoder(dataclasses.replace(cfg.encoder, weights=None) if checkpoint else cfg.encoder)
-    records = load_records(cfg.dataset)
+    with distributed.main_process_first(process):  # the synthetic set is generated once, not by every process
+        records = load_records(cfg.dataset)
     train_records = drop_unreadable(by_split(records, "train"), "train split")
     val_records = drop_unreadable(by_split(records, "val"), "val split")
     if not train_records:
@@ -552,6 +553,8 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     log.info("device %s x %d; %d train / %d val images; vocabulary %d words; %d steps per epoch",
              process.device, process.world_size, len(inputs.train_records), len(val_records), len(vocab), len(loader))
 
+    if run.progress.epoch >= cfg.train.epochs:
+        log.info("%s has finished its %d epochs: train.epochs=N trains it longer", run_dir, cfg.train.epochs)
     references = {r.image_id: r.captions for r in val_records}
     stopped = None
     try:
