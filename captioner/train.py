@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner import distributed
-from captioner.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from captioner.checkpoint import check_resumable, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from captioner.config import Config, apply_overrides, from_dict, load_config, to_dict
 from captioner.data import by_split, load_records
 from captioner.data.images import CaptionPairs, ImageFiles, ImageSource
@@ -478,6 +478,20 @@ def _restore(run: TrainingRun, state: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- main
 
+def _write_run_files(run_dir: Path, cfg: Config, vocab: Vocabulary, clear: bool) -> None:
+    try:
+        if clear:
+            clear_run_files(run_dir)  # --overwrite, or leftovers of this run from before its first checkpoint
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temporaries(run_dir)
+        if stale:
+            log.info("removed %d temporary files of interrupted saves (%s)", len(stale), ", ".join(stale[:3]))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        vocab.save(run_dir / "vocab.json")
+    except OSError as e:
+        raise CaptionerError(f"cannot write to run dir {run_dir}: {e.strerror or e}") from None
+
+
 def main(cfg: Config, run_dir: str | Path, device: str | None = "auto", resume: bool = False,
          overwrite: bool = False) -> dict:
     """Train per cfg into run_dir, or resume the run there; returns {"best_checkpoint", "last_checkpoint",
@@ -522,11 +536,7 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     model.to(process.device)
 
     if process.is_main:
-        if mode == "new":
-            clear_run_files(run_dir)  # --overwrite, or leftovers of this run from before its first checkpoint
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        vocab.save(run_dir / "vocab.json")
+        _write_run_files(run_dir, cfg, vocab, clear=mode == "new")
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=process.is_main,
                          truncate_to=checkpoint["metrics_offset"] if checkpoint else None)
 
