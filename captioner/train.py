@@ -181,7 +181,7 @@ class TrainingRun:
     metrics: MetricsLog
     process: Process
     stop: StopRequest
-    warned: set = field(default_factory=set)
+    warned: set = field(default_factory=set)  # select_metric fallbacks already warned about
 
 
 def build_optimizer(model: CaptionModel, cfg: Config) -> torch.optim.AdamW:
