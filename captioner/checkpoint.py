@@ -26,18 +26,33 @@ FORMAT_VERSION = 1
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CaptionerError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk shows up as either
+        Path(tmp).unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise CaptionerError(f"cannot write checkpoint {path}: {str(e).splitlines()[0][:200]}{kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[str]:
+    """Delete the temporary files of saves that a kill interrupted (the checkpoints themselves are whole)."""
+    stale = sorted(Path(folder).glob("*.pt.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return [t.name for t in stale]
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -95,3 +96,13 @@ def broadcast_from_main(obj, process: Process):
 def barrier(process: Process) -> None:
     if process.distributed:
         dist.barrier()
+
+
+@contextmanager
+def main_process_first(process: Process):
+    """Rank 0 runs the block first (e.g. generating a dataset or a cache), the others after it has finished."""
+    if not process.is_main:
+        barrier(process)
+    yield
+    if process.is_main:
+        barrier(process)

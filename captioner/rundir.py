@@ -54,7 +54,8 @@ def plan_run(run_dir: str | Path, config: dict, resume: bool, overwrite: bool) -
     if resume and overwrite:
         raise CaptionerError("--resume and --overwrite contradict each other: choose one")
     if run_dir.exists() and not run_dir.is_dir():
-        raise CaptionerError(f"run dir {run_dir} is a file, not a folder")
+        raise CaptionerError(f"run dir {run_dir} is a file, not a folder: give the folder holding last.pt "
+                             f"(e.g. {run_dir.parent})")
     present = [name for name in RUN_FILES if (run_dir / name).exists()]
     if resume:
         if "last.pt" not in present:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner import distributed
-from captioner.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from captioner.checkpoint import check_resumable, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from captioner.compute import autocast, prepare_encoder
 from captioner.config import Config, apply_overrides, from_dict, load_config, to_dict
 from captioner.data import by_split, load_records
@@ -186,7 +186,7 @@ class TrainingRun:
     metrics: MetricsLog
     process: Process
     stop: StopRequest
-    warned: set = field(default_factory=set)
+    warned: set = field(default_factory=set)  # select_metric fallbacks already warned about
 
 
 def build_optimizer(model: CaptionModel, cfg: Config) -> torch.optim.AdamW:
@@ -476,6 +476,20 @@ def _restore(run: TrainingRun, state: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- main
 
+def _write_run_files(run_dir: Path, cfg: Config, vocab: Vocabulary, clear: bool) -> None:
+    try:
+        if clear:
+            clear_run_files(run_dir)  # --overwrite, or leftovers of this run from before its first checkpoint
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temporaries(run_dir)
+        if stale:
+            log.info("removed %d temporary files of interrupted saves (%s)", len(stale), ", ".join(stale[:3]))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        vocab.save(run_dir / "vocab.json")
+    except OSError as e:
+        raise CaptionerError(f"cannot write to run dir {run_dir}: {e.strerror or e}") from None
+
+
 def main(cfg: Config, run_dir: str | Path, device: str | None = "auto", resume: bool = False,
          overwrite: bool = False) -> dict:
     """Train per cfg into run_dir, or resume the run there; returns {"best_checkpoint", "last_checkpoint",
@@ -497,7 +511,8 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     seed_everything(cfg.train.seed)  # the same initial weights in every process
     # A resumed backbone comes from the checkpoint: its weights file need not exist any more.
     encoder = build_encoder(dataclasses.replace(cfg.encoder, weights=None) if checkpoint else cfg.encoder)
-    records = load_records(cfg.dataset)
+    with distributed.main_process_first(process):  # the synthetic set is generated once, not by every process
+        records = load_records(cfg.dataset)
     train_records = drop_unreadable(by_split(records, "train"), "train split")
     val_records = drop_unreadable(by_split(records, "val"), "val split")
     if not train_records:
@@ -518,11 +533,7 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     prepare_encoder(model.encoder, process.device, cfg.compute)  # CUDA: channels_last, optional torch.compile
 
     if process.is_main:
-        if mode == "new":
-            clear_run_files(run_dir)  # --overwrite, or leftovers of this run from before its first checkpoint
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        vocab.save(run_dir / "vocab.json")
+        _write_run_files(run_dir, cfg, vocab, clear=mode == "new")
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=process.is_main,
                          truncate_to=checkpoint["metrics_offset"] if checkpoint else None)
 
@@ -551,6 +562,8 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     log.info("device %s x %d; %d train / %d val images; vocabulary %d words; %d steps per epoch",
              process.device, process.world_size, len(inputs.train_records), len(val_records), len(vocab), len(loader))
 
+    if run.progress.epoch >= cfg.train.epochs:
+        log.info("%s has finished its %d epochs: train.epochs=N trains it longer", run_dir, cfg.train.epochs)
     references = {r.image_id: r.captions for r in val_records}
     stopped = None
     try:

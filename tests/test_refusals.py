@@ -110,3 +110,23 @@ def test_bad_config_values(override, expected, small_root, tmp_path, capsys):
     _refused(capsys, ["train", "--config", str(TINY), "--run-dir", str(folder),
                       *small_overrides(small_root, override)], folder, expected)
     assert not folder.exists()
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(run_dir, monkeypatch):
+    import errno
+
+    from captioner import checkpoint
+    from captioner.errors import CaptionerError
+
+    before = (run_dir / "last.pt").read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(CaptionerError, match=r"cannot write checkpoint .*last.pt: .*No space left on device; "
+                                             r"the previous last.pt is intact"):
+        save_checkpoint(run_dir / "last.pt", {"model": {}})
+    assert (run_dir / "last.pt").read_bytes() == before
+    assert not list(run_dir.glob("*.tmp"))

@@ -110,7 +110,9 @@ def test_sigterm_saves_last_and_exits_cleanly_then_resumes(uninterrupted, small_
 def test_resume_a_finished_run_to_train_longer(uninterrupted, tmp_path):
     run_dir = tmp_path / "longer"
     shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "last.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # a save that kill -9 interrupted
     assert cli(["-q", "train", "--resume", str(run_dir), "--device", "cpu", "train.epochs=3"]) == 0
+    assert not list(run_dir.glob("*.tmp"))
     assert [s for s, _ in step_losses(run_dir)] == list(range(1, 28))
     assert torch.load(run_dir / "last.pt", weights_only=True)["config"]["train"]["epochs"] == 3
 
