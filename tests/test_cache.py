@@ -111,7 +111,7 @@ def test_extraction_resumes_and_reports_unreadable_images(small_data, tmp_path, 
     finally:
         broken.write_bytes(original)
     assert second["skipped_existing"] == 3 and second["added"] == 2 and second["failed"] == 1
-    assert broken.name in caplog.text and "cannot read image" in caplog.text
+    assert broken.name in caplog.text and "cannot read" in caplog.text
     cache = FeatureCache.load(tmp_path / "cache")
     assert cache.num_rows == 5 and (tmp_path / "cache" / "features.bin").stat().st_size == 5 * cache.row_bytes
     source, kept = cache.source(test_records)  # the unreadable image is known, so the split counts as covered
