@@ -122,7 +122,7 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(f"  {summary['unused_images']} images in no split (not used)")
     if summary["missing_images"]:
         lines.append(f"  {summary['missing_images']} image files missing and skipped (first: "
-                     f"{', '.join(summary['missing_examples'][:3])}); all listed in {summary['files']['missing_images']}")
+                     f"{', '.join(summary['missing_examples'][:3])}); all in {summary['files']['missing_images']}")
     lines.append(f"vocabulary: {summary['vocab_size']} tokens (train words seen >= {summary['min_freq']} times, "
                  f"with 4 specials)")
     lines.append(f"written to {Path(summary['files']['vocab']).parent}: " +

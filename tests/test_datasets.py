@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from captioner.config import DatasetConfig, apply_overrides, Config
+from captioner.config import Config, DatasetConfig, apply_overrides
 from captioner.data import by_split, detect_format, load_records, read_dataset
 from captioner.errors import CaptionerError
 
@@ -49,7 +49,7 @@ def test_coco_captions_json(tmp_path, caplog):
 
     data["annotations"][1] = {"id": 11, "image_id": 1}
     path.write_text(json.dumps(data))
-    with pytest.raises(CaptionerError, match=r"captions_val2014.json: annotations\[1\] lacks 'image_id' or a 'caption'"):
+    with pytest.raises(CaptionerError, match=r"captions_val2014.json: annotations\[1\] lacks 'image_id' or a"):
         read_dataset(_dataset(path, images))
 
 
@@ -212,6 +212,9 @@ def test_jsonl(tmp_path, caplog):
                     '{"image": "0003.jpg"}\n'
                     'not json\n')
     assert detect_format(path)[0] == "jsonl"
+    same_as_json = tmp_path / "captions.json"  # JSON Lines under a .json name
+    same_as_json.write_text(path.read_text())
+    assert detect_format(same_as_json)[0] == "jsonl"
     with caplog.at_level(logging.WARNING, logger="captioner"):
         _, records = read_dataset(_dataset(path, images))
     assert "2 malformed lines skipped (lines 3, 4)" in caplog.text

@@ -1,6 +1,7 @@
 """`captioner prepare` and `captioner score`, and prepare -> train -> evaluate -> score on real COCO photos."""
 import json
 import logging
+import re
 
 import pytest
 from PIL import Image
@@ -49,7 +50,6 @@ def test_score_errors_are_one_line(tmp_path, coco_files, capsys, entries, messag
     assert main(["score", "--results", results, "--annotations", str(coco_files)]) == 2
     line = _error_line(capsys)
     assert line.startswith("captioner score: error: ")
-    import re
     assert re.search(message, line), line
 
 

@@ -14,6 +14,7 @@ dataset.format picks the reader; `auto` (the default) tells them apart by the an
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -34,6 +35,13 @@ __all__ = ["ImageRecord", "by_split", "load_records", "read_dataset", "detect_fo
 log = logging.getLogger("captioner")
 
 
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 def detect_format(path: Path) -> tuple[str, object]:
     """(format, parsed JSON or None) from the annotations file's content, never from its name alone:
     Kaggle's Flickr8k captions.txt is a CSV while Flickr8k.token.txt is a token file."""
@@ -43,7 +51,12 @@ def detect_format(path: Path) -> tuple[str, object]:
         head = f.read(4096)
     first_line = next((line for line in head.splitlines() if line.strip()), "")
     if head.lstrip().startswith("{") and path.suffix.lower() != ".jsonl":
-        data = read_json(path, "annotations file")
+        try:
+            data = read_json(path, "annotations file")
+        except CaptionerError:
+            if _is_json_object(first_line):  # one object per line under a .json name
+                return "jsonl", None
+            raise
         if isinstance(data, dict) and isinstance(data.get("annotations"), list):
             return "coco", data
         if is_karpathy(data):
