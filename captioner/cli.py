@@ -68,15 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
     p = command("caption", "caption image files or folders (batched, resumable, optional HTML attention gallery)",
-                "example: captioner caption --checkpoint runs/tiny/best.pt photos/ --out captions.jsonl --html gallery.html\n"
-                "One record per image: {\"file\", \"caption\", \"score\"}, or {\"file\", \"error\"} for a file that cannot\n"
-                "be read (the run goes on). Rerunning the same command resumes: images already in the output are skipped.\n"
-                "Exit status: 0 done (even with error records), 1 with --strict when some image could not be read,\n"
-                "2 bad arguments, 130 interrupted (rerun to resume).")
+                "example: captioner caption --checkpoint best.pt photos/ --out captions.jsonl --html gallery.html\n"
+                "One record per image: {\"file\", \"caption\", \"score\"}, or {\"file\", \"error\"} for a file\n"
+                "that cannot be read (the run goes on). Rerunning the same command resumes: images already\n"
+                "in the output are skipped. Exit status: 0 done (even with error records), 1 with --strict\n"
+                "when some image could not be read, 2 bad arguments, 130 interrupted (rerun to resume).")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `captioner train`")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image files, folders, .txt files listing paths (one per line), or - for paths on stdin")
-    p.add_argument("--out", default=None, help="output file (default: captions.jsonl, or captions.csv with --format csv)")
+    p.add_argument("--out", default=None,
+                   help="output file (default: captions.jsonl, or captions.csv with --format csv)")
     p.add_argument("--format", choices=["jsonl", "csv"], default=None,
                    help="output format (default: from the --out extension, else jsonl)")
     p.add_argument("--html", default=None, metavar="FILE",

@@ -88,13 +88,14 @@ class Gallery:
         for word, alpha in zip(words, alphas):
             weights = np.asarray(alpha, dtype=np.float64).reshape(grid)  # (H*W,) -> (H, W)
             row, col = np.unravel_index(int(weights.argmax()), grid)
-            title = f"{word}: peak attention {weights.max():.2f} at row {row + 1}, column {col + 1} of {grid[0]}x{grid[1]}"
-            panels.append(f'<div class="word" title="{_attr(title)}"><div class="pic">'
-                          f'<img src="data:image/png;base64,{_attention_png(weights)}" alt="attention for {_attr(word)}">'
-                          f'</div><span>{_attr(word)}</span></div>')
+            title = (f"{word}: peak attention {weights.max():.2f} at row {row + 1}, column {col + 1} "
+                     f"of {grid[0]}x{grid[1]}")
+            panels.append(f'<div class="word" title="{_attr(title)}"><div class="pic"><img src="data:image/png;'
+                          f'base64,{_attention_png(weights)}" alt="attention for {_attr(word)}"></div>'
+                          f'<span>{_attr(word)}</span></div>')
         meta = f"log-probability {score:.2f}" if score is not None else ""
-        entry = (f'<figure class="entry" data-file="{_attr(file)}" style="--img:url(data:image/jpeg;base64,{thumbnail});'
-                 f'--w:{width}px;--h:{height}px"><a class="pic main" href="{_link(file, self.folder)}" '
+        entry = (f'<figure class="entry" data-file="{_attr(file)}" style="--img:url(data:image/jpeg;base64,'
+                 f'{thumbnail});--w:{width}px;--h:{height}px"><a class="pic main" href="{_link(file, self.folder)}" '
                  f'title="open the original"></a><div><figcaption><span class="caption">{_attr(" ".join(words))}'
                  f'</span><span class="meta">{meta}</span><div class="file">{_attr(file)}</div></figcaption>'
                  f'<div class="words">{"".join(panels)}</div></div></figure>')

@@ -63,7 +63,7 @@ def read_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS) -> tupl
     except Image.DecompressionBombError:  # Pillow's own check, at twice ours, fired while opening
         raise CaptionerError(f"{path}: image size is above the limit of {max_pixels} pixels "
                              f"(a decompression bomb?)") from None
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types on bad data (OSError, SyntaxError, struct.error, ...)
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types on bad data (OSError, SyntaxError, ...)
         raise CaptionerError(f"{path}: {_describe_failure(path, e)}") from None
     size = (height, width) if swapped else (width, height)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), size  # (S, S, 3) -> (3, S, S)
