@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "         captioner bench --device cuda --full               (ResNet-152, 640x480 JPEGs, COCO sizes)\n"
                 "Prints a table; --json also writes the numbers with the device, versions and settings.")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--full", action="store_true",
-                   help="GPU sizes: ResNet-152 at 224, 640x480 JPEGs, COCO recipe model, torch.compile, GPU decoding")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes that only check the command works (seconds)")
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--full", action="store_true",
+                       help="GPU sizes: ResNet-152 at 224, 640x480 JPEGs, COCO model, torch.compile, GPU decoding")
+    sizes.add_argument("--smoke", action="store_true", help="tiny sizes that only check the command works (seconds)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
     p.add_argument("--no-compile", action="store_true", help="without torch.compile (--full turns it on)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
