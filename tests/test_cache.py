@@ -1,6 +1,6 @@
 """The on-disk feature cache: values, staleness, resuming, training/evaluation from it, bounded memory."""
 import logging
-import pickle
+from multiprocessing.reduction import ForkingPickler  # how spawn-started DataLoader workers receive a dataset
 from pathlib import Path
 
 import numpy as np
@@ -184,8 +184,9 @@ def test_cached_source_pickles_without_data_and_works_in_spawned_workers(small_d
     records = by_split(load_records(cfg.dataset), "val")
     source, _ = FeatureCache.load(tmp_path / "cache").source(records)
     expected = source[0:3]  # maps the file in this process
-    copy = pickle.loads(pickle.dumps(source))
-    assert copy._array is None and len(pickle.dumps(source)) < 1000
+    sent = bytes(ForkingPickler.dumps(source))  # what a spawned worker is sent: the path, not the features
+    copy = ForkingPickler.loads(sent)
+    assert copy._array is None and len(sent) < 1000
     assert torch.equal(copy[0:3], expected)
     loader = DataLoader(source, batch_size=3, num_workers=1, multiprocessing_context="spawn")
     assert torch.equal(next(iter(loader)), expected)
