@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
 
-torch.set_num_threads(2)
+# One thread: on 2 cores shared with anything else, two threads per process oversubscribe and run 10x slower.
+torch.set_num_threads(1)
 
 
 def tiny_config(data_root, *overrides):
