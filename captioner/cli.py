@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
         from captioner.config import load_config
         summary = prepare.main(load_config(args.config, args.overrides), args.out)
         print("\n".join(prepare.summary_lines(summary)), flush=True)
-        _print_json(summary["files"])
+        _print_json(summary)
     elif args.command == "score":
         from captioner import score
         metrics = score.main(args.results, args.annotations, args.out, meteor=not args.no_meteor)
