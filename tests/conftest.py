@@ -36,3 +36,9 @@ def trained(tmp_path_factory, synthetic_root):
     cfg = tiny_config(synthetic_root, "train.epochs=12")
     run_dir = tmp_path_factory.mktemp("run")
     return train.main(cfg, run_dir, "cpu"), cfg
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    """A fresh folder per test module for tests/small_runs.py's small synthetic set."""
+    return tmp_path_factory.mktemp("small-synthetic")

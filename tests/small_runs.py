@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,13 +37,3 @@ def weights(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-@contextmanager
-def one_thread():
-    """These models are tiny: one intra-op thread is fastest, and on a busy machine two threads spinning at each
-    op's barrier make a run 10-20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -16,14 +16,6 @@ from captioner.errors import CaptionerError
 from captioner.model import CaptionModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread beats two on a shared 2-core machine (OpenMP threads wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def test_bench_smoke_writes_json_with_every_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()

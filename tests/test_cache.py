@@ -23,14 +23,6 @@ from captioner.vocab import Vocabulary
 from conftest import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread beats two on a shared 2-core machine (OpenMP threads wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """30 synthetic images (24 train, 3 val, 3 test) at 64x64 input: a 2x2 layer4 grid of 512 channels."""

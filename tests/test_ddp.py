@@ -9,13 +9,7 @@ import torch
 from captioner import train
 
 from conftest import ROOT, TINY
-from small_runs import metric_lines, one_thread, small_config, small_overrides, step_losses, weights
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+from small_runs import metric_lines, small_config, small_overrides, step_losses, weights
 
 
 # softmax ignores a shift of all scores, so this bias gets only rounding noise as gradient, which Adam turns

@@ -9,21 +9,10 @@ from captioner.checkpoint import save_checkpoint
 from captioner.cli import main as cli
 
 from conftest import TINY
-from small_runs import one_thread, small_config, small_overrides
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+from small_runs import small_config, small_overrides
 
 
 QUICK = ["train.epochs=1", "train.batch_size=48"]  # 3 steps
-
-
-@pytest.fixture(scope="module")
-def small_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("small-synthetic")
 
 
 @pytest.fixture(scope="module")

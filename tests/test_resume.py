@@ -15,18 +15,7 @@ from captioner.cli import main as cli
 from captioner.rundir import MetricsLog
 
 from conftest import ROOT, TINY
-from small_runs import metric_lines, one_thread, small_config, small_overrides, step_losses, weights
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def small_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("small-synthetic")
+from small_runs import metric_lines, small_config, small_overrides, step_losses, weights
 
 
 @pytest.fixture(scope="module")

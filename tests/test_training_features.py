@@ -11,18 +11,7 @@ from captioner.encoder import HookedEncoder
 from captioner.errors import CaptionerError
 from captioner.schedule import LRSchedule
 
-from small_runs import metric_lines, one_thread, small_config, step_losses, weights
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def small_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("small-synthetic")
+from small_runs import metric_lines, small_config, step_losses, weights
 
 
 def _nan_on_calls(monkeypatch, bad_calls):
