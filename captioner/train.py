@@ -59,18 +59,6 @@ ARCHITECTURE_KEYS = ("encoder.arch", "encoder.layer", "encoder.in_channels", "en
                      "encoder.finetune_from", "model.embed_dim", "model.attention_dim", "model.decoder_dim")
 
 
-def drop_unreadable(records, what: str):
-    """Keep records whose image file exists; report the others (count and first few) instead of crashing later."""
-    missing = [r for r in records if not Path(r.path).is_file()]
-    if missing:
-        names = ", ".join(Path(r.path).name for r in missing[:5])
-        log.warning("%s: %d of %d image files are missing and skipped (first: %s)", what, len(missing),
-                    len(records), names)
-    if len(missing) == len(records) and records:
-        raise CaptionerError(f"{what}: none of the {len(records)} image files exist (first: {records[0].path})")
-    return [r for r in records if Path(r.path).is_file()]
-
-
 @torch.no_grad()
 def extract_features(model: CaptionModel, records, batch_size: int, num_workers: int, device,
                      desc: str = "features", progress_bar: bool = True):
@@ -284,7 +272,7 @@ def _backward_and_step(run: TrainingRun, loss) -> float | None:
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     clip = run.cfg.train.grad_clip if run.cfg.train.grad_clip > 0 else math.inf
     norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    if not math.isfinite(norm) and not run.scaler.is_enabled():  # fp16's scaler skips such steps itself
+    if not math.isfinite(norm) and not run.scaler.is_enabled():  # an enabled scaler would skip such steps itself
         return None
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -513,8 +501,7 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     encoder = build_encoder(dataclasses.replace(cfg.encoder, weights=None) if checkpoint else cfg.encoder)
     with distributed.main_process_first(process):  # the synthetic set is generated once, not by every process
         records = load_records(cfg.dataset)
-    train_records = drop_unreadable(by_split(records, "train"), "train split")
-    val_records = drop_unreadable(by_split(records, "val"), "val split")
+    train_records, val_records = by_split(records, "train"), by_split(records, "val")  # missing files already dropped
     if not train_records:
         raise CaptionerError("the training split is empty: check dataset.splits or dataset.val_fraction")
     if cfg.train.val_images:
