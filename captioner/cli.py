@@ -160,7 +160,7 @@ def _print_json(data: dict) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from captioner import train
+    from captioner.jobs import train
     from captioner.config import load_config
     if args.resume:
         if args.run_dir and args.run_dir != args.resume:
@@ -184,7 +184,7 @@ def _train(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     # Job modules are imported here, not at the top, so `captioner --help` stays instant.
     if args.command == "demo":
-        from captioner import demo
+        from captioner.jobs import demo
         summary = demo.main(args.out, args.device, args.overrides)
         print(f"demo finished in {summary['seconds']}s: test BLEU-4 {summary['bleu4']:.3f} "
               f"(beam {summary['beam_size']}, {summary['test_images']} held-out images)")
@@ -194,14 +194,14 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "train":
         return _train(args)
     elif args.command == "plot":
-        from captioner import plot
+        from captioner.jobs import plot
         _print_json(plot.main(args.run_dir, args.out))
     elif args.command == "evaluate":
-        from captioner import evaluate
+        from captioner.jobs import evaluate
         _print_json(evaluate.main(args.checkpoint, args.split, args.beam, args.out, args.overrides, args.device,
                                   args.batch_size))
     elif args.command == "caption":
-        from captioner import caption
+        from captioner.jobs import caption
         summary = caption.main(args.checkpoint, args.paths, args.out, args.beam, args.batch_size, args.recursive,
                                args.device, args.workers, args.format, args.html, args.overwrite, args.retry_errors,
                                args.max_pixels)
@@ -209,29 +209,29 @@ def run(args: argparse.Namespace) -> int:
         if args.strict and summary["failed"]:
             return 1
     elif args.command == "extract":
-        from captioner import extract
+        from captioner.jobs import extract
         from captioner.config import load_config
         cfg = load_config(args.config, args.overrides)
         _print_json(extract.main(cfg, args.split, args.device, args.rebuild, args.batch_size, args.workers))
     elif args.command == "bench":
-        from captioner import bench
+        from captioner.jobs import bench
         preset = "full" if args.full else "smoke" if args.smoke else "default"
         results = bench.main(args.device, preset, args.json, compile=False if args.no_compile else None,
                              threads=args.threads, overrides=args.overrides)
         print(bench.format_table(results))
     elif args.command == "prepare":
-        from captioner import prepare
+        from captioner.jobs import prepare
         from captioner.config import load_config
         summary = prepare.main(load_config(args.config, args.overrides), args.out)
         print("\n".join(prepare.summary_lines(summary)), flush=True)
         _print_json(summary)
     elif args.command == "score":
-        from captioner import score
+        from captioner.jobs import score
         metrics = score.main(args.results, args.annotations, args.out, meteor=not args.no_meteor)
         print("\n".join(score.summary_lines(metrics)), flush=True)
         _print_json(metrics)
     elif args.command == "layers":
-        from captioner.encoder import list_layers
+        from captioner.model.encoder import list_layers
         for name, kind, shape in list_layers(args.arch, args.image_size, args.in_channels):
             print(f"{name:<28} {kind:<20} {'x'.join(map(str, shape))}")
     return 0

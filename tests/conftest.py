@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner import train
+from captioner.jobs import train
 from captioner.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from captioner import bench
-from captioner.beam import beam_search
+from captioner.jobs import bench
+from captioner.model.beam import beam_search
 from captioner.cli import main
 from captioner.config import EncoderConfig, ModelConfig
 from captioner.errors import CaptionerError
-from captioner.model import CaptionModel
+from captioner.model.caption_model import CaptionModel
 
 
 def test_bench_smoke_writes_json_with_every_key(tmp_path, capsys):
@@ -63,7 +63,7 @@ def test_batched_beam_at_batch_32_equals_per_image_beam():
 
 def test_bf16_autocast_path_runs_decoding_and_training():
     """The CUDA bf16 path, run under CPU autocast: no dtype clashes in beam search, the loss or backward."""
-    from captioner.decoder import caption_loss
+    from captioner.model.decoder import caption_loss
     torch.manual_seed(0)
     model = CaptionModel(EncoderConfig(arch="resnet18", image_size=64), ModelConfig(32, 32, 32), 50)
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)

@@ -9,16 +9,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from captioner import evaluate, extract, train
+from captioner.jobs import evaluate, extract, train
 from captioner.data import by_split, load_records
 from captioner.data.cache import CachedFeatures, FeatureCache, default_cache_dir, open_valid_cache
 from captioner.data.images import CaptionPairs, ImageSource, load_image
 from captioner.data.pipeline import image_batches
-from captioner.decoder import caption_loss
+from captioner.model.decoder import caption_loss
 from captioner.errors import CaptionerError
-from captioner.model import CaptionModel, build_encoder
-from captioner.runtime import seed_everything
-from captioner.vocab import Vocabulary
+from captioner.model.caption_model import CaptionModel, build_encoder
+from captioner.engine.runtime import seed_everything
+from captioner.model.vocab import Vocabulary
 
 from conftest import tiny_config
 

@@ -20,16 +20,16 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from captioner import caption
-from captioner.checkpoint import save_checkpoint
+from captioner.jobs import caption
+from captioner.engine.checkpoint import save_checkpoint
 from captioner.cli import main
 from captioner.config import load_config, to_dict
 from captioner.data.images import load_image, read_image
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
-from captioner.model import CaptionModel
-from captioner.outputs import CaptionsFile
-from captioner.vocab import Vocabulary
+from captioner.model.caption_model import CaptionModel
+from captioner.engine.outputs import CaptionsFile
+from captioner.model.vocab import Vocabulary
 
 from conftest import ROOT, TINY
 
@@ -201,7 +201,7 @@ def test_every_image_kind_decodes(mixed):
 
 
 def test_attention_map_orientation():
-    from captioner.gallery import DIMMING, _attention_png
+    from captioner.engine.gallery import DIMMING, _attention_png
     weights = np.zeros((3, 4))
     weights[0, 3] = 1.0  # all attention on the top-right region
     shade = np.asarray(Image.open(io.BytesIO(base64.b64decode(_attention_png(weights)))).getchannel("A"))

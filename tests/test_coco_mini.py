@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from captioner import caption, train
+from captioner.jobs import caption, train
 from captioner.config import load_config
 
 from conftest import COCO_MINI, TINY

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from captioner import train
+from captioner.jobs import train
 
 from conftest import ROOT, TINY
 from small_runs import metric_lines, small_config, small_overrides, step_losses, weights

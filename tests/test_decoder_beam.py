@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from captioner.beam import beam_search, greedy_decode
+from captioner.model.beam import beam_search, greedy_decode
 from captioner.config import EncoderConfig, ModelConfig
-from captioner.decoder import caption_loss
-from captioner.model import CaptionModel
+from captioner.model.decoder import caption_loss
+from captioner.model.caption_model import CaptionModel
 
 
 @pytest.fixture(scope="module")

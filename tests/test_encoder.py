@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from captioner.encoder import HookedEncoder, list_layers
+from captioner.model.encoder import HookedEncoder, list_layers
 from captioner.errors import CaptionerError
 
 

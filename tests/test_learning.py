@@ -4,9 +4,9 @@ from pathlib import Path
 
 import torch
 
-from captioner import evaluate
-from captioner.beam import greedy_decode
-from captioner.checkpoint import load_model
+from captioner.jobs import evaluate
+from captioner.model.beam import greedy_decode
+from captioner.engine.checkpoint import load_model
 from captioner.data import by_split, load_records
 from captioner.data.images import load_image
 

@@ -8,8 +8,9 @@ import math
 
 import pytest
 
-from captioner import metrics, score
-from captioner.metrics import caption_metrics, coco_caption_scores, corpus_bleu_scores, fallback_tokenize
+from captioner.jobs import score
+from captioner.metrics import coco as metrics
+from captioner.metrics.coco import caption_metrics, coco_caption_scores, corpus_bleu_scores, fallback_tokenize
 
 from conftest import COCO_MINI
 

@@ -6,10 +6,10 @@ import re
 import pytest
 from PIL import Image
 
-from captioner import evaluate, prepare, train
+from captioner.jobs import evaluate, prepare, train
 from captioner.cli import main
 from captioner.config import load_config
-from captioner.vocab import Vocabulary
+from captioner.model.vocab import Vocabulary
 
 from conftest import COCO_MINI, TINY
 

@@ -10,9 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from captioner import train
+from captioner.jobs import train
 from captioner.cli import main as cli
-from captioner.rundir import MetricsLog
+from captioner.engine.rundir import MetricsLog
 
 from conftest import ROOT, TINY
 from small_runs import metric_lines, small_config, small_overrides, step_losses, weights
@@ -42,7 +42,7 @@ KILLED_CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(int(sys.argv[1]))
     from captioner.cli import main
-    from captioner.rundir import MetricsLog
+    from captioner.engine.rundir import MetricsLog
     write = MetricsLog.write
     def write_then_die(self, record):
         write(self, record)

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from captioner import train
+from captioner.jobs import train
 from captioner.data.sampler import ResumableSampler
-from captioner.encoder import HookedEncoder
+from captioner.model.encoder import HookedEncoder
 from captioner.errors import CaptionerError
-from captioner.schedule import LRSchedule
+from captioner.engine.schedule import LRSchedule
 
 from small_runs import metric_lines, small_config, step_losses, weights
 

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from captioner.data.records import ImageRecord
 from captioner.errors import CaptionerError
-from captioner.vocab import Vocabulary
+from captioner.model.vocab import Vocabulary
 
 MAX_PIXELS = 100_000_000  # larger images are refused as likely decompression bombs
 

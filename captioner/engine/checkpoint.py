@@ -9,64 +9,29 @@ checkpoint can never run code.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from captioner import files
 from captioner.config import Config, from_dict
-from captioner.encoder import strip_wrapper_prefixes
+from captioner.files import atomic_write
+from captioner.model.encoder import strip_wrapper_prefixes
 from captioner.errors import CaptionerError
-from captioner.model import CaptionModel
-from captioner.vocab import Vocabulary
+from captioner.model.caption_model import CaptionModel
+from captioner.model.vocab import Vocabulary
 
 FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise CaptionerError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk shows up as either
-        Path(tmp).unlink(missing_ok=True)
-        kept = f"; the previous {path.name} is intact" if path.exists() else ""
-        raise CaptionerError(f"cannot write checkpoint {path}: {str(e).splitlines()[0][:200]}{kept}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path, "checkpoint") as f:
+        torch.save({"format_version": FORMAT_VERSION, **state}, f)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[str]:
     """Delete the temporary files of saves that a kill interrupted (the checkpoints themselves are whole)."""
-    stale = sorted(Path(folder).glob("*.pt.*.tmp"))
-    for tmp in stale:
-        tmp.unlink(missing_ok=True)
-    return [t.name for t in stale]
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in folder durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return files.remove_stale_temporaries(folder, "*.pt.*")
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:

@@ -26,7 +26,7 @@ from captioner.config import Config, DatasetConfig, to_dict
 from captioner.data import read_dataset
 from captioner.data.records import SPLITS, ImageRecord, by_split, drop_missing, find_missing
 from captioner.errors import CaptionerError
-from captioner.vocab import Vocabulary, tokenize
+from captioner.model.vocab import Vocabulary, tokenize
 
 log = logging.getLogger("captioner")
 

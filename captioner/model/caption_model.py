@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from captioner.config import EncoderConfig, ModelConfig
-from captioner.decoder import AttentionDecoder
-from captioner.encoder import HookedEncoder
+from captioner.model.decoder import AttentionDecoder
+from captioner.model.encoder import HookedEncoder
 
 
 def build_encoder(cfg: EncoderConfig) -> HookedEncoder:

@@ -24,16 +24,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.beam import decode
-from captioner.checkpoint import load_model
-from captioner.compute import autocast, prepare_encoder
+from captioner.model.beam import decode
+from captioner.engine.checkpoint import load_model
+from captioner.engine.compute import autocast, prepare_encoder
 from captioner.data.images import MAX_PIXELS, ImageFiles
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
-from captioner.gallery import Gallery
-from captioner.outputs import CaptionsFile, format_for, same_file
-from captioner.runtime import resolve_device
-from captioner.vocab import Vocabulary
+from captioner.engine.gallery import Gallery
+from captioner.engine.outputs import CaptionsFile, format_for, same_file
+from captioner.engine.runtime import resolve_device
+from captioner.model.vocab import Vocabulary
 
 log = logging.getLogger("captioner")
 

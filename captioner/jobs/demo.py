@@ -14,14 +14,14 @@ import shutil
 import time
 from pathlib import Path
 
-from captioner import caption, evaluate, train
+from captioner.jobs import caption, evaluate, train
 from captioner.config import load_config
 from captioner.data import by_split, load_records
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
 
-TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def main(out_dir: str = "demo", device: str | None = "auto", overrides: list[str] = ()) -> dict:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from captioner.errors import CaptionerError
-from captioner.runtime import resolve_device
+from captioner.engine.runtime import resolve_device
 
 log = logging.getLogger("captioner")
 

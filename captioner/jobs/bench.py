@@ -39,19 +39,19 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from captioner import __version__
-from captioner.beam import beam_search
-from captioner.compute import autocast, prepare_encoder, use_gpu_decode
+from captioner.model.beam import beam_search
+from captioner.engine.compute import autocast, prepare_encoder, use_gpu_decode
 from captioner.config import ComputeConfig, EncoderConfig, ModelConfig
 from captioner.data.cache import FeatureCache, encoder_signature
 from captioner.data.images import CaptionPairs, ImageSource
 from captioner.data.records import ImageRecord
-from captioner.decoder import caption_loss
+from captioner.model.decoder import caption_loss
 from captioner.errors import CaptionerError
-from captioner.evaluate import predict
-from captioner.extract import extract_into
-from captioner.model import CaptionModel, build_encoder
-from captioner.runtime import resolve_device
-from captioner.vocab import SPECIALS, Vocabulary
+from captioner.jobs.evaluate import predict
+from captioner.jobs.extract import extract_into
+from captioner.model.caption_model import CaptionModel, build_encoder
+from captioner.engine.runtime import resolve_device
+from captioner.model.vocab import SPECIALS, Vocabulary
 
 log = logging.getLogger("captioner")
 

@@ -32,25 +32,25 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner import distributed
-from captioner.checkpoint import check_resumable, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from captioner.compute import autocast, prepare_encoder
+from captioner.engine import distributed
+from captioner.engine.checkpoint import check_resumable, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from captioner.engine.compute import autocast, prepare_encoder
 from captioner.config import Config, apply_overrides, from_dict, load_config, to_dict
 from captioner.data import by_split, load_records
 from captioner.data.cache import training_inputs as cached_inputs
 from captioner.data.images import CaptionPairs, ImageFiles, ImageSource
 from captioner.data.sampler import ResumableSampler
-from captioner.decoder import caption_loss
-from captioner.distributed import Process
+from captioner.model.decoder import caption_loss
+from captioner.engine.distributed import Process
 from captioner.errors import CaptionerError
-from captioner.evaluate import predict
-from captioner.interrupt import StopRequest, ignore_stop_signals
-from captioner.metrics import corpus_bleu_scores
-from captioner.model import CaptionModel, build_encoder
-from captioner.rundir import MetricsLog, clear_run_files, config_differences, plan_run
-from captioner.runtime import restore_rng_state, rng_state, seed_everything
-from captioner.schedule import LRSchedule
-from captioner.vocab import Vocabulary
+from captioner.jobs.evaluate import predict
+from captioner.engine.interrupt import StopRequest, ignore_stop_signals
+from captioner.metrics.coco import corpus_bleu_scores
+from captioner.model.caption_model import CaptionModel, build_encoder
+from captioner.engine.rundir import MetricsLog, clear_run_files, config_differences, plan_run
+from captioner.engine.runtime import restore_rng_state, rng_state, seed_everything
+from captioner.engine.schedule import LRSchedule
+from captioner.model.vocab import Vocabulary
 
 log = logging.getLogger("captioner")
 

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from captioner.errors import CaptionerError
-from captioner.outputs import AppendLog, same_file
+from captioner.engine.outputs import AppendLog, same_file
 
 THUMBNAIL = 224  # longest side of the embedded JPEG, in pixels
 PANEL = 112  # longest side of a word's panel on the page, in CSS pixels (the image panel is twice that)

@@ -22,7 +22,7 @@ from captioner.data import detect_format, read_dataset
 from captioner.data.coco import coco_index
 from captioner.data.records import read_json
 from captioner.errors import CaptionerError
-from captioner.metrics import caption_metrics
+from captioner.metrics.coco import caption_metrics
 
 log = logging.getLogger("captioner")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from captioner.errors import CaptionerError
-from captioner.rundir import read_metrics
+from captioner.engine.rundir import read_metrics
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:

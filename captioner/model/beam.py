@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from captioner.vocab import Vocabulary
+from captioner.model.vocab import Vocabulary
 
 
 @dataclass

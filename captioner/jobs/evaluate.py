@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from captioner.beam import decode
-from captioner.checkpoint import load_model
-from captioner.compute import autocast, prepare_encoder, use_gpu_decode
+from captioner.model.beam import decode
+from captioner.engine.checkpoint import load_model
+from captioner.engine.compute import autocast, prepare_encoder, use_gpu_decode
 from captioner.config import apply_overrides
 from captioner.data import by_split, load_records
 from captioner.data.cache import cached_source
 from captioner.data.pipeline import image_batches
 from captioner.errors import CaptionerError
-from captioner.metrics import caption_metrics
-from captioner.runtime import resolve_device
+from captioner.metrics.coco import caption_metrics
+from captioner.engine.runtime import resolve_device
 
 log = logging.getLogger("captioner")
 

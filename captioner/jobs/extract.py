@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from captioner.compute import autocast, prepare_encoder, use_gpu_decode
+from captioner.engine.compute import autocast, prepare_encoder, use_gpu_decode
 from captioner.config import Config
 from captioner.data import load_records
 from captioner.data.cache import FeatureCache, default_cache_dir, describe_size, encoder_signature
 from captioner.data.pipeline import image_batches
 from captioner.errors import CaptionerError
-from captioner.model import build_encoder
-from captioner.runtime import resolve_device, seed_everything
+from captioner.model.caption_model import build_encoder
+from captioner.engine.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("captioner")
 

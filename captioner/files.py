@@ -1,0 +1,90 @@
+"""The one atomic write: every file the project writes whole goes through `atomic_write`.
+
+    with atomic_write("runs/x/metrics_test.json", "metrics file") as f:
+        f.write(json.dumps(metrics).encode())
+
+The bytes go to a temporary file in the same folder, which is flushed and fsynced, renamed over the target
+(os.replace is atomic on POSIX and Windows) and the folder fsynced, so that the rename survives a power cut.
+A reader therefore sees the old file or the new one, never half of one. On any failure the temporary file is
+removed, the previous file is left as it was, and an OSError becomes a one-line CaptionerError naming the file.
+
+It lives at the top of the package, beside config.py and errors.py, rather than in engine/ (as STYLE.md
+draws it), because data/ (feature cache, synthetic images) writes files too and may not import engine/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from captioner.errors import CaptionerError
+
+TEMP_SUFFIX = ".tmp"
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in folder durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(path: str | Path, what: str = "file") -> Iterator[BinaryIO]:
+    """Yield a binary file whose contents replace `path` atomically when the block ends without error.
+
+    `what` names the file in errors ("cannot write checkpoint runs/x/last.pt: No space left on device")."""
+    path = Path(path)
+    if path.is_dir():
+        raise CaptionerError(f"cannot write {what} {path}: it is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise CaptionerError(f"cannot write {what} {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk shows up as either (torch.save raises RuntimeError)
+        Path(tmp).unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CaptionerError(f"cannot write {what} {path}: {reason}{kept}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes(path: str | Path, data: bytes, what: str = "file") -> None:
+    with atomic_write(path, what) as f:
+        f.write(data)
+
+
+def write_text(path: str | Path, text: str, what: str = "file") -> None:
+    write_bytes(path, text.encode("utf-8"), what)
+
+
+def write_json(path: str | Path, data, what: str = "file", indent: int | None = 2) -> None:
+    write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n", what)
+
+
+def remove_stale_temporaries(folder: str | Path, pattern: str = "*") -> list[str]:
+    """Delete temporary files that a kill left behind in folder (the files they were to replace are whole)."""
+    stale = sorted(Path(folder).glob(pattern + TEMP_SUFFIX))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return [t.name for t in stale]
