@@ -89,6 +89,8 @@ class DecodeConfig:
     max_len: int = 30  # longest caption produced, in words
     length_penalty: float = 0.0  # 0 ranks beams by total log-probability; 1 by mean per word
     batch_size: int = 32
+    sample: bool = False  # draw each word from the model's distribution (varied captions) instead of greedy/beam
+    temperature: float = 1.0  # sampling only: < 1 sharper (closer to greedy), > 1 more varied
 
 
 @dataclass
@@ -258,6 +260,7 @@ def validate(cfg: Config) -> None:
         (cfg.decode.beam_size >= 1, f"decode.beam_size must be >= 1, got {cfg.decode.beam_size}"),
         (cfg.decode.max_len >= 1, "decode.max_len must be >= 1"),
         (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),
+        (cfg.decode.temperature > 0, f"decode.temperature must be > 0, got {cfg.decode.temperature}"),
         (cfg.cache.dtype in ("bfloat16", "float32"),
          f"cache.dtype must be bfloat16 or float32 (float16 overflows random-weight features), not {cfg.cache.dtype}"),
     ]

@@ -73,3 +73,34 @@ def test_huge_random_features_stay_finite():
     m = CaptionModel(EncoderConfig(arch="resnet18", image_size=64), ModelConfig(32, 32, 32), 20)
     logits, _ = m(torch.randn(2, 512, 2, 2) * 1e8, torch.ones(2, 4, dtype=torch.long))
     assert torch.isfinite(logits).all()
+
+
+def test_sampling_draws_from_the_model_and_returns_its_log_probs(model):
+    from captioner.model.beam import decode
+    from captioner.model.sample import sample_captions
+    raw = torch.randn(4, 512, 2, 2) * 100
+    torch.manual_seed(1)
+    a = decode(model, raw, max_len=10, sample=True)
+    torch.manual_seed(1)
+    b = decode(model, raw, max_len=10, sample=True)
+    assert torch.equal(a.tokens, b.tokens)  # seeded: reproducible
+    assert ((a.tokens == 2).sum(dim=1) == 1).all()  # every caption ends, by max_len at the latest
+    torch.manual_seed(1)
+    out = sample_captions(model, raw.repeat_interleave(50, 0), max_len=10, temperature=1.0)
+    assert not torch.equal(out.tokens[0], out.tokens[1]) or not torch.equal(out.tokens[1], out.tokens[2])
+    assert torch.equal(out.mask, torch.arange(out.tokens.shape[1])[None] < out.lengths[:, None])
+    assert (out.log_probs[~out.mask] == 0).all() and (out.log_probs[out.mask] <= 0).all()
+    # Teacher forcing the drawn words gives the same log-probabilities (model in eval mode: no dropout).
+    row = 0
+    words = out.tokens[row, : int(out.lengths[row])]
+    captions = torch.cat([torch.tensor([1]), words]).unsqueeze(0)
+    logits, _ = model(raw[:1], captions)
+    forced = torch.log_softmax(logits, -1)[0].gather(1, words[:, None]).squeeze(1)
+    drawn = out.log_probs[row, : len(words)]
+    if int(out.lengths[row]) == 11:  # a forced <end> carries no log-probability
+        forced, drawn = forced[:-1], drawn[:-1]
+    assert torch.allclose(forced, drawn, atol=1e-5)
+    # A low temperature concentrates the draws on the greedy caption.
+    cold = sample_captions(model, raw[:1].repeat(20, 1, 1, 1), max_len=10, temperature=1e-6).tokens
+    greedy = greedy_decode(model, raw[:1], max_len=10).tokens
+    assert (cold[:, : greedy.shape[1]] == greedy).all()

@@ -1,4 +1,4 @@
-"""Greedy and beam-search decoding, batched over images on the model's device.
+"""Greedy, beam-search and sampled decoding, batched over images on the model's device.
 
     out = beam_search(model, raw, beam_size=3, max_len=20)   # raw: (B, C, H, W) encoder activations
     out.tokens (B, L) ids ending in <end> then <pad>; out.scores (B,); out.alphas (B, L, N); out.lengths (B,)
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from captioner.model.sample import sample_captions
 from captioner.model.vocab import Vocabulary
 
 
@@ -123,7 +124,22 @@ def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
     return Decoded(tokens, scores[pick, best], alpha_history[pick, best], _lengths(tokens))
 
 
-def decode(model, raw: torch.Tensor, beam_size: int = 1, max_len: int = 30, length_penalty: float = 0.0) -> Decoded:
+@torch.no_grad()
+def sampled_decode(model, raw: torch.Tensor, max_len: int = 30, temperature: float = 1.0,
+                   generator: torch.Generator | None = None) -> Decoded:
+    """raw (B, C, H, W) -> Decoded with every word drawn from the model's distribution at `temperature`
+    (eval mode; scores: the total log-probability under that tempered distribution)."""
+    was_training = _evaluating(model)
+    out = sample_captions(model, raw, max_len, temperature, generator)
+    model.train(was_training)
+    return Decoded(out.tokens, out.log_probs.sum(dim=1), out.alphas, out.lengths)
+
+
+def decode(model, raw: torch.Tensor, beam_size: int = 1, max_len: int = 30, length_penalty: float = 0.0,
+           sample: bool = False, temperature: float = 1.0) -> Decoded:
+    """Greedy (beam_size 1), beam search, or sampling (sample=True: beam_size is then ignored)."""
+    if sample:
+        return sampled_decode(model, raw, max_len, temperature)
     if beam_size <= 1:
         return greedy_decode(model, raw, max_len)
     return beam_search(model, raw, beam_size, max_len, length_penalty)

@@ -1,0 +1,62 @@
+"""Decoding by sampling: each word drawn from the model's (temperature-scaled) distribution.
+
+    out = sample_captions(model, raw, max_len=16, temperature=1.0)   # raw: (B, C, H, W) encoder activations
+    out.tokens (B, L) words, <end>, then <pad>; out.log_probs (B, L) log-probability of each drawn token (0
+    after <end>), differentiable: self-critical training backpropagates through it; out.mask (B, L) the
+    tokens up to and including <end>.
+
+Unlike greedy_decode and beam_search this runs in whatever mode the caller left the model (SCST samples
+in training mode, with dropout, from the policy it updates) and keeps the autograd graph; `decode(...,
+sample=True)` in beam.py is the inference entry point (eval mode, no gradients). Random draws come from
+`generator`, else torch's global generator (saved in checkpoints, so a resumed run draws the same words).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from captioner.model.vocab import Vocabulary
+
+
+@dataclass
+class Sampled:
+    tokens: torch.Tensor  # (B, L) long: words, <end>, then <pad>
+    log_probs: torch.Tensor  # (B, L) float32 log-probability of each drawn token; 0 after <end> and for a forced <end>
+    mask: torch.Tensor  # (B, L) bool: tokens up to and including <end>
+    alphas: torch.Tensor  # (B, L, N) attention for each token (detached)
+    lengths: torch.Tensor  # (B,) tokens up to and including <end>
+
+
+def sample_captions(model, raw: torch.Tensor, max_len: int = 30, temperature: float = 1.0,
+                    generator: torch.Generator | None = None) -> Sampled:
+    """raw (B, C, H, W) encoder activations -> one sampled caption per row (repeat rows for several)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    state = model.decoder.init_state(model.project(raw))
+    B, device = raw.shape[0], raw.device
+    tokens = torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    out_tokens, out_logp, out_mask, out_alphas = [], [], [], []
+    for t in range(max_len + 1):
+        logits, state, alpha = model.decoder.step(tokens, state)
+        logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, V)
+        active = ~finished
+        if t == max_len:  # the word budget is spent: <end> is forced, not drawn, so it carries no log-probability
+            word = torch.full((B,), Vocabulary.end_id, dtype=torch.long, device=device)
+            drawn = torch.zeros_like(active)
+        else:
+            word = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)  # (B,)
+            drawn = active
+        tokens = torch.where(active, word, torch.full_like(word, Vocabulary.pad_id))
+        out_tokens.append(tokens)
+        out_logp.append(logp.gather(1, word.unsqueeze(1)).squeeze(1) * drawn)  # (B,) 0 after <end>
+        out_mask.append(active)
+        out_alphas.append(alpha.detach())
+        finished = finished | (tokens == Vocabulary.end_id)
+        if bool(finished.all()):  # the one host sync per step: needed to stop early
+            break
+    mask = torch.stack(out_mask, dim=1)
+    return Sampled(torch.stack(out_tokens, dim=1), torch.stack(out_logp, dim=1), mask,
+                   torch.stack(out_alphas, dim=1), mask.sum(dim=1))
