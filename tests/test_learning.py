@@ -17,6 +17,10 @@ def test_tiny_model_learns_held_out_bleu4(trained, tmp_path):
     metrics = evaluate.main(summary["best_checkpoint"], "test", beam_size=3, out_dir=str(tmp_path), device="cpu")
     assert metrics["images"] == 100 and metrics["beam_size"] == 3
     assert metrics["bleu4"] >= 0.5, metrics
+    # the diversity diagnostics agree with the results file
+    captions = {r["caption"] for r in json.loads((tmp_path / "results_test.json").read_text())}
+    assert metrics["distinct_captions"] == len(captions)
+    assert metrics["distinct_fraction"] == metrics["distinct_captions"] / 100 and metrics["vocab_used"] >= 5
     results = json.loads((tmp_path / "results_test.json").read_text())
     assert len(results) == 100 and {"image_id", "caption"} <= set(results[0])
     metrics_file = Path(summary["best_checkpoint"]).parent / "metrics.jsonl"

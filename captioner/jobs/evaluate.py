@@ -6,7 +6,8 @@
 The dataset comes from the checkpoint's own config; `key=value` overrides change it (e.g. dataset.root).
 Writes OUT/results_SPLIT.json (COCO results format: [{"image_id", "caption"}]) and OUT/metrics_SPLIT.json:
 coco-caption's BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (captioner.metrics; equal to `captioner score` on the
-results file), nltk corpus BLEU beside them, with the checkpoint, split, beam size and decoding.
+results file), nltk corpus BLEU beside them, with the checkpoint, split, beam size and decoding, and how much the
+captions vary: distinct_captions / distinct_fraction (of the images), vocab_used (distinct words), mean_length.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from captioner.data.cache import cached_source
 from captioner.data.pipeline import image_batches
 from captioner.errors import CaptionerError
 from captioner.metrics.coco import caption_metrics
+from captioner.metrics.diversity import caption_diversity
 from captioner.engine.runtime import resolve_device
 
 log = logging.getLogger("captioner")
@@ -90,6 +92,7 @@ def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out
     if len(hypotheses) != len(records):
         log.warning("scored %d captions for %d images in the split", len(hypotheses), len(records))
     scores = caption_metrics(hypotheses, {r.image_id: r.captions for r in records})
+    scores.update(caption_diversity(hypotheses))  # one caption for every image shows as a low distinct_fraction
     out = Path(out_dir) if out_dir else Path(checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     results_path, metrics_path = out / f"results_{split}.json", out / f"metrics_{split}.json"

@@ -106,20 +106,67 @@ def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
     setattr(parent, attr, new)
 
 
-def build_backbone(arch: str, weights: str | None = None, in_channels: int = 3) -> nn.Module:
+def remap_by_order(source: dict, arch: str, prefix: str = "") -> dict:
+    """A state_dict saved under other key names -> arch's own names, matched by order and shape.
+
+    source's tensors, in their saved order, fill arch's state_dict keys that start with prefix (e.g. "features."
+    for a MobileNetV2 saved without its classifier), in definition order; any count or shape mismatch is an error.
+    """
+    template = torchvision.models.get_model(arch, weights=None).state_dict()
+    targets = [k for k in template if k.startswith(prefix)]
+    if len(targets) != len(source):
+        raise CaptionerError(f"{len(source)} saved tensors cannot fill the {len(targets)} tensors of {arch} "
+                             f"under '{prefix}'")
+    out = {}
+    for (name, tensor), target in zip(source.items(), targets):
+        if tuple(tensor.shape) != tuple(template[target].shape):
+            raise CaptionerError(f"saved tensor {name} {tuple(tensor.shape)} does not fit {arch}'s {target} "
+                                 f"{tuple(template[target].shape)}")
+        out[target] = tensor
+    return out
+
+
+def _after_layer(model: nn.Module, layer: str) -> set[str]:
+    """Parameter and buffer names of the modules defined after the hooked layer: never computed."""
+    names = [name for name, _ in model.named_modules()]  # definition (= forward) order, parents first
+    if not layer or layer not in names:
+        return set()
+    end = max(i for i, name in enumerate(names) if name == layer or name.startswith(layer + "."))
+    later = set(names[end + 1:])
+    return {key for key in model.state_dict() if key.rpartition(".")[0] in later}
+
+
+def _load_weights(model: nn.Module, state: dict, arch: str, weights: str, layer: str | None) -> None:
+    """Load state into model; weights may lack the modules after the hooked layer (a backbone saved without
+    its classifier head): they are never computed, so they keep their random init."""
+    model_keys = set(model.state_dict())
+    missing = sorted(model_keys - set(state))
+    unexpected = sorted(set(state) - model_keys)
+    uncomputed = _after_layer(model, layer) if layer else set()
+    needed = [k for k in missing if k not in uncomputed]
+    if needed or unexpected:
+        what = (f"missing keys {', '.join(needed[:3])}" if needed else "") + ("; " if needed and unexpected else "") \
+            + (f"unexpected keys {', '.join(unexpected[:3])}" if unexpected else "")
+        raise CaptionerError(f"encoder weights {weights} do not fit {arch}: {what}")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise CaptionerError(f"encoder weights {weights} do not fit {arch}: {first}") from None
+
+
+def build_backbone(arch: str, weights: str | None = None, in_channels: int = 3, layer: str | None = None) -> nn.Module:
+    """The torchvision model arch, with weights (a name or .pth path) when given. With layer set, weights need not
+    hold the modules after that layer (never computed behind the hook)."""
     archs = available_archs()
     if arch not in archs:
         close = difflib.get_close_matches(arch, archs, n=4)
         raise CaptionerError(f"unknown encoder.arch '{arch}'; close matches: {', '.join(close) or 'none'}; "
-                             f"e.g. resnet18, resnet50, resnet101, resnet152")
+                             f"e.g. resnet18, resnet50, resnet101, resnet152, mobilenet_v2")
     state = _weights_state_dict(arch, weights) if weights else None  # fail before building anything
     model = torchvision.models.get_model(arch, weights=None)
     if state is not None:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-            raise CaptionerError(f"encoder weights {weights} do not fit {arch}: {first}") from None
+        _load_weights(model, state, arch, weights, layer)
     if in_channels != 3:
         _adapt_input_channels(model, in_channels)
     return model
@@ -157,7 +204,7 @@ class HookedEncoder(nn.Module):
                  in_channels: int = 3, image_size: int = 224, finetune_from: str | None = None):
         super().__init__()
         self.arch, self.layer, self.in_channels, self.image_size = arch, layer, in_channels, image_size
-        self.backbone = build_backbone(arch, weights, in_channels)
+        self.backbone = build_backbone(arch, weights, in_channels, layer)
         target = _check_layer(self.backbone, arch, layer)
         # A plain list, not submodules: the same modules stay registered (and saved) under self.backbone.
         self.finetuned = _finetuned_modules(self.backbone, arch, layer, finetune_from) if finetune_from else []
