@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from captioner.jobs import evaluate, extract, train
 from captioner.data import by_split, load_records
 from captioner.data.cache import CachedFeatures, FeatureCache, default_cache_dir, open_valid_cache
-from captioner.data.images import CaptionPairs, ImageSource, load_image
-from captioner.data.pipeline import image_batches
+from captioner.data.images import CaptionPairs, ImageFiles, load_image
+from captioner.data.pipeline import Batches, image_batches
 from captioner.model.decoder import caption_loss
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel, build_encoder
@@ -147,9 +147,10 @@ def test_training_from_cache_gives_the_loss_of_training_from_images(small_data, 
     model = CaptionModel(cfg.encoder, cfg.model, len(vocab), encoder=_encoder(cfg)).train()
     source, kept = FeatureCache.load(tmp_path / "cache").source(records)
     batches = []
-    for input_source in (source, ImageSource([r.path for r in records], 64)):
+    for input_source in (source, ImageFiles([r.path for r in records], 64)):
         pairs = CaptionPairs(kept, vocab, cfg.dataset.max_len, input_source)
-        batches.append(next(iter(DataLoader(pairs, batch_size=16, shuffle=False))))
+        batch = next(iter(Batches(pairs, 16, torch.device("cpu"))))
+        batches.append((batch.inputs, batch.captions, batch.lengths))
     assert torch.equal(batches[0][1], batches[1][1])  # the same captions, in the same order
     from_cache, from_images = (_batch_loss(model, *b) for b in batches)
     assert torch.allclose(from_cache, from_images, rtol=rtol), (from_cache, from_images)
@@ -214,8 +215,8 @@ def test_gpu_decode_path_matches_pil(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff not really")
     paths += [str(tmp_path / "p.png"), str(tmp_path / "bad.jpg")]
     cpu = torch.device("cpu")
-    (pil, _, pil_errors), = list(image_batches(paths, 64, 8, 0, cpu))
-    (gpu_path, index, errors), = list(image_batches(paths, 64, 8, 0, cpu, device_decode=True))
+    (pil, _, pil_errors, *_), = list(image_batches(paths, 64, 8, 0, cpu))
+    (gpu_path, index, errors, *_), = list(image_batches(paths, 64, 8, 0, cpu, device_decode=True))
     assert index.tolist() == list(range(5)) and errors[:4] == pil_errors[:4] == [""] * 4
     assert "bad.jpg" in errors[4] and "bad.jpg" in pil_errors[4]
     diff = (gpu_path[:3].int() - pil[:3].int()).abs().float()

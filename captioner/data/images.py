@@ -36,6 +36,7 @@ _NOT_IMAGE_SIGNATURES = {b"<!doctype html": "an HTML page", b"<html": "an HTML p
                          b"%pdf": "a PDF document", b"pk\x03\x04": "a ZIP archive", b"{": "JSON or text"}
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1")
 _ORIENTATION_TAG = 0x0112  # EXIF orientation; values 5-8 swap width and height
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def load_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
@@ -157,27 +158,56 @@ def _to_uint8(array: np.ndarray, sixteen_bit: bool) -> np.ndarray:
     return np.round((array - low) / span * 255).astype(np.uint8)
 
 
-class ImageFiles(Dataset):
-    """Paths -> (image (3, S, S) uint8, index, error message or "") and, with with_size, the file's
-    (width, height) as a (2,) tensor. A bad file yields zeros and its error, so it never stops a worker."""
+def _plain_jpeg(path: str, max_pixels: int) -> tuple[int, int] | None:
+    """(width, height) of a JPEG the batch decoder handles exactly like PIL (RGB or greyscale, upright, not
+    oversized), else None: anything else is decoded by PIL, which also reports what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(3) != JPEG_MAGIC:
+                return None
+        with Image.open(path) as img:  # reads the header only
+            plain = (img.format == "JPEG" and img.mode in ("RGB", "L") and img.width * img.height <= max_pixels
+                     and img.getexif().get(_ORIENTATION_TAG, 1) == 1)
+            return img.size if plain else None
+    except Exception:  # noqa: BLE001 - anything odd goes to PIL, which reports it properly
+        return None
 
-    def __init__(self, paths: list[str], image_size: int, max_pixels: int = MAX_PIXELS, with_size: bool = False):
-        self.paths, self.image_size, self.max_pixels, self.with_size = list(paths), image_size, max_pixels, with_size
+
+class ImageFiles(Dataset):
+    """Paths -> (image (3, S, S) uint8, index, error message or "", the file's (width, height) as a (2,) tensor).
+
+    A bad file yields zeros, (0, 0) and its error, so it never stops a worker. raw_jpeg (GPU decoding): plain
+    JPEGs come back as their file bytes, (n,) uint8, for the batch decoder; other files are decoded here."""
+
+    def __init__(self, paths: list[str], image_size: int, max_pixels: int = MAX_PIXELS, raw_jpeg: bool = False):
+        self.paths, self.image_size, self.max_pixels, self.raw_jpeg = list(paths), image_size, max_pixels, raw_jpeg
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        path = self.paths[i]
         try:
-            (image, size), message = read_image(self.paths[i], self.image_size, self.max_pixels), ""
+            size = _plain_jpeg(path, self.max_pixels) if self.raw_jpeg else None
+            if size is not None:
+                with open(path, "rb") as f:
+                    return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), i, "", torch.tensor(size)
+            (image, size), message = read_image(path, self.image_size, self.max_pixels), ""
         except CaptionerError as e:
             image, size, message = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), (0, 0), str(e)
-        return (image, i, message, torch.tensor(size)) if self.with_size else (image, i, message)
-class CaptionPairs(Dataset):
-    """One item per (image, caption): (image or cached features, caption ids (max_len+2,), length).
+        except OSError as e:  # the file went away between the header check and the read
+            image, size, message = (torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), (0, 0),
+                                    f"{path}: cannot read ({e.strerror or e})")
+        return image, i, message, torch.tensor(size)
 
-    `source[i]` gives the input for records[i]: an ImageFiles-like loader or a tensor of precomputed
-    encoder activations, so training code is the same for both.
+
+class CaptionPairs(Dataset):
+    """One item per (image, caption): (input, record index, error or "", size (2,), caption ids (max_len+2,),
+    length), the first four fields as ImageFiles gives them.
+
+    `source[i]` gives the input for records[i]: an ImageFiles over the records' paths (an unreadable image
+    comes with its error, and the batch iterator drops its rows) or encoder activations (a tensor or a
+    feature-cache source), so training code is the same for both.
     """
 
     def __init__(self, records: list[ImageRecord], vocab: Vocabulary, max_len: int, source):
@@ -191,14 +221,8 @@ class CaptionPairs(Dataset):
         record_index, ids = self.pairs[i]
         caption = torch.full((self.max_len + 2,), Vocabulary.pad_id, dtype=torch.long)
         caption[: len(ids)] = torch.tensor(ids)
-        return self.source[record_index], caption, len(ids)
-
-
-class ImageSource:
-    """records[i] -> (3, S, S) uint8; raises CaptionerError naming the file when it cannot be read."""
-
-    def __init__(self, paths: list[str], image_size: int):
-        self.paths, self.image_size = list(paths), image_size
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return load_image(self.paths[i], self.image_size)
+        if isinstance(self.source, ImageFiles):
+            data, _, message, size = self.source[record_index]
+        else:
+            data, message, size = self.source[record_index], "", torch.zeros(2, dtype=torch.long)
+        return data, record_index, message, size, caption, len(ids)

@@ -1,68 +1,82 @@
-"""Batches of images on the device, decoded and resized off the main process or on the GPU.
+"""The one image->batch iterator: every command turns image files (or cached features) into device batches here.
 
-    for images, index, errors in image_batches(paths, 224, batch_size=64, num_workers=8, device=device):
-        ...   # images (B, 3, 224, 224) uint8 on device; index (B,) into paths; errors[j] "" or why j failed
+    for batch in image_batches(paths, 224, batch_size=64, num_workers=8, device=device):
+        ...   # batch.inputs (B, 3, 224, 224) uint8 on device; batch.index (B,) into paths;
+              # batch.errors[j] "" or why file j could not be read (its row is zeros); batch.sizes (B, 2)
+    for batch in Batches(CaptionPairs(...), batch_size, device, sampler=sampler):   # training
+        ...   # + batch.captions (B, T+2), batch.lengths (B,); rows of unreadable images already dropped
 
 CPU decoding (the default): DataLoader workers decode and resize with PIL (data/images.py), the batch goes
 through pinned memory and is copied without blocking. GPU decoding (compute.gpu_decode, CUDA only): workers
 only read the file bytes, nvjpeg decodes the whole batch and the GPU resizes it with antialiased bicubic
 interpolation, which matches PIL's to within a few intensity levels (mean difference ~0.2 of 255). Files that
 are not plain RGB or greyscale JPEGs (PNG, CMYK, EXIF-rotated, huge) are decoded by PIL in the worker instead.
+
+One error policy: an unreadable image never raises. It comes back as an error message that starts with its
+path; `Unreadable` reports each one once (a warning naming it) and counts them, and the commands skip it
+(`caption` writes an error record for it instead).
 """
 from __future__ import annotations
 
+import logging
+import signal
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
 
-from captioner.data.images import MAX_PIXELS, ImageFiles, load_image
+from captioner.data.images import MAX_PIXELS, CaptionPairs, ImageFiles, load_image
 from captioner.errors import CaptionerError
 
-JPEG_MAGIC = b"\xff\xd8\xff"
-EXIF_ORIENTATION = 0x0112
+log = logging.getLogger("captioner")
 
 
-def _plain_jpeg(path: str) -> bool:
-    """A JPEG the batch decoder handles exactly like PIL: RGB or greyscale, upright, not oversized."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(3) != JPEG_MAGIC:
-                return False
-        with Image.open(path) as img:  # reads the header only
-            return (img.format == "JPEG" and img.mode in ("RGB", "L") and img.width * img.height <= MAX_PIXELS
-                    and img.getexif().get(EXIF_ORIENTATION, 1) == 1)
-    except Exception:  # noqa: BLE001 - anything odd goes to PIL, which reports it properly
-        return False
+class Batch(NamedTuple):
+    inputs: torch.Tensor  # (B, 3, S, S) uint8 images or (B, C, H, W) encoder features, on the device
+    index: torch.Tensor  # (B,) long: positions in the dataset (ImageFiles) or records (CaptionPairs)
+    errors: list[str]  # "" or why row j could not be read (its input is zeros)
+    sizes: torch.Tensor  # (B, 2) files' (width, height) as displayed; (0, 0) when unknown or unreadable
+    captions: torch.Tensor | None = None  # (B, T+2) caption ids (training batches only)
+    lengths: torch.Tensor | None = None  # (B,) tokens of each caption, <start> and <end> included
+    read: int = 0  # training: samples the loader read, those dropped as unreadable included
 
 
-class JpegBytes(Dataset):
-    """Paths -> (raw JPEG bytes (n,) uint8, or a PIL-decoded (3, S, S) uint8 image; index; error or "")."""
+class Unreadable:
+    """Counts unreadable images, warning once per image with its path and the reason."""
 
-    def __init__(self, paths: list[str], image_size: int):
-        self.paths, self.image_size = list(paths), image_size
+    def __init__(self):
+        self.messages: dict[str, None] = {}  # insertion-ordered set
+
+    def add(self, message: str) -> None:
+        if message not in self.messages:
+            self.messages[message] = None
+            log.warning("skipped unreadable image: %s", message)
 
     def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        path = self.paths[i]
-        try:
-            if _plain_jpeg(path):
-                with open(path, "rb") as f:
-                    return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), i, ""
-            return load_image(path, self.image_size), i, ""
-        except (CaptionerError, OSError) as e:
-            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), i, str(e)
+        return len(self.messages)
 
 
-def collate_bytes(items):
-    """Keep the variable-length byte tensors as a list (default_collate would try to stack them)."""
-    data, index, errors = zip(*items)
-    return list(data), torch.tensor(index), list(errors)
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C reaches the whole process group, and a worker killed by it would
+    break the main process's clean stop. Workers still exit when the main process goes."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def collate(items):
+    """Stack what stacks; JPEG bytes of different lengths (GPU decoding) stay a list."""
+    columns = list(zip(*items))
+    data = columns[0]
+    if all(t.shape == data[0].shape and t.dtype == data[0].dtype for t in data):
+        inputs = torch.stack(data)
+    else:
+        inputs = list(data)
+    # index, errors (strings stay a list), then sizes and, for training pairs, captions and lengths
+    return [inputs, torch.tensor(columns[1]), list(columns[2]), *(default_collate(list(c)) for c in columns[3:])]
 
 
 def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -87,8 +101,8 @@ def resize_batch(images: list[torch.Tensor], image_size: int) -> torch.Tensor:
 
 def decode_batch(items: list[torch.Tensor], paths: list[str], image_size: int, device: torch.device,
                  errors: list[str]) -> torch.Tensor:
-    """JpegBytes items -> (B, 3, S, S) uint8 on device. A file the batch decoder rejects is read by PIL instead
-    (errors[j] gets PIL's message when that fails too)."""
+    """ImageFiles(raw_jpeg=True) items -> (B, 3, S, S) uint8 on device. A file the batch decoder rejects is
+    read by PIL instead (errors[j] gets PIL's message when that fails too)."""
     jpegs = [j for j, t in enumerate(items) if t.dim() == 1]
     images: list[torch.Tensor | None] = [t.to(device, non_blocking=True) if t.dim() == 3 else None for t in items]
     try:
@@ -117,22 +131,64 @@ def decode_batch(items: list[torch.Tensor], paths: list[str], image_size: int, d
     return out
 
 
+class Batches:
+    """Device batches of an ImageFiles or CaptionPairs dataset, decoded in DataLoader workers (or on the GPU
+    when its ImageFiles has raw_jpeg). Training batches (CaptionPairs) come without the rows of unreadable
+    images, which go to `unreadable`; image batches keep them (zeros and an error) for the caller to report."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0,
+                 sampler=None, shuffle: bool = False, drop_last: bool = False, seed: int = 0,
+                 persistent_workers: bool = False, unreadable: Unreadable | None = None):
+        self.dataset, self.device = dataset, device
+        self.unreadable = unreadable if unreadable is not None else Unreadable()
+        files = dataset.source if isinstance(dataset, CaptionPairs) else dataset
+        self.files = files if isinstance(files, ImageFiles) else None  # None: features, nothing to decode
+        num_workers = min(num_workers, -(-len(dataset) // batch_size))  # no idle worker processes
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle,
+                                 drop_last=drop_last, num_workers=num_workers, collate_fn=collate,
+                                 pin_memory=device.type == "cuda", persistent_workers=persistent_workers and num_workers > 0,
+                                 # its own generator: creating an iterator must not draw from the global RNG
+                                 generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for data, index, errors, sizes, *pairs in self.loader:
+            if isinstance(data, list):  # JPEG bytes: the device decodes them
+                paths = [self.files.paths[i] for i in index.tolist()]
+                inputs = decode_batch(data, paths, self.files.image_size, self.device, errors)
+            else:
+                inputs = data.to(self.device, non_blocking=True)
+            if not pairs:
+                yield Batch(inputs, index, errors, sizes)
+                continue
+            captions, lengths = (t.to(self.device, non_blocking=True) for t in pairs)
+            read, good = len(errors), [j for j, e in enumerate(errors) if not e]
+            for e in filter(None, errors):
+                self.unreadable.add(e)
+            if len(good) < len(errors):  # an unreadable image's captions are left out of the step
+                inputs, captions, lengths = inputs[good], captions[good], lengths[good]
+                index, sizes, errors = index[good], sizes[good], [""] * len(good)
+            yield Batch(inputs, index, errors, sizes, captions, lengths, read)
+
+
 def image_batches(paths: list[str], image_size: int, batch_size: int, num_workers: int, device: torch.device,
-                  device_decode: bool = False):
-    """Yield (images (B, 3, S, S) uint8 on device, index (B,) long into paths, errors list of B strings).
+                  device_decode: bool = False, max_pixels: int = MAX_PIXELS) -> Batches:
+    """Batches of image files: Batch(images (B, 3, S, S) uint8 on device, index into paths, errors, sizes).
 
     A file that cannot be read gives a zero image and its error message; callers skip it and report it.
     device_decode: workers only read bytes and `device` decodes them in batches (nvjpeg on CUDA; on CPU the
     main process would decode, which only tests use).
     """
-    num_workers = min(num_workers, len(paths))
-    if device_decode:
-        loader = DataLoader(JpegBytes(paths, image_size), batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=collate_bytes)
-        for items, index, errors in loader:
-            yield decode_batch(items, [paths[i] for i in index.tolist()], image_size, device, errors), index, errors
-        return
-    loader = DataLoader(ImageFiles(paths, image_size), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    for images, index, errors in loader:
-        yield images.to(device, non_blocking=True), index, list(errors)
+    files = ImageFiles(paths, image_size, max_pixels, raw_jpeg=device_decode)
+    return Batches(files, batch_size, device, num_workers)
+
+
+def feature_batches(features, count: int, batch_size: int, device: torch.device):
+    """Batches of precomputed features (a (N, C, H, W) tensor or a feature-cache source), as image_batches
+    gives images: Batch(features (B, C, H, W) on device, index, no errors, unknown sizes)."""
+    for i in range(0, count, batch_size):
+        j = min(i + batch_size, count)
+        yield Batch(features[i:j].to(device, non_blocking=True), torch.arange(i, j), [""] * (j - i),
+                    torch.zeros(j - i, 2, dtype=torch.long))

@@ -47,10 +47,3 @@ class StopRequest:
     def exit_code(self) -> int:
         """The shell convention for death by this signal: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
         return 128 + signal.Signals[self.signal].value if self.signal else 0
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: Ctrl-C reaches the whole process group, and a worker killed by it would
-    break the main process's clean stop. Workers still exit when the main process goes."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)

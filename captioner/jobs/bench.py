@@ -36,18 +36,18 @@ import torch
 import torchvision
 import yaml
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from captioner import __version__
 from captioner.model.beam import beam_search
 from captioner.engine.compute import autocast, prepare_encoder, use_gpu_decode
 from captioner.config import ComputeConfig, EncoderConfig, ModelConfig
 from captioner.data.cache import FeatureCache, encoder_signature
-from captioner.data.images import CaptionPairs, ImageSource
+from captioner.data.images import CaptionPairs, ImageFiles
 from captioner.data.records import ImageRecord
 from captioner.model.decoder import caption_loss
 from captioner.errors import CaptionerError
-from captioner.jobs.evaluate import predict
+from captioner.data.pipeline import Batches, image_batches
+from captioner.engine.predict import DecodeSettings, caption_batches
 from captioner.jobs.extract import extract_into
 from captioner.model.caption_model import CaptionModel, build_encoder
 from captioner.engine.runtime import resolve_device
@@ -189,9 +189,9 @@ def _train_rate(model, loader, device: torch.device, steps: int, bf16: bool) -> 
     model.train()
     captions_seen, start, step = 0, 0.0, 0
     while step <= steps:
-        for inputs, captions, lengths in loader:
+        for batch in loader:
+            inputs, captions, lengths = batch.inputs, batch.captions, batch.lengths
             width = int(lengths.max())
-            inputs, captions, lengths = (t.to(device, non_blocking=True) for t in (inputs, captions, lengths))
             with autocast(device, bf16):
                 raw = inputs if inputs.is_floating_point() else model.encode(inputs)
                 logits, alphas = model(raw, captions[:, :width])
@@ -213,10 +213,8 @@ def _train_rate(model, loader, device: torch.device, steps: int, bf16: bool) -> 
     return captions_seen / (time.perf_counter() - start)
 
 
-def _loader(pairs: CaptionPairs, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
-    return DataLoader(pairs, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(0))
+def _loader(pairs: CaptionPairs, batch_size: int, num_workers: int, device: torch.device) -> Batches:
+    return Batches(pairs, batch_size, device, num_workers, shuffle=True, drop_last=True, persistent_workers=True)
 
 
 def run(sizes: BenchSizes, device: torch.device, workdir: Path) -> dict:
@@ -269,20 +267,23 @@ def run(sizes: BenchSizes, device: torch.device, workdir: Path) -> dict:
         sizes.train_steps_cached, sizes.bf16)
     if device.type == "cuda":
         results["train_cached_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    image_pairs = CaptionPairs(records, vocab, sizes.max_len, ImageSource(paths, sizes.image_size))
+    image_pairs = CaptionPairs(records, vocab, sizes.max_len, ImageFiles(paths, sizes.image_size))
     results["train_captions_per_s_images"] = _train_rate(
         model, _loader(image_pairs, sizes.train_batch, sizes.num_workers, device), device,
         sizes.train_steps_images, sizes.bf16)
 
     # (d) captioning JPEG files end to end (decode, resize, CNN, decoder), as `captioner caption` does
-    caption_records = _records(paths[: sizes.caption_images], sizes, vocab)
+    caption_paths = paths[: sizes.caption_images]
     for key, beam in (("caption_images_per_s_greedy", 1), ("caption_images_per_s_beam3", sizes.beam_size)):
-        def caption_all(recs=caption_records, beam=beam, workers=sizes.num_workers):
-            predict(model, vocab, recs, sizes.caption_batch, device, beam, sizes.max_len, num_workers=workers,
-                    bf16=sizes.bf16, gpu_decode=gpu_decode)
+        settings = DecodeSettings(beam, sizes.max_len, bf16=sizes.bf16)
 
-        caption_all(caption_records[: sizes.caption_batch], workers=0)  # warm-up
-        results[key] = len(caption_records) / _timed(caption_all, device)
+        def caption_all(files=caption_paths, settings=settings, workers=sizes.num_workers):
+            batches = image_batches(files, sizes.image_size, sizes.caption_batch, workers, device, gpu_decode)
+            for _ in caption_batches(model, vocab, batches, settings):  # what `captioner caption` runs
+                pass
+
+        caption_all(caption_paths[: sizes.caption_batch], workers=0)  # warm-up
+        results[key] = len(caption_paths) / _timed(caption_all, device)
 
     # (e) beam search one image at a time vs all images in one batch, on the same cached features
     raw = source[: sizes.beam_images].to(device)  # (B, C, H, W)

@@ -11,7 +11,8 @@ by batch: rerunning the same command skips the files already in the output (erro
 --retry-errors tries those again, --overwrite starts from scratch), so a killed run loses at most the batch
 in flight and never leaves a duplicate or half-written record.
 
-Images are decoded in DataLoader workers; the encoder and the greedy or beam decoder run on whole batches.
+Images are decoded in DataLoader workers (or on the GPU with compute.gpu_decode); the encoder and the greedy or
+beam decoder run on whole batches, through the same decode path as `evaluate` (engine/predict.py).
 An image gets the same caption alone or in any batch (only the good images of a batch are decoded).
 """
 from __future__ import annotations
@@ -21,32 +22,20 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.model.beam import decode
 from captioner.engine.checkpoint import load_model
-from captioner.engine.compute import autocast, prepare_encoder
-from captioner.data.images import MAX_PIXELS, ImageFiles
+from captioner.engine.compute import prepare_encoder, use_gpu_decode
+from captioner.engine.predict import DecodeSettings, caption_batches
+from captioner.data.images import MAX_PIXELS
+from captioner.data.pipeline import image_batches
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
 from captioner.engine.gallery import Gallery
 from captioner.engine.outputs import CaptionsFile, format_for, same_file
 from captioner.engine.runtime import resolve_device
-from captioner.model.vocab import Vocabulary
 
 log = logging.getLogger("captioner")
-
-
-def words_and_alphas(tokens: torch.Tensor, alphas: torch.Tensor, vocab: Vocabulary) -> tuple[list[str], torch.Tensor]:
-    """tokens (L,), alphas (L, N) -> the caption's words and their (len(words), N) attention weights."""
-    keep = []
-    for t, token in enumerate(tokens.tolist()):
-        if token == Vocabulary.end_id:
-            break
-        if token not in (Vocabulary.pad_id, Vocabulary.start_id):
-            keep.append(t)
-    return [vocab.tokens[int(tokens[t])] for t in keep], alphas[keep]
 
 
 @torch.inference_mode()
@@ -74,8 +63,8 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
                              f"image extensions{'' if recursive else '; add --recursive for sub-folders'})")
     model, vocab, cfg = load_model(checkpoint, device)
     prepare_encoder(model.encoder, device, cfg.compute)  # CUDA: channels_last, optional torch.compile
-    beam_size = beam_size or cfg.decode.beam_size
-    batch_size = batch_size or cfg.decode.batch_size
+    settings = DecodeSettings.of(cfg, beam_size)
+    beam_size, batch_size = settings.beam_size, batch_size or cfg.decode.batch_size
 
     results = CaptionsFile(out_path, fmt, overwrite, retry_errors)
     try:
@@ -89,28 +78,19 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
         log.info("%d of %d images are already in %s: skipped (--overwrite starts again)", skipped, len(files),
                  out_path)
     counts = {"captioned": 0, "errors": 0}
-    start, waiting = time.perf_counter(), 0.0
+    start, waited = time.perf_counter(), [0.0]
     try:
-        loader = DataLoader(ImageFiles(todo, model.encoder.image_size, max_pixels, with_size=True),
-                            batch_size=batch_size, num_workers=min(num_workers, -(-len(todo) // batch_size)),
-                            pin_memory=device.type == "cuda")
+        batches = _timed_iter(image_batches(todo, model.encoder.image_size, batch_size, num_workers, device,
+                                            use_gpu_decode(cfg.compute, device), max_pixels), waited)
         bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=not log.isEnabledFor(logging.INFO))
-        batches = iter(loader)
-        while True:
-            tick = time.perf_counter()
-            batch = next(batches, None)
-            waiting += time.perf_counter() - tick
-            if batch is None:
-                break
-            images, index, messages, sizes = batch
-            try:
-                _caption_batch(model, vocab, cfg, beam_size, device, [todo[i] for i in index.tolist()], images,
-                               messages, sizes, results, gallery, counts)
-            except torch.cuda.OutOfMemoryError:
-                raise CaptionerError(f"out of GPU memory at --batch-size {batch_size}: rerun with a smaller one "
-                                     f"(the images captioned so far are kept)") from None
-            bar.update(len(index))
-            bar.set_postfix(errors=counts["errors"], refresh=False)
+        try:
+            for batch, captioned in caption_batches(model, vocab, batches, settings, attention=gallery is not None):
+                _write_batch(model, todo, batch, captioned, results, gallery, counts)
+                bar.update(len(captioned))
+                bar.set_postfix(errors=counts["errors"], refresh=False)
+        except torch.cuda.OutOfMemoryError:
+            raise CaptionerError(f"out of GPU memory at --batch-size {batch_size}: rerun with a smaller one "
+                                 f"(the images captioned so far are kept)") from None
         bar.close()
     except KeyboardInterrupt:
         log.warning("interrupted: %d images captioned so far are saved in %s; rerun the same command to resume",
@@ -124,7 +104,7 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
     done = counts["captioned"] + counts["errors"]
     failed = sorted(f for f in files if "error" in results.done.get(same_file(f), {}))
     log.info("captioned %d images in %.1fs (%.1f images/s, %.1fs waiting for image decoding); %d could not be "
-             "read", counts["captioned"], seconds, done / seconds if seconds else 0.0, waiting, counts["errors"])
+             "read", counts["captioned"], seconds, done / seconds if seconds else 0.0, waited[0], counts["errors"])
     for f in failed[:5]:
         log.warning("  %s: %s", f, results.done[same_file(f)]["error"])
     if len(failed) > 5:
@@ -134,34 +114,39 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
             "images_per_second": round(done / seconds, 2) if seconds else None}
 
 
-def _caption_batch(model, vocab, cfg, beam_size, device, files, images, messages, sizes, results, gallery, counts):
-    """Encode and decode the good images of one batch; append their records (and gallery entries) at once."""
-    good = [row for row, message in enumerate(messages) if not message]
-    if good:  # unreadable images are never encoded: a batch's captions do not depend on its bad files
-        with autocast(device, cfg.compute.bf16):  # bf16 on CUDA, float32 elsewhere
-            raw = model.encode(images.to(device, non_blocking=True)[good])  # (G, 3, S, S) -> (G, C, H, W)
-            decoded = decode(model, raw, beam_size, cfg.decode.max_len, cfg.decode.length_penalty)
-        # One copy to the host per batch: (G, L) tokens, (G,) scores, (G, L, N) attention.
-        tokens, scores, alphas = decoded.tokens.cpu(), decoded.scores.cpu(), decoded.alphas.float().cpu()
+def _timed_iter(iterable, waited: list):
+    """Iterate, adding the seconds spent waiting for each item to waited[0] (time spent decoding images)."""
+    iterator = iter(iterable)
+    while True:
+        tick = time.perf_counter()
+        item = next(iterator, None)
+        waited[0] += time.perf_counter() - tick
+        if item is None:
+            return
+        yield item
+
+
+def _write_batch(model, todo, batch, captioned, results, gallery, counts) -> None:
+    """Append one batch's records (and gallery entries) at once."""
     records = []
-    for row, (file, message) in enumerate(zip(files, messages)):
-        entry = None
-        if message:
-            # The dataset's message starts with the path, which the record already holds.
-            record = {"file": file, "error": message.removeprefix(f"{file}: ")}
+    for c in captioned:
+        file = todo[c.index]
+        if c.error:
+            # The pipeline's message starts with the path, which the record already holds.
+            record = {"file": file, "error": c.error.removeprefix(f"{file}: ")}
         else:
-            g = good.index(row)
-            words, word_alphas = words_and_alphas(tokens[g], alphas[g], vocab)
-            record = {"file": file, "caption": " ".join(words), "score": round(float(scores[g]), 4)}
-            entry = (images[row].permute(1, 2, 0).numpy(), tuple(sizes[row].tolist()), words, word_alphas.numpy())
+            record = {"file": file, "caption": c.caption, "score": round(c.score, 4)}
         if same_file(file) not in results.done:
             records.append(record)
-            counts["errors" if message else "captioned"] += 1
+            counts["errors" if c.error else "captioned"] += 1
         if gallery is not None and not gallery.has(file):
-            if entry is None:
+            if c.error:
                 gallery.add_error(file, record["error"])
             else:
-                gallery.add(file, *entry, grid=model.grid, score=record["score"])
+                row = batch.index.tolist().index(c.index)
+                image = batch.inputs[row].permute(1, 2, 0).cpu().numpy()  # (3, S, S) -> (S, S, 3) uint8
+                gallery.add(file, image, tuple(batch.sizes[row].tolist()), c.words, c.alphas.numpy(),
+                            grid=model.grid, score=record["score"])
     results.append(records)
     if gallery is not None:
         gallery.flush()

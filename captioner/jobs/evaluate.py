@@ -16,53 +16,18 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from captioner.model.beam import decode
 from captioner.engine.checkpoint import load_model
-from captioner.engine.compute import autocast, prepare_encoder, use_gpu_decode
+from captioner.engine.compute import prepare_encoder, use_gpu_decode
+from captioner.engine.predict import DecodeSettings, predict
 from captioner.config import apply_overrides
 from captioner.data import by_split, load_records
 from captioner.data.cache import cached_source
-from captioner.data.pipeline import image_batches
 from captioner.errors import CaptionerError
 from captioner.metrics.coco import caption_metrics
 from captioner.metrics.diversity import caption_diversity
 from captioner.engine.runtime import resolve_device
 
 log = logging.getLogger("captioner")
-
-
-@torch.inference_mode()
-def predict(model, vocab, records, batch_size: int, device, beam_size: int = 1, max_len: int = 30,
-            length_penalty: float = 0.0, features=None, num_workers: int = 0, bf16: bool = True,
-            gpu_decode: bool = False) -> dict:
-    """Caption every record -> {image_id: caption}; unreadable images are reported and left out.
-
-    features skips the encoder when given: an (N, C, H, W) tensor or a feature-cache source (features[i:j]
-    -> (j-i, C, H, W)). bf16: autocast on CUDA. gpu_decode: JPEGs decoded on the GPU (CUDA only).
-    """
-    model.eval()
-    results = {}
-    if features is not None:
-        batches = ((features[i:i + batch_size], range(i, min(i + batch_size, len(records))), None)
-                   for i in range(0, len(records), batch_size))
-    else:
-        batches = image_batches([r.path for r in records], model.encoder.image_size, batch_size, num_workers,
-                                device, gpu_decode)
-    for inputs, index, errors in tqdm(batches, desc="captioning", unit="batch", leave=False,
-                                      total=-(-len(records) // batch_size)):
-        inputs = inputs.to(device, non_blocking=True)
-        with autocast(device, bf16):
-            raw = inputs if inputs.is_floating_point() else model.encode(inputs)
-            out = decode(model, raw, beam_size, max_len, length_penalty)
-        for row, i in enumerate(index):
-            if errors is not None and errors[row]:
-                log.warning("skipped: %s", errors[row])
-                continue
-            results[records[int(i)].image_id] = vocab.decode(out.tokens[row].tolist())
-    return results
 
 
 def _write_json(path: Path, data) -> None:
@@ -85,9 +50,8 @@ def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out
         raise CaptionerError(f"split '{split}' of the dataset has no captioned images")
     cached = cached_source(cfg, model.encoder, records, f"{split} split")  # None: run the encoder
     features, records = cached if cached else (None, records)
-    hypotheses = predict(model, vocab, records, batch_size or cfg.decode.batch_size, device, beam_size,
-                         cfg.decode.max_len, cfg.decode.length_penalty, features=features,
-                         num_workers=cfg.train.num_workers, bf16=cfg.compute.bf16,
+    hypotheses = predict(model, vocab, records, DecodeSettings.of(cfg, beam_size), batch_size or cfg.decode.batch_size,
+                         device, features=features, num_workers=cfg.train.num_workers,
                          gpu_decode=use_gpu_decode(cfg.compute, device))
     if len(hypotheses) != len(records):
         log.warning("scored %d captions for %d images in the split", len(hypotheses), len(records))

@@ -98,7 +98,8 @@ def extract_into(cache: FeatureCache, encoder, records: list, batch_size: int, n
     with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=len(todo), unit="img", desc=desc) as bar:
         pending = deque()
         try:
-            for images, index, errors in batches:
+            for batch in batches:
+                images, index, errors = batch.inputs, batch.index, batch.errors
                 ok = [j for j, e in enumerate(errors) if not e]
                 failures = [(todo[int(index[j])], e) for j, e in enumerate(errors) if e]
                 for _, message in failures:

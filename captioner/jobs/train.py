@@ -29,22 +29,22 @@ import torch
 import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.engine import distributed
 from captioner.engine.checkpoint import check_resumable, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from captioner.engine.compute import autocast, prepare_encoder
+from captioner.engine.compute import autocast, prepare_encoder, use_gpu_decode
 from captioner.config import Config, apply_overrides, from_dict, load_config, to_dict
 from captioner.data import by_split, load_records
 from captioner.data.cache import training_inputs as cached_inputs
-from captioner.data.images import CaptionPairs, ImageFiles, ImageSource
+from captioner.data.images import CaptionPairs, ImageFiles
+from captioner.data.pipeline import Batches, Unreadable, image_batches
 from captioner.data.sampler import ResumableSampler
 from captioner.model.decoder import caption_loss
 from captioner.engine.distributed import Process
 from captioner.errors import CaptionerError
-from captioner.jobs.evaluate import predict
-from captioner.engine.interrupt import StopRequest, ignore_stop_signals
+from captioner.engine.predict import DecodeSettings, predict
+from captioner.engine.interrupt import StopRequest
 from captioner.metrics.coco import corpus_bleu_scores
 from captioner.model.caption_model import CaptionModel, build_encoder
 from captioner.engine.rundir import MetricsLog, clear_run_files, config_differences, plan_run
@@ -60,23 +60,23 @@ ARCHITECTURE_KEYS = ("encoder.arch", "encoder.layer", "encoder.in_channels", "en
 
 
 @torch.no_grad()
-def extract_features(model: CaptionModel, records, batch_size: int, num_workers: int, device,
-                     desc: str = "features", progress_bar: bool = True):
+def extract_features(model: CaptionModel, records, batch_size: int, num_workers: int, device, gpu_decode: bool,
+                     unreadable: Unreadable, desc: str = "features", progress_bar: bool = True):
     """Run the frozen encoder once over records -> (float32 (N, C, H, W) on CPU, records kept).
-    Unreadable images are reported and dropped."""
-    loader = DataLoader(ImageFiles([r.path for r in records], model.encoder.image_size), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
-    chunks, bad = [], []
-    for images, index, errors in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress_bar):
-        chunks.append(model.encode(images.to(device, non_blocking=True)).float().cpu())
-        bad.extend(int(i) for i, e in zip(index, errors) if e)
-        for e in filter(None, errors):
-            log.warning("skipped: %s", e)
+    Unreadable images are reported, counted and dropped."""
+    batches = image_batches([r.path for r in records], model.encoder.image_size, batch_size, num_workers, device,
+                            gpu_decode)
+    chunks, keep = [], []
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress_bar):
+        good = [j for j, e in enumerate(batch.errors) if not e]
+        for e in filter(None, batch.errors):
+            unreadable.add(e)
+        if good:
+            chunks.append(model.encode(batch.inputs[good]).float().cpu())
+            keep.extend(int(batch.index[j]) for j in good)
     if not chunks:
         return torch.empty(0), []
-    features = torch.cat(chunks)
-    keep = [i for i in range(len(records)) if i not in set(bad)]
-    return features[keep], [records[i] for i in keep]
+    return torch.cat(chunks), [records[i] for i in keep]
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -89,41 +89,43 @@ class TrainingInputs:
     val_features: object  # (N, C, H, W) tensor or cache source for val_records, or None: read the images
     val_records: list  # this process's share of the val images
     num_workers: int
+    unreadable: Unreadable  # images skipped because they could not be read
 
 
 def training_inputs(cfg: Config, model: CaptionModel, train_records, val_records, process: Process) -> TrainingInputs:
     """Choose the input source: encoder features computed once per image (a frozen encoder gives the same ones
     every epoch) or image files read per batch. One place, so that a feature cache can take over."""
     val_records = val_records[process.rank::process.world_size]  # validation is split across processes
+    unreadable, gpu_decode = Unreadable(), use_gpu_decode(cfg.compute, process.device)
     cached = None if cfg.encoder.finetune_from else cached_inputs(cfg, model.encoder, train_records, val_records)
     if cached is not None:  # memory-mapped feature cache: workers read only the rows each batch needs
         train_source, train_records, val_features, val_records = cached
-        return TrainingInputs(train_source, train_records, val_features, val_records, cfg.train.num_workers)
+        return TrainingInputs(train_source, train_records, val_features, val_records, cfg.train.num_workers,
+                              unreadable)
     precompute = cfg.train.precompute_features
     if precompute and cfg.encoder.finetune_from:
         log.info("encoder.finetune_from=%s: the encoder changes while training, so its features are computed "
                  "per batch (train.precompute_features ignored)", cfg.encoder.finetune_from)
         precompute = False
     if not precompute:
-        source = ImageSource([r.path for r in train_records], cfg.encoder.image_size)
-        return TrainingInputs(source, train_records, None, val_records, cfg.train.num_workers)
+        source = ImageFiles([r.path for r in train_records], cfg.encoder.image_size, raw_jpeg=gpu_decode)
+        return TrainingInputs(source, train_records, None, val_records, cfg.train.num_workers, unreadable)
     device, bar = process.device, process.is_main
     train_features, train_records = extract_features(model, train_records, cfg.decode.batch_size,
-                                                     cfg.train.num_workers, device, "train features", bar)
-    val_features, val_records = extract_features(model, val_records, cfg.decode.batch_size,
-                                                 cfg.train.num_workers, device, "val features", bar)
-    return TrainingInputs(train_features, train_records, val_features, val_records, 0)  # in memory: no workers
+                                                     cfg.train.num_workers, device, gpu_decode, unreadable,
+                                                     "train features", bar)
+    val_features, val_records = extract_features(model, val_records, cfg.decode.batch_size, cfg.train.num_workers,
+                                                 device, gpu_decode, unreadable, "val features", bar)
+    return TrainingInputs(train_features, train_records, val_features, val_records, 0, unreadable)  # in memory
 
 
 def build_train_loader(cfg: Config, vocab: Vocabulary, inputs: TrainingInputs,
-                       process: Process) -> tuple[DataLoader, ResumableSampler]:
+                       process: Process) -> tuple[Batches, ResumableSampler]:
     pairs = CaptionPairs(inputs.train_records, vocab, cfg.dataset.max_len, inputs.train_source)
     sampler = ResumableSampler(len(pairs), cfg.train.seed, process.rank, process.world_size)
     per_process = -(-len(pairs) // process.world_size)
-    loader = DataLoader(pairs, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=inputs.num_workers,
-                        drop_last=per_process > cfg.train.batch_size, pin_memory=process.device.type == "cuda",
-                        # its own generator: creating an iterator must not draw from the global RNG restored on resume
-                        generator=torch.Generator().manual_seed(cfg.train.seed), worker_init_fn=ignore_stop_signals)
+    loader = Batches(pairs, cfg.train.batch_size, process.device, inputs.num_workers, sampler=sampler,
+                     drop_last=per_process > cfg.train.batch_size, seed=cfg.train.seed, unreadable=inputs.unreadable)
     return loader, sampler
 
 
@@ -293,7 +295,7 @@ def _skip_step(run: TrainingRun, epoch: int, why: str) -> None:
                              f"(train.max_bad_steps); {kept}; try a lower train.lr or train.grad_clip")
 
 
-def train_one_epoch(run: TrainingRun, loader: DataLoader, epoch: int) -> bool:
+def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
     """Train from run.progress.sample to the end of the epoch. Returns False when a stop signal ended it early
     (last.pt is saved by then)."""
     cfg, progress, process = run.cfg, run.progress, run.process
@@ -304,9 +306,12 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader, epoch: int) -> bool:
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not process.is_main,
                initial=done, total=done + len(loader))
     tick = time.perf_counter()
-    for inputs, captions, lengths in bar:
+    for batch in bar:
         data_s = time.perf_counter() - tick
-        inputs, captions, lengths = (x.to(device, non_blocking=True) for x in (inputs, captions, lengths))
+        inputs, captions, lengths = batch.inputs, batch.captions, batch.lengths
+        if not process.distributed and captions.shape[0] == 0:  # every image unreadable: nothing to learn from
+            progress.sample += batch.read  # (under DDP the step runs and skips itself: every process must join)
+            continue
         width = int(lengths.max())  # trim padding beyond the longest caption in the batch
         step = progress.step + 1
         lr = run.schedule.step(step)
@@ -315,7 +320,7 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader, epoch: int) -> bool:
         loss, global_loss, stop = _reduce_step(run, loss, ce, lengths)
         grad_norm = _backward_and_step(run, loss) if math.isfinite(global_loss) else None
         run.optimizer.zero_grad(set_to_none=True)
-        progress.step, progress.sample = step, progress.sample + captions.shape[0] * process.world_size
+        progress.step, progress.sample = step, progress.sample + batch.read * process.world_size
 
         if grad_norm is None:
             _skip_step(run, epoch, "non-finite loss" if not math.isfinite(global_loss) else "non-finite gradient")
@@ -353,9 +358,10 @@ def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict
     """Greedy captions of this process's share of the val images, gathered and scored on rank 0 with
     captioner.metrics; every process gets the scores (plus "images": how many were captioned)."""
     cfg = run.cfg
-    hypotheses = predict(run.model, run.vocab, inputs.val_records, cfg.decode.batch_size, run.process.device,
-                         beam_size=1, max_len=cfg.decode.max_len, features=inputs.val_features,
-                         num_workers=cfg.train.num_workers) if inputs.val_records else {}
+    hypotheses = predict(run.model, run.vocab, inputs.val_records, DecodeSettings.of(cfg, beam_size=1),
+                         cfg.decode.batch_size, run.process.device, features=inputs.val_features,
+                         num_workers=cfg.train.num_workers, unreadable=inputs.unreadable,
+                         progress_bar=run.process.is_main) if inputs.val_records else {}
     parts = distributed.gather_to_main(hypotheses, run.process)
     scores = None
     if run.process.is_main:
@@ -576,4 +582,4 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     return {"best_checkpoint": str(run_dir / "best.pt"), "last_checkpoint": str(run_dir / "last.pt"),
             "best_bleu4": progress.best_scores.get("bleu4", -math.inf), "best_score": progress.best_score,
             "select_metric": cfg.train.select_metric, "epochs": progress.epoch, "steps": progress.step,
-            "stopped": stopped}
+            "stopped": stopped, "unreadable_images": len(inputs.unreadable)}

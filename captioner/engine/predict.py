@@ -1,0 +1,133 @@
+"""The one decode path: images or features -> captions, with scores and per-word attention.
+
+    settings = DecodeSettings.of(cfg, beam_size=3)
+    records = caption_batch(model, vocab, images, settings)          # images (B, 3, S, S) uint8 on device
+    for batch, records in caption_batches(model, vocab, image_batches(...), settings): ...
+    captions = predict(model, vocab, dataset_records, settings, batch_size=64, device=device)
+
+`evaluate`, `caption`, validation during `train` and `bench` all go through caption_batch, so a caption is
+the same whichever command produced it, and the benchmark times the product's own code.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from captioner.config import Config
+from captioner.data.pipeline import Unreadable, feature_batches, image_batches
+from captioner.engine.compute import autocast
+from captioner.model.beam import decode
+from captioner.model.vocab import Vocabulary
+
+log = logging.getLogger("captioner")
+
+
+@dataclass
+class DecodeSettings:
+    beam_size: int = 1  # 1 is greedy
+    max_len: int = 30  # longest caption, in words
+    length_penalty: float = 0.0  # 0 ranks beams by total log-probability; 1 by mean per word
+    bf16: bool = True  # bf16 autocast on CUDA
+
+    @classmethod
+    def of(cls, cfg: Config, beam_size: int | None = None) -> "DecodeSettings":
+        """cfg.decode and cfg.compute's settings; beam_size overrides decode.beam_size."""
+        return cls(beam_size or cfg.decode.beam_size, cfg.decode.max_len, cfg.decode.length_penalty,
+                   cfg.compute.bf16)
+
+
+@dataclass
+class Captioned:
+    """One image's caption, or why the image could not be read."""
+    index: int  # position in the batch's source (paths or records)
+    caption: str = ""
+    score: float = 0.0  # the caption's total log-probability
+    words: list[str] = field(default_factory=list)
+    alphas: torch.Tensor | None = None  # (len(words), N) float32 attention over the N regions (attention=True)
+    error: str = ""  # "" or why the image could not be read
+
+
+def words_and_alphas(tokens: torch.Tensor, alphas: torch.Tensor, vocab: Vocabulary) -> tuple[list[str], torch.Tensor]:
+    """tokens (L,), alphas (L, N) -> the caption's words and their (len(words), N) attention weights."""
+    keep = []
+    for t, token in enumerate(tokens.tolist()):
+        if token == Vocabulary.end_id:
+            break
+        if token not in (Vocabulary.pad_id, Vocabulary.start_id):
+            keep.append(t)
+    return [vocab.tokens[int(tokens[t])] for t in keep], alphas[keep]
+
+
+@torch.inference_mode()
+def caption_batch(model, vocab: Vocabulary, inputs: torch.Tensor, settings: DecodeSettings,
+                  attention: bool = False) -> list[Captioned]:
+    """inputs (B, 3, S, S) uint8 images or (B, C, H, W) float encoder features on the model's device
+    -> B Captioned (index = row). The model runs in eval mode and goes back to its mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(inputs.device, settings.bf16):  # bf16 on CUDA, float32 elsewhere
+            raw = inputs if inputs.is_floating_point() else model.encode(inputs)  # -> (B, C, H, W)
+            out = decode(model, raw, settings.beam_size, settings.max_len, settings.length_penalty)
+    finally:
+        model.train(was_training)
+    # One copy to the host per batch: (B, L) tokens, (B,) scores and, when asked for, (B, L, N) attention.
+    tokens, scores = out.tokens.cpu(), out.scores.float().cpu()
+    alphas = out.alphas.float().cpu() if attention else torch.empty(tokens.shape[0], tokens.shape[1], 0)
+    records = []
+    for row in range(tokens.shape[0]):
+        words, word_alphas = words_and_alphas(tokens[row], alphas[row], vocab)
+        records.append(Captioned(row, " ".join(words), float(scores[row]), words,
+                                 word_alphas if attention else None))
+    return records
+
+
+def caption_batches(model, vocab: Vocabulary, batches, settings: DecodeSettings, attention: bool = False):
+    """For each pipeline Batch -> (batch, one Captioned per row, index = batch.index[row]).
+
+    Only the readable rows are decoded, so an image's caption never depends on the other files of its batch;
+    an unreadable one gets Captioned(error=why), the message starting with the file's path."""
+    for batch in batches:
+        good = [row for row, error in enumerate(batch.errors) if not error]
+        decoded = iter(caption_batch(model, vocab, batch.inputs[good] if len(good) < len(batch.errors)
+                                     else batch.inputs, settings, attention) if good else [])
+        index = batch.index.tolist()
+        records = []
+        for row, error in enumerate(batch.errors):
+            if error:
+                records.append(Captioned(index[row], error=error))
+            else:
+                record = next(decoded)
+                record.index = index[row]
+                records.append(record)
+        yield batch, records
+
+
+def predict(model, vocab: Vocabulary, records, settings: DecodeSettings, batch_size: int, device: torch.device,
+            features=None, num_workers: int = 0, gpu_decode: bool = False,
+            unreadable: Unreadable | None = None, progress_bar: bool = True) -> dict:
+    """Caption every dataset record -> {image_id: caption}; unreadable images are reported (unreadable) and
+    left out.
+
+    features skips the encoder when given: an (N, C, H, W) tensor or a feature-cache source (features[i:j]
+    -> (j-i, C, H, W)) for records. gpu_decode: JPEGs decoded on the GPU (CUDA only)."""
+    unreadable = unreadable if unreadable is not None else Unreadable()
+    if features is not None:
+        batches = feature_batches(features, len(records), batch_size, device)
+    else:
+        batches = image_batches([r.path for r in records], model.encoder.image_size, batch_size, num_workers,
+                                device, gpu_decode)
+    results = {}
+    bar = tqdm(total=len(records), desc="captioning", unit="img", leave=False, disable=not progress_bar)
+    for _, captioned in caption_batches(model, vocab, batches, settings):
+        for c in captioned:
+            if c.error:
+                unreadable.add(c.error)
+            else:
+                results[records[c.index].image_id] = c.caption
+        bar.update(len(captioned))
+    bar.close()
+    return results
