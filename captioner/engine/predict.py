@@ -31,12 +31,14 @@ class DecodeSettings:
     max_len: int = 30  # longest caption, in words
     length_penalty: float = 0.0  # 0 ranks beams by total log-probability; 1 by mean per word
     bf16: bool = True  # bf16 autocast on CUDA
+    sample: bool = False  # draw each word from the model's distribution (beam_size is then ignored)
+    temperature: float = 1.0  # sampling only
 
     @classmethod
     def of(cls, cfg: Config, beam_size: int | None = None) -> "DecodeSettings":
         """cfg.decode and cfg.compute's settings; beam_size overrides decode.beam_size."""
         return cls(beam_size or cfg.decode.beam_size, cfg.decode.max_len, cfg.decode.length_penalty,
-                   cfg.compute.bf16)
+                   cfg.compute.bf16, cfg.decode.sample, cfg.decode.temperature)
 
 
 @dataclass
@@ -71,7 +73,8 @@ def caption_batch(model, vocab: Vocabulary, inputs: torch.Tensor, settings: Deco
     try:
         with autocast(inputs.device, settings.bf16):  # bf16 on CUDA, float32 elsewhere
             raw = inputs if inputs.is_floating_point() else model.encode(inputs)  # -> (B, C, H, W)
-            out = decode(model, raw, settings.beam_size, settings.max_len, settings.length_penalty)
+            out = decode(model, raw, settings.beam_size, settings.max_len, settings.length_penalty,
+                         settings.sample, settings.temperature)
     finally:
         model.train(was_training)
     # One copy to the host per batch: (B, L) tokens, (B,) scores and, when asked for, (B, L, N) attention.

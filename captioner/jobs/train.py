@@ -358,7 +358,7 @@ def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict
     """Greedy captions of this process's share of the val images, gathered and scored on rank 0 with
     captioner.metrics; every process gets the scores (plus "images": how many were captioned)."""
     cfg = run.cfg
-    hypotheses = predict(run.model, run.vocab, inputs.val_records, DecodeSettings.of(cfg, beam_size=1),
+    hypotheses = predict(run.model, run.vocab, inputs.val_records, DecodeSettings(1, cfg.decode.max_len, bf16=cfg.compute.bf16),
                          cfg.decode.batch_size, run.process.device, features=inputs.val_features,
                          num_workers=cfg.train.num_workers, unreadable=inputs.unreadable,
                          progress_bar=run.process.is_main) if inputs.val_records else {}
