@@ -100,10 +100,15 @@ class CacheConfig:
     use: bool = True  # train and evaluate read features from the cache when it is valid and covers the split
 
 
+# auto | true | false; YAML and overrides may also give a boolean (true/false, yes/no, on/off).
+Switch = typing.Literal["auto", "true", "false"]
+
+
 @dataclass
 class ComputeConfig:
-    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True  # the CNN in channels_last memory format on CUDA (ignored on CPU)
+    # auto: on CUDA, and on CPUs with native bf16 units (AVX-512 BF16, AMX); see engine/compute.py
+    bf16: Switch = "auto"  # bf16 autocast; weights, optimizer state, loss and checkpoints stay float32
+    channels_last: Switch = "auto"  # the CNN in channels_last (NHWC) memory format
     compile: bool = False  # torch.compile the encoder: a slow first batch, then faster; for long runs
     gpu_decode: bool = False  # CUDA only: workers read JPEG bytes, the GPU decodes and resizes them in batches
 
@@ -136,12 +141,17 @@ def _unknown_key(key: str, cfg: Config) -> CaptionerError:
     return CaptionerError(f"unknown config key '{key}'{hint}; valid keys: {', '.join(keys)}")
 
 
-def _coerce(key: str, value, annotation):
+def coerce(key: str, value, annotation):
     """Convert a YAML/CLI value to the field's declared type, or raise a one-line error."""
     hint = annotation
     args = typing.get_args(hint)
     if value is None and type(None) in args:
         return None
+    if typing.get_origin(hint) is typing.Literal:  # a Switch: booleans are its "true" / "false"
+        value = ("true" if value else "false") if isinstance(value, bool) else value
+        if value in args:
+            return value
+        raise CaptionerError(f"config key '{key}' must be one of {', '.join(args)}, got {value!r}")
     target = next((a for a in args if a is not type(None)), hint) if args else hint
     if target in (int, float) and isinstance(value, str):
         try:  # YAML reads "1e-3" (no dot) as a string
@@ -165,7 +175,7 @@ def _set(cfg: Config, key: str, value) -> None:
     if section is None or name not in {f.name for f in dataclasses.fields(section)}:
         raise _unknown_key(key, cfg)
     annotation = typing.get_type_hints(type(section))[name]
-    setattr(section, name, _coerce(key, value, annotation))
+    setattr(section, name, coerce(key, value, annotation))
 
 
 def from_dict(data: dict, cfg: Config | None = None) -> Config:

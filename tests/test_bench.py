@@ -12,6 +12,7 @@ from captioner.jobs import bench
 from captioner.model.beam import beam_search
 from captioner.cli import main
 from captioner.config import EncoderConfig, ModelConfig
+from captioner.engine.compute import cpu_capability
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
 
@@ -29,7 +30,11 @@ def test_bench_smoke_writes_json_with_every_key(tmp_path, capsys):
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
         assert key in table
     assert results["settings"]["arch"] == "resnet18" and results["settings"]["max_len"] == 4
-    assert results["settings"]["device_type"] == "cpu" and results["settings"]["bf16_active"] is False
+    # bf16 and channels_last resolve `auto` for this CPU: on with native bf16 units, off otherwise.
+    native = cpu_capability().native_bf16
+    assert results["settings"]["device_type"] == "cpu" and results["settings"]["bf16_active"] is native
+    assert results["settings"]["channels_last_active"] is native and "native_bf16" in results["cpu_capability"]
+    assert ("AVX512-BF16" in table) and ("bf16 on" if native else "bf16 off") in table
     assert results["versions"]["torch"] == torch.__version__ and "CPU, 1 threads" in results["device"]
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from captioner.config import Config
 from captioner.data.pipeline import Unreadable, feature_batches, image_batches
-from captioner.engine.compute import autocast
+from captioner.engine.compute import Compute, autocast
 from captioner.model.beam import decode
 from captioner.model.vocab import Vocabulary
 
@@ -30,15 +30,15 @@ class DecodeSettings:
     beam_size: int = 1  # 1 is greedy
     max_len: int = 30  # longest caption, in words
     length_penalty: float = 0.0  # 0 ranks beams by total log-probability; 1 by mean per word
-    bf16: bool = True  # bf16 autocast on CUDA
+    bf16: bool = False  # bf16 autocast: the resolved compute.bf16 (Compute.bf16), never the config's string
     sample: bool = False  # draw each word from the model's distribution (beam_size is then ignored)
     temperature: float = 1.0  # sampling only
 
     @classmethod
-    def of(cls, cfg: Config, beam_size: int | None = None) -> "DecodeSettings":
-        """cfg.decode and cfg.compute's settings; beam_size overrides decode.beam_size."""
+    def of(cls, cfg: Config, beam_size: int | None = None, *, compute: Compute) -> "DecodeSettings":
+        """cfg.decode's settings in compute's precision; beam_size overrides decode.beam_size."""
         return cls(beam_size or cfg.decode.beam_size, cfg.decode.max_len, cfg.decode.length_penalty,
-                   cfg.compute.bf16, cfg.decode.sample, cfg.decode.temperature)
+                   compute.bf16, cfg.decode.sample, cfg.decode.temperature)
 
 
 @dataclass
@@ -71,7 +71,7 @@ def caption_batch(model, vocab: Vocabulary, inputs: torch.Tensor, settings: Deco
     was_training = model.training
     model.eval()
     try:
-        with autocast(inputs.device, settings.bf16):  # bf16 on CUDA, float32 elsewhere
+        with autocast(inputs.device, settings.bf16):  # bf16 where compute.bf16 resolved on
             raw = inputs if inputs.is_floating_point() else model.encode(inputs)  # -> (B, C, H, W)
             out = decode(model, raw, settings.beam_size, settings.max_len, settings.length_penalty,
                          settings.sample, settings.temperature)

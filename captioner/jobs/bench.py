@@ -39,8 +39,8 @@ from PIL import Image
 
 from captioner import __version__
 from captioner.model.beam import beam_search
-from captioner.engine.compute import autocast, prepare_encoder, use_gpu_decode
-from captioner.config import ComputeConfig, EncoderConfig, ModelConfig
+from captioner.engine.compute import Compute, autocast, cpu_capability, setup_compute
+from captioner.config import ComputeConfig, EncoderConfig, ModelConfig, Switch, coerce
 from captioner.data.cache import FeatureCache, encoder_signature
 from captioner.data.images import CaptionPairs, ImageFiles
 from captioner.data.records import ImageRecord
@@ -86,9 +86,9 @@ class BenchSizes:
     beam_images: int = 32  # per-image vs batched beam: one batch of this many images
     num_workers: int = 2
     cache_dtype: str = "bfloat16"
-    bf16: bool = True  # CUDA only
-    channels_last: bool = True  # CUDA only
-    compile: bool = False  # CUDA only
+    bf16: Switch = "auto"  # auto | true | false, as compute.bf16: on CUDA and on CPUs with native bf16
+    channels_last: Switch = "auto"  # as compute.channels_last
+    compile: bool = False
     gpu_decode: bool = False  # CUDA only
 
 
@@ -112,6 +112,10 @@ def apply_overrides(sizes: BenchSizes, overrides: list[str]) -> BenchSizes:
         if not sep or key not in types:
             raise CaptionerError(f"bench override '{item}' is not field=value with a field among: {', '.join(types)}")
         value = yaml.safe_load(raw)
+        if typing.get_origin(types[key]) is typing.Literal:  # bf16=false, channels_last=auto, ...
+            value = coerce(key, value, types[key])
+            setattr(sizes, key, value)
+            continue
         if types[key] is float and isinstance(value, int):
             value = float(value)
         if not isinstance(value, types[key]) or (types[key] is int and isinstance(value, bool)):
@@ -217,13 +221,12 @@ def _loader(pairs: CaptionPairs, batch_size: int, num_workers: int, device: torc
     return Batches(pairs, batch_size, device, num_workers, shuffle=True, drop_last=True, persistent_workers=True)
 
 
-def run(sizes: BenchSizes, device: torch.device, workdir: Path) -> dict:
-    """Every measurement of the module docstring, as {key: items per second}."""
+def run(sizes: BenchSizes, compute: Compute, workdir: Path) -> dict:
+    """Every measurement of the module docstring, as {key: items per second}, in compute's precision."""
     torch.manual_seed(0)
-    compute = ComputeConfig(sizes.bf16, sizes.channels_last, sizes.compile, sizes.gpu_decode)
-    gpu_decode = use_gpu_decode(compute, device)
+    device, bf16, gpu_decode = compute.device, compute.bf16, compute.gpu_decode
     encoder_cfg = EncoderConfig(arch=sizes.arch, layer=sizes.layer, image_size=sizes.image_size)
-    encoder = prepare_encoder(build_encoder(encoder_cfg), device, compute)
+    encoder = compute.prepare_encoder(build_encoder(encoder_cfg))
     vocab = _vocabulary(sizes.vocab_size)
     model = CaptionModel(encoder_cfg, ModelConfig(sizes.embed_dim, sizes.attention_dim, sizes.decoder_dim), len(vocab),
                          encoder=encoder).to(device).eval()
@@ -235,7 +238,7 @@ def run(sizes: BenchSizes, device: torch.device, workdir: Path) -> dict:
     batches = max(sizes.encoder_images // sizes.encoder_batch, 1)
 
     def encode_all(batches=batches):
-        with torch.no_grad(), autocast(device, sizes.bf16):  # as `captioner extract` runs it
+        with torch.no_grad(), compute.autocast():  # as `captioner extract` runs it
             for _ in range(batches):
                 encoder(images)
 
@@ -248,11 +251,11 @@ def run(sizes: BenchSizes, device: torch.device, workdir: Path) -> dict:
     records = _records(paths[: sizes.extract_images], sizes, vocab)
     signature = encoder_signature(encoder)
     warm = FeatureCache.create(workdir / "warmup-cache", signature, sizes.cache_dtype)
-    extract_into(warm, encoder, records[: sizes.encoder_batch], sizes.encoder_batch, 0, device, sizes.bf16,
+    extract_into(warm, encoder, records[: sizes.encoder_batch], sizes.encoder_batch, 0, device, bf16,
                  gpu_decode, desc="warm-up")
     warm.close()
     cache = FeatureCache.create(workdir / "cache", signature, sizes.cache_dtype)
-    extracted = extract_into(cache, encoder, records, sizes.encoder_batch, sizes.num_workers, device, sizes.bf16,
+    extracted = extract_into(cache, encoder, records, sizes.encoder_batch, sizes.num_workers, device, bf16,
                              gpu_decode, desc="extract")
     cache.close()
     results["extract_images_per_s"] = extracted["steady_images_per_s"]
@@ -264,18 +267,18 @@ def run(sizes: BenchSizes, device: torch.device, workdir: Path) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     results["train_captions_per_s_cached"] = _train_rate(
         model, _loader(cached_pairs, sizes.train_batch, sizes.num_workers, device), device,
-        sizes.train_steps_cached, sizes.bf16)
+        sizes.train_steps_cached, bf16)
     if device.type == "cuda":
         results["train_cached_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     image_pairs = CaptionPairs(records, vocab, sizes.max_len, ImageFiles(paths, sizes.image_size))
     results["train_captions_per_s_images"] = _train_rate(
         model, _loader(image_pairs, sizes.train_batch, sizes.num_workers, device), device,
-        sizes.train_steps_images, sizes.bf16)
+        sizes.train_steps_images, bf16)
 
     # (d) captioning JPEG files end to end (decode, resize, CNN, decoder), as `captioner caption` does
     caption_paths = paths[: sizes.caption_images]
     for key, beam in (("caption_images_per_s_greedy", 1), ("caption_images_per_s_beam3", sizes.beam_size)):
-        settings = DecodeSettings(beam, sizes.max_len, bf16=sizes.bf16)
+        settings = DecodeSettings(beam, sizes.max_len, bf16=bf16)
 
         def caption_all(files=caption_paths, settings=settings, workers=sizes.num_workers):
             batches = image_batches(files, sizes.image_size, sizes.caption_batch, workers, device, gpu_decode)
@@ -289,12 +292,12 @@ def run(sizes: BenchSizes, device: torch.device, workdir: Path) -> dict:
     raw = source[: sizes.beam_images].to(device)  # (B, C, H, W)
 
     def per_image():
-        with torch.inference_mode(), autocast(device, sizes.bf16):
+        with torch.inference_mode(), compute.autocast():
             for i in range(raw.shape[0]):
                 beam_search(model, raw[i:i + 1], sizes.beam_size, sizes.max_len)
 
     def batched():
-        with torch.inference_mode(), autocast(device, sizes.bf16):
+        with torch.inference_mode(), compute.autocast():
             beam_search(model, raw, sizes.beam_size, sizes.max_len)
 
     batched()  # warm-up
@@ -325,12 +328,13 @@ def main(device: str | None = "auto", preset: str = "default", json_path: str | 
     if preset == "full" and device.type != "cuda":
         log.warning("bench --full is sized for a GPU: on %s it will take a long time", device)
     on_cuda = device.type == "cuda"
+    compute = setup_compute(ComputeConfig(sizes.bf16, sizes.channels_last, sizes.compile, sizes.gpu_decode), device)
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads or previous_threads)
         with tempfile.TemporaryDirectory(prefix="captioner-bench-") as workdir:
-            numbers = run(sizes, device, Path(workdir))
+            numbers = run(sizes, compute, Path(workdir))
         threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)
@@ -341,10 +345,12 @@ def main(device: str | None = "auto", preset: str = "default", json_path: str | 
                      "cudnn": torch.backends.cudnn.version() if on_cuda else None},
         "settings": {"preset": preset, "device_type": device.type, "threads": threads,
                      **dataclasses.asdict(sizes),
-                     # what actually ran: the CUDA-only switches are off elsewhere
-                     "bf16_active": sizes.bf16 and on_cuda, "compile_active": sizes.compile and on_cuda,
-                     "channels_last_active": sizes.channels_last and on_cuda,
-                     "gpu_decode_active": sizes.gpu_decode and on_cuda},
+                     # what actually ran, after resolving auto for this device
+                     "bf16_active": compute.bf16, "compile_active": compute.compile,
+                     "channels_last_active": compute.channels_last, "gpu_decode_active": compute.gpu_decode,
+                     "compute": compute.describe()},
+        **({"cpu_capability": dataclasses.asdict(cpu_capability()) | {"native_bf16": cpu_capability().native_bf16}}
+           if not on_cuda else {}),
         **{k: round(v, 2) for k, v in numbers.items()},
         "beam_batched_speedup": round(numbers["beam_batched_images_per_s"] / numbers["beam_per_image_images_per_s"], 2),
         "train_cached_speedup": round(numbers["train_captions_per_s_cached"] / numbers["train_captions_per_s_images"],
@@ -361,7 +367,12 @@ def format_table(results: dict) -> str:
     s = results["settings"]
     lines = [f"captioner bench on {results['device']} ({s['preset']}: {s['arch']} {s['layer']} at {s['image_size']}, "
              f"{s['jpeg_width']}x{s['jpeg_height']} JPEGs, decoder {s['decoder_dim']}, vocabulary {s['vocab_size']}, "
-             f"bf16 {'on' if s['bf16_active'] else 'off'}, compile {'on' if s['compile_active'] else 'off'})"]
+             f"bf16 {'on' if s['bf16_active'] else 'off'}, channels_last "
+             f"{'on' if s['channels_last_active'] else 'off'}, compile {'on' if s['compile_active'] else 'off'})"]
+    if "cpu_capability" in results:
+        cap = results["cpu_capability"]
+        lines.append(f"  CPU: {cap['isa']} kernels, AVX512-BF16 {'yes' if cap['avx512_bf16'] else 'no'}, "
+                     f"AMX {'yes' if cap['amx'] else 'no'}")
     units = {"images": "images/s", "captions": "captions/s"}
     for key in (*KEYS, "beam_batched_speedup", "train_cached_speedup"):
         unit = "x" if key.endswith("speedup") else units["captions" if "captions" in key else "images"]

@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from captioner.engine.checkpoint import load_model
-from captioner.engine.compute import prepare_encoder, use_gpu_decode
+from captioner.config import ComputeConfig
+from captioner.engine.compute import setup_compute
 from captioner.engine.predict import DecodeSettings, caption_batches
 from captioner.data.images import MAX_PIXELS
 from captioner.data.pipeline import image_batches
@@ -42,7 +43,7 @@ log = logging.getLogger("captioner")
 def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: int | None = None,
          batch_size: int | None = None, recursive: bool = False, device: str | None = "auto", num_workers: int = 2,
          fmt: str | None = None, html: str | None = None, overwrite: bool = False, retry_errors: bool = False,
-         max_pixels: int | None = None) -> dict:
+         max_pixels: int | None = None, compute: ComputeConfig | None = None) -> dict:
     """Caption every image under paths into out (JSONL or CSV), and into an HTML gallery when html is given.
 
     Returns {"images": found, "captioned": and "errors": written by this run, "skipped": already in the
@@ -62,8 +63,10 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
         raise CaptionerError(f"no image files found in {', '.join(paths)} (folders are searched for "
                              f"image extensions{'' if recursive else '; add --recursive for sub-folders'})")
     model, vocab, cfg = load_model(checkpoint, device)
-    prepare_encoder(model.encoder, device, cfg.compute)  # CUDA: channels_last, optional torch.compile
-    settings = DecodeSettings.of(cfg, beam_size)
+    # compute describes this machine, not the checkpoint: auto unless the caller says otherwise.
+    run = setup_compute(compute or cfg.compute, device)
+    run.prepare_encoder(model.encoder)
+    settings = DecodeSettings.of(cfg, beam_size, compute=run)
     beam_size, batch_size = settings.beam_size, batch_size or cfg.decode.batch_size
 
     results = CaptionsFile(out_path, fmt, overwrite, retry_errors)
@@ -81,7 +84,7 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
     start, waited = time.perf_counter(), [0.0]
     try:
         batches = _timed_iter(image_batches(todo, model.encoder.image_size, batch_size, num_workers, device,
-                                            use_gpu_decode(cfg.compute, device), max_pixels), waited)
+                                            run.gpu_decode, max_pixels), waited)
         bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=not log.isEnabledFor(logging.INFO))
         try:
             for batch, captioned in caption_batches(model, vocab, batches, settings, attention=gallery is not None):

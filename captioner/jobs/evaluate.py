@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 
 from captioner.engine.checkpoint import load_model
-from captioner.engine.compute import prepare_encoder, use_gpu_decode
+from captioner.engine.compute import setup_compute
 from captioner.engine.predict import DecodeSettings, predict
-from captioner.config import apply_overrides
+from captioner.config import ComputeConfig, apply_overrides
 from captioner.data import by_split, load_records
 from captioner.data.cache import cached_source
 from captioner.errors import CaptionerError
@@ -37,11 +37,15 @@ def _write_json(path: Path, data) -> None:
 
 
 def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out_dir: str | None = None,
-         overrides: list[str] = (), device: str | None = "auto", batch_size: int | None = None) -> dict:
+         overrides: list[str] = (), device: str | None = "auto", batch_size: int | None = None,
+         compute: ComputeConfig | None = None) -> dict:
+    """compute: this machine's switches (default: auto, then any compute.* override)."""
     device = resolve_device(device)
     model, vocab, cfg = load_model(checkpoint, device)
+    cfg.compute = compute or cfg.compute
     apply_overrides(cfg, list(overrides))
-    prepare_encoder(model.encoder, device, cfg.compute)
+    run = setup_compute(cfg.compute, device)
+    run.prepare_encoder(model.encoder)
     beam_size = beam_size or cfg.decode.beam_size
     if beam_size < 1:
         raise CaptionerError(f"--beam must be >= 1, got {beam_size}")
@@ -50,9 +54,9 @@ def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out
         raise CaptionerError(f"split '{split}' of the dataset has no captioned images")
     cached = cached_source(cfg, model.encoder, records, f"{split} split")  # None: run the encoder
     features, records = cached if cached else (None, records)
-    hypotheses = predict(model, vocab, records, DecodeSettings.of(cfg, beam_size), batch_size or cfg.decode.batch_size,
-                         device, features=features, num_workers=cfg.train.num_workers,
-                         gpu_decode=use_gpu_decode(cfg.compute, device))
+    hypotheses = predict(model, vocab, records, DecodeSettings.of(cfg, beam_size, compute=run),
+                         batch_size or cfg.decode.batch_size, device, features=features,
+                         num_workers=cfg.train.num_workers, gpu_decode=run.gpu_decode)
     if len(hypotheses) != len(records):
         log.warning("scored %d captions for %d images in the split", len(hypotheses), len(records))
     scores = caption_metrics(hypotheses, {r.image_id: r.captions for r in records})

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from captioner.engine.compute import autocast, prepare_encoder, use_gpu_decode
+from captioner.engine.compute import autocast, setup_compute
 from captioner.config import Config
 from captioner.data import load_records
 from captioner.data.cache import FeatureCache, default_cache_dir, describe_size, encoder_signature
@@ -81,7 +81,7 @@ def _write(cache: FeatureCache, records, features: torch.Tensor, event, failures
 
 @torch.no_grad()
 def extract_into(cache: FeatureCache, encoder, records: list, batch_size: int, num_workers: int,
-                 device: torch.device, bf16: bool = True, gpu_decode: bool = False, desc: str = "extract") -> dict:
+                 device: torch.device, bf16: bool = False, gpu_decode: bool = False, desc: str = "extract") -> dict:
     """Append the features of every record not yet in cache.
 
     Returns {"added", "failed", "seconds", "images_per_s", "steady_images_per_s"}; the steady rate leaves out
@@ -143,7 +143,8 @@ def main(cfg: Config, splits: str | list[str] = SPLITS, device: str | None = "au
         raise CaptionerError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {num_workers}")
     device = resolve_device(device)
     seed_everything(cfg.train.seed)  # random-init weights come out exactly as training will build them
-    encoder = prepare_encoder(build_encoder(cfg.encoder), device, cfg.compute)
+    compute = setup_compute(cfg.compute, device)
+    encoder = compute.prepare_encoder(build_encoder(cfg.encoder))
     records = [r for r in load_records(cfg.dataset) if r.split in splits]
     if not records:
         raise CaptionerError(f"the dataset has no images in split(s) {', '.join(splits)}")
@@ -161,7 +162,7 @@ def main(cfg: Config, splits: str | list[str] = SPLITS, device: str | None = "au
     try:
         result = extract_into(cache, encoder, records, batch_size or cfg.decode.batch_size,
                               cfg.train.num_workers if num_workers is None else num_workers, device,
-                              cfg.compute.bf16, use_gpu_decode(cfg.compute, device))
+                              compute.bf16, compute.gpu_decode)
     finally:
         cache.close()
     return {"cache": str(folder), "splits": splits, "images": len(cache.rows), "added": result["added"],

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from captioner.engine import distributed
 from captioner.engine.checkpoint import check_resumable, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from captioner.engine.compute import autocast, prepare_encoder, use_gpu_decode
+from captioner.engine.compute import Compute, autocast, setup_compute
 from captioner.config import Config, apply_overrides, from_dict, load_config, to_dict
 from captioner.data import by_split, load_records
 from captioner.data.cache import training_inputs as cached_inputs
@@ -61,9 +61,9 @@ ARCHITECTURE_KEYS = ("encoder.arch", "encoder.layer", "encoder.in_channels", "en
 
 @torch.no_grad()
 def extract_features(model: CaptionModel, records, batch_size: int, num_workers: int, device, gpu_decode: bool,
-                     unreadable: Unreadable, desc: str = "features", progress_bar: bool = True):
+                     unreadable: Unreadable, desc: str = "features", progress_bar: bool = True, bf16: bool = False):
     """Run the frozen encoder once over records -> (float32 (N, C, H, W) on CPU, records kept).
-    Unreadable images are reported, counted and dropped."""
+    Unreadable images are reported, counted and dropped. bf16: autocast (the resolved compute.bf16)."""
     batches = image_batches([r.path for r in records], model.encoder.image_size, batch_size, num_workers, device,
                             gpu_decode)
     chunks, keep = [], []
@@ -72,7 +72,8 @@ def extract_features(model: CaptionModel, records, batch_size: int, num_workers:
         for e in filter(None, batch.errors):
             unreadable.add(e)
         if good:
-            chunks.append(model.encode(batch.inputs[good]).float().cpu())
+            with autocast(device, bf16):
+                chunks.append(model.encode(batch.inputs[good]).float().cpu())
             keep.extend(int(batch.index[j]) for j in good)
     if not chunks:
         return torch.empty(0), []
@@ -92,11 +93,12 @@ class TrainingInputs:
     unreadable: Unreadable  # images skipped because they could not be read
 
 
-def training_inputs(cfg: Config, model: CaptionModel, train_records, val_records, process: Process) -> TrainingInputs:
+def training_inputs(cfg: Config, model: CaptionModel, train_records, val_records, process: Process,
+                    compute: Compute) -> TrainingInputs:
     """Choose the input source: encoder features computed once per image (a frozen encoder gives the same ones
     every epoch) or image files read per batch. One place, so that a feature cache can take over."""
     val_records = val_records[process.rank::process.world_size]  # validation is split across processes
-    unreadable, gpu_decode = Unreadable(), use_gpu_decode(cfg.compute, process.device)
+    unreadable, gpu_decode = Unreadable(), compute.gpu_decode
     cached = None if cfg.encoder.finetune_from else cached_inputs(cfg, model.encoder, train_records, val_records)
     if cached is not None:  # memory-mapped feature cache: workers read only the rows each batch needs
         train_source, train_records, val_features, val_records = cached
@@ -113,9 +115,9 @@ def training_inputs(cfg: Config, model: CaptionModel, train_records, val_records
     device, bar = process.device, process.is_main
     train_features, train_records = extract_features(model, train_records, cfg.decode.batch_size,
                                                      cfg.train.num_workers, device, gpu_decode, unreadable,
-                                                     "train features", bar)
+                                                     "train features", bar, compute.bf16)
     val_features, val_records = extract_features(model, val_records, cfg.decode.batch_size, cfg.train.num_workers,
-                                                 device, gpu_decode, unreadable, "val features", bar)
+                                                 device, gpu_decode, unreadable, "val features", bar, compute.bf16)
     return TrainingInputs(train_features, train_records, val_features, val_records, 0, unreadable)  # in memory
 
 
@@ -157,7 +159,7 @@ class LossForward(nn.Module):
     def forward(self, inputs, captions, lengths):
         """inputs (B, 3, S, S) uint8 images or (B, C, H, W) float features, captions (B, T+1) -> (loss, ce)."""
         raw = inputs if inputs.is_floating_point() else self.model.encode(inputs)
-        logits, alphas = self.model(raw, captions)
+        logits, alphas = self.model(raw, captions)  # bf16 under autocast; caption_loss works in float32
         return caption_loss(logits, alphas, captions, lengths, self.model.alpha_c)
 
 
@@ -176,6 +178,7 @@ class TrainingRun:
     metrics: MetricsLog
     process: Process
     stop: StopRequest
+    compute: Compute  # the resolved precision and memory format (engine/compute.py)
     warned: set = field(default_factory=set)  # select_metric fallbacks already warned about
 
 
@@ -315,7 +318,7 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
         width = int(lengths.max())  # trim padding beyond the longest caption in the batch
         step = progress.step + 1
         lr = run.schedule.step(step)
-        with autocast(device, cfg.compute.bf16):
+        with run.compute.autocast():  # bf16 activations; float32 weights, gradients and optimizer state
             loss, ce = run.forward(inputs, captions[:, :width], lengths)
         loss, global_loss, stop = _reduce_step(run, loss, ce, lengths)
         grad_norm = _backward_and_step(run, loss) if math.isfinite(global_loss) else None
@@ -358,7 +361,7 @@ def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict
     """Greedy captions of this process's share of the val images, gathered and scored on rank 0 with
     captioner.metrics; every process gets the scores (plus "images": how many were captioned)."""
     cfg = run.cfg
-    hypotheses = predict(run.model, run.vocab, inputs.val_records, DecodeSettings(1, cfg.decode.max_len, bf16=cfg.compute.bf16),
+    hypotheses = predict(run.model, run.vocab, inputs.val_records, DecodeSettings(1, cfg.decode.max_len, bf16=run.compute.bf16),
                          cfg.decode.batch_size, run.process.device, features=inputs.val_features,
                          num_workers=cfg.train.num_workers, unreadable=inputs.unreadable,
                          progress_bar=run.process.is_main) if inputs.val_records else {}
@@ -523,27 +526,28 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
             raise CaptionerError(f"checkpoint {run_dir / 'last.pt'} does not fit the model: "
                                  f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
     model.to(process.device)
-    prepare_encoder(model.encoder, process.device, cfg.compute)  # CUDA: channels_last, optional torch.compile
+    compute = setup_compute(cfg.compute, process.device)
+    compute.prepare_encoder(model.encoder)  # channels_last, optional torch.compile, as resolved
 
     if process.is_main:
         _write_run_files(run_dir, cfg, vocab, clear=mode == "new")
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=process.is_main,
                          truncate_to=checkpoint["metrics_offset"] if checkpoint else None)
 
-    inputs = training_inputs(cfg, model, train_records, val_records, process)
+    inputs = training_inputs(cfg, model, train_records, val_records, process, compute)
     loader, sampler = build_train_loader(cfg, vocab, inputs, process)
     optimizer = build_optimizer(model, cfg)
     schedule = LRSchedule(optimizer, cfg.train.lr_schedule, cfg.train.epochs * len(loader), len(loader),
                           cfg.train.warmup_steps, cfg.train.min_lr_ratio, cfg.train.lr_decay_epochs,
                           cfg.train.lr_gamma, cfg.train.lr_patience)
-    # bf16 (compute.bf16, CUDA) keeps float32's range and needs no loss scaling; float16 is not offered since
+    # bf16 (compute.bf16) keeps float32's range and needs no loss scaling; float16 is not offered since
     # random-weight activations (~1e8) overflow it. The disabled scaler keeps the one unscale/clip/step path.
     scaler = _grad_scaler(process.device, enabled=False)
     forward = LossForward(model)
     if process.distributed:
         forward = DistributedDataParallel(forward, device_ids=[process.device] if process.device.type == "cuda" else None)
     run = TrainingRun(cfg, run_dir, vocab, model, forward, optimizer, schedule, scaler, Progress(), metrics, process,
-                      stop)
+                      stop, compute)
     if checkpoint:
         _restore(run, checkpoint)
         del checkpoint

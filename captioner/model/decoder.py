@@ -76,6 +76,7 @@ def caption_loss(logits, alphas, captions, lengths, alpha_c: float):
     logits (B, T, V), alphas (B, T, N), captions (B, T+1), lengths (B,) counting <start> and <end>.
     Each region's attention, summed over the words of the caption, is pushed towards 1 (paper eq. 14).
     """
+    logits, alphas = logits.float(), alphas.float()  # float32 loss and penalty even from bf16 autocast
     targets = captions[:, 1:]  # (B, T)
     mask = (torch.arange(targets.shape[1], device=targets.device)[None, :] < (lengths[:, None] - 1))  # (B, T)
     ce = F.cross_entropy(logits[mask], targets[mask])
