@@ -39,6 +39,17 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
+def make_parent(path: str | Path, what: str = "file") -> None:
+    """Create the folders above path; a CaptionerError (not a traceback) when one of them is a plain file."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else (e.strerror or str(e))
+        raise CaptionerError(f"cannot write {what} {path}: {why}") from None
+
+
 @contextmanager
 def atomic_write(path: str | Path, what: str = "file") -> Iterator[BinaryIO]:
     """Yield a binary file whose contents replace `path` atomically when the block ends without error.
@@ -47,8 +58,8 @@ def atomic_write(path: str | Path, what: str = "file") -> Iterator[BinaryIO]:
     path = Path(path)
     if path.is_dir():
         raise CaptionerError(f"cannot write {what} {path}: it is a folder; give a file name")
+    make_parent(path, what)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TEMP_SUFFIX, dir=path.parent)
     except OSError as e:
         raise CaptionerError(f"cannot write {what} {path}: {e.strerror or e}") from None

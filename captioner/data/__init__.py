@@ -25,12 +25,12 @@ from captioner.data.csv import read_csv, table_columns
 from captioner.data.flickr import flickr8k_split_lists, is_flickr_tokens, read_flickr_tokens
 from captioner.data.jsonl import read_jsonl
 from captioner.data.karpathy import is_karpathy, read_karpathy
-from captioner.data.records import (SPLITS, ImageRecord, by_split, drop_missing, read_json, split_by_fraction,
-                                    split_from_ids_file, split_from_name_lists)
+from captioner.data.records import (SPLITS, ImageRecord, by_split, drop_missing, read_json, read_text,
+                                    split_by_fraction, split_from_ids_file, split_from_name_lists)
 from captioner.data.synthetic import generate
 from captioner.errors import CaptionerError
 
-__all__ = ["ImageRecord", "by_split", "load_records", "read_dataset", "detect_format", "FORMATS"]
+__all__ = ["ImageRecord", "by_split", "load_records", "read_dataset", "detect_format", "annotations_path", "FORMATS"]
 
 log = logging.getLogger("captioner")
 
@@ -42,17 +42,16 @@ def _is_json_object(line: str) -> bool:
         return False
 
 
-def detect_format(path: Path) -> tuple[str, object]:
+def detect_format(path: Path, encoding: str = "") -> tuple[str, object]:
     """(format, parsed JSON or None) from the annotations file's content, never from its name alone:
     Kaggle's Flickr8k captions.txt is a CSV while Flickr8k.token.txt is a token file."""
     if not path.is_file():
         raise CaptionerError(f"annotations file {path} not found")
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        head = f.read(4096)
+    head = read_text(path, "annotations file", encoding, limit=4096)  # a byte-order mark is dropped here
     first_line = next((line for line in head.splitlines() if line.strip()), "")
     if head.lstrip().startswith("{") and path.suffix.lower() != ".jsonl":
         try:
-            data = read_json(path, "annotations file")
+            data = read_json(path, "annotations file", encoding)
         except CaptionerError:
             if _is_json_object(first_line):  # one object per line under a .json name
                 return "jsonl", None
@@ -83,6 +82,11 @@ def _resolver(cfg: DatasetConfig):
     return resolve
 
 
+def annotations_path(cfg: DatasetConfig) -> Path:
+    """The annotations file as the readers find it (relative paths tried against dataset.root too)."""
+    return _resolver(cfg)(cfg.annotations)
+
+
 def read_dataset(cfg: DatasetConfig) -> tuple[str, list[ImageRecord]]:
     """(format used, records with splits assigned). No file checks: see load_records."""
     if cfg.format == "synthetic" or (cfg.format == "auto" and not cfg.annotations):
@@ -95,17 +99,18 @@ def read_dataset(cfg: DatasetConfig) -> tuple[str, list[ImageRecord]]:
     resolve = _resolver(cfg)
     annotations = resolve(cfg.annotations)
     images = resolve(cfg.images) if cfg.images else annotations.parent
-    fmt, data = detect_format(annotations) if cfg.format == "auto" else (cfg.format, None)
+    enc = cfg.encoding
+    fmt, data = detect_format(annotations, enc) if cfg.format == "auto" else (cfg.format, None)
     if fmt == "coco":
-        records = read_coco(annotations, images, data)
+        records = read_coco(annotations, images, data, enc)
     elif fmt == "karpathy":
-        records = read_karpathy(annotations, images, cfg.restval, data)
+        records = read_karpathy(annotations, images, cfg.restval, data, enc)
     elif fmt in ("flickr8k", "flickr30k"):
-        records = read_flickr_tokens(annotations, images)
+        records = read_flickr_tokens(annotations, images, enc)
     elif fmt == "csv":
-        records = read_csv(annotations, images)
+        records = read_csv(annotations, images, enc)
     elif fmt == "jsonl":
-        records = read_jsonl(annotations, images)
+        records = read_jsonl(annotations, images, enc)
     else:
         raise CaptionerError(f"unknown dataset.format '{fmt}'; valid: {', '.join(FORMATS)}")
     if not records:
@@ -122,9 +127,9 @@ def _assign_splits(records: list[ImageRecord], cfg: DatasetConfig, annotations: 
     if cfg.splits:
         split_from_ids_file(records, resolve(cfg.splits))
     elif lists:
-        split_from_name_lists(records, lists)
+        split_from_name_lists(records, lists, cfg.encoding)
     elif all(not r.split for r in records) and flickr8k_split_lists(annotations):
-        split_from_name_lists(records, flickr8k_split_lists(annotations))
+        split_from_name_lists(records, flickr8k_split_lists(annotations), cfg.encoding)
     elif any(not r.split for r in records):
         split_by_fraction([r for r in records if not r.split], cfg.val_fraction)
 

@@ -1,6 +1,6 @@
 """An on-disk, memory-mapped cache of frozen encoder features, keyed by image id.
 
-    captioner extract --config configs/tiny.yaml      # fills DATASET_ROOT/features/resnet18-layer4-128/
+    captioner extract --config configs/tiny.yaml      # fills data/synthetic/features/resnet18-layer4-128/
 
     cache = FeatureCache.load(folder)                   # None when there is no cache there
     source, kept = cache.source(records)                # source[i] -> (C, H, W) features of kept[i]
@@ -9,10 +9,13 @@ A cache folder holds
     header.json    how the features were made: encoder arch, layer, image size, input channels, weights name,
                    a SHA-256 of the backbone's actual weights (random-init ones too), feature shape, dtype
     features.bin   one row of C*H*W values per image: bfloat16 stored as its raw 16 bits, or float32
-    index.json     {"num_rows": n, "rows": {image_id: [row, file name]}, "failed": {image_id: error}}
+    index.json     {"num_rows": n, "rows": {resolved image path: [row, size, mtime_ns]},
+                    "failed": {resolved image path: error}}
 
 The encoder is frozen, so an image's features never change: extracting them once replaces running the CNN
-on every caption of every epoch. A cache whose header differs from the current encoder is refused. Rows are
+on every caption of every epoch. A cache whose header differs from the current encoder is refused, and a row
+is served only for the very file it was made from (same resolved path, size and modification time): another
+dataset whose files have the same names, or an image replaced since, is never given stale features. Rows are
 appended first and the index is rewritten atomically after them, so an interrupted extraction resumes where
 its index ends. Readers memory-map features.bin and copy only the rows a batch asks for: memory use follows
 the batch size, not the dataset size.
@@ -31,15 +34,12 @@ import torch
 
 from captioner.config import Config
 from captioner.errors import CaptionerError
-
-try:  # POSIX: one writer at a time; elsewhere the lock is skipped
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from captioner.files import make_parent
+from captioner.lock import ProcessLock
 
 log = logging.getLogger("captioner")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows keyed by file identity (1 keyed them by image id and file name)
 PREPROCESS = "rgb, exif-transposed, bicubic resize to image_size x image_size, imagenet-normalised"
 # Storage: torch dtype, numpy dtype of the stored bits, bytes per value. numpy has no bfloat16, so its
 # 16 bits are stored as int16 and viewed back as bfloat16. float16 is refused on purpose (it overflows).
@@ -71,11 +71,35 @@ def encoder_signature(encoder, weights_name: str | None = None) -> dict:
 
 
 def default_cache_dir(cfg: Config) -> Path:
-    """cache.dir, or DATASET_ROOT/features/ARCH-LAYER-SIZE so that other encoder settings get their own folder."""
+    """cache.dir, or a folder beside the data: ANNOTATIONS_FOLDER/features/STEM-ARCH-LAYER-SIZE for a captions
+    file (two annotation files never share one), DATASET_ROOT/features/ARCH-LAYER-SIZE for synthetic data."""
     if cfg.cache.dir:
         return Path(cfg.cache.dir)
     e = cfg.encoder
-    return Path(cfg.dataset.root or ".") / "features" / f"{e.arch}-{e.layer}-{e.image_size}"
+    name = f"{e.arch}-{e.layer}-{e.image_size}"
+    if cfg.dataset.annotations and cfg.dataset.format != "synthetic":
+        from captioner.data import annotations_path  # the package imports readers; cache is imported by jobs only
+        annotations = annotations_path(cfg.dataset)
+        return annotations.parent / "features" / f"{annotations.stem}-{name}"
+    return Path(cfg.dataset.root or ".") / "features" / name
+
+
+def file_identity(path: str | Path) -> tuple[str, list[int]] | None:
+    """(resolved path, [size, mtime_ns]) of a file: what a cached row must match to be served; None when the
+    file cannot be stat'ed. photos/a.jpg, ./photos/a.jpg and /abs/photos/a.jpg are one file."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return os.path.realpath(path), [stat.st_size, stat.st_mtime_ns]
+
+
+def lock_cache(folder: str | Path) -> ProcessLock:
+    """folder (created) locked for this process: one writer per cache, released if the process dies."""
+    folder = Path(folder)
+    make_parent(folder / "lock", "feature cache")
+    return ProcessLock(folder / "lock", f"feature cache {folder}",
+                       "wait for the other extraction to finish, or set cache.dir to another folder")
 
 
 def _write_json(path: Path, data) -> None:
@@ -144,10 +168,10 @@ class FeatureCache:
     def __init__(self, folder: str | Path, header: dict, index: dict):
         self.folder, self.header = Path(folder), header
         self.num_rows = int(index.get("num_rows", 0))
-        self.rows: dict[str, list] = dict(index.get("rows", {}))  # image id -> [row, file name]
-        self.failed: dict[str, str] = dict(index.get("failed", {}))  # image id -> why it could not be read
+        self.rows: dict[str, list] = dict(index.get("rows", {}))  # resolved path -> [row, size, mtime_ns]
+        self.failed: dict[str, str] = dict(index.get("failed", {}))  # resolved path -> why it could not be read
         self._file = None
-        self._lock = None
+        self.lock: ProcessLock | None = None  # held while this process may write the cache (see lock_cache)
 
     # ---- opening ------------------------------------------------------------------------------------------
 
@@ -184,8 +208,8 @@ class FeatureCache:
         index = _read_json(folder / "index.json") if (folder / "index.json").is_file() else {}
         try:
             cache = cls(folder, header, index)
-            bad = [k for k, (row, name) in cache.rows.items()
-                   if not 0 <= row < cache.num_rows or not isinstance(name, str)]
+            bad = [k for k, (row, size, mtime) in cache.rows.items()
+                   if not 0 <= row < cache.num_rows or not isinstance(size, int) or not isinstance(mtime, int)]
         except (TypeError, ValueError, AttributeError):
             bad = ["its entries"]
         if bad:
@@ -226,36 +250,35 @@ class FeatureCache:
     # ---- reading ------------------------------------------------------------------------------------------
 
     def has(self, record) -> bool:
-        """Whether record's image is cached; a different file name under the same id does not count."""
-        entry = self.rows.get(str(record.image_id))
-        return entry is not None and entry[1] == Path(record.path).name
+        """Whether record's image file, as it is now, is cached (another file of the same name is not)."""
+        return self._row(file_identity(record.path)) is not None
+
+    def _row(self, identity) -> int | None:
+        entry = self.rows.get(identity[0]) if identity else None
+        return entry[0] if entry is not None and entry[1:] == identity[1] else None
 
     def source(self, records: list) -> tuple[CachedFeatures, list] | None:
         """(source, records kept) when every record is cached or known unreadable, else None.
 
         Records whose image failed to extract are dropped with a warning, as unreadable images are elsewhere.
         """
-        if not all(self.has(r) or str(r.image_id) in self.failed for r in records):
+        found = [(r, file_identity(r.path)) for r in records]
+        rows = [(r, self._row(identity), identity) for r, identity in found]
+        if not all(row is not None or (identity and identity[0] in self.failed) for _, row, identity in rows):
             return None
-        kept = [r for r in records if self.has(r)]
+        kept = [(r, row) for r, row, _ in rows if row is not None]
         if len(kept) < len(records):
             log.warning("feature cache %s: %d of %d images were unreadable at extraction and are skipped",
                         self.folder, len(records) - len(kept), len(records))
-        rows = [self.rows[str(r.image_id)][0] for r in kept]
-        return CachedFeatures(self.data_path, self.shape, self.dtype, rows, self.num_rows), kept
+        return (CachedFeatures(self.data_path, self.shape, self.dtype, [row for _, row in kept], self.num_rows),
+                [r for r, _ in kept])
 
     # ---- writing ------------------------------------------------------------------------------------------
 
     def _open_for_append(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.folder / "lock", "w")
-        if fcntl is not None:
-            try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                self._lock.close()
-                self._lock = None
-                raise CaptionerError(f"feature cache {self.folder} is being written by another process") from None
+        if self.lock is None:
+            self.lock = lock_cache(self.folder)
         self._file = open(self.data_path, "r+b" if self.data_path.exists() else "w+b")
         # Rows written after the last commit belong to no index entry: drop them and append from there.
         self._file.truncate(self.num_rows * self.row_bytes)
@@ -280,12 +303,16 @@ class FeatureCache:
                 self._file.seek(self.num_rows * self.row_bytes)
             raise CaptionerError(f"feature cache {self.data_path}: cannot write ({e.strerror or e})") from None
         for r in records:
-            self.rows[str(r.image_id)] = [self.num_rows, Path(r.path).name]
-            self.failed.pop(str(r.image_id), None)
+            identity = file_identity(r.path)
+            if identity is None:  # gone since it was read: its row stays unreferenced
+                log.warning("feature cache %s: %s disappeared while it was extracted", self.folder, r.path)
+            else:
+                self.rows[identity[0]] = [self.num_rows, *identity[1]]
+                self.failed.pop(identity[0], None)
             self.num_rows += 1
 
     def fail(self, record, message: str) -> None:
-        self.failed[str(record.image_id)] = message
+        self.failed[os.path.realpath(record.path)] = message
 
     def commit(self) -> None:
         """Make appended rows durable, then point the index at them (in that order)."""
@@ -299,9 +326,9 @@ class FeatureCache:
             self.commit()
             self._file.close()
             self._file = None
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def open_valid_cache(cfg: Config, encoder, purpose: str) -> FeatureCache | None:

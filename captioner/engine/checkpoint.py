@@ -9,6 +9,7 @@ checkpoint can never run code.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -27,6 +28,18 @@ FORMAT_VERSION = 1
 def save_checkpoint(path: str | Path, state: dict) -> None:
     with atomic_write(path, "checkpoint") as f:
         torch.save({"format_version": FORMAT_VERSION, **state}, f)
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """The first 16 hex digits of the checkpoint file's SHA-256: what outputs record as the model that made them."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    except OSError as e:
+        raise CaptionerError(f"checkpoint {path}: cannot read ({e.strerror or e})") from None
+    return digest.hexdigest()[:16]
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[str]:

@@ -30,6 +30,7 @@ from PIL import Image
 
 from captioner.errors import CaptionerError
 from captioner.engine.outputs import AppendLog, same_file
+from captioner.model.vocab import join_words
 
 THUMBNAIL = 224  # longest side of the embedded JPEG, in pixels
 PANEL = 112  # longest side of a word's panel on the page, in CSS pixels (the image panel is twice that)
@@ -38,6 +39,7 @@ DIMMING = 0.75  # opacity of the shade over regions that got no attention
 
 GENERATOR = '<meta name="generator" content="captioner gallery">'
 _ENTRY = re.compile(r'^<(?:figure|div) class="entry[^"]*" data-file="([^"]*)"')
+_MADE_BY = re.compile(r'<meta name="captioner-made-by" content="([^"]*)">')
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; background: #f4f4f1; color: #222; }
@@ -60,7 +62,8 @@ footer { color: #555; margin-top: 20px; }
 
 
 class Gallery:
-    def __init__(self, path: str | Path, title: str = "captions", overwrite: bool = False):
+    def __init__(self, path: str | Path, title: str = "captions", overwrite: bool = False,
+                 made_by: dict | None = None):
         self.log = AppendLog(path, overwrite)
         self.path, self.folder = self.log.path, self.log.path.resolve().parent
         lines = self.log.lines
@@ -68,11 +71,17 @@ class Gallery:
             self.log.close()
             raise CaptionerError(f"{self.path} exists and is not a captioner gallery; choose another --html "
                                  f"or pass --overwrite")
+        stamp = _made_by(made_by)
+        theirs = next((m.group(1) for line in lines[:8] if (m := _MADE_BY.search(line))), "")
+        if lines and stamp and html.unescape(theirs) != stamp:
+            self.log.close()
+            raise CaptionerError(f"{self.path} shows captions made otherwise ({html.unescape(theirs) or 'not recorded'}; "
+                                 f"now {stamp}): pass --overwrite to replace it, or choose another --html")
         self.log.drop_partial_line()
         if lines and lines[-1].startswith("<footer"):  # resuming: new entries go before a new footer
             self.log.rewrite(lines[:-1])
         if not self.log.lines:
-            self.log.append(_header(title))
+            self.log.append(_header(title, stamp))
         entries = [(m.group(1), "entry error" in line) for line in self.log.lines if (m := _ENTRY.match(line))]
         self.done = {same_file(html.unescape(file)) for file, _ in entries}  # as _shown() writes them
         self.errors = sum(is_error for _, is_error in entries)
@@ -96,7 +105,7 @@ class Gallery:
         meta = f"log-probability {score:.2f}" if score is not None else ""
         entry = (f'<figure class="entry" data-file="{_attr(file)}" style="--img:url(data:image/jpeg;base64,'
                  f'{thumbnail});--w:{width}px;--h:{height}px"><a class="pic main" href="{_link(file, self.folder)}" '
-                 f'title="open the original"></a><div><figcaption><span class="caption">{_attr(" ".join(words))}'
+                 f'title="open the original"></a><div><figcaption><span class="caption">{_attr(join_words(words))}'
                  f'</span><span class="meta">{meta}</span><div class="file">{_attr(file)}</div></figcaption>'
                  f'<div class="words">{"".join(panels)}</div></div></figure>')
         self._append(file, entry)
@@ -126,9 +135,14 @@ class Gallery:
         self.log.close()
 
 
-def _header(title: str) -> list[str]:
+def _made_by(made_by: dict | None) -> str:
+    return "; ".join(f"{k} {v}" for k, v in sorted((made_by or {}).items()))
+
+
+def _header(title: str, stamp: str = "") -> list[str]:
+    made_by = f'<meta name="captioner-made-by" content="{_attr(stamp)}">' if stamp else ""
     return ['<!DOCTYPE html>',
-            f'<html lang="en"><head><meta charset="utf-8">{GENERATOR}'
+            f'<html lang="en"><head><meta charset="utf-8">{GENERATOR}{made_by}'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f'<title>{_attr(title)}</title>',
             f'<style>{" ".join(STYLE.split())}</style></head><body>',

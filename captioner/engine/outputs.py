@@ -1,14 +1,19 @@
 """Caption records on disk, appended batch by batch, so a killed run resumes where it stopped.
 
-    out = CaptionsFile("captions.jsonl")        # or "captions.csv"; format from the extension or fmt=
-    out.done                                    # {file: record} already in the file: skip these
+    out = CaptionsFile("captions.jsonl", made_by={"model": "3f2a...", "decoding": "beam 3, max_len 30, ..."})
+    out.done                                    # {resolved file: record} already in the file: skip these
     out.append([{"file": "a.jpg", "caption": "a dog", "score": -3.2}, {"file": "b.jpg", "error": "empty file"}])
     out.close()
 
-JSONL: one JSON object per line. CSV: a header, then one file,caption,score,error row per image.
+JSONL: one JSON object per line. CSV: a header, then one file,caption,score,error,model,decoding row per
+image. Every record says what made it (model: the checkpoint file's SHA-256, decoding: the settings), and a
+file holding records of another model or other settings is never resumed: the same output can never mix two
+models' captions. Inputs are compared by absolute path: photos/a.jpg, ./photos/a.jpg and /abs/photos/a.jpg
+are one image, one record.
 Each append is whole lines written at once, flushed and fsynced. A last line cut short by a kill (no final
 newline) is cut off when the file is opened again, so a record is never half-written and never written twice.
-While a run holds the file, a second run on the same file stops with an error (POSIX advisory lock).
+While a run holds the file, a second run on the same file stops with an error (a process lock, see
+captioner/lock.py: it dies with its process, so a rerun right after kill -9 works).
 """
 from __future__ import annotations
 
@@ -20,16 +25,14 @@ import os
 from pathlib import Path
 
 from captioner.errors import CaptionerError
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory lock, the rest works the same
-    fcntl = None
+from captioner.files import make_parent
+from captioner.lock import ProcessLock
 
 log = logging.getLogger("captioner")
 
 FORMATS = ("jsonl", "csv")
-CSV_FIELDS = ("file", "caption", "score", "error")
+CSV_FIELDS = ("file", "caption", "score", "error", "model", "decoding")
+PROVENANCE = ("model", "decoding")
 
 
 def format_for(path: str | Path, fmt: str | None = None) -> str:
@@ -42,8 +45,9 @@ def format_for(path: str | Path, fmt: str | None = None) -> str:
 
 
 def same_file(path: str) -> str:
-    """The key two spellings of one input path share ("./a.jpg" and "a.jpg")."""
-    return os.path.normpath(path)
+    """The key every spelling of one input path shares ("./a.jpg", "a.jpg", "/abs/a.jpg"). Symbolic links stay
+    apart: a link is an input of its own, named as the user named it."""
+    return os.path.abspath(path)
 
 
 class AppendLog:
@@ -58,7 +62,8 @@ class AppendLog:
         self.path = Path(path)
         if self.path.is_dir():
             raise CaptionerError(f"{self.path} is a folder; give a file name")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(self.path)
+        self._lock = None
         self._file = self._open_locked()
         if overwrite:
             self._file.truncate(0)
@@ -84,18 +89,19 @@ class AppendLog:
             self._sync()
             self.partial = ""
 
-    def _open_locked(self):
+    def _open_locked(self, path: Path | None = None):
+        """path (default: the log's own) opened for appending and locked for this process."""
+        path = path or self.path
         try:
-            f = open(self.path, "a+b")
+            f = open(path, "a+b")
         except OSError as e:
             raise CaptionerError(f"{self.path}: cannot open for writing ({e.strerror or e})") from None
-        if fcntl is not None:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.close()
-                raise CaptionerError(f"{self.path} is being written by another captioner process; wait for it "
-                                     f"to finish or choose another output file") from None
+        try:
+            self._lock = ProcessLock(self.path, str(self.path), "wait for the other run to finish or choose another "
+                                     "output file", file=f)
+        except BaseException:
+            f.close()
+            raise
         return f
 
     def _sync(self) -> None:
@@ -111,18 +117,29 @@ class AppendLog:
         self._sync()
 
     def rewrite(self, lines: list[str]) -> None:
-        """Replace the whole content atomically (temporary file, then rename): a kill keeps old or new."""
+        """Replace the whole content atomically (temporary file, then rename): a kill keeps old or new.
+
+        The temporary file is locked before the rename, so the file at this path is never unlocked."""
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        old, self._file = self._file, self._open_locked()
-        old.close()
+        old_file = self._file
+        self._lock.release()  # forgets the old file's lock; closing old_file below unlocks it
+        try:
+            new_file = self._open_locked(tmp)
+            new_file.truncate(0)
+            new_file.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"))
+            new_file.flush()
+            os.fsync(new_file.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            self._lock = ProcessLock(self.path, str(self.path), file=old_file)  # still ours: never closed
+            raise CaptionerError(f"cannot rewrite {self.path}: {e.strerror or e}") from None
+        self._file = new_file
+        old_file.close()
         self.lines, self.partial = list(lines), ""
 
     def close(self) -> None:
+        self._lock.release()
         self._file.close()  # closing releases the lock
 
 
@@ -134,14 +151,16 @@ class CaptionsFile:
     """
 
     def __init__(self, path: str | Path, fmt: str | None = None, overwrite: bool = False,
-                 retry_errors: bool = False):
+                 retry_errors: bool = False, made_by: dict | None = None):
         self.format = format_for(path, fmt)
+        self.made_by = {k: str(v) for k, v in (made_by or {}).items() if k in PROVENANCE}
         self.log = AppendLog(path, overwrite)
         self.path = self.log.path
         try:
             if not self.log.is_ours(_csv_line(CSV_FIELDS) if self.format == "csv" else '{"file": '):
                 raise self._not_ours(1, "it starts differently")
             records = self._parse(self.log.lines)
+            self._check_provenance(records)
             self.log.drop_partial_line()
             if retry_errors and any("error" in r for r in records):
                 records = [r for r in records if "error" not in r]
@@ -153,7 +172,21 @@ class CaptionsFile:
             raise
         self.done = {same_file(r["file"]): r for r in records}
 
+    def _check_provenance(self, records: list[dict]) -> None:
+        """Refuse to resume a file holding records that another model or other decoding settings made."""
+        if not self.made_by:
+            return
+        for number, record in enumerate(records, start=1):
+            theirs = {k: record.get(k) or None for k in PROVENANCE}
+            if theirs != self.made_by:
+                differ = "; ".join(f"{k} {theirs[k] or 'not recorded'} (now {self.made_by[k]})"
+                                   for k in PROVENANCE if theirs[k] != self.made_by[k])
+                raise CaptionerError(f"{self.path} holds captions made otherwise (record {number}: {differ}); "
+                                     f"one file never mixes two models' captions: pass --overwrite to replace "
+                                     f"them, or choose another --out")
+
     def append(self, records: list[dict]) -> None:
+        records = [{**r, **self.made_by} for r in records]
         self.log.append([self._line(r) for r in records])
         self.done.update((same_file(r["file"]), r) for r in records)
 
@@ -178,10 +211,11 @@ class CaptionsFile:
             for number, row in enumerate(rows[1:], start=2):
                 if len(row) != len(CSV_FIELDS) or not row[0]:
                     raise self._not_ours(number, f"{len(row)} columns")
-                file, caption, score, error = row
+                file, caption, score, error, model, decoding = row
                 try:
-                    records.append({"file": file, "error": error} if error else
-                                   {"file": file, "caption": caption, "score": float(score) if score else None})
+                    records.append({"file": file, "error": error, "model": model, "decoding": decoding} if error else
+                                   {"file": file, "caption": caption, "score": float(score) if score else None,
+                                    "model": model, "decoding": decoding})
                 except ValueError:
                     raise self._not_ours(number, f"score {score[:20]!r}") from None
             return records

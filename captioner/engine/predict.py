@@ -20,7 +20,7 @@ from captioner.config import Config
 from captioner.data.pipeline import Unreadable, feature_batches, image_batches
 from captioner.engine.compute import Compute, autocast
 from captioner.model.beam import decode
-from captioner.model.vocab import Vocabulary
+from captioner.model.vocab import Vocabulary, join_words
 
 log = logging.getLogger("captioner")
 
@@ -83,7 +83,7 @@ def caption_batch(model, vocab: Vocabulary, inputs: torch.Tensor, settings: Deco
     records = []
     for row in range(tokens.shape[0]):
         words, word_alphas = words_and_alphas(tokens[row], alphas[row], vocab)
-        records.append(Captioned(row, " ".join(words), float(scores[row]), words,
+        records.append(Captioned(row, join_words(words), float(scores[row]), words,
                                  word_alphas if attention else None))
     return records
 

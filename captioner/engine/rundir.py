@@ -6,8 +6,11 @@
     RUN_DIR/metrics.jsonl             one JSON object per logged step and per validation
     RUN_DIR/curves.png                `captioner plot RUN_DIR`
 
+    RUN_DIR/.lock                     held by the training process (lock_run_dir): one run per folder
+
 A folder holding another run is never overwritten without --overwrite; one holding the same run (same
-config) with a last.pt is resumed.
+config) with a last.pt is resumed. While a process trains in it, a second one is refused; the lock dies with
+its process, so `captioner train --resume` right after a kill -9 works.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import yaml
 
 from captioner.config import from_dict, to_dict
 from captioner.errors import CaptionerError
+from captioner.files import make_parent
+from captioner.lock import ProcessLock
 
 log = logging.getLogger("captioner")
 
@@ -79,6 +84,14 @@ def plan_run(run_dir: str | Path, config: dict, resume: bool, overwrite: bool) -
         why = f"config differs in {'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''}"
     raise CaptionerError(f"run dir {run_dir} already holds a different run ({why}); resume it with "
                          f"`captioner train --resume {run_dir}`, pick another --run-dir, or pass --overwrite")
+
+
+def lock_run_dir(run_dir: str | Path) -> ProcessLock:
+    """run_dir (created) locked for this process; a CaptionerError when another process trains in it."""
+    lock_file = Path(run_dir) / ".lock"
+    make_parent(lock_file, "run dir")
+    return ProcessLock(lock_file, f"run dir {run_dir}", "another `captioner train` is writing there: wait for "
+                       "it to finish (or stop it), or pick another --run-dir")
 
 
 def clear_run_files(run_dir: str | Path) -> None:

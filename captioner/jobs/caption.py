@@ -9,7 +9,9 @@ Records: {"file", "caption", "score"} (score: the caption's total log-probabilit
 for a file that could not be read; a bad file never stops the run. Records are appended and flushed batch
 by batch: rerunning the same command skips the files already in the output (error records included;
 --retry-errors tries those again, --overwrite starts from scratch), so a killed run loses at most the batch
-in flight and never leaves a duplicate or half-written record.
+in flight and never leaves a duplicate or half-written record. Each record names the checkpoint (SHA-256)
+and decoding settings that made it; resuming an output made by another checkpoint or with other settings is
+refused (--overwrite, or another --out), so one file never mixes two models' captions.
 
 Images are decoded in DataLoader workers (or on the GPU with compute.gpu_decode); the encoder and the greedy or
 beam decoder run on whole batches, through the same decode path as `evaluate` (engine/predict.py).
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from captioner.engine.checkpoint import load_model
+from captioner.engine.checkpoint import checkpoint_hash, load_model
 from captioner.config import ComputeConfig
 from captioner.engine.compute import setup_compute
 from captioner.engine.predict import DecodeSettings, caption_batches
@@ -69,9 +71,11 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
     settings = DecodeSettings.of(cfg, beam_size, compute=run)
     beam_size, batch_size = settings.beam_size, batch_size or cfg.decode.batch_size
 
-    results = CaptionsFile(out_path, fmt, overwrite, retry_errors)
+    made_by = {"model": checkpoint_hash(checkpoint), "decoding": _decoding(settings)}
+    results = CaptionsFile(out_path, fmt, overwrite, retry_errors, made_by)
     try:
-        gallery = Gallery(html, _gallery_title(checkpoint, beam_size, model), overwrite) if html else None
+        gallery = (Gallery(html, _gallery_title(checkpoint, beam_size, model), overwrite, made_by)
+                   if html else None)
     except BaseException:
         results.close()
         raise
@@ -153,6 +157,13 @@ def _write_batch(model, todo, batch, captioned, results, gallery, counts) -> Non
     results.append(records)
     if gallery is not None:
         gallery.flush()
+
+
+def _decoding(settings: DecodeSettings) -> str:
+    """The decoding settings a caption depends on, as records name them."""
+    how = (f"sampled at temperature {settings.temperature:g}" if settings.sample else
+           f"beam {settings.beam_size}, max_len {settings.max_len}, length_penalty {settings.length_penalty:g}")
+    return how if not settings.sample else f"{how}, max_len {settings.max_len}"
 
 
 def _gallery_title(checkpoint: str, beam_size: int, model) -> str:

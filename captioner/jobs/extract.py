@@ -24,7 +24,7 @@ from tqdm import tqdm
 from captioner.engine.compute import autocast, setup_compute
 from captioner.config import Config
 from captioner.data import load_records
-from captioner.data.cache import FeatureCache, default_cache_dir, describe_size, encoder_signature
+from captioner.data.cache import FeatureCache, default_cache_dir, describe_size, encoder_signature, lock_cache
 from captioner.data.pipeline import image_batches
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import build_encoder
@@ -154,12 +154,18 @@ def main(cfg: Config, splits: str | list[str] = SPLITS, device: str | None = "au
         records = [r for r in records if Path(r.path).is_file()]
 
     folder = default_cache_dir(cfg)
-    cache = open_for_extraction(folder, encoder_signature(encoder, cfg.encoder.weights), cfg.cache.dtype, rebuild)
-    todo = sum(not cache.has(r) for r in records)
-    log.info("feature cache %s: adding %s; %d images already there", folder,
-             describe_size(todo, cache.shape, cache.dtype), len(records) - todo)
-    _check_disk(folder, todo * cache.row_bytes)
+    lock = lock_cache(folder)  # before anything in the folder is read or replaced
     try:
+        cache = open_for_extraction(folder, encoder_signature(encoder, cfg.encoder.weights), cfg.cache.dtype, rebuild)
+    except BaseException:
+        lock.release()
+        raise
+    cache.lock = lock  # released by cache.close()
+    try:
+        todo = sum(not cache.has(r) for r in records)
+        log.info("feature cache %s: adding %s; %d images already there", folder,
+                 describe_size(todo, cache.shape, cache.dtype), len(records) - todo)
+        _check_disk(folder, todo * cache.row_bytes)
         result = extract_into(cache, encoder, records, batch_size or cfg.decode.batch_size,
                               cfg.train.num_workers if num_workers is None else num_workers, device,
                               compute.bf16, compute.gpu_decode)

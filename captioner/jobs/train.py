@@ -17,6 +17,7 @@ val images and gathered on rank 0, which alone scores them, logs and writes chec
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -47,10 +48,10 @@ from captioner.engine.predict import DecodeSettings, predict
 from captioner.engine.interrupt import StopRequest
 from captioner.metrics.coco import corpus_bleu_scores
 from captioner.model.caption_model import CaptionModel, build_encoder
-from captioner.engine.rundir import MetricsLog, clear_run_files, config_differences, plan_run
+from captioner.engine.rundir import MetricsLog, clear_run_files, config_differences, lock_run_dir, plan_run
 from captioner.engine.runtime import restore_rng_state, rng_state, seed_everything
 from captioner.engine.schedule import LRSchedule
-from captioner.model.vocab import Vocabulary
+from captioner.model.vocab import SPECIALS, Vocabulary
 
 log = logging.getLogger("captioner")
 
@@ -495,14 +496,39 @@ def main(cfg: Config, run_dir: str | Path, device: str | None = "auto", resume: 
     stopped is None, "early stopping", or the signal ("SIGINT", "SIGTERM") that interrupted the run."""
     process = distributed.setup(device)
     try:
-        with StopRequest() as stop:
-            return _train(cfg, Path(run_dir), process, resume, overwrite, stop)
+        with StopRequest() as stop, contextlib.ExitStack() as held:
+            return _train(cfg, Path(run_dir), process, resume, overwrite, stop, held)
     finally:
         distributed.cleanup(process)
 
 
-def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite: bool, stop: StopRequest) -> dict:
+# Below these, training runs but can hardly learn anything useful: say so before the first step.
+FEW_TRAIN_IMAGES, FEW_VAL_IMAGES, FEW_WORDS = 100, 10, 20
+
+
+def check_training_data(train_records, val_records, vocab: Vocabulary, cfg: Config) -> None:
+    """Refuse data no model can be selected or trained on; warn when it is too small to learn much."""
+    if not val_records:
+        raise CaptionerError("the val split is empty, so no checkpoint could be selected (every validation would "
+                             "score 0): set dataset.val_fraction (e.g. 0.1), or give val images in dataset.splits "
+                             "or dataset.val_list")
+    if len(vocab) <= len(SPECIALS):
+        raise CaptionerError(f"the training captions give no word seen at least dataset.min_freq="
+                             f"{cfg.dataset.min_freq} times, so the vocabulary holds only {', '.join(SPECIALS)}: "
+                             f"lower dataset.min_freq, or check that the captions column holds text")
+    for count, few, what in ((len(train_records), FEW_TRAIN_IMAGES, "training images"),
+                             (len(val_records), FEW_VAL_IMAGES, "validation images"),
+                             (len(vocab) - len(SPECIALS), FEW_WORDS, "words in the vocabulary")):
+        if count < few:
+            log.warning("WARNING: only %d %s (fewer than %d): the model will learn little and its scores will "
+                        "be noise", count, what, few)
+
+
+def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite: bool, stop: StopRequest,
+           held: contextlib.ExitStack) -> dict:
     mode = plan_run(run_dir, to_dict(cfg), resume, overwrite)  # refusals first: nothing is written before
+    if process.is_main:  # one training process per run dir; released when main returns or the process dies
+        held.enter_context(lock_run_dir(run_dir))
     distributed.barrier(process)  # every process has read the folder before rank 0 changes it
     checkpoint = _resume_checkpoint(run_dir, cfg) if mode == "resume" else None
     seed_everything(cfg.train.seed)  # the same initial weights in every process
@@ -516,6 +542,7 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     if cfg.train.val_images:
         val_records = val_records[: cfg.train.val_images]
     vocab = Vocabulary.build([c for r in train_records for c in r.captions], cfg.dataset.min_freq)
+    check_training_data(train_records, val_records, vocab, cfg)
     if checkpoint:
         _check_vocabulary(checkpoint["vocab"], vocab, run_dir / "last.pt")
     model = CaptionModel(cfg.encoder, cfg.model, len(vocab), encoder=encoder)
