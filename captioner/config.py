@@ -6,6 +6,7 @@ Unknown keys and values of the wrong type are CaptionerErrors that name the key 
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import typing
@@ -44,6 +45,7 @@ class DatasetConfig:
     format: str = "auto"  # auto (from the annotations file; synthetic without one) or one of DATASET_FORMATS
     root: str = "data/synthetic"  # synthetic: generated here on first use; others: base for relative paths
     annotations: str = ""  # the captions file: COCO JSON, Karpathy dataset_*.json, Flickr8k.token.txt, CSV, JSONL
+    encoding: str = ""  # the captions files' text encoding: "" reads UTF-8 (with or without BOM), else e.g. latin-1
     images: str = ""  # image folder (Karpathy COCO: the one holding train2014/, val2014/); empty: annotations' folder
     splits: str = ""  # optional JSON {"train": [image ids], "val": [...], "test": [...]}; overrides the file's own
     train_list: str = ""  # optional image-name lists, one per line (Flickr_8k.trainImages.txt); Flickr8k's three
@@ -229,6 +231,13 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _known_encoding(name: str) -> bool:
+    try:
+        return not name or codecs.lookup(name).name not in ("base64", "hex", "zlib", "bz2", "rot-13", "quopri", "uu")
+    except LookupError:
+        return False
+
+
 def validate(cfg: Config) -> None:
     """Reject values that would only fail later, deep inside a run."""
     checks = [
@@ -243,6 +252,8 @@ def validate(cfg: Config) -> None:
         (not (cfg.dataset.format == "synthetic" and cfg.dataset.annotations),
          "dataset.format=synthetic ignores dataset.annotations: set dataset.format=auto (or the file's format)"),
         (cfg.dataset.restval in ("train", "drop"), "dataset.restval must be train or drop"),
+        (_known_encoding(cfg.dataset.encoding),
+         f"dataset.encoding {cfg.dataset.encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)"),
         (0.0 <= cfg.dataset.max_missing_fraction <= 1.0, "dataset.max_missing_fraction must be in [0, 1]"),
         (0.0 <= cfg.dataset.val_fraction < 0.5, "dataset.val_fraction must be in [0, 0.5)"),
         (cfg.dataset.min_freq >= 1, "dataset.min_freq must be >= 1"),

@@ -46,12 +46,12 @@ def coco_index(data, path: Path) -> COCO:
     return coco
 
 
-def read_coco(annotations: str | Path, images_dir: str | Path, data=None) -> list[ImageRecord]:
+def read_coco(annotations: str | Path, images_dir: str | Path, data=None, encoding: str = "") -> list[ImageRecord]:
     """Every image of the file with its (stripped, non-empty) captions, sorted by image id.
     data: the file's already-parsed JSON, to avoid reading a large file twice."""
     annotations = Path(annotations)
     if data is None:
-        data = read_json(annotations, "annotations file")
+        data = read_json(annotations, "annotations file", encoding)
     coco = coco_index(data, annotations)
     orphans = set(coco.imgToAnns) - set(coco.imgs)
     if orphans:

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from captioner.data.flickr import report_malformed
-from captioner.data.records import ImageRecord, ids_from_names
+from captioner.data.records import ImageRecord, ids_from_names, read_text
 from captioner.errors import CaptionerError
 
 IMAGE_COLUMNS = ("image", "image_name", "filename", "file_name", "file", "path", "image_path", "img")
@@ -74,11 +74,11 @@ def parse_id(value) -> int | None:
         return None
 
 
-def read_csv(path: str | Path, images_dir: str | Path) -> list[ImageRecord]:
+def read_csv(path: str | Path, images_dir: str | Path, encoding: str = "") -> list[ImageRecord]:
     path = Path(path)
     if not path.is_file():
         raise CaptionerError(f"CSV file {path} not found")
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    text = read_text(path, "CSV file", encoding)
     columns = table_columns(text.splitlines()[0]) if text.strip() else None
     if columns is None:
         raise CaptionerError(f"CSV file {path}: the first line must be a header naming an image column "

@@ -13,7 +13,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from captioner.data.records import ImageRecord, ids_from_names
+from captioner.data.records import ImageRecord, ids_from_names, read_text
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -44,13 +44,13 @@ def report_malformed(path: Path, bad_lines: list[int], total: int, layout: str) 
                     ", ".join(map(str, bad_lines[:5])), ", ..." if len(bad_lines) > 5 else "", layout)
 
 
-def read_flickr_tokens(path: str | Path, images_dir: str | Path) -> list[ImageRecord]:
+def read_flickr_tokens(path: str | Path, images_dir: str | Path, encoding: str = "") -> list[ImageRecord]:
     """All images named in the token file with their captions; split "" (the caller applies the lists)."""
     path = Path(path)
     if not path.is_file():
         raise CaptionerError(f"Flickr token file {path} not found")
     captions, bad, total = defaultdict(list), [], 0
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "Flickr token file", encoding).splitlines(), start=1):
         if not line.strip():
             continue
         total += 1

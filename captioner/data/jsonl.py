@@ -13,7 +13,7 @@ from pathlib import Path
 
 from captioner.data.csv import CAPTION_COLUMNS, IMAGE_COLUMNS, parse_id, parse_split, records_from_rows
 from captioner.data.flickr import report_malformed
-from captioner.data.records import ImageRecord
+from captioner.data.records import ImageRecord, read_text
 from captioner.errors import CaptionerError
 
 
@@ -39,12 +39,12 @@ def _rows(obj) -> list[tuple] | None:
     return [(image.strip(), c.strip(), split, image_id) for c in captions if c.strip()]
 
 
-def read_jsonl(path: str | Path, images_dir: str | Path) -> list[ImageRecord]:
+def read_jsonl(path: str | Path, images_dir: str | Path, encoding: str = "") -> list[ImageRecord]:
     path = Path(path)
     if not path.is_file():
         raise CaptionerError(f"JSONL file {path} not found")
     rows, bad, total = [], [], 0
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "JSONL file", encoding).splitlines(), start=1):
         if not line.strip():
             continue
         total += 1

@@ -32,11 +32,12 @@ def _caption(sentence) -> str:
     return ""
 
 
-def read_karpathy(path: str | Path, images_dir: str | Path, restval: str = "train", data=None) -> list[ImageRecord]:
+def read_karpathy(path: str | Path, images_dir: str | Path, restval: str = "train", data=None,
+                  encoding: str = "") -> list[ImageRecord]:
     """restval: 'train' (fold into train) or 'drop' (split 'unused'). data: the already-parsed JSON, if any."""
     path = Path(path)
     if data is None:
-        data = read_json(path, "Karpathy split file")
+        data = read_json(path, "Karpathy split file", encoding)
     if not is_karpathy(data):
         raise CaptionerError(f"{path} is not a Karpathy split file (needs an 'images' list whose entries have "
                              f"'filename', 'split' and 'sentences')")

@@ -3,8 +3,10 @@
     out = beam_search(model, raw, beam_size=3, max_len=20)   # raw: (B, C, H, W) encoder activations
     out.tokens (B, L) ids ending in <end> then <pad>; out.scores (B,); out.alphas (B, L, N); out.lengths (B,)
 
-Every image gets a caption: when no hypothesis has ended by max_len words, <end> is forced, so the
-best hypothesis found so far is returned (never an empty result or a crash). Beam size 1 equals greedy.
+Every image gets a caption of at least one word: <end> may not come first (an untrained model or a wide beam
+would otherwise return "" for every image, since the empty caption is the most probable one), <pad> and
+<start> are never emitted as words, and when no hypothesis has ended by max_len words <end> is forced, so
+the best hypothesis found so far is returned (never an empty result or a crash). Beam size 1 equals greedy.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ class Decoded:
 def _step_log_probs(model, tokens, state, t: int, max_len: int):
     logits, state, alpha = model.decoder.step(tokens, state)
     logp = F.log_softmax(logits.float(), dim=-1)  # (B', V)
+    logp[:, [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")  # never words of a caption
+    if t == 0:
+        logp[:, Vocabulary.end_id] = float("-inf")  # at least one word
     if t == max_len:  # the word budget is spent: only <end> may follow
         forced = torch.full_like(logp, float("-inf"))
         forced[:, Vocabulary.end_id] = logp[:, Vocabulary.end_id]

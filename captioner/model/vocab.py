@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -17,11 +18,55 @@ PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = [PAD, START, END, UNK]  # fixed ids 0..3
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+# Scripts written without spaces between words: each character is a token (as COCO-CN and AIC-ICC
+# character-level baselines do; a word segmenter would need a dictionary download).
+_CHARACTER_SCRIPTS = ((0x3040, 0x30FF), (0x31F0, 0x31FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF),
+                      (0xFF66, 0xFF9F), (0x20000, 0x3134F))
+
+
+def _one_per_character(ch: str) -> bool:
+    return any(low <= ord(ch) <= high for low, high in _CHARACTER_SCRIPTS)
+
+
+def _is_word_char(ch: str) -> bool:
+    return unicodedata.category(ch)[0] in "LN" and ch != "_"
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-case words and numbers; punctuation dropped. Needs no NLTK data download."""
-    return _WORD.findall(text.lower())
+    """Lower-case words and numbers of any script, punctuation split off and dropped; Chinese and Japanese
+    characters one token each. Needs no NLTK data download.
+
+    ASCII text takes the one regular expression it always took, so scores on English captions are unchanged
+    (and equal coco-caption's); other text is NFC-normalised (a precomposed and a combining "é" are one
+    letter) and read character by character, keeping the combining marks of Devanagari, Thai or Arabic.
+    """
+    if text.isascii():
+        return _WORD.findall(text.lower())
+    text = unicodedata.normalize("NFC", text).lower().replace("\u2019", "'")
+    tokens, word = [], []
+    for i, ch in enumerate(text):
+        if _one_per_character(ch):
+            tokens.extend(["".join(word), ch] if word else [ch])
+            word = []
+        elif _is_word_char(ch) or (word and unicodedata.category(ch)[0] == "M"):
+            word.append(ch)
+        elif ch == "'" and word and i + 1 < len(text) and _is_word_char(text[i + 1]):
+            word.append(ch)  # don't, l'homme: one token, as the ASCII expression keeps them
+        elif word:
+            tokens.append("".join(word))
+            word = []
+    if word:
+        tokens.append("".join(word))
+    return tokens
+
+
+def join_words(words: list[str]) -> str:
+    """Words back into a caption: spaces between words, none between Chinese or Japanese characters."""
+    text = ""
+    for word in words:
+        glued = text and _one_per_character(text[-1]) and _one_per_character(word[0])
+        text += word if glued or not text else " " + word
+    return text
 
 
 class Vocabulary:
@@ -63,7 +108,7 @@ class Vocabulary:
             if i in (self.pad_id, self.start_id):
                 continue
             words.append(self.tokens[i] if 0 <= i < len(self.tokens) else UNK)
-        return " ".join(words)
+        return join_words(words)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"tokens": self.tokens}, ensure_ascii=False))
