@@ -527,8 +527,6 @@ def check_training_data(train_records, val_records, vocab: Vocabulary, cfg: Conf
 def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite: bool, stop: StopRequest,
            held: contextlib.ExitStack) -> dict:
     mode = plan_run(run_dir, to_dict(cfg), resume, overwrite)  # refusals first: nothing is written before
-    if process.is_main:  # one training process per run dir; released when main returns or the process dies
-        held.enter_context(lock_run_dir(run_dir))
     distributed.barrier(process)  # every process has read the folder before rank 0 changes it
     checkpoint = _resume_checkpoint(run_dir, cfg) if mode == "resume" else None
     seed_everything(cfg.train.seed)  # the same initial weights in every process
@@ -556,7 +554,8 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     compute = setup_compute(cfg.compute, process.device)
     compute.prepare_encoder(model.encoder)  # channels_last, optional torch.compile, as resolved
 
-    if process.is_main:
+    if process.is_main:  # one training process per run dir, from its first write until main returns or it dies
+        held.enter_context(lock_run_dir(run_dir))
         _write_run_files(run_dir, cfg, vocab, clear=mode == "new")
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=process.is_main,
                          truncate_to=checkpoint["metrics_offset"] if checkpoint else None)
