@@ -341,8 +341,8 @@ def test_decoding_never_returns_an_empty_caption():
         model.decoder.out.bias[Vocabulary.end_id] = 100.0  # <end> far likelier than any word, at every step
         model.decoder.out.bias[Vocabulary.pad_id] = 90.0
     raw = model.encode(torch.rand(3, 3, 64, 64))
-    for beam in (1, 10):
-        out = decode(model, raw, beam, max_len=5)
+    for beam, sample in ((1, False), (10, False), (1, True)):  # greedy, beam, sampled
+        out = decode(model, raw, beam, max_len=5, sample=sample)
         first = out.tokens[:, 0]
         assert not torch.isin(first, torch.tensor([Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.end_id])).any()
         assert (out.lengths >= 2).all()  # a word, then <end>

@@ -135,7 +135,7 @@ def sampled_decode(model, raw: torch.Tensor, max_len: int = 30, temperature: flo
     """raw (B, C, H, W) -> Decoded with every word drawn from the model's distribution at `temperature`
     (eval mode; scores: the total log-probability under that tempered distribution)."""
     was_training = _evaluating(model)
-    out = sample_captions(model, raw, max_len, temperature, generator)
+    out = sample_captions(model, raw, max_len, temperature, generator, at_least_one_word=True)
     model.train(was_training)
     return Decoded(out.tokens, out.log_probs.sum(dim=1), out.alphas, out.lengths)
 

@@ -30,8 +30,12 @@ class Sampled:
 
 
 def sample_captions(model, raw: torch.Tensor, max_len: int = 30, temperature: float = 1.0,
-                    generator: torch.Generator | None = None) -> Sampled:
-    """raw (B, C, H, W) encoder activations -> one sampled caption per row (repeat rows for several)."""
+                    generator: torch.Generator | None = None, at_least_one_word: bool = False) -> Sampled:
+    """raw (B, C, H, W) encoder activations -> one sampled caption per row (repeat rows for several).
+
+    at_least_one_word (inference): draw as greedy and beam decoding do, never <pad> or <start> and never
+    <end> first, from the distribution renormalised without them. Off for self-critical training, whose
+    log-probabilities must be the model's own."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     state = model.decoder.init_state(model.project(raw))
@@ -39,9 +43,16 @@ def sample_captions(model, raw: torch.Tensor, max_len: int = 30, temperature: fl
     tokens = torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     out_tokens, out_logp, out_mask, out_alphas = [], [], [], []
+    never = torch.zeros(model.decoder.vocab_size, dtype=torch.bool, device=device)
+    never[[Vocabulary.pad_id, Vocabulary.start_id]] = True
+    never_first = never.clone()
+    never_first[Vocabulary.end_id] = True
     for t in range(max_len + 1):
         logits, state, alpha = model.decoder.step(tokens, state)
-        logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, V)
+        logits = logits.float()
+        if at_least_one_word:
+            logits = logits.masked_fill(never_first if t == 0 else never, float("-inf"))
+        logp = F.log_softmax(logits / temperature, dim=-1)  # (B, V)
         active = ~finished
         if t == max_len:  # the word budget is spent: <end> is forced, not drawn, so it carries no log-probability
             word = torch.full((B,), Vocabulary.end_id, dtype=torch.long, device=device)
