@@ -162,11 +162,12 @@ def _print_json(data: dict) -> None:
 def _train(args: argparse.Namespace) -> int:
     from captioner.jobs import train
     from captioner.config import load_config
+    from captioner.engine.run_state import resume_config
     if args.resume:
         if args.run_dir and args.run_dir != args.resume:
             raise CaptionerError(f"--resume {args.resume} and --run-dir {args.run_dir} name different folders")
         run_dir = args.resume
-        cfg = train.resume_config(run_dir, args.config, args.overrides)
+        cfg = resume_config(run_dir, args.config, args.overrides)
     else:
         if not args.config or not args.run_dir:
             raise CaptionerError("train needs --config FILE and --run-dir DIR, or --resume RUN_DIR")

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from captioner.engine import predict
+from captioner.engine.step import TrainingStep
 from captioner.jobs import bench
 from captioner.model.beam import beam_search
 from captioner.cli import main
@@ -17,7 +19,21 @@ from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
 
 
-def test_bench_smoke_writes_json_with_every_key(tmp_path, capsys):
+def test_bench_smoke_writes_json_with_every_key_timing_the_products_own_step_and_caption(tmp_path, capsys,
+                                                                                         monkeypatch):
+    calls = {"step": 0, "caption": 0}
+    real_step, real_caption = TrainingStep.__call__, predict.caption_batch
+
+    def step(self, *args, **kwargs):  # spies: bench must run training's step and captioning's decode
+        calls["step"] += 1
+        return real_step(self, *args, **kwargs)
+
+    def caption_batch(*args, **kwargs):
+        calls["caption"] += 1
+        return real_caption(*args, **kwargs)
+
+    monkeypatch.setattr(TrainingStep, "__call__", step)
+    monkeypatch.setattr(predict, "caption_batch", caption_batch)
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
     # One thread: on a shared 2-core machine, two OpenMP threads can be 10x slower on these tiny ops.
@@ -36,6 +52,9 @@ def test_bench_smoke_writes_json_with_every_key(tmp_path, capsys):
     assert results["settings"]["channels_last_active"] is native and "native_bf16" in results["cpu_capability"]
     assert ("AVX512-BF16" in table) and ("bf16 on" if native else "bf16 off") in table
     assert results["versions"]["torch"] == torch.__version__ and "CPU, 1 threads" in results["device"]
+    # smoke: 2 cached + 1 image training steps, each after a warm-up step; greedy and beam 3 over 4 images in
+    # batches of 4, each after a warm-up batch
+    assert calls == {"step": (2 + 1) + (1 + 1), "caption": 2 * (1 + 1)}
 
 
 def test_bench_rejects_unknown_sizes(capsys):

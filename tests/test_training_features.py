@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from captioner.engine import step as step_module
 from captioner.jobs import train
 from captioner.data.sampler import ResumableSampler
 from captioner.model.encoder import HookedEncoder
@@ -16,7 +17,7 @@ from small_runs import metric_lines, small_config, step_losses, weights
 
 def _nan_on_calls(monkeypatch, bad_calls):
     """Make caption_loss return NaN on the given (1-based) calls, as a diverging run would."""
-    real, calls = train.caption_loss, [0]
+    real, calls = step_module.caption_loss, [0]
 
     def loss(*args, **kwargs):
         calls[0] += 1
@@ -25,7 +26,7 @@ def _nan_on_calls(monkeypatch, bad_calls):
             return total * float("nan"), ce
         return total, ce
 
-    monkeypatch.setattr(train, "caption_loss", loss)
+    monkeypatch.setattr(step_module, "caption_loss", loss)
 
 
 def test_a_non_finite_loss_skips_its_step(small_root, tmp_path, monkeypatch, caplog):
@@ -146,3 +147,17 @@ def test_finetuning_run_updates_layer4_at_its_own_lr(small_root, tmp_path, caplo
     assert "encoder.backbone.layer4.0.conv1.weight" in changed
     assert "encoder.backbone.layer4.0.bn1.running_mean" in changed  # fine-tuned BatchNorm is in train mode
     assert not any(k.startswith(("encoder.backbone.layer3.", "encoder.backbone.conv1")) for k in changed)
+
+
+def test_a_corrupt_image_in_training_from_images_is_skipped_counted_and_named(tmp_path, caplog):
+    from captioner.data import by_split, load_records
+    cfg = small_config(tmp_path / "data", "train.epochs=1", "train.precompute_features=false", "train.val_images=4")
+    bad = by_split(load_records(cfg.dataset), "train")[0].path  # generates the synthetic set
+    with open(bad, "r+b") as f:
+        f.truncate(200)  # a JPEG cut short, as an interrupted copy leaves it
+    with caplog.at_level(logging.WARNING, logger="captioner"):
+        summary = train.main(cfg, tmp_path / "run", "cpu")
+    assert summary["stopped"] is None and summary["epochs"] == 1 and summary["unreadable_images"] == 1
+    warnings = [r.getMessage() for r in caplog.records if bad in r.getMessage()]
+    assert len(warnings) == 1 and "cannot decode image" in warnings[0]  # once, with its path, for its 3 captions
+    assert all(math.isfinite(loss) for _, loss in step_losses(tmp_path / "run"))

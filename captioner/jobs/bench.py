@@ -39,16 +39,16 @@ from PIL import Image
 
 from captioner import __version__
 from captioner.model.beam import beam_search
-from captioner.engine.compute import Compute, autocast, cpu_capability, setup_compute
-from captioner.config import ComputeConfig, EncoderConfig, ModelConfig, Switch, coerce
+from captioner.engine.compute import Compute, cpu_capability, setup_compute
+from captioner.config import ComputeConfig, Config, EncoderConfig, ModelConfig, Switch, coerce
 from captioner.data.cache import FeatureCache, encoder_signature
 from captioner.data.images import CaptionPairs, ImageFiles
 from captioner.data.records import ImageRecord
-from captioner.model.decoder import caption_loss
 from captioner.errors import CaptionerError
 from captioner.data.pipeline import Batches, image_batches
 from captioner.engine.predict import DecodeSettings, caption_batches
-from captioner.jobs.extract import extract_into
+from captioner.engine.extraction import extract_into
+from captioner.engine.step import CaptionLoss, TrainingStep, build_optimizer
 from captioner.model.caption_model import CaptionModel, build_encoder
 from captioner.engine.runtime import resolve_device
 from captioner.model.vocab import SPECIALS, Vocabulary
@@ -185,32 +185,25 @@ def _records(paths: list[str], sizes: BenchSizes, vocab: Vocabulary, seed: int =
     return records
 
 
-def _train_rate(model, loader, device: torch.device, steps: int, bf16: bool) -> float:
-    """Captions per second over `steps` training steps after one warm-up step (the steps of train.py's loop)."""
-    if len(loader) == 0:
+def _train_rate(model, batches: Batches, device: torch.device, steps: int, bf16: bool) -> float:
+    """Captions per second over `steps` calls of training's own step (engine/step.py: forward, loss, backward,
+    unscale, clip at train.grad_clip, AdamW step), after one warm-up step."""
+    if len(batches) == 0:
         raise CaptionerError("bench: fewer captions than one training batch; raise extract_images")
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    cfg = Config()  # train's defaults: learning rate, weight decay, gradient clipping
+    step = TrainingStep(CaptionLoss(model), build_optimizer(model, cfg), cfg.train.grad_clip, device, bf16)
     model.train()
-    captions_seen, start, step = 0, 0.0, 0
-    while step <= steps:
-        for batch in loader:
-            inputs, captions, lengths = batch.inputs, batch.captions, batch.lengths
-            width = int(lengths.max())
-            with autocast(device, bf16):
-                raw = inputs if inputs.is_floating_point() else model.encode(inputs)
-                logits, alphas = model(raw, captions[:, :width])
-                loss, _ = caption_loss(logits, alphas, captions[:, :width], lengths, model.alpha_c)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), 5.0)
-            optimizer.step()
-            if step == 0:  # warm-up done: start the clock
+    captions_seen, start, done = 0, 0.0, 0
+    while done <= steps:
+        for batch in batches:
+            step(batch.inputs, batch.captions, batch.lengths)
+            if done == 0:  # warm-up done: start the clock
                 _sync(device)
                 start = time.perf_counter()
             else:
-                captions_seen += captions.shape[0]
-            step += 1
-            if step > steps:
+                captions_seen += batch.captions.shape[0]
+            done += 1
+            if done > steps:
                 break
     _sync(device)
     model.eval()

@@ -1,0 +1,73 @@
+"""Validation during training: greedy captions of the val images, scored; best.pt, plateau and early stopping.
+
+    scores = validate(run, inputs, references)     # every process captions its share; rank 0 scores
+    finish_epoch(run, epoch, scores, seconds)      # log, best/early-stopping state, last.pt (and best.pt)
+"""
+from __future__ import annotations
+
+import logging
+
+from captioner.engine import distributed
+from captioner.engine.predict import DecodeSettings, predict
+from captioner.engine.run_state import TrainingRun, save_checkpoints
+from captioner.engine.training_inputs import TrainingInputs
+from captioner.metrics.coco import corpus_bleu_scores
+
+log = logging.getLogger("captioner")
+
+
+def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict:
+    """Greedy captions of this process's share of the val images, gathered and scored on rank 0 with
+    captioner.metrics; every process gets the scores (plus "images": how many were captioned)."""
+    cfg = run.cfg
+    settings = DecodeSettings(1, cfg.decode.max_len, bf16=run.compute.bf16)
+    hypotheses = predict(run.model, run.vocab, inputs.val_records, settings, cfg.decode.batch_size,
+                         run.process.device, features=inputs.val_features, num_workers=cfg.train.num_workers,
+                         unreadable=inputs.unreadable,
+                         progress_bar=run.process.is_main) if inputs.val_records else {}
+    parts = distributed.gather_to_main(hypotheses, run.process)
+    scores = None
+    if run.process.is_main:
+        merged = {image_id: caption for part in parts for image_id, caption in part.items()}
+        scores = {**corpus_bleu_scores(merged, references), "images": len(merged)}
+    return distributed.broadcast_from_main(scores, run.process)
+
+
+def selection_score(run: TrainingRun, scores: dict) -> tuple[str, float]:
+    """(metric, value) that picks best.pt: train.select_metric, or bleu4 when validation does not compute it."""
+    metric = run.cfg.train.select_metric
+    if metric in scores:
+        return metric, scores[metric]
+    if metric not in run.warned:
+        run.warned.add(metric)
+        log.warning("train.select_metric=%s is not computed by validation (it gives %s): selecting by bleu4",
+                    metric, ", ".join(k for k in scores if k != "images"))
+    return "bleu4", scores["bleu4"]
+
+
+def finish_epoch(run: TrainingRun, epoch: int, scores: dict, seconds: float) -> None:
+    """Log the validation, update best/early-stopping/plateau state, then write last.pt (and best.pt)."""
+    progress = run.progress
+    metric, score = selection_score(run, scores)
+    improved = score > progress.best_score
+    run.metrics.write({"epoch": epoch, "step": progress.step,
+                       "train_loss": progress.loss_sum / max(progress.loss_count, 1),
+                       **{f"val_{k}": v for k, v in scores.items()}, "select_metric": metric, "improved": improved,
+                       "lr": run.step.optimizer.param_groups[0]["lr"], "epoch_s": seconds})
+    log.info("epoch %d: train loss %.3f, val %s %.3f%s (%.0fs)", epoch, progress.loss_sum / max(progress.loss_count, 1),
+             metric, score, " (best)" if improved else "", seconds)
+    progress.epoch, progress.sample, progress.loss_sum, progress.loss_count = epoch, 0, 0.0, 0
+    progress.scores = scores
+    if improved:
+        progress.best_score, progress.best_scores, progress.evals_without_gain = score, scores, 0
+    else:
+        progress.evals_without_gain += 1
+    run.schedule.observe(score)
+    save_checkpoints(run, best=improved)
+
+
+def early_stop(run: TrainingRun) -> bool:
+    patience = run.cfg.train.early_stop_patience
+    return bool(patience) and run.progress.evals_without_gain >= patience
+
+
