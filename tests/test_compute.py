@@ -10,6 +10,7 @@ from captioner.engine import compute as compute_module
 from captioner.engine.checkpoint import load_checkpoint
 from captioner.engine.compute import CpuCapability, autocast, setup_compute
 from captioner.errors import CaptionerError
+from captioner.engine.step import CaptionLoss
 from captioner.jobs import evaluate, train
 
 from conftest import TINY
@@ -83,7 +84,7 @@ def test_bf16_training_keeps_float32_weights_state_and_loss(small_root, tmp_path
     captions[:, 0] = 1
     with compute.autocast():
         raw = model.encode(images)
-        loss, ce = train.LossForward(model)(images, captions, torch.tensor([6, 5, 4, 3]))
+        loss, ce, _ = CaptionLoss(model)(images, captions, torch.tensor([6, 5, 4, 3]))
     loss.backward()
     assert raw.dtype == torch.bfloat16 and loss.dtype == ce.dtype == torch.float32
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.trainable_parameters())
