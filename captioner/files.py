@@ -50,11 +50,22 @@ def make_parent(path: str | Path, what: str = "file") -> None:
         raise CaptionerError(f"cannot write {what} {path}: {why}") from None
 
 
+def move_into_place(tmp: str | Path, path: str | Path, durable: bool = True) -> None:
+    """Rename a finished (flushed, fsynced) temporary file over path and make the rename durable: the project's
+    one rename. atomic_write uses it; so do the two writers that must fill the temporary file themselves
+    (a locked captions output that stays open after its rewrite, a weights download)."""
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(Path(path).parent)
+
+
 @contextmanager
-def atomic_write(path: str | Path, what: str = "file") -> Iterator[BinaryIO]:
+def atomic_write(path: str | Path, what: str = "file", durable: bool = True) -> Iterator[BinaryIO]:
     """Yield a binary file whose contents replace `path` atomically when the block ends without error.
 
-    `what` names the file in errors ("cannot write checkpoint runs/x/last.pt: No space left on device")."""
+    `what` names the file in errors ("cannot write checkpoint runs/x/last.pt: No space left on device").
+    durable=False skips the fsyncs (still atomic, not power-cut proof) for scratch files that a rerun
+    writes again anyway: generated synthetic images, benchmark JPEGs."""
     path = Path(path)
     if path.is_dir():
         raise CaptionerError(f"cannot write {what} {path}: it is a folder; give a file name")
@@ -67,8 +78,9 @@ def atomic_write(path: str | Path, what: str = "file") -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if durable:
+                os.fsync(f.fileno())
+        move_into_place(tmp, path, durable)
     except (OSError, RuntimeError) as e:  # a full disk shows up as either (torch.save raises RuntimeError)
         Path(tmp).unlink(missing_ok=True)
         kept = f"; the previous {path.name} is intact" if path.exists() else ""
@@ -77,11 +89,10 @@ def atomic_write(path: str | Path, what: str = "file") -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
 
 
-def write_bytes(path: str | Path, data: bytes, what: str = "file") -> None:
-    with atomic_write(path, what) as f:
+def write_bytes(path: str | Path, data: bytes, what: str = "file", durable: bool = True) -> None:
+    with atomic_write(path, what, durable) as f:
         f.write(data)
 
 

@@ -34,7 +34,7 @@ import torch
 
 from captioner.config import Config
 from captioner.errors import CaptionerError
-from captioner.files import make_parent
+from captioner.files import make_parent, write_json
 from captioner.lock import ProcessLock
 
 log = logging.getLogger("captioner")
@@ -103,12 +103,7 @@ def lock_cache(folder: str | Path) -> ProcessLock:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json(path, data, "feature cache file", indent=None)
 
 
 def _read_json(path: Path) -> dict:

@@ -7,12 +7,13 @@ The same seed always gives the same images, captions and splits.
 """
 from __future__ import annotations
 
-import json
-import os
+import io
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from captioner.files import write_bytes, write_json
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20),
            "purple": (140, 40, 170), "white": (250, 250, 250), "black": (15, 15, 15)}
@@ -69,7 +70,9 @@ def generate(root: str | Path, num_images: int = 2000, seed: int = 0, size: int 
     for i in range(num_images):
         image, captions = make_example(rng, size)
         name = f"{i:06d}.jpg"
-        image.save(root / "images" / name, quality=92)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=92)
+        write_bytes(root / "images" / name, buffer.getvalue(), "synthetic image", durable=False)  # a rerun redoes them
         images.append({"id": i, "file_name": name, "width": size, "height": size})
         anns.extend({"id": len(anns), "image_id": i, "caption": c} for c in captions)
     n_held = max(1, int(num_images * val_fraction))
@@ -78,7 +81,5 @@ def generate(root: str | Path, num_images: int = 2000, seed: int = 0, size: int 
               "test": ids[num_images - n_held:]}
     # Written last and atomically: their presence marks a complete dataset.
     for name, data in (("splits.json", splits), ("captions.json", {"images": images, "annotations": anns})):
-        tmp = root / (name + ".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, root / name)
+        write_json(root / name, data, "synthetic dataset file", indent=None)
     return root

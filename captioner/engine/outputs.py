@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 from captioner.errors import CaptionerError
-from captioner.files import make_parent
+from captioner.files import make_parent, move_into_place
 from captioner.lock import ProcessLock
 
 log = logging.getLogger("captioner")
@@ -129,7 +129,7 @@ class AppendLog:
             new_file.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"))
             new_file.flush()
             os.fsync(new_file.fileno())
-            os.replace(tmp, self.path)
+            move_into_place(tmp, self.path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             self._lock = ProcessLock(self.path, str(self.path), file=old_file)  # still ours: never closed

@@ -21,7 +21,7 @@ The decoder is untrained, so captions run to decode max_len words: the slowest c
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import logging
 import os
 import platform
@@ -45,6 +45,7 @@ from captioner.data.cache import FeatureCache, encoder_signature
 from captioner.data.images import CaptionPairs, ImageFiles
 from captioner.data.records import ImageRecord
 from captioner.errors import CaptionerError
+from captioner.files import write_bytes, write_json
 from captioner.data.pipeline import Batches, image_batches
 from captioner.engine.predict import DecodeSettings, caption_batches
 from captioner.engine.extraction import extract_into
@@ -157,15 +158,14 @@ def write_jpegs(folder: Path, count: int, width: int, height: int, seed: int = 0
         coarse = Image.fromarray(rng.integers(0, 256, (max(height // 40, 2), max(width // 40, 2), 3), dtype=np.uint8))
         smooth = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.float32)
         noisy = np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
-        path = folder / "blob.jpg"
-        Image.fromarray(noisy).save(path, quality=90)
-        blobs.append(path.read_bytes())
+        buffer = io.BytesIO()
+        Image.fromarray(noisy).save(buffer, "JPEG", quality=90)
+        blobs.append(buffer.getvalue())
     paths = []
     for i in range(count):
         path = folder / f"{i:06d}.jpg"
-        path.write_bytes(blobs[i % len(blobs)])
+        write_bytes(path, blobs[i % len(blobs)], "benchmark image", durable=False)  # scratch
         paths.append(str(path))
-    (folder / "blob.jpg").unlink(missing_ok=True)
     return paths
 
 
@@ -351,8 +351,7 @@ def main(device: str | None = "auto", preset: str = "default", json_path: str | 
         "seconds": round(time.perf_counter() - start, 1),
     }
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(results, indent=1))
+        write_json(json_path, results, "bench results", indent=1)
     return results
 
 

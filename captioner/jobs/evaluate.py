@@ -11,9 +11,7 @@ captions vary: distinct_captions / distinct_fraction (of the images), vocab_used
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 from captioner.engine.checkpoint import load_model
@@ -23,17 +21,12 @@ from captioner.config import ComputeConfig, apply_overrides
 from captioner.data import by_split, load_records
 from captioner.data.cache import cached_source
 from captioner.errors import CaptionerError
+from captioner.files import write_json
 from captioner.metrics.coco import caption_metrics
 from captioner.metrics.diversity import caption_diversity
 from captioner.engine.runtime import resolve_device
 
 log = logging.getLogger("captioner")
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out_dir: str | None = None,
@@ -64,12 +57,12 @@ def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out
     out = Path(out_dir) if out_dir else Path(checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     results_path, metrics_path = out / f"results_{split}.json", out / f"metrics_{split}.json"
-    _write_json(results_path, [{"image_id": i, "caption": c} for i, c in hypotheses.items()])
+    write_json(results_path, [{"image_id": i, "caption": c} for i, c in hypotheses.items()], "results file", indent=1)
     metrics = {"checkpoint": str(checkpoint), "split": split, "split_images": len(records),
                "dataset": cfg.dataset.annotations or cfg.dataset.root,
                "decoding": "greedy" if beam_size == 1 else "beam", "beam_size": beam_size,
                "max_len": cfg.decode.max_len, "length_penalty": cfg.decode.length_penalty,
                "features": f"cache {features.path} ({features.dtype})" if cached else "encoder", **scores,
                "results_file": str(results_path), "metrics_file": str(metrics_path)}
-    _write_json(metrics_path, metrics)
+    write_json(metrics_path, metrics, "metrics file", indent=1)
     return metrics

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from captioner.config import Config, DatasetConfig, to_dict
 from captioner.data import read_dataset
 from captioner.data.records import SPLITS, ImageRecord, by_split, drop_missing, find_missing
 from captioner.errors import CaptionerError
+from captioner.files import write_text
 from captioner.model.vocab import Vocabulary, tokenize
 
 log = logging.getLogger("captioner")
@@ -63,12 +63,6 @@ def coco_captions(records: list[ImageRecord], description: str) -> dict:
     return {"info": {"description": description}, "licenses": [], "images": images, "annotations": annotations}
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(cfg: Config, out_dir: str | Path | None = None) -> dict:
     """Check cfg.dataset and write vocab, splits, references and a summary into out_dir; returns the summary."""
     fmt, records = read_dataset(cfg.dataset)
@@ -88,16 +82,16 @@ def main(cfg: Config, out_dir: str | Path | None = None) -> dict:
     except OSError as e:
         raise CaptionerError(f"cannot create output folder {out}: {e.strerror}; choose another with --out") from None
     vocab.save(out / "vocab.json")
-    _write(out / "splits.json", json.dumps({s: [r.image_id for r in rs] for s, rs in splits.items()}))
+    write_text(out / "splits.json", json.dumps({s: [r.image_id for r in rs] for s, rs in splits.items()}))
     files = {"vocab": str(out / "vocab.json"), "splits": str(out / "splits.json")}
     for s in ("val", "test"):
         if splits[s]:
             path = out / f"captions_{s}.json"
-            _write(path, json.dumps(coco_captions(splits[s], f"captioner prepare: {s} split of "
+            write_text(path, json.dumps(coco_captions(splits[s], f"captioner prepare: {s} split of "
                                                   f"{cfg.dataset.annotations or cfg.dataset.root}")))
             files[f"captions_{s}"] = str(path)
     if missing:
-        _write(out / "missing_images.txt", "".join(r.path + "\n" for r in missing))
+        write_text(out / "missing_images.txt", "".join(r.path + "\n" for r in missing))
         files["missing_images"] = str(out / "missing_images.txt")
 
     summary = {"format": fmt, "annotations": cfg.dataset.annotations, "images_folder": cfg.dataset.images,
@@ -106,7 +100,7 @@ def main(cfg: Config, out_dir: str | Path | None = None) -> dict:
                "missing_examples": [r.path for r in missing[:5]],
                "vocab_size": len(vocab), "min_freq": cfg.dataset.min_freq, "max_len": cfg.dataset.max_len,
                "dataset_config": to_dict(cfg)["dataset"], "files": files}
-    _write(out / "summary.json", json.dumps(summary, indent=1))
+    write_text(out / "summary.json", json.dumps(summary, indent=1))
     summary["files"]["summary"] = str(out / "summary.json")
     return summary
 

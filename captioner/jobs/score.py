@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from captioner.config import DatasetConfig
@@ -22,6 +21,7 @@ from captioner.data import detect_format, read_dataset
 from captioner.data.coco import coco_index
 from captioner.data.records import read_json
 from captioner.errors import CaptionerError
+from captioner.files import write_json
 from captioner.metrics.coco import caption_metrics
 
 log = logging.getLogger("captioner")
@@ -93,10 +93,7 @@ def main(results: str, annotations: str, out: str | None = None, meteor: bool = 
                **caption_metrics(hypotheses, references, meteor)}
     if out:
         out_path = Path(out)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        tmp.write_text(json.dumps(metrics, indent=1))
-        os.replace(tmp, out_path)
+        write_json(out_path, metrics, "metrics file", indent=1)
         metrics["metrics_file"] = str(out_path)
     return metrics
 

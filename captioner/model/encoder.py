@@ -21,6 +21,7 @@ import torch.nn as nn
 import torchvision
 
 from captioner.errors import CaptionerError
+from captioner.files import move_into_place
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,7 +76,7 @@ def _weights_state_dict(arch: str, weights: str) -> dict:
     if not cached.is_file():
         try:
             torch.hub.download_url_to_file(url, str(cached.with_suffix(".part")), progress=True)
-            os.replace(cached.with_suffix(".part"), cached)
+            move_into_place(cached.with_suffix(".part"), cached)
         except Exception as e:  # noqa: BLE001 - offline machines fail in many ways; all mean the same
             raise CaptionerError(f"{arch} {weights} weights are not cached at {cached} and could not be downloaded "
                                  f"({type(e).__name__}); download {url} to that path, or set encoder.weights to a "

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from captioner.errors import CaptionerError
+from captioner.files import write_json
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = [PAD, START, END, UNK]  # fixed ids 0..3
@@ -111,7 +112,7 @@ class Vocabulary:
         return join_words(words)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"tokens": self.tokens}, ensure_ascii=False))
+        write_json(path, {"tokens": self.tokens}, "vocabulary", indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
