@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("caption", "caption image files or folders (batched, resumable, optional HTML attention gallery)",
                 "example: captioner caption --checkpoint best.pt photos/ --out captions.jsonl --html gallery.html\n"
+                "         torchrun --nproc_per_node=8 -m captioner caption --checkpoint best.pt photos/ --out c.jsonl\n"
                 "One record per image: {\"file\", \"caption\", \"score\"}, or {\"file\", \"error\"} for a file\n"
                 "that cannot be read (the run goes on). Rerunning the same command resumes: images already\n"
                 "in the output are skipped. Exit status: 0 done (even with error records), 1 with --strict\n"
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("extract", "run the frozen encoder once and cache its features on disk for training/evaluation",
                 "example: captioner extract --config configs/tiny.yaml --split train,val\n"
+                "         torchrun --nproc_per_node=8 -m captioner extract --config configs/coco_resnet152.yaml\n"
                 "Writes cache.dir (default DATASET_ROOT/features/ARCH-LAYER-SIZE); resumes where it stopped.\n"
                 "train and evaluate then read the features instead of running the CNN.")
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
@@ -156,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_json(data: dict) -> None:
-    print(json.dumps(data), flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(json.dumps(data), flush=True)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -207,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
                                args.device, args.workers, args.format, args.html, args.overwrite, args.retry_errors,
                                args.max_pixels)
         _print_json(summary)
-        if args.strict and summary["failed"]:
+        if args.strict and summary.get("failed"):  # rank 0's summary covers every process
             return 1
     elif args.command == "extract":
         from captioner.jobs import extract

@@ -1,6 +1,8 @@
-"""Several processes (GPUs) with torchrun: which process this is, and the few collectives training needs.
+"""Several processes (GPUs) with torchrun: which process this is, the few collectives jobs need, and how
+work is split between processes.
 
     torchrun --nproc_per_node=2 -m captioner train --config configs/tiny.yaml --run-dir runs/ddp
+    torchrun --nproc_per_node=8 -m captioner caption --checkpoint best.pt photos/ --out captions.jsonl
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them there is one process and every helper here
 is a no-op. The backend is NCCL on CUDA (one GPU per process, cuda:LOCAL_RANK) and gloo on CPU.
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from captioner.errors import CaptionerError
 from captioner.engine.runtime import resolve_device
@@ -106,3 +109,46 @@ def main_process_first(process: Process):
     yield
     if process.is_main:
         barrier(process)
+
+
+def shard(items: list, process: Process) -> list:
+    """This process's share of items: every world_size-th item from its rank on.
+
+    Every process must pass the same list in the same order (rank 0 broadcasts it); the shards then cover
+    it exactly once, differ in size by at most one, and neighbours (often alike in size and cost) are spread
+    over all processes.
+    """
+    return list(items[process.rank::process.world_size])
+
+
+class GlobalProgress:
+    """One progress bar for the work of all processes, shown by rank 0: its rate is the global images/s.
+
+    Each process adds what it finished to a counter in the process group's key-value store (the one torchrun's
+    rendezvous set up), which never waits for the other processes, unlike a collective; rank 0 reads the sum
+    back each time it adds its own. Without torchrun it is a plain tqdm bar.
+    """
+
+    _instances = 0  # every process creates its bars in the same order, so the n-th bar has the same key everywhere
+
+    def __init__(self, total: int, process: Process, desc: str, enabled: bool = True):
+        GlobalProgress._instances += 1
+        self.key = f"captioner/progress/{GlobalProgress._instances}"
+        self.store = dist.distributed_c10d._get_default_store() if process.distributed else None
+        self.bar = tqdm(total=total, unit="img", desc=desc, disable=not (enabled and process.is_main))
+
+    def update(self, n: int) -> None:
+        done = self.store.add(self.key, n) if self.store is not None else self.bar.n + n
+        self.bar.update(done - self.bar.n)
+
+    def set_postfix(self, **values) -> None:
+        self.bar.set_postfix(**values, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

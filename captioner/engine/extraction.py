@@ -4,6 +4,8 @@
     summary = extract_into(cache, encoder, records, batch_size=64, num_workers=8, device=device)
 
 `captioner extract`, `bench` and training under torchrun (features shared by every process) call it.
+Under torchrun every process appends to its own part cache (part_folder) and rank 0 copies the parts into
+the cache (merge_parts).
 """
 from __future__ import annotations
 
@@ -15,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from captioner.data.cache import FeatureCache
+from captioner.data.cache import CachedFeatures, FeatureCache, file_identity
 from captioner.data.pipeline import Unreadable, image_batches
 from captioner.engine.compute import autocast
+from captioner.engine.distributed import GlobalProgress, Process
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -73,11 +75,12 @@ def _write(cache: FeatureCache, records, features: torch.Tensor, event, failures
 @torch.no_grad()
 def extract_into(cache: FeatureCache, encoder, records: list, batch_size: int, num_workers: int,
                  device: torch.device, bf16: bool = False, gpu_decode: bool = False, desc: str = "extract",
-                 unreadable: Unreadable | None = None) -> dict:
+                 unreadable: Unreadable | None = None, progress: GlobalProgress | None = None) -> dict:
     """Append the features of every record not yet in cache.
 
     Returns {"added", "failed", "seconds", "images_per_s", "steady_images_per_s"}; the steady rate leaves out
-    the start (worker processes starting, the first batch) that a long run amortises.
+    the start (worker processes starting, the first batch) that a long run amortises. progress, when given,
+    is the bar of all processes' work (torchrun); by default the bar counts these records.
     The encoder runs on the main thread while a writer thread copies the previous batch to the host and
     appends it to features.bin, so the GPU never waits for the disk.
     """
@@ -88,7 +91,8 @@ def extract_into(cache: FeatureCache, encoder, records: list, batch_size: int, n
     start = last_commit = time.perf_counter()
     steady_start, steady_added = None, 0  # from the end of the first batch on
     batches = image_batches([r.path for r in todo], encoder.image_size, batch_size, num_workers, device, gpu_decode)
-    with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=len(todo), unit="img", desc=desc) as bar:
+    bar = progress or GlobalProgress(len(todo), Process(0, 1, 0, device), desc)
+    with ThreadPoolExecutor(max_workers=1) as writer, bar:
         pending = deque()
         try:
             for batch in batches:
@@ -123,3 +127,55 @@ def extract_into(cache: FeatureCache, encoder, records: list, batch_size: int, n
     steady = steady_added / (end - steady_start) if steady_added else added / max(end - start, 1e-9)
     return {"added": added, "failed": failed, "seconds": end - start, "images_per_s": added / max(end - start, 1e-9),
             "steady_images_per_s": steady}
+
+
+def part_folder(folder: Path, rank: int) -> Path:
+    """Where process `rank` of a torchrun run writes its share of the cache in folder."""
+    return folder / f"part-{rank:05d}"
+
+
+def merge_parts(cache: FeatureCache, records: list, discard: bool = False, chunk: int = 256) -> int:
+    """Copy the rows and failures of the part caches in cache.folder into cache, in the order of records
+    (so a cache merged from N parts equals one written by one process), then delete the parts.
+
+    Rows go in before any part is deleted, and the index is committed before that: a kill in between loses
+    nothing, and the next merge skips the images already in cache. A part built with another encoder, or
+    damaged, is deleted (its images are extracted again). Returns the number of rows copied.
+    """
+    folders = sorted(p for p in cache.folder.glob("part-*") if p.is_dir())
+    parts = []
+    for path in folders:
+        try:
+            part = None if discard else FeatureCache.load(path)
+        except CaptionerError as e:
+            log.warning("%s; its images are extracted again", e)
+            part = None
+        if part is not None and (part.mismatch(cache.header) or part.dtype != cache.dtype):
+            log.warning("feature cache part %s was built with other settings; its images are extracted again", path)
+            part = None
+        if part is not None:
+            parts.append(part)
+    sources = [CachedFeatures(p.data_path, p.shape, p.dtype, list(range(p.num_rows)), p.num_rows) for p in parts]
+    found = []  # (record, part number, row) in records order
+    for record in records:
+        identity = file_identity(record.path)  # one stat per image, whatever the number of parts
+        # _row is the cache's own lookup by identity (has() would stat the file again for every part).
+        if identity is None or cache._row(identity) is not None:
+            continue
+        row, k = next(((row, k) for k, part in enumerate(parts) if (row := part._row(identity)) is not None),
+                      (None, None))
+        if row is not None:
+            found.append((record, k, row))
+            continue
+        message = next((part.failed[identity[0]] for part in parts if identity[0] in part.failed), None)
+        if message is not None:
+            cache.fail(record, message)
+    for i in range(0, len(found), chunk):
+        block = found[i:i + chunk]
+        cache.append([r for r, _, _ in block], torch.stack([sources[k][row] for _, k, row in block]))  # (b, C, H, W)
+    cache.commit()
+    for path in folders:
+        shutil.rmtree(path, ignore_errors=True)
+    if found:
+        log.info("feature cache %s: %d rows merged from %d part caches", cache.folder, len(found), len(parts))
+    return len(found)

@@ -13,6 +13,8 @@ do). No script, no other file: the page opens from anywhere, and a thumbnail lin
 
 The page resumes like the captions file: one entry per line, appended and flushed per batch; reopening
 drops a half-written last line and the footer, and `has(file)` tells whether a file is already in it.
+Under torchrun each process writes a part page (gallery.html.part-00003) and rank 0 moves its entries into
+the one gallery (absorb), as for the captions file (engine/outputs.py).
 """
 from __future__ import annotations
 
@@ -127,6 +129,31 @@ class Gallery:
     def _append(self, file: str, line: str) -> None:
         self._pending.append(line)
         self.done.add(same_file(_shown(file)))
+
+    def absorb(self, parts: list[Path], order: dict[str, int] | None = None) -> int:
+        """Move the entries of part pages that are not on this page yet here, in input order, then delete the
+        parts (after the entries are written: a kill in between loses nothing). Returns the entries added."""
+        new = {}
+        for path in parts:
+            part = AppendLog(path)
+            part.close()
+            for line in part.lines:
+                match = _ENTRY.match(line)
+                key = match and same_file(html.unescape(match.group(1)))
+                if key and key not in self.done:
+                    new.setdefault(key, line)
+        last = len(order or ())
+        for key in sorted(new, key=lambda k: (order or {}).get(k, last)):
+            self._pending.append(new[key])
+            self.done.add(key)
+            if "entry error" in new[key]:
+                self.errors += 1
+            else:
+                self.images += 1
+        self.flush()
+        for path in parts:
+            path.unlink(missing_ok=True)
+        return len(new)
 
     def close(self) -> None:
         self.flush()

@@ -14,6 +14,10 @@ Each append is whole lines written at once, flushed and fsynced. A last line cut
 newline) is cut off when the file is opened again, so a record is never half-written and never written twice.
 While a run holds the file, a second run on the same file stops with an error (a process lock, see
 captioner/lock.py: it dies with its process, so a rerun right after kill -9 works).
+
+Under torchrun each process appends to its own part file (captions.jsonl.part-00003 for rank 3) and rank 0
+moves the parts into the output at the end (absorb). Parts a killed run left behind are absorbed when the
+next run starts, so their records are neither redone nor written twice.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from captioner.errors import CaptionerError
@@ -42,6 +47,19 @@ def format_for(path: str | Path, fmt: str | None = None) -> str:
             raise CaptionerError(f"unknown output format '{fmt}'; use one of: {', '.join(FORMATS)}")
         return fmt
     return "csv" if Path(path).suffix.lower() == ".csv" else "jsonl"
+
+
+def part_path(path: str | Path, rank: int) -> Path:
+    """Where process `rank` of a torchrun run writes its share of the output at path."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.part-{rank:05d}")
+
+
+def part_paths(path: str | Path) -> list[Path]:
+    """The part files of the output at path that exist now (left by this run's processes or a killed run)."""
+    path = Path(path)
+    pattern = re.compile(re.escape(path.name) + r"\.part-\d{5}")
+    return sorted(p for p in path.parent.glob(f"{path.name}.part-*") if pattern.fullmatch(p.name))
 
 
 def same_file(path: str) -> str:
@@ -189,6 +207,29 @@ class CaptionsFile:
         records = [{**r, **self.made_by} for r in records]
         self.log.append([self._line(r) for r in records])
         self.done.update((same_file(r["file"]), r) for r in records)
+
+    def absorb(self, parts: list[Path], order: dict[str, int] | None = None, retry_errors: bool = False) -> int:
+        """Append the records of part files that are not in this file yet, then delete the parts.
+
+        order maps same_file(file) to its place among the inputs, so that the records come in input order (as
+        one process writes them); retry_errors drops error records, as opening with retry_errors does.
+        Records are appended (and fsynced) before any part is deleted: a kill in between loses nothing, and
+        the next absorb skips what is already here. Returns the number of records added.
+        """
+        new = {}
+        for path in parts:
+            # Drops a line a kill cut short; refuses a stranger's file, or records of another model or decoding.
+            part = CaptionsFile(path, self.format, made_by=self.made_by)
+            part.close()
+            for key, record in part.done.items():
+                if key not in self.done and not (retry_errors and "error" in record):
+                    new.setdefault(key, record)
+        last = len(order or ())
+        added = sorted(new.values(), key=lambda r: (order or {}).get(same_file(r["file"]), last))
+        self.append(added)
+        for path in parts:
+            path.unlink(missing_ok=True)
+        return len(added)
 
     def close(self) -> None:
         self.log.close()

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from captioner.engine.checkpoint import checkpoint_hash, load_model
 from captioner.config import ComputeConfig
@@ -35,8 +34,9 @@ from captioner.data.pipeline import image_batches
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
 from captioner.engine.gallery import Gallery
-from captioner.engine.outputs import CaptionsFile, format_for, same_file
-from captioner.engine.runtime import resolve_device
+from captioner.engine import distributed
+from captioner.engine.distributed import Process
+from captioner.engine.outputs import CaptionsFile, format_for, part_path, part_paths, same_file
 
 log = logging.getLogger("captioner")
 
@@ -48,20 +48,32 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
          max_pixels: int | None = None, compute: ComputeConfig | None = None) -> dict:
     """Caption every image under paths into out (JSONL or CSV), and into an HTML gallery when html is given.
 
+    Under torchrun every process captions its shard of the images on its own device (cuda:LOCAL_RANK or the
+    CPU) into its own part files, which rank 0 moves into out and html at the end (engine/outputs.py).
+
     Returns {"images": found, "captioned": and "errors": written by this run, "skipped": already in the
     output, "failed": error records for these images in the whole output, "out", "html", "seconds",
-    "images_per_second"}.
+    "images_per_second"}: over all processes on rank 0, this process's share elsewhere.
     """
     for name, value, low in (("--beam", beam_size, 1), ("--batch-size", batch_size, 1), ("--workers", num_workers, 0),
                              ("--max-pixels", max_pixels, 1)):
         if value is not None and value < low:
             raise CaptionerError(f"{name} must be >= {low}, got {value}")
-    max_pixels = max_pixels or MAX_PIXELS
     fmt = format_for(out or "captions.jsonl", fmt)
     out_path = Path(out or f"captions.{fmt}")
-    device = resolve_device(device)
-    files = find_images(paths, recursive)  # before loading the model: a typo in a path fails fast
-    if not files:
+    process = distributed.setup(device)  # cuda:LOCAL_RANK under torchrun
+    try:
+        return _caption(checkpoint, paths, out_path, fmt, html, beam_size, batch_size, recursive, num_workers,
+                        overwrite, retry_errors, max_pixels or MAX_PIXELS, compute, process)
+    finally:
+        distributed.cleanup(process)
+
+
+def _caption(checkpoint, paths, out_path, fmt, html, beam_size, batch_size, recursive, num_workers, overwrite,
+             retry_errors, max_pixels, compute, process: Process) -> dict:
+    device = process.device
+    files = find_images(paths, recursive) if process.is_main else None  # before the model: a typo fails fast
+    if process.is_main and not files:
         raise CaptionerError(f"no image files found in {', '.join(paths)} (folders are searched for "
                              f"image extensions{'' if recursive else '; add --recursive for sub-folders'})")
     model, vocab, cfg = load_model(checkpoint, device)
@@ -70,48 +82,64 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
     run.prepare_encoder(model.encoder)
     settings = DecodeSettings.of(cfg, beam_size, compute=run)
     beam_size, batch_size = settings.beam_size, batch_size or cfg.decode.batch_size
+    title = _gallery_title(checkpoint, beam_size, model)
 
     made_by = {"model": checkpoint_hash(checkpoint), "decoding": _decoding(settings)}
-    results = CaptionsFile(out_path, fmt, overwrite, retry_errors, made_by)
-    try:
-        gallery = (Gallery(html, _gallery_title(checkpoint, beam_size, model), overwrite, made_by)
-                   if html else None)
-    except BaseException:
-        results.close()
-        raise
-    todo = [f for f in files if same_file(f) not in results.done or (gallery and not gallery.has(f))]
-    skipped = sum(same_file(f) in results.done for f in files)
-    if skipped:
-        log.info("%d of %d images are already in %s: skipped (--overwrite starts again)", skipped, len(files),
-                 out_path)
+    results = gallery = None  # the output files, held by rank 0
+    parts = None  # this process's part files under torchrun
     counts = {"captioned": 0, "errors": 0}
     start, waited = time.perf_counter(), [0.0]
     try:
-        batches = _timed_iter(image_batches(todo, model.encoder.image_size, batch_size, num_workers, device,
-                                            run.gpu_decode, max_pixels), waited)
-        bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=not log.isEnabledFor(logging.INFO))
+        if process.is_main:
+            results, gallery, plan = _open_outputs(files, out_path, fmt, html, title, overwrite, retry_errors,
+                                                   made_by)
+        todo, recorded = distributed.broadcast_from_main(plan if process.is_main else None, process)
+        mine = distributed.shard(todo, process)
+        writer, pages = results, gallery
+        if process.distributed:  # each process appends to its own files; rank 0 merges them below
+            parts = (CaptionsFile(part_path(out_path, process.rank), fmt, overwrite=True, made_by=made_by),
+                     Gallery(part_path(html, process.rank), title, True, made_by) if html else None)
+            writer, pages = parts
+            writer.done.update((key, {}) for key in recorded)  # gallery-only work: no second record
         try:
-            for batch, captioned in caption_batches(model, vocab, batches, settings, attention=gallery is not None):
-                _write_batch(model, todo, batch, captioned, results, gallery, counts)
-                bar.update(len(captioned))
-                bar.set_postfix(errors=counts["errors"], refresh=False)
+            batches = _timed_iter(image_batches(mine, model.encoder.image_size, batch_size, num_workers, device,
+                                                run.gpu_decode, max_pixels), waited)
+            with distributed.GlobalProgress(len(todo), process, "captioning", log.isEnabledFor(logging.INFO)) as bar:
+                for batch, captioned in caption_batches(model, vocab, batches, settings, attention=html is not None):
+                    _write_batch(model, mine, batch, captioned, writer, pages, counts)
+                    bar.update(len(captioned))
+                    bar.set_postfix(errors=counts["errors"])
         except torch.cuda.OutOfMemoryError:
             raise CaptionerError(f"out of GPU memory at --batch-size {batch_size}: rerun with a smaller one "
                                  f"(the images captioned so far are kept)") from None
-        bar.close()
+        finally:
+            for output in parts or ():
+                if output is not None:
+                    output.close()
+        if process.distributed:  # every part is complete and closed once every process has sent its counts
+            everyone = distributed.gather_to_main(counts, process)
+            if not process.is_main:
+                return {"images": len(mine), **counts, "rank": process.rank}
+            counts = {k: sum(c[k] for c in everyone) for k in counts}
+            order = {same_file(f): i for i, f in enumerate(files)}
+            results.absorb(part_paths(out_path), order)
+            if gallery:
+                gallery.absorb(part_paths(html), order)
     except KeyboardInterrupt:
         log.warning("interrupted: %d images captioned so far are saved in %s; rerun the same command to resume",
                     counts["captioned"], out_path)
         raise
     finally:
-        results.close()
-        if gallery:
-            gallery.close()
+        for output in (results, gallery):
+            if output is not None:
+                output.close()
     seconds = time.perf_counter() - start
     done = counts["captioned"] + counts["errors"]
+    skipped = len(files) - len(todo) + len(recorded)
     failed = sorted(f for f in files if "error" in results.done.get(same_file(f), {}))
-    log.info("captioned %d images in %.1fs (%.1f images/s, %.1fs waiting for image decoding); %d could not be "
-             "read", counts["captioned"], seconds, done / seconds if seconds else 0.0, waited[0], counts["errors"])
+    log.info("captioned %d images in %.1fs (%.1f images/s over %d process%s, %.1fs waiting for image decoding); "
+             "%d could not be read", counts["captioned"], seconds, done / seconds if seconds else 0.0,
+             process.world_size, "es" if process.distributed else "", waited[0], counts["errors"])
     for f in failed[:5]:
         log.warning("  %s: %s", f, results.done[same_file(f)]["error"])
     if len(failed) > 5:
@@ -119,6 +147,38 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
     return {"images": len(files), **counts, "skipped": skipped, "failed": len(failed), "out": str(out_path),
             "html": str(html) if html else None, "seconds": round(seconds, 2),
             "images_per_second": round(done / seconds, 2) if seconds else None}
+
+
+def _open_outputs(files, out_path, fmt, html, title, overwrite, retry_errors, made_by):
+    """(captions file, gallery or None, (todo, recorded)) on rank 0: todo the files still to caption (or to add
+    to the gallery), recorded those of them already in the captions file. Part files a killed torchrun run
+    left are merged first (or deleted with --overwrite), so their work is not done twice."""
+    results = CaptionsFile(out_path, fmt, overwrite, retry_errors, made_by)
+    gallery = None
+    try:
+        gallery = Gallery(html, title, overwrite, made_by) if html else None
+        order = {same_file(f): i for i, f in enumerate(files)}
+        leftovers = [part_paths(out_path), part_paths(html) if html else []]
+        if overwrite:
+            for path in leftovers[0] + leftovers[1]:
+                path.unlink()
+        elif leftovers[0] or leftovers[1]:
+            added = results.absorb(leftovers[0], order, retry_errors)
+            if gallery:
+                gallery.absorb(leftovers[1], order)
+            log.info("%s: took %d records from the part files of an interrupted run", out_path, added)
+    except BaseException:
+        results.close()
+        if gallery:
+            gallery.close()
+        raise
+    todo = [f for f in files if same_file(f) not in results.done or (gallery and not gallery.has(f))]
+    recorded = [same_file(f) for f in todo if same_file(f) in results.done]
+    skipped = len(files) - len(todo) + len(recorded)
+    if skipped:
+        log.info("%d of %d images are already in %s: skipped (--overwrite starts again)", skipped, len(files),
+                 out_path)
+    return results, gallery, (todo, recorded)
 
 
 def _timed_iter(iterable, waited: list):

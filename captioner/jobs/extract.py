@@ -8,6 +8,12 @@ Training and evaluation then read the features from the cache instead of running
 data/cache.py). The cache goes to cache.dir, by default DATASET_ROOT/features/ARCH-LAYER-SIZE. Images
 already in the cache are skipped, so an interrupted run resumes; unreadable images are reported and
 skipped. A cache built with other encoder settings or weights is refused unless --rebuild is given.
+
+    torchrun --nproc_per_node=8 -m captioner extract --config configs/coco_resnet152.yaml
+
+Under torchrun every process extracts its shard of the missing images on its own device into a part cache
+(CACHE/part-00003 for rank 3); rank 0 then copies the parts into the cache in dataset order, so the cache
+equals a one-process one. Parts a killed run left are taken in when the next run starts.
 """
 from __future__ import annotations
 
@@ -15,13 +21,15 @@ import logging
 from pathlib import Path
 
 from captioner.engine.compute import setup_compute
-from captioner.engine.extraction import check_disk, extract_into, open_for_extraction
+from captioner.engine.extraction import check_disk, extract_into, merge_parts, open_for_extraction, part_folder
 from captioner.config import Config
 from captioner.data import load_records
-from captioner.data.cache import default_cache_dir, describe_size, encoder_signature, lock_cache
+from captioner.data.cache import FeatureCache, default_cache_dir, describe_size, encoder_signature, lock_cache
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import build_encoder
-from captioner.engine.runtime import resolve_device, seed_everything
+from captioner.engine import distributed
+from captioner.engine.distributed import Process
+from captioner.engine.runtime import seed_everything
 
 log = logging.getLogger("captioner")
 
@@ -30,18 +38,31 @@ SPLITS = ("train", "val", "test")
 
 def main(cfg: Config, splits: str | list[str] = SPLITS, device: str | None = "auto", rebuild: bool = False,
          batch_size: int | None = None, num_workers: int | None = None) -> dict:
-    """Extract features of the given splits into the configured cache; returns a summary for the CLI."""
+    """Extract features of the given splits into the configured cache; returns a summary for the CLI
+    (over all processes on rank 0 under torchrun, this process's share elsewhere)."""
     splits = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else list(splits)
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:
         raise CaptionerError(f"--split {','.join(splits)}: splits are {', '.join(SPLITS)} (comma-separated)")
     if (batch_size is not None and batch_size < 1) or (num_workers is not None and num_workers < 0):
         raise CaptionerError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {num_workers}")
-    device = resolve_device(device)
+    process = distributed.setup(device)  # cuda:LOCAL_RANK under torchrun
+    try:
+        return _extract(cfg, splits, process, rebuild, batch_size or cfg.decode.batch_size,
+                        cfg.train.num_workers if num_workers is None else num_workers)
+    finally:
+        distributed.cleanup(process)
+
+
+def _extract(cfg: Config, splits: list[str], process: Process, rebuild: bool, batch_size: int,
+             num_workers: int) -> dict:
+    device = process.device
     seed_everything(cfg.train.seed)  # random-init weights come out exactly as training will build them
     compute = setup_compute(cfg.compute, device)
     encoder = compute.prepare_encoder(build_encoder(cfg.encoder))
-    records = [r for r in load_records(cfg.dataset) if r.split in splits]
+    with distributed.main_process_first(process):  # a synthetic set is generated once, not by every process
+        all_records = load_records(cfg.dataset)
+    records = [r for r in all_records if r.split in splits]
     if not records:
         raise CaptionerError(f"the dataset has no images in split(s) {', '.join(splits)}")
     missing = [r for r in records if not Path(r.path).is_file()]
@@ -50,24 +71,44 @@ def main(cfg: Config, splits: str | list[str] = SPLITS, device: str | None = "au
         records = [r for r in records if Path(r.path).is_file()]
 
     folder = default_cache_dir(cfg)
-    lock = lock_cache(folder)  # before anything in the folder is read or replaced
+    signature = encoder_signature(encoder, cfg.encoder.weights)
+    cache, todo = None, None
     try:
-        cache = open_for_extraction(folder, encoder_signature(encoder, cfg.encoder.weights), cfg.cache.dtype, rebuild)
-    except BaseException:
-        lock.release()
-        raise
-    cache.lock = lock  # released by cache.close()
-    try:
-        todo = sum(not cache.has(r) for r in records)
-        log.info("feature cache %s: adding %s; %d images already there", folder,
-                 describe_size(todo, cache.shape, cache.dtype), len(records) - todo)
-        check_disk(folder, todo * cache.row_bytes)
-        result = extract_into(cache, encoder, records, batch_size or cfg.decode.batch_size,
-                              cfg.train.num_workers if num_workers is None else num_workers, device,
-                              compute.bf16, compute.gpu_decode)
+        if process.is_main:
+            lock = lock_cache(folder)  # before anything in the folder is read or replaced
+            try:
+                cache = open_for_extraction(folder, signature, cfg.cache.dtype, rebuild)
+            except BaseException:
+                lock.release()
+                raise
+            cache.lock = lock  # released by cache.close()
+            merge_parts(cache, all_records, discard=rebuild)  # what a killed torchrun run finished is kept
+            todo = [i for i, r in enumerate(records) if not cache.has(r)]
+            log.info("feature cache %s: adding %s; %d images already there", folder,
+                     describe_size(len(todo), cache.shape, cache.dtype), len(records) - len(todo))
+            check_disk(folder, len(todo) * cache.row_bytes * (2 if process.distributed else 1))  # + the parts
+        todo = distributed.broadcast_from_main(todo, process)
+        mine = [records[i] for i in distributed.shard(todo, process)]
+        # One process writes the cache itself; under torchrun each writes its own part, merged by rank 0 below.
+        writer = (FeatureCache.create(part_folder(folder, process.rank), signature, cfg.cache.dtype)
+                  if process.distributed else cache)
+        progress = distributed.GlobalProgress(len(todo), process, "extract")  # rank 0 shows all processes' images
+        try:
+            result = extract_into(writer, encoder, mine, batch_size, num_workers, device, compute.bf16,
+                                  compute.gpu_decode, progress=progress)
+        finally:
+            writer.close()
+        everyone = distributed.gather_to_main(result, process)  # sent once this process's part is closed
+        if not process.is_main:
+            return {"cache": str(folder), "rank": process.rank, "added": result["added"], "failed": result["failed"]}
+        if process.distributed:
+            merge_parts(cache, all_records)
     finally:
-        cache.close()
-    return {"cache": str(folder), "splits": splits, "images": len(cache.rows), "added": result["added"],
-            "skipped_existing": len(records) - todo, "failed": result["failed"],
-            "images_per_s": round(result["images_per_s"], 2), "seconds": round(result["seconds"], 2),
+        if cache is not None:
+            cache.close()
+    added, failed = sum(r["added"] for r in everyone), sum(r["failed"] for r in everyone)
+    seconds = max(r["seconds"] for r in everyone)
+    return {"cache": str(folder), "splits": splits, "images": len(cache.rows), "added": added,
+            "skipped_existing": len(records) - len(todo), "failed": failed, "processes": process.world_size,
+            "images_per_s": round(added / max(seconds, 1e-9), 2), "seconds": round(seconds, 2),
             "bytes": cache.num_rows * cache.row_bytes, "dtype": cache.dtype}
