@@ -20,7 +20,7 @@ from captioner.config import load_config, to_dict
 from captioner.data import load_records
 from captioner.data.cache import FeatureCache, default_cache_dir, encoder_signature
 from captioner.engine.checkpoint import save_checkpoint
-from captioner.engine.compute import prepare_encoder
+from captioner.engine.compute import setup_compute
 from captioner.engine.distributed import Process, shard
 from captioner.jobs import caption, extract
 from captioner.model.caption_model import CaptionModel, build_encoder
@@ -68,7 +68,7 @@ def test_shards_cover_the_list_once():
 
 def _extract_cfg(root, cache_dir):
     return tiny_config(root, "dataset.synthetic_images=30", "encoder.image_size=64", "decode.batch_size=4",
-                       "cache.dtype=float32", f"cache.dir={cache_dir}")
+                       "cache.dtype=float32", "compute.bf16=false", f"cache.dir={cache_dir}")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,8 @@ def test_two_process_extract_equals_one_process(broken_synthetic, tmp_path):
     done = _torchrun(["extract", "--config", str(TINY), "--device", "cpu", "--workers", "0",
                       *[f"{k}={v}" for k, v in (("dataset.root", root), ("dataset.synthetic_images", 30),
                                                 ("encoder.image_size", 64), ("decode.batch_size", 4),
-                                                ("cache.dtype", "float32"), ("cache.dir", two))]])
+                                                ("cache.dtype", "float32"), ("compute.bf16", "false"),
+                                                ("cache.dir", two))]])
     summary = json.loads(done.stdout.strip().splitlines()[-1])  # rank 0 alone prints its summary
     assert done.stdout.count('"cache"') == 1
     assert summary["processes"] == 2 and summary["added"] == 29 and summary["failed"] == 1
@@ -108,7 +109,7 @@ def test_parts_of_a_killed_extraction_are_kept_on_the_next_run(broken_synthetic,
     root, records = broken_synthetic
     cfg = _extract_cfg(root, tmp_path / "resumed")
     seed_everything(cfg.train.seed)
-    encoder = prepare_encoder(build_encoder(cfg.encoder), torch.device("cpu"), cfg.compute)
+    encoder = setup_compute(cfg.compute, torch.device("cpu")).prepare_encoder(build_encoder(cfg.encoder))
     signature = encoder_signature(encoder, cfg.encoder.weights)
     folder = default_cache_dir(cfg)
     FeatureCache.create(folder, signature, "float32").close()
