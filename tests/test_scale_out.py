@@ -22,6 +22,7 @@ from captioner.data.cache import FeatureCache, default_cache_dir, encoder_signat
 from captioner.engine.checkpoint import save_checkpoint
 from captioner.engine.compute import setup_compute
 from captioner.engine.distributed import Process, shard
+from captioner.engine.extraction import extract_into, part_folder
 from captioner.jobs import caption, extract
 from captioner.model.caption_model import CaptionModel, build_encoder
 from captioner.model.vocab import Vocabulary
@@ -115,8 +116,8 @@ def test_parts_of_a_killed_extraction_are_kept_on_the_next_run(broken_synthetic,
     FeatureCache.create(folder, signature, "float32").close()
     readable = [r for i, r in enumerate(records) if i != 7]
     for rank in range(2):  # each "rank" finished the first few images of its shard before the kill
-        part = FeatureCache.create(extract.part_folder(folder, rank), signature, "float32")
-        extract.extract_into(part, encoder, shard(readable, Process(rank, 2, rank, torch.device("cpu")))[:4], 4, 0,
+        part = FeatureCache.create(part_folder(folder, rank), signature, "float32")
+        extract_into(part, encoder, shard(readable, Process(rank, 2, rank, torch.device("cpu")))[:4], 4, 0,
                              torch.device("cpu"))
         part.close()
     resumed = extract.main(cfg, device="cpu", num_workers=0)
