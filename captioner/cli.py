@@ -96,6 +96,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse larger images as likely decompression bombs (default: 100000000)")
     _add_device(p)
 
+    p = command("serve", "serve a checkpoint over HTTP: JSON API and a web page, batched across requests",
+                "example: captioner serve --checkpoint demo/run/best.pt     (then open http://127.0.0.1:8000)\n"
+                "         curl -F image=@photo.jpg http://127.0.0.1:8000/v1/caption\n"
+                "Binds to loopback (this machine only) unless --host names another address AND --allow-remote\n"
+                "is given. --token (or $CAPTIONER_TOKEN) requires Authorization: Bearer on /v1/*. Needs the\n"
+                "[serve] extra: pip install -e \".[serve]\". SIGTERM/Ctrl-C finish the requests in flight, then exit.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `captioner train`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--allow-remote", action="store_true", help="confirm a --host other machines can reach")
+    p.add_argument("--max-batch", type=int, default=32, help="most images captioned in one batch (default: 32)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long a batch waits for more images before it starts (default: 10)")
+    p.add_argument("--queue", type=int, default=256,
+                   help="images that may wait for the model; beyond, 503 + Retry-After (default: 256)")
+    p.add_argument("--beam", type=int, default=None, help="beam size; 1 is greedy (default: the checkpoint's)")
+    p.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN (default: $CAPTIONER_TOKEN)")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body in MiB (default: 32)")
+    p.add_argument("--max-images", type=int, default=32, help="most images in one request (default: 32)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000,
+                   help="refuse larger images as likely decompression bombs (default: 40000000)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait for captions (default: 60)")
+    p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads (default: 2)")
+    _add_device(p)
+
     p = command("plot", "draw a run's loss and validation curves into a PNG",
                 "example: captioner plot runs/tiny          (writes runs/tiny/curves.png)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `captioner train`")
@@ -212,6 +237,14 @@ def run(args: argparse.Namespace) -> int:
         _print_json(summary)
         if args.strict and summary.get("failed"):  # rank 0's summary covers every process
             return 1
+    elif args.command == "serve":
+        from captioner.jobs import serve
+        from captioner.engine.limits import Limits
+        limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_images=args.max_images,
+                        max_pixels=args.max_pixels, timeout=args.timeout)
+        _print_json(serve.main(serve.ServeOptions(
+            args.checkpoint, args.host, args.port, args.allow_remote, args.max_batch, args.max_wait_ms, args.queue,
+            args.beam, args.device, args.token, args.decode_threads, limits=limits)))
     elif args.command == "extract":
         from captioner.jobs import extract
         from captioner.config import load_config

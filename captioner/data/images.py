@@ -5,6 +5,7 @@ to image_size x image_size, the same way at train and at eval time since the enc
 Every Dataset here is a plain picklable object, so spawn-started DataLoader workers work too.
 
     image = load_image("photo.jpg", 224)          # (3, 224, 224) uint8, or a one-line CaptionerError
+    image, (width, height) = read_image_bytes(upload, "upload.jpg", 224)   # the server's uploads: same rules
 
 Any file is either decoded or refused with a CaptionerError naming it and saying what is wrong: empty,
 truncated, not an image (an HTML page saved as .jpg, ...), above the pixel limit (decompression bomb), a
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import stat
 import warnings
@@ -47,11 +49,24 @@ def load_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS) -> torc
 def read_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
     """load_image, also returning the file's (width, height) as displayed (after EXIF orientation)."""
     _check_is_regular_file(path)
+    return _decode(path, path, image_size, max_pixels)
+
+
+def read_image_bytes(data: bytes, name: str, image_size: int,
+                     max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
+    """read_image for an upload's bytes (the server never opens a path a client names); errors start with name."""
+    if not data:
+        raise CaptionerError(f"{name}: empty file (0 bytes)")
+    return _decode(io.BytesIO(data), name, image_size, max_pixels)
+
+
+def _decode(source, name: str, image_size: int, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """source: a path or a binary file object; name: how errors call it."""
     try:
-        with _strict_pil(max_pixels), Image.open(path) as img:
+        with _strict_pil(max_pixels), Image.open(source) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise CaptionerError(f"{path}: {width}x{height} is above the limit of {max_pixels} pixels "
+                raise CaptionerError(f"{name}: {width}x{height} is above the limit of {max_pixels} pixels "
                                      f"(a decompression bomb?)")
             # JPEG only (a no-op elsewhere): decode at 1/2, 1/4 or 1/8 scale while that still leaves twice the
             # target size, so a 12-megapixel photo is not fully decoded to make a 224x224 input.
@@ -62,10 +77,10 @@ def read_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS) -> tupl
     except CaptionerError:
         raise
     except Image.DecompressionBombError:  # Pillow's own check, at twice ours, fired while opening
-        raise CaptionerError(f"{path}: image size is above the limit of {max_pixels} pixels "
+        raise CaptionerError(f"{name}: image size is above the limit of {max_pixels} pixels "
                              f"(a decompression bomb?)") from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many types on bad data (OSError, SyntaxError, ...)
-        raise CaptionerError(f"{path}: {_describe_failure(path, e)}") from None
+        raise CaptionerError(f"{name}: {_describe_failure(source, e)}") from None
     size = (height, width) if swapped else (width, height)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), size  # (S, S, 3) -> (3, S, S)
 
@@ -106,13 +121,16 @@ def _strict_pil(max_pixels: int):
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-def _describe_failure(path: str, e: Exception) -> str:
+def _describe_failure(source, e: Exception) -> str:
     if isinstance(e, PermissionError) or getattr(e, "errno", None) == errno.EACCES:
         return "permission denied"
     if isinstance(e, Image.UnidentifiedImageError):
         try:
-            with open(path, "rb") as f:
-                head = f.read(32)
+            if isinstance(source, io.BytesIO):
+                head = source.getvalue()[:32]
+            else:
+                with open(source, "rb") as f:
+                    head = f.read(32)
         except OSError:  # gone or changed since: no hint, the error stands
             head = b""
         if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:

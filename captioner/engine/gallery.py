@@ -93,29 +93,11 @@ class Gallery:
     def add(self, file: str, image: np.ndarray, size: tuple[int, int], words: list[str], alphas: np.ndarray,
             grid: tuple[int, int], score: float | None = None) -> None:
         """One entry: image (S, S, 3) uint8, size the original (width, height), alphas (L, H*W) for L words."""
-        width, height = _fit(size, PANEL, MIN_SIDE)
-        thumbnail = _jpeg_base64(image, _fit(size, THUMBNAIL, MIN_SIDE))
-        panels = []
-        for word, alpha in zip(words, alphas):
-            weights = np.asarray(alpha, dtype=np.float64).reshape(grid)  # (H*W,) -> (H, W)
-            row, col = np.unravel_index(int(weights.argmax()), grid)
-            title = (f"{word}: peak attention {weights.max():.2f} at row {row + 1}, column {col + 1} "
-                     f"of {grid[0]}x{grid[1]}")
-            panels.append(f'<div class="word" title="{_attr(title)}"><div class="pic"><img src="data:image/png;'
-                          f'base64,{_attention_png(weights)}" alt="attention for {_attr(word)}"></div>'
-                          f'<span>{_attr(word)}</span></div>')
-        meta = f"log-probability {score:.2f}" if score is not None else ""
-        entry = (f'<figure class="entry" data-file="{_attr(file)}" style="--img:url(data:image/jpeg;base64,'
-                 f'{thumbnail});--w:{width}px;--h:{height}px"><a class="pic main" href="{_link(file, self.folder)}" '
-                 f'title="open the original"></a><div><figcaption><span class="caption">{_attr(join_words(words))}'
-                 f'</span><span class="meta">{meta}</span><div class="file">{_attr(file)}</div></figcaption>'
-                 f'<div class="words">{"".join(panels)}</div></div></figure>')
-        self._append(file, entry)
+        self._append(file, entry_html(file, image, size, words, alphas, grid, score, _link(file, self.folder)))
         self.images += 1
 
     def add_error(self, file: str, message: str) -> None:
-        self._append(file, f'<div class="entry error" data-file="{_attr(file)}"><span class="file">'
-                           f'{_attr(file)}</span>: {_attr(message)}</div>')
+        self._append(file, error_html(file, message))
         self.errors += 1
 
     def has(self, file: str) -> bool:
@@ -160,6 +142,38 @@ class Gallery:
         self.log.append([f"<footer>{self.images} images captioned, {self.errors} could not be read; "
                          f"last written {time.strftime('%Y-%m-%d %H:%M')}</footer></main></body></html>"])
         self.log.close()
+
+
+def entry_html(file: str, image: np.ndarray, size: tuple[int, int], words: list[str], alphas: np.ndarray,
+               grid: tuple[int, int], score: float | None = None, link: str | None = None) -> str:
+    """One image's entry on one line (the gallery's, and the server page's): caption, thumbnail, word panels.
+
+    image (S, S, 3) uint8, size the original (width, height), alphas (L, H*W) for L words; link: an escaped
+    address for the thumbnail to open (None: the thumbnail links nowhere, as on the server's page).
+    """
+    width, height = _fit(size, PANEL, MIN_SIDE)
+    thumbnail = _jpeg_base64(image, _fit(size, THUMBNAIL, MIN_SIDE))
+    panels = []
+    for word, alpha in zip(words, alphas):
+        weights = np.asarray(alpha, dtype=np.float64).reshape(grid)  # (H*W,) -> (H, W)
+        row, col = np.unravel_index(int(weights.argmax()), grid)
+        title = (f"{word}: peak attention {weights.max():.2f} at row {row + 1}, column {col + 1} "
+                 f"of {grid[0]}x{grid[1]}")
+        panels.append(f'<div class="word" title="{_attr(title)}"><div class="pic"><img src="data:image/png;'
+                      f'base64,{_attention_png(weights)}" alt="attention for {_attr(word)}"></div>'
+                      f'<span>{_attr(word)}</span></div>')
+    meta = f"log-probability {score:.2f}" if score is not None else ""
+    picture = (f'<a class="pic main" href="{link}" title="open the original"></a>' if link is not None
+               else '<div class="pic main"></div>')
+    return (f'<figure class="entry" data-file="{_attr(file)}" style="--img:url(data:image/jpeg;base64,'
+            f'{thumbnail});--w:{width}px;--h:{height}px">{picture}<div><figcaption><span class="caption">'
+            f'{_attr(join_words(words))}</span><span class="meta">{meta}</span><div class="file">{_attr(file)}</div>'
+            f'</figcaption><div class="words">{"".join(panels)}</div></div></figure>')
+
+
+def error_html(file: str, message: str) -> str:
+    return (f'<div class="entry error" data-file="{_attr(file)}"><span class="file">{_attr(file)}</span>: '
+            f'{_attr(message)}</div>')
 
 
 def _made_by(made_by: dict | None) -> str:

@@ -1,0 +1,14 @@
+"""What `captioner serve` accepts from a client: plain data, importable without the [serve] extra."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Limits:
+    max_upload_bytes: int = 32 * 2**20  # one request's whole body
+    max_images: int = 32  # image parts per request
+    max_pixels: int = 40_000_000  # per image, checked before decoding (decompression bombs)
+    timeout: float = 60.0  # seconds a request may wait for its captions
+    max_inflight_bytes: int = 512 * 2**20  # upload bytes held by all requests together
+    retry_after: int = 1  # seconds, in 503 answers
