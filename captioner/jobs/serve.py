@@ -6,9 +6,9 @@
     CAPTIONER_TOKEN=secret captioner serve --checkpoint best.pt --host 0.0.0.0 --allow-remote
 
 Images are decoded by the same function and error rules as `captioner caption` and captioned by the same
-batch function, so a served caption equals the command's. Requests that arrive together are captioned in
-one batch (up to --max-batch, waiting at most --max-wait-ms); SIGTERM or Ctrl-C stops accepting, lets the
-requests in flight finish, then exits.
+decode path (engine/predict.py caption_batch), so a served caption equals the command's. Requests that
+arrive together are captioned in one batch (up to --max-batch, waiting at most --max-wait-ms); SIGTERM or
+Ctrl-C stops accepting, lets the requests in flight finish, then exits.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from captioner.engine.compute import prepare_encoder
 from captioner.engine.interrupt import STOP_SIGNALS
 from captioner.engine.runtime import resolve_device
 from captioner.engine.limits import Limits
+from captioner.engine.predict import DecodeSettings, caption_batch
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -61,56 +62,27 @@ class Captioner:
         self.device = resolve_device(device)
         self.model, self.vocab, self.cfg = load_model(checkpoint, self.device)
         prepare_encoder(self.model.encoder, self.device, self.cfg.compute)
-        self.beam_size = beam_size or self.cfg.decode.beam_size
+        self.settings = DecodeSettings.of(self.cfg, beam_size)
+        self.beam_size = self.settings.beam_size
         self.checkpoint = checkpoint
         enc = self.model.encoder
         decoding = "greedy decoding" if self.beam_size == 1 else f"beam search (beam {self.beam_size})"
         self.info = {"checkpoint": Path(checkpoint).name, "arch": enc.arch, "layer": enc.layer,
                      "grid": list(enc.grid), "image_size": enc.image_size, "vocab_size": len(self.vocab),
-                     "decoding": {"beam_size": self.beam_size, "max_len": self.cfg.decode.max_len,
-                                  "length_penalty": self.cfg.decode.length_penalty},
+                     "decoding": {k: getattr(self.settings, k) for k in ("beam_size", "max_len", "length_penalty",
+                                                                          "sample", "temperature")},
                      "device": str(self.device),
                      "description": f"{decoding}, attention over the {enc.grid[0]}x{enc.grid[1]} {enc.layer} "
                                     f"grid of {enc.arch}."}
 
-    @torch.inference_mode()
     def predict(self, items: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[dict]:
         """[(image (3, S, S) uint8, (width, height))] -> [{"caption", "score", "words", "alphas" (L, N),
-        "batch_size"}], in order; every image is decoded in this one batch."""
-        # Temporary seam: `captioner caption`'s own batch function, fed through stand-ins for its records
-        # file and gallery, so served captions equal the command's without a second copy of the decoding.
-        # Switch to the shared predict function in engine/ once it exists (then this import goes).
-        from captioner.jobs.caption import _caption_batch
-        images = torch.stack([image for image, _ in items])  # B x (3, S, S) -> (B, 3, S, S)
-        sizes = torch.tensor([list(size) for _, size in items])  # (B, 2)
-        files = [f"image{i}" for i in range(len(items))]
-        sink = _Collected()
-        _caption_batch(self.model, self.vocab, self.cfg, self.beam_size, self.device, files, images,
-                       [""] * len(items), sizes, sink, sink, {"captioned": 0, "errors": 0})
-        return [{**sink.records[f], **sink.attention[f], "batch_size": len(items)} for f in files]
-
-
-class _Collected:
-    """Collects what caption's batch function writes to its records file (append) and gallery (add)."""
-
-    def __init__(self):
-        self.done, self.records, self.attention = {}, {}, {}
-
-    def append(self, records: list[dict]) -> None:
-        for r in records:
-            self.records[r["file"]] = {"caption": r["caption"], "score": r["score"]}
-
-    def has(self, file: str) -> bool:
-        return False
-
-    def add(self, file, image, size, words, alphas, grid, score=None) -> None:
-        self.attention[file] = {"words": list(words), "alphas": alphas}  # alphas (L, N)
-
-    def add_error(self, file, message) -> None:  # never called: only readable images reach the model
-        raise AssertionError(f"{file}: {message}")
-
-    def flush(self) -> None:
-        pass
+        "batch_size"}], in order, all decoded in this one batch by the decode path `captioner caption` uses."""
+        images = torch.stack([image for image, _ in items]).to(self.device)  # B x (3, S, S) -> (B, 3, S, S)
+        captioned = caption_batch(self.model, self.vocab, images, self.settings, attention=True)
+        # Scores rounded as `captioner caption` writes them.
+        return [{"caption": c.caption, "score": round(c.score, 4), "words": c.words, "alphas": c.alphas.numpy(),
+                 "batch_size": len(items)} for c in captioned]
 
 
 def check_options(opts: ServeOptions) -> None:
