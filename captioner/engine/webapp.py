@@ -183,6 +183,9 @@ def _decode(data: bytes, name: str, image_size: int, max_pixels: int) -> dict:
         image, size = read_image_bytes(data, name, image_size, max_pixels)
     except CaptionerError as e:
         return {"name": name, "error": str(e).removeprefix(f"{name}: ")}
+    except Exception as e:  # noqa: BLE001 - whatever an upload does to the decoder, it is that upload's error
+        log.warning("%s: unexpected decoding failure: %r", name, e)
+        return {"name": name, "error": f"cannot decode image ({type(e).__name__})"}
     return {"name": name, "image": image, "size": size}
 
 
