@@ -243,8 +243,13 @@ def test_serve_command_loopback_and_graceful_sigterm(checkpoint, mixed, capsys):
                                 "0", "--device", "cpu", "--max-wait-ms", "1500"], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = process.stderr.readline()  # "serving ... on http://127.0.0.1:PORT (loopback only: ...)"
-        assert "loopback only" in line, line
+        lines = []
+        while not (lines and lines[-1].startswith("serving")) and len(lines) < 20:  # "serving ... on URL (...)"
+            lines.append(process.stderr.readline())
+            if not lines[-1]:
+                break
+        line = lines[-1]
+        assert "loopback only" in line, "".join(lines)
         url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(_post, url, _upload(folder, ["photo.jpg"]))

@@ -26,7 +26,7 @@ from PIL import Image
 
 from captioner.engine.batcher import DynamicBatcher
 from captioner.engine.checkpoint import load_model
-from captioner.engine.compute import prepare_encoder
+from captioner.engine.compute import setup_compute
 from captioner.engine.interrupt import STOP_SIGNALS
 from captioner.engine.runtime import resolve_device
 from captioner.engine.limits import Limits
@@ -61,8 +61,9 @@ class Captioner:
     def __init__(self, checkpoint: str, device: str = "auto", beam_size: int | None = None):
         self.device = resolve_device(device)
         self.model, self.vocab, self.cfg = load_model(checkpoint, self.device)
-        prepare_encoder(self.model.encoder, self.device, self.cfg.compute)
-        self.settings = DecodeSettings.of(self.cfg, beam_size)
+        compute = setup_compute(self.cfg.compute, self.device)  # as `captioner caption` does
+        compute.prepare_encoder(self.model.encoder)
+        self.settings = DecodeSettings.of(self.cfg, beam_size, compute=compute)
         self.beam_size = self.settings.beam_size
         self.checkpoint = checkpoint
         enc = self.model.encoder
