@@ -223,8 +223,11 @@ class HookedEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         # Describe itself (timm FeatureInfo): channels and grid come from one small dry run.
-        with torch.no_grad():
-            out = self(torch.zeros(1, in_channels, image_size, image_size))
+        out = _dry_run(self, arch, image_size, in_channels)
+        if out.dim() != 4:
+            raise CaptionerError(f"layer '{layer}' of {arch} gives {tuple(out.shape[1:])} per image, not a (channels, "
+                                 f"height, width) feature map: attention needs a grid of regions; hook a "
+                                 f"convolutional stage (e.g. layer4 of a ResNet); run `captioner layers {arch}`")
         self.channels, self.grid = out.shape[1], (out.shape[2], out.shape[3])
         self.reduction = image_size // out.shape[2]
 
@@ -275,8 +278,21 @@ class HookedEncoder(nn.Module):
         self.close()
 
 
+def _dry_run(model: nn.Module, arch: str, image_size: int, in_channels: int) -> torch.Tensor:
+    """model's output for one blank image; a CaptionerError when arch cannot take this size or channels."""
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(1, in_channels, image_size, image_size))
+    except (RuntimeError, AssertionError, ValueError) as e:  # torchvision checks sizes with torch._assert
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CaptionerError(f"{arch} cannot run on {in_channels}x{image_size}x{image_size} images ({reason}); "
+                             f"try another image size (224 suits every torchvision CNN)") from None
+
+
 def list_layers(arch: str, image_size: int = 224, in_channels: int = 3) -> list[tuple[str, str, tuple]]:
     """(name, module type, output shape without batch) for every module a forward pass calls, in order."""
+    if image_size < 1 or in_channels < 1:
+        raise CaptionerError(f"--image-size and --in-channels must be >= 1, got {image_size} and {in_channels}")
     model = build_backbone(arch, None, in_channels).eval()
     shapes: dict[str, tuple] = {}
     handles = []
@@ -290,8 +306,7 @@ def list_layers(arch: str, image_size: int = 224, in_channels: int = 3) -> list[
 
         handles.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, in_channels, image_size, image_size))
+        _dry_run(model, arch, image_size, in_channels)
     finally:
         for h in handles:
             h.remove()
