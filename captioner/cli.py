@@ -278,12 +278,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
+        parser.print_help(sys.stderr)
+        print("captioner: error: give a command (start with `captioner demo`; `captioner --help` lists them)",
+              file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    level = logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    # Also on our own logger: basicConfig does nothing where logging is already set up (a notebook, pytest).
+    logging.getLogger("captioner").setLevel(level)
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return code
+    except BrokenPipeError:  # `captioner layers resnet152 | head`: the reader left; nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+        return 128 + signal.SIGPIPE.value if hasattr(signal, "SIGPIPE") else 1
     except CaptionerError as e:
         print(f"captioner {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from captioner.errors import CaptionerError
+from captioner.files import read_text
 
 
 @dataclass
@@ -217,7 +218,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise CaptionerError(f"config file {path} not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(read_text(path, "config file", setting="")) or {}
         except yaml.YAMLError as e:
             raise CaptionerError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         try:

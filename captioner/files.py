@@ -13,6 +13,7 @@ draws it), because data/ (feature cache, synthetic images) writes files too and 
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import tempfile
@@ -39,13 +40,29 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
+def _blocking_file(folder: Path) -> Path | None:
+    """The first of folder and its parents that exists but is a plain file (so nothing can be made under it)."""
+    return next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+
+
+def check_writable(path: str | Path, what: str = "file", folder: bool = False) -> None:
+    """Refuse, before any work is done, an output path that can never be written: a folder where a file is
+    wanted (or a file where a folder is), or a path under a plain file. Read-only: nothing is created."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise CaptionerError(f"cannot write {what} {path}: it is a folder; give a file name")
+    blocker = _blocking_file(path if folder else path.parent)
+    if blocker is not None:
+        raise CaptionerError(f"cannot write {what} {path}: {blocker} is a file, not a folder")
+
+
 def make_parent(path: str | Path, what: str = "file") -> None:
     """Create the folders above path; a CaptionerError (not a traceback) when one of them is a plain file."""
     parent = Path(path).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        blocker = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)
+        blocker = _blocking_file(parent)
         why = f"{blocker} is a file, not a folder" if blocker else (e.strerror or str(e))
         raise CaptionerError(f"cannot write {what} {path}: {why}") from None
 
@@ -57,6 +74,44 @@ def move_into_place(tmp: str | Path, path: str | Path, durable: bool = True) -> 
     os.replace(tmp, path)
     if durable:
         fsync_dir(Path(path).parent)
+
+
+_BOMS = {codecs.BOM_UTF8: "utf-8", codecs.BOM_UTF16_LE: "utf-16", codecs.BOM_UTF16_BE: "utf-16",
+         codecs.BOM_UTF32_LE: "utf-32", codecs.BOM_UTF32_BE: "utf-32"}
+
+
+def read_text(path: str | Path, what: str, encoding: str = "", limit: int | None = None,
+              setting: str = "dataset.encoding") -> str:
+    """A text file's content: UTF-8 with or without a byte-order mark, or the explicit encoding (setting).
+
+    Anything else is one line naming the file and the byte offset of the first undecodable byte: captions
+    silently turned into U+FFFD would train and score on garbage. limit reads only the first bytes (a
+    multi-byte character cut at the limit is left out)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read() if limit is None else f.read(limit)
+    except OSError as e:
+        raise CaptionerError(f"{what} {path}: cannot read ({e.strerror or e})") from None
+    if encoding:
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError as e:
+            raise CaptionerError(f"{what} {path} is not {encoding} at byte {e.start} ({data[e.start:e.start + 4]!r}): "
+                                 f"set {setting} to the file's encoding") from None
+    bom = next((b for b in sorted(_BOMS, key=len, reverse=True) if data.startswith(b)), b"")
+    if bom and _BOMS[bom] != "utf-8":
+        raise CaptionerError(f"{what} {path} is {_BOMS[bom].upper()} (byte-order mark {bom.hex(' ')}): save it as "
+                             f"UTF-8" + (f", or set {setting}={_BOMS[bom]}" if setting else ""))
+    try:
+        return data[len(bom):].decode("utf-8")
+    except UnicodeDecodeError as e:
+        if limit is not None and e.start >= len(data) - 3 and e.reason == "unexpected end of data":
+            return data[len(bom):e.start].decode("utf-8")
+        offset = len(bom) + e.start
+        raise CaptionerError(f"{what} {path} is not UTF-8 at byte {offset} ({data[offset:offset + 4]!r}): save it "
+                             f"as UTF-8" + (f", or set {setting} to its encoding (e.g. latin-1, cp1252, gb18030)"
+                                             if setting else "")) from None
 
 
 @contextmanager

@@ -2,7 +2,6 @@
 and the small helpers the readers share (split assignment, ids from file names, missing files)."""
 from __future__ import annotations
 
-import codecs
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from captioner.errors import CaptionerError
+from captioner.files import read_text
 
 log = logging.getLogger("captioner")
 
@@ -28,43 +28,6 @@ class ImageRecord:
 
 def by_split(records: list[ImageRecord], split: str) -> list[ImageRecord]:
     return [r for r in records if r.split == split]
-
-
-_BOMS = {codecs.BOM_UTF8: "utf-8", codecs.BOM_UTF16_LE: "utf-16", codecs.BOM_UTF16_BE: "utf-16",
-         codecs.BOM_UTF32_LE: "utf-32", codecs.BOM_UTF32_BE: "utf-32"}
-
-
-def read_text(path: str | Path, what: str, encoding: str = "", limit: int | None = None) -> str:
-    """A text file's content: UTF-8 with or without a byte-order mark, or the explicit encoding (dataset.encoding).
-
-    Anything else is one line naming the file and the byte offset of the first undecodable byte: captions
-    silently turned into U+FFFD would train and score on garbage. limit reads only the first bytes (a
-    multi-byte character cut at the limit is left out)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read() if limit is None else f.read(limit)
-    except OSError as e:
-        raise CaptionerError(f"{what} {path}: cannot read ({e.strerror or e})") from None
-    if encoding:
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError as e:
-            raise CaptionerError(f"{what} {path} is not {encoding} at byte {e.start} ({data[e.start:e.start + 4]!r}): "
-                                 f"set dataset.encoding to the file's encoding") from None
-    bom = next((b for b in sorted(_BOMS, key=len, reverse=True) if data.startswith(b)), b"")
-    if bom and _BOMS[bom] != "utf-8":
-        raise CaptionerError(f"{what} {path} is {_BOMS[bom].upper()} (byte-order mark {bom.hex(' ')}): save it as "
-                             f"UTF-8, or set dataset.encoding={_BOMS[bom]}")
-    try:
-        return data[len(bom):].decode("utf-8")
-    except UnicodeDecodeError as e:
-        if limit is not None and e.start >= len(data) - 3 and e.reason == "unexpected end of data":
-            return data[len(bom):e.start].decode("utf-8")
-        offset = len(bom) + e.start
-        raise CaptionerError(f"{what} {path} is not UTF-8 at byte {offset} ({data[offset:offset + 4]!r}): save it "
-                             f"as UTF-8, or set dataset.encoding to its encoding (e.g. latin-1, cp1252, "
-                             f"gb18030)") from None
 
 
 def read_json(path: Path, what: str, encoding: str = ""):

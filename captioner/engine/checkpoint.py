@@ -60,8 +60,35 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     missing = [k for k in ("model", "config", "vocab") if not isinstance(state, dict) or k not in state]
     if missing:
         raise CaptionerError(f"checkpoint {path} lacks {', '.join(missing)}: not a captioner checkpoint")
+    _check_types(state, path, {"model": "a state_dict (names -> tensors)", "config": "a mapping of config sections",
+                               "vocab": "a list of words"})
     state["model"] = strip_wrapper_prefixes(state["model"])
     return state
+
+
+def _well_typed(key: str, value) -> bool:
+    """Whether a checkpoint field has the type save_checkpoint gives it (a hand-edited file may not)."""
+    if key == "model":
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in value.items())
+    if key == "vocab":
+        return isinstance(value, list) and all(isinstance(w, str) for w in value)
+    if key in ("config", "optimizer", "schedule", "progress"):
+        return isinstance(value, dict)
+    if key == "scaler":
+        return value is None or isinstance(value, dict)
+    if key == "rng":
+        return isinstance(value, list) and len(value) > 0 and all(isinstance(r, dict) for r in value)
+    if key == "metrics_offset":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return True
+
+
+def _check_types(state: dict, path, expected: dict) -> None:
+    for key, what in expected.items():
+        if key in state and not _well_typed(key, state[key]):
+            raise CaptionerError(f"checkpoint {path}: field '{key}' is {type(state[key]).__name__}, expected {what} "
+                                 f"(edited by hand?); use a checkpoint written by `captioner train`")
 
 
 TRAINING_STATE = ("optimizer", "schedule", "scaler", "progress", "rng")
@@ -73,6 +100,9 @@ def check_resumable(state: dict, path: str | Path) -> None:
     if missing:
         raise CaptionerError(f"checkpoint {path} lacks the training state to resume from ({', '.join(missing)}); "
                              f"its weights still work with `captioner evaluate` and `captioner caption`")
+    _check_types(state, path, {"optimizer": "an optimizer state_dict", "schedule": "a schedule state_dict",
+                               "scaler": "a scaler state_dict or None", "progress": "a mapping of counters",
+                               "rng": "a list of random generator states", "metrics_offset": "a byte count"})
 
 
 def model_from_checkpoint(state: dict, path: str | Path = "checkpoint") -> tuple[CaptionModel, Vocabulary, Config]:

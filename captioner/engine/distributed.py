@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
+
 
 from captioner.errors import CaptionerError
+from captioner.progress import bar as make_bar
 from captioner.engine.runtime import resolve_device
 
 log = logging.getLogger("captioner")
@@ -126,7 +127,7 @@ class GlobalProgress:
 
     Each process adds what it finished to a counter in the process group's key-value store (the one torchrun's
     rendezvous set up), which never waits for the other processes, unlike a collective; rank 0 reads the sum
-    back each time it adds its own. Without torchrun it is a plain tqdm bar.
+    back each time it adds its own. Without torchrun it is a plain progress bar (captioner.progress).
     """
 
     _instances = 0  # every process creates its bars in the same order, so the n-th bar has the same key everywhere
@@ -135,7 +136,7 @@ class GlobalProgress:
         GlobalProgress._instances += 1
         self.key = f"captioner/progress/{GlobalProgress._instances}"
         self.store = dist.distributed_c10d._get_default_store() if process.distributed else None
-        self.bar = tqdm(total=total, unit="img", desc=desc, disable=not (enabled and process.is_main))
+        self.bar = make_bar(total=total, unit="img", desc=desc, disable=not (enabled and process.is_main))
 
     def update(self, n: int) -> None:
         done = self.store.add(self.key, n) if self.store is not None else self.bar.n + n

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
+from captioner.progress import bar as make_bar
 
 from captioner.config import Config
 from captioner.data.pipeline import Unreadable, feature_batches, image_batches
@@ -124,7 +124,7 @@ def predict(model, vocab: Vocabulary, records, settings: DecodeSettings, batch_s
         batches = image_batches([r.path for r in records], model.encoder.image_size, batch_size, num_workers,
                                 device, gpu_decode)
     results = {}
-    bar = tqdm(total=len(records), desc="captioning", unit="img", leave=False, disable=not progress_bar)
+    bar = make_bar(total=len(records), desc="captioning", unit="img", leave=False, disable=not progress_bar)
     for _, captioned in caption_batches(model, vocab, batches, settings):
         for c in captioned:
             if c.error:

@@ -9,7 +9,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from captioner.config import Config
 from captioner.data.cache import training_inputs as cached_inputs
@@ -20,6 +19,7 @@ from captioner.engine.compute import Compute, autocast
 from captioner.engine.distributed import Process
 from captioner.model.caption_model import CaptionModel
 from captioner.errors import CaptionerError
+from captioner.progress import bar as make_bar
 from captioner.model.vocab import SPECIALS, Vocabulary
 
 log = logging.getLogger("captioner")
@@ -33,7 +33,7 @@ def extract_features(model: CaptionModel, records, batch_size: int, num_workers:
     batches = image_batches([r.path for r in records], model.encoder.image_size, batch_size, num_workers, device,
                             gpu_decode)
     chunks, keep = [], []
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress_bar):
+    for batch in make_bar(batches, desc=desc, unit="batch", leave=False, disable=not progress_bar):
         good = [j for j, e in enumerate(batch.errors) if not e]
         for e in filter(None, batch.errors):
             unreadable.add(e)

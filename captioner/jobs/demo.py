@@ -18,6 +18,7 @@ from captioner.jobs import caption, evaluate, train
 from captioner.config import load_config
 from captioner.data import by_split, load_records
 from captioner.errors import CaptionerError
+from captioner.files import check_writable
 
 log = logging.getLogger("captioner")
 
@@ -29,6 +30,7 @@ def main(out_dir: str = "demo", device: str | None = "auto", overrides: list[str
         raise CaptionerError(f"{TINY_CONFIG} not found: run the demo from a source checkout (pip install -e .)")
     start = time.perf_counter()
     out = Path(out_dir).resolve()
+    check_writable(out, "demo folder", folder=True)  # before minutes of training
     cfg = load_config(TINY_CONFIG, [f"dataset.root={out / 'data'}", "train.epochs=15", *overrides])
     log.info("demo: training %s %s on synthetic shapes under %s", cfg.encoder.arch, cfg.encoder.layer, out)
     summary = train.main(cfg, out / "run", device, overwrite=True)  # a rerun, maybe with other overrides, retrains

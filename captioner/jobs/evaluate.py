@@ -21,7 +21,7 @@ from captioner.config import ComputeConfig, apply_overrides
 from captioner.data import by_split, load_records
 from captioner.data.cache import cached_source
 from captioner.errors import CaptionerError
-from captioner.files import write_json
+from captioner.files import check_writable, write_json
 from captioner.metrics.coco import caption_metrics
 from captioner.metrics.diversity import caption_diversity
 from captioner.engine.runtime import resolve_device
@@ -33,6 +33,7 @@ def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out
          overrides: list[str] = (), device: str | None = "auto", batch_size: int | None = None,
          compute: ComputeConfig | None = None) -> dict:
     """compute: this machine's switches (default: auto, then any compute.* override)."""
+    check_writable(Path(out_dir) if out_dir else Path(checkpoint).parent, "evaluation output folder", folder=True)
     device = resolve_device(device)
     model, vocab, cfg = load_model(checkpoint, device)
     cfg.compute = compute or cfg.compute
@@ -55,7 +56,6 @@ def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out
     scores = caption_metrics(hypotheses, {r.image_id: r.captions for r in records})
     scores.update(caption_diversity(hypotheses))  # one caption for every image shows as a low distinct_fraction
     out = Path(out_dir) if out_dir else Path(checkpoint).parent
-    out.mkdir(parents=True, exist_ok=True)
     results_path, metrics_path = out / f"results_{split}.json", out / f"metrics_{split}.json"
     write_json(results_path, [{"image_id": i, "caption": c} for i, c in hypotheses.items()], "results file", indent=1)
     metrics = {"checkpoint": str(checkpoint), "split": split, "split_images": len(records),

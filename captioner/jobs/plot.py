@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from captioner.errors import CaptionerError
+from captioner.files import atomic_write
 from captioner.engine.rundir import read_metrics
 
 
@@ -79,7 +80,9 @@ def main(run_dir: str | Path, out: str | Path | None = None) -> dict:
         ax_val.text(resumes[0], 1.0, " resumed", transform=ax_val.get_xaxis_transform(), va="top", fontsize="small")
     fig.tight_layout()
     out = Path(out) if out else run_dir / "curves.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_write(out, "plot") as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return {"plot": str(out), "steps": len(steps), "validations": len(validations)}

@@ -21,7 +21,7 @@ from captioner.data import detect_format, read_dataset
 from captioner.data.coco import coco_index
 from captioner.data.records import read_json
 from captioner.errors import CaptionerError
-from captioner.files import write_json
+from captioner.files import check_writable, write_json
 from captioner.metrics.coco import caption_metrics
 
 log = logging.getLogger("captioner")
@@ -76,6 +76,8 @@ def read_references(path: str | Path) -> tuple[str, dict]:
 
 def main(results: str, annotations: str, out: str | None = None, meteor: bool = True) -> dict:
     """Score results against annotations; returns (and writes to out, if given) the metrics dict."""
+    if out:
+        check_writable(out, "metrics file")  # before scoring, which may take minutes
     hypotheses = read_results(results)
     fmt, references = read_references(annotations)
     unknown = [i for i in hypotheses if i not in references]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
+from captioner.progress import bar as make_bar
 
 from captioner.config import Config, to_dict
 from captioner.data import by_split, load_records
@@ -97,7 +97,7 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
     run.model.train()
     window = _Window()
     done = progress.sample // global_batch
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not process.is_main,
+    bar = make_bar(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not process.is_main,
                initial=done, total=done + len(loader))
     tick = time.perf_counter()
     for batch in bar:

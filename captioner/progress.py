@@ -1,0 +1,25 @@
+"""The one place progress bars are made: shown only where a person watches them.
+
+    for batch in bar(loader, desc="epoch 1", unit="batch"): ...
+
+A bar is drawn only when INFO messages are logged (`-q` means warnings and errors only) and stderr is a
+terminal: a log redirected to a file gets no carriage-return redraws.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from tqdm import tqdm
+
+log = logging.getLogger("captioner")
+
+
+def show_progress() -> bool:
+    stream = sys.stderr
+    return log.isEnabledFor(logging.INFO) and hasattr(stream, "isatty") and stream.isatty()
+
+
+def bar(iterable=None, disable: bool = False, **kwargs) -> tqdm:
+    """tqdm(iterable, **kwargs), disabled when the caller says so or nobody watches (see show_progress)."""
+    return tqdm(iterable, disable=disable or not show_progress(), **kwargs)
