@@ -5,7 +5,7 @@
 
     curl -F image=@a.jpg -F image=@b.png http://127.0.0.1:8000/v1/caption
     -> {"results": [{"name", "caption", "score", "words": [{"word", "attention": [[...H x W...]]}],
-                     "width", "height"}, {"name", "error"}], "batch_sizes": [...]}
+                     "width", "height", "batch_size"}, {"name", "error"}]}
 
 Every client mistake is a 4xx JSON {"error": "..."}: no image field, a text field where a file belongs
 (paths and URLs are never accepted: nothing is opened or fetched for a client), too many images, too many
