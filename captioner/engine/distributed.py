@@ -13,6 +13,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,8 +44,14 @@ class Process:
         return self.world_size > 1
 
 
-def setup(device_name: str | None = "auto") -> Process:
-    """This process, with the process group initialised when launched by torchrun with several processes."""
+# How long extract and caption let the other processes wait in a collective while rank 0 alone lists millions of
+# files, or merges part files (NCCL's default, 10 minutes, would abort such a run; training keeps the default).
+LONG_WAIT = timedelta(hours=4)
+
+
+def setup(device_name: str | None = "auto", timeout: timedelta | None = None) -> Process:
+    """This process, with the process group initialised when launched by torchrun with several processes;
+    timeout bounds every collective (None: the backend's default)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
     if world_size == 1:
@@ -61,7 +68,8 @@ def setup(device_name: str | None = "auto") -> Process:
         torch.cuda.set_device(device)
     owns_group = not dist.is_initialized()
     if owns_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=timeout)
     if rank != 0:  # one voice: only errors from the other ranks
         logging.getLogger("captioner").setLevel(logging.ERROR)
     return Process(rank, world_size, local_rank, device, owns_group)

@@ -61,7 +61,7 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
             raise CaptionerError(f"{name} must be >= {low}, got {value}")
     fmt = format_for(out or "captions.jsonl", fmt)
     out_path = Path(out or f"captions.{fmt}")
-    process = distributed.setup(device)  # cuda:LOCAL_RANK under torchrun
+    process = distributed.setup(device, distributed.LONG_WAIT)  # cuda:LOCAL_RANK under torchrun
     try:
         return _caption(checkpoint, paths, out_path, fmt, html, beam_size, batch_size, recursive, num_workers,
                         overwrite, retry_errors, max_pixels or MAX_PIXELS, compute, process)

@@ -46,7 +46,7 @@ def main(cfg: Config, splits: str | list[str] = SPLITS, device: str | None = "au
         raise CaptionerError(f"--split {','.join(splits)}: splits are {', '.join(SPLITS)} (comma-separated)")
     if (batch_size is not None and batch_size < 1) or (num_workers is not None and num_workers < 0):
         raise CaptionerError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {num_workers}")
-    process = distributed.setup(device)  # cuda:LOCAL_RANK under torchrun
+    process = distributed.setup(device, distributed.LONG_WAIT)  # cuda:LOCAL_RANK under torchrun
     try:
         return _extract(cfg, splits, process, rebuild, batch_size or cfg.decode.batch_size,
                         cfg.train.num_workers if num_workers is None else num_workers)
