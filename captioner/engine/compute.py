@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -136,9 +136,6 @@ class Compute:
         precision = "bf16 autocast (float32 weights)" if self.bf16 else "float32"
         layout = "channels_last" if self.channels_last else "NCHW"
         return f"{precision}, {layout}{', torch.compile' if self.compile else ''} on {self.device}: {self.why}"
-
-    def as_dict(self) -> dict:
-        return {**{k: v for k, v in asdict(self).items() if k != "device"}, "device": str(self.device)}
 
 
 _announced: set[str] = set()
