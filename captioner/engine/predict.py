@@ -1,6 +1,6 @@
 """The one decode path: images or features -> captions, with scores and per-word attention.
 
-    settings = DecodeSettings.of(cfg, beam_size=3)
+    settings = DecodeSettings.of(cfg, beam_size=3, compute=setup_compute(cfg.compute, device))
     records = caption_batch(model, vocab, images, settings)          # images (B, 3, S, S) uint8 on device
     for batch, records in caption_batches(model, vocab, image_batches(...), settings): ...
     captions = predict(model, vocab, dataset_records, settings, batch_size=64, device=device)
