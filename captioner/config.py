@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,10 +212,47 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+# Keys holding file or folder paths: relative ones in a config file are relative to that file's folder (as in
+# docker-compose or mkdocs), so a config works from any working directory; on the command line they stay
+# relative to the working directory, where the shell completed them.
+PATH_KEYS = ("dataset.root", "dataset.annotations", "dataset.images", "dataset.splits", "dataset.train_list",
+             "dataset.val_list", "dataset.test_list", "cache.dir", "encoder.weights")
+_WEIGHTS_FILE = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def _relative_to(data, folder: Path):
+    """data (the parsed YAML) with relative paths made absolute against folder."""
+    if not isinstance(data, dict):
+        return data
+    data = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = data.get(section, {}).get(name) if isinstance(data.get(section), dict) else None
+        if not isinstance(value, str) or not value:
+            continue
+        if key == "encoder.weights" and not value.endswith(_WEIGHTS_FILE) and "/" not in value:
+            continue  # a torchvision weights name (IMAGENET1K_V2), not a file
+        data[section][name] = os.path.abspath(os.path.join(folder, os.path.expanduser(value)))  # absolute: kept
+    return data
+
+
+def shipped_config(name: str) -> Path | None:
+    """A config that ships with captioner (tiny.yaml, ...): captioner/configs/ in an installed package,
+    configs/ in a source checkout; None when there is none of that name."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "configs", package.parent / "configs"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The config in YAML file path (a bare name such as tiny.yaml also finds the shipped one), with overrides."""
     cfg = Config()
     if path is not None:
         path = Path(path)
+        if not path.is_file() and path.parent == Path(".") and shipped_config(path.name):
+            path = shipped_config(path.name)
         if not path.is_file():
             raise CaptionerError(f"config file {path} not found")
         try:
@@ -222,7 +260,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except yaml.YAMLError as e:
             raise CaptionerError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         try:
-            from_dict(data, cfg)
+            from_dict(_relative_to(data, path.parent), cfg)
         except CaptionerError as e:
             raise CaptionerError(f"{path}: {e}") from None
     return apply_overrides(cfg, list(overrides))

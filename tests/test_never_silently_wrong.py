@@ -370,3 +370,45 @@ def test_training_refuses_an_empty_val_split_and_warns_on_tiny_data(tmp_path, ca
     assert main([*base[:3], "--run-dir", str(tmp_path / "run2"), *base[3:], f"dataset.annotations={tiny}"]) == 0
     err = caplog.text
     assert "only 4 training images" in err and "only 2 validation images" in err and "words in the vocabulary" in err
+
+
+# ---------------------------------------------------------------- configs: paths and packaging
+
+
+def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    annotations = _csv_dataset(tmp_path / "project" / "data", ["red", "blue"] * 5)
+    config = tmp_path / "project" / "configs" / "mine.yaml"
+    config.parent.mkdir()
+    config.write_text("dataset:\n  format: auto\n  annotations: ../data/captions.csv\n  root: ../data\n"
+                      "encoder:\n  weights: IMAGENET1K_V1\ncache:\n  dir: ~/features\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not the project: the config's own folder decides
+    cfg = load_config(config, ["dataset.images=photos"])
+    assert Path(cfg.dataset.annotations) == annotations and Path(cfg.dataset.root) == annotations.parent
+    assert cfg.encoder.weights == "IMAGENET1K_V1"  # a weights name, not a file
+    assert cfg.cache.dir == str(Path("~/features").expanduser())
+    assert cfg.dataset.images == "photos"  # command-line values stay relative to the working directory
+    assert len(read_dataset(cfg.dataset)[1]) == 10
+    # A bare name finds the configs that ship with captioner, from any folder.
+    assert load_config("tiny.yaml").encoder.arch == "resnet18"
+
+
+def test_configs_ship_inside_the_wheel(tmp_path):
+    """`pip install .` (not -e): the wheel holds captioner/configs/*.yaml and the demo finds tiny.yaml there."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-2000:]
+    import zipfile
+    (wheel,) = (tmp_path / "dist").glob("captioner-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+    assert (tmp_path / "site" / "captioner" / "configs" / "tiny.yaml").is_file()
+    found = subprocess.run([sys.executable, "-c", "from captioner.config import shipped_config, load_config; "
+                            "p = shipped_config('tiny.yaml'); print(p); print(load_config(p).encoder.arch)"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert found.returncode == 0, found.stderr
+    path, arch = found.stdout.split()
+    assert Path(path) == tmp_path / "site" / "captioner" / "configs" / "tiny.yaml" and arch == "resnet18"

@@ -15,19 +15,19 @@ import time
 from pathlib import Path
 
 from captioner.jobs import caption, evaluate, train
-from captioner.config import load_config
+from captioner.config import load_config, shipped_config
 from captioner.data import by_split, load_records
 from captioner.errors import CaptionerError
 from captioner.files import check_writable
 
 log = logging.getLogger("captioner")
 
-TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+TINY_CONFIG = shipped_config("tiny.yaml")  # inside the package (pip install .), or configs/ in a checkout
 
 
 def main(out_dir: str = "demo", device: str | None = "auto", overrides: list[str] = ()) -> dict:
-    if not TINY_CONFIG.is_file():
-        raise CaptionerError(f"{TINY_CONFIG} not found: run the demo from a source checkout (pip install -e .)")
+    if TINY_CONFIG is None:
+        raise CaptionerError("configs/tiny.yaml is missing from this installation: reinstall captioner")
     start = time.perf_counter()
     out = Path(out_dir).resolve()
     check_writable(out, "demo folder", folder=True)  # before minutes of training
