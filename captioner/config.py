@@ -82,9 +82,14 @@ class TrainConfig:
     lr_decay_epochs: int = 1  # step: the lr is multiplied by lr_gamma every this many epochs
     lr_gamma: float = 0.1  # step and plateau: the factor of each decay
     lr_patience: int = 2  # plateau: validations without improvement before the lr decays
-    select_metric: str = "bleu4"  # validation score that picks best.pt and drives plateau and early stopping
+    select_metric: str = "cider"  # validation score (coco-caption's, as evaluate's) that picks best.pt, drives plateau
+    # and early stopping: cider (CIDEr-D), bleu1..bleu4 or rouge_l
     early_stop_patience: int = 0  # stop after this many validations without improvement (0: never)
     encoder_lr: float = 1e-4  # learning rate of the fine-tuned encoder stages (encoder.finetune_from)
+    objective: str = "xe"  # xe: cross-entropy on the reference captions; scst: self-critical training on CIDEr-D
+    scst_samples: int = 5  # scst: captions sampled per image (train.batch_size counts images)
+    scst_baseline: str = "mean"  # scst: mean (of the image's other samples; Luo 2020) or greedy (Rennie et al.)
+    scst_entropy: float = 0.0  # scst: weight of an entropy bonus that keeps sampling from collapsing (0: off)
 
 
 @dataclass
@@ -129,8 +134,10 @@ class Config:
 
 
 LR_SCHEDULES = ("none", "cosine", "step", "plateau")
-# Validation scores a run may select on; those the metrics module does not compute fall back to bleu4.
-SELECT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor", "rouge_l")
+# What validation computes (coco-caption's scorers, as in evaluate; METEOR's java process is too slow per epoch).
+SELECT_METRICS = ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l")
+OBJECTIVES = ("xe", "scst")
+SCST_BASELINES = ("mean", "greedy")
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
@@ -317,6 +324,13 @@ def validate(cfg: Config) -> None:
          f"train.select_metric must be one of: {', '.join(SELECT_METRICS)}, got '{cfg.train.select_metric}'"),
         (cfg.train.early_stop_patience >= 0, "train.early_stop_patience must be >= 0 (0: never stop early)"),
         (cfg.train.encoder_lr > 0, f"train.encoder_lr must be > 0, got {cfg.train.encoder_lr}"),
+        (cfg.train.objective in OBJECTIVES,
+         f"train.objective must be one of: {', '.join(OBJECTIVES)}, got '{cfg.train.objective}'"),
+        (cfg.train.scst_baseline in SCST_BASELINES,
+         f"train.scst_baseline must be one of: {', '.join(SCST_BASELINES)}, got '{cfg.train.scst_baseline}'"),
+        (cfg.train.scst_samples >= (2 if cfg.train.scst_baseline == "mean" else 1),
+         f"train.scst_samples must be >= 2 with the mean baseline (>= 1 with greedy), got {cfg.train.scst_samples}"),
+        (cfg.train.scst_entropy >= 0, "train.scst_entropy must be >= 0"),
         (cfg.decode.beam_size >= 1, f"decode.beam_size must be >= 1, got {cfg.decode.beam_size}"),
         (cfg.decode.max_len >= 1, "decode.max_len must be >= 1"),
         (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),

@@ -83,12 +83,27 @@ def test_early_stopping_and_plateau_by_validation_score(small_root, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="captioner"):
         summary = train.main(cfg, tmp_path, "cpu")
     assert summary["stopped"] == "early stopping" and summary["epochs"] == 3 and summary["steps"] == 9
-    assert "train.select_metric=cider is not computed by validation" in caplog.text  # falls back to bleu4
-    epochs = [x for x in metric_lines(tmp_path) if "val_bleu4" in x]
-    assert [x["improved"] for x in epochs] == [True, False, False] and epochs[0]["select_metric"] == "bleu4"
+    assert "not computed by validation" not in caplog.text  # validation computes CIDEr-D: no fallback any more
+    epochs = [x for x in metric_lines(tmp_path) if "val_cider" in x]
+    assert [x["improved"] for x in epochs] == [True, False, False] and epochs[0]["select_metric"] == "cider"
+    assert all(k in epochs[0] for k in ("val_bleu1", "val_bleu4", "val_rouge_l", "val_cider"))
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["schedule"]["plateau_scale"] == pytest.approx(0.01)  # decayed after each validation without gain
     assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == 3  # best.pt only when it improved
+
+
+def test_validation_logs_what_evaluate_computes_and_selection_accepts_only_that():
+    """val_bleu4 / val_cider are coco-caption's (as in evaluate's metrics), not nltk's."""
+    from captioner.config import SELECT_METRICS, load_config
+    from captioner.errors import CaptionerError
+    from captioner.metrics.coco import VALIDATION_KEYS, coco_caption_scores, validation_scores
+    hyps = {1: "a red circle", 2: "a blue square on the left"}
+    refs = {1: ["A red circle.", "a big red circle"], 2: ["a blue square", "the square is blue"]}
+    coco = coco_caption_scores(hyps, refs, meteor=False)
+    assert validation_scores(hyps, refs) == {k: coco[k] for k in VALIDATION_KEYS}
+    assert set(SELECT_METRICS) == set(VALIDATION_KEYS) and load_config(None).train.select_metric == "cider"
+    with pytest.raises(CaptionerError, match="select_metric must be one of"):
+        load_config(None, ["train.select_metric=meteor"])
 
 
 def test_resumable_sampler_splits_and_resumes_the_global_order():

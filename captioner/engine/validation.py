@@ -11,7 +11,7 @@ from captioner.engine import distributed
 from captioner.engine.predict import DecodeSettings, predict
 from captioner.engine.run_state import TrainingRun, save_checkpoints
 from captioner.engine.training_inputs import TrainingInputs
-from captioner.metrics.coco import corpus_bleu_scores
+from captioner.metrics.coco import validation_scores
 
 log = logging.getLogger("captioner")
 
@@ -29,20 +29,15 @@ def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict
     scores = None
     if run.process.is_main:
         merged = {image_id: caption for part in parts for image_id, caption in part.items()}
-        scores = {**corpus_bleu_scores(merged, references), "images": len(merged)}
+        scores = {**validation_scores(merged, references), "images": len(merged)}
     return distributed.broadcast_from_main(scores, run.process)
 
 
 def selection_score(run: TrainingRun, scores: dict) -> tuple[str, float]:
-    """(metric, value) that picks best.pt: train.select_metric, or bleu4 when validation does not compute it."""
+    """(metric, value) that picks best.pt: train.select_metric (config.py accepts only what validation computes:
+    coco-caption's BLEU-1..4, ROUGE-L and CIDEr-D, as evaluate computes them)."""
     metric = run.cfg.train.select_metric
-    if metric in scores:
-        return metric, scores[metric]
-    if metric not in run.warned:
-        run.warned.add(metric)
-        log.warning("train.select_metric=%s is not computed by validation (it gives %s): selecting by bleu4",
-                    metric, ", ".join(k for k in scores if k != "images"))
-    return "bleu4", scores["bleu4"]
+    return metric, scores[metric]
 
 
 def finish_epoch(run: TrainingRun, epoch: int, scores: dict, seconds: float) -> None:
@@ -52,11 +47,14 @@ def finish_epoch(run: TrainingRun, epoch: int, scores: dict, seconds: float) -> 
     improved = score > progress.best_score
     run.metrics.write({"epoch": epoch, "step": progress.step,
                        "train_loss": progress.loss_sum / max(progress.loss_count, 1),
+                       **({"train_reward": progress.reward_sum / max(progress.loss_count, 1)}
+                          if run.cfg.train.objective == "scst" else {}),
                        **{f"val_{k}": v for k, v in scores.items()}, "select_metric": metric, "improved": improved,
                        "lr": run.step.optimizer.param_groups[0]["lr"], "epoch_s": seconds})
     log.info("epoch %d: train loss %.3f, val %s %.3f%s (%.0fs)", epoch, progress.loss_sum / max(progress.loss_count, 1),
              metric, score, " (best)" if improved else "", seconds)
     progress.epoch, progress.sample, progress.loss_sum, progress.loss_count = epoch, 0, 0.0, 0
+    progress.reward_sum = 0.0
     progress.scores = scores
     if improved:
         progress.best_score, progress.best_scores, progress.evals_without_gain = score, scores, 0

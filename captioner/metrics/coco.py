@@ -10,9 +10,9 @@ CIDEr-D) scorers on the tokenized text. SPICE is skipped: it needs a Stanford Co
 The tokenizer and METEOR run on java; without java, METEOR is skipped and a Python approximation of the
 tokenizer is used, both with a one-line notice and a note in the returned "skipped"/"tokenizer" fields.
 
-nltk corpus BLEU (corpus_bleu_scores, on captioner's own tokenizer) is fast and needs no java: training's
-per-epoch validation uses it. It is reported beside the official numbers as nltk_bleu1..4; it is close to,
-but not the same as, coco-caption's BLEU.
+Training's per-epoch validation logs the same coco-caption numbers (validation_scores: all but METEOR).
+nltk corpus BLEU (corpus_bleu_scores, on captioner's own tokenizer) is reported beside the official numbers
+as nltk_bleu1..4; it is close to, but not the same as, coco-caption's BLEU.
 """
 from __future__ import annotations
 
@@ -156,6 +156,19 @@ def coco_caption_scores(hypotheses: dict, references: dict, meteor: bool = True)
     scores["cider"] = Cider().compute_score(gts, res)[0]
     scores = {k: (float(v) if v is not None else None) for k, v in scores.items()}
     return {**scores, "spice": None, "tokenizer": tokenizer, "skipped": skipped}
+
+
+VALIDATION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider")
+
+
+def validation_scores(hypotheses: dict, references: dict) -> dict[str, float]:
+    """What training's validation logs: coco-caption's BLEU-1..4, ROUGE-L and CIDEr-D, computed exactly as
+    evaluate computes them (coco_caption_scores) but without METEOR, whose java process is too slow per epoch.
+    No hypotheses (no val images): every score 0."""
+    if not hypotheses:
+        return {k: 0.0 for k in VALIDATION_KEYS}
+    scores = coco_caption_scores(hypotheses, references, meteor=False)
+    return {k: scores[k] for k in VALIDATION_KEYS}
 
 
 def _package_version(name: str) -> str:
