@@ -45,12 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", "train a captioner from a YAML config, or resume a run",
                 "example: captioner train --config configs/tiny.yaml --run-dir runs/tiny train.epochs=3\n"
                 "         captioner train --resume runs/tiny         (after a kill, Ctrl-C or pre-emption)\n"
+                "         captioner train --config FILE --run-dir runs/scst --init-from runs/tiny/best.pt "
+                "train.objective=scst\n"
                 "         torchrun --nproc_per_node=2 -m captioner train --config FILE --run-dir DIR\n"
                 "RUN_DIR receives best.pt, last.pt, metrics.jsonl, config.yaml and vocab.json.\n"
                 "SIGINT/SIGTERM save last.pt and exit with 130/143; --resume continues at the exact sample.")
     p.add_argument("--config", help="YAML config file (see configs/); with --resume, checked against the run's")
     p.add_argument("--run-dir", help="folder for checkpoints and logs")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--init-from", metavar="CKPT", help="start a new run from CKPT's weights and vocabulary (fresh "
+                   "optimizer and schedule): SCST after cross-entropy, or fine-tuning on another dataset")
     p.add_argument("--overwrite", action="store_true", help="start over in a --run-dir that holds another run")
     _add_device(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
@@ -92,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start the output (and gallery) again instead of resuming")
     p.add_argument("--retry-errors", action="store_true",
                    help="when resuming, try the images recorded as errors again instead of skipping them")
+    p.add_argument("--sample", action="store_true",
+                   help="draw each word from the model's distribution (varied captions) instead of greedy/beam")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="with --sample: < 1 closer to greedy, > 1 more varied (default: decode.temperature, 1.0)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse larger images as likely decompression bombs (default: 100000000)")
     _add_device(p)
@@ -200,7 +208,8 @@ def _train(args: argparse.Namespace) -> int:
         if not args.config or not args.run_dir:
             raise CaptionerError("train needs --config FILE and --run-dir DIR, or --resume RUN_DIR")
         run_dir, cfg = args.run_dir, load_config(args.config, args.overrides)
-    summary = train.main(cfg, run_dir, args.device, resume=bool(args.resume), overwrite=args.overwrite)
+    summary = train.main(cfg, run_dir, args.device, resume=bool(args.resume), overwrite=args.overwrite,
+                         init_from=args.init_from)
     interrupted = summary["stopped"] in ("SIGINT", "SIGTERM")
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
         _print_json(summary)
@@ -233,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         from captioner.jobs import caption
         summary = caption.main(args.checkpoint, args.paths, args.out, args.beam, args.batch_size, args.recursive,
                                args.device, args.workers, args.format, args.html, args.overwrite, args.retry_errors,
-                               args.max_pixels)
+                               args.max_pixels, sample=args.sample, temperature=args.temperature)
         _print_json(summary)
         if args.strict and summary.get("failed"):  # rank 0's summary covers every process
             return 1

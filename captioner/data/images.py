@@ -228,9 +228,11 @@ class CaptionPairs(Dataset):
     feature-cache source), so training code is the same for both.
     """
 
-    def __init__(self, records: list[ImageRecord], vocab: Vocabulary, max_len: int, source):
+    def __init__(self, records: list[ImageRecord], vocab: Vocabulary, max_len: int, source, per_image: bool = False):
         self.source, self.max_len = source, max_len
-        self.pairs = [(i, vocab.encode(c, max_len)) for i, r in enumerate(records) for c in r.captions]
+        # per_image: one item per image (with its first caption): self-critical training samples its own captions
+        self.pairs = [(i, vocab.encode(c, max_len)) for i, r in enumerate(records)
+                      for c in (r.captions[:1] if per_image else r.captions)]
 
     def __len__(self) -> int:
         return len(self.pairs)

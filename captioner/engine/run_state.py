@@ -32,7 +32,7 @@ from captioner.engine.step import TrainingStep
 from captioner.errors import CaptionerError
 from captioner.files import write_text
 from captioner.model.caption_model import CaptionModel
-from captioner.model.vocab import Vocabulary
+from captioner.model.vocab import Vocabulary, tokenize
 
 log = logging.getLogger("captioner")
 
@@ -54,6 +54,7 @@ class Progress:
     bad_steps: int = 0  # consecutive non-finite losses
     loss_sum: float = 0.0  # this epoch's summed loss and number of steps, for its mean
     loss_count: int = 0
+    reward_sum: float = 0.0  # SCST: this epoch's summed mean reward (over the same steps as loss_sum)
 
 
 @dataclass
@@ -70,7 +71,7 @@ class TrainingRun:
     process: Process
     stop: StopRequest
     compute: Compute  # the resolved precision and memory format (engine/compute.py)
-    warned: set = field(default_factory=set)  # select_metric fallbacks already warned about
+    init_from: str | None = None  # the checkpoint the run's weights started from (--init-from)
 
 
 def _weights_finite(model: nn.Module) -> bool:
@@ -90,7 +91,8 @@ def save_checkpoints(run: TrainingRun, best: bool = False) -> None:
              "schedule": run.schedule.state_dict(), "scaler": run.step.scaler.state_dict(),
              "progress": dataclasses.asdict(progress), "rng": rng, "world_size": run.process.world_size,
              "metrics_offset": run.metrics.offset, "config": to_dict(run.cfg), "vocab": run.vocab.tokens,
-             "epoch": progress.epoch, "step": progress.step, "val_scores": progress.scores}
+             "epoch": progress.epoch, "step": progress.step, "val_scores": progress.scores,
+             "init_from": run.init_from}
     save_checkpoint(run.run_dir / "last.pt", state)
     if best:
         save_checkpoint(run.run_dir / "best.pt", state)
@@ -124,6 +126,29 @@ def resume_checkpoint(run_dir: Path, cfg: Config) -> dict:
     if changes:
         log.info("resuming with changed settings: %s", "; ".join(changes))
     return state
+
+
+def init_checkpoint(path: str | Path, cfg: Config) -> dict:
+    """The checkpoint a new run starts from (--init-from): its model weights and vocabulary, refused when its
+    architecture differs from cfg's. Optimizer, schedule and progress start fresh."""
+    state = load_checkpoint(path)
+    clashes = [c for c in config_differences(state["config"], to_dict(cfg)) if c.split(":")[0] in ARCHITECTURE_KEYS]
+    if clashes:
+        raise CaptionerError(f"--init-from {path} has another architecture than the config ({'; '.join(clashes)}): "
+                             f"set those keys as in the checkpoint")
+    try:
+        Vocabulary(state["vocab"])
+    except CaptionerError as e:
+        raise CaptionerError(f"--init-from {path}: {e}") from None
+    return state
+
+
+def vocabulary_coverage(vocab: Vocabulary, records, path) -> None:
+    """Fine-tuning keeps the checkpoint's words: say how many of this data's training words it lacks."""
+    words = [w for r in records for c in r.captions for w in tokenize(c)]
+    unknown = sum(w not in vocab.index for w in words)
+    log.info("vocabulary of %s (%d words): %.1f%% of this data's %d training words become <unk>", path, len(vocab),
+             100.0 * unknown / max(len(words), 1), len(words))
 
 
 def check_vocabulary(saved: list[str], vocab: Vocabulary, path: Path) -> None:

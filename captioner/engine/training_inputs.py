@@ -87,7 +87,9 @@ def training_inputs(cfg: Config, model: CaptionModel, train_records, val_records
 
 def build_train_loader(cfg: Config, vocab: Vocabulary, inputs: TrainingInputs,
                        process: Process) -> tuple[Batches, ResumableSampler]:
-    pairs = CaptionPairs(inputs.train_records, vocab, cfg.dataset.max_len, inputs.train_source)
+    # SCST samples its own captions: one item per image (Batch.index gives its record, for the rewards)
+    pairs = CaptionPairs(inputs.train_records, vocab, cfg.dataset.max_len, inputs.train_source,
+                         per_image=cfg.train.objective == "scst")
     sampler = ResumableSampler(len(pairs), cfg.train.seed, process.rank, process.world_size)
     per_process = -(-len(pairs) // process.world_size)
     loader = Batches(pairs, cfg.train.batch_size, process.device, inputs.num_workers, sampler=sampler,

@@ -4,6 +4,7 @@
     captioner train --config configs/tiny.yaml --run-dir runs/tiny2 train.epochs=3 encoder.layer=layer3
     captioner train --resume runs/tiny                    # after kill -9, Ctrl-C or pre-emption
     captioner train --resume runs/tiny train.epochs=20    # or to train longer
+    captioner train --config configs/tiny.yaml --run-dir runs/scst --init-from runs/tiny/best.pt train.objective=scst
     torchrun --nproc_per_node=2 -m captioner train --config configs/tiny.yaml --run-dir runs/ddp
 
 RUN_DIR gets last.pt (every train.checkpoint_every steps, at each epoch end, on SIGINT/SIGTERM), best.pt (when
@@ -37,11 +38,12 @@ from captioner.engine import distributed
 from captioner.engine.compute import setup_compute
 from captioner.engine.distributed import Process
 from captioner.engine.interrupt import StopRequest
-from captioner.engine.run_state import (Progress, TrainingRun, check_vocabulary, restore, resume_checkpoint,
-                                        save_checkpoints, write_run_files)
+from captioner.engine.run_state import (Progress, TrainingRun, check_vocabulary, init_checkpoint, restore,
+                                        resume_checkpoint, save_checkpoints, vocabulary_coverage, write_run_files)
 from captioner.engine.rundir import MetricsLog, lock_run_dir, plan_run
 from captioner.engine.runtime import seed_everything
 from captioner.engine.schedule import LRSchedule
+from captioner.engine.scst import Rewarder, SelfCriticalLoss
 from captioner.engine.step import CaptionLoss, TrainingStep, build_optimizer
 from captioner.engine.training_inputs import build_train_loader, check_training_data, training_inputs
 from captioner.engine.validation import early_stop, finish_epoch, validate
@@ -56,6 +58,7 @@ class _Window:
 
     def __init__(self):
         self.steps, self.loss, self.captions, self.data_s, self.compute_s = 0, 0.0, 0, 0.0, 0.0
+        self.stats: dict[str, float] = {}  # SCST: summed reward, baseline, sample length, entropy, reward time
         self.start = time.perf_counter()
 
 
@@ -68,6 +71,21 @@ def _peak_memory(device: torch.device) -> dict:
         return {}
     kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
     return {"peak_rss_mb": round(kilobytes / 1024, 1)}
+
+
+def _scst_stats(run: TrainingRun) -> dict:
+    """The last step's SCST statistics (reward, baseline, sample_words, entropy, reward_s), {} under cross-entropy."""
+    loss = run.step.loss_fn
+    return dict(getattr(getattr(loss, "module", loss), "stats", {}))  # DDP wraps the loss module
+
+
+def _mean_over_processes(run: TrainingRun, values: dict) -> dict:
+    """values averaged over the processes (one all_reduce; every process calls it at the same step)."""
+    if not run.process.distributed or not values:
+        return values
+    keys = sorted(values)
+    local = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=run.process.device)
+    return dict(zip(keys, (distributed.all_reduce_sum(local, run.process) / run.process.world_size).tolist()))
 
 
 def _stop_requested(run: TrainingRun) -> bool:
@@ -99,6 +117,8 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
     done = progress.sample // global_batch
     bar = make_bar(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not process.is_main,
                initial=done, total=done + len(loader))
+    scst = cfg.train.objective == "scst"
+    items = "images" if scst else "captions"  # what one sample of the data order is
     tick = time.perf_counter()
     for batch in bar:
         data_s = time.perf_counter() - tick
@@ -108,7 +128,9 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
             continue
         step = progress.step + 1
         lr = run.schedule.step(step)
-        result = run.step(batch.inputs, captions, batch.lengths, stop=run.stop.signal is not None)
+        # SCST: the images (B, ...) and their records (B,), whose references reward the sampled captions
+        inputs = (batch.inputs, batch.index.to(device)) if scst else (batch.inputs, captions, batch.lengths)
+        result = run.step(*inputs, stop=run.stop.signal is not None)
         global_loss, grad_norm, stop = result.loss, result.grad_norm, result.stop
         progress.step, progress.sample = step, progress.sample + batch.read * process.world_size
 
@@ -118,6 +140,10 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
             progress.bad_steps = 0
             progress.loss_sum, progress.loss_count = progress.loss_sum + global_loss, progress.loss_count + 1
             window.steps, window.loss = window.steps + 1, window.loss + global_loss
+            stats = _scst_stats(run)
+            progress.reward_sum += stats.get("reward", 0.0)
+            for key, value in stats.items():
+                window.stats[key] = window.stats.get(key, 0.0) + value
             bar.set_postfix(loss=f"{global_loss:.3f}")
         window.captions += captions.shape[0] * process.world_size
         window.data_s, window.compute_s = window.data_s + data_s, window.compute_s + time.perf_counter() - tick - data_s
@@ -127,7 +153,8 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
             run.metrics.write({
                 "step": step, "epoch": epoch, "loss": global_loss, "loss_avg": window.loss / max(window.steps, 1),
                 "lr": lr, **({"encoder_lr": groups[1]["lr"]} if len(groups) > 1 else {}), "grad_norm": grad_norm,
-                "captions_per_s": round(window.captions / max(elapsed, 1e-9), 1),
+                f"{items}_per_s": round(window.captions / max(elapsed, 1e-9), 1),
+                **{k: round(v / max(window.steps, 1), 6) for k, v in _mean_over_processes(run, window.stats).items()},
                 "data_s": round(window.data_s / max(window.steps, 1), 6),
                 "compute_s": round(window.compute_s / max(window.steps, 1), 6),
                 **_peak_memory(device)})
@@ -143,27 +170,33 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
 
 
 def main(cfg: Config, run_dir: str | Path, device: str | None = "auto", resume: bool = False,
-         overwrite: bool = False) -> dict:
+         overwrite: bool = False, init_from: str | Path | None = None) -> dict:
     """Train per cfg into run_dir, or resume the run there; returns {"best_checkpoint", "last_checkpoint",
     "best_bleu4", "best_score", "select_metric", "epochs", "steps", "stopped"}.
 
+    init_from: a checkpoint whose model weights and vocabulary a new run starts from (fresh optimizer and
+    schedule): SCST after cross-entropy (train.objective=scst), or fine-tuning on another dataset.
     stopped is None, "early stopping", or the signal ("SIGINT", "SIGTERM") that interrupted the run."""
+    if resume and init_from:
+        raise CaptionerError("--init-from starts a new run; --resume continues one (it already holds its weights)")
     process = distributed.setup(device)
     try:
         with StopRequest() as stop, contextlib.ExitStack() as held:
-            return _train(cfg, Path(run_dir), process, resume, overwrite, stop, held)
+            return _train(cfg, Path(run_dir), process, resume, overwrite, stop, held, init_from)
     finally:
         distributed.cleanup(process)
 
 
 def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite: bool, stop: StopRequest,
-           held: contextlib.ExitStack) -> dict:
+           held: contextlib.ExitStack, init_from: str | Path | None = None) -> dict:
     mode = plan_run(run_dir, to_dict(cfg), resume, overwrite)  # refusals first: nothing is written before
     distributed.barrier(process)  # every process has read the folder before rank 0 changes it
     checkpoint = resume_checkpoint(run_dir, cfg) if mode == "resume" else None
+    init = init_checkpoint(init_from, cfg) if init_from and not checkpoint else None
+    init_from = str(init_from) if init else (checkpoint or {}).get("init_from")  # a resumed run keeps its origin
     seed_everything(cfg.train.seed)  # the same initial weights in every process
-    # A resumed backbone comes from the checkpoint: its weights file need not exist any more.
-    encoder = build_encoder(dataclasses.replace(cfg.encoder, weights=None) if checkpoint else cfg.encoder)
+    # A resumed or initialised backbone comes from the checkpoint: its weights file need not exist any more.
+    encoder = build_encoder(dataclasses.replace(cfg.encoder, weights=None) if checkpoint or init else cfg.encoder)
     with distributed.main_process_first(process):  # the synthetic set is generated once, not by every process
         records = load_records(cfg.dataset)
     train_records, val_records = by_split(records, "train"), by_split(records, "val")  # missing files already dropped
@@ -171,17 +204,24 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
         raise CaptionerError("the training split is empty: check dataset.splits or dataset.val_fraction")
     if cfg.train.val_images:
         val_records = val_records[: cfg.train.val_images]
-    vocab = Vocabulary.build([c for r in train_records for c in r.captions], cfg.dataset.min_freq)
+    if init_from:  # the words the initial weights were trained on, whatever this data's words are
+        vocab = Vocabulary((init or checkpoint)["vocab"])
+        vocabulary_coverage(vocab, train_records, init_from)
+    else:
+        vocab = Vocabulary.build([c for r in train_records for c in r.captions], cfg.dataset.min_freq)
     check_training_data(train_records, val_records, vocab, cfg)
     if checkpoint:
         check_vocabulary(checkpoint["vocab"], vocab, run_dir / "last.pt")
     model = CaptionModel(cfg.encoder, cfg.model, len(vocab), encoder=encoder)
-    if checkpoint:
+    for state, path in ((checkpoint, run_dir / "last.pt"), (init, init_from)):
+        if not state:
+            continue
         try:
-            model.load_state_dict(checkpoint["model"])
+            model.load_state_dict(state["model"])
         except RuntimeError as e:
-            raise CaptionerError(f"checkpoint {run_dir / 'last.pt'} does not fit the model: "
+            raise CaptionerError(f"checkpoint {path} does not fit the model: "
                                  f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    del init
     model.to(process.device)
     compute = setup_compute(cfg.compute, process.device)
     compute.prepare_encoder(model.encoder)  # channels_last, optional torch.compile, as resolved
@@ -198,11 +238,17 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     schedule = LRSchedule(optimizer, cfg.train.lr_schedule, cfg.train.epochs * len(loader), len(loader),
                           cfg.train.warmup_steps, cfg.train.min_lr_ratio, cfg.train.lr_decay_epochs,
                           cfg.train.lr_gamma, cfg.train.lr_patience)
-    loss = CaptionLoss(model)  # DDP wraps the whole forward pass: the fine-tuned encoder stages too
+    if cfg.train.objective == "scst":  # rewards: CIDEr-D with the training references' idf, computed once
+        loss = SelfCriticalLoss(model, Rewarder(inputs.train_records, vocab, cfg.dataset.max_len),
+                                cfg.train.scst_samples, cfg.train.scst_baseline, cfg.decode.max_len,
+                                cfg.train.scst_entropy)
+    else:
+        loss = CaptionLoss(model)  # DDP wraps the whole forward pass: the fine-tuned encoder stages too
     if process.distributed:
         loss = DistributedDataParallel(loss, device_ids=[process.device] if process.device.type == "cuda" else None)
     step = TrainingStep(loss, optimizer, cfg.train.grad_clip, process.device, compute.bf16, process)
-    run = TrainingRun(cfg, run_dir, vocab, model, step, schedule, Progress(), metrics, process, stop, compute)
+    run = TrainingRun(cfg, run_dir, vocab, model, step, schedule, Progress(), metrics, process, stop, compute,
+                      init_from)
     if checkpoint:
         restore(run, checkpoint)
         del checkpoint
@@ -211,6 +257,9 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
         log.info("resuming %s after epoch %d, step %d", run_dir, run.progress.epoch, run.progress.step)
     else:
         seed_everything(cfg.train.seed + process.rank)  # each process draws its own dropout masks
+        if init_from:
+            metrics.write({"event": "init_from", "checkpoint": init_from, "objective": cfg.train.objective})
+            log.info("weights and vocabulary from %s; fresh optimizer and schedule", init_from)
     log.info("device %s x %d; %d train / %d val images; vocabulary %d words; %d steps per epoch",
              process.device, process.world_size, len(inputs.train_records), len(val_records), len(vocab), len(loader))
 
@@ -228,6 +277,7 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
             if not train_one_epoch(run, loader, epoch):
                 stopped = stop.signal or "signal"
                 break
+            run.progress.reward_sum = _mean_over_processes(run, {"r": run.progress.reward_sum}).get("r", 0.0)
             finish_epoch(run, epoch, validate(run, inputs, references), time.perf_counter() - start)
             if _stop_requested(run):  # a signal during validation: last.pt was just written
                 stopped = stop.signal or "signal"

@@ -25,6 +25,7 @@ class Sampled:
     tokens: torch.Tensor  # (B, L) long: words, <end>, then <pad>
     log_probs: torch.Tensor  # (B, L) float32 log-probability of each drawn token; 0 after <end> and for a forced <end>
     mask: torch.Tensor  # (B, L) bool: tokens up to and including <end>
+    entropy: torch.Tensor  # (B, L) entropy of each step's word distribution (differentiable; 0 after <end>)
     alphas: torch.Tensor  # (B, L, N) attention for each token (detached)
     lengths: torch.Tensor  # (B,) tokens up to and including <end>
 
@@ -42,7 +43,7 @@ def sample_captions(model, raw: torch.Tensor, max_len: int = 30, temperature: fl
     B, device = raw.shape[0], raw.device
     tokens = torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    out_tokens, out_logp, out_mask, out_alphas = [], [], [], []
+    out_tokens, out_logp, out_mask, out_alphas, out_entropy = [], [], [], [], []
     never = torch.zeros(model.decoder.vocab_size, dtype=torch.bool, device=device)
     never[[Vocabulary.pad_id, Vocabulary.start_id]] = True
     never_first = never.clone()
@@ -64,10 +65,12 @@ def sample_captions(model, raw: torch.Tensor, max_len: int = 30, temperature: fl
         out_tokens.append(tokens)
         out_logp.append(logp.gather(1, word.unsqueeze(1)).squeeze(1) * drawn)  # (B,) 0 after <end>
         out_mask.append(active)
+        p_logp = logp.exp() * logp  # (B, V)
+        out_entropy.append(-torch.where(torch.isfinite(logp), p_logp, 0.0).sum(dim=1) * drawn)
         out_alphas.append(alpha.detach())
         finished = finished | (tokens == Vocabulary.end_id)
         if bool(finished.all()):  # the one host sync per step: needed to stop early
             break
     mask = torch.stack(out_mask, dim=1)
     return Sampled(torch.stack(out_tokens, dim=1), torch.stack(out_logp, dim=1), mask,
-                   torch.stack(out_alphas, dim=1), mask.sum(dim=1))
+                   torch.stack(out_entropy, dim=1), torch.stack(out_alphas, dim=1), mask.sum(dim=1))

@@ -1,0 +1,109 @@
+"""Self-critical sequence training (Rennie et al. 2017): train on CIDEr-D itself instead of cross-entropy.
+
+    captioner train --config configs/coco_resnet152_scst.yaml --run-dir runs/scst --init-from runs/xe/best.pt
+
+For every training image, train.scst_samples captions are drawn from the model (training mode, the policy
+being updated), each is rewarded with its CIDEr-D against the image's references (document frequencies from
+all training references, computed once: `Rewarder`), and the loss pushes up the log-probability of the
+samples that beat a baseline:
+  mean   (default; Luo 2020, "a better variant of SCST", ruotianluo/self-critical.pytorch's "new self-critical"):
+         the mean reward of the image's other samples; the advantages of an image then sum to zero.
+  greedy (Rennie et al.): the reward of the greedy caption, decoded in eval mode without gradients.
+loss = -sum(advantage * log p(token) over tokens up to <end>) / number of those tokens
+       - train.scst_entropy * mean entropy of the word distributions (an optional guard against collapse).
+
+`SelfCriticalLoss` is a loss module of the one training step (engine/step.py): (inputs, image indices) ->
+(loss, None, None), so autocast, backward, clipping, the NaN guard and DDP are cross-entropy's; the step's
+statistics for the logs are left in its `stats`.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from captioner.config import SCST_BASELINES
+from captioner.metrics.cider import CiderD
+from captioner.model.beam import greedy_decode
+from captioner.model.sample import sample_captions
+from captioner.model.vocab import Vocabulary
+
+
+class Rewarder:
+    """CIDEr-D of token ids against training images' references (records[i] is image i)."""
+
+    def __init__(self, records, vocab: Vocabulary, max_len: int):
+        references = [[vocab.encode(c, max_len)[1:-1] for c in r.captions] for r in records]  # words only
+        self.cider = CiderD(references, vocab_size=len(vocab))
+
+    def __call__(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """tokens (M, L) words then <end> then <pad>, images (M,) record indices -> (M,) float32 rewards
+        (computed on the CPU, returned on tokens' device)."""
+        host = tokens.detach().cpu().numpy()
+        ended = host == Vocabulary.end_id
+        # Words before the first <end> (all of them when there is none).
+        lengths = np.where(ended.any(axis=1), ended.argmax(axis=1), host.shape[1])
+        rewards = self.cider.score(host, lengths, images.detach().cpu().numpy())
+        return torch.from_numpy(rewards).float().to(tokens.device)
+
+
+def advantages(rewards: torch.Tensor, baseline: str, greedy_rewards: torch.Tensor | None = None):
+    """rewards (B, K) of K samples per image -> (advantages (B, K), baselines (B, K)).
+
+    mean: each sample's baseline is the mean reward of the image's K-1 other samples (K >= 2), so an
+    image's advantages sum to zero. greedy: greedy_rewards (B,) of the image's greedy caption."""
+    if baseline == "mean":
+        K = rewards.shape[1]
+        base = (rewards.sum(dim=1, keepdim=True) - rewards) / (K - 1)
+    elif baseline == "greedy":
+        base = greedy_rewards.unsqueeze(1).expand_as(rewards)
+    else:
+        raise ValueError(f"unknown SCST baseline {baseline!r}; use one of {SCST_BASELINES}")
+    return rewards - base, base
+
+
+class SelfCriticalLoss(nn.Module):
+    """The SCST forward of one training step: encoder (for image inputs), K samples per image, rewards,
+    baseline and policy-gradient loss, as one module so DistributedDataParallel sees the whole pass."""
+
+    def __init__(self, model, rewarder: Rewarder, samples: int = 5, baseline: str = "mean", max_len: int = 16,
+                 entropy: float = 0.0):
+        super().__init__()
+        if baseline not in SCST_BASELINES:
+            raise ValueError(f"unknown SCST baseline {baseline!r}; use one of {SCST_BASELINES}")
+        if baseline == "mean" and samples < 2:
+            raise ValueError("the mean baseline needs at least 2 samples per image")
+        self.model, self.rewarder = model, rewarder
+        self.samples, self.baseline, self.max_len, self.entropy = samples, baseline, max_len, entropy
+        self.stats: dict[str, float] = {}  # the last step's mean reward, baseline, sample length, entropy, time
+
+    def forward(self, inputs: torch.Tensor, images: torch.Tensor):
+        """inputs (B, 3, S, S) uint8 images or (B, C, H, W) float features, images (B,) record indices
+        -> (loss, None, None): the step weighs it as a mean over the same units in every process. The logs'
+        floats go to self.stats: {"reward", "baseline", "sample_words", "entropy", "reward_s"}."""
+        raw = inputs if inputs.is_floating_point() else self.model.encode(inputs)  # (B, C, H, W)
+        B, K = raw.shape[0], self.samples
+        greedy_rewards = None
+        reward_s = 0.0
+        if self.baseline == "greedy":  # eval mode, no gradients: greedy_decode restores the training mode
+            greedy = greedy_decode(self.model, raw.detach(), self.max_len).tokens  # (B, L)
+            tick = time.perf_counter()
+            greedy_rewards = self.rewarder(greedy, images)  # (B,)
+            reward_s += time.perf_counter() - tick
+        out = sample_captions(self.model, raw.repeat_interleave(K, dim=0), self.max_len)  # B*K rows, image-major
+        tick = time.perf_counter()
+        rewards = self.rewarder(out.tokens, images.repeat_interleave(K)).view(B, K)
+        reward_s += time.perf_counter() - tick
+        advantage, base = advantages(rewards, self.baseline, greedy_rewards)  # (B, K)
+        mask = out.mask.float()  # (B*K, L) tokens up to and including <end>
+        tokens = mask.sum()
+        loss = -(advantage.reshape(-1, 1) * out.log_probs * mask).sum() / tokens
+        entropy = (out.entropy * mask).sum() / tokens
+        if self.entropy:
+            loss = loss - self.entropy * entropy
+        self.stats = {"reward": float(rewards.mean()), "baseline": float(base.mean()),
+                      "sample_words": float(out.lengths.float().mean() - 1), "entropy": float(entropy.detach()),
+                      "reward_s": reward_s}
+        return loss, None, None
