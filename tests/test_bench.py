@@ -45,6 +45,7 @@ def test_bench_smoke_writes_json_with_every_key_timing_the_products_own_step_and
         value = results[key]
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
         assert key in table
+    assert 0 < results["scst_reward_fraction"] < 1 and "scst_reward_fraction" in table
     assert results["settings"]["arch"] == "resnet18" and results["settings"]["max_len"] == 4
     # bf16 and channels_last resolve `auto` for this CPU: on with native bf16 units, off otherwise.
     native = cpu_capability().native_bf16
@@ -52,9 +53,9 @@ def test_bench_smoke_writes_json_with_every_key_timing_the_products_own_step_and
     assert results["settings"]["channels_last_active"] is native and "native_bf16" in results["cpu_capability"]
     assert ("AVX512-BF16" in table) and ("bf16 on" if native else "bf16 off") in table
     assert results["versions"]["torch"] == torch.__version__ and "CPU, 1 threads" in results["device"]
-    # smoke: 2 cached + 1 image training steps, each after a warm-up step; greedy and beam 3 over 4 images in
-    # batches of 4, each after a warm-up batch
-    assert calls == {"step": (2 + 1) + (1 + 1), "caption": 2 * (1 + 1)}
+    # smoke: 2 cached + 1 image + 1 SCST training steps, each after a warm-up step; greedy and beam 3 over 4
+    # images in batches of 4, each after a warm-up batch
+    assert calls == {"step": (2 + 1) + (1 + 1) + (1 + 1), "caption": 2 * (1 + 1)}
 
 
 def test_bench_rejects_unknown_sizes(capsys):

@@ -16,6 +16,9 @@ torch.compile happen in the warm-up):
     caption_images_per_s_beam3     the same with beam size 3
     beam_per_image_images_per_s    beam 3 on cached features, one image at a time
     beam_batched_images_per_s      beam 3 on the same features, all of them in one batch
+    train_scst_images_per_s        self-critical training steps (the same step, SelfCriticalLoss) on cached
+                                   features: scst_images images x scst_samples sampled captions, CIDEr-D
+                                   rewards, mean baseline (scst_reward_fraction: the share spent on rewards)
 The decoder is untrained, so captions run to decode max_len words: the slowest case for decoding.
 """
 from __future__ import annotations
@@ -49,6 +52,7 @@ from captioner.files import write_bytes, write_json
 from captioner.data.pipeline import Batches, image_batches
 from captioner.engine.predict import DecodeSettings, caption_batches
 from captioner.engine.extraction import extract_into
+from captioner.engine.scst import Rewarder, SelfCriticalLoss
 from captioner.engine.step import CaptionLoss, TrainingStep, build_optimizer
 from captioner.model.caption_model import CaptionModel, build_encoder
 from captioner.engine.runtime import resolve_device
@@ -58,7 +62,7 @@ log = logging.getLogger("captioner")
 
 KEYS = ("encoder_images_per_s", "extract_images_per_s", "train_captions_per_s_cached",
         "train_captions_per_s_images", "caption_images_per_s_greedy", "caption_images_per_s_beam3",
-        "beam_per_image_images_per_s", "beam_batched_images_per_s")
+        "beam_per_image_images_per_s", "beam_batched_images_per_s", "train_scst_images_per_s")
 
 
 @dataclass
@@ -85,6 +89,9 @@ class BenchSizes:
     caption_batch: int = 32
     beam_size: int = 3
     beam_images: int = 32  # per-image vs batched beam: one batch of this many images
+    scst_images: int = 64  # SCST: images per step (cached features, repeated when fewer were extracted)
+    scst_samples: int = 5  # SCST: captions sampled per image
+    scst_steps: int = 2
     num_workers: int = 2
     cache_dtype: str = "bfloat16"
     bf16: Switch = "auto"  # auto | true | false, as compute.bf16: on CUDA and on CPUs with native bf16
@@ -98,7 +105,8 @@ PRESETS = {
     "smoke": BenchSizes(image_size=64, jpeg_width=96, jpeg_height=72, embed_dim=32, attention_dim=32,
                         decoder_dim=32, vocab_size=60, caption_words=6, captions_per_image=2, max_len=6,
                         encoder_batch=4, encoder_images=8, extract_images=8, train_batch=4, train_steps_cached=2,
-                        train_steps_images=1, caption_images=4, caption_batch=4, beam_images=4, num_workers=0),
+                        train_steps_images=1, caption_images=4, caption_batch=4, beam_images=4, num_workers=0,
+                        scst_images=4, scst_samples=2, scst_steps=1),
     "full": BenchSizes(arch="resnet152", encoder_batch=256, encoder_images=4096, extract_images=4096,
                        train_batch=256, train_steps_cached=200, train_steps_images=8, caption_images=8192,
                        caption_batch=256, num_workers=min(16, os.cpu_count() or 1), compile=True, gpu_decode=True),
@@ -210,6 +218,29 @@ def _train_rate(model, batches: Batches, device: torch.device, steps: int, bf16:
     return captions_seen / (time.perf_counter() - start)
 
 
+def _scst_rate(loss_fn: SelfCriticalLoss, raw: torch.Tensor, device: torch.device, steps: int,
+               bf16: bool) -> tuple[float, float]:
+    """(images per second, share of the time spent on rewards) over `steps` calls of training's own step with
+    the self-critical loss, after one warm-up step. raw (B, C, H, W): features of the rewarder's images 0..B-1."""
+    cfg = Config()  # train's defaults: learning rate, weight decay, gradient clipping
+    model = loss_fn.model
+    step = TrainingStep(loss_fn, build_optimizer(model, cfg), cfg.train.grad_clip, device, bf16)
+    images = torch.arange(raw.shape[0], device=device)
+    model.train()
+    start, reward_s = 0.0, 0.0
+    for done in range(steps + 1):
+        step(raw, images)
+        if done == 0:  # warm-up done: start the clock
+            _sync(device)
+            start = time.perf_counter()
+        else:
+            reward_s += loss_fn.stats["reward_s"]
+    _sync(device)
+    seconds = time.perf_counter() - start
+    model.eval()
+    return steps * raw.shape[0] / seconds, reward_s / seconds
+
+
 def _loader(pairs: CaptionPairs, batch_size: int, num_workers: int, device: torch.device) -> Batches:
     return Batches(pairs, batch_size, device, num_workers, shuffle=True, drop_last=True, persistent_workers=True)
 
@@ -296,6 +327,15 @@ def run(sizes: BenchSizes, compute: Compute, workdir: Path) -> dict:
     batched()  # warm-up
     results["beam_per_image_images_per_s"] = raw.shape[0] / _timed(per_image, device)
     results["beam_batched_images_per_s"] = raw.shape[0] / _timed(batched, device)
+
+    # (f) self-critical training steps on cached features, rewarded against random COCO-like references
+    extracted = source[: len(kept)]  # (K, C, H, W): repeated up to scst_images
+    raw = extracted[torch.arange(sizes.scst_images) % extracted.shape[0]].to(device)
+    scst_records = _records([f"scst{i}.jpg" for i in range(sizes.scst_images)], sizes, vocab, seed=1)
+    loss_fn = SelfCriticalLoss(model, Rewarder(scst_records, vocab, sizes.max_len), sizes.scst_samples, "mean",
+                               sizes.max_len)
+    results["train_scst_images_per_s"], results["scst_reward_fraction"] = _scst_rate(
+        loss_fn, raw, device, sizes.scst_steps, bf16)
     return results
 
 
@@ -344,7 +384,7 @@ def main(device: str | None = "auto", preset: str = "default", json_path: str | 
                      "compute": compute.describe()},
         **({"cpu_capability": dataclasses.asdict(cpu_capability()) | {"native_bf16": cpu_capability().native_bf16}}
            if not on_cuda else {}),
-        **{k: round(v, 2) for k, v in numbers.items()},
+        **{k: round(v, 4 if k.endswith("fraction") else 2) for k, v in numbers.items()},
         "beam_batched_speedup": round(numbers["beam_batched_images_per_s"] / numbers["beam_per_image_images_per_s"], 2),
         "train_cached_speedup": round(numbers["train_captions_per_s_cached"] / numbers["train_captions_per_s_images"],
                                       2),
@@ -369,5 +409,6 @@ def format_table(results: dict) -> str:
     for key in (*KEYS, "beam_batched_speedup", "train_cached_speedup"):
         unit = "x" if key.endswith("speedup") else units["captions" if "captions" in key else "images"]
         lines.append(f"  {key:<32} {results[key]:>12,.2f} {unit}")
+    lines.append(f"  {'scst_reward_fraction':<32} {results['scst_reward_fraction']:>12.4f} of the SCST step time")
     lines.append(f"  ({results['seconds']} s in all)")
     return "\n".join(lines)
