@@ -45,7 +45,8 @@ log = logging.getLogger("captioner")
 def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: int | None = None,
          batch_size: int | None = None, recursive: bool = False, device: str | None = "auto", num_workers: int = 2,
          fmt: str | None = None, html: str | None = None, overwrite: bool = False, retry_errors: bool = False,
-         max_pixels: int | None = None, compute: ComputeConfig | None = None) -> dict:
+         max_pixels: int | None = None, compute: ComputeConfig | None = None, sample: bool = False,
+         temperature: float | None = None) -> dict:
     """Caption every image under paths into out (JSONL or CSV), and into an HTML gallery when html is given.
 
     Under torchrun every process captions its shard of the images on its own device (cuda:LOCAL_RANK or the
@@ -53,24 +54,30 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
 
     Returns {"images": found, "captioned": and "errors": written by this run, "skipped": already in the
     output, "failed": error records for these images in the whole output, "out", "html", "seconds",
-    "images_per_second"}: over all processes on rank 0, this process's share elsewhere.
+    "images_per_second"}: over all processes on rank 0, this process's share elsewhere. sample (or the
+    checkpoint's decode.sample): each word drawn from the model's distribution at temperature (default
+    decode.temperature) instead of greedy/beam, torch seeded with train.seed (+ rank) first so that the same
+    command gives the same captions.
     """
     for name, value, low in (("--beam", beam_size, 1), ("--batch-size", batch_size, 1), ("--workers", num_workers, 0),
                              ("--max-pixels", max_pixels, 1)):
         if value is not None and value < low:
             raise CaptionerError(f"{name} must be >= {low}, got {value}")
+    if temperature is not None and temperature <= 0:
+        raise CaptionerError(f"--temperature must be > 0, got {temperature}")
     fmt = format_for(out or "captions.jsonl", fmt)
     out_path = Path(out or f"captions.{fmt}")
     process = distributed.setup(device, distributed.LONG_WAIT)  # cuda:LOCAL_RANK under torchrun
     try:
         return _caption(checkpoint, paths, out_path, fmt, html, beam_size, batch_size, recursive, num_workers,
-                        overwrite, retry_errors, max_pixels or MAX_PIXELS, compute, process)
+                        overwrite, retry_errors, max_pixels or MAX_PIXELS, compute, process, sample, temperature)
     finally:
         distributed.cleanup(process)
 
 
 def _caption(checkpoint, paths, out_path, fmt, html, beam_size, batch_size, recursive, num_workers, overwrite,
-             retry_errors, max_pixels, compute, process: Process) -> dict:
+             retry_errors, max_pixels, compute, process: Process, sample: bool = False,
+             temperature: float | None = None) -> dict:
     device = process.device
     files = find_images(paths, recursive) if process.is_main else None  # before the model: a typo fails fast
     if process.is_main and not files:
@@ -80,9 +87,13 @@ def _caption(checkpoint, paths, out_path, fmt, html, beam_size, batch_size, recu
     # compute describes this machine, not the checkpoint: auto unless the caller says otherwise.
     run = setup_compute(compute or cfg.compute, device)
     run.prepare_encoder(model.encoder)
+    cfg.decode.sample = sample or cfg.decode.sample
+    cfg.decode.temperature = temperature if temperature is not None else cfg.decode.temperature
+    if cfg.decode.sample:
+        torch.manual_seed(cfg.train.seed + process.rank)
     settings = DecodeSettings.of(cfg, beam_size, compute=run)
     beam_size, batch_size = settings.beam_size, batch_size or cfg.decode.batch_size
-    title = _gallery_title(checkpoint, beam_size, model)
+    title = _gallery_title(checkpoint, beam_size, model, settings)
 
     made_by = {"model": checkpoint_hash(checkpoint), "decoding": _decoding(settings)}
     results = gallery = None  # the output files, held by rank 0
@@ -226,8 +237,10 @@ def _decoding(settings: DecodeSettings) -> str:
     return how if not settings.sample else f"{how}, max_len {settings.max_len}"
 
 
-def _gallery_title(checkpoint: str, beam_size: int, model) -> str:
+def _gallery_title(checkpoint: str, beam_size: int, model, settings) -> str:
     decoding = "greedy decoding" if beam_size == 1 else f"beam search (beam {beam_size})"
+    if settings.sample:
+        decoding = f"sampling (temperature {settings.temperature:g})"
     enc = model.encoder
     return (f"Captions by {Path(checkpoint).name}: {decoding}, attention over the {enc.grid[0]}x{enc.grid[1]} "
             f"{enc.layer} grid of {enc.arch}")
