@@ -37,6 +37,16 @@ class ModelConfig:
     decoder_dim: int = 512  # LSTM hidden size
     dropout: float = 0.5
     alpha_c: float = 1.0  # weight of the doubly stochastic attention regulariser (Show, Attend and Tell eq. 14)
+    # project: Linear to embed_dim + LayerNorm; norm: LayerNorm over all C channels; raw: as the encoder gives them
+    features: str = "project"
+    attention: str = "tanh"  # additive attention's nonlinearity: tanh (Bahdanau) or relu (the reference tutorial)
+    init_state: str = "tanh"  # h0, c0 = tanh(Linear(mean region)) or "linear" (no tanh, the reference tutorial)
+    gate: bool = True  # sigmoid gate on the attention context ("beta", Show, Attend and Tell 4.2.1)
+
+
+# The value a key added after a checkpoint was written takes when that checkpoint is loaded: the behaviour
+# it was trained with, whatever today's default is.
+LEGACY_DEFAULTS = {"model": {"features": "project", "attention": "tanh", "init_state": "tanh", "gate": True}}
 
 
 DATASET_FORMATS = ("auto", "synthetic", "coco", "karpathy", "flickr8k", "flickr30k", "csv", "jsonl")
@@ -204,6 +214,17 @@ def from_dict(data: dict, cfg: Config | None = None) -> Config:
     return cfg
 
 
+def from_saved_dict(data: dict) -> Config:
+    """A config saved in a checkpoint: keys it lacks (added since) take LEGACY_DEFAULTS, not today's defaults."""
+    if not isinstance(data, dict):
+        return from_dict(data)
+    filled = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
+    for section, legacy in LEGACY_DEFAULTS.items():
+        if isinstance(filled.get(section, {}), dict):
+            filled[section] = {**legacy, **filled.get(section, {})}
+    return from_dict(filled)
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply `section.key=value` strings; the value is parsed as a YAML scalar (so 3, 1e-4, true, null work)."""
     for item in overrides:
@@ -293,6 +314,11 @@ def validate(cfg: Config) -> None:
          "model sizes must be positive"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (cfg.model.alpha_c >= 0, "model.alpha_c must be >= 0"),
+        (cfg.model.features in ("project", "norm", "raw"),
+         f"model.features must be project, norm or raw, got '{cfg.model.features}'"),
+        (cfg.model.attention in ("tanh", "relu"), f"model.attention must be tanh or relu, got '{cfg.model.attention}'"),
+        (cfg.model.init_state in ("tanh", "linear"),
+         f"model.init_state must be tanh or linear, got '{cfg.model.init_state}'"),
         (cfg.dataset.format in DATASET_FORMATS,
          f"dataset.format must be one of: {', '.join(DATASET_FORMATS)}; got '{cfg.dataset.format}'"),
         (not (cfg.dataset.format == "synthetic" and cfg.dataset.annotations),

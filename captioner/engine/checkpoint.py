@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from captioner import files
-from captioner.config import ComputeConfig, Config, from_dict
+from captioner.config import ComputeConfig, Config, from_saved_dict
 from captioner.files import atomic_write
 from captioner.model.encoder import strip_wrapper_prefixes
 from captioner.errors import CaptionerError
@@ -108,14 +108,14 @@ def check_resumable(state: dict, path: str | Path) -> None:
 def model_from_checkpoint(state: dict, path: str | Path = "checkpoint") -> tuple[CaptionModel, Vocabulary, Config]:
     """Rebuild the model from the checkpoint's own config (never guessed from weight shapes)."""
     try:
-        cfg = from_dict(state["config"])
+        cfg = from_saved_dict(state["config"])
     except CaptionerError as e:
         raise CaptionerError(f"checkpoint {path} has an invalid config: {e}") from None
     # compute.* describes the machine that trained (a GPU's bf16: true), not the model: run with this one's auto.
     cfg.compute = ComputeConfig()
     vocab = Vocabulary(state["vocab"])
     # The backbone's weights come from the checkpoint itself: do not load or download them again.
-    cfg_no_weights = from_dict(state["config"])
+    cfg_no_weights = from_saved_dict(state["config"])
     cfg_no_weights.encoder.weights = None
     model = CaptionModel(cfg_no_weights.encoder, cfg.model, len(vocab))
     try:

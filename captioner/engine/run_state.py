@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from captioner.config import Config, apply_overrides, from_dict, load_config, to_dict
+from captioner.config import Config, apply_overrides, from_saved_dict, load_config, to_dict
 from captioner.engine import distributed
 from captioner.engine.checkpoint import check_resumable, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from captioner.engine.compute import Compute
@@ -38,7 +38,8 @@ log = logging.getLogger("captioner")
 
 # Config keys that shape the weights or the optimizer's parameter groups: a checkpoint resumes only under the same.
 ARCHITECTURE_KEYS = ("encoder.arch", "encoder.layer", "encoder.in_channels", "encoder.image_size",
-                     "encoder.finetune_from", "model.embed_dim", "model.attention_dim", "model.decoder_dim")
+                     "encoder.finetune_from", "model.embed_dim", "model.attention_dim", "model.decoder_dim",
+                     "model.features", "model.gate")
 
 
 @dataclass
@@ -107,7 +108,7 @@ def resume_config(run_dir: str | Path, config_path: str | Path | None = None, ov
     path = Path(run_dir) / "last.pt"
     state = load_checkpoint(path, mmap=True)
     try:
-        cfg = from_dict(state["config"])
+        cfg = from_saved_dict(state["config"])
     except CaptionerError as e:
         raise CaptionerError(f"checkpoint {path} has an invalid config: {e}") from None
     return apply_overrides(cfg, list(overrides))
@@ -118,7 +119,7 @@ def resume_checkpoint(run_dir: Path, cfg: Config) -> dict:
     path = run_dir / "last.pt"
     state = load_checkpoint(path)
     check_resumable(state, path)
-    changes = config_differences(state["config"], to_dict(cfg))
+    changes = config_differences(to_dict(from_saved_dict(state["config"])), to_dict(cfg))  # old keys filled in
     clashes = [c for c in changes if c.split(":")[0] in ARCHITECTURE_KEYS]
     if clashes:
         raise CaptionerError(f"checkpoint {path} does not match the config's architecture ({'; '.join(clashes)}); "

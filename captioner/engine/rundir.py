@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from captioner.config import from_dict, to_dict
+from captioner.config import from_saved_dict, to_dict
 from captioner.errors import CaptionerError
 from captioner.files import make_parent
 from captioner.lock import ProcessLock
@@ -46,7 +46,7 @@ def _existing_config(run_dir: Path) -> dict | None:
     path = run_dir / "config.yaml"
     try:
         data = yaml.safe_load(path.read_text())
-        return to_dict(from_dict(data))
+        return to_dict(from_saved_dict(data))
     except (OSError, yaml.YAMLError, CaptionerError):
         return None
 

@@ -1,4 +1,4 @@
-"""The whole captioner: hooked encoder -> projector (Linear + LayerNorm) -> attention LSTM decoder.
+"""The whole captioner: hooked encoder -> projector (model.features) -> attention LSTM decoder.
 
     model = CaptionModel(cfg.encoder, cfg.model, vocab_size=len(vocab))
     raw = model.encode(images)                       # (B, 3, S, S) uint8 -> (B, C, H, W), frozen
@@ -22,18 +22,31 @@ def build_encoder(cfg: EncoderConfig) -> HookedEncoder:
     return HookedEncoder(cfg.arch, cfg.layer, cfg.weights, cfg.in_channels, cfg.image_size, cfg.finetune_from)
 
 
+def build_projector(kind: str, channels: int, embed_dim: int) -> tuple[nn.Module, int]:
+    """(module applied to every region's (C,) feature, the decoder's feature size D).
+
+    project: Linear to embed_dim + LayerNorm; norm: LayerNorm over the C channels, which keeps all of them;
+    raw: the activations as they are (the reference tutorial; only for pretrained, unit-scale features).
+    Random-init ResNet-152 layer4 activations reach ~1e8: project and norm keep the decoder's inputs at
+    unit scale whatever the backbone's weights.
+    """
+    if kind == "project":
+        return nn.Sequential(nn.Linear(channels, embed_dim), nn.LayerNorm(embed_dim)), embed_dim
+    if kind == "norm":
+        return nn.LayerNorm(channels), channels
+    return nn.Identity(), channels
+
+
 class CaptionModel(nn.Module):
     def __init__(self, encoder_cfg: EncoderConfig, model_cfg: ModelConfig, vocab_size: int,
                  encoder: HookedEncoder | None = None):
         super().__init__()
         self.encoder = encoder if encoder is not None else build_encoder(encoder_cfg)
         self.alpha_c = model_cfg.alpha_c
-        # Random-init ResNet-152 layer4 activations reach ~1e8: LayerNorm after the projection keeps the
-        # decoder's inputs at unit scale whatever the backbone's weights.
-        self.projector = nn.Sequential(nn.Linear(self.encoder.channels, model_cfg.embed_dim),
-                                       nn.LayerNorm(model_cfg.embed_dim))
-        self.decoder = AttentionDecoder(vocab_size, model_cfg.embed_dim, model_cfg.embed_dim,
-                                        model_cfg.attention_dim, model_cfg.decoder_dim, model_cfg.dropout)
+        self.projector, feature_dim = build_projector(model_cfg.features, self.encoder.channels, model_cfg.embed_dim)
+        self.decoder = AttentionDecoder(vocab_size, feature_dim, model_cfg.embed_dim, model_cfg.attention_dim,
+                                        model_cfg.decoder_dim, model_cfg.dropout, model_cfg.attention,
+                                        model_cfg.init_state, model_cfg.gate)
 
     @property
     def grid(self) -> tuple[int, int]:
