@@ -37,10 +37,12 @@ class ModelConfig:
     decoder_dim: int = 512  # LSTM hidden size
     dropout: float = 0.5
     alpha_c: float = 1.0  # weight of the doubly stochastic attention regulariser (Show, Attend and Tell eq. 14)
-    # project: Linear to embed_dim + LayerNorm; norm: LayerNorm over all C channels; raw: as the encoder gives them
-    features: str = "project"
-    attention: str = "tanh"  # additive attention's nonlinearity: tanh (Bahdanau) or relu (the reference tutorial)
-    init_state: str = "tanh"  # h0, c0 = tanh(Linear(mean region)) or "linear" (no tanh, the reference tutorial)
+    # What the decoder attends over (docs/quality.md): norm, a LayerNorm over all C encoder channels (unit scale
+    # even for random-init weights); project, Linear to embed_dim + LayerNorm (the first default: fewer distinct
+    # captions on real photos); raw, the activations as they are (pretrained weights only)
+    features: str = "norm"
+    attention: str = "relu"  # additive attention's nonlinearity: relu (cheaper, as the reference tutorial) or tanh
+    init_state: str = "linear"  # h0, c0 = Linear(mean region) (the reference tutorial) or "tanh" of it
     gate: bool = True  # sigmoid gate on the attention context ("beta", Show, Attend and Tell 4.2.1)
 
 

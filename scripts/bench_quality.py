@@ -24,16 +24,20 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(quality.DEFAULT_DATA), help="folder with captions.txt and images/")
     p.add_argument("--cache", default="~/.cache/captioner/quality",
                    help="weights, features, split lists and runs (default ~/.cache/captioner/quality)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds (default 3)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--tag", default="", help="name of this variant's run folder under CACHE/runs/")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--checkpoint", default="last", choices=("last", "best"),
+                   help="score each run's last.pt (default) or best.pt (train.select_metric on the val photos)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        results = quality.main(args.data, args.cache, args.seeds, args.overrides, args.device, args.tag, args.threads)
+        results = quality.main(args.data, args.cache, args.seeds, args.overrides, args.device, args.tag, args.threads,
+                                 args.checkpoint, args.first_seed)
     except CaptionerError as e:
         print(f"bench_quality: error: {e}", file=sys.stderr)
         return 2

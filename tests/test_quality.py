@@ -3,6 +3,7 @@ import pytest
 import torch
 import torchvision
 
+from captioner.data.cache import weights_fingerprint
 from captioner.errors import CaptionerError
 from captioner.jobs.quality import convert_mobilenet_v2, write_split_lists
 from captioner.metrics.diversity import caption_diversity
@@ -22,6 +23,10 @@ def test_renamed_mobilenet_features_load_into_the_hooked_encoder(tmp_path):
     with torch.no_grad():
         expected = source.features(enc.normalize(images))
     assert torch.allclose(enc(images), expected, atol=1e-5)
+    # the classifier the file lacks is the same (zeros) under any seed: a feature cache's fingerprint matches
+    torch.manual_seed(1)
+    again = HookedEncoder("mobilenet_v2", "features", weights=str(path), image_size=64)
+    assert weights_fingerprint(again) == weights_fingerprint(enc)
     # the classifier was never in the file and is never computed; the computed layers must all be there
     del renamed["layer_0"]
     with pytest.raises(CaptionerError, match="cannot fill"):

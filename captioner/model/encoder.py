@@ -149,8 +149,12 @@ def _load_weights(model: nn.Module, state: dict, arch: str, weights: str, layer:
         what = (f"missing keys {', '.join(needed[:3])}" if needed else "") + ("; " if needed and unexpected else "") \
             + (f"unexpected keys {', '.join(unexpected[:3])}" if unexpected else "")
         raise CaptionerError(f"encoder weights {weights} do not fit {arch}: {what}")
+    # Zeros, not the random init, for the layers the file lacks: the same encoder whatever the seed, so a feature
+    # cache's weights fingerprint still matches it.
+    template = model.state_dict()
+    state = {**{k: torch.zeros_like(template[k]) for k in missing}, **state}
     try:
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise CaptionerError(f"encoder weights {weights} do not fit {arch}: {first}") from None
