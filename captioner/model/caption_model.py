@@ -33,8 +33,8 @@ def build_projector(kind: str, channels: int, embed_dim: int) -> tuple[nn.Module
     if kind == "project":
         return nn.Sequential(nn.Linear(channels, embed_dim), nn.LayerNorm(embed_dim)), embed_dim
     if kind == "norm":
-        return nn.LayerNorm(channels), channels
-    return nn.Identity(), channels
+        return nn.Sequential(nn.LayerNorm(channels)), channels  # a Sequential like project's: projector[0] is its first layer
+    return nn.Sequential(), channels  # an empty Sequential is the identity
 
 
 class CaptionModel(nn.Module):
