@@ -41,8 +41,8 @@ class ModelConfig:
     # even for random-init weights); project, Linear to embed_dim + LayerNorm (the first default: fewer distinct
     # captions on real photos); raw, the activations as they are (pretrained weights only)
     features: str = "norm"
-    attention: str = "relu"  # additive attention's nonlinearity: relu (cheaper, as the reference tutorial) or tanh
-    init_state: str = "linear"  # h0, c0 = Linear(mean region) (the reference tutorial) or "tanh" of it
+    attention: str = "tanh"  # additive attention's nonlinearity: tanh (Bahdanau) or relu (the reference tutorial)
+    init_state: str = "tanh"  # h0, c0 = tanh(Linear(mean region)) or "linear" (no tanh, the reference tutorial)
     gate: bool = True  # sigmoid gate on the attention context ("beta", Show, Attend and Tell 4.2.1)
 
 

@@ -33,7 +33,7 @@ def build_projector(kind: str, channels: int, embed_dim: int) -> tuple[nn.Module
     if kind == "project":
         return nn.Sequential(nn.Linear(channels, embed_dim), nn.LayerNorm(embed_dim)), embed_dim
     if kind == "norm":
-        return nn.Sequential(nn.LayerNorm(channels)), channels  # a Sequential like project's: projector[0] is its first layer
+        return nn.Sequential(nn.LayerNorm(channels)), channels  # Sequential as project's: [0] is its first layer
     return nn.Sequential(), channels  # an empty Sequential is the identity
 
 
