@@ -13,7 +13,7 @@ mobilenet_v2_features.pth, keys matched by order and shape) and hooks `features`
 
 Fixed split, in file-name order: the last 100 photos are test, the 60 before them val, the other 545 train.
 The test photos are captioned (beam 3) by each run's last.pt: picking best.pt by greedy BLEU-4 on 60 val photos
-is mostly noise (it chose epoch 4 of 8 in one ablation, and lost 0.07 CIDEr-D to last.pt); --checkpoint best
+is mostly noise (it chose epoch 2 or 4 of 8 in three of four ablations, losing 0.07-0.17 CIDEr-D); --checkpoint best
 scores best.pt instead.
 Features are extracted once into CACHE/features-*/ and every seed trains from them (run parallel copies of the
 benchmark with separate --cache folders: they would race on the one feature index). The printed JSON has each
