@@ -142,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
     p.add_argument("--split", default="train,val,test", help="comma-separated splits (default: train,val,test)")
     p.add_argument("--rebuild", action="store_true", help="replace a cache built with other encoder settings")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: decode.batch_size)")
-    p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: train.num_workers)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: compute.encode_batch_size)")
+    p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: compute.num_workers)")
     _add_device(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
@@ -208,8 +209,8 @@ def _train(args: argparse.Namespace) -> int:
         if not args.config or not args.run_dir:
             raise CaptionerError("train needs --config FILE and --run-dir DIR, or --resume RUN_DIR")
         run_dir, cfg = args.run_dir, load_config(args.config, args.overrides)
-    summary = train.main(cfg, run_dir, args.device, resume=bool(args.resume), overwrite=args.overwrite,
-                         init_from=args.init_from)
+    summary = train.main(train.TrainJob(cfg, run_dir, args.device, resume=bool(args.resume), overwrite=args.overwrite,
+                                        init_from=args.init_from))
     interrupted = summary["stopped"] in ("SIGINT", "SIGTERM")
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
         _print_json(summary)
@@ -236,13 +237,14 @@ def run(args: argparse.Namespace) -> int:
         _print_json(plot.main(args.run_dir, args.out))
     elif args.command == "evaluate":
         from captioner.jobs import evaluate
-        _print_json(evaluate.main(args.checkpoint, args.split, args.beam, args.out, args.overrides, args.device,
-                                  args.batch_size))
+        _print_json(evaluate.main(evaluate.EvaluateJob(args.checkpoint, args.split, args.beam, args.out,
+                                                       args.overrides, args.device, args.batch_size)))
     elif args.command == "caption":
         from captioner.jobs import caption
-        summary = caption.main(args.checkpoint, args.paths, args.out, args.beam, args.batch_size, args.recursive,
-                               args.device, args.workers, args.format, args.html, args.overwrite, args.retry_errors,
-                               args.max_pixels, sample=args.sample, temperature=args.temperature)
+        summary = caption.main(caption.CaptionJob(
+            args.checkpoint, args.paths, args.out, args.beam, args.batch_size, args.recursive, args.device,
+            args.workers, args.format, args.html, args.overwrite, args.retry_errors, args.max_pixels,
+            sample=args.sample, temperature=args.temperature))
         _print_json(summary)
         if args.strict and summary.get("failed"):  # rank 0's summary covers every process
             return 1
@@ -258,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
         from captioner.jobs import extract
         from captioner.config import load_config
         cfg = load_config(args.config, args.overrides)
-        _print_json(extract.main(cfg, args.split, args.device, args.rebuild, args.batch_size, args.workers))
+        _print_json(extract.main(extract.ExtractJob(cfg, args.split, args.device, args.rebuild, args.batch_size,
+                                                    args.workers)))
     elif args.command == "bench":
         from captioner.jobs import bench
         preset = "full" if args.full else "smoke" if args.smoke else "default"

@@ -28,6 +28,7 @@ class EncoderConfig:
     in_channels: int = 3  # != 3 replaces conv1 (e.g. 11-band satellite images)
     image_size: int = 224  # images are resized to image_size x image_size; 224 gives a 7x7 layer4 grid
     finetune_from: str | None = None  # None keeps the backbone frozen; e.g. layer4 trains it and what follows, up to the hook
+    seed: int = 0  # random-init weights (weights: null) come from this seed, in train and extract alike
 
 
 @dataclass
@@ -132,6 +133,8 @@ class ComputeConfig:
     channels_last: Switch = "auto"  # the CNN in channels_last (NHWC) memory format
     compile: bool = False  # torch.compile the encoder: a slow first batch, then faster; for long runs
     gpu_decode: bool = False  # CUDA only: workers read JPEG bytes, the GPU decodes and resizes them in batches
+    num_workers: int = 2  # image decoding processes of evaluate, extract and training's feature extraction
+    encode_batch_size: int = 32  # images per encoder batch when features are extracted (extract, precompute)
 
 
 @dataclass
@@ -276,6 +279,26 @@ def shipped_config(name: str) -> Path | None:
     return None
 
 
+def require_min(*checks: tuple[str, int | None, int]) -> None:
+    """The range checks every command makes on its options: ("--beam", 0, 1) -> "--beam must be >= 1, got 0".
+    None means "not given" and passes."""
+    for name, value, low in checks:
+        if value is not None and value < low:
+            raise CaptionerError(f"{name} must be >= {low}, got {value}")
+
+
+# What a trained checkpoint's config can still change: where the data is, how to decode, how to compute.
+CHECKPOINT_SECTIONS = ("dataset", "decode", "compute", "cache")
+
+
+def check_checkpoint_overrides(overrides: list[str]) -> None:
+    """Refuse overrides that cannot apply to a trained checkpoint (its encoder, model shape and training)."""
+    fixed = [o for o in overrides if o.partition("=")[0].strip().partition(".")[0] not in CHECKPOINT_SECTIONS]
+    if fixed:
+        raise CaptionerError(f"{', '.join(fixed)}: a trained checkpoint's encoder, model and training settings are "
+                             f"fixed; only {', '.join(s + '.*' for s in CHECKPOINT_SECTIONS)} overrides apply here")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """The config in YAML file path (a bare name such as tiny.yaml also finds the shipped one), with overrides."""
     cfg = Config()
@@ -362,6 +385,9 @@ def validate(cfg: Config) -> None:
         (cfg.decode.beam_size >= 1, f"decode.beam_size must be >= 1, got {cfg.decode.beam_size}"),
         (cfg.decode.max_len >= 1, "decode.max_len must be >= 1"),
         (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),
+        (cfg.compute.num_workers >= 0, f"compute.num_workers must be >= 0, got {cfg.compute.num_workers}"),
+        (cfg.compute.encode_batch_size >= 1,
+         f"compute.encode_batch_size must be >= 1, got {cfg.compute.encode_batch_size}"),
         (cfg.decode.temperature > 0, f"decode.temperature must be > 0, got {cfg.decode.temperature}"),
         (cfg.cache.dtype in ("bfloat16", "float32"),
          f"cache.dtype must be bfloat16 or float32 (float16 overflows random-weight features), not {cfg.cache.dtype}"),

@@ -21,6 +21,7 @@ torch.set_num_threads(1)
 def tiny_config(data_root, *overrides):
     """configs/tiny.yaml on a smaller synthetic set, for fast tests."""
     return load_config(TINY, [f"dataset.root={data_root}", "dataset.synthetic_images=1000", "train.num_workers=0",
+                              "compute.num_workers=0",
                               *overrides])
 
 
@@ -35,7 +36,7 @@ def trained(tmp_path_factory, synthetic_root):
     logging.getLogger("captioner").setLevel(logging.WARNING)
     cfg = tiny_config(synthetic_root, "train.epochs=12")
     run_dir = tmp_path_factory.mktemp("run")
-    return train.main(cfg, run_dir, "cpu"), cfg
+    return train.main(train.TrainJob(cfg, run_dir, "cpu")), cfg
 
 
 @pytest.fixture(scope="module")

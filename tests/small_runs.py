@@ -11,8 +11,8 @@ from captioner.config import load_config
 from conftest import TINY
 
 # 60 synthetic images -> 48 train images, 144 captions: 9 steps of 16 per epoch at 64x64 (a 2x2 grid).
-SMALL = ["dataset.synthetic_images=60", "train.num_workers=0", "encoder.image_size=64", "model.embed_dim=32",
-         "model.attention_dim=32", "model.decoder_dim=32", "train.batch_size=16", "train.epochs=2",
+SMALL = ["dataset.synthetic_images=60", "train.num_workers=0", "compute.num_workers=0", "encoder.image_size=64",
+         "model.embed_dim=32", "model.attention_dim=32", "model.decoder_dim=32", "train.batch_size=16", "train.epochs=2",
          "train.log_every=1", "train.checkpoint_every=3", "decode.batch_size=16"]
 
 

@@ -17,7 +17,6 @@ from captioner.data.pipeline import Batches, image_batches
 from captioner.model.decoder import caption_loss
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel, build_encoder
-from captioner.engine.runtime import seed_everything
 from captioner.model.vocab import Vocabulary
 
 from conftest import tiny_config
@@ -25,7 +24,8 @@ from conftest import tiny_config
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    """30 synthetic images (24 train, 3 val, 3 test) at 64x64 input: a 2x2 layer4 grid of 512 channels."""
+    """The folder for _cfg's dataset: 30 synthetic images (24 train, 3 val, 3 test), generated there by the first
+    command that loads it; read at 64x64, they give a 2x2 layer4 grid of 512 channels."""
     root = tmp_path_factory.mktemp("small")
     return root
 
@@ -36,15 +36,14 @@ def _cfg(root, *overrides):
 
 
 def _encoder(cfg):
-    seed_everything(cfg.train.seed)  # the random-init weights training would build
-    return build_encoder(cfg.encoder)
+    return build_encoder(cfg.encoder)  # random init from encoder.seed, as extract and train build it
 
 
 @pytest.mark.parametrize("dtype, rtol", [("bfloat16", 2 ** -8), ("float32", 1e-6)])
 def test_round_trip_equals_running_the_encoder(small_data, tmp_path, dtype, rtol):
     # float32 compute: this checks the storage's rounding alone (bf16 compute is checked in test_compute.py)
     cfg = _cfg(small_data, f"cache.dir={tmp_path / 'cache'}", f"cache.dtype={dtype}", "compute.bf16=false")
-    summary = extract.main(cfg, "train,val,test", device="cpu")
+    summary = extract.main(extract.ExtractJob(cfg, "train,val,test", device="cpu"))
     assert summary["added"] == 30 and summary["failed"] == 0 and summary["images"] == 30
     assert summary["bytes"] == 30 * 512 * 2 * 2 * (2 if dtype == "bfloat16" else 4)
     records = load_records(cfg.dataset)
@@ -63,21 +62,21 @@ def test_round_trip_equals_running_the_encoder(small_data, tmp_path, dtype, rtol
 def test_stale_cache_is_detected_and_refused(small_data, tmp_path, caplog):
     folder = tmp_path / "cache"
     cfg = _cfg(small_data, f"cache.dir={folder}")
-    extract.main(cfg, "val", device="cpu")
+    extract.main(extract.ExtractJob(cfg, "val", device="cpu"))
     for override, words in [("encoder.layer=layer3", "layer layer4 (now layer3)"),
                             ("encoder.image_size=96", "image_size 64 (now 96)"),
-                            ("train.seed=1", "other encoder weights")]:  # random init from another seed
+                            ("encoder.seed=1", "other encoder weights")]:  # random init from another seed
         other = _cfg(small_data, f"cache.dir={folder}", override)
         with pytest.raises(CaptionerError, match="--rebuild") as info:
-            extract.main(other, "val", device="cpu")
+            extract.main(extract.ExtractJob(other, "val", device="cpu"))
         assert words in str(info.value) and "\n" not in str(info.value)
         with caplog.at_level(logging.WARNING, logger="captioner"):
             assert open_valid_cache(other, _encoder(other), "train") is None
         assert words in caplog.text and "not used" in caplog.text
     with pytest.raises(CaptionerError, match="stores bfloat16"):
-        extract.main(_cfg(small_data, f"cache.dir={folder}", "cache.dtype=float32"), "val", device="cpu")
-    rebuilt = extract.main(_cfg(small_data, f"cache.dir={folder}", "encoder.layer=layer3"), "val", device="cpu",
-                           rebuild=True)
+        extract.main(extract.ExtractJob(_cfg(small_data, f"cache.dir={folder}", "cache.dtype=float32"), "val", device="cpu"))
+    rebuilt = extract.main(extract.ExtractJob(_cfg(small_data, f"cache.dir={folder}", "encoder.layer=layer3"), "val", device="cpu",
+                           rebuild=True))
     assert rebuilt["added"] == 3 and FeatureCache.load(folder).header["layer"] == "layer3"
 
 
@@ -88,7 +87,7 @@ def test_default_folder_is_per_encoder_setting(small_data):
 
 def test_extraction_resumes_and_reports_unreadable_images(small_data, tmp_path, caplog):
     cfg = _cfg(small_data, f"cache.dir={tmp_path / 'cache'}")
-    first = extract.main(cfg, "val", device="cpu")
+    first = extract.main(extract.ExtractJob(cfg, "val", device="cpu"))
     assert first["added"] == 3
     # An interrupted run leaves rows that no index entry points to: they are dropped, not misread.
     with open(tmp_path / "cache" / "features.bin", "ab") as f:
@@ -100,7 +99,7 @@ def test_extraction_resumes_and_reports_unreadable_images(small_data, tmp_path, 
     broken.write_bytes(b"not a jpeg")
     try:
         with caplog.at_level(logging.WARNING, logger="captioner"):
-            second = extract.main(cfg, "val,test", device="cpu")
+            second = extract.main(extract.ExtractJob(cfg, "val,test", device="cpu"))
     finally:
         broken.write_bytes(original)
     assert second["skipped_existing"] == 3 and second["added"] == 2 and second["failed"] == 1
@@ -110,13 +109,13 @@ def test_extraction_resumes_and_reports_unreadable_images(small_data, tmp_path, 
     source, kept = cache.source(test_records)  # the unreadable image is known, so the split counts as covered
     assert [r.image_id for r in kept] == [r.image_id for r in test_records[1:]]
     assert cache.source(by_split(records, "train")) is None  # not extracted: not covered
-    third = extract.main(cfg, "test", device="cpu")  # the image is readable again: retried
+    third = extract.main(extract.ExtractJob(cfg, "test", device="cpu"))  # the image is readable again: retried
     assert third["added"] == 1 and third["failed"] == 0
 
 
 def test_corrupt_cache_gives_one_line(small_data, tmp_path):
     cfg = _cfg(small_data, f"cache.dir={tmp_path / 'cache'}")
-    extract.main(cfg, "val", device="cpu")
+    extract.main(extract.ExtractJob(cfg, "val", device="cpu"))
     index_path = tmp_path / "cache" / "index.json"
     index = index_path.read_text()
     index_path.write_text(index.replace("[0,", "[7,"))  # a row beyond the 3 written
@@ -143,7 +142,7 @@ def _batch_loss(model, inputs, captions, lengths):
 def test_training_from_cache_gives_the_loss_of_training_from_images(small_data, tmp_path, dtype, rtol):
     cfg = _cfg(small_data, f"cache.dir={tmp_path / 'cache'}", f"cache.dtype={dtype}", "model.dropout=0",
                "compute.bf16=false")  # as the float32 model below runs
-    extract.main(cfg, "train", device="cpu")
+    extract.main(extract.ExtractJob(cfg, "train", device="cpu"))
     records = by_split(load_records(cfg.dataset), "train")
     vocab = Vocabulary.build([c for r in records for c in r.captions])
     model = CaptionModel(cfg.encoder, cfg.model, len(vocab), encoder=_encoder(cfg)).train()
@@ -160,22 +159,22 @@ def test_training_from_cache_gives_the_loss_of_training_from_images(small_data, 
 
 def test_train_and_evaluate_read_a_valid_cache(small_data, tmp_path, caplog):
     cfg = _cfg(small_data, "train.epochs=1", "train.batch_size=32")  # the default folder under dataset.root
-    extract.main(cfg, "train,val,test", device="cpu")
+    extract.main(extract.ExtractJob(cfg, "train,val,test", device="cpu"))
     with caplog.at_level(logging.INFO, logger="captioner"):
-        summary = train.main(cfg, tmp_path / "run", "cpu")
+        summary = train.main(train.TrainJob(cfg, tmp_path / "run", "cpu"))
     assert "train split: features of 24 images from cache" in caplog.text
     assert "val split: features of 3 images from cache" in caplog.text
     assert summary["steps"] == 2  # 24 images x 3 captions / 32, last partial batch dropped
-    metrics = evaluate.main(summary["best_checkpoint"], "test", beam_size=2, out_dir=str(tmp_path), device="cpu")
+    metrics = evaluate.main(evaluate.EvaluateJob(summary["best_checkpoint"], "test", beam_size=2, out_dir=str(tmp_path), device="cpu"))
     assert metrics["features"].startswith("cache ") and metrics["images"] == 3
-    metrics = evaluate.main(summary["best_checkpoint"], "test", beam_size=2, out_dir=str(tmp_path), device="cpu",
-                            overrides=["cache.use=false"])
+    metrics = evaluate.main(evaluate.EvaluateJob(summary["best_checkpoint"], "test", beam_size=2, out_dir=str(tmp_path), device="cpu",
+                            overrides=["cache.use=false"]))
     assert metrics["features"] == "encoder" and metrics["images"] == 3
 
 
 def test_cached_source_pickles_without_data_and_works_in_spawned_workers(small_data, tmp_path):
     cfg = _cfg(small_data, f"cache.dir={tmp_path / 'cache'}")
-    extract.main(cfg, "val", device="cpu")
+    extract.main(extract.ExtractJob(cfg, "val", device="cpu"))
     records = by_split(load_records(cfg.dataset), "val")
     source, _ = FeatureCache.load(tmp_path / "cache").source(records)
     expected = source[0:3]  # maps the file in this process

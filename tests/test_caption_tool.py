@@ -292,8 +292,8 @@ def test_same_caption_alone_or_in_a_batch(mixed, checkpoint, tmp_path):
         runs = []
         for batch_size in (1, 5):  # each image alone in its batch, then all in one batch with a bad file
             out = tmp_path / f"beam{beam}_batch{batch_size}.jsonl"
-            caption.main(checkpoint, files, out=str(out), beam_size=beam, batch_size=batch_size, device="cpu",
-                         num_workers=0)
+            caption.main(caption.CaptionJob(checkpoint, files, out=str(out), beam_size=beam, batch_size=batch_size, device="cpu",
+                         num_workers=0))
             runs.append(_by_name(_records(out)))
         alone, batched = runs
         assert alone.keys() == batched.keys() and len(alone) == 5
@@ -394,11 +394,11 @@ def test_sampled_captions_are_varied_and_reproducible(mixed, checkpoint, tmp_pat
     runs = []
     for name, temperature in (("a", 5.0), ("b", 5.0), ("g", None)):
         out = tmp_path / f"{name}.jsonl"
-        caption.main(checkpoint, files, out=str(out), beam_size=1, device="cpu", num_workers=0,
-                     sample=temperature is not None, temperature=temperature)
+        caption.main(caption.CaptionJob(checkpoint, files, out=str(out), beam_size=1, device="cpu", num_workers=0,
+                                        sample=temperature is not None, temperature=temperature))
         runs.append(_by_name(_records(out)))
     hot, again, greedy = runs
     assert hot == again  # seeded with train.seed: the same command gives the same captions
     assert any(hot[n]["caption"] != greedy[n]["caption"] for n in hot)  # a hot distribution leaves greedy
     with pytest.raises(CaptionerError):
-        caption.main(checkpoint, files, out=str(tmp_path / "x.jsonl"), device="cpu", sample=True, temperature=0)
+        caption.CaptionJob(checkpoint, files, out=str(tmp_path / "x.jsonl"), device="cpu", sample=True, temperature=0)

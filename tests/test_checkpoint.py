@@ -40,7 +40,9 @@ def test_wrapper_prefixes_are_stripped(tmp_path):
     state = torch.load(path, weights_only=True)
     state["model"] = {"module." + k: v for k, v in state["model"].items()}
     save_checkpoint(path, state)
-    load_model(path)
+    loaded = load_model(path)[0].state_dict()
+    assert loaded.keys() == model.state_dict().keys()  # "module." gone from every key
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 
 
 def test_truncated_and_foreign_checkpoints_are_refused(tmp_path):

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -37,7 +38,8 @@ def test_evaluate_and_caption_from_cli(trained, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", summary["best_checkpoint"], "--beam", "1", "--out", str(tmp_path),
                  "--device", "cpu"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert metrics["decoding"] == "greedy" and 0 <= metrics["bleu4"] <= 1
+    assert metrics["decoding"] == "greedy" and metrics["beam_size"] == 1 and metrics["bleu4"] > 0.4  # it learned
+    assert json.loads(Path(metrics["metrics_file"]).read_text())["bleu4"] == metrics["bleu4"]
     folder = tmp_path / "imgs"
     folder.mkdir()
     from captioner.data import by_split, load_records
@@ -58,3 +60,13 @@ def test_entry_point_and_script_help():
     for cmd in (["captioner", "--help"], [sys.executable, "scripts/train.py", "--help"]):
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=str(TINY.parent.parent))
         assert done.returncode == 0 and "usage" in done.stdout
+
+
+def test_evaluate_range_checks_and_checkpoint_overrides_are_one_line_errors(trained, capsys):
+    checkpoint = trained[0]["best_checkpoint"]
+    for args, words in ((["--beam", "0"], "--beam must be >= 1, got 0"),
+                        (["--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
+                        (["encoder.layer=layer3"], "encoder.layer=layer3: a trained checkpoint's encoder")):
+        assert main(["evaluate", "--checkpoint", checkpoint, "--device", "cpu", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and "Traceback" not in err[0], err

@@ -17,10 +17,10 @@ def test_train_and_caption_real_photos(tmp_path):
         f"dataset.images={COCO_MINI}/train2017", "dataset.val_fraction=0.1", "dataset.min_freq=2",
         "train.epochs=2", "train.num_workers=0", "train.precompute_features=false", "train.batch_size=32",
         "encoder.image_size=96"])
-    summary = train.main(cfg, tmp_path / "run", "cpu")
+    summary = train.main(train.TrainJob(cfg, tmp_path / "run", "cpu"))
     assert summary["steps"] == 2 * (64 * 5 // 32)
-    result = caption.main(summary["best_checkpoint"], [str(COCO_MINI / "train2017")], out=str(tmp_path / "c.jsonl"),
-                          beam_size=2, device="cpu", num_workers=0)
+    result = caption.main(caption.CaptionJob(summary["best_checkpoint"], [str(COCO_MINI / "train2017")], out=str(tmp_path / "c.jsonl"),
+                          beam_size=2, device="cpu", num_workers=0))
     records = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert result["captioned"] == 80 == len(records) and result["errors"] == 0
     assert all(r["caption"] for r in records)

@@ -68,7 +68,7 @@ def test_bf16_training_keeps_float32_weights_state_and_loss(small_root, tmp_path
     """A bf16 run on any CPU: the loss is float32, and weights, gradients, Adam moments and checkpoints too."""
     cfg = small_config(small_root, "compute.bf16=true", "compute.channels_last=true", "train.epochs=1")
     compute = setup_compute(cfg.compute, CPU)
-    summary = train.main(cfg, tmp_path / "run", "cpu")
+    summary = train.main(train.TrainJob(cfg, tmp_path / "run", "cpu"))
     state = load_checkpoint(summary["last_checkpoint"])
     assert state["config"]["compute"]["bf16"] == "true"
     assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
@@ -97,8 +97,8 @@ def test_bf16_and_float32_captions_agree(trained, tmp_path):
     runs = {}
     for name in ("fp32", "bf16"):
         switch = "false" if name == "fp32" else "true"
-        runs[name] = evaluate.main(summary["best_checkpoint"], "test", beam_size=1, out_dir=str(tmp_path / name),
-                                   device="cpu", compute=ComputeConfig(bf16=switch, channels_last=switch))
+        runs[name] = evaluate.main(evaluate.EvaluateJob(summary["best_checkpoint"], "test", beam_size=1, out_dir=str(tmp_path / name),
+                                   device="cpu", compute=ComputeConfig(bf16=switch, channels_last=switch)))
     import json
     captions = {name: {r["image_id"]: r["caption"] for r in json.loads(open(m["results_file"]).read())}
                 for name, m in runs.items()}

@@ -30,7 +30,7 @@ def test_two_process_gloo_run_matches_one_process_with_the_global_batch(tmp_path
         env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count('"best_checkpoint"') == 1  # rank 0 alone prints the summary
-    train.main(small_config(data, *extra, "train.batch_size=16"), single_dir, "cpu")
+    train.main(train.TrainJob(small_config(data, *extra, "train.batch_size=16"), single_dir, "cpu"))
 
     ddp, single = step_losses(ddp_dir), step_losses(single_dir)
     assert [s for s, _ in ddp] == [s for s, _ in single] == list(range(1, 19))  # one line per step: rank 0 logs

@@ -14,7 +14,7 @@ from captioner.data.images import load_image
 def test_tiny_model_learns_held_out_bleu4(trained, tmp_path):
     summary, cfg = trained
     assert summary["best_bleu4"] > 0.45  # validation, greedy
-    metrics = evaluate.main(summary["best_checkpoint"], "test", beam_size=3, out_dir=str(tmp_path), device="cpu")
+    metrics = evaluate.main(evaluate.EvaluateJob(summary["best_checkpoint"], "test", beam_size=3, out_dir=str(tmp_path), device="cpu"))
     assert metrics["images"] == 100 and metrics["beam_size"] == 3
     assert metrics["bleu4"] >= 0.5, metrics
     # the diversity diagnostics agree with the results file

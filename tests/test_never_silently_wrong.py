@@ -75,7 +75,7 @@ def test_features_of_another_dataset_with_the_same_file_names_are_never_served(t
     # Even when both are told to share one folder, the second dataset's files are not the first's rows.
     shared = tmp_path / "shared-cache"
     cfg_a, cfg_b = _config(first, f"cache.dir={shared}"), _config(second, f"cache.dir={shared}")
-    assert extract.main(cfg_a, "train,val,test", device="cpu", num_workers=0)["added"] == 10
+    assert extract.main(extract.ExtractJob(cfg_a, "train,val,test", device="cpu", num_workers=0))["added"] == 10
     cache = FeatureCache.load(shared)
     records_a, records_b = load_records(cfg_a.dataset), load_records(cfg_b.dataset)
     assert cache.source(records_a) is not None
@@ -85,7 +85,7 @@ def test_features_of_another_dataset_with_the_same_file_names_are_never_served(t
     Image.new("RGB", (32, 32), COLOURS["green"]).save(replaced)
     os.utime(replaced, ns=(time.time_ns(), time.time_ns() + 10 ** 9))
     assert not cache.has(records_a[0]) and all(cache.has(r) for r in records_a[1:])
-    again = extract.main(cfg_a, "train,val,test", device="cpu", num_workers=0)
+    again = extract.main(extract.ExtractJob(cfg_a, "train,val,test", device="cpu", num_workers=0))
     assert again["added"] == 1 and again["skipped_existing"] == 9
     # The same files named three ways are one row each.
     relative = [type(r)(r.image_id, os.path.relpath(r.path), r.captions, r.split) for r in records_a]
@@ -230,9 +230,9 @@ def test_extract_after_kill_9_reruns_at_once(tmp_path, capsys):
     holder = _Holder(folder / "lock")
     try:
         with pytest.raises(CaptionerError, match=r"feature cache .* is in use by another captioner process \(pid"):
-            extract.main(cfg, device="cpu", num_workers=0)
+            extract.main(extract.ExtractJob(cfg, device="cpu", num_workers=0))
         holder.kill()
-        assert extract.main(cfg, device="cpu", num_workers=0)["added"] == 10
+        assert extract.main(extract.ExtractJob(cfg, device="cpu", num_workers=0))["added"] == 10
     finally:
         holder.close()
 

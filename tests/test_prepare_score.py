@@ -132,10 +132,10 @@ def test_prepare_train_evaluate_score_on_coco_mini(tmp_path, capsys):
     assert summary["format"] == "coco" and summary["missing_images"] == 0
     assert [summary["splits"][s]["images"] for s in ("train", "val", "test")] == [64, 8, 8]
     assert summary["splits"]["train"]["captions"] == 320
-    result = train.main(cfg, tmp_path / "run", "cpu")
+    result = train.main(train.TrainJob(cfg, tmp_path / "run", "cpu"))
     assert Vocabulary.load(tmp_path / "run" / "vocab.json") == Vocabulary.load(tmp_path / "prepared" / "vocab.json")
-    metrics = evaluate.main(result["best_checkpoint"], "test", beam_size=2, out_dir=str(tmp_path / "eval"),
-                            device="cpu")
+    metrics = evaluate.main(evaluate.EvaluateJob(result["best_checkpoint"], "test", beam_size=2, out_dir=str(tmp_path / "eval"),
+                            device="cpu"))
     assert metrics["images"] == 8 and metrics["beam_size"] == 2 and metrics["decoding"] == "beam"
     assert metrics["split"] == "test" and metrics["checkpoint"] == result["best_checkpoint"]
     assert all(metrics[k] is not None and metrics[k] >= 0 for k in ("bleu4", "rouge_l", "cider", "nltk_bleu4"))

@@ -18,7 +18,7 @@ QUICK = ["train.epochs=1", "train.batch_size=48"]  # 3 steps
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, small_root):
     run_dir = tmp_path_factory.mktemp("finished")
-    train.main(small_config(small_root, *QUICK), run_dir, "cpu")
+    train.main(train.TrainJob(small_config(small_root, *QUICK), run_dir, "cpu"))
     return run_dir
 
 

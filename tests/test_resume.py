@@ -21,7 +21,7 @@ from small_runs import metric_lines, small_config, small_overrides, step_losses,
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, small_root):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    summary = train.main(small_config(small_root), run_dir, "cpu")
+    summary = train.main(train.TrainJob(small_config(small_root), run_dir, "cpu"))
     assert summary["steps"] == 18 and summary["epochs"] == 2 and summary["stopped"] is None
     return run_dir
 

@@ -96,7 +96,7 @@ def test_two_process_extract_equals_one_process(broken_synthetic, tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])  # rank 0 alone prints its summary
     assert done.stdout.count('"cache"') == 1
     assert summary["processes"] == 2 and summary["added"] == 29 and summary["failed"] == 1
-    single = extract.main(_extract_cfg(root, one), device="cpu", num_workers=0)
+    single = extract.main(extract.ExtractJob(_extract_cfg(root, one), device="cpu", num_workers=0))
     assert single["added"] == 29 and single["failed"] == 1
     # The merge copies the parts in dataset order: the very same file and index as one process writes.
     assert _index(two) == _index(one) and os.path.realpath(records[7].path) in _index(two)["failed"]
@@ -120,10 +120,10 @@ def test_parts_of_a_killed_extraction_are_kept_on_the_next_run(broken_synthetic,
         extract_into(part, encoder, shard(readable, Process(rank, 2, rank, torch.device("cpu")))[:4], 4, 0,
                              torch.device("cpu"))
         part.close()
-    resumed = extract.main(cfg, device="cpu", num_workers=0)
+    resumed = extract.main(extract.ExtractJob(cfg, device="cpu", num_workers=0))
     assert resumed["skipped_existing"] == 8 and resumed["added"] == 21 and not list(folder.glob("part-*"))
     reference = tmp_path / "reference"
-    extract.main(_extract_cfg(root, reference), device="cpu", num_workers=0)
+    extract.main(extract.ExtractJob(_extract_cfg(root, reference), device="cpu", num_workers=0))
     a, b = FeatureCache.load(folder), FeatureCache.load(reference)
     assert a.rows.keys() == b.rows.keys() and a.num_rows == b.num_rows == 29
     features_a, _ = a.source(readable)
@@ -156,8 +156,8 @@ def test_two_process_caption_equals_one_process_bad_files_included(small_checkpo
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["captioned"] == len(good) and summary["errors"] == summary["failed"] == len(bad)
     one_out, one_html = tmp_path / "one.jsonl", tmp_path / "one.html"
-    caption.main(small_checkpoint, [str(folder)], str(one_out), 2, 4, device="cpu", num_workers=0,
-                 html=str(one_html))
+    caption.main(caption.CaptionJob(small_checkpoint, [str(folder)], str(one_out), 2, 4, device="cpu", num_workers=0,
+                 html=str(one_html)))
     two, one = _by_name(_records(two_out)), _by_name(_records(one_out))
     assert sorted(two) == sorted(one) == sorted([*good, *bad])
     for name, record in one.items():

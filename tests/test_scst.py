@@ -80,13 +80,13 @@ SCST = ["train.objective=scst", "train.batch_size=8", "train.scst_samples=3", "t
 @pytest.fixture(scope="module")
 def xe_checkpoint(tmp_path_factory, small_root):
     run_dir = tmp_path_factory.mktemp("xe")
-    train.main(small_config(small_root, "train.epochs=1"), run_dir, "cpu")
+    train.main(train.TrainJob(small_config(small_root, "train.epochs=1"), run_dir, "cpu"))
     return run_dir / "best.pt"
 
 
 def test_scst_resume_in_the_middle_is_exact(xe_checkpoint, small_root, tmp_path, monkeypatch):
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    summary = train.main(small_config(small_root, *SCST), whole, "cpu", init_from=xe_checkpoint)
+    summary = train.main(train.TrainJob(small_config(small_root, *SCST), whole, "cpu", init_from=xe_checkpoint))
     assert summary["steps"] == 12 and summary["stopped"] is None
     write = MetricsLog.write
 
@@ -96,11 +96,12 @@ def test_scst_resume_in_the_middle_is_exact(xe_checkpoint, small_root, tmp_path,
             signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(MetricsLog, "write", write_then_terminate)
-    assert train.main(small_config(small_root, *SCST), stopped, "cpu", init_from=xe_checkpoint)["stopped"] == "SIGTERM"
+    job = train.TrainJob(small_config(small_root, *SCST), stopped, "cpu", init_from=xe_checkpoint)
+    assert train.main(job)["stopped"] == "SIGTERM"
     monkeypatch.setattr(MetricsLog, "write", write)
     state = torch.load(stopped / "last.pt", weights_only=True)
     assert state["step"] == 4 and state["progress"]["epoch"] == 0 and state["init_from"] == str(xe_checkpoint)
-    assert train.main(small_config(small_root, *SCST), stopped, "cpu", resume=True)["steps"] == 12
+    assert train.main(train.TrainJob(small_config(small_root, *SCST), stopped, "cpu", resume=True))["steps"] == 12
     assert step_losses(whole) == step_losses(stopped)  # exact floats, every step
     rewards = lambda d: [(x["step"], x["reward"], x["sample_words"]) for x in metric_lines(d) if "reward" in x]  # noqa: E731
     assert rewards(whole) == rewards(stopped) and len(rewards(whole)) == 12
@@ -118,7 +119,7 @@ def test_scst_after_cross_entropy_raises_held_out_greedy_cider(trained, tmp_path
     summary, cfg = trained
     xe = torch.load(summary["best_checkpoint"], weights_only=True)["val_scores"]
     scst_cfg = apply_overrides(copy.deepcopy(cfg), ["train.objective=scst", "train.epochs=2", "train.lr=0.00025"])
-    out = train.main(scst_cfg, tmp_path, "cpu", init_from=summary["best_checkpoint"])
+    out = train.main(train.TrainJob(scst_cfg, tmp_path, "cpu", init_from=summary["best_checkpoint"]))
     epochs = [x for x in metric_lines(tmp_path) if "val_cider" in x]
     assert len(epochs) == 2 and out["select_metric"] == "cider"
     # greedy CIDEr-D on the held-out val images (the same images and scorer for both)
@@ -129,8 +130,10 @@ def test_scst_after_cross_entropy_raises_held_out_greedy_cider(trained, tmp_path
 
 def test_init_from_refuses_another_architecture_and_resume(xe_checkpoint, small_root, tmp_path):
     with pytest.raises(CaptionerError, match="model.decoder_dim"):
-        train.main(small_config(small_root, "model.decoder_dim=48"), tmp_path / "a", "cpu", init_from=xe_checkpoint)
+        train.main(train.TrainJob(small_config(small_root, "model.decoder_dim=48"), tmp_path / "a", "cpu",
+                                  init_from=xe_checkpoint))
     with pytest.raises(CaptionerError, match="--init-from starts a new run"):
-        train.main(small_config(small_root), tmp_path / "b", "cpu", resume=True, init_from=xe_checkpoint)
+        train.main(train.TrainJob(small_config(small_root), tmp_path / "b", "cpu", resume=True,
+                                  init_from=xe_checkpoint))
     with pytest.raises(CaptionerError, match="train.scst_samples must be >= 2"):
         small_config(small_root, "train.objective=scst", "train.scst_samples=1")

@@ -84,7 +84,7 @@ def _upload(folder: Path, names: list[str]) -> list[tuple[str, bytes]]:
 def test_captions_equal_the_caption_command(server, mixed, checkpoint, tmp_path):  # noqa: F811
     folder, _, _ = mixed
     out = tmp_path / "captions.jsonl"
-    caption.main(checkpoint, [str(folder / n) for n in GOOD], out=str(out), device="cpu", num_workers=0)
+    caption.main(caption.CaptionJob(checkpoint, [str(folder / n) for n in GOOD], out=str(out), device="cpu", num_workers=0))
     expected = {Path(r["file"]).name: r for r in map(json.loads, out.read_text().splitlines())}
     response = _post(server.url, _upload(folder, GOOD))
     assert response.status_code == 200

@@ -32,7 +32,7 @@ def _nan_on_calls(monkeypatch, bad_calls):
 def test_a_non_finite_loss_skips_its_step(small_root, tmp_path, monkeypatch, caplog):
     _nan_on_calls(monkeypatch, {3})
     with caplog.at_level(logging.WARNING, logger="captioner"):
-        summary = train.main(small_config(small_root, "train.epochs=1", "train.batch_size=24"), tmp_path, "cpu")
+        summary = train.main(train.TrainJob(small_config(small_root, "train.epochs=1", "train.batch_size=24"), tmp_path, "cpu"))
     assert summary["steps"] == 6 and summary["stopped"] is None
     assert "step 3: non-finite loss, step skipped (1 in a row" in caplog.text
     skipped = [x for x in metric_lines(tmp_path) if x.get("skipped")]
@@ -47,7 +47,7 @@ def test_consecutive_non_finite_losses_stop_the_run_keeping_the_last_good_checkp
     cfg = small_config(small_root, "train.max_bad_steps=3")
     with pytest.raises(CaptionerError, match=r"training stopped at step 7: 3 consecutive steps with a non-finite "
                                              r"loss \(train.max_bad_steps\); the last good checkpoint is .*last.pt"):
-        train.main(cfg, tmp_path, "cpu")
+        train.main(train.TrainJob(cfg, tmp_path, "cpu"))
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 3  # the step-6 checkpoint fell inside the bad streak and was not written
     assert [x["step"] for x in metric_lines(tmp_path) if x.get("skipped")] == [5, 6, 7]
@@ -81,7 +81,7 @@ def test_early_stopping_and_plateau_by_validation_score(small_root, tmp_path, ca
                        "train.early_stop_patience=2", "train.lr_schedule=plateau", "train.lr_patience=0",
                        "train.select_metric=cider")
     with caplog.at_level(logging.WARNING, logger="captioner"):
-        summary = train.main(cfg, tmp_path, "cpu")
+        summary = train.main(train.TrainJob(cfg, tmp_path, "cpu"))
     assert summary["stopped"] == "early stopping" and summary["epochs"] == 3 and summary["steps"] == 9
     assert "not computed by validation" not in caplog.text  # validation computes CIDEr-D: no fallback any more
     epochs = [x for x in metric_lines(tmp_path) if "val_cider" in x]
@@ -150,10 +150,10 @@ def test_encoder_finetuning_trains_only_the_chosen_stages():
 def test_finetuning_run_updates_layer4_at_its_own_lr(small_root, tmp_path, caplog):
     cfg = small_config(small_root, "train.epochs=1", "train.batch_size=48", "encoder.finetune_from=layer4",
                        "train.encoder_lr=0.0005", "train.checkpoint_every=0")
-    torch.manual_seed(cfg.train.seed)  # as train.main does: the same initial backbone
+    torch.manual_seed(cfg.encoder.seed)  # as build_encoder does: the same initial backbone
     start = HookedEncoder("resnet18", "layer4", image_size=64)
     with caplog.at_level(logging.INFO, logger="captioner"):
-        train.main(cfg, tmp_path, "cpu")
+        train.main(train.TrainJob(cfg, tmp_path, "cpu"))
     assert "train.precompute_features ignored" in caplog.text
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.002, 0.0005]
@@ -171,7 +171,7 @@ def test_a_corrupt_image_in_training_from_images_is_skipped_counted_and_named(tm
     with open(bad, "r+b") as f:
         f.truncate(200)  # a JPEG cut short, as an interrupted copy leaves it
     with caplog.at_level(logging.WARNING, logger="captioner"):
-        summary = train.main(cfg, tmp_path / "run", "cpu")
+        summary = train.main(train.TrainJob(cfg, tmp_path / "run", "cpu"))
     assert summary["stopped"] is None and summary["epochs"] == 1 and summary["unreadable_images"] == 1
     warnings = [r.getMessage() for r in caplog.records if bad in r.getMessage()]
     assert len(warnings) == 1 and "cannot decode image" in warnings[0]  # once, with its path, for its 3 captions

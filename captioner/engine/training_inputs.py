@@ -77,10 +77,10 @@ def training_inputs(cfg: Config, model: CaptionModel, train_records, val_records
         source = ImageFiles([r.path for r in train_records], cfg.encoder.image_size, raw_jpeg=gpu_decode)
         return TrainingInputs(source, train_records, None, val_records, cfg.train.num_workers, unreadable)
     device, bar = process.device, process.is_main
-    train_features, train_records = extract_features(model, train_records, cfg.decode.batch_size,
-                                                     cfg.train.num_workers, device, gpu_decode, unreadable,
+    batch_size, num_workers = cfg.compute.encode_batch_size, cfg.compute.num_workers
+    train_features, train_records = extract_features(model, train_records, batch_size, num_workers, device, gpu_decode, unreadable,
                                                      "train features", bar, compute.bf16)
-    val_features, val_records = extract_features(model, val_records, cfg.decode.batch_size, cfg.train.num_workers,
+    val_features, val_records = extract_features(model, val_records, batch_size, num_workers,
                                                  device, gpu_decode, unreadable, "val features", bar, compute.bf16)
     return TrainingInputs(train_features, train_records, val_features, val_records, 0, unreadable)  # in memory
 
@@ -95,8 +95,6 @@ def build_train_loader(cfg: Config, vocab: Vocabulary, inputs: TrainingInputs,
     loader = Batches(pairs, cfg.train.batch_size, process.device, inputs.num_workers, sampler=sampler,
                      drop_last=per_process > cfg.train.batch_size, seed=cfg.train.seed, unreadable=inputs.unreadable)
     return loader, sampler
-
-
 
 
 # Below these, training runs but can hardly learn anything useful: say so before the first step.

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from captioner.engine.checkpoint import checkpoint_hash, load_model
-from captioner.config import ComputeConfig
+from captioner.config import ComputeConfig, require_min
 from captioner.engine.compute import setup_compute
 from captioner.engine.predict import DecodeSettings, caption_batches
 from captioner.data.images import MAX_PIXELS
@@ -41,13 +42,37 @@ from captioner.engine.outputs import CaptionsFile, format_for, part_path, part_p
 log = logging.getLogger("captioner")
 
 
+@dataclass
+class CaptionJob:
+    """`captioner caption`'s options."""
+    checkpoint: str
+    paths: list[str]  # image files, folders, .txt/.lst lists, or "-" for standard input
+    out: str | None = None  # None: captions.jsonl (or captions.csv with fmt csv)
+    beam_size: int | None = None  # None: the checkpoint's decode.beam_size
+    batch_size: int | None = None  # None: the checkpoint's decode.batch_size
+    recursive: bool = False
+    device: str | None = "auto"
+    num_workers: int = 2  # image decoding processes
+    fmt: str | None = None  # jsonl | csv; None: from out's extension
+    html: str | None = None  # also write an HTML attention gallery here
+    overwrite: bool = False
+    retry_errors: bool = False
+    max_pixels: int | None = None  # None: MAX_PIXELS
+    compute: ComputeConfig | None = None  # this machine's switches; None: the checkpoint's (auto by default)
+    sample: bool = False  # draw each word from the model's distribution instead of greedy/beam
+    temperature: float | None = None  # sampling only; None: the checkpoint's decode.temperature
+
+    def __post_init__(self):
+        require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),
+                    ("--workers", self.num_workers, 0), ("--max-pixels", self.max_pixels, 1))
+        if self.temperature is not None and self.temperature <= 0:
+            raise CaptionerError(f"--temperature must be > 0, got {self.temperature}")
+
+
 @torch.inference_mode()
-def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: int | None = None,
-         batch_size: int | None = None, recursive: bool = False, device: str | None = "auto", num_workers: int = 2,
-         fmt: str | None = None, html: str | None = None, overwrite: bool = False, retry_errors: bool = False,
-         max_pixels: int | None = None, compute: ComputeConfig | None = None, sample: bool = False,
-         temperature: float | None = None) -> dict:
-    """Caption every image under paths into out (JSONL or CSV), and into an HTML gallery when html is given.
+def main(job: CaptionJob) -> dict:
+    """Caption every image under job.paths into job.out (JSONL or CSV), and into an HTML gallery when job.html
+    is given.
 
     Under torchrun every process captions its shard of the images on its own device (cuda:LOCAL_RANK or the
     CPU) into its own part files, which rank 0 moves into out and html at the end (engine/outputs.py).
@@ -59,25 +84,20 @@ def main(checkpoint: str, paths: list[str], out: str | None = None, beam_size: i
     decode.temperature) instead of greedy/beam, torch seeded with train.seed (+ rank) first so that the same
     command gives the same captions.
     """
-    for name, value, low in (("--beam", beam_size, 1), ("--batch-size", batch_size, 1), ("--workers", num_workers, 0),
-                             ("--max-pixels", max_pixels, 1)):
-        if value is not None and value < low:
-            raise CaptionerError(f"{name} must be >= {low}, got {value}")
-    if temperature is not None and temperature <= 0:
-        raise CaptionerError(f"--temperature must be > 0, got {temperature}")
+    out, fmt = job.out, job.fmt
     fmt = format_for(out or "captions.jsonl", fmt)
     out_path = Path(out or f"captions.{fmt}")
-    process = distributed.setup(device, distributed.LONG_WAIT)  # cuda:LOCAL_RANK under torchrun
+    process = distributed.setup(job.device, distributed.LONG_WAIT)  # cuda:LOCAL_RANK under torchrun
     try:
-        return _caption(checkpoint, paths, out_path, fmt, html, beam_size, batch_size, recursive, num_workers,
-                        overwrite, retry_errors, max_pixels or MAX_PIXELS, compute, process, sample, temperature)
+        return _caption(job, out_path, fmt, process)
     finally:
         distributed.cleanup(process)
 
 
-def _caption(checkpoint, paths, out_path, fmt, html, beam_size, batch_size, recursive, num_workers, overwrite,
-             retry_errors, max_pixels, compute, process: Process, sample: bool = False,
-             temperature: float | None = None) -> dict:
+def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dict:
+    checkpoint, paths, html, recursive = job.checkpoint, job.paths, job.html, job.recursive
+    batch_size, num_workers, compute = job.batch_size, job.num_workers, job.compute
+    overwrite, retry_errors, max_pixels = job.overwrite, job.retry_errors, job.max_pixels or MAX_PIXELS
     device = process.device
     files = find_images(paths, recursive) if process.is_main else None  # before the model: a typo fails fast
     if process.is_main and not files:
@@ -87,11 +107,11 @@ def _caption(checkpoint, paths, out_path, fmt, html, beam_size, batch_size, recu
     # compute describes this machine, not the checkpoint: auto unless the caller says otherwise.
     run = setup_compute(compute or cfg.compute, device)
     run.prepare_encoder(model.encoder)
-    cfg.decode.sample = sample or cfg.decode.sample
-    cfg.decode.temperature = temperature if temperature is not None else cfg.decode.temperature
+    cfg.decode.sample = job.sample or cfg.decode.sample
+    cfg.decode.temperature = job.temperature if job.temperature is not None else cfg.decode.temperature
     if cfg.decode.sample:
         torch.manual_seed(cfg.train.seed + process.rank)
-    settings = DecodeSettings.of(cfg, beam_size, compute=run)
+    settings = DecodeSettings.of(cfg, job.beam_size, compute=run)
     beam_size, batch_size = settings.beam_size, batch_size or cfg.decode.batch_size
     title = _gallery_title(checkpoint, beam_size, model, settings)
 

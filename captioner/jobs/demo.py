@@ -33,17 +33,19 @@ def main(out_dir: str = "demo", device: str | None = "auto", overrides: list[str
     check_writable(out, "demo folder", folder=True)  # before minutes of training
     cfg = load_config(TINY_CONFIG, [f"dataset.root={out / 'data'}", "train.epochs=15", *overrides])
     log.info("demo: training %s %s on synthetic shapes under %s", cfg.encoder.arch, cfg.encoder.layer, out)
-    summary = train.main(cfg, out / "run", device, overwrite=True)  # a rerun, maybe with other overrides, retrains
+    # overwrite: a rerun, maybe with other overrides, retrains
+    summary = train.main(train.TrainJob(cfg, out / "run", device, overwrite=True))
     # compute.* overrides (compute.bf16=false) hold for all three steps, not only training.
-    metrics = evaluate.main(summary["best_checkpoint"], "test", out_dir=str(out / "eval"), device=device,
-                            compute=cfg.compute)
+    metrics = evaluate.main(evaluate.EvaluateJob(summary["best_checkpoint"], "test", out_dir=str(out / "eval"),
+                                                 device=device, compute=cfg.compute))
     folder = out / "images"  # a plain folder of held-out images, as a user would have
     folder.mkdir(parents=True, exist_ok=True)
     for record in by_split(load_records(cfg.dataset), "test")[:16]:
         shutil.copy(record.path, folder / Path(record.path).name)
-    captions = caption.main(summary["best_checkpoint"], [str(folder)], out=str(out / "captions.jsonl"),
-                            device=device, html=str(out / "gallery.html"), overwrite=True,  # a new model: no resume
-                            compute=cfg.compute)
+    captions = caption.main(caption.CaptionJob(summary["best_checkpoint"], [str(folder)],
+                                               out=str(out / "captions.jsonl"), device=device,
+                                               html=str(out / "gallery.html"), overwrite=True,  # a new model: no resume
+                                               compute=cfg.compute))
     return {"bleu1": metrics["bleu1"], "bleu4": metrics["bleu4"], "beam_size": metrics["beam_size"],
             "test_images": metrics["images"], "checkpoint": summary["best_checkpoint"], "output_dir": str(out),
             "metrics_file": metrics["metrics_file"], "captions_file": captions["out"],

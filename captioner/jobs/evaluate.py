@@ -12,12 +12,13 @@ captions vary: distinct_captions / distinct_fraction (of the images), vocab_used
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from captioner.engine.checkpoint import load_model
 from captioner.engine.compute import setup_compute
 from captioner.engine.predict import DecodeSettings, predict
-from captioner.config import ComputeConfig, apply_overrides
+from captioner.config import check_checkpoint_overrides, require_min, ComputeConfig, apply_overrides
 from captioner.data import by_split, load_records
 from captioner.data.cache import cached_source
 from captioner.errors import CaptionerError
@@ -29,20 +30,33 @@ from captioner.engine.runtime import resolve_device
 log = logging.getLogger("captioner")
 
 
-def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out_dir: str | None = None,
-         overrides: list[str] = (), device: str | None = "auto", batch_size: int | None = None,
-         compute: ComputeConfig | None = None) -> dict:
-    """compute: this machine's switches (default: auto, then any compute.* override)."""
+@dataclass
+class EvaluateJob:
+    """`captioner evaluate`'s options."""
+    checkpoint: str
+    split: str = "test"
+    beam_size: int | None = None  # None: the checkpoint's decode.beam_size
+    out_dir: str | None = None  # None: the checkpoint's folder
+    overrides: list[str] = field(default_factory=list)  # dataset.*, decode.*, compute.*, cache.* only
+    device: str | None = "auto"
+    batch_size: int | None = None  # None: decode.batch_size
+    compute: ComputeConfig | None = None  # this machine's switches (default: auto, then any compute.* override)
+
+    def __post_init__(self):
+        require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1))
+        check_checkpoint_overrides(list(self.overrides))
+
+
+def main(job: EvaluateJob) -> dict:
+    checkpoint, split, out_dir, batch_size = job.checkpoint, job.split, job.out_dir, job.batch_size
     check_writable(Path(out_dir) if out_dir else Path(checkpoint).parent, "evaluation output folder", folder=True)
-    device = resolve_device(device)
+    device = resolve_device(job.device)
     model, vocab, cfg = load_model(checkpoint, device)
-    cfg.compute = compute or cfg.compute
-    apply_overrides(cfg, list(overrides))
+    cfg.compute = job.compute or cfg.compute
+    apply_overrides(cfg, list(job.overrides))
     run = setup_compute(cfg.compute, device)
     run.prepare_encoder(model.encoder)
-    beam_size = beam_size or cfg.decode.beam_size
-    if beam_size < 1:
-        raise CaptionerError(f"--beam must be >= 1, got {beam_size}")
+    beam_size = job.beam_size or cfg.decode.beam_size
     records = [r for r in by_split(load_records(cfg.dataset), split) if r.captions]  # missing files dropped
     if not records:
         raise CaptionerError(f"split '{split}' of the dataset has no captioned images")
@@ -50,7 +64,7 @@ def main(checkpoint: str, split: str = "test", beam_size: int | None = None, out
     features, records = cached if cached else (None, records)
     hypotheses = predict(model, vocab, records, DecodeSettings.of(cfg, beam_size, compute=run),
                          batch_size or cfg.decode.batch_size, device, features=features,
-                         num_workers=cfg.train.num_workers, gpu_decode=run.gpu_decode)
+                         num_workers=cfg.compute.num_workers, gpu_decode=run.gpu_decode)
     if len(hypotheses) != len(records):
         log.warning("scored %d captions for %d images in the split", len(hypotheses), len(records))
     scores = caption_metrics(hypotheses, {r.image_id: r.captions for r in records})

@@ -18,38 +18,50 @@ equals a one-process one. Parts a killed run left are taken in when the next run
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from captioner.engine.compute import setup_compute
 from captioner.engine.extraction import check_disk, extract_into, merge_parts, open_for_extraction, part_folder
-from captioner.config import Config
+from captioner.config import Config, require_min
 from captioner.data import load_records
 from captioner.data.cache import FeatureCache, default_cache_dir, describe_size, encoder_signature, lock_cache
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import build_encoder
 from captioner.engine import distributed
 from captioner.engine.distributed import Process
-from captioner.engine.runtime import seed_everything
 
 log = logging.getLogger("captioner")
 
 SPLITS = ("train", "val", "test")
 
 
-def main(cfg: Config, splits: str | list[str] = SPLITS, device: str | None = "auto", rebuild: bool = False,
-         batch_size: int | None = None, num_workers: int | None = None) -> dict:
+@dataclass
+class ExtractJob:
+    """`captioner extract`'s options."""
+    cfg: Config
+    splits: str | list[str] = SPLITS  # "train,val" or a list
+    device: str | None = "auto"
+    rebuild: bool = False  # replace a cache built with other encoder settings
+    batch_size: int | None = None  # None: compute.encode_batch_size
+    num_workers: int | None = None  # None: compute.num_workers
+
+    def __post_init__(self):
+        require_min(("--batch-size", self.batch_size, 1), ("--workers", self.num_workers, 0))
+
+
+def main(job: ExtractJob) -> dict:
     """Extract features of the given splits into the configured cache; returns a summary for the CLI
     (over all processes on rank 0 under torchrun, this process's share elsewhere)."""
+    cfg, splits = job.cfg, job.splits
     splits = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else list(splits)
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:
         raise CaptionerError(f"--split {','.join(splits)}: splits are {', '.join(SPLITS)} (comma-separated)")
-    if (batch_size is not None and batch_size < 1) or (num_workers is not None and num_workers < 0):
-        raise CaptionerError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {num_workers}")
-    process = distributed.setup(device, distributed.LONG_WAIT)  # cuda:LOCAL_RANK under torchrun
+    process = distributed.setup(job.device, distributed.LONG_WAIT)  # cuda:LOCAL_RANK under torchrun
     try:
-        return _extract(cfg, splits, process, rebuild, batch_size or cfg.decode.batch_size,
-                        cfg.train.num_workers if num_workers is None else num_workers)
+        return _extract(cfg, splits, process, job.rebuild, job.batch_size or cfg.compute.encode_batch_size,
+                        cfg.compute.num_workers if job.num_workers is None else job.num_workers)
     finally:
         distributed.cleanup(process)
 
@@ -57,7 +69,6 @@ def main(cfg: Config, splits: str | list[str] = SPLITS, device: str | None = "au
 def _extract(cfg: Config, splits: list[str], process: Process, rebuild: bool, batch_size: int,
              num_workers: int) -> dict:
     device = process.device
-    seed_everything(cfg.train.seed)  # random-init weights come out exactly as training will build them
     compute = setup_compute(cfg.compute, device)
     encoder = compute.prepare_encoder(build_encoder(cfg.encoder))
     with distributed.main_process_first(process):  # a synthetic set is generated once, not by every process

@@ -131,20 +131,21 @@ def main(data: str | Path = DEFAULT_DATA, cache: str | Path = "~/.cache/captione
     cfg.cache.dir = str(cache / f"features-{cfg.encoder.arch}-{cfg.encoder.layer}-{cfg.encoder.image_size}-"
                                 f"{weights_tag}")
     try:
-        extracted = extract.main(cfg, ["train", "val", "test"], device)
+        extracted = extract.main(extract.ExtractJob(cfg, ["train", "val", "test"], device))
     except CaptionerError as e:  # the benchmark's own cache, made by other weights or an older captioner: redo it
         if "--rebuild" not in str(e):
             raise
         log.warning("%s: rebuilding it", e)
-        extracted = extract.main(cfg, ["train", "val", "test"], device, rebuild=True)
+        extracted = extract.main(extract.ExtractJob(cfg, ["train", "val", "test"], device, rebuild=True))
     runs = []
     for seed in range(first_seed, first_seed + seeds):
         cfg.train.seed = seed
         run_dir = cache / "runs" / (tag or "default") / f"seed{seed}"
         tick = time.perf_counter()
-        trained = train.main(cfg, run_dir, device, overwrite=True)
+        trained = train.main(train.TrainJob(cfg, run_dir, device, overwrite=True))
         train_s = time.perf_counter() - tick
-        metrics = evaluate.main(trained[f"{checkpoint}_checkpoint"], "test", out_dir=str(run_dir), device=device)
+        metrics = evaluate.main(evaluate.EvaluateJob(trained[f"{checkpoint}_checkpoint"], "test", out_dir=str(run_dir),
+                                                     device=device))
         runs.append({"seed": seed, **{k: metrics[k] for k in REPORTED if metrics.get(k) is not None},
                      "train_s": round(train_s, 1)})
         log.info("seed %d: %s", seed, runs[-1])

@@ -23,8 +23,8 @@ import contextlib
 import dataclasses
 import logging
 import math
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,8 +38,9 @@ from captioner.engine import distributed
 from captioner.engine.compute import setup_compute
 from captioner.engine.distributed import Process
 from captioner.engine.interrupt import StopRequest
-from captioner.engine.run_state import (Progress, TrainingRun, check_vocabulary, init_checkpoint, restore,
-                                        resume_checkpoint, save_checkpoints, vocabulary_coverage, write_run_files)
+from captioner.engine.run_state import (Progress, TrainingRun, Window, check_vocabulary, init_checkpoint, peak_memory,
+                                        restore, resume_checkpoint, save_checkpoints, vocabulary_coverage,
+                                        write_run_files)
 from captioner.engine.rundir import MetricsLog, lock_run_dir, plan_run
 from captioner.engine.runtime import seed_everything
 from captioner.engine.schedule import LRSchedule
@@ -52,26 +53,6 @@ from captioner.model.caption_model import CaptionModel, build_encoder
 from captioner.model.vocab import Vocabulary
 
 log = logging.getLogger("captioner")
-
-class _Window:
-    """Sums over the steps since the last metrics line (throughput, data vs compute time)."""
-
-    def __init__(self):
-        self.steps, self.loss, self.captions, self.data_s, self.compute_s = 0, 0.0, 0, 0.0, 0.0
-        self.stats: dict[str, float] = {}  # SCST: summed reward, baseline, sample length, entropy, reward time
-        self.start = time.perf_counter()
-
-
-def _peak_memory(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return {"peak_mem_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return {}
-    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
-    return {"peak_rss_mb": round(kilobytes / 1024, 1)}
-
 
 def _scst_stats(run: TrainingRun) -> dict:
     """The last step's SCST statistics (reward, baseline, sample_words, entropy, reward_s), {} under cross-entropy."""
@@ -91,6 +72,14 @@ def _mean_over_processes(run: TrainingRun, values: dict) -> dict:
 def _stop_requested(run: TrainingRun) -> bool:
     flag = torch.tensor([float(run.stop.signal is not None)], device=run.process.device)
     return bool(distributed.all_reduce_sum(flag, run.process)[0] > 0)
+
+
+def _agreed_signal(run: TrainingRun) -> str:
+    """The signal that stopped the run, the same in every process whichever one received it, so that all of
+    them exit with the same status (130 or 143)."""
+    names = distributed.gather_to_main(run.stop.signal, run.process)
+    first = next((n for n in names if n), "SIGTERM") if run.process.is_main else None
+    return distributed.broadcast_from_main(first, run.process)
 
 
 def _skip_step(run: TrainingRun, epoch: int, why: str) -> None:
@@ -113,7 +102,7 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
     cfg, progress, process = run.cfg, run.progress, run.process
     device, global_batch = process.device, cfg.train.batch_size * process.world_size
     run.model.train()
-    window = _Window()
+    window = Window()
     done = progress.sample // global_batch
     bar = make_bar(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not process.is_main,
                initial=done, total=done + len(loader))
@@ -157,8 +146,8 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
                 **{k: round(v / max(window.steps, 1), 6) for k, v in _mean_over_processes(run, window.stats).items()},
                 "data_s": round(window.data_s / max(window.steps, 1), 6),
                 "compute_s": round(window.compute_s / max(window.steps, 1), 6),
-                **_peak_memory(device)})
-            window = _Window()
+                **peak_memory(device)})
+            window = Window()
 
         periodic = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
         if (periodic and progress.bad_steps == 0) or stop:  # never checkpoint in the middle of a bad streak
@@ -169,20 +158,32 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
     return True
 
 
-def main(cfg: Config, run_dir: str | Path, device: str | None = "auto", resume: bool = False,
-         overwrite: bool = False, init_from: str | Path | None = None) -> dict:
-    """Train per cfg into run_dir, or resume the run there; returns {"best_checkpoint", "last_checkpoint",
-    "best_bleu4", "best_score", "select_metric", "epochs", "steps", "stopped"}.
+@dataclass
+class TrainJob:
+    """`captioner train`'s options."""
+    cfg: Config
+    run_dir: str | Path
+    device: str | None = "auto"
+    resume: bool = False  # continue the run in run_dir from its last.pt
+    overwrite: bool = False  # start over in a run_dir that holds another run
+    init_from: str | Path | None = None  # a checkpoint whose weights and vocabulary a new run starts from
 
-    init_from: a checkpoint whose model weights and vocabulary a new run starts from (fresh optimizer and
+
+def main(job: TrainJob) -> dict:
+    """Train per job.cfg into job.run_dir, or resume the run there; returns {"best_checkpoint",
+    "last_checkpoint", "best_bleu4", "best_score", "select_metric", "epochs", "steps", "stopped",
+    "unreadable_images"}.
+
+    job.init_from: a checkpoint whose model weights and vocabulary a new run starts from (fresh optimizer and
     schedule): SCST after cross-entropy (train.objective=scst), or fine-tuning on another dataset.
-    stopped is None, "early stopping", or the signal ("SIGINT", "SIGTERM") that interrupted the run."""
-    if resume and init_from:
+    stopped is None, "early stopping", or the signal ("SIGINT", "SIGTERM") that interrupted the run (under
+    torchrun: the same one in every process)."""
+    if job.resume and job.init_from:
         raise CaptionerError("--init-from starts a new run; --resume continues one (it already holds its weights)")
-    process = distributed.setup(device)
+    process = distributed.setup(job.device)
     try:
         with StopRequest() as stop, contextlib.ExitStack() as held:
-            return _train(cfg, Path(run_dir), process, resume, overwrite, stop, held, init_from)
+            return _train(job.cfg, Path(job.run_dir), process, job.resume, job.overwrite, stop, held, job.init_from)
     finally:
         distributed.cleanup(process)
 
@@ -275,12 +276,12 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
             start = time.perf_counter()
             sampler.set_epoch(epoch, run.progress.sample)
             if not train_one_epoch(run, loader, epoch):
-                stopped = stop.signal or "signal"
+                stopped = _agreed_signal(run)
                 break
             run.progress.reward_sum = _mean_over_processes(run, {"r": run.progress.reward_sum}).get("r", 0.0)
             finish_epoch(run, epoch, validate(run, inputs, references), time.perf_counter() - start)
             if _stop_requested(run):  # a signal during validation: last.pt was just written
-                stopped = stop.signal or "signal"
+                stopped = _agreed_signal(run)
                 break
     finally:
         metrics.close()

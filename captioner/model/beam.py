@@ -10,6 +10,7 @@ the best hypothesis found so far is returned (never an empty result or a crash).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -44,17 +45,24 @@ def _lengths(tokens: torch.Tensor) -> torch.Tensor:
     return (tokens != Vocabulary.pad_id).sum(dim=1)
 
 
-def _evaluating(model):
-    """Decoding always runs in eval mode (dropout off), whatever mode the caller left the model in."""
-    was_training = model.training
-    model.eval()
-    return was_training
+def _in_eval_mode(decoder):
+    """Decoding always runs in eval mode (dropout off), whatever mode the caller left the model in, and gives
+    the caller's mode back afterwards, also when decoding raises (out of memory, Ctrl-C)."""
+    @functools.wraps(decoder)
+    def run(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return decoder(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+    return run
 
 
 @torch.no_grad()
+@_in_eval_mode
 def greedy_decode(model, raw: torch.Tensor, max_len: int = 30) -> Decoded:
     """raw (B, C, H, W) encoder activations -> Decoded with the most likely word at each step."""
-    was_training = _evaluating(model)
     state = model.decoder.init_state(model.project(raw))
     B = raw.shape[0]
     tokens = torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=raw.device)
@@ -71,12 +79,12 @@ def greedy_decode(model, raw: torch.Tensor, max_len: int = 30) -> Decoded:
         finished |= tokens == Vocabulary.end_id
         if bool(finished.all()):  # the one host sync per step: needed to stop early
             break
-    model.train(was_training)
     tokens = torch.stack(out_tokens, dim=1)
     return Decoded(tokens, scores, torch.stack(out_alphas, dim=1), _lengths(tokens))
 
 
 @torch.no_grad()
+@_in_eval_mode
 def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
                 length_penalty: float = 0.0) -> Decoded:
     """raw (B, C, H, W) -> Decoded best of beam_size hypotheses per image, all images in one batch.
@@ -84,7 +92,6 @@ def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
     Hypotheses are ranked by log-probability / ((5 + length) / 6) ** length_penalty (GNMT); 0 ranks by
     total log-probability.
     """
-    was_training = _evaluating(model)
     B, device = raw.shape[0], raw.device
     h, c, features, projected = model.decoder.init_state(model.project(raw))
     V = model.decoder.vocab_size
@@ -120,7 +127,6 @@ def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
         tokens = word.view(-1)
         if bool(finished.all()):  # the one host sync per step: needed to stop early
             break
-    model.train(was_training)
     lengths = (history != Vocabulary.pad_id).sum(dim=2)  # (B, k)
     ranked = scores / ((5.0 + lengths.float()) / 6.0) ** length_penalty if length_penalty else scores
     best = ranked.argmax(dim=1)  # (B,)
@@ -130,13 +136,12 @@ def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
 
 
 @torch.no_grad()
+@_in_eval_mode
 def sampled_decode(model, raw: torch.Tensor, max_len: int = 30, temperature: float = 1.0,
                    generator: torch.Generator | None = None) -> Decoded:
     """raw (B, C, H, W) -> Decoded with every word drawn from the model's distribution at `temperature`
     (eval mode; scores: the total log-probability under that tempered distribution)."""
-    was_training = _evaluating(model)
     out = sample_captions(model, raw, max_len, temperature, generator, at_least_one_word=True)
-    model.train(was_training)
     return Decoded(out.tokens, out.log_probs.sum(dim=1), out.alphas, out.lengths)
 
 

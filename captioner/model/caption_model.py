@@ -19,7 +19,11 @@ from captioner.model.encoder import HookedEncoder
 
 
 def build_encoder(cfg: EncoderConfig) -> HookedEncoder:
-    return HookedEncoder(cfg.arch, cfg.layer, cfg.weights, cfg.in_channels, cfg.image_size, cfg.finetune_from)
+    """The hooked backbone. Random-init weights come from encoder.seed, without touching the global random
+    state, so `extract` and `train` build the same random encoder whatever train.seed says."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return HookedEncoder(cfg.arch, cfg.layer, cfg.weights, cfg.in_channels, cfg.image_size, cfg.finetune_from)
 
 
 def build_projector(kind: str, channels: int, embed_dim: int) -> tuple[nn.Module, int]:
