@@ -11,6 +11,7 @@ import io
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from captioner.files import write_bytes, write_json
@@ -83,3 +84,26 @@ def generate(root: str | Path, num_images: int = 2000, seed: int = 0, size: int 
     for name, data in (("splits.json", splits), ("captions.json", {"images": images, "annotations": anns})):
         write_json(root / name, data, "synthetic dataset file", indent=None)
     return root
+
+
+def write_jpegs(folder: Path, count: int, width: int, height: int, seed: int = 0, distinct: int = 32) -> list[str]:
+    """count photo-like JPEGs (smooth colour fields plus sensor-like noise, ~q90) as folder/000000.jpg ...
+
+    Only `distinct` are generated; the rest are byte copies, which decode exactly as slowly.
+    """
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    blobs = []
+    for _ in range(min(count, distinct)):
+        coarse = Image.fromarray(rng.integers(0, 256, (max(height // 40, 2), max(width // 40, 2), 3), dtype=np.uint8))
+        smooth = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.float32)
+        noisy = np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(noisy).save(buffer, "JPEG", quality=90)
+        blobs.append(buffer.getvalue())
+    paths = []
+    for i in range(count):
+        path = folder / f"{i:06d}.jpg"
+        write_bytes(path, blobs[i % len(blobs)], "benchmark image", durable=False)  # scratch
+        paths.append(str(path))
+    return paths

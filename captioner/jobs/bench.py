@@ -24,7 +24,6 @@ The decoder is untrained, so captions run to decode max_len words: the slowest c
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
 import platform
@@ -38,7 +37,6 @@ import numpy as np
 import torch
 import torchvision
 import yaml
-from PIL import Image
 
 from captioner import __version__
 from captioner.model.beam import beam_search
@@ -48,7 +46,8 @@ from captioner.data.cache import FeatureCache, encoder_signature
 from captioner.data.images import CaptionPairs, ImageFiles
 from captioner.data.records import ImageRecord
 from captioner.errors import CaptionerError
-from captioner.files import write_bytes, write_json
+from captioner.data.synthetic import write_jpegs
+from captioner.files import write_json
 from captioner.data.pipeline import Batches, image_batches
 from captioner.engine.predict import DecodeSettings, caption_batches
 from captioner.engine.extraction import extract_into
@@ -152,29 +151,6 @@ def _timed(fn, device: torch.device) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - start
-
-
-def write_jpegs(folder: Path, count: int, width: int, height: int, seed: int = 0, distinct: int = 32) -> list[str]:
-    """count photo-like JPEGs (smooth colour fields plus sensor-like noise, ~q90) as folder/000000.jpg ...
-
-    Only `distinct` are generated; the rest are byte copies, which decode exactly as slowly.
-    """
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    blobs = []
-    for _ in range(min(count, distinct)):
-        coarse = Image.fromarray(rng.integers(0, 256, (max(height // 40, 2), max(width // 40, 2), 3), dtype=np.uint8))
-        smooth = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.float32)
-        noisy = np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(noisy).save(buffer, "JPEG", quality=90)
-        blobs.append(buffer.getvalue())
-    paths = []
-    for i in range(count):
-        path = folder / f"{i:06d}.jpg"
-        write_bytes(path, blobs[i % len(blobs)], "benchmark image", durable=False)  # scratch
-        paths.append(str(path))
-    return paths
 
 
 def _vocabulary(size: int) -> Vocabulary:
