@@ -16,6 +16,7 @@ from captioner.data.images import CaptionPairs, ImageFiles
 from captioner.data.pipeline import Batches, Unreadable, image_batches
 from captioner.data.sampler import ResumableSampler
 from captioner.engine.compute import Compute, autocast
+from captioner.engine import distributed
 from captioner.engine.distributed import Process
 from captioner.model.caption_model import CaptionModel
 from captioner.errors import CaptionerError
@@ -44,6 +45,26 @@ def extract_features(model: CaptionModel, records, batch_size: int, num_workers:
     if not chunks:
         return torch.empty(0), []
     return torch.cat(chunks), [records[i] for i in keep]
+
+
+def extract_shared(model: CaptionModel, records, process: Process, *args, **kwargs):
+    """extract_features over records, computed once across torchrun's processes: each encodes every N-th
+    image, rank 0 puts the pieces back in record order and every process receives the whole set (instead of
+    each process encoding every image). One process: extract_features itself."""
+    if not process.distributed:
+        return extract_features(model, records, *args, **kwargs)
+    mine = list(range(process.rank, len(records), process.world_size))
+    features, kept = extract_features(model, [records[i] for i in mine], *args, **kwargs)
+    position = {id(records[i]): i for i in mine}
+    parts = distributed.gather_to_main(([position[id(r)] for r in kept], features), process)
+    if process.is_main:
+        order = [i for indices, _ in parts for i in indices]
+        chunks = [f for _, f in parts if len(f)]
+        stacked = torch.cat(chunks) if chunks else torch.empty(0)
+        sort = sorted(range(len(order)), key=order.__getitem__)
+        parts = ([order[j] for j in sort], stacked[sort] if len(sort) else stacked)
+    indices, features = distributed.broadcast_from_main(parts, process)
+    return features, [records[i] for i in indices]
 
 
 @dataclass
@@ -78,8 +99,9 @@ def training_inputs(cfg: Config, model: CaptionModel, train_records, val_records
         return TrainingInputs(source, train_records, None, val_records, cfg.train.num_workers, unreadable)
     device, bar = process.device, process.is_main
     batch_size, num_workers = cfg.compute.encode_batch_size, cfg.compute.num_workers
-    train_features, train_records = extract_features(model, train_records, batch_size, num_workers, device, gpu_decode, unreadable,
-                                                     "train features", bar, compute.bf16)
+    # every process trains on all of them: encoded once across the processes (val is already split per process)
+    train_features, train_records = extract_shared(model, train_records, process, batch_size, num_workers, device,
+                                                   gpu_decode, unreadable, "train features", bar, compute.bf16)
     val_features, val_records = extract_features(model, val_records, batch_size, num_workers,
                                                  device, gpu_decode, unreadable, "val features", bar, compute.bf16)
     return TrainingInputs(train_features, train_records, val_features, val_records, 0, unreadable)  # in memory
