@@ -43,3 +43,16 @@ def trained(tmp_path_factory, synthetic_root):
 def small_root(tmp_path_factory) -> Path:
     """A fresh folder per test module for tests/small_runs.py's small synthetic set."""
     return tmp_path_factory.mktemp("small-synthetic")
+
+
+def noise_pngs(folder: Path, count: int, size: int, broken_jpeg: bool = False) -> Path:
+    """folder/img000.png ... of random noise (seeded), plus a truncated broken.jpg when asked."""
+    import numpy as np
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+    if broken_jpeg:
+        (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    return folder

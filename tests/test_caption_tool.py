@@ -31,7 +31,7 @@ from captioner.model.caption_model import CaptionModel
 from captioner.engine.outputs import CaptionsFile
 from captioner.model.vocab import Vocabulary
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, noise_pngs
 
 RED, BLUE = (220, 20, 20), (20, 20, 220)
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -303,12 +303,7 @@ def test_same_caption_alone_or_in_a_batch(mixed, checkpoint, tmp_path):
 
 
 def test_resume_after_a_kill_leaves_no_duplicates(tmp_path, checkpoint):
-    folder = tmp_path / "many"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(24):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
-    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    folder = noise_pngs(tmp_path / "many", 24, 40, broken_jpeg=True)
     out = tmp_path / "captions.jsonl"
     cmd = [sys.executable, "-m", "captioner", "-q", "caption", "--checkpoint", checkpoint, str(folder),
            "--out", str(out), "--batch-size", "2", "--workers", "0", "--beam", "1", "--device", "cpu"]
@@ -329,7 +324,7 @@ def test_resume_after_a_kill_leaves_no_duplicates(tmp_path, checkpoint):
     assert main([*cmd[cmd.index("caption"):], "--batch-size", "8", "--html", str(gallery)]) == 0
     assert out.read_text().startswith(before)
     records = _by_name(_records(out))
-    names = sorted([f"img{i:02d}.png" for i in range(24)] + ["broken.jpg"])
+    names = sorted([f"img{i:03d}.png" for i in range(24)] + ["broken.jpg"])
     assert sorted(records) == names and "error" in records["broken.jpg"]
     page = _parse_gallery(gallery)
     assert sorted(map(os.path.basename, [*page.entries, *page.errors])) == names

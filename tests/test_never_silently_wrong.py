@@ -27,7 +27,7 @@ from captioner.model.beam import decode
 from captioner.model.caption_model import CaptionModel
 from captioner.model.vocab import Vocabulary, join_words, tokenize
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, noise_pngs
 from small_runs import small_overrides
 
 SMALL_MODEL = ["encoder.image_size=64", "model.embed_dim=32", "model.attention_dim=32", "model.decoder_dim=32",
@@ -238,11 +238,7 @@ def test_extract_after_kill_9_reruns_at_once(tmp_path, capsys):
 
 
 def test_caption_after_kill_9_with_workers_reruns_at_once(checkpoints, tmp_path):
-    folder = tmp_path / "many"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(40):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+    folder = noise_pngs(tmp_path / "many", 40, 32)
     out = tmp_path / "captions.jsonl"
     cmd = [sys.executable, "-m", "captioner", "-q", "caption", "--checkpoint", checkpoints[0], str(folder),
            "--out", str(out), "--batch-size", "2", "--workers", "2", "--beam", "1", "--device", "cpu"]
@@ -255,7 +251,7 @@ def test_caption_after_kill_9_with_workers_reruns_at_once(checkpoints, tmp_path)
     process.wait()
     assert main(cmd[cmd.index("caption"):]) == 0  # immediately: never "being written by another process"
     names = [os.path.basename(r["file"]) for r in _lines(out)]
-    assert sorted(names) == [f"img{i:02d}.png" for i in range(40)]
+    assert sorted(names) == [f"img{i:03d}.png" for i in range(40)]
 
 
 def test_output_lock_survives_a_rewrite_and_refuses_a_second_writer(tmp_path):

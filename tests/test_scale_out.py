@@ -11,10 +11,8 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from captioner.config import load_config, to_dict
 from captioner.data import load_records
@@ -28,7 +26,7 @@ from captioner.model.caption_model import CaptionModel, build_encoder
 from captioner.model.vocab import Vocabulary
 from captioner.engine.runtime import seed_everything
 
-from conftest import ROOT, TINY, tiny_config
+from conftest import ROOT, TINY, tiny_config, noise_pngs
 from test_caption_tool import _by_name, _parse_gallery, _records, make_input_folder
 
 
@@ -172,12 +170,7 @@ def test_two_process_caption_equals_one_process_bad_files_included(small_checkpo
 
 
 def test_a_killed_rank_then_a_rerun_captions_every_image_once(small_checkpoint, tmp_path):
-    folder = tmp_path / "many"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(160):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
-    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    folder = noise_pngs(tmp_path / "many", 160, 40, broken_jpeg=True)
     out, html = tmp_path / "captions.jsonl", tmp_path / "gallery.html"
     args = ["caption", "--checkpoint", small_checkpoint, str(folder), "--out", str(out), "--html", str(html),
             "--batch-size", "1", "--workers", "0", "--beam", "1", "--device", "cpu"]
