@@ -279,7 +279,7 @@ def shipped_config(name: str) -> Path | None:
     return None
 
 
-def require_min(*checks: tuple[str, int | None, int]) -> None:
+def require_min(*checks: tuple[str, int | float | None, int | float]) -> None:
     """The range checks every command makes on its options: ("--beam", 0, 1) -> "--beam must be >= 1, got 0".
     None means "not given" and passes."""
     for name, value, low in checks:

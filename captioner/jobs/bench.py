@@ -41,7 +41,7 @@ import yaml
 from captioner import __version__
 from captioner.model.beam import beam_search
 from captioner.engine.compute import Compute, cpu_capability, setup_compute
-from captioner.config import ComputeConfig, Config, EncoderConfig, ModelConfig, Switch, coerce
+from captioner.config import ComputeConfig, Config, EncoderConfig, ModelConfig, Switch, coerce, require_min
 from captioner.data.cache import FeatureCache, encoder_signature
 from captioner.data.images import CaptionPairs, ImageFiles
 from captioner.data.records import ImageRecord
@@ -328,8 +328,7 @@ def main(device: str | None = "auto", preset: str = "default", json_path: str | 
     overrides; returns the results dict (also written to json_path when given)."""
     if preset not in PRESETS:
         raise CaptionerError(f"unknown bench preset '{preset}'; use one of {', '.join(PRESETS)}")
-    if threads is not None and threads < 1:
-        raise CaptionerError(f"--threads must be >= 1, got {threads}")
+    require_min(("--threads", threads, 1))
     device = resolve_device(device)
     sizes = apply_overrides(dataclasses.replace(sizes or PRESETS[preset]), list(overrides))
     if compile is not None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.config import load_config
+from captioner.config import load_config, require_min
 from captioner.data.csv import read_csv
 from captioner.errors import CaptionerError
 from captioner.files import write_bytes, write_text
@@ -118,8 +118,7 @@ def main(data: str | Path = DEFAULT_DATA, cache: str | Path = "~/.cache/captione
         raise CaptionerError(f"{data} holds no captions.txt (Kaggle Flickr8k layout: captions.txt + images/)")
     if checkpoint not in ("last", "best"):
         raise CaptionerError(f"--checkpoint must be last or best, got {checkpoint}")
-    if seeds < 1:
-        raise CaptionerError(f"--seeds must be >= 1, got {seeds}")
+    require_min(("--seeds", seeds, 1))
     cache.mkdir(parents=True, exist_ok=True)
     lists = write_split_lists(data, cache)
     base = [f"dataset.annotations={data / 'captions.txt'}", f"dataset.images={data / 'images'}",

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from captioner.config import require_min
 from captioner.engine.batcher import DynamicBatcher
 from captioner.engine.checkpoint import load_model
 from captioner.engine.compute import setup_compute
@@ -87,14 +88,10 @@ class Captioner:
 
 
 def check_options(opts: ServeOptions) -> None:
-    for name, value, low in (("--port", opts.port, 0), ("--max-batch", opts.max_batch, 1),
-                             ("--max-wait-ms", opts.max_wait_ms, 0), ("--queue", opts.queue, 1),
-                             ("--beam", opts.beam_size, 1), ("--decode-threads", opts.decode_threads, 1),
-                             ("--max-images", opts.limits.max_images, 1),
-                             ("--max-upload-mb", opts.limits.max_upload_bytes, 1),
-                             ("--max-pixels", opts.limits.max_pixels, 1), ("--timeout", opts.limits.timeout, 0.001)):
-        if value is not None and value < low:
-            raise CaptionerError(f"{name} must be >= {low}, got {value}")
+    require_min(("--port", opts.port, 0), ("--max-batch", opts.max_batch, 1), ("--max-wait-ms", opts.max_wait_ms, 0),
+                ("--queue", opts.queue, 1), ("--beam", opts.beam_size, 1), ("--decode-threads", opts.decode_threads, 1),
+                ("--max-images", opts.limits.max_images, 1), ("--max-upload-mb", opts.limits.max_upload_bytes, 1),
+                ("--max-pixels", opts.limits.max_pixels, 1), ("--timeout", opts.limits.timeout, 0.001))
     if opts.port > 65535:
         raise CaptionerError(f"--port must be <= 65535, got {opts.port}")
     if opts.queue < opts.max_batch:
