@@ -41,7 +41,7 @@ class CaptionLoss(nn.Module):
         -> (loss, cross-entropy, tokens it is a mean over)."""
         captions = captions[:, : int(lengths.max())]  # trim padding beyond the longest caption in the batch
         raw = inputs if inputs.is_floating_point() else self.model.encode(inputs)
-        logits, alphas = self.model(raw, captions)  # bf16 under autocast; caption_loss works in float32
+        logits, alphas = self.model(raw, captions, lengths)  # bf16 under autocast; caption_loss works in float32
         loss, ce = caption_loss(logits, alphas, captions, lengths, self.model.alpha_c)
         return loss, ce, (lengths - 1).sum()  # words + <end> of each caption
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from captioner.config import EncoderConfig, ModelConfig
 from captioner.model.decoder import AttentionDecoder
@@ -65,9 +66,23 @@ class CaptionModel(nn.Module):
         regions = raw.float().flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, C)
         return self.projector(regions)  # (B, N, C) -> (B, N, D)
 
-    def forward(self, raw: torch.Tensor, captions: torch.Tensor):
-        """raw (B, C, H, W), captions (B, T+1) -> logits (B, T, V), alphas (B, T, N)."""
-        return self.decoder(self.project(raw), captions)
+    def context_parts(self, raw: torch.Tensor) -> tuple | None:
+        """model.features=norm: (values, scale, shift) with project(raw) == values * scale + shift, values the
+        LayerNorm without its affine part, which needs no gradient while the encoder is frozen: the decoder's
+        training forward then attends over values and never computes a (B, N, C) gradient per word.
+        None for the other projectors."""
+        norm = self.projector[0] if len(self.projector) == 1 else None
+        if not isinstance(norm, nn.LayerNorm) or norm.weight is None:
+            return None
+        regions = raw.float().flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, C)
+        return F.layer_norm(regions, norm.normalized_shape, eps=norm.eps), norm.weight, norm.bias
+
+    def forward(self, raw: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor | None = None):
+        """raw (B, C, H, W), captions (B, T+1), lengths (B,) counting <start> and <end> (None: all T+1)
+        -> logits (B, T, V), alphas (B, T, N), 0 after each caption's <end>."""
+        parts = self.context_parts(raw)  # norm: features from the one LayerNorm pass, as values * scale + shift
+        features = self.project(raw) if parts is None else parts[0] * parts[1] + parts[2]
+        return self.decoder(features, captions, lengths, parts)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

@@ -1,6 +1,12 @@
 """Show, Attend and Tell soft-attention LSTM decoder (Xu et al., 2015), read top-down.
 
-Shapes: B batch, N = H*W regions, D feature size (after the projector), T caption steps, V vocabulary.
+Shapes: B batch, N = H*W regions, D feature size (after the projector), T caption steps, V vocabulary,
+A attention size, H LSTM size (from context: H is also the LSTM size in AttentionDecoder).
+
+`step` is one word, as decoding runs it; `forward` (teacher forcing, training) computes the same numbers for
+a whole batch of captions faster: words of all steps embedded and projected in one product, the LSTM's three
+products with the previous state fused into one, captions that have ended dropped from the batch, and the
+output layer run once over every step (tests/test_decoder_speed.py checks it equals looping `step`).
 """
 from __future__ import annotations
 
@@ -22,12 +28,20 @@ class Attention(nn.Module):
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.feature_proj(features)  # (B, N, D) -> (B, N, A), computed once per image
 
+    def weights(self, projected: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """projected (B, N, A), query (B, A) = hidden_proj(h) -> alpha (B, N), summing to 1 over the regions."""
+        energy = self.activation(projected + query.unsqueeze(1))  # (B, N, A)
+        return F.softmax(self.score(energy).squeeze(2), dim=1)  # (B, N, A) -> (B, N)
+
     def forward(self, features, projected, hidden):
         """features (B, N, D), projected (B, N, A), hidden (B, H) -> context (B, D), alpha (B, N)."""
-        energy = self.activation(projected + self.hidden_proj(hidden).unsqueeze(1))  # (B, N, A)
-        alpha = F.softmax(self.score(energy).squeeze(2), dim=1)  # (B, N)
-        context = (features * alpha.unsqueeze(2)).sum(dim=1)  # (B, N, D) * (B, N, 1) -> (B, D)
-        return context, alpha
+        alpha = self.weights(projected, self.hidden_proj(hidden))
+        return attend(alpha, features), alpha
+
+
+def attend(alpha: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """alpha (B, N), features (B, N, D) -> context (B, D): one batched product, no (B, N, D) temporary."""
+    return torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, 1, N) @ (B, N, D) -> (B, D)
 
 
 class AttentionDecoder(nn.Module):
@@ -68,9 +82,9 @@ class AttentionDecoder(nn.Module):
         logits = self.out(self.dropout(h))  # (B, V)
         return logits, (h, c, features, projected), alpha
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor):
-        """Teacher forcing. features (B, N, D), captions (B, T+1) starting with <start>
-        -> logits (B, T, V) predicting captions[:, 1:], alphas (B, T, N)."""
+    def forward_stepwise(self, features: torch.Tensor, captions: torch.Tensor):
+        """Teacher forcing one `step` at a time, as decoding runs: the reference `forward` is tested against.
+        features (B, N, D), captions (B, T+1) -> logits (B, T, V), alphas (B, T, N)."""
         state = self.init_state(features)
         logits, alphas = [], []
         for t in range(captions.shape[1] - 1):
@@ -78,6 +92,67 @@ class AttentionDecoder(nn.Module):
             logits.append(step_logits)
             alphas.append(alpha)
         return torch.stack(logits, dim=1), torch.stack(alphas, dim=1)
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor | None = None,
+                context_parts: tuple | None = None):
+        """Teacher forcing. features (B, N, D), captions (B, T+1) starting with <start>, lengths (B,) counting
+        <start> and <end> (None: every caption is T+1 long) -> logits (B, T, V) predicting captions[:, 1:],
+        alphas (B, T, N); positions after a caption's <end> are 0 (the loss masks them).
+
+        The same numbers as forward_stepwise up to float rounding, dropout masks included (drawn in its order).
+        context_parts (values (B, N, D), scale (D,), shift (D,)), when given, says features == values * scale +
+        shift with values needing no gradient (model.features=norm: LayerNorm of frozen activations); the
+        context is then scale * attend(alpha, values) + shift (alpha sums to 1), so no step computes a
+        (B, N, D) gradient."""
+        B, T = captions.shape[0], captions.shape[1] - 1
+        steps = torch.full((B,), T, device=captions.device) if lengths is None else (lengths - 1).clamp(1, T)
+        # Longest captions first: the rows still running at step t are the first active[t], a view.
+        steps, order = steps.sort(descending=True, stable=True)
+        active = [int(n) for n in (steps.unsqueeze(0) > torch.arange(T, device=steps.device).unsqueeze(1)).sum(1)]
+        if lengths is not None and bool((order.diff() < 0).any()):  # not sorted yet: one copy of each
+            features, captions = features[order], captions[order]
+            context_parts = None if context_parts is None else (context_parts[0][order], *context_parts[1:])
+        h, c, _, projected = self.init_state(features)
+        if context_parts is not None:
+            values, scale, shift = context_parts
+        H, A, lstm = h.shape[1], projected.shape[2], self.lstm
+        E = self.embed.embedding_dim
+        # Each step's words, in the packed order of the rows still running: (sum(active),) token ids.
+        packed = torch.cat([captions[:n, t] for t, n in enumerate(active)])
+        words = F.linear(self.embed(packed), lstm.weight_ih[:, :E], lstm.bias_ih + lstm.bias_hh)  # (P, 4H)
+        # The three products of the previous h (LSTM, attention query, gate) as one: (4H + A [+ D], H).
+        w_h = [lstm.weight_hh, self.attention.hidden_proj.weight] + ([self.gate.weight] if self.gate else [])
+        b_h = [torch.zeros_like(lstm.bias_hh), self.attention.hidden_proj.bias] + ([self.gate.bias] if self.gate else [])
+        w_h, b_h, w_context = torch.cat(w_h), torch.cat(b_h), lstm.weight_ih[:, E:]  # w_context (4H, D)
+        hs, alphas = [], []
+        sizes = [4 * H, A] + ([features.shape[2]] if self.gate is not None else [])
+        # split, not slices: a slice's gradient is a zero-filled copy of the whole tensor at every step
+        for n, words_t in zip(active, words.split(active)):
+            h, c = h[:n], c[:n]
+            from_lstm, query, *gate = F.linear(h, w_h, b_h).split(sizes, dim=1)  # (n, H) -> (n, 4H), (n, A), (n, D)
+            alpha = self.attention.weights(projected[:n], query)  # (n, N)
+            if context_parts is None:
+                context = attend(alpha, features[:n])  # (n, D)
+            else:
+                context = attend(alpha, values[:n]) * scale + shift
+            if gate:
+                context = torch.sigmoid(gate[0]) * context
+            gates = words_t + from_lstm + F.linear(context, w_context)  # (n, 4H)
+            i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTMCell's order
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            hs.append(h)
+            alphas.append(alpha)
+        hidden = torch.cat(hs)  # (P, H), packed
+        if self.training and self.dropout.p > 0:  # forward_stepwise's masks: one (B, H) draw per step, in row order
+            masks = torch.stack([self.dropout(h.new_ones(B, H)) for _ in range(T)], dim=1)[order]  # (B, T, H)
+            hidden = hidden * torch.cat([masks[:n, t] for t, n in enumerate(active)])
+        logits = self.out(hidden)  # (P, H) -> (P, V): one product for every step
+        # Back to (B, T, .) in the callers' row order: packed row p is (order[r], t).
+        rows = torch.cat([order[:n] * T + t for t, n in enumerate(active)])  # (P,)
+        full_logits = logits.new_zeros(B * T, logits.shape[1]).index_copy(0, rows, logits)
+        full_alphas = alpha.new_zeros(B * T, alpha.shape[1]).index_copy(0, rows, torch.cat(alphas))
+        return full_logits.view(B, T, -1), full_alphas.view(B, T, -1)
 
 
 def caption_loss(logits, alphas, captions, lengths, alpha_c: float):
