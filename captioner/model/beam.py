@@ -28,9 +28,25 @@ class Decoded:
     lengths: torch.Tensor  # (B,) tokens up to and including <end>
 
 
-def _step_log_probs(model, tokens, state, t: int, max_len: int):
+def repeated_ngram_words(history: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor | None:
+    """history (R, t) words so far -> (R, V) bool: the words that would repeat one of the row's n-grams
+    (n=3: no trigram twice in a caption; n=1: no word twice). None when nothing is banned yet."""
+    if n <= 0 or history.shape[1] < n:
+        return None
+    windows = history.unfold(1, n, 1)  # (R, t-n+1, n): every n-gram so far
+    if n == 1:
+        seen = torch.ones_like(windows[..., 0], dtype=torch.float)
+    else:  # n-grams whose first n-1 words are the caption's last n-1 words: their last word may not follow
+        seen = (windows[..., :-1] == history[:, history.shape[1] - n + 1:].unsqueeze(1)).all(dim=2).float()
+    banned = torch.zeros(history.shape[0], vocab_size, device=history.device).scatter_add_(1, windows[..., -1], seen)
+    return banned > 0
+
+
+def _step_log_probs(model, tokens, state, t: int, max_len: int, banned: torch.Tensor | None = None):
     logits, state, alpha = model.decoder.step(tokens, state)
     logp = F.log_softmax(logits.float(), dim=-1)  # (B', V)
+    if banned is not None:  # decode.block_ngram; <end> is never part of an unfinished caption's n-grams
+        logp = logp.masked_fill(banned, float("-inf"))
     logp[:, [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")  # never words of a caption
     if t == 0:
         logp[:, Vocabulary.end_id] = float("-inf")  # at least one word
@@ -61,16 +77,19 @@ def _in_eval_mode(decoder):
 
 @torch.no_grad()
 @_in_eval_mode
-def greedy_decode(model, raw: torch.Tensor, max_len: int = 30) -> Decoded:
-    """raw (B, C, H, W) encoder activations -> Decoded with the most likely word at each step."""
+def greedy_decode(model, raw: torch.Tensor, max_len: int = 30, block_ngram: int = 0) -> Decoded:
+    """raw (B, C, H, W) encoder activations -> Decoded with the most likely word at each step
+    (block_ngram > 0: never one that repeats an n-gram of the caption)."""
     state = model.decoder.init_state(model.project(raw))
     B = raw.shape[0]
     tokens = torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=raw.device)
     finished = torch.zeros(B, dtype=torch.bool, device=raw.device)
     scores = torch.zeros(B, device=raw.device)
     out_tokens, out_alphas = [], []
+    V = model.decoder.vocab_size
     for t in range(max_len + 1):
-        logp, state, alpha = _step_log_probs(model, tokens, state, t, max_len)
+        banned = repeated_ngram_words(torch.stack(out_tokens, 1), block_ngram, V) if out_tokens else None
+        logp, state, alpha = _step_log_probs(model, tokens, state, t, max_len, banned)
         best_logp, best = logp.max(dim=1)  # (B,)
         scores += torch.where(finished, torch.zeros_like(best_logp), best_logp)
         tokens = torch.where(finished, torch.full_like(best, Vocabulary.pad_id), best)
@@ -85,24 +104,32 @@ def greedy_decode(model, raw: torch.Tensor, max_len: int = 30) -> Decoded:
 
 @torch.no_grad()
 @_in_eval_mode
-def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
-                length_penalty: float = 0.0) -> Decoded:
+def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30, length_penalty: float = 0.0,
+                block_ngram: int = 0, groups: int = 1, diversity: float = 0.0) -> Decoded:
     """raw (B, C, H, W) -> Decoded best of beam_size hypotheses per image, all images in one batch.
 
     Hypotheses are ranked by log-probability / ((5 + length) / 6) ** length_penalty (GNMT); 0 ranks by
-    total log-probability.
+    total log-probability. block_ngram > 0: no hypothesis repeats one of its n-grams. groups > 1: diverse beam
+    search (Vijayakumar et al. 2018): the beams form `groups` groups of beam_size / groups, searched one after
+    the other at each step, each group's candidates scored `diversity` lower per earlier group that chose the
+    same word at that step; the caption returned is still the most probable of all beams.
     """
+    if groups < 1 or beam_size % groups:
+        raise ValueError(f"beam_size {beam_size} must be a multiple of groups {groups}")
     B, device = raw.shape[0], raw.device
     h, c, features, projected = model.decoder.init_state(model.project(raw))
     V = model.decoder.vocab_size
-    k = min(beam_size, V)
+    width = min(beam_size // groups, V)  # beams per group
+    k = width * groups
     N = features.shape[1]
-    # Every image's k beams sit next to each other: row b*k + j is beam j of image b.
+    # Every image's k beams sit next to each other: row b*k + j is beam j of image b; group g is beams
+    # g*width .. (g+1)*width-1.
     h, c = h.repeat_interleave(k, 0), c.repeat_interleave(k, 0)  # (B*k, H)
     features, projected = features.repeat_interleave(k, 0), projected.repeat_interleave(k, 0)  # (B*k, N, .)
     tokens = torch.full((B * k,), Vocabulary.start_id, dtype=torch.long, device=device)
-    scores = torch.full((B, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # all beams start identical: expand only the first at step 0
+    scores = torch.full((B, k), float("-inf"), device=device)  # what beams are ranked by while searching
+    scores[:, ::width] = 0.0  # all beams start identical: expand only the first of each group at step 0
+    log_probs = scores.clone()  # the beams' log-probabilities (scores minus diversity penalties)
     finished = torch.zeros(B, k, dtype=torch.bool, device=device)
     history = torch.empty(B, k, 0, dtype=torch.long, device=device)
     alpha_history = torch.empty(B, k, 0, N, device=device)
@@ -111,11 +138,23 @@ def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
     pad_row[Vocabulary.pad_id] = 0.0
     offsets = (torch.arange(B, device=device) * k).unsqueeze(1)  # (B, 1)
     for t in range(max_len + 1):
-        logp, (h, c, _, _), alpha = _step_log_probs(model, tokens, (h, c, features, projected), t, max_len)
+        banned = repeated_ngram_words(history.view(B * k, -1), block_ngram, V)
+        logp, (h, c, _, _), alpha = _step_log_probs(model, tokens, (h, c, features, projected), t, max_len, banned)
         logp = torch.where(finished.view(-1, 1), pad_row, logp).view(B, k, V)
-        candidates = (scores.unsqueeze(2) + logp).view(B, k * V)  # (B, k, V) -> (B, k*V)
-        scores, index = candidates.topk(k, dim=1)  # (B, k)
-        beam, word = index // V, index % V  # which parent beam, which next word
+        chosen = torch.zeros(B, V, device=device)  # how many earlier groups chose each word at this step
+        picks = []
+        for g in range(groups):
+            part = slice(g * width, (g + 1) * width)
+            step_logp = logp[:, part]  # (B, width, V)
+            penalty = diversity * chosen.unsqueeze(1) if g else 0.0
+            candidates = (scores[:, part].unsqueeze(2) + step_logp - penalty).view(B, width * V)
+            group_scores, index = candidates.topk(width, dim=1)  # (B, width)
+            beam, word = index // V + g * width, index % V  # which parent beam, which next word
+            parent_logp = log_probs.gather(1, beam) + step_logp.reshape(B, width * V).gather(1, index)
+            picks.append((group_scores, parent_logp, beam, word))
+            if groups > 1:  # words of unfinished beams (a finished one only repeats <pad>)
+                chosen.scatter_add_(1, word, (word != Vocabulary.pad_id).float())
+        scores, log_probs, beam, word = (torch.cat(parts, dim=1) for parts in zip(*picks))  # (B, k) each
         rows = (beam + offsets).view(-1)  # (B*k,) rows of the parents
         h, c = h[rows], c[rows]
         history = torch.cat([history.gather(1, beam.unsqueeze(2).expand_as(history)), word.unsqueeze(2)], dim=2)
@@ -128,11 +167,11 @@ def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
         if bool(finished.all()):  # the one host sync per step: needed to stop early
             break
     lengths = (history != Vocabulary.pad_id).sum(dim=2)  # (B, k)
-    ranked = scores / ((5.0 + lengths.float()) / 6.0) ** length_penalty if length_penalty else scores
+    ranked = log_probs / ((5.0 + lengths.float()) / 6.0) ** length_penalty if length_penalty else log_probs
     best = ranked.argmax(dim=1)  # (B,)
     pick = torch.arange(B, device=device)
     tokens = history[pick, best]
-    return Decoded(tokens, scores[pick, best], alpha_history[pick, best], _lengths(tokens))
+    return Decoded(tokens, log_probs[pick, best], alpha_history[pick, best], _lengths(tokens))
 
 
 @torch.no_grad()
@@ -146,10 +185,12 @@ def sampled_decode(model, raw: torch.Tensor, max_len: int = 30, temperature: flo
 
 
 def decode(model, raw: torch.Tensor, beam_size: int = 1, max_len: int = 30, length_penalty: float = 0.0,
-           sample: bool = False, temperature: float = 1.0) -> Decoded:
-    """Greedy (beam_size 1), beam search, or sampling (sample=True: beam_size is then ignored)."""
+           sample: bool = False, temperature: float = 1.0, block_ngram: int = 0, groups: int = 1,
+           diversity: float = 0.0) -> Decoded:
+    """Greedy (beam_size 1), beam search, or sampling (sample=True: beam_size and the beam options are then
+    ignored). block_ngram applies to greedy and beam search, groups and diversity to beam search."""
     if sample:
         return sampled_decode(model, raw, max_len, temperature)
     if beam_size <= 1:
-        return greedy_decode(model, raw, max_len)
-    return beam_search(model, raw, beam_size, max_len, length_penalty)
+        return greedy_decode(model, raw, max_len, block_ngram)
+    return beam_search(model, raw, beam_size, max_len, length_penalty, block_ngram, groups, diversity)
