@@ -11,6 +11,9 @@ samples that beat a baseline:
   greedy (Rennie et al.): the reward of the greedy caption, decoded in eval mode without gradients.
 loss = -sum(advantage * log p(token) over tokens up to <end>) / number of those tokens
        - train.scst_entropy * mean entropy of the word distributions (an optional guard against collapse).
+train.scst_diversity > 0 lowers each sample's reward by that weight times its similarity to the most similar
+sample of another image in the batch (`similarity_to_other_images`): a caption that would fit other photos as
+well gains less, which counters SCST's drift towards one generic caption for many photos.
 
 `SelfCriticalLoss` is a loss module of the one training step (engine/step.py): (inputs, image indices) ->
 (loss, None, None), so autocast, backward, clipping, the NaN guard and DDP are cross-entropy's; the step's
@@ -49,6 +52,22 @@ class Rewarder:
         return torch.from_numpy(rewards).float().to(tokens.device)
 
 
+def similarity_to_other_images(tokens: torch.Tensor, images: torch.Tensor, buckets: int = 4096) -> torch.Tensor:
+    """tokens (M, L) words then <end> then <pad>, images (M,) -> (M,) each caption's highest cosine similarity
+    (bags of its words and word pairs, hashed into `buckets`) to a caption of another image; 0 when the batch
+    holds one image."""
+    M, L = tokens.shape
+    words = (tokens != Vocabulary.pad_id) & ((tokens == Vocabulary.end_id).long().cumsum(dim=1) == 0)  # (M, L)
+    pairs = (tokens[:, :-1] * 7919 + tokens[:, 1:] + 1) % buckets  # (M, L-1) hashed word pairs
+    index = torch.cat([tokens % buckets, pairs], dim=1)  # (M, 2L-1)
+    counts = torch.cat([words, words[:, :-1] & words[:, 1:]], dim=1).float()
+    bags = torch.zeros(M, buckets, device=tokens.device).scatter_add_(1, index, counts)
+    bags = torch.nn.functional.normalize(bags, dim=1)
+    similarity = bags @ bags.T  # (M, M)
+    same = images.unsqueeze(0) == images.unsqueeze(1)
+    return similarity.masked_fill(same, 0.0).max(dim=1).values.clamp_min(0.0)
+
+
 def advantages(rewards: torch.Tensor, baseline: str, greedy_rewards: torch.Tensor | None = None):
     """rewards (B, K) of K samples per image -> (advantages (B, K), baselines (B, K)).
 
@@ -69,7 +88,7 @@ class SelfCriticalLoss(nn.Module):
     baseline and policy-gradient loss, as one module so DistributedDataParallel sees the whole pass."""
 
     def __init__(self, model, rewarder: Rewarder, samples: int = 5, baseline: str = "mean", max_len: int = 16,
-                 entropy: float = 0.0):
+                 entropy: float = 0.0, diversity: float = 0.0):
         super().__init__()
         if baseline not in SCST_BASELINES:
             raise ValueError(f"unknown SCST baseline {baseline!r}; use one of {SCST_BASELINES}")
@@ -77,6 +96,7 @@ class SelfCriticalLoss(nn.Module):
             raise ValueError("the mean baseline needs at least 2 samples per image")
         self.model, self.rewarder = model, rewarder
         self.samples, self.baseline, self.max_len, self.entropy = samples, baseline, max_len, entropy
+        self.diversity = diversity
         self.stats: dict[str, float] = {}  # the last step's mean reward, baseline, sample length, entropy, time
 
     def forward(self, inputs: torch.Tensor, images: torch.Tensor):
@@ -94,7 +114,13 @@ class SelfCriticalLoss(nn.Module):
             reward_s += time.perf_counter() - tick
         out = sample_captions(self.model, raw.repeat_interleave(K, dim=0), self.max_len)  # B*K rows, image-major
         tick = time.perf_counter()
-        rewards = self.rewarder(out.tokens, images.repeat_interleave(K)).view(B, K)
+        cider = self.rewarder(out.tokens, images.repeat_interleave(K)).view(B, K)
+        rewards, similar = cider, None
+        if self.diversity:
+            similar = similarity_to_other_images(out.tokens, images.repeat_interleave(K)).view(B, K)
+            rewards = cider - self.diversity * similar
+            if greedy_rewards is not None:  # the baseline pays the same price for its own genericness
+                greedy_rewards = greedy_rewards - self.diversity * similarity_to_other_images(greedy, images)
         reward_s += time.perf_counter() - tick
         advantage, base = advantages(rewards, self.baseline, greedy_rewards)  # (B, K)
         mask = out.mask.float()  # (B*K, L) tokens up to and including <end>
@@ -103,7 +129,7 @@ class SelfCriticalLoss(nn.Module):
         entropy = (out.entropy * mask).sum() / tokens
         if self.entropy:
             loss = loss - self.entropy * entropy
-        self.stats = {"reward": float(rewards.mean()), "baseline": float(base.mean()),
+        self.stats = {"reward": float(cider.mean()), "baseline": float(base.mean()),
                       "sample_words": float(out.lengths.float().mean() - 1), "entropy": float(entropy.detach()),
-                      "reward_s": reward_s}
+                      "reward_s": reward_s, **({"similarity": float(similar.mean())} if similar is not None else {})}
         return loss, None, None

@@ -32,9 +32,9 @@ class CaptionLoss(nn.Module):
     """Encoder (for image inputs), teacher-forced decoder and loss as one module, so that DDP sees the whole
     forward pass: the fine-tuned encoder stages too."""
 
-    def __init__(self, model: CaptionModel):
+    def __init__(self, model: CaptionModel, label_smoothing: float = 0.0):
         super().__init__()
-        self.model = model
+        self.model, self.label_smoothing = model, label_smoothing
 
     def forward(self, inputs, captions, lengths):
         """inputs (B, 3, S, S) uint8 images or (B, C, H, W) float features, captions (B, T+2), lengths (B,)
@@ -42,7 +42,7 @@ class CaptionLoss(nn.Module):
         captions = captions[:, : int(lengths.max())]  # trim padding beyond the longest caption in the batch
         raw = inputs if inputs.is_floating_point() else self.model.encode(inputs)
         logits, alphas = self.model(raw, captions, lengths)  # bf16 under autocast; caption_loss works in float32
-        loss, ce = caption_loss(logits, alphas, captions, lengths, self.model.alpha_c)
+        loss, ce = caption_loss(logits, alphas, captions, lengths, self.model.alpha_c, self.label_smoothing)
         return loss, ce, (lengths - 1).sum()  # words + <end> of each caption
 
 

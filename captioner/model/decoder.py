@@ -155,16 +155,17 @@ class AttentionDecoder(nn.Module):
         return full_logits.view(B, T, -1), full_alphas.view(B, T, -1)
 
 
-def caption_loss(logits, alphas, captions, lengths, alpha_c: float):
+def caption_loss(logits, alphas, captions, lengths, alpha_c: float, label_smoothing: float = 0.0):
     """Masked cross-entropy plus the doubly stochastic attention penalty.
 
     logits (B, T, V), alphas (B, T, N), captions (B, T+1), lengths (B,) counting <start> and <end>.
     Each region's attention, summed over the words of the caption, is pushed towards 1 (paper eq. 14).
+    label_smoothing: the target puts this much probability on the other words, spread evenly (Szegedy 2016).
     """
     logits, alphas = logits.float(), alphas.float()  # float32 loss and penalty even from bf16 autocast
     targets = captions[:, 1:]  # (B, T)
     mask = (torch.arange(targets.shape[1], device=targets.device)[None, :] < (lengths[:, None] - 1))  # (B, T)
-    ce = F.cross_entropy(logits[mask], targets[mask])
+    ce = F.cross_entropy(logits[mask], targets[mask], label_smoothing=label_smoothing)
     attention_sum = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, T, N) -> (B, N)
     penalty = ((1.0 - attention_sum) ** 2).mean()
     return ce + alpha_c * penalty, ce
