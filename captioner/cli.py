@@ -199,7 +199,7 @@ def _print_json(data: dict) -> None:
 def _train(args: argparse.Namespace) -> int:
     from captioner.jobs import train
     from captioner.config import load_config
-    from captioner.engine.run_state import resume_config
+    from captioner.engine.train.run_state import resume_config
     if args.resume:
         if args.run_dir and args.run_dir != args.resume:
             raise CaptionerError(f"--resume {args.resume} and --run-dir {args.run_dir} name different folders")
@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
     elif args.command == "serve":
         from captioner.jobs import serve
-        from captioner.engine.limits import Limits
+        from captioner.engine.serve.limits import Limits
         limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_images=args.max_images,
                         max_pixels=args.max_pixels, timeout=args.timeout)
         _print_json(serve.main(serve.ServeOptions(

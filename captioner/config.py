@@ -128,7 +128,7 @@ Switch = typing.Literal["auto", "true", "false"]
 
 @dataclass
 class ComputeConfig:
-    # auto: on CUDA, and on CPUs with native bf16 units (AVX-512 BF16, AMX); see engine/compute.py
+    # auto: on CUDA, and on CPUs with native bf16 units (AVX-512 BF16, AMX); see engine/runtime/compute.py
     bf16: Switch = "auto"  # bf16 autocast; weights, optimizer state, loss and checkpoints stay float32
     channels_last: Switch = "auto"  # the CNN in channels_last (NHWC) memory format
     compile: bool = False  # torch.compile the encoder: a slow first batch, then faster; for long runs

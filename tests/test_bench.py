@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from captioner.engine import predict
-from captioner.engine.step import TrainingStep
+from captioner.engine.infer import predict
+from captioner.engine.train.step import TrainingStep
 from captioner.jobs import bench
-from captioner.model.beam import beam_search
+from captioner.model.decoding import beam_search
 from captioner.cli import main
 from captioner.config import EncoderConfig, ModelConfig
-from captioner.engine.compute import cpu_capability
+from captioner.engine.runtime.compute import cpu_capability
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
 

@@ -10,14 +10,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from captioner.jobs import evaluate, extract, train
-from captioner.data import by_split, load_records
+from captioner.data.datasets import by_split, load_records
 from captioner.data.cache import CachedFeatures, FeatureCache, default_cache_dir, open_valid_cache
 from captioner.data.images import CaptionPairs, ImageFiles, load_image
 from captioner.data.pipeline import Batches, image_batches
 from captioner.model.decoder import caption_loss
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel, build_encoder
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 from conftest import tiny_config
 

@@ -9,7 +9,7 @@ from PIL import Image
 from captioner.jobs import evaluate, prepare, train
 from captioner.cli import main
 from captioner.config import load_config
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 from conftest import COCO_MINI, TINY
 

@@ -24,9 +24,9 @@ httpx = pytest.importorskip("httpx")
 import uvicorn  # noqa: E402
 
 from captioner.data.images import read_image  # noqa: E402
-from captioner.engine.batcher import DynamicBatcher  # noqa: E402
-from captioner.engine.limits import Limits  # noqa: E402
-from captioner.engine.webapp import create_app  # noqa: E402
+from captioner.engine.serve.batcher import DynamicBatcher  # noqa: E402
+from captioner.engine.serve.limits import Limits  # noqa: E402
+from captioner.engine.serve.webapp import create_app  # noqa: E402
 from captioner.jobs import caption, serve  # noqa: E402
 
 from chromium import BINARY, Chromium  # noqa: E402

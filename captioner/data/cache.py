@@ -78,7 +78,7 @@ def default_cache_dir(cfg: Config) -> Path:
     e = cfg.encoder
     name = f"{e.arch}-{e.layer}-{e.image_size}"
     if cfg.dataset.annotations and cfg.dataset.format != "synthetic":
-        from captioner.data import annotations_path  # the package imports readers; cache is imported by jobs only
+        from captioner.data.datasets import annotations_path  # imported on use: the readers pull in pycocotools
         annotations = annotations_path(cfg.dataset)
         return annotations.parent / "features" / f"{annotations.stem}-{name}"
     return Path(cfg.dataset.root or ".") / "features" / name

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from captioner.data.records import ImageRecord
 from captioner.errors import CaptionerError
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 MAX_PIXELS = 100_000_000  # larger images are refused as likely decompression bombs
 

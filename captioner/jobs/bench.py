@@ -39,8 +39,8 @@ import torchvision
 import yaml
 
 from captioner import __version__
-from captioner.model.beam import beam_search
-from captioner.engine.compute import Compute, cpu_capability, setup_compute
+from captioner.model.decoding import beam_search
+from captioner.engine.runtime.compute import Compute, cpu_capability, setup_compute
 from captioner.config import ComputeConfig, Config, EncoderConfig, ModelConfig, Switch, coerce, require_min
 from captioner.data.cache import FeatureCache, encoder_signature
 from captioner.data.images import CaptionPairs, ImageFiles
@@ -49,13 +49,13 @@ from captioner.errors import CaptionerError
 from captioner.data.synthetic import write_jpegs
 from captioner.files import write_json
 from captioner.data.pipeline import Batches, image_batches
-from captioner.engine.predict import DecodeSettings, caption_batches
-from captioner.engine.extraction import extract_into
-from captioner.engine.scst import Rewarder, SelfCriticalLoss
-from captioner.engine.step import CaptionLoss, TrainingStep, build_optimizer
+from captioner.engine.infer.predict import DecodeSettings, caption_batches
+from captioner.engine.infer.extraction import extract_into
+from captioner.engine.train.scst import Rewarder, SelfCriticalLoss
+from captioner.engine.train.step import CaptionLoss, TrainingStep, build_optimizer
 from captioner.model.caption_model import CaptionModel, build_encoder
-from captioner.engine.runtime import resolve_device
-from captioner.model.vocab import SPECIALS, Vocabulary
+from captioner.engine.runtime.device import resolve_device
+from captioner.text import SPECIALS, Vocabulary
 
 log = logging.getLogger("captioner")
 
@@ -170,7 +170,7 @@ def _records(paths: list[str], sizes: BenchSizes, vocab: Vocabulary, seed: int =
 
 
 def _train_rate(model, batches: Batches, device: torch.device, steps: int, bf16: bool) -> float:
-    """Captions per second over `steps` calls of training's own step (engine/step.py: forward, loss, backward,
+    """Captions per second over `steps` calls of training's own step (engine/train/step.py: forward, loss, backward,
     unscale, clip at train.grad_clip, AdamW step), after one warm-up step."""
     if len(batches) == 0:
         raise CaptionerError("bench: fewer captions than one training batch; raise extract_images")

@@ -14,7 +14,7 @@ and decoding settings that made it; resuming an output made by another checkpoin
 refused (--overwrite, or another --out), so one file never mixes two models' captions.
 
 Images are decoded in DataLoader workers (or on the GPU with compute.gpu_decode); the encoder and the greedy or
-beam decoder run on whole batches, through the same decode path as `evaluate` (engine/predict.py).
+beam decoder run on whole batches, through the same decode path as `evaluate` (engine/infer/predict.py).
 An image gets the same caption alone or in any batch (only the good images of a batch are decoded).
 """
 from __future__ import annotations
@@ -26,18 +26,18 @@ from pathlib import Path
 
 import torch
 
-from captioner.engine.checkpoint import checkpoint_hash, load_model
+from captioner.engine.infer.checkpoint import checkpoint_hash, load_model
 from captioner.config import ComputeConfig, require_min
-from captioner.engine.compute import setup_compute
-from captioner.engine.predict import DecodeSettings, caption_batches
+from captioner.engine.runtime.compute import setup_compute
+from captioner.engine.infer.predict import DecodeSettings, caption_batches
 from captioner.data.images import MAX_PIXELS
 from captioner.data.pipeline import image_batches
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
-from captioner.engine.gallery import Gallery
-from captioner.engine import distributed
-from captioner.engine.distributed import Process
-from captioner.engine.outputs import CaptionsFile, format_for, part_path, part_paths, same_file
+from captioner.engine.outputs.gallery import Gallery
+from captioner.engine.runtime import distributed
+from captioner.engine.runtime.distributed import Process
+from captioner.engine.outputs.captions_file import CaptionsFile, format_for, part_path, part_paths, same_file
 
 log = logging.getLogger("captioner")
 
@@ -75,7 +75,7 @@ def main(job: CaptionJob) -> dict:
     is given.
 
     Under torchrun every process captions its shard of the images on its own device (cuda:LOCAL_RANK or the
-    CPU) into its own part files, which rank 0 moves into out and html at the end (engine/outputs.py).
+    CPU) into its own part files, which rank 0 moves into out and html at the end (engine/outputs/captions_file.py).
 
     Returns {"images": found, "captioned": and "errors": written by this run, "skipped": already in the
     output, "failed": error records for these images in the whole output, "out", "html", "seconds",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from captioner.jobs import caption, evaluate, train
 from captioner.config import load_config, shipped_config
-from captioner.data import by_split, load_records
+from captioner.data.datasets import by_split, load_records
 from captioner.errors import CaptionerError
 from captioner.files import check_writable
 

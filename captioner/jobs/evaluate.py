@@ -15,17 +15,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captioner.engine.checkpoint import load_model
-from captioner.engine.compute import setup_compute
-from captioner.engine.predict import DecodeSettings, predict
+from captioner.engine.infer.checkpoint import load_model
+from captioner.engine.runtime.compute import setup_compute
+from captioner.engine.infer.predict import DecodeSettings, predict
 from captioner.config import check_checkpoint_overrides, require_min, ComputeConfig, apply_overrides
-from captioner.data import by_split, load_records
+from captioner.data.datasets import by_split, load_records
 from captioner.data.cache import cached_source
 from captioner.errors import CaptionerError
 from captioner.files import check_writable, write_json
 from captioner.metrics.coco import caption_metrics
 from captioner.metrics.diversity import caption_diversity
-from captioner.engine.runtime import resolve_device
+from captioner.engine.runtime.device import resolve_device
 
 log = logging.getLogger("captioner")
 

@@ -21,15 +21,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioner.engine.compute import setup_compute
-from captioner.engine.extraction import check_disk, extract_into, merge_parts, open_for_extraction, part_folder
+from captioner.engine.runtime.compute import setup_compute
+from captioner.engine.infer.extraction import check_disk, extract_into, merge_parts, open_for_extraction, part_folder
 from captioner.config import Config, require_min
-from captioner.data import load_records
+from captioner.data.datasets import load_records
 from captioner.data.cache import FeatureCache, default_cache_dir, describe_size, encoder_signature, lock_cache
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import build_encoder
-from captioner.engine import distributed
-from captioner.engine.distributed import Process
+from captioner.engine.runtime import distributed
+from captioner.engine.runtime.distributed import Process
 
 log = logging.getLogger("captioner")
 

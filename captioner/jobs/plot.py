@@ -12,7 +12,7 @@ from pathlib import Path
 
 from captioner.errors import CaptionerError
 from captioner.files import atomic_write
-from captioner.engine.rundir import read_metrics
+from captioner.engine.train.rundir import read_metrics
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:

@@ -22,11 +22,11 @@ import logging
 from pathlib import Path
 
 from captioner.config import Config, DatasetConfig, to_dict
-from captioner.data import read_dataset
+from captioner.data.datasets import read_dataset
 from captioner.data.records import SPLITS, ImageRecord, by_split, drop_missing, find_missing
 from captioner.errors import CaptionerError
 from captioner.files import write_text
-from captioner.model.vocab import Vocabulary, tokenize
+from captioner.text import Vocabulary, tokenize
 
 log = logging.getLogger("captioner")
 

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from captioner.config import DatasetConfig
-from captioner.data import detect_format, read_dataset
+from captioner.data.datasets import detect_format, read_dataset
 from captioner.data.coco import coco_index
 from captioner.data.records import read_json
 from captioner.errors import CaptionerError

@@ -6,7 +6,7 @@
     CAPTIONER_TOKEN=secret captioner serve --checkpoint best.pt --host 0.0.0.0 --allow-remote
 
 Images are decoded by the same function and error rules as `captioner caption` and captioned by the same
-decode path (engine/predict.py caption_batch), so a served caption equals the command's. Requests that
+decode path (engine/infer/predict.py caption_batch), so a served caption equals the command's. Requests that
 arrive together are captioned in one batch (up to --max-batch, waiting at most --max-wait-ms); SIGTERM or
 Ctrl-C stops accepting, lets the requests in flight finish, then exits.
 """
@@ -25,13 +25,13 @@ import torch
 from PIL import Image
 
 from captioner.config import require_min
-from captioner.engine.batcher import DynamicBatcher
-from captioner.engine.checkpoint import load_model
-from captioner.engine.compute import setup_compute
-from captioner.engine.interrupt import STOP_SIGNALS
-from captioner.engine.runtime import resolve_device
-from captioner.engine.limits import Limits
-from captioner.engine.predict import DecodeSettings, caption_batch
+from captioner.engine.serve.batcher import DynamicBatcher
+from captioner.engine.infer.checkpoint import load_model
+from captioner.engine.runtime.compute import setup_compute
+from captioner.engine.runtime.signals import STOP_SIGNALS
+from captioner.engine.runtime.device import resolve_device
+from captioner.engine.serve.limits import Limits
+from captioner.engine.infer.predict import DecodeSettings, caption_batch
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -112,7 +112,7 @@ def is_loopback(host: str) -> bool:
 
 def build(opts: ServeOptions):
     """(app, captioner): the model loaded and warmed up, the batcher started, the FastAPI app around them."""
-    from captioner.engine.webapp import create_app  # FastAPI is an optional extra: imported on use
+    from captioner.engine.serve.webapp import create_app  # FastAPI is an optional extra: imported on use
     check_options(opts)
     captioner = Captioner(opts.checkpoint, opts.device, opts.beam_size)
     size = captioner.model.encoder.image_size

@@ -9,9 +9,9 @@
 
 RUN_DIR gets last.pt (every train.checkpoint_every steps, at each epoch end, on SIGINT/SIGTERM), best.pt (when
 the validation train.select_metric improves), metrics.jsonl, config.yaml and vocab.json (see rundir.py). Each
-checkpoint holds the whole training state (engine/run_state.py), so a resumed run repeats an uninterrupted one
-exactly on CPU. This file assembles a run and holds the epoch loop; the step is engine/step.py (the one `bench`
-times), validation engine/validation.py, the choice of inputs engine/training_inputs.py.
+checkpoint holds the whole training state (engine/train/run_state.py), so a resumed run repeats an uninterrupted one
+exactly on CPU. This file assembles a run and holds the epoch loop; the step is engine/train/step.py (the one `bench`
+times), validation engine/train/validation.py, the choice of inputs engine/train/inputs.py.
 
 Under torchrun each process trains on train.batch_size captions of every step with DistributedDataParallel
 (the global batch is N times larger). Validation captions are computed by every process on its share of the
@@ -32,25 +32,25 @@ from torch.nn.parallel import DistributedDataParallel
 from captioner.progress import bar as make_bar
 
 from captioner.config import Config, to_dict
-from captioner.data import by_split, load_records
+from captioner.data.datasets import by_split, load_records
 from captioner.data.pipeline import Batches
-from captioner.engine import distributed
-from captioner.engine.compute import setup_compute
-from captioner.engine.distributed import Process
-from captioner.engine.interrupt import StopRequest
-from captioner.engine.run_state import (Progress, TrainingRun, Window, check_vocabulary, init_checkpoint, peak_memory,
+from captioner.engine.runtime import distributed
+from captioner.engine.runtime.compute import setup_compute
+from captioner.engine.runtime.distributed import Process
+from captioner.engine.runtime.signals import StopRequest
+from captioner.engine.train.run_state import (Progress, TrainingRun, Window, check_vocabulary, init_checkpoint, peak_memory,
                                         restore, resume_checkpoint, save_checkpoints, vocabulary_coverage,
                                         write_run_files)
-from captioner.engine.rundir import MetricsLog, lock_run_dir, plan_run
-from captioner.engine.runtime import seed_everything
-from captioner.engine.schedule import LRSchedule
-from captioner.engine.scst import Rewarder, SelfCriticalLoss
-from captioner.engine.step import CaptionLoss, TrainingStep, build_optimizer
-from captioner.engine.training_inputs import build_train_loader, check_training_data, training_inputs
-from captioner.engine.validation import early_stop, finish_epoch, validate
+from captioner.engine.train.rundir import MetricsLog, lock_run_dir, plan_run
+from captioner.engine.runtime.rng import seed_everything
+from captioner.engine.train.schedule import LRSchedule
+from captioner.engine.train.scst import Rewarder, SelfCriticalLoss
+from captioner.engine.train.step import CaptionLoss, TrainingStep, build_optimizer
+from captioner.engine.train.inputs import build_train_loader, check_training_data, training_inputs
+from captioner.engine.train.validation import early_stop, finish_epoch, validate
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel, build_encoder
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 log = logging.getLogger("captioner")
 

@@ -28,7 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 
 from captioner.errors import CaptionerError
-from captioner.model.vocab import tokenize
+from captioner.text import tokenize
 
 log = logging.getLogger("captioner")
 

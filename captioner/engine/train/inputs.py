@@ -15,13 +15,13 @@ from captioner.data.cache import training_inputs as cached_inputs
 from captioner.data.images import CaptionPairs, ImageFiles
 from captioner.data.pipeline import Batches, Unreadable, image_batches
 from captioner.data.sampler import ResumableSampler
-from captioner.engine.compute import Compute, autocast
-from captioner.engine import distributed
-from captioner.engine.distributed import Process
+from captioner.engine.runtime.compute import Compute, autocast
+from captioner.engine.runtime import distributed
+from captioner.engine.runtime.distributed import Process
 from captioner.model.caption_model import CaptionModel
 from captioner.errors import CaptionerError
 from captioner.progress import bar as make_bar
-from captioner.model.vocab import SPECIALS, Vocabulary
+from captioner.text import SPECIALS, Vocabulary
 
 log = logging.getLogger("captioner")
 

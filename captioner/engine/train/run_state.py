@@ -22,19 +22,19 @@ import torch.nn as nn
 import yaml
 
 from captioner.config import Config, apply_overrides, from_saved_dict, load_config, to_dict
-from captioner.engine import distributed
-from captioner.engine.checkpoint import check_resumable, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from captioner.engine.compute import Compute
-from captioner.engine.distributed import Process
-from captioner.engine.interrupt import StopRequest
-from captioner.engine.rundir import MetricsLog, clear_run_files, config_differences, plan_run
-from captioner.engine.runtime import restore_rng_state, rng_state
-from captioner.engine.schedule import LRSchedule
-from captioner.engine.step import TrainingStep
+from captioner.engine.runtime import distributed
+from captioner.engine.infer.checkpoint import check_resumable, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from captioner.engine.runtime.compute import Compute
+from captioner.engine.runtime.distributed import Process
+from captioner.engine.runtime.signals import StopRequest
+from captioner.engine.train.rundir import MetricsLog, clear_run_files, config_differences, plan_run
+from captioner.engine.runtime.rng import restore_rng_state, rng_state
+from captioner.engine.train.schedule import LRSchedule
+from captioner.engine.train.step import TrainingStep
 from captioner.errors import CaptionerError
 from captioner.files import write_text
 from captioner.model.caption_model import CaptionModel
-from captioner.model.vocab import Vocabulary, tokenize
+from captioner.text import Vocabulary, tokenize
 
 log = logging.getLogger("captioner")
 
@@ -73,7 +73,7 @@ class TrainingRun:
     metrics: MetricsLog
     process: Process
     stop: StopRequest
-    compute: Compute  # the resolved precision and memory format (engine/compute.py)
+    compute: Compute  # the resolved precision and memory format (engine/runtime/compute.py)
     init_from: str | None = None  # the checkpoint the run's weights started from (--init-from)
 
 

@@ -20,8 +20,8 @@ import torch
 
 from captioner.data.cache import CachedFeatures, FeatureCache, file_identity
 from captioner.data.pipeline import Unreadable, image_batches
-from captioner.engine.compute import autocast
-from captioner.engine.distributed import GlobalProgress, Process
+from captioner.engine.runtime.compute import autocast
+from captioner.engine.runtime.distributed import GlobalProgress, Process
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")

@@ -14,7 +14,7 @@ do). No script, no other file: the page opens from anywhere, and a thumbnail lin
 The page resumes like the captions file: one entry per line, appended and flushed per batch; reopening
 drops a half-written last line and the footer, and `has(file)` tells whether a file is already in it.
 Under torchrun each process writes a part page (gallery.html.part-00003) and rank 0 moves its entries into
-the one gallery (absorb), as for the captions file (engine/outputs.py).
+the one gallery (absorb), as for the captions file (engine/outputs/captions_file.py).
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image
 
 from captioner.errors import CaptionerError
-from captioner.engine.outputs import AppendLog, same_file
-from captioner.model.vocab import join_words
+from captioner.engine.outputs.captions_file import AppendLog, same_file
+from captioner.text import join_words
 
 THUMBNAIL = 224  # longest side of the embedded JPEG, in pixels
 PANEL = 112  # longest side of a word's panel on the page, in CSS pixels (the image panel is twice that)

@@ -18,9 +18,9 @@ from captioner.progress import bar as make_bar
 
 from captioner.config import Config
 from captioner.data.pipeline import Unreadable, feature_batches, image_batches
-from captioner.engine.compute import Compute, autocast
-from captioner.model.beam import decode
-from captioner.model.vocab import Vocabulary, join_words
+from captioner.engine.runtime.compute import Compute, autocast
+from captioner.model.decoding import decode
+from captioner.text import Vocabulary, join_words
 
 log = logging.getLogger("captioner")
 
