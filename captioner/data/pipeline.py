@@ -101,7 +101,7 @@ def resize_batch(images: list[torch.Tensor], image_size: int) -> torch.Tensor:
 
 def decode_batch(items: list[torch.Tensor], paths: list[str], image_size: int, device: torch.device,
                  errors: list[str]) -> torch.Tensor:
-    """ImageFiles(raw_jpeg=True) items -> (B, 3, S, S) uint8 on device. A file the batch decoder rejects is
+    """ImageFiles(gpu_decode=True) items -> (B, 3, S, S) uint8 on device. A file the batch decoder rejects is
     read by PIL instead (errors[j] gets PIL's message when that fails too)."""
     jpegs = [j for j, t in enumerate(items) if t.dim() == 1]
     images: list[torch.Tensor | None] = [t.to(device, non_blocking=True) if t.dim() == 3 else None for t in items]
@@ -133,7 +133,7 @@ def decode_batch(items: list[torch.Tensor], paths: list[str], image_size: int, d
 
 class Batches:
     """Device batches of an ImageFiles or CaptionPairs dataset, decoded in DataLoader workers (or on the GPU
-    when its ImageFiles has raw_jpeg). Training batches (CaptionPairs) come without the rows of unreadable
+    when its ImageFiles has gpu_decode). Training batches (CaptionPairs) come without the rows of unreadable
     images, which go to `unreadable`; image batches keep them (zeros and an error) for the caller to report."""
 
     def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0,
@@ -174,14 +174,14 @@ class Batches:
 
 
 def image_batches(paths: list[str], image_size: int, batch_size: int, num_workers: int, device: torch.device,
-                  device_decode: bool = False, max_pixels: int = MAX_PIXELS) -> Batches:
+                  gpu_decode: bool = False, max_pixels: int = MAX_PIXELS) -> Batches:
     """Batches of image files: Batch(images (B, 3, S, S) uint8 on device, index into paths, errors, sizes).
 
     A file that cannot be read gives a zero image and its error message; callers skip it and report it.
-    device_decode: workers only read bytes and `device` decodes them in batches (nvjpeg on CUDA; on CPU the
+    gpu_decode: workers only read bytes and `device` decodes them in batches (nvjpeg on CUDA; on CPU the
     main process would decode, which only tests use).
     """
-    files = ImageFiles(paths, image_size, max_pixels, raw_jpeg=device_decode)
+    files = ImageFiles(paths, image_size, max_pixels, gpu_decode=gpu_decode)
     return Batches(files, batch_size, device, num_workers)
 
 

@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 
-from captioner.engine.infer.checkpoint import checkpoint_hash, load_model
 from captioner.config import ComputeConfig, require_min
-from captioner.engine.runtime.compute import setup_compute
-from captioner.engine.infer.predict import DecodeSettings, caption_batches
 from captioner.data.images import MAX_PIXELS
-from captioner.data.pipeline import image_batches
+from captioner.engine.infer.checkpoint import checkpoint_hash
+from captioner.engine.infer.predict import DecodeSettings
+from captioner.engine.infer.predictor import Predictor
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
 from captioner.engine.outputs.gallery import Gallery
@@ -95,35 +94,28 @@ def main(job: CaptionJob) -> dict:
 
 
 def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dict:
-    checkpoint, paths, html, recursive = job.checkpoint, job.paths, job.html, job.recursive
-    batch_size, num_workers, compute = job.batch_size, job.num_workers, job.compute
-    overwrite, retry_errors, max_pixels = job.overwrite, job.retry_errors, job.max_pixels or MAX_PIXELS
-    device = process.device
-    files = find_images(paths, recursive) if process.is_main else None  # before the model: a typo fails fast
+    html, max_pixels = job.html, job.max_pixels or MAX_PIXELS
+    files = find_images(job.paths, job.recursive) if process.is_main else None  # before the model: a typo fails fast
     if process.is_main and not files:
-        raise CaptionerError(f"no image files found in {', '.join(paths)} (folders are searched for "
-                             f"image extensions{'' if recursive else '; add --recursive for sub-folders'})")
-    model, vocab, cfg = load_model(checkpoint, device)
+        raise CaptionerError(f"no image files found in {', '.join(job.paths)} (folders are searched for image "
+                             f"extensions{'' if job.recursive else '; add --recursive for sub-folders'})")
     # compute describes this machine, not the checkpoint: auto unless the caller says otherwise.
-    run = setup_compute(compute or cfg.compute, device)
-    run.prepare_encoder(model.encoder)
-    cfg.decode.sample = job.sample or cfg.decode.sample
-    cfg.decode.temperature = job.temperature if job.temperature is not None else cfg.decode.temperature
-    if cfg.decode.sample:
-        torch.manual_seed(cfg.train.seed + process.rank)
-    settings = DecodeSettings.of(cfg, job.beam_size, compute=run)
-    beam_size, batch_size = settings.beam_size, batch_size or cfg.decode.batch_size
-    title = _gallery_title(checkpoint, beam_size, model, settings)
+    predictor = Predictor.load(job.checkpoint, process.device, beam_size=job.beam_size, compute=job.compute,
+                               sample=job.sample, temperature=job.temperature)
+    settings, batch_size = predictor.settings, job.batch_size or predictor.cfg.decode.batch_size
+    if settings.sample:
+        torch.manual_seed(predictor.cfg.train.seed + process.rank)
+    title = f"Captions by {Path(job.checkpoint).name}: {predictor.description()}"
 
-    made_by = {"model": checkpoint_hash(checkpoint), "decoding": _decoding(settings)}
+    made_by = {"model": checkpoint_hash(job.checkpoint), "decoding": _decoding(settings)}
     results = gallery = None  # the output files, held by rank 0
     parts = None  # this process's part files under torchrun
     counts = {"captioned": 0, "errors": 0}
     start, waited = time.perf_counter(), [0.0]
     try:
         if process.is_main:
-            results, gallery, plan = _open_outputs(files, out_path, fmt, html, title, overwrite, retry_errors,
-                                                   made_by)
+            results, gallery, plan = _open_outputs(files, out_path, fmt, html, title, job.overwrite,
+                                                   job.retry_errors, made_by)
         todo, recorded = distributed.broadcast_from_main(plan if process.is_main else None, process)
         mine = distributed.shard(todo, process)
         writer, pages = results, gallery
@@ -133,11 +125,10 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
             writer, pages = parts
             writer.done.update((key, {}) for key in recorded)  # gallery-only work: no second record
         try:
-            batches = _timed_iter(image_batches(mine, model.encoder.image_size, batch_size, num_workers, device,
-                                                run.gpu_decode, max_pixels), waited)
+            batches = _timed_iter(predictor.image_batches(mine, batch_size, job.num_workers, max_pixels), waited)
             with distributed.GlobalProgress(len(todo), process, "captioning", log.isEnabledFor(logging.INFO)) as bar:
-                for batch, captioned in caption_batches(model, vocab, batches, settings, attention=html is not None):
-                    _write_batch(model, mine, batch, captioned, writer, pages, counts)
+                for batch, captioned in predictor.caption_batches(batches, attention=html is not None):
+                    _write_batch(predictor.model.grid, mine, batch, captioned, writer, pages, counts)
                     bar.update(len(captioned))
                     bar.set_postfix(errors=counts["errors"])
         except torch.cuda.OutOfMemoryError:
@@ -224,7 +215,7 @@ def _timed_iter(iterable, waited: list):
         yield item
 
 
-def _write_batch(model, todo, batch, captioned, results, gallery, counts) -> None:
+def _write_batch(grid, todo, batch, captioned, results, gallery, counts) -> None:
     """Append one batch's records (and gallery entries) at once."""
     records = []
     for c in captioned:
@@ -244,7 +235,7 @@ def _write_batch(model, todo, batch, captioned, results, gallery, counts) -> Non
                 row = batch.index.tolist().index(c.index)
                 image = batch.inputs[row].permute(1, 2, 0).cpu().numpy()  # (3, S, S) -> (S, S, 3) uint8
                 gallery.add(file, image, tuple(batch.sizes[row].tolist()), c.words, c.alphas.numpy(),
-                            grid=model.grid, score=record["score"])
+                            grid=grid, score=record["score"])
     results.append(records)
     if gallery is not None:
         gallery.flush()
@@ -255,12 +246,3 @@ def _decoding(settings: DecodeSettings) -> str:
     how = (f"sampled at temperature {settings.temperature:g}" if settings.sample else
            f"beam {settings.beam_size}, max_len {settings.max_len}, length_penalty {settings.length_penalty:g}")
     return how if not settings.sample else f"{how}, max_len {settings.max_len}"
-
-
-def _gallery_title(checkpoint: str, beam_size: int, model, settings) -> str:
-    decoding = "greedy decoding" if beam_size == 1 else f"beam search (beam {beam_size})"
-    if settings.sample:
-        decoding = f"sampling (temperature {settings.temperature:g})"
-    enc = model.encoder
-    return (f"Captions by {Path(checkpoint).name}: {decoding}, attention over the {enc.grid[0]}x{enc.grid[1]} "
-            f"{enc.layer} grid of {enc.arch}")

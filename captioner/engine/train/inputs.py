@@ -95,7 +95,7 @@ def training_inputs(cfg: Config, model: CaptionModel, train_records, val_records
                  "per batch (train.precompute_features ignored)", cfg.encoder.finetune_from)
         precompute = False
     if not precompute:
-        source = ImageFiles([r.path for r in train_records], cfg.encoder.image_size, raw_jpeg=gpu_decode)
+        source = ImageFiles([r.path for r in train_records], cfg.encoder.image_size, gpu_decode=gpu_decode)
         return TrainingInputs(source, train_records, None, val_records, cfg.train.num_workers, unreadable)
     device, bar = process.device, process.is_main
     batch_size, num_workers = cfg.compute.encode_batch_size, cfg.compute.num_workers
