@@ -371,7 +371,7 @@ def _available_memory() -> int | None:
     return None
 
 
-def training_inputs(cfg: Config, encoder, train_records: list, val_records: list):
+def cached_training_inputs(cfg: Config, encoder, train_records: list, val_records: list):
     """(train source, train records, val source, val records) from one valid cache covering both splits,
     or None so that training runs (or precomputes) the encoder itself."""
     cache = open_valid_cache(cfg, encoder, "train")

@@ -44,6 +44,15 @@ class Batch(NamedTuple):
     lengths: torch.Tensor | None = None  # (B,) tokens of each caption, <start> and <end> included
     read: int = 0  # training: samples the loader read, those dropped as unreadable included
 
+    def readable(self) -> list[int]:
+        """The rows whose image was read; the others hold zeros and an error."""
+        return readable_rows(self.errors)
+
+
+def readable_rows(errors: list[str]) -> list[int]:
+    """Positions of the empty error messages: the one readable-rows rule of every batch consumer."""
+    return [j for j, error in enumerate(errors) if not error]
+
 
 class Unreadable:
     """Counts unreadable images, warning once per image with its path and the reason."""
@@ -164,7 +173,7 @@ class Batches:
                 yield Batch(inputs, index, errors, sizes)
                 continue
             captions, lengths = (t.to(self.device, non_blocking=True) for t in pairs)
-            read, good = len(errors), [j for j, e in enumerate(errors) if not e]
+            read, good = len(errors), readable_rows(errors)
             for e in filter(None, errors):
                 self.unreadable.add(e)
             if len(good) < len(errors):  # an unreadable image's captions are left out of the step

@@ -36,7 +36,7 @@ from captioner.errors import CaptionerError
 from captioner.engine.outputs.gallery import Gallery
 from captioner.engine.runtime import distributed
 from captioner.engine.runtime.distributed import Process
-from captioner.engine.outputs.captions_file import CaptionsFile, format_for, part_path, part_paths, same_file
+from captioner.engine.outputs.captions_file import CaptionsFile, format_for, part_path, part_paths, file_key
 
 log = logging.getLogger("captioner")
 
@@ -143,7 +143,7 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
             if not process.is_main:
                 return {"images": len(mine), **counts, "rank": process.rank}
             counts = {k: sum(c[k] for c in everyone) for k in counts}
-            order = {same_file(f): i for i, f in enumerate(files)}
+            order = {file_key(f): i for i, f in enumerate(files)}
             results.absorb(part_paths(out_path), order)
             if gallery:
                 gallery.absorb(part_paths(html), order)
@@ -158,12 +158,12 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
     seconds = time.perf_counter() - start
     done = counts["captioned"] + counts["errors"]
     skipped = len(files) - len(todo) + len(recorded)
-    failed = sorted(f for f in files if "error" in results.done.get(same_file(f), {}))
+    failed = sorted(f for f in files if "error" in results.done.get(file_key(f), {}))
     log.info("captioned %d images in %.1fs (%.1f images/s over %d process%s, %.1fs waiting for image decoding); "
              "%d could not be read", counts["captioned"], seconds, done / seconds if seconds else 0.0,
              process.world_size, "es" if process.distributed else "", waited[0], counts["errors"])
     for f in failed[:5]:
-        log.warning("  %s: %s", f, results.done[same_file(f)]["error"])
+        log.warning("  %s: %s", f, results.done[file_key(f)]["error"])
     if len(failed) > 5:
         log.warning("  ... and %d more error records in %s", len(failed) - 5, out_path)
     return {"images": len(files), **counts, "skipped": skipped, "failed": len(failed), "out": str(out_path),
@@ -179,7 +179,7 @@ def _open_outputs(files, out_path, fmt, html, title, overwrite, retry_errors, ma
     gallery = None
     try:
         gallery = Gallery(html, title, overwrite, made_by) if html else None
-        order = {same_file(f): i for i, f in enumerate(files)}
+        order = {file_key(f): i for i, f in enumerate(files)}
         leftovers = [part_paths(out_path), part_paths(html) if html else []]
         if overwrite:
             for path in leftovers[0] + leftovers[1]:
@@ -194,8 +194,8 @@ def _open_outputs(files, out_path, fmt, html, title, overwrite, retry_errors, ma
         if gallery:
             gallery.close()
         raise
-    todo = [f for f in files if same_file(f) not in results.done or (gallery and not gallery.has(f))]
-    recorded = [same_file(f) for f in todo if same_file(f) in results.done]
+    todo = [f for f in files if file_key(f) not in results.done or (gallery and not gallery.has(f))]
+    recorded = [file_key(f) for f in todo if file_key(f) in results.done]
     skipped = len(files) - len(todo) + len(recorded)
     if skipped:
         log.info("%d of %d images are already in %s: skipped (--overwrite starts again)", skipped, len(files),
@@ -225,7 +225,7 @@ def _write_batch(grid, todo, batch, captioned, results, gallery, counts) -> None
             record = {"file": file, "error": c.error.removeprefix(f"{file}: ")}
         else:
             record = {"file": file, "caption": c.caption, "score": round(c.score, 4)}
-        if same_file(file) not in results.done:
+        if file_key(file) not in results.done:
             records.append(record)
             counts["errors" if c.error else "captioned"] += 1
         if gallery is not None and not gallery.has(file):

@@ -97,7 +97,7 @@ def extract_into(cache: FeatureCache, encoder, records: list, batch_size: int, n
         try:
             for batch in batches:
                 images, index, errors = batch.inputs, batch.index, batch.errors
-                ok = [j for j, e in enumerate(errors) if not e]
+                ok = batch.readable()
                 failures = [(todo[int(index[j])], e) for j, e in enumerate(errors) if e]
                 for _, message in failures:
                     unreadable.add(message)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from captioner.config import Config
-from captioner.data.cache import training_inputs as cached_inputs
+from captioner.data.cache import cached_training_inputs
 from captioner.data.images import CaptionPairs, ImageFiles
 from captioner.data.pipeline import Batches, Unreadable, image_batches
 from captioner.data.sampler import ResumableSampler
@@ -35,7 +35,7 @@ def extract_features(model: CaptionModel, records, batch_size: int, num_workers:
                             gpu_decode)
     chunks, keep = [], []
     for batch in make_bar(batches, desc=desc, unit="batch", leave=False, disable=not progress_bar):
-        good = [j for j, e in enumerate(batch.errors) if not e]
+        good = batch.readable()
         for e in filter(None, batch.errors):
             unreadable.add(e)
         if good:
@@ -84,7 +84,7 @@ def training_inputs(cfg: Config, model: CaptionModel, train_records, val_records
     every epoch) or image files read per batch. One place, so that a feature cache can take over."""
     val_records = val_records[process.rank::process.world_size]  # validation is split across processes
     unreadable, gpu_decode = Unreadable(), compute.gpu_decode
-    cached = None if cfg.encoder.finetune_from else cached_inputs(cfg, model.encoder, train_records, val_records)
+    cached = None if cfg.encoder.finetune_from else cached_training_inputs(cfg, model.encoder, train_records, val_records)
     if cached is not None:  # memory-mapped feature cache: workers read only the rows each batch needs
         train_source, train_records, val_features, val_records = cached
         return TrainingInputs(train_source, train_records, val_features, val_records, cfg.train.num_workers,
