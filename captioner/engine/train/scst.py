@@ -15,7 +15,7 @@ train.scst_diversity > 0 lowers each sample's reward by that weight times its si
 sample of another image in the batch (`similarity_to_other_images`): a caption that would fit other photos as
 well gains less, which counters SCST's drift towards one generic caption for many photos.
 
-`SelfCriticalLoss` is a loss module of the one training step (engine/step.py): (inputs, image indices) ->
+`SelfCriticalLoss` is a loss module of the one training step (engine/train/step.py): (inputs, image indices) ->
 (loss, None, None), so autocast, backward, clipping, the NaN guard and DDP are cross-entropy's; the step's
 statistics for the logs are left in its `stats`.
 """
@@ -29,9 +29,9 @@ import torch.nn as nn
 
 from captioner.config import SCST_BASELINES
 from captioner.metrics.cider import CiderD
-from captioner.model.beam import greedy_decode
+from captioner.model.decoding import greedy_decode
 from captioner.model.sample import sample_captions
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 
 class Rewarder:
