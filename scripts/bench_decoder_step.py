@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 from captioner.config import Config, ModelConfig  # noqa: E402
-from captioner.engine.step import CaptionLoss, TrainingStep, build_optimizer  # noqa: E402
+from captioner.engine.train.step import CaptionLoss, TrainingStep, build_optimizer  # noqa: E402
 from captioner.model.caption_model import CaptionModel  # noqa: E402
 from captioner.model.decoder import caption_loss  # noqa: E402
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from captioner.config import ModelConfig
-from captioner.model.beam import beam_search, decode, greedy_decode, repeated_ngram_words
+from captioner.model.decoding import beam_search, decode, greedy_decode, repeated_ngram_words
 from captioner.model.caption_model import CaptionModel
 
 

@@ -1,10 +1,20 @@
-"""The training-side variety levers: label smoothing in the cross-entropy, SCST's diversity term."""
+"""The variety levers' keys: label smoothing, SCST's diversity term, and the decode.* options reaching the decoder."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from captioner.engine.scst import similarity_to_other_images
+from captioner.config import ModelConfig, load_config
+from captioner.data.records import ImageRecord
+from captioner.engine.infer.predict import DecodeSettings, caption_batch
+from captioner.engine.runtime.compute import setup_compute
+from captioner.engine.train.scst import Rewarder, SelfCriticalLoss, similarity_to_other_images
+from captioner.errors import CaptionerError
+from captioner.model.caption_model import CaptionModel
 from captioner.model.decoder import caption_loss
+from captioner.model.decoding import decode
+from captioner.text import Vocabulary
 
 
 def test_label_smoothing_moves_the_target_towards_uniform():
@@ -36,3 +46,57 @@ def test_similarity_to_other_images_finds_generic_captions():
     # 4 words + 3 word pairs each, sharing 2 words and 1 pair: cosine 3/7
     assert partly.tolist() == pytest.approx([3 / 7, 3 / 7], abs=1e-6)
     assert similarity_to_other_images(tokens[:2], torch.tensor([0, 0])).tolist() == [0.0, 0.0]
+
+
+class _Features(torch.nn.Module):
+    """Stands in for a frozen encoder giving (B, 24, 3, 3) features: keeps these tests free of a CNN."""
+    channels, grid, image_size = 24, (3, 3), 32
+
+
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_scst_diversity_term_lowers_the_reward_by_the_similarity(baseline):
+    captions = [["a dog runs on grass", "a brown dog runs"], ["a man rides a bike"], ["two girls play on grass"]]
+    records = [ImageRecord(image_id=i, path=f"{i}.jpg", captions=c, split="train") for i, c in enumerate(captions)]
+    vocab = Vocabulary.build([c for caps in captions for c in caps])
+    torch.manual_seed(0)
+    model = CaptionModel(None, ModelConfig(16, 16, 16, dropout=0.0), len(vocab), encoder=_Features())
+    rewarder, raw, images = Rewarder(records, vocab, 16), torch.randn(3, 24, 3, 3), torch.tensor([0, 1, 2])
+    results = {}
+    for weight in (0.0, 0.5):
+        loss_fn = SelfCriticalLoss(model, rewarder, samples=4, baseline=baseline, max_len=6, diversity=weight)
+        torch.manual_seed(1)  # the same samples both times
+        loss, _, _ = loss_fn(raw, images)
+        results[weight] = (loss.item(), loss_fn.stats)
+    plain, diverse = results[0.0][1], results[0.5][1]
+    assert "similarity" not in plain and 0 < diverse["similarity"] <= 1
+    assert diverse["reward"] == pytest.approx(plain["reward"])  # the logged reward stays CIDEr-D
+    if baseline == "mean":  # the baseline is the penalised rewards' mean
+        assert diverse["baseline"] == pytest.approx(plain["baseline"] - 0.5 * diverse["similarity"], abs=1e-5)
+    assert results[0.0][0] != pytest.approx(results[0.5][0])
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.label_smoothing", "1.0", "train.label_smoothing must be in [0, 1)"),
+    ("train.scst_diversity", "-0.1", "train.scst_diversity must be >= 0"),
+    ("decode.block_ngram", "-1", "decode.block_ngram must be >= 0"),
+    ("decode.groups", "0", "decode.groups must be >= 1"),
+    ("decode.groups", "2", "decode.beam_size (3) must be a multiple of decode.groups (2)"),
+    ("decode.diversity", "-1", "decode.diversity must be >= 0")])
+def test_variety_keys_refuse_bad_values(key, value, message):
+    with pytest.raises(CaptionerError, match=re.escape(message)):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_decode_settings_take_the_decode_keys_to_the_one_decode_path():
+    cfg = load_config(None, ["decode.block_ngram=3", "decode.beam_size=4", "decode.groups=2", "decode.diversity=0.5"])
+    compute = setup_compute(cfg.compute, torch.device("cpu"))
+    settings = DecodeSettings.of(cfg, compute=compute)
+    assert (settings.block_ngram, settings.groups, settings.diversity, settings.beam_size) == (3, 2, 0.5, 4)
+    assert DecodeSettings.of(cfg, beam_size=3, compute=compute).groups == 1  # --beam 3: no groups (warned)
+    torch.manual_seed(0)
+    model = CaptionModel(None, ModelConfig(16, 16, 16, dropout=0.0), 12, encoder=_Features()).eval()
+    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(8)])
+    raw = torch.randn(3, 24, 3, 3) * 4
+    captioned = caption_batch(model, vocab, raw, settings)
+    expected = decode(model, raw, 4, cfg.decode.max_len, block_ngram=3, groups=2, diversity=0.5)
+    assert [c.score for c in captioned] == pytest.approx(expected.scores.tolist(), abs=1e-5)

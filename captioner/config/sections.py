@@ -89,6 +89,10 @@ class TrainConfig:
     scst_samples: int = 5  # scst: captions sampled per image (train.batch_size counts images)
     scst_baseline: str = "mean"  # scst: mean (of the image's other samples; Luo 2020) or greedy (Rennie et al.)
     scst_entropy: float = 0.0  # scst: weight of an entropy bonus that keeps sampling from collapsing (0: off)
+    # scst: a sample's reward is lowered by this times its similarity to another image's most similar sample in the
+    # batch (0: off), against one generic caption for many photos (docs/quality.md)
+    scst_diversity: float = 0.0
+    label_smoothing: float = 0.0  # xe: probability of the target spread over the other words (0: off)
 
 
 @dataclass
@@ -99,6 +103,9 @@ class DecodeConfig:
     batch_size: int = 32
     sample: bool = False  # draw each word from the model's distribution (varied captions) instead of greedy/beam
     temperature: float = 1.0  # sampling only: < 1 sharper (closer to greedy), > 1 more varied
+    block_ngram: int = 0  # > 0: no caption repeats one of its n-grams of this length (greedy and beam; 0: off)
+    groups: int = 1  # beam search in this many diverse groups (Vijayakumar 2018); beam_size must be a multiple
+    diversity: float = 0.0  # diverse groups: log-probability penalty per earlier group that chose the same word
 
 
 @dataclass

@@ -242,7 +242,13 @@ def _write_batch(grid, todo, batch, captioned, results, gallery, counts) -> None
 
 
 def _decoding(settings: DecodeSettings) -> str:
-    """The decoding settings a caption depends on, as records name them."""
-    how = (f"sampled at temperature {settings.temperature:g}" if settings.sample else
-           f"beam {settings.beam_size}, max_len {settings.max_len}, length_penalty {settings.length_penalty:g}")
-    return how if not settings.sample else f"{how}, max_len {settings.max_len}"
+    """The decoding settings a caption depends on, as records name them (options left at off are not named, so
+    outputs written before they existed resume)."""
+    if settings.sample:
+        return f"sampled at temperature {settings.temperature:g}, max_len {settings.max_len}"
+    how = f"beam {settings.beam_size}, max_len {settings.max_len}, length_penalty {settings.length_penalty:g}"
+    if settings.block_ngram:
+        how += f", block_ngram {settings.block_ngram}"
+    if settings.groups > 1 and settings.beam_size > 1:
+        how += f", groups {settings.groups}, diversity {settings.diversity:g}"
+    return how

@@ -69,7 +69,8 @@ def main(job: EvaluateJob) -> dict:
                "dataset": cfg.dataset.annotations or cfg.dataset.root,
                "decoding": "greedy" if predictor.settings.beam_size == 1 else "beam",
                "beam_size": predictor.settings.beam_size,
-               "max_len": cfg.decode.max_len, "length_penalty": cfg.decode.length_penalty,
+               **{k: getattr(predictor.settings, k) for k in ("max_len", "length_penalty", "block_ngram", "groups",
+                                                               "diversity")},
                "features": f"cache {features.path} ({features.dtype})" if cached else "encoder", **scores,
                "results_file": str(results_path), "metrics_file": str(metrics_path)}
     write_json(metrics_path, metrics, "metrics file", indent=1)

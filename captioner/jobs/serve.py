@@ -85,7 +85,8 @@ class ServedModel:
         self.info = {"checkpoint": Path(checkpoint).name, "arch": enc.arch, "layer": enc.layer,
                      "grid": list(enc.grid), "image_size": enc.image_size, "vocab_size": len(p.vocab),
                      "decoding": {k: getattr(p.settings, k) for k in ("beam_size", "max_len", "length_penalty",
-                                                                       "sample", "temperature")},
+                                                                       "sample", "temperature", "block_ngram",
+                                                                       "groups", "diversity")},
                      "device": str(p.device), "description": f"{p.description()}."}
 
     def predict(self, items: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[dict]:

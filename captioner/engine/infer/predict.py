@@ -33,12 +33,21 @@ class DecodeSettings:
     bf16: bool = False  # bf16 autocast: the resolved compute.bf16 (Compute.bf16), never the config's string
     sample: bool = False  # draw each word from the model's distribution (beam_size is then ignored)
     temperature: float = 1.0  # sampling only
+    block_ngram: int = 0  # > 0: no caption repeats one of its n-grams (greedy and beam)
+    groups: int = 1  # diverse beam search: beam groups (beam_size must be a multiple)
+    diversity: float = 0.0  # diverse beam search: penalty per earlier group that chose the same word
 
     @classmethod
     def of(cls, cfg: Config, beam_size: int | None = None, *, compute: Compute) -> "DecodeSettings":
-        """cfg.decode's settings in compute's precision; beam_size overrides decode.beam_size."""
-        return cls(beam_size or cfg.decode.beam_size, cfg.decode.max_len, cfg.decode.length_penalty,
-                   compute.bf16, cfg.decode.sample, cfg.decode.temperature)
+        """cfg.decode's settings in compute's precision; beam_size overrides decode.beam_size (a beam size
+        that is not a multiple of decode.groups searches without groups)."""
+        beam_size = beam_size or cfg.decode.beam_size
+        groups = cfg.decode.groups if beam_size % cfg.decode.groups == 0 else 1
+        if groups != cfg.decode.groups:
+            log.warning("beam size %d is not a multiple of decode.groups=%d: searching without groups", beam_size,
+                        cfg.decode.groups)
+        return cls(beam_size, cfg.decode.max_len, cfg.decode.length_penalty, compute.bf16, cfg.decode.sample,
+                   cfg.decode.temperature, cfg.decode.block_ngram, groups, cfg.decode.diversity)
 
 
 @dataclass
@@ -74,7 +83,8 @@ def caption_batch(model, vocab: Vocabulary, inputs: torch.Tensor, settings: Deco
         with autocast(inputs.device, settings.bf16):  # bf16 where compute.bf16 resolved on
             raw = inputs if inputs.is_floating_point() else model.encode(inputs)  # -> (B, C, H, W)
             out = decode(model, raw, settings.beam_size, settings.max_len, settings.length_penalty,
-                         settings.sample, settings.temperature)
+                         settings.sample, settings.temperature, settings.block_ngram, settings.groups,
+                         settings.diversity)
     finally:
         model.train(was_training)
     # One copy to the host per batch: (B, L) tokens, (B,) scores and, when asked for, (B, L, N) attention.
