@@ -5,6 +5,7 @@ checkpoint cross-entropy selected) on Flickr8k-705 with pretrained MobileNetV2 f
     python scripts/bench_quality.py --threads 1                      # 3 seeds, both stages
     python scripts/bench_quality.py --seeds 1 --stages xe model.dropout=0.5   # key=value: both stages' configs
     python scripts/bench_quality.py --seeds 1 --scst train.scst_samples=10    # the SCST stage only
+    python scripts/bench_quality.py --tag t --reuse decode.beam_size=5  # rescore tag t's runs, no training
     python scripts/bench_quality.py encoder.weights=IMAGENET1K_V2    # torchvision's own MobileNetV2 weights
 
 Stage xe trains configs/bench_quality.yaml; stage scst trains configs/bench_quality_scst.yaml (the same model,
@@ -34,8 +35,10 @@ sys.path.insert(0, str(SCRIPTS.parent))  # run from a checkout without installin
 sys.path.insert(0, str(SCRIPTS))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
-from captioner.config import Config, load_config, require_min, to_dict  # noqa: E402
+from captioner.config import Config, from_saved_dict, load_config, require_min, to_dict  # noqa: E402
+from captioner.engine.train.rundir import config_differences  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
 from captioner.files import write_text  # noqa: E402
 from captioner.jobs import evaluate, extract, train  # noqa: E402
@@ -47,6 +50,9 @@ REPO = SCRIPTS.parent
 CONFIGS = {"xe": REPO / "configs" / "bench_quality.yaml", "scst": REPO / "configs" / "bench_quality_scst.yaml"}
 STAGES = ("xe", "scst")
 REPORTED = ("bleu1", "bleu4", "meteor", "rouge_l", "cider", "distinct_per_100", "vocab_used", "mean_length")
+# Keys that change only how a trained best.pt is scored (beam search), never what training did: --reuse ignores them.
+SCORING_ONLY = ("decode.beam_size", "decode.length_penalty", "decode.block_ngram", "decode.groups",
+                "decode.diversity", "decode.batch_size", "decode.sample", "decode.temperature")
 
 
 def default_data() -> Path:
@@ -79,17 +85,38 @@ def scores(metrics: dict) -> dict:
     return out
 
 
-def run_stage(cfg: Config, run_dir: Path, device: str | None, init_from: str | None, splits: list[str]) -> dict:
-    """Train one stage into run_dir, score its best.pt on splits -> {"checkpoint", "epoch", "train_s",
-    "score_s", split: scores}."""
+def finished_run(run_dir: Path, cfg: Config) -> float | None:
+    """Training seconds of the finished run in run_dir when it trained exactly cfg (SCORING_ONLY and compute.*
+    keys aside), else None."""
+    try:
+        saved = to_dict(from_saved_dict(yaml.safe_load((run_dir / "config.yaml").read_text())))
+        epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError, yaml.YAMLError, CaptionerError):
+        return None
+    epochs = [e for e in epochs if "epoch_s" in e]
+    differences = [d for d in config_differences(saved, to_dict(cfg))
+                   if not d.startswith(("compute.", *(f"{k}:" for k in SCORING_ONLY)))]
+    if differences or not (run_dir / "best.pt").is_file() or not epochs or epochs[-1]["epoch"] < cfg.train.epochs:
+        return None
+    return sum(e["epoch_s"] for e in epochs)
+
+
+def run_stage(cfg: Config, run_dir: Path, device: str | None, init_from: str | None, splits: list[str],
+              reuse: bool = False) -> dict:
+    """Train one stage into run_dir (reuse: keep a finished run of the same config there), score its best.pt on
+    splits with cfg's decode.* -> {"checkpoint", "epoch", "train_s", "score_s", "reused", split: scores}."""
+    reused = finished_run(run_dir, cfg) if reuse else None
+    if reused is None:
+        tick = time.perf_counter()
+        train.main(train.TrainJob(cfg, run_dir, device, overwrite=True, init_from=init_from))
+        train_s = time.perf_counter() - tick
+    best = str(run_dir / "best.pt")
+    result = {"checkpoint": best, "epoch": selected_epoch(run_dir), "reused": reused is not None,
+              "train_s": round(reused if reused is not None else train_s, 1)}  # reused: its epochs' seconds
     tick = time.perf_counter()
-    trained = train.main(train.TrainJob(cfg, run_dir, device, overwrite=True, init_from=init_from))
-    train_s = time.perf_counter() - tick
-    result = {"checkpoint": trained["best_checkpoint"], "epoch": selected_epoch(run_dir),
-              "epochs": trained["epochs"], "train_s": round(train_s, 1)}
-    tick = time.perf_counter()
+    decoding = [f"decode.{k}={v}" for k, v in to_dict(cfg)["decode"].items()]  # this config's, even when reused
     for split in splits:
-        metrics = evaluate.main(evaluate.EvaluateJob(trained["best_checkpoint"], split, out_dir=str(run_dir),
+        metrics = evaluate.main(evaluate.EvaluateJob(best, split, out_dir=str(run_dir), overrides=decoding,
                                                      device=device))
         result[split] = scores(metrics)
     result["score_s"] = round(time.perf_counter() - tick, 1)
@@ -123,7 +150,7 @@ def main(data: str | Path | None = None, cache: str | Path = "~/.cache/captioner
          overrides: list[str] = (), scst_overrides: list[str] = (), stages: list[str] = STAGES,
          device: str | None = "cpu", tag: str = "", threads: int = 0, first_seed: int = 0,
          test_images: int = quality_data.TEST_IMAGES, val_images: int = quality_data.VAL_IMAGES,
-         min_train: int = quality_data.MIN_TRAIN_IMAGES) -> dict:
+         min_train: int = quality_data.MIN_TRAIN_IMAGES, reuse: bool = False) -> dict:
     """Returns the results JSON (see the module docstring)."""
     start = time.perf_counter()
     if threads:  # on a shared, loaded CPU one thread per process is often faster than oversubscribed cores
@@ -167,13 +194,16 @@ def main(data: str | Path | None = None, cache: str | Path = "~/.cache/captioner
         for stage in stages:
             configs[stage].train.seed = seed
             init = run["xe"]["checkpoint"] if stage == "scst" else None
-            run[stage] = run_stage(configs[stage], folder / stage, device, init, splits)
+            # a stage trained again gives the next one another start: that one is trained again too
+            again = reuse and all(run[s]["reused"] for s in stages[:stages.index(stage)])
+            run[stage] = run_stage(configs[stage], folder / stage, device, init, splits, again)
             log.info("seed %d %s: %s", seed, stage, run[stage])
         runs.append(run)
     return {"benchmark": "flickr8k-705 quality", "data": str(data),
             "split": {"train": len(lists["train"].read_text().split()), "val": val_images, "test": test_images},
             "features": f"{xe_cfg.encoder.arch} {xe_cfg.encoder.layer} {xe_cfg.encoder.image_size}px, weights {weights}",
             "overrides": list(overrides), "scst_overrides": list(scst_overrides), "stages": list(stages),
+            "reused": [f"seed{r['seed']} {s}" for r in runs for s in stages if r[s]["reused"]],
             "checkpoint": "each stage's best.pt: the epoch with the highest greedy val "
                           f"{configs['xe'].train.select_metric} (train.select_metric)",
             "decoding": {s: {"beam_size": c.decode.beam_size, "max_len": c.decode.max_len} for s, c in configs.items()},
@@ -195,6 +225,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--tag", default="", help="name of this variant's run folder under CACHE/runs/")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep a stage already trained in the tag's folder with the same config (decoding keys "
+                        "aside) and only score it: rescoring with other decode.* keys, SCST on earlier XE runs")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
@@ -206,7 +239,8 @@ def cli(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         results = main(args.data, args.cache, args.seeds, args.overrides, args.scst,
-                       [s for s in args.stages.split(",") if s], args.device, args.tag, args.threads, args.first_seed)
+                       [s for s in args.stages.split(",") if s], args.device, args.tag, args.threads, args.first_seed,
+                       reuse=args.reuse)
     except CaptionerError as e:
         print(f"bench_quality: error: {e}", file=sys.stderr)
         return 2

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+import yaml
 from PIL import Image
 
+from captioner.config import load_config, to_dict
 from captioner.data.cache import weights_fingerprint
 from captioner.errors import CaptionerError
 from captioner.metrics.diversity import caption_diversity
@@ -107,6 +109,22 @@ def test_aggregate_gives_mean_std_and_the_scst_gain():
     assert out["xe"]["epochs_selected"] == [3, 2] and out["scst"]["train_s"]["mean"] == 2
 
 
+def test_reuse_takes_a_finished_run_of_the_same_training_config(tmp_path):
+    cfg = load_config(None, ["train.epochs=2", "train.seed=1"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "epoch_s": 10.0}\n{"step": 5}\n{"epoch": 2, "epoch_s": 12.5}\n')
+    assert bench_quality.finished_run(run, cfg) is None  # no best.pt
+    (run / "best.pt").write_bytes(b"")
+    assert bench_quality.finished_run(run, cfg) == 22.5
+    scoring = load_config(None, ["train.epochs=2", "train.seed=1", "decode.beam_size=5", "decode.block_ngram=3",
+                                 "compute.num_workers=0"])
+    assert bench_quality.finished_run(run, scoring) == 22.5  # scoring keys only: the same training
+    for other in (["train.seed=2"], ["decode.max_len=16"], ["train.epochs=3"]):  # another run, or unfinished
+        assert bench_quality.finished_run(run, load_config(None, ["train.epochs=2", "train.seed=1", *other])) is None
+
+
 def _photos(folder: Path, count: int) -> Path:
     """A Kaggle-Flickr8k-layout folder: captions.txt and images/ of noise JPEGs, two captions each."""
     (folder / "images").mkdir(parents=True)
@@ -151,3 +169,9 @@ def test_benchmark_runs_both_stages_and_scores_the_selected_checkpoints(tmp_path
     init = json.loads((scst_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert init["event"] == "init_from" and init["checkpoint"] == first["xe"]["checkpoint"]
     assert init["objective"] == "scst" and (scst_dir / "results_test.json").is_file()
+    # --reuse: the same runs rescored with other decoding, nothing trained again
+    again = bench_quality.main(data, tmp_path / "cache", 2, [*_tiny(tmp_path), "decode.beam_size=1"],
+                               ["train.scst_samples=2"], test_images=2, val_images=2, min_train=4, reuse=True)
+    assert again["reused"] == ["seed0 xe", "seed0 scst", "seed1 xe", "seed1 scst"]
+    assert again["runs"][0]["xe"]["train_s"] <= first["xe"]["train_s"] and again["decoding"]["xe"]["beam_size"] == 1
+    assert json.loads((scst_dir / "metrics_test.json").read_text())["beam_size"] == 1
