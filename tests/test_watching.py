@@ -215,10 +215,14 @@ def test_run_clock_line_and_eta(monkeypatch, capsys):
         now[0] += 30.0
         clock.validated(30.0)
         assert clock.eta(epochs_done=2) == pytest.approx(290 * 2.0 + 2 * 30.0)
-        assert clock.elapsed() == pytest.approx(50.0 + 50.0)
-        # 290 steps x 2 s + 3 validations (epochs 2, 3, 4) x 30 s
-        assert clock.line() == "step 110/400 · epoch 2/4 · 32 captions/s · ETA 11m10s"
-    assert "step 110/400 · epoch 2/4 · 32 captions/s · ETA" in capsys.readouterr().err
+        now[0] += 5.0  # checkpoints at the epoch's end: part of the epoch end's time, not a training step's
+        clock.start_epoch()
+        assert clock.eta(epochs_done=2) == pytest.approx(290 * 2.0 + 2 * 35.0)
+        assert clock.elapsed() == pytest.approx(50.0 + 55.0)
+        # 290 steps x 2 s + 3 epoch ends (epochs 2, 3, 4) x 35 s
+        assert clock.line() == "step 110/400 · epoch 2/4 · 32 captions/s · ETA 11m25s"
+    err = capsys.readouterr().err
+    assert "step 110/400 · epoch 2/4 · 32 captions/s · ETA" in err and "done in" not in err  # 290 steps to go
     assert [duration(s) for s in (0, 45, 725, 11520, 3 * 86400 + 4000)] == ["0s", "45s", "12m05s", "3h12m", "3d01h"]
 
 

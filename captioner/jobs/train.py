@@ -291,6 +291,7 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
                     stopped = "early stopping"
                     break
                 start = time.perf_counter()
+                run.clock.start_epoch()
                 sampler.set_epoch(epoch, run.progress.sample)
                 if not train_one_epoch(run, loader, epoch):
                     stopped = _agreed_signal(run)

@@ -5,6 +5,7 @@ the whole run's progress line with its ETA.
     with clock:                                     # log lines go above the progress line, not through it
         clock.stepped(step, epoch, items=64)        # step 12,300/35,400 · epoch 4/30 · 41 captions/s · ETA 3h12m
         clock.validated(seconds)                    # validation time counts into the ETA
+        clock.start_epoch()                         # ... and so do the checkpoints written since
         clock.eta_text(epochs_done=4)               # "ETA 3h12m", ending each epoch's log line
 """
 from __future__ import annotations
@@ -55,9 +56,9 @@ class RunClock:
     """The whole run's time: elapsed (carried over resumes by Progress.elapsed_s), a progress line over all
     epochs (only on a terminal and without -q: progress.py) and the ETA of the run's end.
 
-    ETA = steps left x mean time per training step + validations left x mean validation time, both measured
-    in this process (a resumed run re-measures; until the first validation its time is not known and not
-    counted). Early stopping can end the run sooner."""
+    ETA = steps left x mean time per training step + epoch ends left x their mean time (validation, sample
+    captions, checkpoints), both measured in this process (a resumed run re-measures; until the first
+    validation its time is not known and not counted). Early stopping can end the run sooner."""
 
     def __init__(self, progress, total_steps: int, epochs: int, items: str = "captions", show: bool = True):
         """progress: the run's Progress (step, epoch and elapsed_s so far); total_steps: of all epochs."""
@@ -79,6 +80,11 @@ class RunClock:
         return self
 
     def __exit__(self, *exc) -> None:
+        if not self.bar.disable and self.step >= self.total_steps:
+            rate = self.count / self.train_s if self.train_s > 0 else 0.0
+            self.bar.set_description_str(f"step {self.step:,}/{self.total_steps:,} · epoch {self.epochs}/"
+                                         f"{self.epochs} · {rate:,.0f} {self.items}/s · done in "
+                                         f"{duration(self.elapsed())}")
         self.bar.close()
         self._redirect.close()
 
@@ -98,6 +104,13 @@ class RunClock:
     def validated(self, seconds: float) -> None:
         """A validation took seconds (measured by the caller); the time since the last step is not training."""
         self.val_s, self.validations, self.mark = self.val_s + seconds, self.validations + 1, time.perf_counter()
+
+    def start_epoch(self) -> None:
+        """Training starts again: the time since the last validation (its checkpoints) was that epoch end's."""
+        now = time.perf_counter()
+        if self.validations:
+            self.val_s += now - self.mark
+        self.mark = now
 
     def eta(self, epochs_done: int) -> float | None:
         """Seconds until the last epoch's validation ends; None before the first timed step."""
