@@ -93,6 +93,9 @@ class TrainConfig:
     # batch (0: off), against one generic caption for many photos (docs/quality.md)
     scst_diversity: float = 0.0
     label_smoothing: float = 0.0  # xe: probability of the target spread over the other words (0: off)
+    # Where training's metrics go (LOGGERS): RUN_DIR/metrics.jsonl is always written (resume and `captioner plot`
+    # read it); tensorboard adds RUN_DIR/tb/: the same scalars, sample captions (pip install "captioner[tensorboard]")
+    log_to: list[str] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
@@ -149,6 +152,9 @@ SELECT_METRICS = ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l")
 
 
 OBJECTIVES = ("xe", "scst")
+
+
+LOGGERS = ("jsonl", "tensorboard")
 
 
 SCST_BASELINES = ("mean", "greedy")

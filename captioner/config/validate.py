@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import codecs
 
-from captioner.config.sections import (DATASET_FORMATS, LR_SCHEDULES, OBJECTIVES, SCST_BASELINES, SELECT_METRICS,
-                                       Config)
+from captioner.config.sections import (DATASET_FORMATS, LOGGERS, LR_SCHEDULES, OBJECTIVES, SCST_BASELINES,
+                                       SELECT_METRICS, Config)
 from captioner.errors import CaptionerError
 
 
@@ -90,6 +90,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.scst_diversity >= 0, f"train.scst_diversity must be >= 0, got {cfg.train.scst_diversity}"),
         (0.0 <= cfg.train.label_smoothing < 1.0,
          f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}"),
+        (all(name in LOGGERS for name in cfg.train.log_to) and len(set(cfg.train.log_to)) == len(cfg.train.log_to),
+         f"train.log_to takes each of {', '.join(LOGGERS)} at most once, e.g. [jsonl, tensorboard]; got "
+         f"[{', '.join(cfg.train.log_to)}]"),
         (cfg.decode.beam_size >= 1, f"decode.beam_size must be >= 1, got {cfg.decode.beam_size}"),
         (cfg.decode.max_len >= 1, "decode.max_len must be >= 1"),
         (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),
