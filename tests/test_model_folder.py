@@ -7,37 +7,19 @@ import pytest
 import torch
 
 from captioner.cli import main as cli
-from captioner.config import Config, to_dict
-from captioner.engine.infer.checkpoint import load_model, save_checkpoint
+from captioner.engine.infer.checkpoint import load_model
 from captioner.engine.infer.model_folder import FORMAT_VERSION, load_model_folder, read_folder_config
 from captioner.engine.infer.predictor import Predictor
 from captioner.errors import CaptionerError
 from captioner.jobs.export import ExportJob, main as export
-from captioner.model.caption_model import CaptionModel
-from captioner.text import Vocabulary
 from captioner.weights import read_state_dict, write_safetensors
 
-
-def small_checkpoint(path, seed: int = 1):
-    """A random-weight SqueezeNet model at 64x64 (a 3x3 grid; the smallest torchvision CNN, so that tests stay
-    fast) saved as `captioner train` saves one."""
-    cfg = Config()
-    cfg.encoder.arch, cfg.encoder.layer, cfg.encoder.image_size = "squeezenet1_1", "features", 64
-    cfg.decode.beam_size = 2
-    cfg.model.embed_dim = cfg.model.attention_dim = cfg.model.decoder_dim = 32
-    vocab = Vocabulary.build(["a red square above a blue circle", "a green triangle left of a circle"])
-    torch.manual_seed(seed)
-    model = CaptionModel(cfg.encoder, cfg.model, len(vocab))
-    for p in model.decoder.parameters():  # varied captions from an untrained decoder
-        p.data.normal_(0, 0.5)
-    save_checkpoint(path, {"model": model.state_dict(), "config": to_dict(cfg), "vocab": vocab.tokens,
-                           "epoch": 3, "step": 42})
-    return path
+from conftest import random_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return small_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")
 
 
 @pytest.fixture(scope="module")
