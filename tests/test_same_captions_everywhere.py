@@ -51,7 +51,7 @@ def test_same_captions_from_every_entry_point(trained, inputs, tmp_path):
     from PIL import Image
     assert _texts(cap.caption([Image.open(p) for p in paths])) == reference
     for kind in ("pil_loaded", "array", "tensor", "tensor_float"):
-        items = [forms[p].get(kind, forms[p]["array"]) for p in decoded]  # 16-bit PNGs stay arrays
+        items = [forms[p][kind] if kind in forms[p] else forms[p]["array"] for p in decoded]  # 16-bit: arrays
         assert _texts(cap.caption(items)) == [expected[p] for p in decoded], kind
 
     # The exported folder, float32: the same captions; bf16 weights: nearly all of them.
