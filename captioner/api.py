@@ -18,7 +18,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Union
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Union, cast
 
 import numpy as np
 import torch
@@ -33,9 +33,9 @@ from captioner.errors import CaptionerError
 if TYPE_CHECKING:
     from captioner.text import Vocabulary
 
-# One image: a file path, a PIL image, an HxW / HxWx3 / HxWx4 array (uint8, or float in [0, 1]), or a (3, H, W)
-# tensor (uint8, or float in [0, 1]).
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+# One image: a file path, a file's bytes or an open binary file, a PIL image, an HxW / HxWx3 / HxWx4 array (uint8,
+# or float in [0, 1]), or a (3, H, W) tensor (uint8, or float in [0, 1]).
+ImageInput = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray, torch.Tensor]
 ERROR_MODES = ("raise", "keep")
 
 
@@ -65,7 +65,7 @@ class Caption:
 
 def _single(images) -> bool:
     """Whether images is one image rather than a collection of them."""
-    if isinstance(images, (str, os.PathLike, Image.Image)):
+    if isinstance(images, (str, os.PathLike, Image.Image, bytes, bytearray, memoryview)) or hasattr(images, "read"):
         return True
     if isinstance(images, (np.ndarray, torch.Tensor)):
         return images.ndim <= 3  # 4-D: a batch, one image per first index
@@ -145,31 +145,30 @@ class Captioner:
         """Caption one image (-> a Caption) or a list, tuple, iterable or 4-D batch of them (-> a list, in order).
 
         Args:
-            images: paths, PIL images, numpy arrays (HxW, HxWx3 or HxWx4; uint8 or float in [0, 1]; a 4-D array
+            images: paths, files' bytes or open binary files (decoded as `serve` decodes uploads), PIL images,
+                numpy arrays (HxW, HxWx3 or HxWx4; uint8 or float in [0, 1]; a 4-D array
                 is a batch of HxWxC images), torch tensors ((3, H, W), uint8 or float in [0, 1]; a 4-D tensor is
                 a (B, 3, H, W) batch), mixed freely.
             attention: also return each word's attention map, Caption.attention (len(words), grid_h, grid_w).
             errors: "raise" (a CaptionerError naming the first image that cannot be read) or "keep" (its
                 Caption has .error set and empty text; the others are captioned).
         """
-        if _single(images):
-            return next(self.stream([images], attention=attention, errors=errors))
-        return list(self.stream(images, attention=attention, errors=errors))
+        captions = self.stream(images, attention=attention, errors=errors)
+        return next(captions) if _single(images) else list(captions)
 
     __call__ = caption
 
-    def stream(self, images: Iterable[ImageInput], *, attention: bool = False,
+    def stream(self, images: ImageInput | Iterable[ImageInput], *, attention: bool = False,
                errors: str = "raise") -> Iterator[Caption]:
         """Yield one Caption per image, in order, reading images only a few batches ahead of the model (so a
         generator of millions of paths or frames never sits in memory). Arguments as caption()."""
         if errors not in ERROR_MODES:
             raise CaptionerError(f"errors must be one of {', '.join(ERROR_MODES)}, got {errors!r}")
-        if isinstance(images, (str, os.PathLike, Image.Image)) or (
-                isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3):
-            images = [images]
+        if _single(images):
+            images = [cast(ImageInput, images)]
         # Enough items per chunk to keep every worker busy, few enough to hold in-memory inputs cheaply.
         chunk_size = self.batch_size * max(1, self.num_workers) * 2
-        for start, items in zip(itertools.count(0, chunk_size), _chunks(images, chunk_size)):
+        for start, items in zip(itertools.count(0, chunk_size), _chunks(cast(Iterable, images), chunk_size)):
             names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"images[{start + j}]"
                      for j, x in enumerate(items)]
             batches = self.predictor.image_batches(items, self.batch_size, min(self.num_workers, len(items)),

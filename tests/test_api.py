@@ -2,6 +2,7 @@
 streaming, errors naming the item, the Hub through a stand-in client, --version, and the README's example."""
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -73,9 +74,12 @@ def test_captions_are_the_same_for_paths_pil_arrays_and_tensors(cap, small_zoo):
         got = cap.caption(items)
         assert [c.text for c in got] == [c.text for c in by_path], kind
         assert [c.score for c in got] == pytest.approx([c.score for c in by_path], abs=1e-5), kind
-    mixed = [paths[0], Image.open(paths[1]), in_memory_forms(paths[2])["array"], str(paths[3])]
-    assert [c.text for c in cap.caption(mixed)] == [c.text for c in by_path[:4]]
-    assert [c.source for c in cap.caption(mixed)] == [str(paths[0]), "images[1]", "images[2]", str(paths[3])]
+    assert [c.text for c in cap.caption([p.read_bytes() for p in paths])] == [c.text for c in by_path]  # as serve
+    mixed = [paths[0], Image.open(paths[1]), in_memory_forms(paths[2])["array"], str(paths[3]), open(paths[4], "rb"),
+             io.BytesIO(paths[5].read_bytes())]
+    assert [c.text for c in cap.caption(mixed)] == [c.text for c in by_path[:6]]
+    assert [c.source for c in cap.caption(mixed[:4])] == [str(paths[0]), "images[1]", "images[2]", str(paths[3])]
+    assert cap.caption(paths[0].read_bytes()).text == by_path[0].text  # bytes are one image, not a sequence
 
 
 def test_one_image_many_images_batches_and_attention(cap, small_zoo):
@@ -122,7 +126,10 @@ def test_bad_inputs_raise_one_error_naming_the_item(cap, small_zoo, tmp_path):
              ([np.zeros((4, 4), np.int32)], r"int32 pixels: expected uint8"),
              ([torch.zeros(2, 3, 8, 8)[0, :2]], r"tensor of shape \(2, 8, 8\) is not an image"),
              ([np.zeros((0, 5, 3), np.uint8)], r"holds no pixels"),
-             ([tmp_path], r"is a folder, not an image file")]
+             ([tmp_path], r"is a folder, not an image file"),
+             ([b""], r"images\[0\]: empty file"),
+             ([b"<html>oops</html>"], r"images\[0\]: not an image: looks like an HTML page"),
+             ([io.StringIO("text")], r"opened in text mode")]
     for images, message in cases:
         with pytest.raises(CaptionerError, match=message):
             cap.caption(images)
@@ -253,3 +260,26 @@ def test_import_and_help_do_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert out.stdout.split() == ["False", captioner.__version__], out.stderr
+
+
+@pytest.mark.slow
+def test_real_hub_client_loads_a_repo_from_its_offline_cache(cap, checkpoint, small_zoo, tmp_path):
+    """huggingface_hub itself (no stand-in) resolves owner/name through its cache, laid out here as a download
+    leaves it; HF_HUB_OFFLINE=1 keeps it off the network. `captioner caption` runs in a fresh process."""
+    pytest.importorskip("huggingface_hub")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--alice--tiny-captioner"
+    export(ExportJob(str(checkpoint), str(repo / "snapshots" / commit)))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    photo = small_zoo["photo.jpg"]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "captioner", "-q", "caption", "--checkpoint", "alice/tiny-captioner",
+                          str(photo), "--out", str(tmp_path / "c.jsonl"), "--device", "cpu", "--workers", "0"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "c.jsonl").read_text())["caption"] == cap.caption(photo).text
+    missing = subprocess.run([sys.executable, "-m", "captioner", "caption", "--checkpoint", "alice/other",
+                              str(photo)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "alice/other is not a file or folder here, and the Hugging Face Hub could not provide it" in missing.stderr

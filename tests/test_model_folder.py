@@ -69,6 +69,15 @@ def test_bf16_export_halves_the_weights(checkpoint, folder, tmp_path, monkeypatc
     assert all(p.dtype == torch.float32 for p in model.parameters())  # loaded into the float32 model
 
 
+def test_a_folder_re_exports_and_a_run_folder_is_named(folder, checkpoint, tmp_path, monkeypatch):
+    _no_torch_load(monkeypatch)
+    export(ExportJob(str(folder), str(tmp_path / "bf16"), dtype="bf16"))  # a model folder as the source
+    meta = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert meta["dtype"] == "bfloat16" and meta["source"]["checkpoint"] == "best.pt" and meta["source"]["step"] == 42
+    with pytest.raises(CaptionerError, match=r"a run folder\? give its checkpoint, .*best\.pt"):
+        Predictor.load(checkpoint.parent, "cpu")
+
+
 def test_model_card_front_matter_and_metrics(checkpoint, tmp_path):
     metrics = tmp_path / "metrics_test.json"
     metrics.write_text(json.dumps({"checkpoint": str(checkpoint), "split": "test", "split_images": 200,
@@ -85,7 +94,7 @@ def test_model_card_front_matter_and_metrics(checkpoint, tmp_path):
     assert values == {"BLEU-1": 0.81, "BLEU-4": 0.52, "ROUGE-L": 0.7, "CIDEr-D": 1.234}
     assert "| 0.810 | 0.520 | 0.700 | 1.234 |" in card and "test split (200 images)" in card
     assert "METEOR (java not found)" in card
-    assert "squeezenet1_1" in card and "synthetic shapes" in card and "epoch 3 (step 42)" in card
+    assert "squeezenet1_1" in card and "synthetic shapes" in card and "after epoch 3 (step 42)" in card
     assert 'Captioner.from_pretrained("' in card
 
 

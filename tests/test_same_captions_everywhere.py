@@ -70,6 +70,14 @@ def test_same_captions_from_every_entry_point(trained, inputs, tmp_path):
         records = {r["file"]: r["caption"] for r in map(json.loads, out.read_text().splitlines())}
         assert [records[str(p)] for p in paths] == reference, source
 
+    # `captioner evaluate` on the folder: the checkpoint's dataset and scores.
+    scores = []
+    for source in (checkpoint, str(tmp_path / "model")):
+        out = tmp_path / f"eval-{Path(source).name}"
+        assert cli(["-q", "evaluate", "--checkpoint", source, "--out", str(out), "--device", "cpu"]) == 0
+        scores.append(json.loads((out / "metrics_test.json").read_text()))
+    assert scores[0]["cider"] == scores[1]["cider"] and scores[0]["split_images"] == scores[1]["split_images"]
+
     # `captioner serve` on the folder: the same files uploaded, batched across requests by the server.
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient

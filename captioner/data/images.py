@@ -72,11 +72,19 @@ def read_image_bytes(data: bytes, name: str, image_size: int,
 
 
 def read_any(item, name: str, image_size: int, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
-    """read_image for any input of the Python API: a path, a PIL image, a numpy array or a torch tensor.
+    """read_image for any input of the Python API: a path, a file's bytes or an open binary file (read as serve
+    reads uploads), a PIL image, a numpy array or a torch tensor.
 
     name: how errors call the item ("images[3]"; a path is named by itself)."""
     if isinstance(item, (str, os.PathLike)):
         return read_image(os.fspath(item), image_size, max_pixels)
+    if isinstance(item, (bytes, bytearray, memoryview)):  # a file's bytes, as serve's uploads
+        return read_image_bytes(bytes(item), name, image_size, max_pixels)
+    if hasattr(item, "read") and not isinstance(item, Image.Image):  # an open binary file, io.BytesIO
+        data = item.read()
+        if not isinstance(data, bytes):
+            raise CaptionerError(f"{name}: a file opened in text mode: open it with 'rb'")
+        return read_image_bytes(data, name, image_size, max_pixels)
     if isinstance(item, Image.Image):
         filename = _lazy_file(item)
         if filename:  # not decoded yet: read from its file, as a path is (reduced-scale JPEG decoding included)
@@ -107,8 +115,8 @@ def array_image(item, name: str) -> Image.Image:
     elif isinstance(item, np.ndarray):
         array = item
     else:
-        raise CaptionerError(f"{name}: {type(item).__name__} is not an image type: give a path, a PIL image, a "
-                             f"numpy array or a torch tensor")
+        raise CaptionerError(f"{name}: {type(item).__name__} is not an image type: give a path, bytes, a PIL "
+                             f"image, a numpy array or a torch tensor")
     shape = tuple(array.shape)
     if array.ndim == 3 and shape[2] == 1:
         array = array[:, :, 0]

@@ -79,9 +79,10 @@ def model_card(meta: dict, cfg: Config, metrics: dict | None = None, repo_id: st
     weights = cfg.encoder.weights or f"random initialisation (encoder.seed {cfg.encoder.seed})"
     frozen = (f"frozen except from `{cfg.encoder.finetune_from}` on" if cfg.encoder.finetune_from else "frozen")
     source = meta.get("source") or {}
-    trained = f"{t.epochs} epochs of {'self-critical (CIDEr-D) training' if t.objective == 'scst' else 'cross-entropy'}"
+    objective = "self-critical (CIDEr-D) training" if t.objective == "scst" else "cross-entropy"
+    trained = f"{objective}, run configured for {t.epochs} epochs"
     if source.get("epoch") is not None:
-        trained += f"; this is the checkpoint of epoch {source['epoch']} (step {source.get('step')})"
+        trained += f"; these are the weights after epoch {source['epoch']} (step {source.get('step')})"
     lines = [
         _front_matter(meta, cfg, metrics, name),
         f"# {name}", "",

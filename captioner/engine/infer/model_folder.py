@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -50,7 +51,7 @@ def is_model_folder(path: str | Path) -> bool:
     return Path(path).is_dir()
 
 
-def resolve_model(name: str | Path, revision: str | None = None) -> Path:
+def resolve_model(name: str | os.PathLike, revision: str | None = None) -> Path:
     """A local checkpoint file or model folder for name: name itself when it exists here, else a Hugging Face
     Hub repo id ("owner/model") downloaded through the Hub's cache (the [hub] extra). Anything else is returned
     as a path, for the loader to say what is wrong with it."""
@@ -92,8 +93,10 @@ def read_folder_config(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / CONFIG_FILE
     if not path.is_file():
+        run = next((folder / name for name in ("best.pt", "last.pt") if (folder / name).is_file()), None)
+        hint = f"a run folder? give its checkpoint, {run}" if run else "give a checkpoint .pt file, or export one"
         raise CaptionerError(f"{folder} is a folder without {CONFIG_FILE}: not a model folder written by "
-                             f"`captioner export` (give a checkpoint .pt file, or export one into a folder)")
+                             f"`captioner export` ({hint})")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:

@@ -12,8 +12,8 @@ The decoding itself is engine/infer/predict.py's (the one decode path); this cla
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -43,7 +43,7 @@ class Predictor:
     source: str  # the local checkpoint file or model folder it came from (a Hub repo's folder in the Hub cache)
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str | torch.device | None = "auto", *,
+    def load(cls, checkpoint: str | os.PathLike, device: str | torch.device | None = "auto", *,
              beam_size: int | None = None, compute: ComputeConfig | None = None, overrides=(),
              sample: bool = False, temperature: float | None = None, runtime: str = "torch",
              revision: str | None = None) -> "Predictor":
