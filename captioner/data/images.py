@@ -10,7 +10,7 @@ Every Dataset here is a plain picklable object, so spawn-started DataLoader work
 
 Every input becomes a PIL image, then goes through one function (`_prepare`: pixel limit, EXIF orientation,
 alpha onto white, bicubic resize), so the same pixels give the same model input whichever way they come in. A
-file (a path, upload bytes, or a PIL image opened lazily from a file, which is read again from that file) is
+file (a path, its bytes, an open binary file, or a PIL image opened lazily from a file, read again from it) is
 decoded at reduced scale when it is a JPEG at least four times the input size on both sides (JPEG draft mode:
 1/2, 1/4 or 1/8 scale, still at least twice the input size); pixels already decoded (a numpy array, a tensor, a
 loaded PIL image) can only be resized from full size, so for such large JPEGs they differ from the file's
