@@ -12,7 +12,7 @@ from captioner.jobs import score
 from captioner.metrics import coco as metrics
 from captioner.metrics.coco import caption_metrics, coco_caption_scores, corpus_bleu_scores, fallback_tokenize
 
-from conftest import COCO_MINI
+from helpers import COCO_MINI
 
 needs_java = pytest.mark.skipif(not metrics.java_available(), reason="java not installed")
 

@@ -8,8 +8,7 @@ from captioner.jobs import train
 from captioner.engine.infer.checkpoint import save_checkpoint
 from captioner.cli import main as cli
 
-from conftest import TINY
-from small_runs import small_config, small_overrides
+from helpers import TINY, small_config, small_overrides
 
 
 QUICK = ["train.epochs=1", "train.batch_size=48"]  # 3 steps
