@@ -352,6 +352,7 @@ def test_training_refuses_a_vocabulary_of_only_special_tokens(tmp_path, capsys, 
     assert not (run_dir / "config.yaml").exists()
 
 
+@pytest.mark.slow  # trains the tiny dataset to the end
 def test_training_refuses_an_empty_val_split_and_warns_on_tiny_data(tmp_path, capsys, caplog):
     no_val = _csv_dataset(tmp_path / "d", ["red", "blue"] * 5, split_column=["train"] * 8 + ["test"] * 2)
     base = ["train", "--config", str(TINY), "dataset.format=auto", *CSV_RUN]

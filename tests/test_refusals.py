@@ -70,6 +70,7 @@ def test_weights_only_checkpoint_cannot_be_resumed(run_dir, capsys):
     _refused(capsys, ["train", "--resume", str(run_dir)], run_dir, "lacks the training state")
 
 
+@pytest.mark.slow  # trains a second run (--overwrite)
 def test_run_dir_holding_another_run(run_dir, small_root, capsys, tmp_path):
     line = _refused(capsys, ["train", "--config", str(TINY), "--run-dir", str(run_dir),
                              *small_overrides(small_root, *QUICK, "train.lr=0.001")],
