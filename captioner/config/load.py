@@ -42,6 +42,11 @@ def coerce(key: str, value, annotation):
         if value in args:
             return value
         raise CaptionerError(f"config key '{key}' must be one of {', '.join(args)}, got {value!r}")
+    if typing.get_origin(hint) is list:  # a list of strings: YAML [a, b] or "a,b" from the command line
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return items
+        raise CaptionerError(f"config key '{key}' expects a list of names such as [a, b], got {value!r}")
     target = next((a for a in args if a is not type(None)), hint) if args else hint
     if target in (int, float) and isinstance(value, str):
         try:  # YAML reads "1e-3" (no dot) as a string
