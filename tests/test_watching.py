@@ -198,6 +198,20 @@ def test_log_to_is_checked_when_the_config_is_read(small_root):
         small_config(small_root, "train.log_to=[jsonl,wandb]")
 
 
+def test_attention_strip_shades_as_the_gallery_page_does():
+    from captioner.engine.outputs.gallery import DIMMING, PANEL, attention_strip
+    image = np.full((224, 224, 3), 200, dtype=np.uint8)
+    alphas = np.array([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])  # "left": top-left region; "all": even
+    strip = attention_strip(image, (640, 640), ["left", "all"], alphas, grid=(2, 2))
+    gap = 6  # between panels: the image, then one panel per word
+    left = strip[gap:gap + PANEL, 2 * gap + PANEL:2 * gap + 2 * PANEL].astype(float)  # (112, 112, 3)
+    even = strip[gap:gap + PANEL, 3 * gap + 2 * PANEL:3 * gap + 3 * PANEL].astype(float)
+    assert strip.shape[1] == 4 * gap + 3 * PANEL and strip.dtype == np.uint8
+    assert abs(left[10, 10].mean() - 200) < 3  # the attended region is lit
+    assert abs(left[-10, -10].mean() - 200 * (1 - DIMMING)) < 3  # the others shaded by DIMMING
+    assert np.abs(even - 200).max() < 3  # even attention: every region lit, as on the page
+
+
 class _Progress:
     step, epoch, elapsed_s = 100, 1, 50.0
 
