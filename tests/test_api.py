@@ -23,12 +23,12 @@ from captioner.data.images import read_any
 from captioner.engine.infer import hub
 from captioner.jobs.export import ExportJob, main as export
 
-from conftest import ROOT, in_memory_forms, photo_zoo, random_checkpoint
+from helpers import ROOT, in_memory_forms, photo_zoo, varied_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return random_checkpoint(tmp_path_factory.mktemp("api") / "best.pt")
+    return varied_checkpoint(tmp_path_factory.mktemp("api") / "best.pt")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ from captioner.errors import CaptionerError
 from captioner.jobs.export import ExportJob, main as export
 from captioner.weights import read_state_dict, write_safetensors
 
-from conftest import random_checkpoint
+from helpers import varied_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")
+    return varied_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def _no_torch_load(monkeypatch):
 def test_export_writes_the_folder_and_it_loads_without_torch_load(checkpoint, folder, monkeypatch):
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "vocab.json"]
     meta = json.loads((folder / "config.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION and meta["vocab_size"] == 14
+    assert meta["format_version"] == FORMAT_VERSION and meta["vocab_size"] == len(json.loads((folder / "vocab.json").read_text())["tokens"]) == 15
     assert meta["files"] == {"weights": "model.safetensors", "vocab": "vocab.json", "card": "README.md"}
     assert meta["config"]["encoder"]["arch"] == "squeezenet1_1" and "compute" not in meta["config"]
     reference, vocab, cfg = load_model(checkpoint)

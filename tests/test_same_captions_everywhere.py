@@ -14,7 +14,7 @@ from captioner.cli import main as cli
 from captioner.data.datasets import by_split, load_records
 from captioner.jobs.export import ExportJob, main as export
 
-from conftest import in_memory_forms, photo_zoo, tiny_config
+from helpers import in_memory_forms, photo_zoo, tiny_config
 
 pytestmark = pytest.mark.slow  # trains (the session's tiny model), serves
 
