@@ -28,6 +28,12 @@ COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
 
 # ---------------------------------------------------------------- configs
 
+
+class GridStub(torch.nn.Module):
+    """Stands in for a frozen encoder giving (B, 24, 3, 3) features: decoder tests that need no CNN."""
+    channels, grid, image_size = 24, (3, 3), 32
+
+
 # The one small model: at 64x64 resnet18's layer4 is a 2x2 grid, and 32-wide layers train in seconds.
 SMALL_MODEL = ["encoder.image_size=64", "model.embed_dim=32", "model.attention_dim=32", "model.decoder_dim=32"]
 

@@ -6,10 +6,7 @@ from captioner.config import ModelConfig
 from captioner.model.caption_model import CaptionModel
 from captioner.model.decoder import caption_loss
 
-
-class _Features(torch.nn.Module):
-    """Stands in for a frozen encoder giving (B, 24, 3, 3) features: keeps these tests free of a CNN."""
-    channels, grid, image_size = 24, (3, 3), 32
+from helpers import GridStub
 
 
 def _loss_and_grads(model, raw, captions, lengths, stepwise: bool, seed: int = 3):
@@ -31,7 +28,7 @@ def _loss_and_grads(model, raw, captions, lengths, stepwise: bool, seed: int = 3
 def test_training_forward_equals_looping_the_decoding_step(features, gate, attention, dropout):
     torch.manual_seed(0)
     cfg = ModelConfig(16, 12, 20, dropout=dropout, features=features, attention=attention, gate=gate)
-    model = CaptionModel(None, cfg, 30, encoder=_Features()).train()
+    model = CaptionModel(None, cfg, 30, encoder=GridStub()).train()
     raw = torch.randn(5, 24, 3, 3) * 3 + 1
     captions = torch.randint(4, 30, (5, 8))
     lengths = torch.tensor([8, 3, 8, 5, 2])  # ragged, unsorted, ties: rows drop out of the batch as they end
@@ -50,7 +47,7 @@ def test_training_forward_equals_looping_the_decoding_step(features, gate, atten
 
 def test_training_forward_without_lengths_fills_every_position():
     torch.manual_seed(0)
-    model = CaptionModel(None, ModelConfig(16, 12, 20, dropout=0.0), 30, encoder=_Features()).eval()
+    model = CaptionModel(None, ModelConfig(16, 12, 20, dropout=0.0), 30, encoder=GridStub()).eval()
     raw, captions = torch.randn(3, 24, 3, 3), torch.randint(4, 30, (3, 6))
     logits, alphas = model(raw, captions)
     ref_logits, ref_alphas = model.decoder.forward_stepwise(model.project(raw), captions)

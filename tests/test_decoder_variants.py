@@ -9,10 +9,7 @@ from captioner.engine.infer.checkpoint import model_from_checkpoint
 from captioner.model.decoding import beam_search
 from captioner.model.caption_model import CaptionModel
 
-
-class _Features(torch.nn.Module):
-    """Stands in for a frozen encoder giving (B, 24, 3, 3) features: keeps these tests free of a CNN."""
-    channels, grid, image_size = 24, (3, 3), 32
+from helpers import GridStub
 
 
 @pytest.mark.parametrize("features,dim", [("project", 16), ("norm", 24), ("raw", 24)])
@@ -20,7 +17,7 @@ def test_feature_paths_attention_and_state_variants(features, dim):
     torch.manual_seed(0)
     cfg = ModelConfig(16, 16, 20, dropout=0.0, features=features, attention="relu", init_state="linear",
                       gate=features != "raw")
-    model = CaptionModel(None, cfg, 30, encoder=_Features()).eval()
+    model = CaptionModel(None, cfg, 30, encoder=GridStub()).eval()
     raw = torch.rand(2, 24, 3, 3)
     assert model.project(raw).shape == (2, 9, dim)  # the decoder attends over all 9 regions of width dim
     assert model.decoder.lstm.input_size == 16 + dim

@@ -7,17 +7,14 @@ from captioner.config import ModelConfig
 from captioner.model.decoding import beam_search, decode, greedy_decode, repeated_ngram_words
 from captioner.model.caption_model import CaptionModel
 
-
-class _Features(torch.nn.Module):
-    """Stands in for a frozen encoder giving (B, 24, 3, 3) features: keeps these tests free of a CNN."""
-    channels, grid, image_size = 24, (3, 3), 32
+from helpers import GridStub
 
 
 @pytest.fixture(scope="module")
 def model():
     """An untrained decoder with a small vocabulary: its captions repeat words and n-grams freely."""
     torch.manual_seed(0)
-    return CaptionModel(None, ModelConfig(16, 16, 24, dropout=0.0), 12, encoder=_Features()).eval()
+    return CaptionModel(None, ModelConfig(16, 16, 24, dropout=0.0), 12, encoder=GridStub()).eval()
 
 
 def _words(tokens: torch.Tensor) -> list[list[int]]:

@@ -16,6 +16,8 @@ from captioner.model.decoder import caption_loss
 from captioner.model.decoding import decode
 from captioner.text import Vocabulary
 
+from helpers import GridStub
+
 
 def test_label_smoothing_moves_the_target_towards_uniform():
     torch.manual_seed(0)
@@ -48,18 +50,13 @@ def test_similarity_to_other_images_finds_generic_captions():
     assert similarity_to_other_images(tokens[:2], torch.tensor([0, 0])).tolist() == [0.0, 0.0]
 
 
-class _Features(torch.nn.Module):
-    """Stands in for a frozen encoder giving (B, 24, 3, 3) features: keeps these tests free of a CNN."""
-    channels, grid, image_size = 24, (3, 3), 32
-
-
 @pytest.mark.parametrize("baseline", ["mean", "greedy"])
 def test_scst_diversity_term_lowers_the_reward_by_the_similarity(baseline):
     captions = [["a dog runs on grass", "a brown dog runs"], ["a man rides a bike"], ["two girls play on grass"]]
     records = [ImageRecord(image_id=i, path=f"{i}.jpg", captions=c, split="train") for i, c in enumerate(captions)]
     vocab = Vocabulary.build([c for caps in captions for c in caps])
     torch.manual_seed(0)
-    model = CaptionModel(None, ModelConfig(16, 16, 16, dropout=0.0), len(vocab), encoder=_Features())
+    model = CaptionModel(None, ModelConfig(16, 16, 16, dropout=0.0), len(vocab), encoder=GridStub())
     rewarder, raw, images = Rewarder(records, vocab, 16), torch.randn(3, 24, 3, 3), torch.tensor([0, 1, 2])
     results = {}
     for weight in (0.0, 0.5):
@@ -94,7 +91,7 @@ def test_decode_settings_take_the_decode_keys_to_the_one_decode_path():
     assert (settings.block_ngram, settings.groups, settings.diversity, settings.beam_size) == (3, 2, 0.5, 4)
     assert DecodeSettings.of(cfg, beam_size=3, compute=compute).groups == 1  # --beam 3: no groups (warned)
     torch.manual_seed(0)
-    model = CaptionModel(None, ModelConfig(16, 16, 16, dropout=0.0), 12, encoder=_Features()).eval()
+    model = CaptionModel(None, ModelConfig(16, 16, 16, dropout=0.0), 12, encoder=GridStub()).eval()
     vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(8)])
     raw = torch.randn(3, 24, 3, 3) * 4
     captioned = caption_batch(model, vocab, raw, settings)
