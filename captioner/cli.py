@@ -293,7 +293,7 @@ COMMANDS = {
 
 
 def build_job(args: argparse.Namespace):
-    """(the job module, its XJob built by keyword from args): what run() executes; tests build jobs this way too."""
+    """(the job module, its XJob built by keyword from args): what run_command() executes; tests build jobs this way too."""
     module_name, job_name, _, special = COMMANDS[args.command]
     module = importlib.import_module(f"captioner.jobs.{module_name}")
     job_class = getattr(module, job_name)
@@ -301,7 +301,7 @@ def build_job(args: argparse.Namespace):
     return module, job_class(**{f.name: given[f.name] for f in dataclasses.fields(job_class) if f.name in given})
 
 
-def run(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     module, job = build_job(args)
     return COMMANDS[args.command][2](args, module.main(job))
 
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     # Also on our own logger: basicConfig does nothing where logging is already set up (a notebook, pytest).
     logging.getLogger("captioner").setLevel(level)
     try:
-        code = run(args)
+        code = run_command(args)
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
         return code
     except BrokenPipeError:  # `captioner layers resnet152 | head`: the reader left; nothing more to say
