@@ -128,7 +128,7 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
             batches = _timed_iter(predictor.image_batches(mine, batch_size, job.num_workers, max_pixels), waited)
             with distributed.GlobalProgress(len(todo), process, "captioning", log.isEnabledFor(logging.INFO)) as bar:
                 for batch, captioned in predictor.caption_batches(batches, attention=html is not None):
-                    _write_batch(predictor.model.grid, mine, batch, captioned, writer, pages, counts)
+                    _write_batch(predictor.encoder.grid, mine, batch, captioned, writer, pages, counts)
                     bar.update(len(captioned))
                     bar.set_postfix(errors=counts["errors"])
         except torch.cuda.OutOfMemoryError:

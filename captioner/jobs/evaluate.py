@@ -54,9 +54,10 @@ def main(job: EvaluateJob) -> dict:
     records = [r for r in by_split(load_records(cfg.dataset), split) if r.captions]  # missing files dropped
     if not records:
         raise CaptionerError(f"split '{split}' of the dataset has no captioned images")
-    cached = cached_source(cfg, predictor.model.encoder, records, f"{split} split")  # None: run the encoder
+    # A feature cache holds the PyTorch encoder's activations: another backend runs its own encoder.
+    cached = cached_source(cfg, predictor.model.encoder, records, f"{split} split") if predictor.model is not None else None
     features, records = cached if cached else (None, records)
-    hypotheses = predict(predictor.model, predictor.vocab, records, predictor.settings,
+    hypotheses = predict(predictor.backend, predictor.vocab, records, predictor.settings,
                          job.batch_size or cfg.decode.batch_size, predictor.device, features=features,
                          num_workers=cfg.compute.num_workers, gpu_decode=predictor.compute.gpu_decode)
     if len(hypotheses) != len(records):

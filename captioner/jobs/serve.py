@@ -81,7 +81,7 @@ class ServedModel:
 
     def __init__(self, checkpoint: str, device: str = "auto", beam_size: int | None = None):
         self.predictor = Predictor.load(checkpoint, device, beam_size=beam_size)  # as `captioner caption` does
-        p, enc = self.predictor, self.predictor.model.encoder
+        p, enc = self.predictor, self.predictor.encoder
         self.info = {"checkpoint": Path(checkpoint).name, "arch": enc.arch, "layer": enc.layer,
                      "grid": list(enc.grid), "image_size": enc.image_size, "vocab_size": len(p.vocab),
                      "decoding": {k: getattr(p.settings, k) for k in ("beam_size", "max_len", "length_penalty",
@@ -119,7 +119,7 @@ def build(opts: ServeJob):
     batcher = DynamicBatcher(served.predict, opts.max_batch, opts.max_wait_ms / 1000, opts.queue)
     token = _token(opts)
     info = {**served.info, "token_required": token is not None}
-    return create_app(batcher, info, size, tuple(served.predictor.model.grid), opts.limits, token,
+    return create_app(batcher, info, size, tuple(served.predictor.encoder.grid), opts.limits, token,
                       opts.decode_threads), served
 
 

@@ -8,6 +8,8 @@ drift from the others (transformers' pipeline and CLIP's `load` return the model
     for batch, captioned in predictor.caption_batches(batches, attention=True): ...
 
 The decoding itself is engine/infer/predict.py's (the one decode path); this class only holds what it needs.
+What computes it is the backend (backend.py): the PyTorch model, or ONNX Runtime sessions of an exported model
+(onnx_runtime.py), which then has no PyTorch model (model is None).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 from captioner.config import ComputeConfig, Config, apply_overrides
 from captioner.data.images import MAX_PIXELS
 from captioner.data.pipeline import Batches, image_batches
+from captioner.engine.infer.backend import Backend, TorchBackend
 from captioner.engine.infer.checkpoint import load_model
 from captioner.engine.infer.predict import Captioned, DecodeSettings, caption_batch, caption_batches
 from captioner.engine.runtime.compute import Compute, setup_compute
@@ -29,12 +32,18 @@ from captioner.text import Vocabulary
 
 @dataclass
 class Predictor:
-    model: CaptionModel  # in eval mode, on device, encoder prepared (channels_last / compile) as compute says
+    model: CaptionModel | None  # in eval mode, on device, encoder prepared (channels_last / compile) as compute
+    # says; None when another backend runs an exported model
     vocab: Vocabulary
     cfg: Config  # the checkpoint's config, with this machine's compute and the caller's overrides
     compute: Compute  # the resolved precision and memory format
     settings: DecodeSettings
     source: str  # the checkpoint it came from
+    backend: Backend | None = None  # what encodes and decodes; None: the model's own modules (TorchBackend)
+
+    def __post_init__(self):
+        if self.backend is None:
+            self.backend = TorchBackend(self.model)
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device | None = "auto", *,
@@ -62,16 +71,21 @@ class Predictor:
         return self.compute.device
 
     @property
+    def encoder(self):
+        """The encoder's description (arch, layer, image_size, channels, grid), whichever backend runs it."""
+        return self.backend.encoder
+
+    @property
     def image_size(self) -> int:
-        return self.model.encoder.image_size
+        return self.encoder.image_size
 
     def caption_batch(self, inputs: torch.Tensor, attention: bool = False) -> list[Captioned]:
         """(B, 3, S, S) uint8 images or (B, C, H, W) features on self.device -> B Captioned, in order."""
-        return caption_batch(self.model, self.vocab, inputs, self.settings, attention)
+        return caption_batch(self.backend, self.vocab, inputs, self.settings, attention)
 
     def caption_batches(self, batches, attention: bool = False):
         """For each pipeline Batch -> (batch, [Captioned]); only readable rows are decoded (predict.py)."""
-        return caption_batches(self.model, self.vocab, batches, self.settings, attention)
+        return caption_batches(self.backend, self.vocab, batches, self.settings, attention)
 
     def image_batches(self, paths: list[str], batch_size: int | None = None, num_workers: int = 0,
                       max_pixels: int = MAX_PIXELS) -> Batches:
@@ -88,6 +102,7 @@ class Predictor:
 
     def description(self) -> str:
         """One line on what decodes and what it attends over, for titles and /v1/model."""
-        enc = self.model.encoder
+        enc = self.encoder
+        runs = "" if self.backend.name == "torch" else f" ({self.backend.name})"
         return (f"{self.decoding()}, attention over the {enc.grid[0]}x{enc.grid[1]} {enc.layer} grid of "
-                f"{enc.arch}")
+                f"{enc.arch}{runs}")
