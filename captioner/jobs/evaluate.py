@@ -55,7 +55,8 @@ def main(job: EvaluateJob) -> dict:
     if not records:
         raise CaptionerError(f"split '{split}' of the dataset has no captioned images")
     # A feature cache holds the PyTorch encoder's activations: another backend runs its own encoder.
-    cached = cached_source(cfg, predictor.model.encoder, records, f"{split} split") if predictor.model is not None else None
+    model = predictor.model
+    cached = cached_source(cfg, model.encoder, records, f"{split} split") if model is not None else None
     features, records = cached if cached else (None, records)
     hypotheses = predict(predictor.backend, predictor.vocab, records, predictor.settings,
                          job.batch_size or cfg.decode.batch_size, predictor.device, features=features,
