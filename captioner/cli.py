@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("bench", "measure encoder, extraction, training and captioning throughput on synthetic images",
                 "example: captioner bench --device cpu --json bench.json     (about a minute on 2 CPU cores)\n"
                 "         captioner bench --device cuda --full               (ResNet-152, 640x480 JPEGs, COCO sizes)\n"
+                "         captioner bench --device cpu --threads 1 --runtimes  (torch vs ONNX Runtime fp32 / int8)\n"
                 "Prints a table; --json also writes the numbers with the device, versions and settings.")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     sizes = p.add_mutually_exclusive_group()
@@ -171,7 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the results to FILE")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False, default=None,
                    help="without torch.compile (--full turns it on)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and onnxruntime (default: torch's choice)")
+    p.add_argument("--runtimes", action="store_true",
+                   help="instead: PyTorch float32 against ONNX Runtime float32 and int8 (the [onnx] extra), "
+                   "captioning JPEGs end to end and encoding, for each of runtime_archs (resnet152,resnet18)")
     p.add_argument("overrides", nargs="*", metavar="field=value",
                    help="change a size of the preset, e.g. arch=resnet152 image_size=448 train_batch=64")
 

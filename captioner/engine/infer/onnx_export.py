@@ -20,6 +20,7 @@ calibrated on real images (per-channel weights).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
@@ -130,6 +131,25 @@ def _cpu_copy(model):
     return model.eval()
 
 
+def calibration_images(paths: list[str], image_size: int, count: int) -> torch.Tensor:
+    """(N, 3, S, S) uint8: the first count readable images of paths, decoded and resized by the one image
+    pipeline (as captioning reads them); unreadable files are skipped with a warning."""
+    from captioner.data.pipeline import image_batches
+    kept, skipped = [], []
+    for batch in image_batches(list(paths), image_size, 16, 0, torch.device("cpu")):
+        good = batch.readable()
+        skipped += [e for e in batch.errors if e]
+        kept.append(batch.inputs[good])
+        if sum(len(k) for k in kept) >= count:
+            break
+    for error in skipped[:3]:
+        log.warning("calibration: skipped %s", error)
+    images = torch.cat(kept)[:count] if kept else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+    if len(images) == 0:
+        raise CaptionerError(f"no readable calibration image among {len(paths)} files")
+    return images
+
+
 class _Calibration:
     """onnxruntime's CalibrationDataReader over (N, 3, S, S) uint8 images, a few at a time."""
 
@@ -139,6 +159,17 @@ class _Calibration:
     def get_next(self):
         batch = next(self.batches, None)
         return None if batch is None else {"images": batch.contiguous().numpy()}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime.quantization logs a line per tensor it leaves in float on the root logger: not news here."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.Tensor) -> list[str]:
@@ -154,7 +185,7 @@ def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.T
     if calibration.dtype != torch.uint8 or calibration.dim() != 4 or len(calibration) == 0:
         raise CaptionerError(f"calibration images must be (N, C, S, S) uint8 with N >= 1, got "
                              f"{tuple(calibration.shape)} {calibration.dtype}")
-    with tempfile.TemporaryDirectory(prefix="captioner-quantize-") as tmp, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(prefix="captioner-quantize-") as tmp, warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
         prepared = Path(tmp) / "encoder.prepared.onnx"
         # Shape inference and graph folding (BatchNorm into Conv) first: onnxruntime's recommended preparation.
