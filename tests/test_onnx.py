@@ -138,3 +138,19 @@ def test_resnet152_shaped_encoder_round_trip(tmp_path):
     features = backend.encode(images)
     assert features.shape == (2, 2048, 3, 3) and _relative(raw, features) < 1e-4
     assert torch.equal(greedy_decode(model, raw, 8).tokens, greedy_decode(backend, features, 8).tokens)
+
+
+@pytest.mark.slow
+def test_bench_runtimes_smoke_writes_the_three_rows(tmp_path, capsys):
+    import json
+
+    from captioner.cli import main
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--smoke", "--runtimes", "--device", "cpu", "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["runtimes"]["resnet18"]
+    table = capsys.readouterr().out
+    for name in ("torch_fp32", "ort_fp32", "ort_int8"):
+        for key in ("caption_images_per_s", "encoder_images_per_s", "caption_speedup", "encoder_speedup"):
+            assert rows[name][key] > 0
+        assert name in table
+    assert rows["torch_fp32"]["caption_speedup"] == 1.0
