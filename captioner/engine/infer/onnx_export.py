@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captioner.errors import CaptionerError
+from captioner.files import write_json
 from captioner.model.truncated import TruncatedEncoder
 
 log = logging.getLogger("captioner")
@@ -38,6 +39,11 @@ log = logging.getLogger("captioner")
 OPSET = 17
 GRAPHS = ("encoder", "decoder_init", "decoder_step")
 ONNX_EXTRA = 'pip install "captioner[onnx]"'
+# The graphs' interface (names, shapes, what is inside) as onnx.json records it; a folder whose graphs have
+# another version is refused in one line (export it again).
+ONNX_FORMAT_VERSION = 1
+MANIFEST = "onnx.json"
+PRECISIONS = ("float32", "int8")
 
 
 def require_onnx(what: str = "ONNX export"):
@@ -198,3 +204,42 @@ def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.T
             quantize_dynamic(str(source / f"{name}.onnx"), str(target / f"{name}.onnx"),
                              op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
     return [f"{name}.onnx" for name in GRAPHS]
+
+
+def write_onnx_files(folder: str | Path, model, precision: str = "float32",
+                     calibration: torch.Tensor | None = None) -> dict[str, str]:
+    """The three graphs (float32, or int8 calibrated on calibration's (N, 3, S, S) uint8 images) and onnx.json
+    into folder; returns {role: file name} for the model folder's config.json."""
+    if precision not in PRECISIONS:
+        raise CaptionerError(f"--quantize must be one of {', '.join(p for p in PRECISIONS if p != 'float32')}, "
+                             f"got {precision!r}")
+    if precision == "int8" and calibration is None:
+        raise CaptionerError("int8 quantization needs calibration images")
+    folder = Path(folder)
+    if precision == "float32":
+        export_graphs(model, folder)
+    else:
+        with tempfile.TemporaryDirectory(prefix="captioner-onnx-") as tmp:
+            export_graphs(model, tmp)
+            quantize_graphs(tmp, folder, calibration)
+    enc = model.encoder
+    manifest = {
+        "format_version": ONNX_FORMAT_VERSION, "opset": OPSET, "precision": precision,
+        "graphs": {name: f"{name}.onnx" for name in GRAPHS},
+        "encoder": {"arch": enc.arch, "layer": enc.layer, "image_size": enc.image_size,
+                    "in_channels": enc.in_channels, "channels": enc.channels, "grid": list(enc.grid)},
+        "vocab_size": model.decoder.vocab_size,
+        "interface": {
+            "encoder": "images (B, in_channels, S, S) uint8 -> features (B, C, H, W) float32, normalisation inside",
+            "decoder_init": "features (B, C, H, W) -> h (B, H), c (B, H), regions (B, N, D), projected (B, N, A)",
+            "decoder_step": "tokens (B,) int64, h, c, regions, projected -> log_probs (B, V), h_next, c_next, "
+                            "alpha (B, N)",
+            "host": "greedy / beam / sampling loops (captioner.model.decoding) and image decoding + resize"},
+        "quantization": None if precision == "float32" else {
+            "encoder": f"static QDQ int8 of the Conv layers: per-channel int8 weights, uint8 activations "
+                       f"(MinMax ranges from {len(calibration)} calibration images)",
+            "decoder": "dynamic int8 of MatMul/Gemm (int8 weights, activations quantized per call)",
+            "calibration_images": len(calibration)},
+    }
+    write_json(folder / MANIFEST, manifest, "ONNX manifest", indent=1)
+    return {"onnx": MANIFEST, **{f"onnx_{name}": f"{name}.onnx" for name in GRAPHS}}
