@@ -1,5 +1,6 @@
 """ONNX Runtime as a backend (backend.py): the exported graphs (onnx_export.py) encode and take decoding steps.
 
+    backend, vocab, cfg = load_onnx_folder("model/", device)   # a folder of `captioner export --format onnx`
     backend = OnnxBackend(graphs, spec, vocab_size=len(vocab), device=torch.device("cpu"))
     raw = backend.encode(images)                      # encoder.onnx: (B, 3, S, S) uint8 -> (B, C, H, W)
     out = decode(backend.steps, raw, beam_size=3)     # model/decoding.py's loops over decoder_init/decoder_step
@@ -14,6 +15,7 @@ Threads: torch's count (torch.set_num_threads, OMP_NUM_THREADS), so both runtime
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captioner.engine.infer.onnx_export import GRAPHS, require_onnx
+from captioner.config import ComputeConfig, Config, from_saved_dict
+from captioner.engine.infer.onnx_export import GRAPHS, MANIFEST, ONNX_FORMAT_VERSION, require_onnx
 from captioner.errors import CaptionerError
 from captioner.model.steps import StepState
+from captioner.text import Vocabulary
 
 log = logging.getLogger("captioner")
 
@@ -128,3 +132,51 @@ class OnnxBackend:
 
     def running(self, device: torch.device, bf16: bool):
         return contextlib.nullcontext()  # the graphs' precision is fixed at export (float32 or int8)
+
+
+def _manifest(folder: Path, meta: dict) -> dict:
+    """The folder's onnx.json, checked: present, readable, of the graph format this captioner runs."""
+    name = meta["files"].get("onnx")
+    export = f"captioner export --checkpoint CHECKPOINT --format onnx --out {folder}"
+    if name is None:
+        raise CaptionerError(f"model folder {folder} holds no ONNX graphs (exported as "
+                             f"{meta.get('dtype', 'float32')} safetensors only); for --runtime onnxruntime: {export}")
+    path = folder / Path(name).name
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CaptionerError(f"model folder {folder} lacks {name} ({e.strerror or e}); copy the whole folder") \
+            from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CaptionerError(f"{path} is not valid JSON ({e}); export the model again") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and version > ONNX_FORMAT_VERSION:
+        raise CaptionerError(f"model folder {folder} holds ONNX graphs of format {version}, newer than the format "
+                             f"{ONNX_FORMAT_VERSION} this captioner runs: pip install -U captioner")
+    if version != ONNX_FORMAT_VERSION:
+        raise CaptionerError(f"model folder {folder} holds ONNX graphs of format {version!r}, older than the format "
+                             f"{ONNX_FORMAT_VERSION} this captioner runs: export it again: {export}")
+    return manifest
+
+
+def load_onnx_folder(folder: str | Path, device: torch.device, threads: int | None = None
+                     ) -> tuple[OnnxBackend, Vocabulary, Config]:
+    """(ONNX Runtime backend, vocabulary, config) of a model folder written by `captioner export --format onnx`;
+    no PyTorch weights are read."""
+    from captioner.engine.infer.model_folder import is_model_folder, read_folder_config
+    folder = Path(folder)
+    if not is_model_folder(folder):
+        raise CaptionerError(f"--runtime onnxruntime runs a model folder written by `captioner export --format onnx`, "
+                             f"and {folder} is not a folder: captioner export --checkpoint {folder} --format onnx "
+                             f"--out model-onnx/, then --checkpoint model-onnx/")
+    meta = read_folder_config(folder)
+    manifest = _manifest(folder, meta)
+    cfg = from_saved_dict(meta["config"])
+    cfg.compute = ComputeConfig()  # this machine's, not the exporting one's
+    vocab = Vocabulary.load(folder / meta["files"]["vocab"])
+    enc = manifest["encoder"]
+    spec = EncoderSpec(enc["arch"], enc["layer"], enc["image_size"], enc["in_channels"], enc["channels"],
+                       tuple(enc["grid"]))
+    graphs = {name: folder / Path(meta["files"].get(f"onnx_{name}", f"{name}.onnx")).name for name in GRAPHS}
+    backend = OnnxBackend(graphs, spec, len(vocab), device, threads, manifest.get("precision", "float32"))
+    return backend, vocab, cfg
