@@ -2,6 +2,7 @@
 the one set of decoding loops runs over either backend."""
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -16,8 +17,15 @@ from captioner.model.truncated import TruncatedEncoder
 
 pytest.importorskip("onnxruntime")
 
+from captioner.cli import main as cli  # noqa: E402
 from captioner.engine.infer.onnx_export import GRAPHS, export_graphs, quantize_graphs  # noqa: E402
 from captioner.engine.infer.onnx_runtime import EncoderSpec, OnnxBackend  # noqa: E402
+from captioner.engine.infer.predictor import Predictor  # noqa: E402
+from captioner.jobs.export import ExportJob, main as export  # noqa: E402
+
+from helpers import COCO_MINI, noise_pngs, read_records, varied_checkpoint  # noqa: E402
+
+PHOTOS = sorted((COCO_MINI / "train2017").glob("*.jpg"))[:16]
 
 
 def _backend(folder, model, precision="float32"):
@@ -154,3 +162,93 @@ def test_bench_runtimes_smoke_writes_the_three_rows(tmp_path, capsys):
             assert rows[name][key] > 0
         assert name in table
     assert rows["torch_fp32"]["caption_speedup"] == 1.0
+
+
+# ---------------------------------------------------------------- model folders: export, --runtime onnxruntime
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(tmp_path_factory):
+    """(checkpoint, its model folder with float32 ONNX graphs) of an untrained model with varied captions."""
+    checkpoint = varied_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")
+    out = tmp_path_factory.mktemp("export") / "model"
+    result = export(ExportJob(str(checkpoint), str(out), format="onnx"))
+    assert {"encoder.onnx", "decoder_init.onnx", "decoder_step.onnx", "onnx.json", "model.safetensors"} <= \
+        set(result["files"])
+    return checkpoint, out
+
+
+@pytest.mark.skipif(not PHOTOS, reason="needs ../shared/data/coco-mini")
+def test_folder_round_trip_equal_captions_on_real_photos(onnx_folder, tmp_path, capsys):
+    checkpoint, folder = onnx_folder
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["files"]["onnx_encoder"] == "encoder.onnx" and meta["files"]["onnx"] == "onnx.json"
+    torch_run, ort_run = (Predictor.load(folder, "cpu", runtime=r) for r in ("torch", "onnxruntime"))
+    assert torch_run.model is not None and ort_run.model is None and ort_run.runtime == "onnxruntime float32"
+    assert ort_run.encoder.grid == torch_run.encoder.grid and ort_run.image_size == torch_run.image_size
+    # ORT vs PyTorch features on 16 real photos, decoded by the one pipeline
+    images = next(iter(torch_run.image_batches([str(p) for p in PHOTOS], 16))).inputs
+    with torch.no_grad():
+        raw = torch_run.model.encode(images)
+    assert _relative(raw, ort_run.backend.encode(images)) < 1e-4
+    assert [c.caption for c in torch_run.caption_batch(images)] == [c.caption for c in ort_run.caption_batch(images)]
+    # the commands: caption with each runtime writes the same captions, under different model identities
+    outs = {}
+    for runtime in ("torch", "onnxruntime"):
+        outs[runtime] = tmp_path / f"{runtime}.jsonl"
+        assert cli(["caption", "--checkpoint", str(folder), *map(str, PHOTOS[:6]), "--out", str(outs[runtime]),
+                    "--workers", "0", "--device", "cpu", "--runtime", runtime]) == 0
+    torch_records, ort_records = (read_records(outs[r]) for r in ("torch", "onnxruntime"))
+    assert [r["caption"] for r in torch_records] == [r["caption"] for r in ort_records]
+    assert torch_records[0]["model"] != ort_records[0]["model"]  # one output never mixes the two runtimes
+    from captioner import Captioner
+    cap = Captioner.from_pretrained(folder, device="cpu", runtime="onnxruntime")
+    assert [c.text for c in cap.caption([str(p) for p in PHOTOS[:6]])] == [r["caption"] for r in torch_records]
+
+
+def test_runtime_refusals_are_one_line(onnx_folder, tmp_path, capsys):
+    checkpoint, folder = onnx_folder
+    plain = tmp_path / "plain"
+    export(ExportJob(str(checkpoint), str(plain)))  # safetensors only
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in folder.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((old / "onnx.json").read_text())
+    (old / "onnx.json").write_text(json.dumps({**manifest, "format_version": 0}))
+    cases = {str(checkpoint): "is not a folder: captioner export --checkpoint",
+             str(plain): "holds no ONNX graphs",
+             str(old): "holds ONNX graphs of format 0, older than the format 1 this captioner runs: export it again"}
+    images = noise_pngs(tmp_path / "images", 1, 32)
+    for source, words in cases.items():
+        assert cli(["caption", "--checkpoint", source, str(images), "--runtime", "onnxruntime", "--device",
+                    "cpu", "--out", str(tmp_path / "c.jsonl")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    with pytest.raises(CaptionerError, match="--quantize applies to the ONNX graphs: add --format onnx"):
+        ExportJob(str(checkpoint), str(tmp_path / "x"), quantize="int8")
+    with pytest.raises(CaptionerError, match="--calibrate applies to --quantize int8"):
+        ExportJob(str(checkpoint), str(tmp_path / "x"), format="onnx", calibrate=str(tmp_path))
+
+
+def test_export_onnx_without_the_extra_is_one_line(onnx_folder, tmp_path, monkeypatch, capsys):
+    checkpoint, _ = onnx_folder
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert cli(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m"), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith('pip install "captioner[onnx]"') and len(err.splitlines()) == 1 and not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PHOTOS, reason="needs ../shared/data/coco-mini")
+def test_int8_export_calibrated_on_a_folder(onnx_folder, tmp_path, capsys):
+    checkpoint, _ = onnx_folder
+    out = tmp_path / "int8"
+    assert cli(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--format", "onnx", "--quantize",
+                "int8", "--calibrate", str(PHOTOS[0].parent), "--calibration-images", "8"]) == 0
+    manifest = json.loads((out / "onnx.json").read_text())
+    assert manifest["precision"] == "int8" and manifest["quantization"]["calibration_images"] == 8
+    int8 = Predictor.load(out, "cpu", runtime="onnxruntime")
+    assert int8.runtime == "onnxruntime int8"
+    records = int8.caption_batch(next(iter(int8.image_batches([str(p) for p in PHOTOS[:4]], 4))).inputs)
+    assert all(r.caption for r in records)

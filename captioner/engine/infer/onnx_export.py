@@ -169,9 +169,10 @@ class _Calibration:
 
 @contextlib.contextmanager
 def _quiet():
-    """onnxruntime.quantization logs a line per tensor it leaves in float on the root logger: not news here."""
+    """onnxruntime.quantization logs a line per tensor it leaves in float, and advice already followed, on the root
+    logger: not news here."""
     previous = logging.root.manager.disable
-    logging.disable(logging.INFO)
+    logging.disable(logging.WARNING)
     try:
         yield
     finally:

@@ -101,6 +101,12 @@ class Predictor:
         return self.compute.device
 
     @property
+    def runtime(self) -> str:
+        """What runs the model, as outputs record it: "torch", "onnxruntime float32" or "onnxruntime int8"."""
+        precision = getattr(self.backend, "precision", None)
+        return self.backend.name + (f" {precision}" if precision else "")
+
+    @property
     def encoder(self):
         """The encoder's description (arch, layer, image_size, channels, grid), whichever backend runs it."""
         return self.backend.encoder
@@ -134,6 +140,6 @@ class Predictor:
     def description(self) -> str:
         """One line on what decodes and what it attends over, for titles and /v1/model."""
         enc = self.encoder
-        runs = "" if self.backend.name == "torch" else f" ({self.backend.name})"
+        runs = "" if self.backend.name == "torch" else f" ({self.runtime})"
         return (f"{self.decoding()}, attention over the {enc.grid[0]}x{enc.grid[1]} {enc.layer} grid of "
                 f"{enc.arch}{runs}")
