@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "         captioner train --config FILE --run-dir runs/scst --init-from runs/tiny/best.pt "
                 "train.objective=scst\n"
                 "         torchrun --nproc_per_node=2 -m captioner train --config FILE --run-dir DIR\n"
-                "RUN_DIR receives best.pt, last.pt, metrics.jsonl, config.yaml and vocab.json.\n"
+                "         captioner train --resume runs/tiny 'train.log_to=[jsonl,tensorboard]'   "
+                "(then: tensorboard --logdir runs)\n"
+                "RUN_DIR receives best.pt, last.pt, metrics.jsonl, config.yaml and vocab.json (and tb/ with\n"
+                "train.log_to=[jsonl,tensorboard]). On a terminal one progress line covers the run, with its ETA.\n"
                 "SIGINT/SIGTERM save last.pt and exit with 130/143; --resume continues at the exact sample.")
     p.add_argument("--config", help="YAML config file (see configs/); with --resume, checked against the run's")
     p.add_argument("--run-dir", help="folder for checkpoints and logs")

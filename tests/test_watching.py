@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from captioner.engine.train.telemetry import RunClock, duration
 from captioner.jobs import train
 
 from conftest import ROOT, TINY
-from small_runs import metric_lines, small_config, small_overrides
+from small_runs import killed_child, metric_lines, small_config, small_overrides
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
@@ -107,23 +106,9 @@ def test_tensorboard_holds_every_scalar_of_metrics_jsonl_and_8_samples_per_valid
     assert {f"train/{k}" for k in ("loss", "elapsed_s")} <= set(_expected_scalars(run_dir))
 
 
-# The child trains through the real CLI and SIGKILLs itself once step 5 is logged by every logger and flushed to
-# disk: two steps after the step-3 checkpoint, so metrics.jsonl and tb/ both hold steps the resume must drop.
-KILLED_CHILD = textwrap.dedent("""
-    import os, signal, sys
-    import torch
-    torch.set_num_threads(int(sys.argv[1]))
-    from captioner.cli import main
-    from captioner.engine.train.loggers import RunLog
-    write = RunLog.write
-    def write_then_die(self, record):
-        write(self, record)
-        if record.get("step") == 5 and "loss" in record:
-            self.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-    RunLog.write = write_then_die
-    sys.exit(main(sys.argv[2:]))
-""")
+# The child SIGKILLs itself once step 5 is logged by every logger and flushed to disk: two steps after the step-3
+# checkpoint, so metrics.jsonl and tb/ both hold steps the resume must drop.
+KILLED_CHILD = killed_child(5, logger="RunLog", flush=True)
 
 
 @pytest.mark.slow
