@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import typing
 from pathlib import Path
@@ -63,12 +64,18 @@ def coerce(key: str, value, annotation):
     raise CaptionerError(f"config key '{key}' expects {target.__name__}, got {value!r}")
 
 
+@functools.cache
+def _field_types(section_type: type) -> dict:
+    """A section's annotations resolved to types, once per class (resolving them for every key set took seconds)."""
+    return typing.get_type_hints(section_type)
+
+
 def _set(cfg: Config, key: str, value) -> None:
     section_name, _, name = key.partition(".")
     section = getattr(cfg, section_name, None) if section_name in {f.name for f in dataclasses.fields(cfg)} else None
     if section is None or name not in {f.name for f in dataclasses.fields(section)}:
         raise _unknown_key(key, cfg)
-    annotation = typing.get_type_hints(type(section))[name]
+    annotation = _field_types(type(section))[name]
     setattr(section, name, coerce(key, value, annotation))
 
 
