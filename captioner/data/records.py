@@ -40,6 +40,27 @@ def read_json(path: Path, what: str, encoding: str = ""):
         raise CaptionerError(f"{what} {path} is not valid JSON: {e}") from None
 
 
+def check_unique(records: list[ImageRecord], source: str) -> None:
+    """Refuse records that would silently corrupt a split: one id given to two images (their captions would be
+    merged onto one photo) or one image file listed under two ids (the same photo could land in train and in
+    test). Paths are compared as the files they name ("a.jpg", "./a.jpg" and "/abs/a.jpg" are one file)."""
+    by_id, by_file = defaultdict(list), defaultdict(list)
+    for r in records:
+        by_id[r.image_id].append(r)
+        by_file[os.path.normpath(os.path.abspath(r.path))].append(r)
+    shared_ids = [rs for rs in by_id.values() if len(rs) > 1]
+    if shared_ids:
+        a, b = shared_ids[0][:2]
+        raise CaptionerError(f"{source}: {len(shared_ids)} image ids are given to more than one image (first: id "
+                             f"{a.image_id} is {a.path} and {b.path}); give each image its own id")
+    shared_files = [rs for rs in by_file.values() if len(rs) > 1]
+    if shared_files:
+        a, b = shared_files[0][:2]
+        raise CaptionerError(f"{source}: {len(shared_files)} image files are listed under more than one id (first: "
+                             f"{a.path} is id {a.image_id} and id {b.image_id}), so one photo could be trained on "
+                             f"and tested on; list each image once")
+
+
 def split_by_fraction(records: list[ImageRecord], val_fraction: float) -> None:
     """Deterministic split when the dataset brings none: in image id order, the last val_fraction is test,
     the val_fraction before it val, the rest train."""

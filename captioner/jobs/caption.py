@@ -33,6 +33,7 @@ from captioner.engine.infer.predict import DecodeSettings
 from captioner.engine.infer.predictor import Predictor
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
+from captioner.files import check_writable
 from captioner.engine.outputs.gallery import Gallery
 from captioner.engine.runtime import distributed
 from captioner.engine.runtime.distributed import Process
@@ -95,6 +96,10 @@ def main(job: CaptionJob) -> dict:
 
 def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dict:
     html, max_pixels = job.html, job.max_pixels or MAX_PIXELS
+    if process.is_main:  # before the model loads and any image is read
+        check_writable(out_path, "captions file", append=True)
+        if html:
+            check_writable(html, "gallery", append=True)
     files = find_images(job.paths, job.recursive) if process.is_main else None  # before the model: a typo fails fast
     if process.is_main and not files:
         raise CaptionerError(f"no image files found in {', '.join(job.paths)} (folders are searched for image "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioner.errors import CaptionerError
-from captioner.files import atomic_write
+from captioner.files import atomic_write, check_writable
 from captioner.engine.train.rundir import read_metrics
 
 
@@ -40,6 +40,7 @@ def main(job: PlotJob) -> dict:
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
+    check_writable(Path(out) if out else run_dir / "curves.png", "plot")
     steps = [r for r in records if r.get("loss") is not None and "step" in r]
     validations = [r for r in records if "epoch" in r and any(k.startswith("val_") for k in r)]
     resumes = [r["step"] for r in records if r.get("event") == "resume"]
