@@ -301,7 +301,8 @@ def _option_names(command: str) -> dict[str, str]:
 
 
 def build_job(args: argparse.Namespace):
-    """(the job module, its XJob built by keyword from args): what run() executes; tests build jobs this way too.
+    """(the job module, its XJob built by keyword from args): what run_command() executes; tests build jobs this
+    way too.
 
     Every numeric option is checked by its field's type first (a finite float, an int in range), so an option
     added later is checked without a line here; the job's own __post_init__ checks what is specific to it."""
@@ -315,7 +316,7 @@ def build_job(args: argparse.Namespace):
     return module, job_class(**fields)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     module, job = build_job(args)
     return COMMANDS[args.command][2](args, module.main(job))
 
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     # Also on our own logger: basicConfig does nothing where logging is already set up (a notebook, pytest).
     logging.getLogger("captioner").setLevel(level)
-    return with_exit_path(args.command, lambda: run(args))
+    return with_exit_path(args.command, lambda: run_command(args))
 
 
 if __name__ == "__main__":

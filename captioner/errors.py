@@ -33,9 +33,9 @@ ENVIRONMENT_ERRNOS = frozenset(getattr(errno, name) for name in (
 
 
 def os_failure(what: str, error: OSError, then: str = "") -> CaptionerError:
-    """An OSError as one line, "what: reason" (then what follows, e.g. what was kept): an EnvironmentFailure (exit 1) when the machine failed (a full
-    disk, a read-only file system, a closed pipe), else a CaptionerError (exit 2: a path that is missing, in the
-    way or not permitted)."""
+    """An OSError as one line, "what: reason" (then `then`, e.g. what was kept): an EnvironmentFailure (exit 1)
+    when the machine failed (a full disk, a read-only file system, a closed pipe), else a CaptionerError (exit 2:
+    a path that is missing, in the way or not permitted)."""
     reason = error.strerror or str(error) or type(error).__name__
     kind = EnvironmentFailure if error.errno in ENVIRONMENT_ERRNOS else CaptionerError
     return kind(f"{what}: {reason}{then}")

@@ -98,7 +98,7 @@ def _rows(w: Path, ro: Path):
                          str(w / "refs.json"), "--out", str(ro / "m.json")], "captioner.jobs.score.read_results"),
         ("plot --out", ["plot", str(w / "run"), "--out", str(ro / "curves.png")], None),
         ("bench --json", ["bench", "--smoke", "--device", "cpu", "--json", str(ro / "b.json")],
-         "captioner.jobs.bench.job.run"),
+         "captioner.jobs.bench.job.measure_all"),
         ("demo --out", ["demo", "--out", str(ro / "demo"), "--device", "cpu"], "captioner.jobs.train.main"),
     ]
 

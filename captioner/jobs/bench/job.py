@@ -18,7 +18,7 @@ from captioner.engine.runtime.compute import cpu_capability, setup_compute
 from captioner.engine.runtime.device import resolve_device
 from captioner.errors import CaptionerError
 from captioner.files import check_writable, write_json
-from captioner.jobs.bench.measure import run
+from captioner.jobs.bench.measure import measure_all
 from captioner.jobs.bench.sizes import KEYS, PRESETS, BenchSizes, apply_overrides
 
 log = logging.getLogger("captioner")
@@ -64,7 +64,7 @@ def main(job: BenchJob) -> dict:
     try:
         torch.set_num_threads(threads or previous_threads)
         with tempfile.TemporaryDirectory(prefix="captioner-bench-") as workdir:
-            numbers = run(sizes, compute, Path(workdir))
+            numbers = measure_all(sizes, compute, Path(workdir))
         threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)

@@ -102,7 +102,7 @@ def _scst_rate(loss_fn: SelfCriticalLoss, raw: torch.Tensor, device: torch.devic
 def _loader(pairs: CaptionPairs, batch_size: int, num_workers: int, device: torch.device) -> Batches:
     return Batches(pairs, batch_size, device, num_workers, shuffle=True, drop_last=True, persistent_workers=True)
 
-def run(sizes: BenchSizes, compute: Compute, workdir: Path) -> dict:
+def measure_all(sizes: BenchSizes, compute: Compute, workdir: Path) -> dict:
     """Every measurement of the module docstring, as {key: items per second}, in compute's precision."""
     torch.manual_seed(0)
     device, bf16, gpu_decode = compute.device, compute.bf16, compute.gpu_decode
