@@ -304,16 +304,17 @@ def build_job(args: argparse.Namespace):
     """(the job module, its XJob built by keyword from args): what run_command() executes; tests build jobs this
     way too.
 
-    Every numeric option is checked by its field's type first (a finite float, an int in range), so an option
-    added later is checked without a line here; the job's own __post_init__ checks what is specific to it."""
+    The job's own __post_init__ checks what is specific to it (--beam >= 1); then every numeric option is
+    checked by its field's type (a finite float, an int in range), so an option added later is checked too."""
     module_name, job_name, _, special = COMMANDS[args.command]
     module = importlib.import_module(f"captioner.jobs.{module_name}")
     job_class = getattr(module, job_name)
     given = {**vars(args), **(special(args) if special else {})}
-    fields = {f.name: given[f.name] for f in dataclasses.fields(job_class) if f.name in given}
+    job = job_class(**{f.name: given[f.name] for f in dataclasses.fields(job_class) if f.name in given})
     names = _option_names(args.command)
-    check_fields(job_class, fields, lambda name: names.get(name, name))
-    return module, job_class(**fields)
+    check_fields(job_class, {f.name: getattr(job, f.name) for f in dataclasses.fields(job)},
+                 lambda name: names.get(name, name))
+    return module, job
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -138,7 +138,8 @@ def _run(argv):
     (["serve", "--checkpoint", "x.pt", "--timeout", "nan"], "--timeout must be a finite number"),
     (["serve", "--checkpoint", "x.pt", "--max-wait-ms=-inf"], "--max-wait-ms must be a finite number"),
     (["layers", "resnet18", "--image-size", "4294967296"], "--image-size must be between"),
-    (["bench", "--smoke", "--threads", "-2"], "--threads must be between"),
+    (["bench", "--smoke", "--threads", "-2"], "--threads must be >= 1"),
+    (["bench", "--smoke", "--threads", "4294967296"], "--threads must be between"),
     (["bench", "--smoke", "image_size=1e3"], "bench override image_size expects int"),
     (["bench", "--smoke", "arch=18"], None),  # text as typed: an arch torchvision lacks is refused later, not here
     (["bench", "--smoke", "image_size=[1"], "bench override image_size expects int"),

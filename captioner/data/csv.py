@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from captioner.data.flickr import report_malformed
-from captioner.data.records import ImageRecord, ids_from_names, read_text
+from captioner.data.records import ImageRecord, file_lines, ids_from_names, read_text
 from captioner.errors import CaptionerError
 
 IMAGE_COLUMNS = ("image", "image_name", "filename", "file_name", "file", "path", "image_path", "img")
@@ -82,7 +82,7 @@ def read_csv(path: str | Path, images_dir: str | Path, encoding: str = "") -> li
     if not path.is_file():
         raise CaptionerError(f"CSV file {path} not found")
     text = read_text(path, "CSV file", encoding)
-    columns = table_columns(text.splitlines()[0]) if text.strip() else None
+    columns = table_columns(file_lines(text)[0]) if text.strip() else None
     if columns is None:
         raise CaptionerError(f"CSV file {path}: the first line must be a header naming an image column "
                              f"({', '.join(IMAGE_COLUMNS[:3])}, ...) and a caption column "

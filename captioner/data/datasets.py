@@ -25,8 +25,8 @@ from captioner.data.csv import read_csv, table_columns
 from captioner.data.flickr import flickr8k_split_lists, is_flickr_tokens, read_flickr_tokens
 from captioner.data.jsonl import read_jsonl
 from captioner.data.karpathy import is_karpathy, read_karpathy
-from captioner.data.records import (SPLITS, ImageRecord, by_split, check_unique, drop_missing, read_json, read_text,
-                                    split_by_fraction, split_from_ids_file, split_from_name_lists)
+from captioner.data.records import (SPLITS, ImageRecord, by_split, check_unique, drop_missing, file_lines, read_json,
+                                    read_text, split_by_fraction, split_from_ids_file, split_from_name_lists)
 from captioner.data.synthetic import generate
 from captioner.errors import CaptionerError
 
@@ -48,7 +48,7 @@ def detect_format(path: Path, encoding: str = "") -> tuple[str, object]:
     if not path.is_file():
         raise CaptionerError(f"annotations file {path} not found")
     head = read_text(path, "annotations file", encoding, limit=4096)  # a byte-order mark is dropped here
-    first_line = next((line for line in head.splitlines() if line.strip()), "")
+    first_line = next((line for line in file_lines(head) if line.strip()), "")
     if head.lstrip().startswith("{") and path.suffix.lower() != ".jsonl":
         try:
             data = read_json(path, "annotations file", encoding)

@@ -30,6 +30,18 @@ def by_split(records: list[ImageRecord], split: str) -> list[ImageRecord]:
     return [r for r in records if r.split == split]
 
 
+def file_lines(text: str) -> list[str]:
+    """A text file's lines, split at line feeds only (a CRLF's carriage return dropped; a file of bare carriage
+    returns split at those): str.splitlines would also split inside a caption at U+2028, U+0085, a form feed
+    or a vertical tab, which JSON and CSV keep unescaped, and turn one record into two broken ones."""
+    if "\n" not in text and "\r" in text:  # classic Mac line ends
+        return text.split("\r")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def read_json(path: Path, what: str, encoding: str = ""):
     if not path.is_file():
         raise CaptionerError(f"{what} {path} not found")
@@ -42,8 +54,13 @@ def read_json(path: Path, what: str, encoding: str = ""):
 
 def check_unique(records: list[ImageRecord], source: str) -> None:
     """Refuse records that would silently corrupt a split: one id given to two images (their captions would be
-    merged onto one photo) or one image file listed under two ids (the same photo could land in train and in
-    test). Paths are compared as the files they name ("a.jpg", "./a.jpg" and "/abs/a.jpg" are one file)."""
+    merged onto one photo), one image file listed under two ids (the same photo could land in train and in
+    test), or a name no file can have. Paths are compared as the files they name ("a.jpg", "./a.jpg" and
+    "/abs/a.jpg" are one file)."""
+    unnamable = [r for r in records if "\x00" in r.path]
+    if unnamable:
+        raise CaptionerError(f"{source}: {len(unnamable)} image names hold a NUL character, which no file name can "
+                             f"hold (first: {unnamable[0].path!r})")
     by_id, by_file = defaultdict(list), defaultdict(list)
     for r in records:
         by_id[r.image_id].append(r)
@@ -88,7 +105,7 @@ def split_from_name_lists(records: list[ImageRecord], lists: dict[str, Path], en
     for split, path in lists.items():
         if not path.is_file():
             raise CaptionerError(f"{split} image list {path} not found")
-        for line in read_text(path, f"{split} image list", encoding).splitlines():
+        for line in file_lines(read_text(path, f"{split} image list", encoding)):
             if line.strip():
                 split_of[Path(line.strip()).name] = split
     for r in records:

@@ -38,10 +38,9 @@ def with_exit_path(command: str, work: Callable[[], int]) -> int:
             _flush_stdout()  # here, not at interpreter exit, so that a full or closed stdout is caught below
         return code
     except BaseException as error:  # noqa: BLE001 (the one place every exception ends)
-        if isinstance(error, SystemExit):
-            stop_workers()
-            raise
         stop_workers()  # before anything else: a worker left alive makes the interpreter's exit wait forever
+        if isinstance(error, SystemExit):  # a job that chose its own status
+            raise
         status, line = describe(error)
         if line:
             _say(f"captioner {command}: {line}")
@@ -55,8 +54,11 @@ def stop_workers() -> None:
     """Kill the image-decoding workers of any loader still running (none when the pipeline was never imported:
     `captioner --help` and `score` stay free of torch)."""
     pipeline = sys.modules.get("captioner.data.pipeline")
-    if pipeline is not None:
-        pipeline.stop_workers()
+    try:
+        if pipeline is not None:
+            pipeline.stop_workers()
+    except Exception:  # noqa: BLE001 (the error being reported matters more; the exit hook tries again)
+        pass
 
 
 def describe(error: BaseException) -> tuple[int, str]:
