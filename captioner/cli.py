@@ -139,10 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads (default: 2)")
     _add_device(p)
 
-    p = command("plot", "draw a run's loss and validation curves into a PNG",
-                "example: captioner plot runs/tiny          (writes runs/tiny/curves.png)")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `captioner train`")
-    p.add_argument("--out", default=None, help="PNG file to write (default: RUN_DIR/curves.png)")
+    p = command("plot", "draw a run's loss and validation curves into a PNG, or overlay several runs",
+                "example: captioner plot runs/tiny          (writes runs/tiny/curves.png)\n"
+                "         captioner plot runs/a runs/b --out compare.png   (loss and selection metric of both,\n"
+                "                                                           against steps and against time)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `captioner train`")
+    p.add_argument("--out", default=None,
+                   help="PNG file to write (default: RUN_DIR/curves.png for one run, ./compare.png for several)")
 
     p = command("extract", "run the frozen encoder once and cache its features on disk for training/evaluation",
                 "example: captioner extract --config configs/tiny.yaml --split train,val\n"

@@ -8,7 +8,7 @@ import torch
 
 from captioner.config import EncoderConfig, ModelConfig, apply_overrides
 from captioner.data.records import ImageRecord
-from captioner.engine.train.rundir import MetricsLog
+from captioner.engine.train.loggers import MetricsLog
 from captioner.errors import CaptionerError
 from captioner.jobs import train
 from captioner.engine.train.scst import Rewarder, SelfCriticalLoss, advantages

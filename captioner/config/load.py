@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import difflib
 import os
+import types
 import typing
 from pathlib import Path
 
@@ -87,6 +88,11 @@ def coerce(key: str, value, annotation, spec: dataclasses.Field | None = None, l
         if isinstance(value, str) and value in args:
             return value
         raise CaptionerError(f"{name} must be one of {', '.join(args)}, got {_shown(value)}")
+    if typing.get_origin(hint) is list:  # a list of strings: YAML [a, b] or "a,b" from the command line
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return [check_text(name, v) for v in items]
+        raise CaptionerError(f"{name} expects a list of names such as [a, b], got {_shown(value)}")
     target = next((a for a in args if a is not type(None)), hint) if args else hint
     if target in (int, float) and isinstance(value, str):
         try:  # YAML reads "1e-3" (no dot) as a string
@@ -192,7 +198,7 @@ def override_value(raw: str, annotation):
     if raw == "":
         return ""
     args = typing.get_args(annotation)
-    if str in (annotation, *args) and typing.get_origin(annotation) is not typing.Literal:
+    if annotation is str or (typing.get_origin(annotation) in (typing.Union, types.UnionType) and str in args):
         if type(None) in args and raw.strip() in ("null", "~", "None"):
             return None
         quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
