@@ -28,7 +28,7 @@ class EnvironmentFailure(CaptionerError):
 
 # errno values that say the machine (disk, file system, pipe, memory) failed, not that the path given was wrong.
 ENVIRONMENT_ERRNOS = frozenset(getattr(errno, name) for name in (
-    "ENOSPC", "EDQUOT", "EFBIG", "EIO", "EROFS", "EPIPE", "ENOMEM", "ESTALE", "ENOBUFS", "ENFILE", "EMFILE",
+    "ENOSPC", "EDQUOT", "EFBIG", "EIO", "EROFS", "EPIPE", "EBADF", "ENOMEM", "ESTALE", "ENOBUFS", "ENFILE", "EMFILE",
     "ENODEV", "ENXIO", "ECONNRESET", "ETIMEDOUT", "EREMOTEIO", "EUCLEAN") if hasattr(errno, name))
 
 

@@ -316,7 +316,7 @@ def test_ctrl_c_while_training_precomputes_features_stops_within_seconds(tmp_pat
 
 
 @pytest.mark.slow
-def test_stdout_on_a_full_device_is_one_line_exit_1():
+def test_stdout_full_or_closed_is_one_line_exit_1():
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full")
     with open("/dev/full", "w") as full:
@@ -324,4 +324,44 @@ def test_stdout_on_a_full_device_is_one_line_exit_1():
                               stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     err = done.stderr.decode()
     assert done.returncode == 1, err
-    assert "No space left on device" in _one_error_line(err) and "Exception ignored" not in err
+    assert "cannot write standard output: No space left on device" in _one_error_line(err)
+    assert "Exception ignored" not in err
+    closed = subprocess.run([sys.executable, "-m", "captioner", "layers", "resnet18"], cwd=ROOT, stdout=None,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+                            preexec_fn=lambda: os.close(1))  # `captioner layers resnet18 >&-`
+    err = closed.stderr.decode()
+    assert closed.returncode == 1 and "cannot write standard output: it is closed" in _one_error_line(err), err
+
+
+@pytest.mark.slow
+def test_a_stop_during_validation_saves_the_epoch_and_the_resumed_run_validates_it_first(small_root, tmp_path,
+                                                                                           monkeypatch, capsys):
+    from captioner.engine.train import validation
+    from captioner.jobs import train
+    from small_runs import metric_lines, small_config, small_overrides, step_losses, weights
+
+    straight = tmp_path / "straight"
+    assert train.main(train.TrainJob(small_config(small_root), straight, "cpu"))["stopped"] is None
+    real_predict, calls = validation.predict, []
+
+    def predict_then_terminate(*args, **kwargs):  # SIGTERM arrives as epoch 1's validation starts
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return real_predict(*args, **kwargs)
+    monkeypatch.setattr(validation, "predict", predict_then_terminate)
+    stopped = tmp_path / "stopped"
+    argv = ["-q", "train", "--config", str(TINY), "--run-dir", str(stopped), "--device", "cpu",
+            *small_overrides(small_root)]
+    assert main(argv) == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    state = torch.load(stopped / "last.pt", weights_only=True)
+    assert state["step"] == 9 and state["progress"]["epoch"] == 0  # epoch 1's steps, not its validation
+    assert not [x for x in metric_lines(stopped) if "val_bleu4" in x]
+    monkeypatch.setattr(validation, "predict", real_predict)
+    assert main(argv) == 0  # the same command resumes: epoch 1 is validated, then epoch 2 trained
+    assert step_losses(stopped) == step_losses(straight)
+    val = lambda d: [(x["step"], x["val_bleu4"]) for x in metric_lines(d) if "val_bleu4" in x]  # noqa: E731
+    assert val(stopped) == val(straight) and len(val(straight)) == 2
+    a, b = weights(straight / "last.pt"), weights(stopped / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)

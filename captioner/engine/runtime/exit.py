@@ -18,6 +18,7 @@ Python's exit hook would otherwise wait for them forever. What was written befor
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -32,10 +33,12 @@ TRACEBACK_VARIABLE = "CAPTIONER_TRACEBACK"
 
 def with_exit_path(command: str, work: Callable[[], int]) -> int:
     """Run work() (which returns the command's exit status) under the exit path's rules (see above)."""
+    real_stdout = sys.stdout
+    sys.stdout = _Output(real_stdout)
     try:
         with StopRequest():  # SIGINT/SIGTERM raise Stopped, unless the command defers them (train's steps)
             code = work()
-            _flush_stdout()  # here, not at interpreter exit, so that a full or closed stdout is caught below
+            sys.stdout.flush()  # here, not at interpreter exit, so that a full or closed stdout is caught below
         return code
     except BaseException as error:  # noqa: BLE001 (the one place every exception ends)
         stop_workers()  # before anything else: a worker left alive makes the interpreter's exit wait forever
@@ -48,6 +51,39 @@ def with_exit_path(command: str, work: Callable[[], int]) -> int:
                 and os.environ.get(TRACEBACK_VARIABLE):
             traceback.print_exception(error, file=sys.stderr)
         return status
+    finally:
+        sys.stdout = real_stdout
+
+
+STDOUT = "standard output"
+
+
+class _Output:
+    """sys.stdout while a command runs: an OSError writing it (a full disk, a closed pipe, a closed descriptor)
+    names standard output, so that the exit path can tell it from a file's; everything else is the stream's."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _call(self, name: str, *args):
+        if self._stream is None:  # started with stdout closed (`>&-`): Python gives None
+            raise OSError(errno.EBADF, "it is closed", STDOUT)
+        try:
+            return getattr(self._stream, name)(*args)
+        except OSError as e:
+            e.filename = STDOUT
+            if e.errno in (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EBADF):
+                _silence_stdout(self._stream)  # so that the interpreter's final flush does not fail again
+            raise
+
+    def write(self, text: str) -> int:
+        return self._call("write", text)
+
+    def flush(self) -> None:
+        return self._call("flush")
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def stop_workers() -> None:
@@ -63,7 +99,7 @@ def stop_workers() -> None:
 
 def describe(error: BaseException) -> tuple[int, str]:
     """(exit status, the one line to print; "" for none) for how a command ended."""
-    if isinstance(error, BrokenPipeError) and _stdout_broken():  # the reader of our output left
+    if isinstance(error, BrokenPipeError) and error.filename == STDOUT:  # the reader of our output left
         return (exit_status("SIGPIPE") if hasattr(signal, "SIGPIPE") else 1), ""
     if isinstance(error, Stopped):
         return exit_status(error.signal), f"stopped by {error.signal}" + (
@@ -73,8 +109,9 @@ def describe(error: BaseException) -> tuple[int, str]:
     if isinstance(error, CaptionerError):
         return error.exit_status, f"error: {error}"
     if isinstance(error, OSError):
-        where = f" {error.filename}" if error.filename else (" standard output" if _stdout_broken() else "")
-        failure = os_failure(f"cannot read or write{where}" if where else "input/output failed", error)
+        failure = os_failure(f"cannot write {STDOUT}" if error.filename == STDOUT else
+                             f"cannot read or write {error.filename}" if error.filename else "input/output failed",
+                             error)
         return failure.exit_status, f"error: {failure}"
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
         return EnvironmentFailure.exit_status, (f"error: out of memory ({_first_line(error)}): try a smaller "
@@ -101,29 +138,11 @@ def _say(line: str) -> None:
         pass
 
 
-def _stdout_broken() -> bool:
-    """Whether standard output can no longer take our output (flushing it fails)."""
-    try:
-        sys.stdout.flush()
-        return False
-    except (OSError, ValueError):
-        _silence_stdout()
-        return True
-
-
-def _flush_stdout() -> None:
-    try:
-        sys.stdout.flush()
-    except OSError:
-        _silence_stdout()
-        raise
-
-
-def _silence_stdout() -> None:
+def _silence_stdout(stream) -> None:
     """Point the process's stdout at /dev/null so that the interpreter's final flush does not fail again
     ("Exception ignored ... BrokenPipeError"); a stand-in stdout without a file descriptor is left alone."""
     try:
-        fd = sys.stdout.fileno()
+        fd = stream.fileno()
     except (OSError, ValueError, AttributeError):
         return
     devnull = os.open(os.devnull, os.O_WRONLY)
