@@ -14,8 +14,9 @@ from captioner.jobs import train
 from captioner.cli import main as cli
 from captioner.engine.train.loggers import MetricsLog
 
-from conftest import ROOT, TINY
-from small_runs import metric_lines, small_config, small_overrides, step_losses, weights
+from helpers import ROOT, TINY, metric_lines, small_config, small_overrides, step_losses, weights
+
+pytestmark = pytest.mark.slow  # every test trains the small model (18 steps) at least once
 
 
 @pytest.fixture(scope="module")

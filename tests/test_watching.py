@@ -18,8 +18,7 @@ from captioner.engine.train.loggers import MetricsLog
 from captioner.engine.train.telemetry import RunClock, duration
 from captioner.jobs import train
 
-from conftest import ROOT, TINY
-from small_runs import metric_lines, small_config, small_overrides
+from helpers import ROOT, TINY, metric_lines, small_config, small_overrides
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import functools
 import os
 import types
 import typing
@@ -128,12 +129,18 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+@functools.cache
+def _field_types(section_type: type) -> dict:
+    """A section's annotations resolved to types, once per class (resolving them for every key set took seconds)."""
+    return typing.get_type_hints(section_type)
+
+
 def _set(cfg: Config, key: str, value) -> None:
     section_name, _, name = key.partition(".")
     section = getattr(cfg, section_name, None) if section_name in {f.name for f in dataclasses.fields(cfg)} else None
     if section is None or name not in {f.name for f in dataclasses.fields(section)}:
         raise _unknown_key(key, cfg)
-    annotation = typing.get_type_hints(type(section))[name]
+    annotation = _field_types(type(section))[name]
     spec = next(f for f in dataclasses.fields(section) if f.name == name)
     setattr(section, name, coerce(key, value, annotation, spec))
 
@@ -188,7 +195,7 @@ def _annotation(cfg: Config, key: str):
     holder = getattr(cfg, section, None) if section in {f.name for f in dataclasses.fields(cfg)} else None
     if holder is None or name not in {f.name for f in dataclasses.fields(holder)}:
         return None  # _set names the unknown key
-    return typing.get_type_hints(type(holder))[name]
+    return _field_types(type(holder))[name]
 
 
 def override_value(raw: str, annotation):
