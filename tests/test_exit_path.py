@@ -21,30 +21,20 @@ import torch
 from PIL import Image
 
 from captioner.cli import main
-from captioner.config import load_config, to_dict
-from captioner.engine.infer.checkpoint import save_checkpoint
 from captioner.engine.runtime.device import available_devices, resolve_device
 from captioner.engine.runtime.exit import describe, with_exit_path
 from captioner.engine.runtime.signals import StopRequest, Stopped
 from captioner.errors import CaptionerError, EnvironmentFailure
-from captioner.model.caption_model import CaptionModel
-from captioner.text import Vocabulary
 
-from conftest import ROOT, TINY
-
-SMALL = ["encoder.image_size=64", "model.embed_dim=32", "model.attention_dim=32", "model.decoder_dim=32",
-         "decode.max_len=4"]
+from helpers import ROOT, SMALL_MODEL, TINY, metric_lines, small_config, small_overrides, step_losses, \
+    untrained_checkpoint, weights
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A tiny untrained checkpoint and a folder of 12 small photos."""
     folder = tmp_path_factory.mktemp("exit-path")
-    torch.manual_seed(0)
-    cfg = load_config(TINY, SMALL)
-    vocab = Vocabulary.build(["a red square", "a blue circle"])
-    save_checkpoint(folder / "ok.pt", {"model": CaptionModel(cfg.encoder, cfg.model, len(vocab)).state_dict(),
-                                       "config": to_dict(cfg), "vocab": vocab.tokens})
+    untrained_checkpoint(folder / "ok.pt", *SMALL_MODEL, "decode.max_len=4")
     photos = folder / "photos"
     photos.mkdir()
     for i in range(12):
@@ -338,7 +328,6 @@ def test_a_stop_during_validation_saves_the_epoch_and_the_resumed_run_validates_
                                                                                            monkeypatch, capsys):
     from captioner.engine.train import validation
     from captioner.jobs import train
-    from small_runs import metric_lines, small_config, small_overrides, step_losses, weights
 
     straight = tmp_path / "straight"
     assert train.main(train.TrainJob(small_config(small_root), straight, "cpu"))["stopped"] is None

@@ -1,8 +1,9 @@
 """Property-based tests of the config and dataset readers (Hypothesis): generated configs, overrides and caption
 files go through `captioner prepare` (in process: the whole CLI path, exit path included) and must give exit 0
 with a correct result, or exit 2 with one line; never a traceback, never a hang, never a changed file that
-existed before. Derandomized and bounded (examples, a time limit per example) so that it runs the same in CI,
-in well under 60 s; a few examples also run through a real process."""
+existed before. Derandomized and bounded (40 examples per test, a time limit per example) so that it runs the
+same in CI, in about 30 s (marked slow: the full run, not the fast subset); a few examples also run through a
+real process."""
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,7 @@ from PIL import Image
 from captioner.cli import main
 from captioner.config import valid_keys
 
-from conftest import ROOT
+from helpers import ROOT
 
 IMAGES = [f"p{i:02d}.png" for i in range(12)]
 PER_EXAMPLE_S = 20  # far above what one example takes: reaching it means a hang
@@ -146,6 +147,7 @@ def _base(world: Path) -> dict:
                         "synthetic_images": 8}}
 
 
+@pytest.mark.slow  # about 30 s for the three property tests: CI's full run, not the fast subset
 @given(edits=st.lists(st.tuples(KEYS, VALUES), max_size=3), duplicate=st.integers(0, 7).map(lambda n: n == 7),
        as_override=st.booleans())
 @FUZZ
@@ -205,6 +207,7 @@ def _write(world: Path, kind: str, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
+@pytest.mark.slow
 @given(kind=st.sampled_from(["csv", "jsonl", "coco"]), rows=caption_rows())
 @FUZZ
 def test_generated_caption_files_are_read_exactly(world, kind, rows):
@@ -228,6 +231,7 @@ def test_generated_caption_files_are_read_exactly(world, kind, rows):
     assert set(read) <= set(expected)  # each one a caption of the file, whole (not cut at a comma or a U+2028)
 
 
+@pytest.mark.slow
 @given(kind=st.sampled_from(["csv", "jsonl", "coco", "flickr", "karpathy"]), rows=caption_rows(),
        damage=st.sampled_from(["truncate", "bytes", "bom16", "latin1", "nul", "nul-name", "duplicate-id",
                                "shared-file", "extra-column", "swap"]),

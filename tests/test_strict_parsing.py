@@ -16,7 +16,7 @@ from captioner.config import INT_RANGE, Config, apply_overrides, coerce, load_co
 from captioner.errors import CaptionerError
 from captioner.jobs.bench.sizes import BenchSizes, apply_overrides as bench_overrides
 
-from conftest import TINY
+from helpers import TINY
 
 
 def _config_file(tmp_path, text: str):

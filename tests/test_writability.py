@@ -11,20 +11,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from captioner.cli import main
-from captioner.config import load_config, to_dict
-from captioner.engine.infer.checkpoint import save_checkpoint
 from captioner.errors import CaptionerError
 from captioner.files import check_writable, write_json
-from captioner.model.caption_model import CaptionModel
-from captioner.text import Vocabulary
 
-from conftest import TINY
+from helpers import SMALL_MODEL, TINY, untrained_checkpoint
 
-SMALL = ["encoder.image_size=64", "model.embed_dim=32", "model.attention_dim=32", "model.decoder_dim=32",
-         "decode.max_len=4", "dataset.synthetic_images=12"]
+SMALL = [*SMALL_MODEL, "decode.max_len=4", "dataset.synthetic_images=12"]
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +43,7 @@ def read_only(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("writability")
-    torch.manual_seed(0)
-    cfg = load_config(TINY, [*SMALL, f"dataset.root={folder / 'data'}"])
-    vocab = Vocabulary.build(["a red square", "a blue circle"])
-    save_checkpoint(folder / "ok.pt", {"model": CaptionModel(cfg.encoder, cfg.model, len(vocab)).state_dict(),
-                                       "config": to_dict(cfg), "vocab": vocab.tokens})
+    untrained_checkpoint(folder / "ok.pt", *SMALL, f"dataset.root={folder / 'data'}")
     (folder / "photos").mkdir()
     from PIL import Image
     Image.new("RGB", (16, 16), (200, 0, 0)).save(folder / "photos" / "a.png")
