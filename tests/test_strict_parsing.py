@@ -132,7 +132,8 @@ def _run(argv):
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["caption", "--checkpoint", "x.pt", "p", "--temperature", "nan"], "--temperature must be a finite number"),
+    (["caption", "--checkpoint", "x.pt", "p", "--temperature", "nan"], "--temperature must be in [0.0001, 10000]"),
+    (["caption", "--checkpoint", "x.pt", "p", "--temperature", "1e-300"], "--temperature must be in"),
     (["caption", "--checkpoint", "x.pt", "p", "--sample", "--temperature", "inf"], "--temperature"),
     (["caption", "--checkpoint", "x.pt", "p", "--batch-size", "99999999999"], "--batch-size must be between"),
     (["serve", "--checkpoint", "x.pt", "--timeout", "nan"], "--timeout must be a finite number"),

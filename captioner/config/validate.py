@@ -7,7 +7,7 @@ import math
 import typing
 
 from captioner.config.sections import (DATASET_FORMATS, LOGGERS, LR_SCHEDULES, OBJECTIVES, SCST_BASELINES,
-                                       SELECT_METRICS, Config)
+                                       SELECT_METRICS, TEMPERATURES, Config)
 from captioner.errors import CaptionerError
 
 
@@ -162,7 +162,8 @@ def validate(cfg: Config) -> None:
         (cfg.compute.num_workers >= 0, f"compute.num_workers must be >= 0, got {cfg.compute.num_workers}"),
         (cfg.compute.encode_batch_size >= 1,
          f"compute.encode_batch_size must be >= 1, got {cfg.compute.encode_batch_size}"),
-        (cfg.decode.temperature > 0, f"decode.temperature must be > 0, got {cfg.decode.temperature}"),
+        (TEMPERATURES[0] <= cfg.decode.temperature <= TEMPERATURES[1],
+         f"decode.temperature must be in [{TEMPERATURES[0]:g}, {TEMPERATURES[1]:g}], got {cfg.decode.temperature}"),
         (cfg.cache.dtype in ("bfloat16", "float32"),
          f"cache.dtype must be bfloat16 or float32 (float16 overflows random-weight features), not {cfg.cache.dtype}"),
     ]

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from captioner.config import ComputeConfig, require_min
+from captioner.config.sections import TEMPERATURES
 from captioner.data.images import MAX_PIXELS
 from captioner.engine.infer.checkpoint import checkpoint_hash
 from captioner.engine.infer.predict import DecodeSettings
@@ -65,8 +66,9 @@ class CaptionJob:
     def __post_init__(self):
         require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),
                     ("--workers", self.num_workers, 0), ("--max-pixels", self.max_pixels, 1))
-        if self.temperature is not None and self.temperature <= 0:
-            raise CaptionerError(f"--temperature must be > 0, got {self.temperature}")
+        low, high = TEMPERATURES
+        if self.temperature is not None and not low <= self.temperature <= high:  # NaN fails too
+            raise CaptionerError(f"--temperature must be in [{low:g}, {high:g}], got {self.temperature}")
 
 
 @torch.inference_mode()
