@@ -193,3 +193,11 @@ def test_bench_overrides_use_the_config_coercion():
     for bad in ("image_size=64.0", "compile=1", "bf16=perhaps", "image_size=-1", "nope=1"):
         with pytest.raises(CaptionerError):
             bench_overrides(BenchSizes(), [bad])
+
+
+def test_list_keys_take_a_yaml_list_or_commas_and_only_text():
+    for override in ("train.log_to=[jsonl,tensorboard]", "train.log_to=jsonl,tensorboard"):
+        assert apply_overrides(Config(), [override]).train.log_to == ["jsonl", "tensorboard"]
+    for bad in ("train.log_to=[1,2]", "train.log_to=[jsonl,jsonl]", "train.log_to=[jsonl, x\x00]"):
+        with pytest.raises(CaptionerError):
+            apply_overrides(Config(), [bad])

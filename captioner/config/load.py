@@ -214,6 +214,8 @@ def override_value(raw: str, annotation):
         value = parse_yaml(raw, f"override value {raw!r}")
     except CaptionerError:  # not YAML: the raw text, which the field's coercion names in its refusal
         return raw
+    if isinstance(value, list) and typing.get_origin(annotation) is list:  # train.log_to=[jsonl,tensorboard]
+        return value
     return value if not isinstance(value, (dict, list)) else raw
 
 
