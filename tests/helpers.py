@@ -74,6 +74,20 @@ def untrained_checkpoint(path: Path, *overrides: str, seed: int = 0, captions=SH
     return str(path)
 
 
+
+def varied_checkpoint(path: Path, seed: int = 1) -> Path:
+    """An untrained model on the smallest torchvision CNN (SqueezeNet 1.1 `features` at 64x64: a 3x3 grid, built
+    in a fraction of resnet18's time), its decoder weights spread (N(0, 0.5)) so that different images get
+    different captions: for tests of what decides a caption, in seconds. Saved as `captioner train` saves one."""
+    state = untrained_state("encoder.arch=squeezenet1_1", "encoder.layer=features", *SMALL_MODEL,
+                            "decode.beam_size=2", "decode.max_len=12", seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in state["model"].items():
+        if name.startswith("decoder.") and tensor.is_floating_point():
+            state["model"][name] = torch.randn(tensor.shape, generator=generator) * 0.5
+    save_checkpoint(path, {**state, "epoch": 3, "step": 42})
+    return path
+
 # ---------------------------------------------------------------- run dirs
 
 def metric_lines(run_dir) -> list[dict]:
@@ -189,6 +203,58 @@ def make_input_folder(folder: Path) -> tuple[list[str], dict[str, str]]:
     (folder / ".hidden.jpg").write_bytes(b"macOS resource fork")  # hidden: never picked up
     (folder / "notes.md").write_text("not an image extension: ignored")
     return good_names, {name: words for name, (words, _) in bad.items()}
+
+
+
+def photo_zoo(folder: Path, max_side: int | None = None) -> dict[str, Path]:
+    """Real photos from ../shared/data/coco-mini as users' files come: name -> path. A plain JPEG, PNG with an
+    alpha gradient, greyscale PNG and JPEG, a JPEG stored sideways with EXIF orientation 6, a palette PNG with a
+    transparent colour, a 16-bit greyscale PNG, a CMYK JPEG, and big.jpg, a photo upscaled 4x: large enough for
+    reduced-scale JPEG decoding at input sizes up to a quarter of its sides. max_side shrinks the photos first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = sorted((COCO_MINI / "train2017").glob("*.jpg"))
+
+    def photo(i: int) -> Image.Image:
+        image = Image.open(photos[i]).convert("RGB")
+        if max_side:
+            image.thumbnail((max_side, max_side), Image.BICUBIC)
+        return image
+
+    zoo = {name: folder / name for name in ("photo.jpg", "alpha.png", "grey.png", "grey.jpg", "rotated_exif.jpg",
+                                            "palette.png", "grey16.png", "cmyk.jpg")}
+    photo(0).save(zoo["photo.jpg"], quality=90)
+    rgba = photo(1).convert("RGBA")
+    ramp = np.linspace(0, 255, rgba.width).astype(np.uint8)  # transparent on the left, opaque on the right
+    rgba.putalpha(Image.fromarray(np.tile(ramp, (rgba.height, 1))))
+    rgba.save(zoo["alpha.png"])
+    photo(2).convert("L").save(zoo["grey.png"])
+    photo(3).convert("L").save(zoo["grey.jpg"], quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": the pixels are stored turned the other way
+    photo(4).transpose(Image.Transpose.ROTATE_90).save(zoo["rotated_exif.jpg"], quality=90, exif=exif)
+    palette = photo(5).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    palette.save(zoo["palette.png"], transparency=0)
+    Image.fromarray((np.asarray(photo(6).convert("L"), dtype=np.uint16) * 257)).save(zoo["grey16.png"])
+    photo(7).convert("CMYK").save(zoo["cmyk.jpg"], quality=90)
+    big = photo(8)
+    zoo["big.jpg"] = folder / "big.jpg"
+    big.resize((big.width * 4, big.height * 4), Image.BICUBIC).save(zoo["big.jpg"], quality=90)
+    return zoo
+
+
+def in_memory_forms(path: Path) -> dict:
+    """How a notebook holds the image in path: a lazily opened PIL image, a decoded upright one, its pixels as a
+    numpy array (channels last, alpha kept, 16-bit kept) and as (C, H, W) uint8 and float tensors."""
+    from PIL import ImageOps
+    upright = ImageOps.exif_transpose(Image.open(path))
+    if upright.mode in ("P", "CMYK"):  # what np.asarray of them means is not an image: users convert first
+        upright = upright.convert("RGBA" if "transparency" in upright.info else "RGB")
+    array = np.asarray(upright)
+    forms = {"pil": Image.open(path), "pil_loaded": upright, "array": array}
+    if array.dtype == np.uint8:
+        chw = torch.from_numpy(array.copy()).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array.copy())
+        forms.update(tensor=chw, tensor_float=chw.float() / 255)
+    return forms
 
 
 # ---------------------------------------------------------------- captions files and galleries

@@ -100,12 +100,14 @@ def test_wheel_and_sdist_hold_every_module_and_config(built):
         in_wheel = set(z.namelist())
     assert {n for n in in_wheel if n.startswith("captioner/") and n.endswith(".py")} == _modules()  # none stale
     assert {f"captioner/configs/{name}" for name in _configs()} <= in_wheel
+    assert "captioner/py.typed" in in_wheel  # type checkers use the package's hints (PEP 561)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in in_wheel)
     with tarfile.open(sdist) as t:
         top = t.getnames()[0].split("/")[0]  # captioner-0.1.0
         in_sdist = {n.removeprefix(f"{top}/") for n in t.getnames()}
     assert _packages() <= in_sdist and _modules() <= in_sdist
     assert {f"configs/{name}" for name in _configs()} <= in_sdist
-    assert {"setup.py", "setup.cfg", "pyproject.toml", "README.md"} <= in_sdist
+    assert {"setup.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md"} <= in_sdist
 
 
 IMPORT_ALL = """

@@ -22,6 +22,7 @@ import torchvision
 
 from captioner.errors import CaptionerError
 from captioner.files import move_into_place
+from captioner.weights import WEIGHT_SUFFIXES, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,22 +48,11 @@ def strip_wrapper_prefixes(state: dict) -> dict:
 
 
 def _weights_state_dict(arch: str, weights: str) -> dict:
-    """A state_dict from a local .pth file or a cached torchvision weight enum; never runs pickled code."""
-    looks_like_path = weights.endswith((".pth", ".pt", ".bin")) or os.sep in weights or Path(weights).exists()
+    """A state_dict from a local .safetensors/.pth/.pt/.bin file or a cached torchvision weight enum; never runs
+    pickled code (captioner/weights.py reads every weights file)."""
+    looks_like_path = weights.endswith(WEIGHT_SUFFIXES) or os.sep in weights or Path(weights).exists()
     if looks_like_path:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise CaptionerError(f"encoder weights file {path} not found (encoder.weights)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-            raise CaptionerError(f"encoder weights file {path} is not a readable state_dict: {e}") from None
-        for key in ("state_dict", "model"):  # common wrappers around the weights
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        if not isinstance(state, dict):
-            raise CaptionerError(f"encoder weights file {path} does not hold a state_dict")
-        return strip_wrapper_prefixes(state)
+        return strip_wrapper_prefixes(read_state_dict(weights, "encoder weights file"))
     try:
         enum = torchvision.models.get_model_weights(arch)
     except ValueError:
@@ -70,7 +60,7 @@ def _weights_state_dict(arch: str, weights: str) -> dict:
     names = [w.name for w in enum]
     if weights not in names:
         raise CaptionerError(f"encoder.weights '{weights}' is not a {arch} weight name or an existing file; "
-                             f"valid names: {', '.join(names)}, or a path to a .pth file")
+                             f"valid names: {', '.join(names)}, or a path to a .pth or .safetensors file")
     url = enum[weights].url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if not cached.is_file():
@@ -80,8 +70,8 @@ def _weights_state_dict(arch: str, weights: str) -> dict:
         except Exception as e:  # noqa: BLE001 - offline machines fail in many ways; all mean the same
             raise CaptionerError(f"{arch} {weights} weights are not cached at {cached} and could not be downloaded "
                                  f"({type(e).__name__}); download {url} to that path, or set encoder.weights to a "
-                                 f"local .pth file") from None
-    return torch.load(cached, map_location="cpu", weights_only=True)
+                                 f"local .pth or .safetensors file") from None
+    return read_state_dict(cached, f"{arch} {weights} weights file")
 
 
 def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
@@ -234,6 +224,11 @@ class HookedEncoder(nn.Module):
                                  f"convolutional stage (e.g. layer4 of a ResNet); run `captioner layers {arch}`")
         self.channels, self.grid = out.shape[1], (out.shape[2], out.shape[3])
         self.reduction = image_size // out.shape[2]
+
+    def uncomputed_keys(self) -> set[str]:
+        """state_dict keys (of this module) of the backbone modules after the hooked layer: never computed, so a
+        model folder leaves them out and loading fills them with zeros."""
+        return {f"backbone.{key}" for key in _after_layer(self.backbone, self.layer)}
 
     def _hook(self, module, inputs, output):
         if self._captured is None:
