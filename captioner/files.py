@@ -226,7 +226,7 @@ def atomic_folder(path: str | Path, what: str = "folder", replace: bool = False)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
     except OSError as e:
-        raise CaptionerError(f"cannot write {what} {path}: {e.strerror or e}") from None
+        raise os_failure(f"cannot write {what} {path}", e) from None
     try:
         yield tmp
         _shareable(tmp)
@@ -240,7 +240,7 @@ def atomic_folder(path: str | Path, what: str = "folder", replace: bool = False)
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CaptionerError(f"cannot write {what} {path}: {e.strerror or e}") from None
+        raise os_failure(f"cannot write {what} {path}", e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -66,10 +66,14 @@ def test_check_writable_creates_and_removes_a_file(tmp_path, read_only):
         assert refused.value.exit_status in (1, 2)  # 1: read-only file system (the machine); 2: no permission
 
 
-def _rows(w: Path, ro: Path):
-    """(what, argv, the job step that must not start) for every command that writes."""
+ROWS = ("evaluate --out", "caption --out", "caption --html", "train --run-dir", "extract cache.dir", "prepare --out",
+        "score --out", "plot --out", "bench --json", "demo --out", "export --out")
+
+
+def _rows(w: Path, ro: Path) -> dict:
+    """what -> (what, argv, the job step that must not start) for every command that writes."""
     data = [f"dataset.root={w / 'data'}", *SMALL]
-    return [
+    rows = [
         ("evaluate --out", ["evaluate", "--checkpoint", str(w / "ok.pt"), "--out", str(ro / "eval"), "--device",
                             "cpu", f"dataset.root={w / 'data'}"], "captioner.jobs.evaluate.Predictor.load"),
         ("caption --out", ["caption", "--checkpoint", str(w / "ok.pt"), str(w / "photos"), "--out",
@@ -90,10 +94,20 @@ def _rows(w: Path, ro: Path):
         ("bench --json", ["bench", "--smoke", "--device", "cpu", "--json", str(ro / "b.json")],
          "captioner.jobs.bench.job.measure_all"),
         ("demo --out", ["demo", "--out", str(ro / "demo"), "--device", "cpu"], "captioner.jobs.train.main"),
+        ("export --out", ["export", "--checkpoint", str(w / "ok.pt"), "--out", str(ro / "model")],
+         "captioner.jobs.export.resolve_model"),
     ]
+    return {row[0]: row for row in rows}
 
 
-@pytest.mark.parametrize("row", range(10))
+def test_the_table_covers_every_command_that_writes(inputs, read_only):
+    from captioner.cli import COMMANDS
+    assert set(_rows(inputs, read_only)) == set(ROWS)
+    silent = {"serve", "layers"}  # no output file: an HTTP server, a table on stdout
+    assert {what.split()[0] for what in ROWS} == set(COMMANDS) - silent
+
+
+@pytest.mark.parametrize("row", ROWS)
 def test_every_command_refuses_an_unwritable_output_before_any_work(row, inputs, read_only, monkeypatch):
     what, argv, work = _rows(inputs, read_only)[row]
     if work:
