@@ -52,10 +52,10 @@ def _tensorboard_scalars(acc) -> dict:
     return {tag: [(e.step, np.float32(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def _raw_steps(run_dir) -> dict:
+def _raw_steps(run_dir, folder="tb") -> dict:
     """{tag: [steps]} straight from the event files, without the reader's purge logic."""
     steps = {}
-    for path in sorted((run_dir / "tb").glob("events.out.tfevents.*")):
+    for path in sorted((run_dir / folder).glob("events.out.tfevents.*")):
         for event in EventFileLoader(str(path)).Load():
             for value in event.summary.value:
                 steps.setdefault(value.tag, []).append(event.step)
@@ -162,6 +162,21 @@ def test_scst_run_turning_tensorboard_on_at_resume_gets_its_whole_history(small_
         assert tag in scalars
     assert [e.step for e in acc.Tensors("samples/0/text_summary")] == [5, 10]  # the first one replayed as text
     assert [e.step for e in acc.Images("attention/0")] == [10]  # its strip could not be redrawn
+
+
+def test_drop_events_after_keeps_each_file_up_to_the_step(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from captioner.engine.train.loggers import drop_events_after
+    with SummaryWriter(str(tmp_path)) as writer:
+        for step in range(1, 11):
+            writer.add_scalar("train/loss", 1.0 / step, step)
+        writer.add_text("samples/0", "a caption", 10)
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    path.write_bytes(path.read_bytes() + b"\x10\x00\x00")  # a record torn by kill -9
+    assert drop_events_after(tmp_path, 6) == 5  # steps 7..10 and the text at 10; the torn record is cut too
+    assert _raw_steps(tmp_path, folder=".") == {"train/loss": [1, 2, 3, 4, 5, 6]}
+    assert drop_events_after(tmp_path, 6) == 0  # nothing after the step: the file stays as it is
 
 
 def test_tensorboard_missing_is_one_line_before_training(small_root, tmp_path, monkeypatch, capsys):
