@@ -68,7 +68,7 @@ class Predictor:
         runtime: what runs the model (RUNTIMES)."""
         if runtime not in RUNTIMES:
             raise CaptionerError(f"runtime {runtime!r} is not available; valid: {', '.join(RUNTIMES)}")
-        device = device if isinstance(device, torch.device) else resolve_device(device or "auto")
+        device = resolve_device(str(device) if isinstance(device, torch.device) else device or "auto")  # one rule
         source = resolve_model(checkpoint, revision)
         if runtime == "onnxruntime":
             from captioner.engine.infer.onnx_runtime import load_onnx_folder  # the [onnx] extra, on use
