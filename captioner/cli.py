@@ -1,7 +1,8 @@
 """The `captioner` command: argument parsing, printing and exit codes; the work happens in the job modules.
 
-Exit codes: 0 done, 2 bad input (one line on stderr: what is wrong and what to try), 130 interrupted
-(train: 130 after SIGINT, 143 after SIGTERM, with last.pt saved); `caption --strict` exits 1 when some
+Exit codes (engine/runtime/exit.py, the one exit path): 0 done, 2 bad input (one line on stderr: what is wrong
+and what to try), 1 the machine failed (a full disk, a read-only file system, a closed output; one line),
+130 / 143 stopped by SIGINT / SIGTERM (train: with last.pt saved); `caption --strict` exits 1 when some
 image could not be read.
 """
 from __future__ import annotations
@@ -12,10 +13,11 @@ import importlib
 import json
 import logging
 import os
-import signal
 import sys
 
 from captioner import __version__
+from captioner.config.validate import check_fields
+from captioner.engine.runtime.exit import with_exit_path
 from captioner.engine.runtime.signals import exit_status
 from captioner.errors import CaptionerError
 
@@ -26,6 +28,12 @@ OVERRIDES_HELP = "config overrides as section.key=value, e.g. train.epochs=3 enc
 
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available; default)")
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                   help="what runs the model: torch (default), or onnxruntime: the ONNX graphs of a model folder "
+                   "written by `captioner export --format onnx` (the [onnx] extra)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "         captioner train --config FILE --run-dir runs/scst --init-from runs/tiny/best.pt "
                 "train.objective=scst\n"
                 "         torchrun --nproc_per_node=2 -m captioner train --config FILE --run-dir DIR\n"
-                "RUN_DIR receives best.pt, last.pt, metrics.jsonl, config.yaml and vocab.json.\n"
+                "         captioner train --resume runs/tiny 'train.log_to=[jsonl,tensorboard]'   "
+                "(then: tensorboard --logdir runs)\n"
+                "RUN_DIR receives best.pt, last.pt, metrics.jsonl, config.yaml and vocab.json (and tb/ with\n"
+                "train.log_to=[jsonl,tensorboard]). On a terminal one progress line covers the run, with its ETA.\n"
                 "SIGINT/SIGTERM save last.pt and exit with 130/143; --resume continues at the exact sample.")
     p.add_argument("--config", help="YAML config file (see configs/); with --resume, checked against the run's")
     p.add_argument("--run-dir", help="folder for checkpoints and logs")
@@ -76,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", dest="out_dir", default=None,
                    help="folder for results and metrics (default: the checkpoint's)")
     _add_device(p)
+    _add_runtime(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
     p = command("caption", "caption image files or folders (batched, resumable, optional HTML attention gallery)",
@@ -112,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse larger images as likely decompression bombs (default: 100000000)")
     _add_device(p)
+    _add_runtime(p)
 
     p = command("serve", "serve a checkpoint over HTTP: JSON API and a web page, batched across requests",
                 "example: captioner serve --checkpoint demo/run/best.pt     (then open http://127.0.0.1:8000)\n"
@@ -138,11 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait for captions (default: 60)")
     p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads (default: 2)")
     _add_device(p)
+    _add_runtime(p)
 
     p = command("export", "write a checkpoint as a model folder (safetensors, config.json, model card) to share",
                 "example: captioner export --checkpoint runs/coco/best.pt --out model/\n"
                 "         captioner export --checkpoint best.pt --out model/ --dtype bf16 --metrics metrics_test.json\n"
                 "         captioner export --checkpoint best.pt --out model/ --push alice/captioner-coco\n"
+                "         captioner export --checkpoint best.pt --out model-int8/ --format onnx --quantize int8\n"
                 "The folder holds model.safetensors (every weight, backbone included), config.json, vocab.json and\n"
                 "README.md (a model card). It loads without pickle: captioner caption/evaluate/serve --checkpoint\n"
                 "model/, or Captioner.from_pretrained(\"model/\") in Python.")
@@ -150,8 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the model folder to write")
     p.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
                    help="weights' storage type: bf16 halves the folder, for inference (default: float32)")
-    p.add_argument("--format", choices=["safetensors"], default="safetensors",
-                   help="what the folder holds besides config.json and the card (default: safetensors)")
+    p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors",
+                   help="what the folder holds besides config.json and the card: safetensors (default), or onnx: "
+                   "also encoder.onnx, decoder_init.onnx, decoder_step.onnx for --runtime onnxruntime ([onnx] extra)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="with --format onnx: int8 graphs (static int8 encoder convolutions, calibrated; dynamic int8 "
+                   "decoder matrix products): about 2x faster on a CPU")
+    p.add_argument("--calibrate", default=None, metavar="DIR",
+                   help="with --quantize: images to calibrate on (default: the checkpoint's training split)")
+    p.add_argument("--calibration-images", type=int, default=64, metavar="N",
+                   help="with --quantize: how many images calibrate (default: 64)")
     p.add_argument("--metrics", default=None, metavar="FILE",
                    help="a metrics_SPLIT.json written by `captioner evaluate`: its scores go into the model card")
     p.add_argument("--push", default=None, metavar="OWNER/NAME",
@@ -186,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("bench", "measure encoder, extraction, training and captioning throughput on synthetic images",
                 "example: captioner bench --device cpu --json bench.json     (about a minute on 2 CPU cores)\n"
                 "         captioner bench --device cuda --full               (ResNet-152, 640x480 JPEGs, COCO sizes)\n"
+                "         captioner bench --device cpu --threads 1 --runtimes  (torch vs ONNX Runtime fp32 / int8)\n"
                 "Prints a table; --json also writes the numbers with the device, versions and settings.")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     sizes = p.add_mutually_exclusive_group()
@@ -196,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the results to FILE")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False, default=None,
                    help="without torch.compile (--full turns it on)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and onnxruntime (default: torch's choice)")
+    p.add_argument("--runtimes", action="store_true",
+                   help="instead: PyTorch float32 against ONNX Runtime float32 and int8 (the [onnx] extra), "
+                   "captioning JPEGs end to end and encoding, for each of runtime_archs (resnet152,resnet18)")
     p.add_argument("overrides", nargs="*", metavar="field=value",
                    help="change a size of the preset, e.g. arch=resnet152 image_size=448 train_batch=64")
 
@@ -323,13 +351,27 @@ COMMANDS = {
 }
 
 
+def _option_names(command: str) -> dict[str, str]:
+    """dest -> the option a user types (beam_size -> --beam) for one command's arguments."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return {a.dest: (a.option_strings[-1] if a.option_strings else a.dest) for a in sub._actions}
+
+
 def build_job(args: argparse.Namespace):
-    """(the job module, its XJob built by keyword from args): what run_command() executes; tests build jobs this way too."""
+    """(the job module, its XJob built by keyword from args): what run_command() executes; tests build jobs this
+    way too.
+
+    The job's own __post_init__ checks what is specific to it (--beam >= 1); then every numeric option is
+    checked by its field's type (a finite float, an int in range), so an option added later is checked too."""
     module_name, job_name, _, special = COMMANDS[args.command]
     module = importlib.import_module(f"captioner.jobs.{module_name}")
     job_class = getattr(module, job_name)
     given = {**vars(args), **(special(args) if special else {})}
-    return module, job_class(**{f.name: given[f.name] for f in dataclasses.fields(job_class) if f.name in given})
+    job = job_class(**{f.name: given[f.name] for f in dataclasses.fields(job_class) if f.name in given})
+    names = _option_names(args.command)
+    check_fields(job_class, {f.name: getattr(job, f.name) for f in dataclasses.fields(job)},
+                 lambda name: names.get(name, name))
+    return module, job
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -349,20 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     # Also on our own logger: basicConfig does nothing where logging is already set up (a notebook, pytest).
     logging.getLogger("captioner").setLevel(level)
-    try:
-        code = run_command(args)
-        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
-        return code
-    except BrokenPipeError:  # `captioner layers resnet152 | head`: the reader left; nothing more to say
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
-        return exit_status("SIGPIPE") if hasattr(signal, "SIGPIPE") else 1
-    except CaptionerError as e:
-        print(f"captioner {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"captioner {args.command}: interrupted", file=sys.stderr)
-        return exit_status("SIGINT")
+    return with_exit_path(args.command, lambda: run_command(args))
 
 
 if __name__ == "__main__":

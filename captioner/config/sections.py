@@ -105,7 +105,7 @@ class DecodeConfig:
     length_penalty: float = 0.0  # 0 ranks beams by total log-probability; 1 by mean per word
     batch_size: int = 32
     sample: bool = False  # draw each word from the model's distribution (varied captions) instead of greedy/beam
-    temperature: float = 1.0  # sampling only: < 1 sharper (closer to greedy), > 1 more varied
+    temperature: float = 1.0  # sampling only: < 1 sharper (closer to greedy), > 1 more varied; see TEMPERATURES
     block_ngram: int = 0  # > 0: no caption repeats one of its n-grams of this length (greedy and beam; 0: off)
     groups: int = 1  # beam search in this many diverse groups (Vijayakumar 2018); beam_size must be a multiple
     diversity: float = 0.0  # diverse groups: log-probability penalty per earlier group that chose the same word
@@ -142,6 +142,11 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+
+# Sampling temperatures that work: below 1e-4 the scaled float32 logits overflow (NaN probabilities), above 1e4
+# every word is equally likely.
+TEMPERATURES = (1e-4, 1e4)
 
 
 LR_SCHEDULES = ("none", "cosine", "step", "plateau")

@@ -27,11 +27,13 @@ from pathlib import Path
 import torch
 
 from captioner.config import ComputeConfig, require_min
+from captioner.config.sections import TEMPERATURES
 from captioner.data.images import MAX_PIXELS
 from captioner.engine.infer.predict import DecodeSettings
 from captioner.engine.infer.predictor import Predictor
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
+from captioner.files import check_writable
 from captioner.engine.outputs.gallery import Gallery
 from captioner.engine.runtime import distributed
 from captioner.engine.runtime.distributed import Process
@@ -59,12 +61,14 @@ class CaptionJob:
     compute: ComputeConfig | None = None  # this machine's switches; None: the checkpoint's (auto by default)
     sample: bool = False  # draw each word from the model's distribution instead of greedy/beam
     temperature: float | None = None  # sampling only; None: the checkpoint's decode.temperature
+    runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
 
     def __post_init__(self):
         require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),
                     ("--workers", self.num_workers, 0), ("--max-pixels", self.max_pixels, 1))
-        if self.temperature is not None and self.temperature <= 0:
-            raise CaptionerError(f"--temperature must be > 0, got {self.temperature}")
+        low, high = TEMPERATURES
+        if self.temperature is not None and not low <= self.temperature <= high:  # NaN fails too
+            raise CaptionerError(f"--temperature must be in [{low:g}, {high:g}], got {self.temperature}")
 
 
 @torch.inference_mode()
@@ -94,13 +98,17 @@ def main(job: CaptionJob) -> dict:
 
 def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dict:
     html, max_pixels = job.html, job.max_pixels or MAX_PIXELS
+    if process.is_main:  # before the model loads and any image is read
+        check_writable(out_path, "captions file", append=True)
+        if html:
+            check_writable(html, "gallery", append=True)
     files = find_images(job.paths, job.recursive) if process.is_main else None  # before the model: a typo fails fast
     if process.is_main and not files:
         raise CaptionerError(f"no image files found in {', '.join(job.paths)} (folders are searched for image "
                              f"extensions{'' if job.recursive else '; add --recursive for sub-folders'})")
     # compute describes this machine, not the checkpoint: auto unless the caller says otherwise.
     predictor = Predictor.load(job.checkpoint, process.device, beam_size=job.beam_size, compute=job.compute,
-                               sample=job.sample, temperature=job.temperature)
+                               sample=job.sample, temperature=job.temperature, runtime=job.runtime)
     settings, batch_size = predictor.settings, job.batch_size or predictor.cfg.decode.batch_size
     if settings.sample:
         torch.manual_seed(predictor.cfg.train.seed + process.rank)
@@ -127,7 +135,7 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
             batches = _timed_iter(predictor.image_batches(mine, batch_size, job.num_workers, max_pixels), waited)
             with distributed.GlobalProgress(len(todo), process, "captioning", log.isEnabledFor(logging.INFO)) as bar:
                 for batch, captioned in predictor.caption_batches(batches, attention=html is not None):
-                    _write_batch(predictor.model.grid, mine, batch, captioned, writer, pages, counts)
+                    _write_batch(predictor.encoder.grid, mine, batch, captioned, writer, pages, counts)
                     bar.update(len(captioned))
                     bar.set_postfix(errors=counts["errors"])
         except torch.cuda.OutOfMemoryError:

@@ -1,12 +1,16 @@
 """Greedy, beam-search and sampled decoding, batched over images on the model's device.
 
     out = beam_search(model, raw, beam_size=3, max_len=20)   # raw: (B, C, H, W) encoder activations
+    out = beam_search(ort_steps, raw, beam_size=3)           # the same loop over another backend (steps.py)
     out.tokens (B, L) ids ending in <end> then <pad>; out.scores (B,); out.alphas (B, L, N); out.lengths (B,)
 
 Every image gets a caption of at least one word: <end> may not come first (an untrained model or a wide beam
 would otherwise return "" for every image, since the empty caption is the most probable one), <pad> and
 <start> are never emitted as words, and when no hypothesis has ended by max_len words <end> is forced, so
 the best hypothesis found so far is returned (never an empty result or a crash). Beam size 1 equals greedy.
+
+`model` is a CaptionModel or any DecoderSteps (model/steps.py): the loops only start a caption and take one
+word at a time through that interface, so PyTorch modules and ONNX Runtime sessions run the same algorithm.
 """
 from __future__ import annotations
 
@@ -14,9 +18,9 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from captioner.model.sample import sample_captions
+from captioner.model.steps import as_steps
 from captioner.text import Vocabulary
 
 
@@ -42,9 +46,8 @@ def repeated_ngram_words(history: torch.Tensor, n: int, vocab_size: int) -> torc
     return banned > 0
 
 
-def _step_log_probs(model, tokens, state, t: int, max_len: int, banned: torch.Tensor | None = None):
-    logits, state, alpha = model.decoder.step(tokens, state)
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B', V)
+def _step_log_probs(steps, tokens, state, t: int, max_len: int, banned: torch.Tensor | None = None):
+    logp, state, alpha = steps.step(tokens, state)  # (B', V) float32
     if banned is not None:  # decode.block_ngram; <end> is never part of an unfinished caption's n-grams
         logp = logp.masked_fill(banned, float("-inf"))
     logp[:, [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")  # never words of a caption
@@ -65,31 +68,28 @@ def _in_eval_mode(decoder):
     """Decoding always runs in eval mode (dropout off), whatever mode the caller left the model in, and gives
     the caller's mode back afterwards, also when decoding raises (out of memory, Ctrl-C)."""
     @functools.wraps(decoder)
-    def run(model, *args, **kwargs):
-        was_training = model.training
-        model.eval()
-        try:
-            return decoder(model, *args, **kwargs)
-        finally:
-            model.train(was_training)
+    def run(model_or_steps, *args, **kwargs):
+        steps = as_steps(model_or_steps)
+        with steps.evaluating():
+            return decoder(steps, *args, **kwargs)
     return run
 
 
 @torch.no_grad()
 @_in_eval_mode
-def greedy_decode(model, raw: torch.Tensor, max_len: int = 30, block_ngram: int = 0) -> Decoded:
-    """raw (B, C, H, W) encoder activations -> Decoded with the most likely word at each step
-    (block_ngram > 0: never one that repeats an n-gram of the caption)."""
-    state = model.decoder.init_state(model.project(raw))
+def greedy_decode(steps, raw: torch.Tensor, max_len: int = 30, block_ngram: int = 0) -> Decoded:
+    """steps (a CaptionModel or DecoderSteps), raw (B, C, H, W) encoder activations -> Decoded with the most
+    likely word at each step (block_ngram > 0: never one that repeats an n-gram of the caption)."""
+    state = steps.start(raw)
     B = raw.shape[0]
     tokens = torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=raw.device)
     finished = torch.zeros(B, dtype=torch.bool, device=raw.device)
     scores = torch.zeros(B, device=raw.device)
     out_tokens, out_alphas = [], []
-    V = model.decoder.vocab_size
+    V = steps.vocab_size
     for t in range(max_len + 1):
         banned = repeated_ngram_words(torch.stack(out_tokens, 1), block_ngram, V) if out_tokens else None
-        logp, state, alpha = _step_log_probs(model, tokens, state, t, max_len, banned)
+        logp, state, alpha = _step_log_probs(steps, tokens, state, t, max_len, banned)
         best_logp, best = logp.max(dim=1)  # (B,)
         scores += torch.where(finished, torch.zeros_like(best_logp), best_logp)
         tokens = torch.where(finished, torch.full_like(best, Vocabulary.pad_id), best)
@@ -104,7 +104,7 @@ def greedy_decode(model, raw: torch.Tensor, max_len: int = 30, block_ngram: int 
 
 @torch.no_grad()
 @_in_eval_mode
-def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30, length_penalty: float = 0.0,
+def beam_search(steps, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30, length_penalty: float = 0.0,
                 block_ngram: int = 0, groups: int = 1, diversity: float = 0.0) -> Decoded:
     """raw (B, C, H, W) -> Decoded best of beam_size hypotheses per image, all images in one batch.
 
@@ -117,29 +117,29 @@ def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
     if groups < 1 or beam_size % groups:
         raise ValueError(f"beam_size {beam_size} must be a multiple of groups {groups}")
     B, device = raw.shape[0], raw.device
-    h, c, features, projected = model.decoder.init_state(model.project(raw))
-    V = model.decoder.vocab_size
+    V = steps.vocab_size
     width = min(beam_size // groups, V)  # beams per group
     k = width * groups
-    N = features.shape[1]
     # Every image's k beams sit next to each other: row b*k + j is beam j of image b; group g is beams
     # g*width .. (g+1)*width-1.
-    h, c = h.repeat_interleave(k, 0), c.repeat_interleave(k, 0)  # (B*k, H)
-    features, projected = features.repeat_interleave(k, 0), projected.repeat_interleave(k, 0)  # (B*k, N, .)
+    state = steps.start(raw).repeat(k)  # (B*k, ...)
     tokens = torch.full((B * k,), Vocabulary.start_id, dtype=torch.long, device=device)
     scores = torch.full((B, k), float("-inf"), device=device)  # what beams are ranked by while searching
     scores[:, ::width] = 0.0  # all beams start identical: expand only the first of each group at step 0
     log_probs = scores.clone()  # the beams' log-probabilities (scores minus diversity penalties)
     finished = torch.zeros(B, k, dtype=torch.bool, device=device)
     history = torch.empty(B, k, 0, dtype=torch.long, device=device)
-    alpha_history = torch.empty(B, k, 0, N, device=device)
+    alpha_history = None  # (B, k, t, N) once the first step says N
     # A finished beam may only continue with <pad> at no cost, so it keeps its score.
     pad_row = torch.full((V,), float("-inf"), device=device)
     pad_row[Vocabulary.pad_id] = 0.0
     offsets = (torch.arange(B, device=device) * k).unsqueeze(1)  # (B, 1)
     for t in range(max_len + 1):
-        banned = repeated_ngram_words(history.view(B * k, -1), block_ngram, V)
-        logp, (h, c, _, _), alpha = _step_log_probs(model, tokens, (h, c, features, projected), t, max_len, banned)
+        banned = repeated_ngram_words(history.reshape(B * k, t), block_ngram, V)
+        logp, state, alpha = _step_log_probs(steps, tokens, state, t, max_len, banned)
+        N = alpha.shape[1]
+        if alpha_history is None:
+            alpha_history = torch.empty(B, k, 0, N, device=device)
         logp = torch.where(finished.view(-1, 1), pad_row, logp).view(B, k, V)
         chosen = torch.zeros(B, V, device=device)  # how many earlier groups chose each word at this step
         picks = []
@@ -156,7 +156,7 @@ def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
                 chosen.scatter_add_(1, word, (word != Vocabulary.pad_id).float())
         scores, log_probs, beam, word = (torch.cat(parts, dim=1) for parts in zip(*picks))  # (B, k) each
         rows = (beam + offsets).view(-1)  # (B*k,) rows of the parents
-        h, c = h[rows], c[rows]
+        state = state.follow(rows)
         history = torch.cat([history.gather(1, beam.unsqueeze(2).expand_as(history)), word.unsqueeze(2)], dim=2)
         parent_alphas = alpha.view(B, k, N).gather(1, beam.unsqueeze(2).expand(B, k, N))
         alpha_history = torch.cat([
@@ -176,11 +176,11 @@ def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
 
 @torch.no_grad()
 @_in_eval_mode
-def sampled_decode(model, raw: torch.Tensor, max_len: int = 30, temperature: float = 1.0,
+def sampled_decode(steps, raw: torch.Tensor, max_len: int = 30, temperature: float = 1.0,
                    generator: torch.Generator | None = None) -> Decoded:
     """raw (B, C, H, W) -> Decoded with every word drawn from the model's distribution at `temperature`
     (eval mode; scores: the total log-probability under that tempered distribution)."""
-    out = sample_captions(model, raw, max_len, temperature, generator, at_least_one_word=True)
+    out = sample_captions(steps, raw, max_len, temperature, generator, at_least_one_word=True)
     return Decoded(out.tokens, out.log_probs.sum(dim=1), out.alphas, out.lengths)
 
 
@@ -188,7 +188,8 @@ def decode(model, raw: torch.Tensor, beam_size: int = 1, max_len: int = 30, leng
            sample: bool = False, temperature: float = 1.0, block_ngram: int = 0, groups: int = 1,
            diversity: float = 0.0) -> Decoded:
     """Greedy (beam_size 1), beam search, or sampling (sample=True: beam_size and the beam options are then
-    ignored). block_ngram applies to greedy and beam search, groups and diversity to beam search."""
+    ignored); block_ngram applies to greedy and beam search, groups and diversity to beam search; model: a
+    CaptionModel or any DecoderSteps (model/steps.py)."""
     if sample:
         return sampled_decode(model, raw, max_len, temperature)
     if beam_size <= 1:

@@ -6,9 +6,8 @@ import os
 import typing
 from dataclasses import dataclass
 
-import yaml
-
 from captioner.config import Switch, coerce
+from captioner.config.load import override_value
 from captioner.errors import CaptionerError
 
 KEYS = ("encoder_images_per_s", "extract_images_per_s", "train_captions_per_s_cached",
@@ -49,6 +48,12 @@ class BenchSizes:
     channels_last: Switch = "auto"  # as compute.channels_last
     compile: bool = False
     gpu_decode: bool = False  # CUDA only
+    # --runtimes: PyTorch float32 against ONNX Runtime float32 and int8 (runtimes.py)
+    runtime_archs: str = "resnet152,resnet18"  # comma-separated: each exported and compared side by side
+    runtime_images: int = 32  # JPEG files captioned per runtime and round
+    runtime_batch: int = 16
+    runtime_rounds: int = 3  # the runtimes take turns in each round; speedups are medians over rounds
+    calibration_images: int = 16  # int8: encoder activation ranges from this many of the JPEGs
 
 
 PRESETS = {
@@ -57,7 +62,8 @@ PRESETS = {
                         decoder_dim=32, vocab_size=60, caption_words=6, captions_per_image=2, max_len=6,
                         encoder_batch=4, encoder_images=8, extract_images=8, train_batch=4, train_steps_cached=2,
                         train_steps_images=1, caption_images=4, caption_batch=4, beam_images=4, num_workers=0,
-                        scst_images=4, scst_samples=2, scst_steps=1),
+                        scst_images=4, scst_samples=2, scst_steps=1, runtime_archs="resnet18", runtime_images=4,
+                        runtime_batch=4, runtime_rounds=1, calibration_images=4),
     "full": BenchSizes(arch="resnet152", encoder_batch=256, encoder_images=4096, extract_images=4096,
                        train_batch=256, train_steps_cached=200, train_steps_images=8, caption_images=8192,
                        caption_batch=256, num_workers=min(16, os.cpu_count() or 1), compile=True, gpu_decode=True),
@@ -67,20 +73,15 @@ PRESETS = {
 def apply_overrides(sizes: BenchSizes, overrides: list[str]) -> BenchSizes:
     """`field=value` strings (arch=resnet152 train_batch=64) on top of sizes; unknown fields are errors."""
     types = typing.get_type_hints(BenchSizes)
+    specs = {f.name: f for f in dataclasses.fields(BenchSizes)}
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or key not in types:
             raise CaptionerError(f"bench override '{item}' is not field=value with a field among: {', '.join(types)}")
-        value = yaml.safe_load(raw)
-        if typing.get_origin(types[key]) is typing.Literal:  # bf16=false, channels_last=auto, ...
-            value = coerce(key, value, types[key])
-            setattr(sizes, key, value)
-            continue
-        if types[key] is float and isinstance(value, int):
-            value = float(value)
-        if not isinstance(value, types[key]) or (types[key] is int and isinstance(value, bool)):
-            raise CaptionerError(f"bench override {key} expects {types[key].__name__}, got {raw!r}")
-        setattr(sizes, key, value)
+        # The config's own coercion: whole numbers in range, text as typed, switches; never a silent conversion.
+        value = override_value(raw, types[key])
+        setattr(sizes, key, coerce(key, value, types[key], specs[key], label=f"bench override {key}"))
     positive = [f.name for f in dataclasses.fields(sizes) if types[f.name] is int and getattr(sizes, f.name) < 1
                 and f.name != "num_workers"]
     if positive or sizes.num_workers < 0:
