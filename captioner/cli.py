@@ -281,8 +281,8 @@ def run(args: argparse.Namespace) -> int:
         _print_json(metrics)
     elif args.command == "layers":
         from captioner.model.encoder import list_layers
-        for name, kind, shape in list_layers(args.arch, args.image_size, args.in_channels):
-            print(f"{name:<28} {kind:<20} {'x'.join(map(str, shape))}")
+        for info in list_layers(args.arch, args.image_size, args.in_channels):
+            print(f"{info.name:<28} {info.kind:<20} {'x'.join(map(str, info.shape))}")
     return 0
 
 
