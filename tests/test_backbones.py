@@ -161,6 +161,7 @@ def test_bad_names_tags_and_files_are_one_line_errors(tmp_path):
         (("timm/convnext_atto", "stages.3", "imagenet"), "valid tags: d2_in1k"),
         (("open_clip/ViT-B-33", "transformer"), "open_clip/ViT-B-32"),
         (("open_clip/ViT-B-32", "transformer", "laion9"), "valid tags: openai"),
+        (("open_clip/ViT-B-16", "transformer", "openai"), "use encoder.arch=open_clip/ViT-B-16-quickgelu"),
         (("tf/efficientnet", "x"), "one of torchvision, timm, open_clip"),
         (("timm/convnext_atto", "stage.3"), "captioner layers timm/convnext_atto"),
         (("timm/convnext_atto", "head", None, 3, 64), "not a (channels, height, width) feature map"),

@@ -232,6 +232,8 @@ class OpenClip:
         if tag and tag not in tags:
             raise CaptionerError(f"encoder.weights '{tag}' is not an open_clip tag of {name} or an existing file; "
                                  f"valid tags: {', '.join(tags) or 'none'}, or an open_clip_pytorch_model.bin file")
+        if tag:
+            self._check_activation(open_clip, name, tag)
         state = read_weights_file(file) if file else None
         try:
             with _quiet_library_logs():
@@ -250,6 +252,16 @@ class OpenClip:
             state = {k[len("visual."):]: v for k, v in state.items()}
             load_state(clip.visual, state, f"open_clip/{name}", file, layer)
         return clip.visual
+
+    def _check_activation(self, open_clip, name: str, tag: str) -> None:
+        """Weights trained with QuickGELU need the -quickgelu model (and the reverse): the activation is part of
+        the architecture that a checkpoint rebuilds from encoder.arch alone, without the tag."""
+        wanted = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
+        built = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+        if wanted != built:
+            other = name + "-quickgelu" if wanted else name.removesuffix("-quickgelu")
+            raise CaptionerError(f"open_clip's {tag} weights for {name} were trained "
+                                 f"{'with' if wanted else 'without'} QuickGELU: use encoder.arch=open_clip/{other}")
 
     def preprocess(self, model: nn.Module) -> Preprocess:
         cfg = getattr(model, "preprocess_cfg", None) or {}
