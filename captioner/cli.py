@@ -7,6 +7,8 @@ image could not be read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -14,6 +16,7 @@ import signal
 import sys
 
 from captioner import __version__
+from captioner.engine.runtime.signals import exit_status
 from captioner.errors import CaptionerError
 
 OVERRIDES_HELP = "config overrides as section.key=value, e.g. train.epochs=3 encoder.layer=layer3"
@@ -65,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "or under --out. The dataset is the checkpoint's own; override it with dataset.key=value.")
     p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by `captioner train`")
     p.add_argument("--split", default="test", help="train, val or test (default: test)")
-    p.add_argument("--beam", type=int, default=None, help="beam size; 1 is greedy (default: the config's)")
+    p.add_argument("--beam", dest="beam_size", type=int, default=None,
+                   help="beam size; 1 is greedy (default: the config's)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the config's)")
-    p.add_argument("--out", default=None, help="folder for results and metrics (default: the checkpoint's)")
+    p.add_argument("--out", dest="out_dir", default=None,
+                   help="folder for results and metrics (default: the checkpoint's)")
     _add_device(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
@@ -83,14 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image files, folders, .txt files listing paths (one per line), or - for paths on stdin")
     p.add_argument("--out", default=None,
                    help="output file (default: captions.jsonl, or captions.csv with --format csv)")
-    p.add_argument("--format", choices=["jsonl", "csv"], default=None,
+    p.add_argument("--format", dest="fmt", choices=["jsonl", "csv"], default=None,
                    help="output format (default: from the --out extension, else jsonl)")
     p.add_argument("--html", default=None, metavar="FILE",
                    help="also write a self-contained HTML gallery with per-word attention maps")
-    p.add_argument("--beam", type=int, default=None, help="beam size; 1 is greedy (default: the checkpoint's)")
+    p.add_argument("--beam", dest="beam_size", type=int, default=None,
+                   help="beam size; 1 is greedy (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the checkpoint's)")
     p.add_argument("--recursive", action="store_true", help="look into sub-folders too")
-    p.add_argument("--workers", type=int, default=2, help="image decoding worker processes; 0 decodes in the main "
+    p.add_argument("--workers", dest="num_workers", type=int, default=2,
+                   help="image decoding worker processes; 0 decodes in the main "
                    "process (default: 2)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any image could not be read")
     p.add_argument("--overwrite", action="store_true", help="start the output (and gallery) again instead of resuming")
@@ -119,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits for more images before it starts (default: 10)")
     p.add_argument("--queue", type=int, default=256,
                    help="images that may wait for the model; beyond, 503 + Retry-After (default: 256)")
-    p.add_argument("--beam", type=int, default=None, help="beam size; 1 is greedy (default: the checkpoint's)")
+    p.add_argument("--beam", dest="beam_size", type=int, default=None,
+                   help="beam size; 1 is greedy (default: the checkpoint's)")
     p.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN (default: $CAPTIONER_TOKEN)")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body in MiB (default: 32)")
     p.add_argument("--max-images", type=int, default=32, help="most images in one request (default: 32)")
@@ -140,11 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "Writes cache.dir (default DATASET_ROOT/features/ARCH-LAYER-SIZE); resumes where it stopped.\n"
                 "train and evaluate then read the features instead of running the CNN.")
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    p.add_argument("--split", default="train,val,test", help="comma-separated splits (default: train,val,test)")
+    p.add_argument("--split", dest="splits", default="train,val,test",
+                   help="comma-separated splits (default: train,val,test)")
     p.add_argument("--rebuild", action="store_true", help="replace a cache built with other encoder settings")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per batch (default: compute.encode_batch_size)")
-    p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: compute.num_workers)")
+    p.add_argument("--workers", dest="num_workers", type=int, default=None,
+                   help="image decoding processes (default: compute.num_workers)")
     _add_device(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
@@ -154,11 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "Prints a table; --json also writes the numbers with the device, versions and settings.")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     sizes = p.add_mutually_exclusive_group()
-    sizes.add_argument("--full", action="store_true",
+    sizes.add_argument("--full", dest="preset", action="store_const", const="full",
                        help="GPU sizes: ResNet-152 at 224, 640x480 JPEGs, COCO model, torch.compile, GPU decoding")
-    sizes.add_argument("--smoke", action="store_true", help="tiny sizes that only check the command works (seconds)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
-    p.add_argument("--no-compile", action="store_true", help="without torch.compile (--full turns it on)")
+    sizes.add_argument("--smoke", dest="preset", action="store_const", const="smoke", help="tiny sizes that only check the command works (seconds)")
+    p.set_defaults(preset="default")
+    p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the results to FILE")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const=False, default=None,
+                   help="without torch.compile (--full turns it on)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("overrides", nargs="*", metavar="field=value",
                    help="change a size of the preset, e.g. arch=resnet152 image_size=448 train_batch=64")
@@ -168,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Reports images and captions per split, missing images, vocabulary size, <unk> rate and long\n"
                 "captions; writes vocab.json, splits.json, captions_{val,test}.json and summary.json to --out.")
     p.add_argument("--config", required=True, help="YAML config file (its dataset section is used)")
-    p.add_argument("--out", default=None, help="output folder (default: DATASET_ROOT/prepared)")
+    p.add_argument("--out", dest="out_dir", default=None, help="output folder (default: DATASET_ROOT/prepared)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
     p = command("score", "score a COCO-format results file with coco-caption's metrics",
@@ -180,12 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", required=True,
                    help="COCO captions JSON (or a Karpathy/Flickr/CSV/JSONL captions file) holding the references")
     p.add_argument("--out", default=None, help="also write the metrics JSON here")
-    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a java process: ~10 s)")
+    p.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (it starts a java process: ~10 s)")
 
-    p = command("layers", "list the hookable modules of a torchvision CNN with their output shapes",
-                "example: captioner layers resnet152 --image-size 448\n"
-                "Any name printed can be used as encoder.layer.")
-    p.add_argument("arch", help="torchvision model name, e.g. resnet152")
+    p = command("layers", "list the hookable modules of a backbone with their output shapes and grids",
+                "examples: captioner layers resnet152 --image-size 448\n"
+                "          captioner layers timm/convnext_tiny --image-size 224\n"
+                "          captioner layers open_clip/ViT-B-16 --image-size 224\n"
+                "Any name printed can be used as encoder.layer; the last column is the (channels, height, width)\n"
+                "grid hooking it gives (a transformer block's tokens without their class token, as the patch\n"
+                "grid), '-' where the output is no grid (pooled vectors, logits). Random weights: no download.")
+    p.add_argument("arch", help="torchvision name (resnet152), timm/NAME (timm/convnext_tiny) or open_clip/NAME "
+                                "(open_clip/ViT-B-16)")
     p.add_argument("--image-size", type=int, default=224, help="input size (default: 224)")
     p.add_argument("--in-channels", type=int, default=3, help="input channels (default: 3)")
     return parser
@@ -196,94 +213,102 @@ def _print_json(data: dict) -> None:
         print(json.dumps(data), flush=True)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from captioner.jobs import train
-    from captioner.config import load_config
-    from captioner.engine.run_state import resume_config
-    if args.resume:
-        if args.run_dir and args.run_dir != args.resume:
-            raise CaptionerError(f"--resume {args.resume} and --run-dir {args.run_dir} name different folders")
-        run_dir = args.resume
-        cfg = resume_config(run_dir, args.config, args.overrides)
-    else:
-        if not args.config or not args.run_dir:
-            raise CaptionerError("train needs --config FILE and --run-dir DIR, or --resume RUN_DIR")
-        run_dir, cfg = args.run_dir, load_config(args.config, args.overrides)
-    summary = train.main(train.TrainJob(cfg, run_dir, args.device, resume=bool(args.resume), overwrite=args.overwrite,
-                                        init_from=args.init_from))
-    interrupted = summary["stopped"] in ("SIGINT", "SIGTERM")
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
-        _print_json(summary)
-        if interrupted:
-            print(f"captioner train: stopped by {summary['stopped']} at step {summary['steps']}; last.pt saved; "
-                  f"continue with: captioner train --resume {run_dir}", file=sys.stderr)
-    return 128 + getattr(signal, summary["stopped"]).value if interrupted else 0
+def _train_fields(args: argparse.Namespace) -> dict:
+    """--resume RUN_DIR names the run dir and asks to resume it."""
+    if args.resume and args.run_dir and args.run_dir != args.resume:
+        raise CaptionerError(f"--resume {args.resume} and --run-dir {args.run_dir} name different folders")
+    return {"run_dir": args.resume or args.run_dir, "resume": bool(args.resume)}
 
 
-def run(args: argparse.Namespace) -> int:
-    # Job modules are imported here, not at the top, so `captioner --help` stays instant.
-    if args.command == "demo":
-        from captioner.jobs import demo
-        summary = demo.main(args.out, args.device, args.overrides)
-        print(f"demo finished in {summary['seconds']}s: test BLEU-4 {summary['bleu4']:.3f} "
-              f"(beam {summary['beam_size']}, {summary['test_images']} held-out images)")
-        print(f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics_file']}\n"
-              f"  captions:   {summary['captions_file']}\n  gallery:    {summary['gallery_file']}")
-        _print_json(summary)
-    elif args.command == "train":
-        return _train(args)
-    elif args.command == "plot":
-        from captioner.jobs import plot
-        _print_json(plot.main(args.run_dir, args.out))
-    elif args.command == "evaluate":
-        from captioner.jobs import evaluate
-        _print_json(evaluate.main(evaluate.EvaluateJob(args.checkpoint, args.split, args.beam, args.out,
-                                                       args.overrides, args.device, args.batch_size)))
-    elif args.command == "caption":
-        from captioner.jobs import caption
-        summary = caption.main(caption.CaptionJob(
-            args.checkpoint, args.paths, args.out, args.beam, args.batch_size, args.recursive, args.device,
-            args.workers, args.format, args.html, args.overwrite, args.retry_errors, args.max_pixels,
-            sample=args.sample, temperature=args.temperature))
-        _print_json(summary)
-        if args.strict and summary.get("failed"):  # rank 0's summary covers every process
-            return 1
-    elif args.command == "serve":
-        from captioner.jobs import serve
-        from captioner.engine.limits import Limits
-        limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_images=args.max_images,
-                        max_pixels=args.max_pixels, timeout=args.timeout)
-        _print_json(serve.main(serve.ServeOptions(
-            args.checkpoint, args.host, args.port, args.allow_remote, args.max_batch, args.max_wait_ms, args.queue,
-            args.beam, args.device, args.token, args.decode_threads, limits=limits)))
-    elif args.command == "extract":
-        from captioner.jobs import extract
-        from captioner.config import load_config
-        cfg = load_config(args.config, args.overrides)
-        _print_json(extract.main(extract.ExtractJob(cfg, args.split, args.device, args.rebuild, args.batch_size,
-                                                    args.workers)))
-    elif args.command == "bench":
-        from captioner.jobs import bench
-        preset = "full" if args.full else "smoke" if args.smoke else "default"
-        results = bench.main(args.device, preset, args.json, compile=False if args.no_compile else None,
-                             threads=args.threads, overrides=args.overrides)
-        print(bench.format_table(results))
-    elif args.command == "prepare":
-        from captioner.jobs import prepare
-        from captioner.config import load_config
-        summary = prepare.main(load_config(args.config, args.overrides), args.out)
-        print("\n".join(prepare.summary_lines(summary)), flush=True)
-        _print_json(summary)
-    elif args.command == "score":
-        from captioner.jobs import score
-        metrics = score.main(args.results, args.annotations, args.out, meteor=not args.no_meteor)
-        print("\n".join(score.summary_lines(metrics)), flush=True)
-        _print_json(metrics)
-    elif args.command == "layers":
-        from captioner.model.encoder import list_layers
-        for info in list_layers(args.arch, args.image_size, args.in_channels):
-            print(f"{info.name:<28} {info.kind:<20} {'x'.join(map(str, info.shape))}")
+def _report_train(args: argparse.Namespace, summary: dict) -> int:
+    stopped = summary["stopped"] in ("SIGINT", "SIGTERM")
+    _print_json(summary)
+    if stopped and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(f"captioner train: stopped by {summary['stopped']} at step {summary['steps']}; last.pt saved; "
+              f"continue with: captioner train --resume {args.resume or args.run_dir}", file=sys.stderr)
+    return exit_status(summary["stopped"]) if stopped else 0
+
+
+def _report_demo(args: argparse.Namespace, summary: dict) -> int:
+    print(f"demo finished in {summary['seconds']}s: test BLEU-4 {summary['bleu4']:.3f} "
+          f"(beam {summary['beam_size']}, {summary['test_images']} held-out images)")
+    print(f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics_file']}\n"
+          f"  captions:   {summary['captions_file']}\n  gallery:    {summary['gallery_file']}")
+    _print_json(summary)
     return 0
+
+
+def _report_caption(args: argparse.Namespace, summary: dict) -> int:
+    _print_json(summary)
+    return 1 if args.strict and summary.get("failed") else 0  # rank 0's summary covers every process
+
+
+def _report_lines(lines):
+    """A reporter printing the job module's human-readable lines, then the result as JSON."""
+    def report(args: argparse.Namespace, result: dict) -> int:
+        print("\n".join(lines(result)), flush=True)
+        _print_json(result)
+        return 0
+    return report
+
+
+def _report_json(args: argparse.Namespace, result: dict) -> int:
+    _print_json(result)
+    return 0
+
+
+def _report_bench(args: argparse.Namespace, results: dict) -> int:
+    from captioner.jobs.bench import format_table
+    print(format_table(results))
+    return 0
+
+
+def _report_layers(args: argparse.Namespace, rows: list) -> int:
+    from captioner.jobs.layers import format_rows
+    print("\n".join(format_rows(rows)))
+    return 0
+
+
+def _prepare_lines(summary: dict) -> list[str]:
+    from captioner.jobs.prepare import summary_lines
+    return summary_lines(summary)
+
+
+def _score_lines(metrics: dict) -> list[str]:
+    from captioner.jobs.score import summary_lines
+    return summary_lines(metrics)
+
+
+# command -> (job module under captioner.jobs, its XJob class, how its result is shown and turned into an exit
+# status, fields that are not plain copies of the arguments). The job is built by keyword from the arguments of
+# the same names; modules are imported on use so that `captioner --help` stays instant.
+COMMANDS = {
+    "demo": ("demo", "DemoJob", _report_demo, None),
+    "train": ("train", "TrainJob", _report_train, _train_fields),
+    "evaluate": ("evaluate", "EvaluateJob", _report_json, None),
+    "caption": ("caption", "CaptionJob", _report_caption, None),
+    "serve": ("serve", "ServeJob", _report_json, None),
+    "plot": ("plot", "PlotJob", _report_json, None),
+    "extract": ("extract", "ExtractJob", _report_json, None),
+    "bench": ("bench", "BenchJob", _report_bench, None),
+    "prepare": ("prepare", "PrepareJob", _report_lines(_prepare_lines), None),
+    "score": ("score", "ScoreJob", _report_lines(_score_lines), None),
+    "layers": ("layers", "LayersJob", _report_layers, None),
+}
+
+
+def build_job(args: argparse.Namespace):
+    """(the job module, its XJob built by keyword from args): what run_command() executes; tests build jobs this way too."""
+    module_name, job_name, _, special = COMMANDS[args.command]
+    module = importlib.import_module(f"captioner.jobs.{module_name}")
+    job_class = getattr(module, job_name)
+    given = {**vars(args), **(special(args) if special else {})}
+    return module, job_class(**{f.name: given[f.name] for f in dataclasses.fields(job_class) if f.name in given})
+
+
+def run_command(args: argparse.Namespace) -> int:
+    module, job = build_job(args)
+    return COMMANDS[args.command][2](args, module.main(job))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,19 +324,19 @@ def main(argv: list[str] | None = None) -> int:
     # Also on our own logger: basicConfig does nothing where logging is already set up (a notebook, pytest).
     logging.getLogger("captioner").setLevel(level)
     try:
-        code = run(args)
+        code = run_command(args)
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
         return code
     except BrokenPipeError:  # `captioner layers resnet152 | head`: the reader left; nothing more to say
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
-        return 128 + signal.SIGPIPE.value if hasattr(signal, "SIGPIPE") else 1
+        return exit_status("SIGPIPE") if hasattr(signal, "SIGPIPE") else 1
     except CaptionerError as e:
         print(f"captioner {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"captioner {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return exit_status("SIGINT")
 
 
 if __name__ == "__main__":

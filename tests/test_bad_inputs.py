@@ -17,9 +17,9 @@ from PIL import Image
 
 from captioner.cli import main
 from captioner.config import load_config, to_dict
-from captioner.engine.checkpoint import save_checkpoint
+from captioner.engine.infer.checkpoint import save_checkpoint
 from captioner.model.caption_model import CaptionModel
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 from captioner.progress import show_progress
 
 from conftest import ROOT, TINY

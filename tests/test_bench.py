@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 
-from captioner.engine import predict
-from captioner.engine.step import TrainingStep
+from captioner.engine.infer import predict
+from captioner.engine.train.step import TrainingStep
 from captioner.jobs import bench
-from captioner.model.beam import beam_search
+from captioner.model.decoding import beam_search
 from captioner.cli import main
 from captioner.config import EncoderConfig, ModelConfig
-from captioner.engine.compute import cpu_capability
+from captioner.engine.runtime.compute import cpu_capability
+from captioner.data.synthetic import write_jpegs
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
 
@@ -62,11 +63,11 @@ def test_bench_rejects_unknown_sizes(capsys):
     assert main(["bench", "--smoke", "--device", "cpu", "trian_batch=4"]) == 2
     assert "field among: arch" in capsys.readouterr().err
     with pytest.raises(CaptionerError, match="expects int"):
-        bench.main("cpu", "smoke", overrides=["train_batch=big"])
+        bench.BenchJob("cpu", "smoke", overrides=["train_batch=big"])
 
 
 def test_synthetic_jpegs_are_photo_sized(tmp_path):
-    paths = bench.write_jpegs(tmp_path, 5, 640, 480, distinct=2)
+    paths = write_jpegs(tmp_path, 5, 640, 480, distinct=2)
     sizes = [len(open(p, "rb").read()) for p in paths]
     assert len(paths) == 5 and sizes[0] == sizes[2] != sizes[1]
     assert all(20_000 < s < 400_000 for s in sizes)  # a real 640x480 photo at q90 is 50-200 kB

@@ -10,14 +10,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from captioner.jobs import evaluate, extract, train
-from captioner.data import by_split, load_records
+from captioner.data.datasets import by_split, load_records
 from captioner.data.cache import CachedFeatures, FeatureCache, default_cache_dir, open_valid_cache
 from captioner.data.images import CaptionPairs, ImageFiles, load_image
 from captioner.data.pipeline import Batches, image_batches
 from captioner.model.decoder import caption_loss
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel, build_encoder
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 from conftest import tiny_config
 
@@ -217,7 +217,7 @@ def test_gpu_decode_path_matches_pil(tmp_path):
     paths += [str(tmp_path / "p.png"), str(tmp_path / "bad.jpg")]
     cpu = torch.device("cpu")
     (pil, _, pil_errors, *_), = list(image_batches(paths, 64, 8, 0, cpu))
-    (gpu_path, index, errors, *_), = list(image_batches(paths, 64, 8, 0, cpu, device_decode=True))
+    (gpu_path, index, errors, *_), = list(image_batches(paths, 64, 8, 0, cpu, gpu_decode=True))
     assert index.tolist() == list(range(5)) and errors[:4] == pil_errors[:4] == [""] * 4
     assert "bad.jpg" in errors[4] and "bad.jpg" in pil_errors[4]
     diff = (gpu_path[:3].int() - pil[:3].int()).abs().float()

@@ -21,15 +21,15 @@ import torch
 from PIL import Image, ImageFile
 
 from captioner.jobs import caption
-from captioner.engine.checkpoint import save_checkpoint
+from captioner.engine.infer.checkpoint import save_checkpoint
 from captioner.cli import main
 from captioner.config import load_config, to_dict
 from captioner.data.images import load_image, read_image
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
-from captioner.engine.outputs import CaptionsFile
-from captioner.model.vocab import Vocabulary
+from captioner.engine.outputs.captions_file import CaptionsFile
+from captioner.text import Vocabulary
 
 from conftest import ROOT, TINY, noise_pngs
 
@@ -201,7 +201,7 @@ def test_every_image_kind_decodes(mixed):
 
 
 def test_attention_map_orientation():
-    from captioner.engine.gallery import DIMMING, _attention_png
+    from captioner.engine.outputs.gallery import DIMMING, _attention_png
     weights = np.zeros((3, 4))
     weights[0, 3] = 1.0  # all attention on the top-right region
     shade = np.asarray(Image.open(io.BytesIO(base64.b64decode(_attention_png(weights)))).getchannel("A"))

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from captioner.model.beam import greedy_decode
-from captioner.engine.checkpoint import load_checkpoint, load_model, save_checkpoint
+from captioner.model.decoding import greedy_decode
+from captioner.engine.infer.checkpoint import load_checkpoint, load_model, save_checkpoint
 from captioner.config import Config, to_dict
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 
 def _small(tmp_path):

@@ -42,7 +42,7 @@ def test_evaluate_and_caption_from_cli(trained, tmp_path, capsys):
     assert json.loads(Path(metrics["metrics_file"]).read_text())["bleu4"] == metrics["bleu4"]
     folder = tmp_path / "imgs"
     folder.mkdir()
-    from captioner.data import by_split, load_records
+    from captioner.data.datasets import by_split, load_records
     import shutil
     for r in by_split(load_records(cfg.dataset), "test")[:5]:
         shutil.copy(r.path, folder)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from captioner.config import ComputeConfig, load_config
-from captioner.engine import compute as compute_module
-from captioner.engine.checkpoint import load_checkpoint
-from captioner.engine.compute import CpuCapability, autocast, setup_compute
+from captioner.engine.runtime import compute as compute_module
+from captioner.engine.infer.checkpoint import load_checkpoint
+from captioner.engine.runtime.compute import CpuCapability, autocast, setup_compute
 from captioner.errors import CaptionerError
-from captioner.engine.step import CaptionLoss
+from captioner.engine.train.step import CaptionLoss
 from captioner.jobs import evaluate, train
 
 from conftest import TINY
@@ -76,7 +76,7 @@ def test_bf16_training_keeps_float32_weights_state_and_loss(small_root, tmp_path
     assert moments and all(m.dtype == torch.float32 for m in moments)
 
     # one step by hand: the activations are bf16, the loss and every gradient float32
-    from captioner.engine.checkpoint import model_from_checkpoint
+    from captioner.engine.infer.checkpoint import model_from_checkpoint
     model = model_from_checkpoint(state)[0].train()
     compute.prepare_encoder(model.encoder)
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)

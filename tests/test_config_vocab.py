@@ -2,7 +2,7 @@ import pytest
 
 from captioner.config import Config, apply_overrides, load_config, valid_keys
 from captioner.errors import CaptionerError
-from captioner.model.vocab import Vocabulary, tokenize
+from captioner.text import Vocabulary, tokenize
 
 from conftest import TINY
 

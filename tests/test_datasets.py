@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from captioner.config import Config, DatasetConfig, apply_overrides
-from captioner.data import by_split, detect_format, load_records, read_dataset
+from captioner.data.datasets import by_split, detect_format, load_records, read_dataset
 from captioner.errors import CaptionerError
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from captioner.model.beam import beam_search, greedy_decode
+from captioner.model.decoding import beam_search, greedy_decode
 from captioner.config import EncoderConfig, ModelConfig
 from captioner.model.decoder import caption_loss
 from captioner.model.caption_model import CaptionModel
@@ -76,7 +76,7 @@ def test_huge_random_features_stay_finite():
 
 
 def test_sampling_draws_from_the_model_and_returns_its_log_probs(model):
-    from captioner.model.beam import decode
+    from captioner.model.decoding import decode
     from captioner.model.sample import sample_captions
     raw = torch.randn(4, 512, 2, 2) * 100
     torch.manual_seed(1)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from captioner.config import Config, LEGACY_DEFAULTS, ModelConfig, from_saved_dict, to_dict
-from captioner.engine.checkpoint import model_from_checkpoint
-from captioner.model.beam import beam_search
+from captioner.engine.infer.checkpoint import model_from_checkpoint
+from captioner.model.decoding import beam_search
 from captioner.model.caption_model import CaptionModel
 
 

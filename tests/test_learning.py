@@ -5,9 +5,9 @@ from pathlib import Path
 import torch
 
 from captioner.jobs import evaluate
-from captioner.model.beam import greedy_decode
-from captioner.engine.checkpoint import load_model
-from captioner.data import by_split, load_records
+from captioner.model.decoding import greedy_decode
+from captioner.engine.infer.checkpoint import load_model
+from captioner.data.datasets import by_split, load_records
 from captioner.data.images import load_image
 
 

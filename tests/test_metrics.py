@@ -124,7 +124,7 @@ def test_score_equals_coco_caption_official(tmp_path, monkeypatch):
     annotations_file.write_text(json.dumps({"images": images, "annotations": annotations}))
     results_file.write_text(json.dumps(results))
 
-    ours = score.main(str(results_file), str(annotations_file), out=str(tmp_path / "metrics.json"))
+    ours = score.main(score.ScoreJob(str(results_file), str(annotations_file), out=str(tmp_path / "metrics.json")))
     official = _official_coco_eval(annotations_file, results_file, monkeypatch)
     names = {"bleu1": "Bleu_1", "bleu2": "Bleu_2", "bleu3": "Bleu_3", "bleu4": "Bleu_4", "meteor": "METEOR",
              "rouge_l": "ROUGE_L", "cider": "CIDEr"}

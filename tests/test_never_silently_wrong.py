@@ -17,15 +17,15 @@ from PIL import Image
 
 from captioner.cli import main
 from captioner.config import load_config, to_dict
-from captioner.data import detect_format, load_records, read_dataset
+from captioner.data.datasets import detect_format, load_records, read_dataset
 from captioner.data.cache import FeatureCache, default_cache_dir
-from captioner.engine.checkpoint import save_checkpoint
+from captioner.engine.infer.checkpoint import save_checkpoint
 from captioner.errors import CaptionerError
 from captioner.jobs import extract
 from captioner.lock import ProcessLock
-from captioner.model.beam import decode
+from captioner.model.decoding import decode
 from captioner.model.caption_model import CaptionModel
-from captioner.model.vocab import Vocabulary, join_words, tokenize
+from captioner.text import Vocabulary, join_words, tokenize
 
 from conftest import ROOT, TINY, noise_pngs
 from small_runs import small_overrides
@@ -255,7 +255,7 @@ def test_caption_after_kill_9_with_workers_reruns_at_once(checkpoints, tmp_path)
 
 
 def test_output_lock_survives_a_rewrite_and_refuses_a_second_writer(tmp_path):
-    from captioner.engine.outputs import CaptionsFile
+    from captioner.engine.outputs.captions_file import CaptionsFile
     path = tmp_path / "c.jsonl"
     path.write_text('{"file": "a.png", "error": "x"}\n{"file": "b.png", "caption": "a dog", "score": -1}\n')
     held = CaptionsFile(path, retry_errors=True)  # rewrites the file without its error record

@@ -9,7 +9,7 @@ from PIL import Image
 from captioner.jobs import evaluate, prepare, train
 from captioner.cli import main
 from captioner.config import load_config
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 from conftest import COCO_MINI, TINY
 
@@ -128,7 +128,7 @@ def test_prepare_train_evaluate_score_on_coco_mini(tmp_path, capsys):
         f"dataset.images={COCO_MINI}/train2017", f"dataset.root={tmp_path}", "dataset.min_freq=2",
         "dataset.max_len=12", "encoder.image_size=64", "model.embed_dim=32", "model.attention_dim=32",
         "model.decoder_dim=64", "train.epochs=1", "train.num_workers=0", "train.batch_size=64", "decode.max_len=12"])
-    summary = prepare.main(cfg)
+    summary = prepare.main(prepare.PrepareJob(cfg))
     assert summary["format"] == "coco" and summary["missing_images"] == 0
     assert [summary["splits"][s]["images"] for s in ("train", "val", "test")] == [64, 8, 8]
     assert summary["splits"]["train"]["captions"] == 320

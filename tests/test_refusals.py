@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from captioner.jobs import train
-from captioner.engine.checkpoint import save_checkpoint
+from captioner.engine.infer.checkpoint import save_checkpoint
 from captioner.cli import main as cli
 
 from conftest import TINY
@@ -104,7 +104,7 @@ def test_bad_config_values(override, expected, small_root, tmp_path, capsys):
 def test_a_failed_save_keeps_the_previous_checkpoint(run_dir, monkeypatch):
     import errno
 
-    from captioner.engine import checkpoint
+    from captioner.engine.infer import checkpoint
     from captioner.errors import CaptionerError
 
     before = (run_dir / "last.pt").read_bytes()

@@ -12,7 +12,7 @@ import torch
 
 from captioner.jobs import train
 from captioner.cli import main as cli
-from captioner.engine.rundir import MetricsLog
+from captioner.engine.train.rundir import MetricsLog
 
 from conftest import ROOT, TINY
 from small_runs import metric_lines, small_config, small_overrides, step_losses, weights
@@ -42,7 +42,7 @@ KILLED_CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(int(sys.argv[1]))
     from captioner.cli import main
-    from captioner.engine.rundir import MetricsLog
+    from captioner.engine.train.rundir import MetricsLog
     write = MetricsLog.write
     def write_then_die(self, record):
         write(self, record)

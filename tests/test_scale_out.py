@@ -15,16 +15,16 @@ import pytest
 import torch
 
 from captioner.config import load_config, to_dict
-from captioner.data import load_records
+from captioner.data.datasets import load_records
 from captioner.data.cache import FeatureCache, default_cache_dir, encoder_signature
-from captioner.engine.checkpoint import save_checkpoint
-from captioner.engine.compute import setup_compute
-from captioner.engine.distributed import Process, shard
-from captioner.engine.extraction import extract_into, part_folder
+from captioner.engine.infer.checkpoint import save_checkpoint
+from captioner.engine.runtime.compute import setup_compute
+from captioner.engine.runtime.distributed import Process, shard
+from captioner.engine.infer.extraction import extract_into, part_folder
 from captioner.jobs import caption, extract
 from captioner.model.caption_model import CaptionModel, build_encoder
-from captioner.model.vocab import Vocabulary
-from captioner.engine.runtime import seed_everything
+from captioner.text import Vocabulary
+from captioner.engine.runtime.rng import seed_everything
 
 from conftest import ROOT, TINY, tiny_config, noise_pngs
 from test_caption_tool import _by_name, _parse_gallery, _records, make_input_folder

@@ -8,13 +8,13 @@ import torch
 
 from captioner.config import EncoderConfig, ModelConfig, apply_overrides
 from captioner.data.records import ImageRecord
-from captioner.engine.rundir import MetricsLog
+from captioner.engine.train.rundir import MetricsLog
 from captioner.errors import CaptionerError
 from captioner.jobs import train
-from captioner.engine.scst import Rewarder, SelfCriticalLoss, advantages
+from captioner.engine.train.scst import Rewarder, SelfCriticalLoss, advantages
 from captioner.metrics.cider import CiderD
 from captioner.model.caption_model import CaptionModel
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 from small_runs import metric_lines, small_config, step_losses, weights
 

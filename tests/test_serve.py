@@ -24,9 +24,9 @@ httpx = pytest.importorskip("httpx")
 import uvicorn  # noqa: E402
 
 from captioner.data.images import read_image  # noqa: E402
-from captioner.engine.batcher import DynamicBatcher  # noqa: E402
-from captioner.engine.limits import Limits  # noqa: E402
-from captioner.engine.webapp import create_app  # noqa: E402
+from captioner.engine.serve.batcher import DynamicBatcher  # noqa: E402
+from captioner.engine.serve.limits import Limits  # noqa: E402
+from captioner.engine.serve.webapp import create_app  # noqa: E402
 from captioner.jobs import caption, serve  # noqa: E402
 
 from chromium import BINARY, Chromium  # noqa: E402
@@ -66,7 +66,7 @@ def mixed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):  # noqa: F811
-    app, _ = serve.build(serve.ServeOptions(checkpoint, device="cpu", max_batch=8, max_wait_ms=1))
+    app, _ = serve.build(serve.ServeJob(checkpoint, device="cpu", max_batch=8, max_wait_ms=1))
     running = Running(app)
     yield running
     running.stop()
@@ -107,7 +107,7 @@ def test_concurrent_requests_share_a_batch(checkpoint, mixed, server):  # noqa: 
     folder, _, _ = mixed
     names = GOOD[:4]
     alone = {n: _post(server.url, _upload(folder, [n])).json()["results"][0] for n in names}
-    app, _ = serve.build(serve.ServeOptions(checkpoint, device="cpu", max_batch=4, max_wait_ms=5000))
+    app, _ = serve.build(serve.ServeJob(checkpoint, device="cpu", max_batch=4, max_wait_ms=5000))
     batching = Running(app)
     try:
         with ThreadPoolExecutor(4) as pool:  # four requests at once: one batch of 4, well before the 5 s wait
@@ -229,8 +229,8 @@ def test_token_is_enforced_on_the_api(monkeypatch):
     finally:
         running.stop()
     monkeypatch.setenv(serve.TOKEN_ENV, "from-env")
-    assert serve._token(serve.ServeOptions("x")) == "from-env"
-    assert serve._token(serve.ServeOptions("x", token="flag")) == "flag"
+    assert serve._token(serve.ServeJob("x")) == "from-env"
+    assert serve._token(serve.ServeJob("x", token="flag")) == "flag"
 
 
 def test_serve_command_loopback_and_graceful_sigterm(checkpoint, mixed, capsys):  # noqa: F811

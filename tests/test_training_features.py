@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from captioner.engine import step as step_module
+from captioner.engine.train import step as step_module
 from captioner.jobs import train
 from captioner.data.sampler import ResumableSampler
 from captioner.model.encoder import HookedEncoder
 from captioner.errors import CaptionerError
-from captioner.engine.schedule import LRSchedule
+from captioner.engine.train.schedule import LRSchedule
 
 from small_runs import metric_lines, small_config, step_losses, weights
 
@@ -165,7 +165,7 @@ def test_finetuning_run_updates_layer4_at_its_own_lr(small_root, tmp_path, caplo
 
 
 def test_a_corrupt_image_in_training_from_images_is_skipped_counted_and_named(tmp_path, caplog):
-    from captioner.data import by_split, load_records
+    from captioner.data.datasets import by_split, load_records
     cfg = small_config(tmp_path / "data", "train.epochs=1", "train.precompute_features=false", "train.val_images=4")
     bad = by_split(load_records(cfg.dataset), "train")[0].path  # generates the synthetic set
     with open(bad, "r+b") as f:

@@ -78,7 +78,7 @@ def default_cache_dir(cfg: Config) -> Path:
     e = cfg.encoder
     name = f"{e.arch}-{e.layer}-{e.image_size}"
     if cfg.dataset.annotations and cfg.dataset.format != "synthetic":
-        from captioner.data import annotations_path  # the package imports readers; cache is imported by jobs only
+        from captioner.data.datasets import annotations_path  # imported on use: the readers pull in pycocotools
         annotations = annotations_path(cfg.dataset)
         return annotations.parent / "features" / f"{annotations.stem}-{name}"
     return Path(cfg.dataset.root or ".") / "features" / name
@@ -371,7 +371,7 @@ def _available_memory() -> int | None:
     return None
 
 
-def training_inputs(cfg: Config, encoder, train_records: list, val_records: list):
+def cached_training_inputs(cfg: Config, encoder, train_records: list, val_records: list):
     """(train source, train records, val source, val records) from one valid cache covering both splits,
     or None so that training runs (or precomputes) the encoder itself."""
     cache = open_valid_cache(cfg, encoder, "train")

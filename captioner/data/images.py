@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from captioner.data.records import ImageRecord
 from captioner.errors import CaptionerError
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 MAX_PIXELS = 100_000_000  # larger images are refused as likely decompression bombs
 
@@ -194,11 +194,11 @@ def _plain_jpeg(path: str, max_pixels: int) -> tuple[int, int] | None:
 class ImageFiles(Dataset):
     """Paths -> (image (3, S, S) uint8, index, error message or "", the file's (width, height) as a (2,) tensor).
 
-    A bad file yields zeros, (0, 0) and its error, so it never stops a worker. raw_jpeg (GPU decoding): plain
+    A bad file yields zeros, (0, 0) and its error, so it never stops a worker. gpu_decode (GPU decoding): plain
     JPEGs come back as their file bytes, (n,) uint8, for the batch decoder; other files are decoded here."""
 
-    def __init__(self, paths: list[str], image_size: int, max_pixels: int = MAX_PIXELS, raw_jpeg: bool = False):
-        self.paths, self.image_size, self.max_pixels, self.raw_jpeg = list(paths), image_size, max_pixels, raw_jpeg
+    def __init__(self, paths: list[str], image_size: int, max_pixels: int = MAX_PIXELS, gpu_decode: bool = False):
+        self.paths, self.image_size, self.max_pixels, self.gpu_decode = list(paths), image_size, max_pixels, gpu_decode
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -206,7 +206,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         path = self.paths[i]
         try:
-            size = _plain_jpeg(path, self.max_pixels) if self.raw_jpeg else None
+            size = _plain_jpeg(path, self.max_pixels) if self.gpu_decode else None
             if size is not None:
                 with open(path, "rb") as f:
                     return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), i, "", torch.tensor(size)

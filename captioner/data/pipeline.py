@@ -44,6 +44,15 @@ class Batch(NamedTuple):
     lengths: torch.Tensor | None = None  # (B,) tokens of each caption, <start> and <end> included
     read: int = 0  # training: samples the loader read, those dropped as unreadable included
 
+    def readable(self) -> list[int]:
+        """The rows whose image was read; the others hold zeros and an error."""
+        return readable_rows(self.errors)
+
+
+def readable_rows(errors: list[str]) -> list[int]:
+    """Positions of the empty error messages: the one readable-rows rule of every batch consumer."""
+    return [j for j, error in enumerate(errors) if not error]
+
 
 class Unreadable:
     """Counts unreadable images, warning once per image with its path and the reason."""
@@ -101,7 +110,7 @@ def resize_batch(images: list[torch.Tensor], image_size: int) -> torch.Tensor:
 
 def decode_batch(items: list[torch.Tensor], paths: list[str], image_size: int, device: torch.device,
                  errors: list[str]) -> torch.Tensor:
-    """ImageFiles(raw_jpeg=True) items -> (B, 3, S, S) uint8 on device. A file the batch decoder rejects is
+    """ImageFiles(gpu_decode=True) items -> (B, 3, S, S) uint8 on device. A file the batch decoder rejects is
     read by PIL instead (errors[j] gets PIL's message when that fails too)."""
     jpegs = [j for j, t in enumerate(items) if t.dim() == 1]
     images: list[torch.Tensor | None] = [t.to(device, non_blocking=True) if t.dim() == 3 else None for t in items]
@@ -133,7 +142,7 @@ def decode_batch(items: list[torch.Tensor], paths: list[str], image_size: int, d
 
 class Batches:
     """Device batches of an ImageFiles or CaptionPairs dataset, decoded in DataLoader workers (or on the GPU
-    when its ImageFiles has raw_jpeg). Training batches (CaptionPairs) come without the rows of unreadable
+    when its ImageFiles has gpu_decode). Training batches (CaptionPairs) come without the rows of unreadable
     images, which go to `unreadable`; image batches keep them (zeros and an error) for the caller to report."""
 
     def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0,
@@ -164,7 +173,7 @@ class Batches:
                 yield Batch(inputs, index, errors, sizes)
                 continue
             captions, lengths = (t.to(self.device, non_blocking=True) for t in pairs)
-            read, good = len(errors), [j for j, e in enumerate(errors) if not e]
+            read, good = len(errors), readable_rows(errors)
             for e in filter(None, errors):
                 self.unreadable.add(e)
             if len(good) < len(errors):  # an unreadable image's captions are left out of the step
@@ -174,14 +183,14 @@ class Batches:
 
 
 def image_batches(paths: list[str], image_size: int, batch_size: int, num_workers: int, device: torch.device,
-                  device_decode: bool = False, max_pixels: int = MAX_PIXELS) -> Batches:
+                  gpu_decode: bool = False, max_pixels: int = MAX_PIXELS) -> Batches:
     """Batches of image files: Batch(images (B, 3, S, S) uint8 on device, index into paths, errors, sizes).
 
     A file that cannot be read gives a zero image and its error message; callers skip it and report it.
-    device_decode: workers only read bytes and `device` decodes them in batches (nvjpeg on CUDA; on CPU the
+    gpu_decode: workers only read bytes and `device` decodes them in batches (nvjpeg on CUDA; on CPU the
     main process would decode, which only tests use).
     """
-    files = ImageFiles(paths, image_size, max_pixels, raw_jpeg=device_decode)
+    files = ImageFiles(paths, image_size, max_pixels, gpu_decode=gpu_decode)
     return Batches(files, batch_size, device, num_workers)
 
 

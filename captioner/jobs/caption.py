@@ -14,7 +14,7 @@ and decoding settings that made it; resuming an output made by another checkpoin
 refused (--overwrite, or another --out), so one file never mixes two models' captions.
 
 Images are decoded in DataLoader workers (or on the GPU with compute.gpu_decode); the encoder and the greedy or
-beam decoder run on whole batches, through the same decode path as `evaluate` (engine/predict.py).
+beam decoder run on whole batches, through the same decode path as `evaluate` (engine/infer/predict.py).
 An image gets the same caption alone or in any batch (only the good images of a batch are decoded).
 """
 from __future__ import annotations
@@ -26,18 +26,17 @@ from pathlib import Path
 
 import torch
 
-from captioner.engine.checkpoint import checkpoint_hash, load_model
 from captioner.config import ComputeConfig, require_min
-from captioner.engine.compute import setup_compute
-from captioner.engine.predict import DecodeSettings, caption_batches
 from captioner.data.images import MAX_PIXELS
-from captioner.data.pipeline import image_batches
+from captioner.engine.infer.checkpoint import checkpoint_hash
+from captioner.engine.infer.predict import DecodeSettings
+from captioner.engine.infer.predictor import Predictor
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
-from captioner.engine.gallery import Gallery
-from captioner.engine import distributed
-from captioner.engine.distributed import Process
-from captioner.engine.outputs import CaptionsFile, format_for, part_path, part_paths, same_file
+from captioner.engine.outputs.gallery import Gallery
+from captioner.engine.runtime import distributed
+from captioner.engine.runtime.distributed import Process
+from captioner.engine.outputs.captions_file import CaptionsFile, format_for, part_path, part_paths, file_key
 
 log = logging.getLogger("captioner")
 
@@ -75,7 +74,7 @@ def main(job: CaptionJob) -> dict:
     is given.
 
     Under torchrun every process captions its shard of the images on its own device (cuda:LOCAL_RANK or the
-    CPU) into its own part files, which rank 0 moves into out and html at the end (engine/outputs.py).
+    CPU) into its own part files, which rank 0 moves into out and html at the end (engine/outputs/captions_file.py).
 
     Returns {"images": found, "captioned": and "errors": written by this run, "skipped": already in the
     output, "failed": error records for these images in the whole output, "out", "html", "seconds",
@@ -95,35 +94,28 @@ def main(job: CaptionJob) -> dict:
 
 
 def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dict:
-    checkpoint, paths, html, recursive = job.checkpoint, job.paths, job.html, job.recursive
-    batch_size, num_workers, compute = job.batch_size, job.num_workers, job.compute
-    overwrite, retry_errors, max_pixels = job.overwrite, job.retry_errors, job.max_pixels or MAX_PIXELS
-    device = process.device
-    files = find_images(paths, recursive) if process.is_main else None  # before the model: a typo fails fast
+    html, max_pixels = job.html, job.max_pixels or MAX_PIXELS
+    files = find_images(job.paths, job.recursive) if process.is_main else None  # before the model: a typo fails fast
     if process.is_main and not files:
-        raise CaptionerError(f"no image files found in {', '.join(paths)} (folders are searched for "
-                             f"image extensions{'' if recursive else '; add --recursive for sub-folders'})")
-    model, vocab, cfg = load_model(checkpoint, device)
+        raise CaptionerError(f"no image files found in {', '.join(job.paths)} (folders are searched for image "
+                             f"extensions{'' if job.recursive else '; add --recursive for sub-folders'})")
     # compute describes this machine, not the checkpoint: auto unless the caller says otherwise.
-    run = setup_compute(compute or cfg.compute, device)
-    run.prepare_encoder(model.encoder)
-    cfg.decode.sample = job.sample or cfg.decode.sample
-    cfg.decode.temperature = job.temperature if job.temperature is not None else cfg.decode.temperature
-    if cfg.decode.sample:
-        torch.manual_seed(cfg.train.seed + process.rank)
-    settings = DecodeSettings.of(cfg, job.beam_size, compute=run)
-    beam_size, batch_size = settings.beam_size, batch_size or cfg.decode.batch_size
-    title = _gallery_title(checkpoint, beam_size, model, settings)
+    predictor = Predictor.load(job.checkpoint, process.device, beam_size=job.beam_size, compute=job.compute,
+                               sample=job.sample, temperature=job.temperature)
+    settings, batch_size = predictor.settings, job.batch_size or predictor.cfg.decode.batch_size
+    if settings.sample:
+        torch.manual_seed(predictor.cfg.train.seed + process.rank)
+    title = f"Captions by {Path(job.checkpoint).name}: {predictor.description()}"
 
-    made_by = {"model": checkpoint_hash(checkpoint), "decoding": _decoding(settings)}
+    made_by = {"model": checkpoint_hash(job.checkpoint), "decoding": _decoding(settings)}
     results = gallery = None  # the output files, held by rank 0
     parts = None  # this process's part files under torchrun
     counts = {"captioned": 0, "errors": 0}
     start, waited = time.perf_counter(), [0.0]
     try:
         if process.is_main:
-            results, gallery, plan = _open_outputs(files, out_path, fmt, html, title, overwrite, retry_errors,
-                                                   made_by)
+            results, gallery, plan = _open_outputs(files, out_path, fmt, html, title, job.overwrite,
+                                                   job.retry_errors, made_by)
         todo, recorded = distributed.broadcast_from_main(plan if process.is_main else None, process)
         mine = distributed.shard(todo, process)
         writer, pages = results, gallery
@@ -133,11 +125,10 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
             writer, pages = parts
             writer.done.update((key, {}) for key in recorded)  # gallery-only work: no second record
         try:
-            batches = _timed_iter(image_batches(mine, model.encoder.image_size, batch_size, num_workers, device,
-                                                run.gpu_decode, max_pixels), waited)
+            batches = _timed_iter(predictor.image_batches(mine, batch_size, job.num_workers, max_pixels), waited)
             with distributed.GlobalProgress(len(todo), process, "captioning", log.isEnabledFor(logging.INFO)) as bar:
-                for batch, captioned in caption_batches(model, vocab, batches, settings, attention=html is not None):
-                    _write_batch(model, mine, batch, captioned, writer, pages, counts)
+                for batch, captioned in predictor.caption_batches(batches, attention=html is not None):
+                    _write_batch(predictor.model.grid, mine, batch, captioned, writer, pages, counts)
                     bar.update(len(captioned))
                     bar.set_postfix(errors=counts["errors"])
         except torch.cuda.OutOfMemoryError:
@@ -152,7 +143,7 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
             if not process.is_main:
                 return {"images": len(mine), **counts, "rank": process.rank}
             counts = {k: sum(c[k] for c in everyone) for k in counts}
-            order = {same_file(f): i for i, f in enumerate(files)}
+            order = {file_key(f): i for i, f in enumerate(files)}
             results.absorb(part_paths(out_path), order)
             if gallery:
                 gallery.absorb(part_paths(html), order)
@@ -167,12 +158,12 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
     seconds = time.perf_counter() - start
     done = counts["captioned"] + counts["errors"]
     skipped = len(files) - len(todo) + len(recorded)
-    failed = sorted(f for f in files if "error" in results.done.get(same_file(f), {}))
+    failed = sorted(f for f in files if "error" in results.done.get(file_key(f), {}))
     log.info("captioned %d images in %.1fs (%.1f images/s over %d process%s, %.1fs waiting for image decoding); "
              "%d could not be read", counts["captioned"], seconds, done / seconds if seconds else 0.0,
              process.world_size, "es" if process.distributed else "", waited[0], counts["errors"])
     for f in failed[:5]:
-        log.warning("  %s: %s", f, results.done[same_file(f)]["error"])
+        log.warning("  %s: %s", f, results.done[file_key(f)]["error"])
     if len(failed) > 5:
         log.warning("  ... and %d more error records in %s", len(failed) - 5, out_path)
     return {"images": len(files), **counts, "skipped": skipped, "failed": len(failed), "out": str(out_path),
@@ -188,7 +179,7 @@ def _open_outputs(files, out_path, fmt, html, title, overwrite, retry_errors, ma
     gallery = None
     try:
         gallery = Gallery(html, title, overwrite, made_by) if html else None
-        order = {same_file(f): i for i, f in enumerate(files)}
+        order = {file_key(f): i for i, f in enumerate(files)}
         leftovers = [part_paths(out_path), part_paths(html) if html else []]
         if overwrite:
             for path in leftovers[0] + leftovers[1]:
@@ -203,8 +194,8 @@ def _open_outputs(files, out_path, fmt, html, title, overwrite, retry_errors, ma
         if gallery:
             gallery.close()
         raise
-    todo = [f for f in files if same_file(f) not in results.done or (gallery and not gallery.has(f))]
-    recorded = [same_file(f) for f in todo if same_file(f) in results.done]
+    todo = [f for f in files if file_key(f) not in results.done or (gallery and not gallery.has(f))]
+    recorded = [file_key(f) for f in todo if file_key(f) in results.done]
     skipped = len(files) - len(todo) + len(recorded)
     if skipped:
         log.info("%d of %d images are already in %s: skipped (--overwrite starts again)", skipped, len(files),
@@ -224,7 +215,7 @@ def _timed_iter(iterable, waited: list):
         yield item
 
 
-def _write_batch(model, todo, batch, captioned, results, gallery, counts) -> None:
+def _write_batch(grid, todo, batch, captioned, results, gallery, counts) -> None:
     """Append one batch's records (and gallery entries) at once."""
     records = []
     for c in captioned:
@@ -234,7 +225,7 @@ def _write_batch(model, todo, batch, captioned, results, gallery, counts) -> Non
             record = {"file": file, "error": c.error.removeprefix(f"{file}: ")}
         else:
             record = {"file": file, "caption": c.caption, "score": round(c.score, 4)}
-        if same_file(file) not in results.done:
+        if file_key(file) not in results.done:
             records.append(record)
             counts["errors" if c.error else "captioned"] += 1
         if gallery is not None and not gallery.has(file):
@@ -244,7 +235,7 @@ def _write_batch(model, todo, batch, captioned, results, gallery, counts) -> Non
                 row = batch.index.tolist().index(c.index)
                 image = batch.inputs[row].permute(1, 2, 0).cpu().numpy()  # (3, S, S) -> (S, S, 3) uint8
                 gallery.add(file, image, tuple(batch.sizes[row].tolist()), c.words, c.alphas.numpy(),
-                            grid=model.grid, score=record["score"])
+                            grid=grid, score=record["score"])
     results.append(records)
     if gallery is not None:
         gallery.flush()
@@ -255,12 +246,3 @@ def _decoding(settings: DecodeSettings) -> str:
     how = (f"sampled at temperature {settings.temperature:g}" if settings.sample else
            f"beam {settings.beam_size}, max_len {settings.max_len}, length_penalty {settings.length_penalty:g}")
     return how if not settings.sample else f"{how}, max_len {settings.max_len}"
-
-
-def _gallery_title(checkpoint: str, beam_size: int, model, settings) -> str:
-    decoding = "greedy decoding" if beam_size == 1 else f"beam search (beam {beam_size})"
-    if settings.sample:
-        decoding = f"sampling (temperature {settings.temperature:g})"
-    enc = model.encoder
-    return (f"Captions by {Path(checkpoint).name}: {decoding}, attention over the {enc.grid[0]}x{enc.grid[1]} "
-            f"{enc.layer} grid of {enc.arch}")

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from captioner.jobs import caption, evaluate, train
 from captioner.config import load_config, shipped_config
-from captioner.data import by_split, load_records
+from captioner.data.datasets import by_split, load_records
 from captioner.errors import CaptionerError
 from captioner.files import check_writable
 
@@ -25,13 +26,23 @@ log = logging.getLogger("captioner")
 TINY_CONFIG = shipped_config("tiny.yaml")  # inside the package (pip install .), or configs/ in a checkout
 
 
-def main(out_dir: str = "demo", device: str | None = "auto", overrides: list[str] = ()) -> dict:
-    if TINY_CONFIG is None:
-        raise CaptionerError("configs/tiny.yaml is missing from this installation: reinstall captioner")
-    start = time.perf_counter()
-    out = Path(out_dir).resolve()
+@dataclass
+class DemoJob:
+    """`captioner demo`'s options."""
+    out: str = "demo"  # everything the demo writes goes under this folder
+    device: str | None = "auto"
+    overrides: list[str] = field(default_factory=list)  # section.key=value on top of configs/tiny.yaml
+
+    def __post_init__(self):
+        if TINY_CONFIG is None:
+            raise CaptionerError("configs/tiny.yaml is missing from this installation: reinstall captioner")
+
+
+def main(job: DemoJob) -> dict:
+    start, device = time.perf_counter(), job.device
+    out = Path(job.out).resolve()
     check_writable(out, "demo folder", folder=True)  # before minutes of training
-    cfg = load_config(TINY_CONFIG, [f"dataset.root={out / 'data'}", "train.epochs=15", *overrides])
+    cfg = load_config(TINY_CONFIG, [f"dataset.root={out / 'data'}", "train.epochs=15", *job.overrides])
     log.info("demo: training %s %s on synthetic shapes under %s", cfg.encoder.arch, cfg.encoder.layer, out)
     # overwrite: a rerun, maybe with other overrides, retrains
     summary = train.main(train.TrainJob(cfg, out / "run", device, overwrite=True))

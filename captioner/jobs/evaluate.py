@@ -15,17 +15,15 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captioner.engine.checkpoint import load_model
-from captioner.engine.compute import setup_compute
-from captioner.engine.predict import DecodeSettings, predict
-from captioner.config import check_checkpoint_overrides, require_min, ComputeConfig, apply_overrides
-from captioner.data import by_split, load_records
+from captioner.config import ComputeConfig, check_checkpoint_overrides, require_min
+from captioner.engine.infer.predict import predict
+from captioner.engine.infer.predictor import Predictor
+from captioner.data.datasets import by_split, load_records
 from captioner.data.cache import cached_source
 from captioner.errors import CaptionerError
 from captioner.files import check_writable, write_json
 from captioner.metrics.coco import caption_metrics
 from captioner.metrics.diversity import caption_diversity
-from captioner.engine.runtime import resolve_device
 
 log = logging.getLogger("captioner")
 
@@ -48,33 +46,29 @@ class EvaluateJob:
 
 
 def main(job: EvaluateJob) -> dict:
-    checkpoint, split, out_dir, batch_size = job.checkpoint, job.split, job.out_dir, job.batch_size
-    check_writable(Path(out_dir) if out_dir else Path(checkpoint).parent, "evaluation output folder", folder=True)
-    device = resolve_device(job.device)
-    model, vocab, cfg = load_model(checkpoint, device)
-    cfg.compute = job.compute or cfg.compute
-    apply_overrides(cfg, list(job.overrides))
-    run = setup_compute(cfg.compute, device)
-    run.prepare_encoder(model.encoder)
-    beam_size = job.beam_size or cfg.decode.beam_size
+    out = Path(job.out_dir) if job.out_dir else Path(job.checkpoint).parent
+    check_writable(out, "evaluation output folder", folder=True)
+    predictor = Predictor.load(job.checkpoint, job.device, beam_size=job.beam_size, compute=job.compute,
+                               overrides=job.overrides)
+    cfg, split = predictor.cfg, job.split
     records = [r for r in by_split(load_records(cfg.dataset), split) if r.captions]  # missing files dropped
     if not records:
         raise CaptionerError(f"split '{split}' of the dataset has no captioned images")
-    cached = cached_source(cfg, model.encoder, records, f"{split} split")  # None: run the encoder
+    cached = cached_source(cfg, predictor.model.encoder, records, f"{split} split")  # None: run the encoder
     features, records = cached if cached else (None, records)
-    hypotheses = predict(model, vocab, records, DecodeSettings.of(cfg, beam_size, compute=run),
-                         batch_size or cfg.decode.batch_size, device, features=features,
-                         num_workers=cfg.compute.num_workers, gpu_decode=run.gpu_decode)
+    hypotheses = predict(predictor.model, predictor.vocab, records, predictor.settings,
+                         job.batch_size or cfg.decode.batch_size, predictor.device, features=features,
+                         num_workers=cfg.compute.num_workers, gpu_decode=predictor.compute.gpu_decode)
     if len(hypotheses) != len(records):
         log.warning("scored %d captions for %d images in the split", len(hypotheses), len(records))
     scores = caption_metrics(hypotheses, {r.image_id: r.captions for r in records})
     scores.update(caption_diversity(hypotheses))  # one caption for every image shows as a low distinct_fraction
-    out = Path(out_dir) if out_dir else Path(checkpoint).parent
     results_path, metrics_path = out / f"results_{split}.json", out / f"metrics_{split}.json"
     write_json(results_path, [{"image_id": i, "caption": c} for i, c in hypotheses.items()], "results file", indent=1)
-    metrics = {"checkpoint": str(checkpoint), "split": split, "split_images": len(records),
+    metrics = {"checkpoint": str(job.checkpoint), "split": split, "split_images": len(records),
                "dataset": cfg.dataset.annotations or cfg.dataset.root,
-               "decoding": "greedy" if beam_size == 1 else "beam", "beam_size": beam_size,
+               "decoding": "greedy" if predictor.settings.beam_size == 1 else "beam",
+               "beam_size": predictor.settings.beam_size,
                "max_len": cfg.decode.max_len, "length_penalty": cfg.decode.length_penalty,
                "features": f"cache {features.path} ({features.dtype})" if cached else "encoder", **scores,
                "results_file": str(results_path), "metrics_file": str(metrics_path)}

@@ -18,18 +18,19 @@ equals a one-process one. Parts a killed run left are taken in when the next run
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from captioner.engine.compute import setup_compute
-from captioner.engine.extraction import check_disk, extract_into, merge_parts, open_for_extraction, part_folder
+from captioner.engine.runtime.compute import setup_compute
+from captioner.engine.infer.extraction import check_disk, extract_into, merge_parts, open_for_extraction, part_folder
 from captioner.config import Config, require_min
-from captioner.data import load_records
+from captioner.data.datasets import load_records
 from captioner.data.cache import FeatureCache, default_cache_dir, describe_size, encoder_signature, lock_cache
 from captioner.errors import CaptionerError
+from captioner.jobs.base import config_of
 from captioner.model.caption_model import build_encoder
-from captioner.engine import distributed
-from captioner.engine.distributed import Process
+from captioner.engine.runtime import distributed
+from captioner.engine.runtime.distributed import Process
 
 log = logging.getLogger("captioner")
 
@@ -39,25 +40,29 @@ SPLITS = ("train", "val", "test")
 @dataclass
 class ExtractJob:
     """`captioner extract`'s options."""
-    cfg: Config
+    cfg: Config | None = None  # None: read from config (+ overrides)
     splits: str | list[str] = SPLITS  # "train,val" or a list
     device: str | None = "auto"
     rebuild: bool = False  # replace a cache built with other encoder settings
     batch_size: int | None = None  # None: compute.encode_batch_size
     num_workers: int | None = None  # None: compute.num_workers
+    config: str | None = None  # a YAML config file
+    overrides: list[str] = field(default_factory=list)  # section.key=value on top of config
 
     def __post_init__(self):
         require_min(("--batch-size", self.batch_size, 1), ("--workers", self.num_workers, 0))
+        self.cfg = config_of(self.cfg, self.config, self.overrides, "extract")
+        splits = self.splits
+        self.splits = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else list(splits)
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown or not self.splits:
+            raise CaptionerError(f"--split {','.join(self.splits)}: splits are {', '.join(SPLITS)} (comma-separated)")
 
 
 def main(job: ExtractJob) -> dict:
     """Extract features of the given splits into the configured cache; returns a summary for the CLI
     (over all processes on rank 0 under torchrun, this process's share elsewhere)."""
     cfg, splits = job.cfg, job.splits
-    splits = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else list(splits)
-    unknown = [s for s in splits if s not in SPLITS]
-    if unknown or not splits:
-        raise CaptionerError(f"--split {','.join(splits)}: splits are {', '.join(SPLITS)} (comma-separated)")
     process = distributed.setup(job.device, distributed.LONG_WAIT)  # cuda:LOCAL_RANK under torchrun
     try:
         return _extract(cfg, splits, process, job.rebuild, job.batch_size or cfg.compute.encode_batch_size,

@@ -8,11 +8,12 @@ Right: every validation score against the step, the selected metric's best marke
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from captioner.errors import CaptionerError
 from captioner.files import atomic_write
-from captioner.engine.rundir import read_metrics
+from captioner.engine.train.rundir import read_metrics
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
@@ -23,8 +24,16 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def main(run_dir: str | Path, out: str | Path | None = None) -> dict:
+@dataclass
+class PlotJob:
+    """`captioner plot`'s options."""
+    run_dir: str | Path
+    out: str | Path | None = None  # None: RUN_DIR/curves.png
+
+
+def main(job: PlotJob) -> dict:
     """Write the PNG; returns {"plot", "steps", "validations"}."""
+    run_dir, out = job.run_dir, job.out
     import matplotlib
     matplotlib.use("Agg")  # files only: works on headless machines
     import matplotlib.pyplot as plt

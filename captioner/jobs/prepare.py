@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from captioner.config import Config, DatasetConfig, to_dict
-from captioner.data import read_dataset
+from captioner.data.datasets import read_dataset
 from captioner.data.records import SPLITS, ImageRecord, by_split, drop_missing, find_missing
 from captioner.errors import CaptionerError
 from captioner.files import write_text
-from captioner.model.vocab import Vocabulary, tokenize
+from captioner.jobs.base import config_of
+from captioner.text import Vocabulary, tokenize
 
 log = logging.getLogger("captioner")
 
@@ -63,8 +65,21 @@ def coco_captions(records: list[ImageRecord], description: str) -> dict:
     return {"info": {"description": description}, "licenses": [], "images": images, "annotations": annotations}
 
 
-def main(cfg: Config, out_dir: str | Path | None = None) -> dict:
+@dataclass
+class PrepareJob:
+    """`captioner prepare`'s options."""
+    cfg: Config | None = None  # None: read from config (+ overrides)
+    out_dir: str | Path | None = None  # None: DATASET_ROOT/prepared
+    config: str | None = None  # a YAML config file (its dataset section is used)
+    overrides: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.cfg = config_of(self.cfg, self.config, self.overrides, "prepare")
+
+
+def main(job: PrepareJob) -> dict:
     """Check cfg.dataset and write vocab, splits, references and a summary into out_dir; returns the summary."""
+    cfg, out_dir = job.cfg, job.out_dir
     fmt, records = read_dataset(cfg.dataset)
     unused = [r for r in records if r.split not in SPLITS]
     in_splits = [r for r in records if r.split in SPLITS]

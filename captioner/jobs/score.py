@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from captioner.config import DatasetConfig
-from captioner.data import detect_format, read_dataset
+from captioner.data.datasets import detect_format, read_dataset
 from captioner.data.coco import coco_index
 from captioner.data.records import read_json
 from captioner.errors import CaptionerError
@@ -74,8 +75,18 @@ def read_references(path: str | Path) -> tuple[str, dict]:
     return fmt, {r.image_id: r.captions for r in records}
 
 
-def main(results: str, annotations: str, out: str | None = None, meteor: bool = True) -> dict:
+@dataclass
+class ScoreJob:
+    """`captioner score`'s options."""
+    results: str  # [{"image_id", "caption"}] JSON
+    annotations: str  # the references: a COCO captions file or any captions file the dataset readers know
+    out: str | None = None  # also write the metrics JSON here
+    meteor: bool = True  # METEOR starts a java process (~10 s)
+
+
+def main(job: ScoreJob) -> dict:
     """Score results against annotations; returns (and writes to out, if given) the metrics dict."""
+    results, annotations, out = job.results, job.annotations, job.out
     if out:
         check_writable(out, "metrics file")  # before scoring, which may take minutes
     hypotheses = read_results(results)
@@ -92,7 +103,7 @@ def main(results: str, annotations: str, out: str | None = None, meteor: bool = 
     if len(hypotheses) < len(references):
         log.info("scoring the %d images in %s (of %d in %s)", len(hypotheses), results, len(references), annotations)
     metrics = {"results_file": str(results), "annotations_file": str(annotations), "annotations_format": fmt,
-               **caption_metrics(hypotheses, references, meteor)}
+               **caption_metrics(hypotheses, references, job.meteor)}
     if out:
         out_path = Path(out)
         write_json(out_path, metrics, "metrics file", indent=1)

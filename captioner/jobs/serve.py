@@ -6,7 +6,7 @@
     CAPTIONER_TOKEN=secret captioner serve --checkpoint best.pt --host 0.0.0.0 --allow-remote
 
 Images are decoded by the same function and error rules as `captioner caption` and captioned by the same
-decode path (engine/predict.py caption_batch), so a served caption equals the command's. Requests that
+decode path (engine/infer/predict.py caption_batch), so a served caption equals the command's. Requests that
 arrive together are captioned in one batch (up to --max-batch, waiting at most --max-wait-ms); SIGTERM or
 Ctrl-C stops accepting, lets the requests in flight finish, then exits.
 """
@@ -18,20 +18,17 @@ import math
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from captioner.config import require_min
-from captioner.engine.batcher import DynamicBatcher
-from captioner.engine.checkpoint import load_model
-from captioner.engine.compute import setup_compute
-from captioner.engine.interrupt import STOP_SIGNALS
-from captioner.engine.runtime import resolve_device
-from captioner.engine.limits import Limits
-from captioner.engine.predict import DecodeSettings, caption_batch
+from captioner.engine.serve.batcher import DynamicBatcher
+from captioner.engine.runtime.signals import STOP_SIGNALS
+from captioner.engine.serve.limits import Limits
+from captioner.engine.infer.predictor import Predictor
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -40,7 +37,8 @@ TOKEN_ENV = "CAPTIONER_TOKEN"
 
 
 @dataclass
-class ServeOptions:
+class ServeJob:
+    """`captioner serve`'s options, checked when built."""
     checkpoint: str
     host: str = "127.0.0.1"  # loopback: only this machine can connect unless allow_remote
     port: int = 8000
@@ -53,52 +51,51 @@ class ServeOptions:
     token: str | None = None  # None: $CAPTIONER_TOKEN when set, else no token
     decode_threads: int = 2
     max_connections: int = 256  # open connections uvicorn serves at once; beyond, it answers 503
-    limits: Limits = field(default_factory=Limits)
+    max_upload_mb: float = 32.0  # one request's whole body
+    max_images: int = 32  # image parts per request
+    max_pixels: int = 40_000_000  # per image, checked before decoding (decompression bombs)
+    timeout: float = 60.0  # seconds a request may wait for its captions
+
+    def __post_init__(self):
+        require_min(("--port", self.port, 0), ("--max-batch", self.max_batch, 1), ("--max-wait-ms", self.max_wait_ms, 0),
+                    ("--queue", self.queue, 1), ("--beam", self.beam_size, 1),
+                    ("--decode-threads", self.decode_threads, 1), ("--max-images", self.max_images, 1),
+                    ("--max-upload-mb", self.max_upload_mb, 1 / 2**20), ("--max-pixels", self.max_pixels, 1),
+                    ("--timeout", self.timeout, 0.001))
+        if self.port > 65535:
+            raise CaptionerError(f"--port must be <= 65535, got {self.port}")
+        if self.queue < self.max_batch:
+            raise CaptionerError(f"--queue {self.queue} must be at least --max-batch {self.max_batch}")
+        if not is_loopback(self.host) and not self.allow_remote:
+            raise CaptionerError(f"--host {self.host} lets other machines connect; add --allow-remote to confirm "
+                                 f"(and consider --token), or keep the default --host 127.0.0.1")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_upload_bytes=int(self.max_upload_mb * 2**20), max_images=self.max_images,
+                      max_pixels=self.max_pixels, timeout=self.timeout)
 
 
-class Captioner:
-    """The model behind the server: load_model once, then predict(batch) from the batcher's thread."""
+class ServedModel:
+    """The model behind the server: a Predictor loaded once, then predict(batch) from the batcher's thread."""
 
     def __init__(self, checkpoint: str, device: str = "auto", beam_size: int | None = None):
-        self.device = resolve_device(device)
-        self.model, self.vocab, self.cfg = load_model(checkpoint, self.device)
-        compute = setup_compute(self.cfg.compute, self.device)  # as `captioner caption` does
-        compute.prepare_encoder(self.model.encoder)
-        self.settings = DecodeSettings.of(self.cfg, beam_size, compute=compute)
-        self.beam_size = self.settings.beam_size
-        self.checkpoint = checkpoint
-        enc = self.model.encoder
-        decoding = "greedy decoding" if self.beam_size == 1 else f"beam search (beam {self.beam_size})"
+        self.predictor = Predictor.load(checkpoint, device, beam_size=beam_size)  # as `captioner caption` does
+        p, enc = self.predictor, self.predictor.model.encoder
         self.info = {"checkpoint": Path(checkpoint).name, "arch": enc.arch, "layer": enc.layer,
-                     "grid": list(enc.grid), "image_size": enc.image_size, "vocab_size": len(self.vocab),
-                     "decoding": {k: getattr(self.settings, k) for k in ("beam_size", "max_len", "length_penalty",
-                                                                          "sample", "temperature")},
-                     "device": str(self.device),
-                     "description": f"{decoding}, attention over the {enc.grid[0]}x{enc.grid[1]} {enc.layer} "
-                                    f"grid of {enc.arch}."}
+                     "grid": list(enc.grid), "image_size": enc.image_size, "vocab_size": len(p.vocab),
+                     "decoding": {k: getattr(p.settings, k) for k in ("beam_size", "max_len", "length_penalty",
+                                                                       "sample", "temperature")},
+                     "device": str(p.device), "description": f"{p.description()}."}
 
     def predict(self, items: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[dict]:
         """[(image (3, S, S) uint8, (width, height))] -> [{"caption", "score", "words", "alphas" (L, N),
         "batch_size"}], in order, all decoded in this one batch by the decode path `captioner caption` uses."""
-        images = torch.stack([image for image, _ in items]).to(self.device)  # B x (3, S, S) -> (B, 3, S, S)
-        captioned = caption_batch(self.model, self.vocab, images, self.settings, attention=True)
+        images = torch.stack([image for image, _ in items]).to(self.predictor.device)  # B x (3, S, S) -> (B, 3, S, S)
+        captioned = self.predictor.caption_batch(images, attention=True)
         # Scores rounded as `captioner caption` writes them.
         return [{"caption": c.caption, "score": round(c.score, 4), "words": c.words, "alphas": c.alphas.numpy(),
                  "batch_size": len(items)} for c in captioned]
-
-
-def check_options(opts: ServeOptions) -> None:
-    require_min(("--port", opts.port, 0), ("--max-batch", opts.max_batch, 1), ("--max-wait-ms", opts.max_wait_ms, 0),
-                ("--queue", opts.queue, 1), ("--beam", opts.beam_size, 1), ("--decode-threads", opts.decode_threads, 1),
-                ("--max-images", opts.limits.max_images, 1), ("--max-upload-mb", opts.limits.max_upload_bytes, 1),
-                ("--max-pixels", opts.limits.max_pixels, 1), ("--timeout", opts.limits.timeout, 0.001))
-    if opts.port > 65535:
-        raise CaptionerError(f"--port must be <= 65535, got {opts.port}")
-    if opts.queue < opts.max_batch:
-        raise CaptionerError(f"--queue {opts.queue} must be at least --max-batch {opts.max_batch}")
-    if not is_loopback(opts.host) and not opts.allow_remote:
-        raise CaptionerError(f"--host {opts.host} lets other machines connect; add --allow-remote to confirm "
-                             f"(and consider --token), or keep the default --host 127.0.0.1")
 
 
 def is_loopback(host: str) -> bool:
@@ -110,30 +107,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def build(opts: ServeOptions):
-    """(app, captioner): the model loaded and warmed up, the batcher started, the FastAPI app around them."""
-    from captioner.engine.webapp import create_app  # FastAPI is an optional extra: imported on use
-    check_options(opts)
-    captioner = Captioner(opts.checkpoint, opts.device, opts.beam_size)
-    size = captioner.model.encoder.image_size
-    captioner.predict([(torch.zeros(3, size, size, dtype=torch.uint8), (size, size))])  # warm-up before serving
+def build(opts: ServeJob):
+    """(app, served): the model loaded and warmed up, the batcher started, the FastAPI app around them."""
+    from captioner.engine.serve.webapp import create_app  # FastAPI is an optional extra: imported on use
+    served = ServedModel(opts.checkpoint, opts.device, opts.beam_size)
+    size = served.predictor.image_size
+    served.predict([(torch.zeros(3, size, size, dtype=torch.uint8), (size, size))])  # warm-up before serving
     # Decoding threads run data/images.py's per-decode Pillow settings; starting from the same values
     # makes their save-and-restore harmless when two threads overlap.
     Image.MAX_IMAGE_PIXELS = opts.limits.max_pixels
-    batcher = DynamicBatcher(captioner.predict, opts.max_batch, opts.max_wait_ms / 1000, opts.queue)
+    batcher = DynamicBatcher(served.predict, opts.max_batch, opts.max_wait_ms / 1000, opts.queue)
     token = _token(opts)
-    info = {**captioner.info, "token_required": token is not None}
-    return create_app(batcher, info, size, tuple(captioner.model.grid), opts.limits, token,
-                      opts.decode_threads), captioner
+    info = {**served.info, "token_required": token is not None}
+    return create_app(batcher, info, size, tuple(served.predictor.model.grid), opts.limits, token,
+                      opts.decode_threads), served
 
 
-def main(opts: ServeOptions) -> dict:
+def main(opts: ServeJob) -> dict:
     """Serve until SIGTERM/SIGINT; returns {"url", "stats"} once stopped."""
     try:
         import uvicorn
     except ImportError:
         raise CaptionerError('serve needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
-    app, captioner = build(opts)
+    app, _ = build(opts)
     sock = _bind(opts.host, opts.port)
     url = f"http://{_url_host(opts.host)}:{sock.getsockname()[1]}"
     where = ("loopback only: other machines cannot connect (--host 0.0.0.0 --allow-remote to serve them)"
@@ -164,7 +160,7 @@ def main(opts: ServeOptions) -> dict:
     return {"url": url, "stopped_by": stopped_by[0] if stopped_by else None, "stats": stats}
 
 
-def _token(opts: ServeOptions) -> str | None:
+def _token(opts: ServeJob) -> str | None:
     return opts.token or os.environ.get(TOKEN_ENV) or None
 
 

@@ -9,9 +9,9 @@
 
 RUN_DIR gets last.pt (every train.checkpoint_every steps, at each epoch end, on SIGINT/SIGTERM), best.pt (when
 the validation train.select_metric improves), metrics.jsonl, config.yaml and vocab.json (see rundir.py). Each
-checkpoint holds the whole training state (engine/run_state.py), so a resumed run repeats an uninterrupted one
-exactly on CPU. This file assembles a run and holds the epoch loop; the step is engine/step.py (the one `bench`
-times), validation engine/validation.py, the choice of inputs engine/training_inputs.py.
+checkpoint holds the whole training state (engine/train/run_state.py), so a resumed run repeats an uninterrupted one
+exactly on CPU. This file assembles a run and holds the epoch loop; the step is engine/train/step.py (the one `bench`
+times), validation engine/train/validation.py, the choice of inputs engine/train/inputs.py.
 
 Under torchrun each process trains on train.batch_size captions of every step with DistributedDataParallel
 (the global batch is N times larger). Validation captions are computed by every process on its share of the
@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,25 +32,27 @@ from torch.nn.parallel import DistributedDataParallel
 from captioner.progress import bar as make_bar
 
 from captioner.config import Config, to_dict
-from captioner.data import by_split, load_records
+from captioner.data.datasets import by_split, load_records
 from captioner.data.pipeline import Batches
-from captioner.engine import distributed
-from captioner.engine.compute import setup_compute
-from captioner.engine.distributed import Process
-from captioner.engine.interrupt import StopRequest
-from captioner.engine.run_state import (Progress, TrainingRun, Window, check_vocabulary, init_checkpoint, peak_memory,
-                                        restore, resume_checkpoint, save_checkpoints, vocabulary_coverage,
-                                        write_run_files)
-from captioner.engine.rundir import MetricsLog, lock_run_dir, plan_run
-from captioner.engine.runtime import seed_everything
-from captioner.engine.schedule import LRSchedule
-from captioner.engine.scst import Rewarder, SelfCriticalLoss
-from captioner.engine.step import CaptionLoss, TrainingStep, build_optimizer
-from captioner.engine.training_inputs import build_train_loader, check_training_data, training_inputs
-from captioner.engine.validation import early_stop, finish_epoch, validate
+from captioner.engine.runtime import distributed
+from captioner.engine.runtime.compute import setup_compute
+from captioner.engine.runtime.distributed import Process
+from captioner.engine.runtime.signals import StopRequest
+from captioner.engine.train.resume import (check_vocabulary, init_checkpoint, resume_checkpoint, resume_config,
+                                          vocabulary_coverage)
+from captioner.engine.train.run_state import Progress, TrainingRun, restore, save_checkpoints
+from captioner.engine.train.rundir import MetricsLog, lock_run_dir, plan_run, write_run_files
+from captioner.engine.train.telemetry import Window, peak_memory
+from captioner.engine.runtime.rng import seed_everything
+from captioner.engine.train.schedule import LRSchedule
+from captioner.engine.train.scst import Rewarder, SelfCriticalLoss
+from captioner.engine.train.step import CaptionLoss, TrainingStep, build_optimizer
+from captioner.engine.train.inputs import build_train_loader, check_training_data, training_inputs
+from captioner.engine.train.validation import early_stop, finish_epoch, validate
 from captioner.errors import CaptionerError
+from captioner.jobs.base import config_of
 from captioner.model.caption_model import CaptionModel, build_encoder
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 log = logging.getLogger("captioner")
 
@@ -160,13 +162,26 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
 
 @dataclass
 class TrainJob:
-    """`captioner train`'s options."""
-    cfg: Config
-    run_dir: str | Path
+    """`captioner train`'s options. The config is cfg as given, else the YAML file `config` with `overrides`;
+    with resume and no config file, the run's own config from its last.pt (plus overrides, e.g. train.epochs=20)."""
+    cfg: Config | None = None
+    run_dir: str | Path | None = None
     device: str | None = "auto"
     resume: bool = False  # continue the run in run_dir from its last.pt
     overwrite: bool = False  # start over in a run_dir that holds another run
     init_from: str | Path | None = None  # a checkpoint whose weights and vocabulary a new run starts from
+    config: str | Path | None = None  # a YAML config file
+    overrides: list[str] = field(default_factory=list)  # section.key=value on top of the config
+
+    def __post_init__(self):
+        if self.resume and self.init_from:
+            raise CaptionerError("--init-from starts a new run; --resume continues one (it already holds its weights)")
+        if not self.run_dir or (self.cfg is None and not self.config and not self.resume):
+            raise CaptionerError("train needs --config FILE and --run-dir DIR, or --resume RUN_DIR")
+        if self.cfg is None and self.resume:
+            self.cfg = resume_config(self.run_dir, self.config, self.overrides)
+        else:
+            self.cfg = config_of(self.cfg, self.config, self.overrides, "train")
 
 
 def main(job: TrainJob) -> dict:
@@ -178,8 +193,6 @@ def main(job: TrainJob) -> dict:
     schedule): SCST after cross-entropy (train.objective=scst), or fine-tuning on another dataset.
     stopped is None, "early stopping", or the signal ("SIGINT", "SIGTERM") that interrupted the run (under
     torchrun: the same one in every process)."""
-    if job.resume and job.init_from:
-        raise CaptionerError("--init-from starts a new run; --resume continues one (it already holds its weights)")
     process = distributed.setup(job.device)
     try:
         with StopRequest() as stop, contextlib.ExitStack() as held:

@@ -28,12 +28,20 @@ from importlib.metadata import PackageNotFoundError, version
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 
 from captioner.errors import CaptionerError
-from captioner.model.vocab import tokenize
+from captioner.text import tokenize
 
 log = logging.getLogger("captioner")
 
 COCO_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
 SPICE_SKIPPED = "needs a Stanford CoreNLP models download (pycocoevalcap's get_stanford_models)"
+_noticed: set[str] = set()
+
+
+def _notice_once(message: str) -> None:
+    """Log an informational line once per process."""
+    if message not in _noticed:
+        _noticed.add(message)
+        log.info(message)
 
 
 def corpus_bleu_scores(hypotheses: dict, references: dict) -> dict[str, float]:
@@ -133,7 +141,7 @@ def coco_caption_scores(hypotheses: dict, references: dict, meteor: bool = True)
     gts = {i: list(references[i]) for i in hypotheses}
     res = {i: [hypotheses[i]] for i in hypotheses}
     skipped = {"spice": SPICE_SKIPPED}
-    log.info("SPICE skipped: it %s", SPICE_SKIPPED)
+    _notice_once(f"SPICE skipped: it {SPICE_SKIPPED}")  # not again at every validation of a training run
     if java_available():
         # Two tokenizer runs, references then hypotheses, as COCOEvalCap.evaluate does.
         gts, res, tokenizer = ptb_tokenize(gts), ptb_tokenize(res), "PTBTokenizer (Stanford CoreNLP 3.4.1)"

@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from captioner.model.vocab import tokenize
+from captioner.text import tokenize
 
 
 def caption_diversity(hypotheses: dict) -> dict:

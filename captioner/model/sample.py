@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 
 @dataclass

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 
 from captioner.config import Config
-from captioner.engine import distributed
-from captioner.engine.compute import autocast
-from captioner.engine.distributed import Process
+from captioner.engine.runtime import distributed
+from captioner.engine.runtime.compute import autocast
+from captioner.engine.runtime.distributed import Process
 from captioner.model.caption_model import CaptionModel
 from captioner.model.decoder import caption_loss
 

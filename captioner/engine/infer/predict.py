@@ -18,9 +18,9 @@ from captioner.progress import bar as make_bar
 
 from captioner.config import Config
 from captioner.data.pipeline import Unreadable, feature_batches, image_batches
-from captioner.engine.compute import Compute, autocast
-from captioner.model.beam import decode
-from captioner.model.vocab import Vocabulary, join_words
+from captioner.engine.runtime.compute import Compute, autocast
+from captioner.model.decoding import decode
+from captioner.text import Vocabulary, join_words
 
 log = logging.getLogger("captioner")
 
@@ -94,7 +94,7 @@ def caption_batches(model, vocab: Vocabulary, batches, settings: DecodeSettings,
     Only the readable rows are decoded, so an image's caption never depends on the other files of its batch;
     an unreadable one gets Captioned(error=why), the message starting with the file's path."""
     for batch in batches:
-        good = [row for row, error in enumerate(batch.errors) if not error]
+        good = batch.readable()
         decoded = iter(caption_batch(model, vocab, batch.inputs[good] if len(good) < len(batch.errors)
                                      else batch.inputs, settings, attention) if good else [])
         index = batch.index.tolist()

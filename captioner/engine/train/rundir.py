@@ -1,4 +1,4 @@
-"""A training run's folder: whether a run may start in it, and its metrics log.
+"""A training run's folder: whether a run may start in it, the files written at its start, and its metrics log.
 
     RUN_DIR/config.yaml, vocab.json   written at start, for people (each checkpoint holds its own copies)
     RUN_DIR/last.pt                   every train.checkpoint_every steps, at each epoch end and on SIGINT/SIGTERM
@@ -20,10 +20,12 @@ from pathlib import Path
 
 import yaml
 
-from captioner.config import from_saved_dict, to_dict
+from captioner.config import Config, from_saved_dict, to_dict
+from captioner.engine.infer.checkpoint import remove_stale_temporaries
 from captioner.errors import CaptionerError
-from captioner.files import make_parent
+from captioner.files import make_parent, write_text
 from captioner.lock import ProcessLock
+from captioner.text import Vocabulary
 
 log = logging.getLogger("captioner")
 
@@ -147,3 +149,17 @@ def read_metrics(path: str | Path) -> list[dict]:
         except ValueError:
             log.warning("%s line %d is not JSON: skipped", path, number)
     return records
+
+
+def write_run_files(run_dir: Path, cfg: Config, vocab: Vocabulary, clear: bool) -> None:
+    try:
+        if clear:
+            clear_run_files(run_dir)  # --overwrite, or leftovers of this run from before its first checkpoint
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temporaries(run_dir)
+        if stale:
+            log.info("removed %d temporary files of interrupted saves (%s)", len(stale), ", ".join(stale[:3]))
+        write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False), "run config")
+        vocab.save(run_dir / "vocab.json")
+    except OSError as e:
+        raise CaptionerError(f"cannot write to run dir {run_dir}: {e.strerror or e}") from None

@@ -11,17 +11,17 @@ from dataclasses import dataclass
 import torch
 
 from captioner.config import Config
-from captioner.data.cache import training_inputs as cached_inputs
+from captioner.data.cache import cached_training_inputs
 from captioner.data.images import CaptionPairs, ImageFiles
 from captioner.data.pipeline import Batches, Unreadable, image_batches
 from captioner.data.sampler import ResumableSampler
-from captioner.engine.compute import Compute, autocast
-from captioner.engine import distributed
-from captioner.engine.distributed import Process
+from captioner.engine.runtime.compute import Compute, autocast
+from captioner.engine.runtime import distributed
+from captioner.engine.runtime.distributed import Process
 from captioner.model.caption_model import CaptionModel
 from captioner.errors import CaptionerError
 from captioner.progress import bar as make_bar
-from captioner.model.vocab import SPECIALS, Vocabulary
+from captioner.text import SPECIALS, Vocabulary
 
 log = logging.getLogger("captioner")
 
@@ -35,7 +35,7 @@ def extract_features(model: CaptionModel, records, batch_size: int, num_workers:
                             gpu_decode)
     chunks, keep = [], []
     for batch in make_bar(batches, desc=desc, unit="batch", leave=False, disable=not progress_bar):
-        good = [j for j, e in enumerate(batch.errors) if not e]
+        good = batch.readable()
         for e in filter(None, batch.errors):
             unreadable.add(e)
         if good:
@@ -84,7 +84,7 @@ def training_inputs(cfg: Config, model: CaptionModel, train_records, val_records
     every epoch) or image files read per batch. One place, so that a feature cache can take over."""
     val_records = val_records[process.rank::process.world_size]  # validation is split across processes
     unreadable, gpu_decode = Unreadable(), compute.gpu_decode
-    cached = None if cfg.encoder.finetune_from else cached_inputs(cfg, model.encoder, train_records, val_records)
+    cached = None if cfg.encoder.finetune_from else cached_training_inputs(cfg, model.encoder, train_records, val_records)
     if cached is not None:  # memory-mapped feature cache: workers read only the rows each batch needs
         train_source, train_records, val_features, val_records = cached
         return TrainingInputs(train_source, train_records, val_features, val_records, cfg.train.num_workers,
@@ -95,7 +95,7 @@ def training_inputs(cfg: Config, model: CaptionModel, train_records, val_records
                  "per batch (train.precompute_features ignored)", cfg.encoder.finetune_from)
         precompute = False
     if not precompute:
-        source = ImageFiles([r.path for r in train_records], cfg.encoder.image_size, raw_jpeg=gpu_decode)
+        source = ImageFiles([r.path for r in train_records], cfg.encoder.image_size, gpu_decode=gpu_decode)
         return TrainingInputs(source, train_records, None, val_records, cfg.train.num_workers, unreadable)
     device, bar = process.device, process.is_main
     batch_size, num_workers = cfg.compute.encode_batch_size, cfg.compute.num_workers

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from captioner.errors import CaptionerError
 from captioner.progress import bar as make_bar
-from captioner.engine.runtime import resolve_device
+from captioner.engine.runtime.device import resolve_device
 
 log = logging.getLogger("captioner")
 

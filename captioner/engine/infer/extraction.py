@@ -20,8 +20,8 @@ import torch
 
 from captioner.data.cache import CachedFeatures, FeatureCache, file_identity
 from captioner.data.pipeline import Unreadable, image_batches
-from captioner.engine.compute import autocast
-from captioner.engine.distributed import GlobalProgress, Process
+from captioner.engine.runtime.compute import autocast
+from captioner.engine.runtime.distributed import GlobalProgress, Process
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -97,7 +97,7 @@ def extract_into(cache: FeatureCache, encoder, records: list, batch_size: int, n
         try:
             for batch in batches:
                 images, index, errors = batch.inputs, batch.index, batch.errors
-                ok = [j for j, e in enumerate(errors) if not e]
+                ok = batch.readable()
                 failures = [(todo[int(index[j])], e) for j, e in enumerate(errors) if e]
                 for _, message in failures:
                     unreadable.add(message)

@@ -1,5 +1,8 @@
-"""Words <-> ids. A plain token list, saved as JSON and inside checkpoints (never pickled).
+"""Text: tokenization (below the model: data, metrics and the vocabulary all split words the same way), words back
+into captions, and the vocabulary (words <-> ids: a plain token list, saved as JSON and inside checkpoints, never
+pickled).
 
+    tokenize("A dog runs.")                       # ["a", "dog", "runs"]
     vocab = Vocabulary.build(["A dog runs.", "a cat"], min_freq=1)
     ids = vocab.encode("a dog", max_len=30)      # [<start>, a, dog, <end>]
     vocab.decode(ids)                             # "a dog"

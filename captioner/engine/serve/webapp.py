@@ -33,10 +33,10 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from captioner.data.images import read_image_bytes
-from captioner.engine.batcher import DynamicBatcher, QueueFull
-from captioner.engine.gallery import entry_html, error_html
-from captioner.engine.limits import Limits
-from captioner.engine.webpage import page
+from captioner.engine.serve.batcher import DynamicBatcher, QueueFull
+from captioner.engine.outputs.gallery import entry_html, error_html
+from captioner.engine.serve.limits import Limits
+from captioner.engine.serve.webpage import page
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")

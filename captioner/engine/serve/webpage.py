@@ -1,14 +1,14 @@
 """The page `captioner serve` shows at /: drop or pick images, each caption appears with its attention panels.
 
 One self-contained HTML file (no external script, style or font: it works offline). The server renders
-each entry with the gallery's own HTML (engine/gallery.py entry_html, asked for with ?html=1), so the page
+each entry with the gallery's own HTML (engine/outputs/gallery.py entry_html, asked for with ?html=1), so the page
 and `captioner caption --html` draw attention the same way; the script here only uploads and inserts.
 """
 from __future__ import annotations
 
 import html
 
-from captioner.engine.gallery import STYLE
+from captioner.engine.outputs.gallery import STYLE
 
 PAGE_STYLE = """
 .drop { display: block; border: 2px dashed #999; border-radius: 8px; padding: 28px 12px; text-align: center;

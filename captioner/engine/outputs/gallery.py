@@ -14,7 +14,7 @@ do). No script, no other file: the page opens from anywhere, and a thumbnail lin
 The page resumes like the captions file: one entry per line, appended and flushed per batch; reopening
 drops a half-written last line and the footer, and `has(file)` tells whether a file is already in it.
 Under torchrun each process writes a part page (gallery.html.part-00003) and rank 0 moves its entries into
-the one gallery (absorb), as for the captions file (engine/outputs.py).
+the one gallery (absorb), as for the captions file (engine/outputs/captions_file.py).
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image
 
 from captioner.errors import CaptionerError
-from captioner.engine.outputs import AppendLog, same_file
-from captioner.model.vocab import join_words
+from captioner.engine.outputs.captions_file import AppendLog, file_key
+from captioner.text import join_words
 
 THUMBNAIL = 224  # longest side of the embedded JPEG, in pixels
 PANEL = 112  # longest side of a word's panel on the page, in CSS pixels (the image panel is twice that)
@@ -85,7 +85,7 @@ class Gallery:
         if not self.log.lines:
             self.log.append(_header(title, stamp))
         entries = [(m.group(1), "entry error" in line) for line in self.log.lines if (m := _ENTRY.match(line))]
-        self.done = {same_file(html.unescape(file)) for file, _ in entries}  # as _shown() writes them
+        self.done = {file_key(html.unescape(file)) for file, _ in entries}  # as _shown() writes them
         self.errors = sum(is_error for _, is_error in entries)
         self.images = len(entries) - self.errors
         self._pending: list[str] = []
@@ -101,7 +101,7 @@ class Gallery:
         self.errors += 1
 
     def has(self, file: str) -> bool:
-        return same_file(_shown(file)) in self.done
+        return file_key(_shown(file)) in self.done
 
     def flush(self) -> None:
         """Write the entries added since the last flush (the caller flushes once per batch)."""
@@ -110,7 +110,7 @@ class Gallery:
 
     def _append(self, file: str, line: str) -> None:
         self._pending.append(line)
-        self.done.add(same_file(_shown(file)))
+        self.done.add(file_key(_shown(file)))
 
     def absorb(self, parts: list[Path], order: dict[str, int] | None = None) -> int:
         """Move the entries of part pages that are not on this page yet here, in input order, then delete the
@@ -121,7 +121,7 @@ class Gallery:
             part.close()
             for line in part.lines:
                 match = _ENTRY.match(line)
-                key = match and same_file(html.unescape(match.group(1)))
+                key = match and file_key(html.unescape(match.group(1)))
                 if key and key not in self.done:
                     new.setdefault(key, line)
         last = len(order or ())

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from captioner.model.sample import sample_captions
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 
 @dataclass

@@ -62,7 +62,7 @@ def part_paths(path: str | Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(f"{path.name}.part-*") if pattern.fullmatch(p.name))
 
 
-def same_file(path: str) -> str:
+def file_key(path: str) -> str:
     """The key every spelling of one input path shares ("./a.jpg", "a.jpg", "/abs/a.jpg"). Symbolic links stay
     apart: a link is an input of its own, named as the user named it."""
     return os.path.abspath(path)
@@ -188,7 +188,7 @@ class CaptionsFile:
         except BaseException:
             self.log.close()
             raise
-        self.done = {same_file(r["file"]): r for r in records}
+        self.done = {file_key(r["file"]): r for r in records}
 
     def _check_provenance(self, records: list[dict]) -> None:
         """Refuse to resume a file holding records that another model or other decoding settings made."""
@@ -206,12 +206,12 @@ class CaptionsFile:
     def append(self, records: list[dict]) -> None:
         records = [{**r, **self.made_by} for r in records]
         self.log.append([self._line(r) for r in records])
-        self.done.update((same_file(r["file"]), r) for r in records)
+        self.done.update((file_key(r["file"]), r) for r in records)
 
     def absorb(self, parts: list[Path], order: dict[str, int] | None = None, retry_errors: bool = False) -> int:
         """Append the records of part files that are not in this file yet, then delete the parts.
 
-        order maps same_file(file) to its place among the inputs, so that the records come in input order (as
+        order maps file_key(file) to its place among the inputs, so that the records come in input order (as
         one process writes them); retry_errors drops error records, as opening with retry_errors does.
         Records are appended (and fsynced) before any part is deleted: a kill in between loses nothing, and
         the next absorb skips what is already here. Returns the number of records added.
@@ -225,7 +225,7 @@ class CaptionsFile:
                 if key not in self.done and not (retry_errors and "error" in record):
                     new.setdefault(key, record)
         last = len(order or ())
-        added = sorted(new.values(), key=lambda r: (order or {}).get(same_file(r["file"]), last))
+        added = sorted(new.values(), key=lambda r: (order or {}).get(file_key(r["file"]), last))
         self.append(added)
         for path in parts:
             path.unlink(missing_ok=True)

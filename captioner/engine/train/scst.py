@@ -12,7 +12,7 @@ samples that beat a baseline:
 loss = -sum(advantage * log p(token) over tokens up to <end>) / number of those tokens
        - train.scst_entropy * mean entropy of the word distributions (an optional guard against collapse).
 
-`SelfCriticalLoss` is a loss module of the one training step (engine/step.py): (inputs, image indices) ->
+`SelfCriticalLoss` is a loss module of the one training step (engine/train/step.py): (inputs, image indices) ->
 (loss, None, None), so autocast, backward, clipping, the NaN guard and DDP are cross-entropy's; the step's
 statistics for the logs are left in its `stats`.
 """
@@ -26,9 +26,9 @@ import torch.nn as nn
 
 from captioner.config import SCST_BASELINES
 from captioner.metrics.cider import CiderD
-from captioner.model.beam import greedy_decode
+from captioner.model.decoding import greedy_decode
 from captioner.model.sample import sample_captions
-from captioner.model.vocab import Vocabulary
+from captioner.text import Vocabulary
 
 
 class Rewarder:

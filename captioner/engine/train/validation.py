@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 
-from captioner.engine import distributed
-from captioner.engine.predict import DecodeSettings, predict
-from captioner.engine.run_state import TrainingRun, save_checkpoints
-from captioner.engine.training_inputs import TrainingInputs
+from captioner.engine.runtime import distributed
+from captioner.engine.infer.predict import DecodeSettings, predict
+from captioner.engine.train.run_state import TrainingRun, save_checkpoints
+from captioner.engine.train.inputs import TrainingInputs
 from captioner.metrics.coco import validation_scores
 
 log = logging.getLogger("captioner")

@@ -1,4 +1,5 @@
-"""SIGINT/SIGTERM during training: finish the step, save last.pt, exit cleanly.
+"""Stop signals: SIGINT/SIGTERM during training finish the step, save last.pt and exit cleanly; how a stop
+becomes an exit status.
 
     with StopRequest() as stop:
         for batch in loader:
@@ -43,7 +44,8 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    @property
-    def exit_code(self) -> int:
-        """The shell convention for death by this signal: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
-        return 128 + signal.Signals[self.signal].value if self.signal else 0
+
+def exit_status(signal_name: str) -> int:
+    """The shell's convention for death by a signal: 128 + its number (130 for SIGINT, 143 for SIGTERM). The one
+    place a stop request becomes an exit status: `train` after a saved stop, every command on Ctrl-C."""
+    return 128 + signal.Signals[signal_name].value

@@ -1,0 +1,19 @@
+"""Typed configuration: YAML files in configs/ load into dataclasses (sections.py); `key=value` overrides any
+field (load.py); values are checked when read (validate.py).
+
+    cfg = load_config("configs/tiny.yaml", ["encoder.layer=layer3", "train.epochs=2"])
+
+Unknown keys and values of the wrong type are CaptionerErrors that name the key and list the valid ones.
+"""
+from captioner.config.load import (apply_overrides, coerce, from_dict, from_saved_dict, load_config, shipped_config,
+                                   to_dict, valid_keys)
+from captioner.config.sections import (DATASET_FORMATS, LEGACY_DEFAULTS, LR_SCHEDULES, OBJECTIVES, SCST_BASELINES,
+                                       SELECT_METRICS, CacheConfig, ComputeConfig, Config, DatasetConfig, DecodeConfig,
+                                       EncoderConfig, ModelConfig, Switch, TrainConfig)
+from captioner.config.validate import CHECKPOINT_SECTIONS, check_checkpoint_overrides, require_min, validate
+
+__all__ = ["CHECKPOINT_SECTIONS", "DATASET_FORMATS", "LEGACY_DEFAULTS", "LR_SCHEDULES", "OBJECTIVES", "SCST_BASELINES",
+           "SELECT_METRICS", "CacheConfig", "ComputeConfig", "Config", "DatasetConfig", "DecodeConfig", "EncoderConfig",
+           "ModelConfig", "Switch", "TrainConfig", "apply_overrides", "check_checkpoint_overrides", "coerce",
+           "from_dict", "from_saved_dict", "load_config", "require_min", "shipped_config", "to_dict", "valid_keys",
+           "validate"]

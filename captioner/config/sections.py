@@ -1,0 +1,147 @@
+"""The config's sections as typed dataclasses, one per concern, each default with a short reason where it is not
+obvious, and the closed sets of values some keys take."""
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EncoderConfig:
+    arch: str = "resnet152"  # any torchvision classification CNN with named modules (resnet18/50/101/152, ...)
+    layer: str = "layer4"  # module whose output is taken by a forward hook; see `captioner layers ARCH`
+    weights: str | None = None  # None (random init), a torchvision enum name (IMAGENET1K_V2) or a local .pth path
+    in_channels: int = 3  # != 3 replaces conv1 (e.g. 11-band satellite images)
+    image_size: int = 224  # images are resized to image_size x image_size; 224 gives a 7x7 layer4 grid
+    finetune_from: str | None = None  # None keeps the backbone frozen; e.g. layer4 trains it and what follows, up to the hook
+    seed: int = 0  # random-init weights (weights: null) come from this seed, in train and extract alike
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 512  # word embedding size, also the size features are projected to
+    attention_dim: int = 512
+    decoder_dim: int = 512  # LSTM hidden size
+    dropout: float = 0.5
+    alpha_c: float = 1.0  # weight of the doubly stochastic attention regulariser (Show, Attend and Tell eq. 14)
+    # What the decoder attends over (docs/quality.md): norm, a LayerNorm over all C encoder channels (unit scale
+    # even for random-init weights); project, Linear to embed_dim + LayerNorm (the first default: fewer distinct
+    # captions on real photos); raw, the activations as they are (pretrained weights only)
+    features: str = "norm"
+    attention: str = "tanh"  # additive attention's nonlinearity: tanh (Bahdanau) or relu (the reference tutorial)
+    init_state: str = "tanh"  # h0, c0 = tanh(Linear(mean region)) or "linear" (no tanh, the reference tutorial)
+    gate: bool = True  # sigmoid gate on the attention context ("beta", Show, Attend and Tell 4.2.1)
+
+
+# The value a key added after a checkpoint was written takes when that checkpoint is loaded: the behaviour
+# it was trained with, whatever today's default is.
+LEGACY_DEFAULTS = {"model": {"features": "project", "attention": "tanh", "init_state": "tanh", "gate": True}}
+
+
+DATASET_FORMATS = ("auto", "synthetic", "coco", "karpathy", "flickr8k", "flickr30k", "csv", "jsonl")
+
+
+@dataclass
+class DatasetConfig:
+    format: str = "auto"  # auto (from the annotations file; synthetic without one) or one of DATASET_FORMATS
+    root: str = "data/synthetic"  # synthetic: generated here on first use; others: base for relative paths
+    annotations: str = ""  # the captions file: COCO JSON, Karpathy dataset_*.json, Flickr8k.token.txt, CSV, JSONL
+    encoding: str = ""  # the captions files' text encoding: "" reads UTF-8 (with or without BOM), else e.g. latin-1
+    images: str = ""  # image folder (Karpathy COCO: the one holding train2014/, val2014/); empty: annotations' folder
+    splits: str = ""  # optional JSON {"train": [image ids], "val": [...], "test": [...]}; overrides the file's own
+    train_list: str = ""  # optional image-name lists, one per line (Flickr_8k.trainImages.txt); Flickr8k's three
+    val_list: str = ""  # lists are found next to the token file without these; images in no list are unused
+    test_list: str = ""
+    restval: str = "train"  # Karpathy 'restval' images: train (Karpathy's recipe, 113k train images) or drop
+    max_missing_fraction: float = 0.05  # missing image files are skipped with a warning; more than this is an error
+    val_fraction: float = 0.1  # data without splits: share of images held out for val, and again for test
+    min_freq: int = 1  # words seen fewer times in the training captions become <unk>
+    max_len: int = 30  # captions are cut to this many words
+    synthetic_images: int = 2000  # synthetic only: how many images to generate
+    synthetic_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 50  # steps between metrics.jsonl lines
+    precompute_features: bool = True  # run the frozen encoder once per image instead of once per caption per epoch
+    val_images: int = 0  # cap on validation images per epoch (0 = all)
+    checkpoint_every: int = 500  # steps between last.pt saves (0: only at the end of each epoch)
+    max_bad_steps: int = 5  # a non-finite loss skips its step; this many in a row stop the run
+    lr_schedule: str = "none"  # none | cosine | step | plateau (after warmup_steps of linear warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine: the final lr as a fraction of the initial one
+    lr_decay_epochs: int = 1  # step: the lr is multiplied by lr_gamma every this many epochs
+    lr_gamma: float = 0.1  # step and plateau: the factor of each decay
+    lr_patience: int = 2  # plateau: validations without improvement before the lr decays
+    select_metric: str = "cider"  # validation score (coco-caption's, as evaluate's) that picks best.pt, drives plateau
+    # and early stopping: cider (CIDEr-D), bleu1..bleu4 or rouge_l
+    early_stop_patience: int = 0  # stop after this many validations without improvement (0: never)
+    encoder_lr: float = 1e-4  # learning rate of the fine-tuned encoder stages (encoder.finetune_from)
+    objective: str = "xe"  # xe: cross-entropy on the reference captions; scst: self-critical training on CIDEr-D
+    scst_samples: int = 5  # scst: captions sampled per image (train.batch_size counts images)
+    scst_baseline: str = "mean"  # scst: mean (of the image's other samples; Luo 2020) or greedy (Rennie et al.)
+    scst_entropy: float = 0.0  # scst: weight of an entropy bonus that keeps sampling from collapsing (0: off)
+
+
+@dataclass
+class DecodeConfig:
+    beam_size: int = 3
+    max_len: int = 30  # longest caption produced, in words
+    length_penalty: float = 0.0  # 0 ranks beams by total log-probability; 1 by mean per word
+    batch_size: int = 32
+    sample: bool = False  # draw each word from the model's distribution (varied captions) instead of greedy/beam
+    temperature: float = 1.0  # sampling only: < 1 sharper (closer to greedy), > 1 more varied
+
+
+@dataclass
+class CacheConfig:
+    dir: str = ""  # feature cache folder written by `captioner extract`; "" = DATASET_ROOT/features/ARCH-LAYER-SIZE
+    dtype: str = "bfloat16"  # bfloat16 | float32; never float16: random-weight activations (~1e8) overflow it
+    use: bool = True  # train and evaluate read features from the cache when it is valid and covers the split
+
+
+# auto | true | false; YAML and overrides may also give a boolean (true/false, yes/no, on/off).
+Switch = typing.Literal["auto", "true", "false"]
+
+
+@dataclass
+class ComputeConfig:
+    # auto: on CUDA, and on CPUs with native bf16 units (AVX-512 BF16, AMX); see engine/runtime/compute.py
+    bf16: Switch = "auto"  # bf16 autocast; weights, optimizer state, loss and checkpoints stay float32
+    channels_last: Switch = "auto"  # the CNN in channels_last (NHWC) memory format
+    compile: bool = False  # torch.compile the encoder: a slow first batch, then faster; for long runs
+    gpu_decode: bool = False  # CUDA only: workers read JPEG bytes, the GPU decodes and resizes them in batches
+    num_workers: int = 2  # image decoding processes of evaluate, extract and training's feature extraction
+    encode_batch_size: int = 32  # images per encoder batch when features are extracted (extract, precompute)
+
+
+@dataclass
+class Config:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+
+LR_SCHEDULES = ("none", "cosine", "step", "plateau")
+
+
+# What validation computes (coco-caption's scorers, as in evaluate; METEOR's java process is too slow per epoch).
+SELECT_METRICS = ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l")
+
+
+OBJECTIVES = ("xe", "scst")
+
+
+SCST_BASELINES = ("mean", "greedy")

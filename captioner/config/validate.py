@@ -1,0 +1,102 @@
+"""Range and value checks: a bad value fails when the config is read, with what is valid, never deep in a run."""
+from __future__ import annotations
+
+import codecs
+
+from captioner.config.sections import (DATASET_FORMATS, LR_SCHEDULES, OBJECTIVES, SCST_BASELINES, SELECT_METRICS,
+                                       Config)
+from captioner.errors import CaptionerError
+
+
+def require_min(*checks: tuple[str, int | float | None, int | float]) -> None:
+    """The range checks every command makes on its options: ("--beam", 0, 1) -> "--beam must be >= 1, got 0".
+    None means "not given" and passes."""
+    for name, value, low in checks:
+        if value is not None and value < low:
+            raise CaptionerError(f"{name} must be >= {low}, got {value}")
+
+
+# What a trained checkpoint's config can still change: where the data is, how to decode, how to compute.
+CHECKPOINT_SECTIONS = ("dataset", "decode", "compute", "cache")
+
+
+def check_checkpoint_overrides(overrides: list[str]) -> None:
+    """Refuse overrides that cannot apply to a trained checkpoint (its encoder, model shape and training)."""
+    fixed = [o for o in overrides if o.partition("=")[0].strip().partition(".")[0] not in CHECKPOINT_SECTIONS]
+    if fixed:
+        raise CaptionerError(f"{', '.join(fixed)}: a trained checkpoint's encoder, model and training settings are "
+                             f"fixed; only {', '.join(s + '.*' for s in CHECKPOINT_SECTIONS)} overrides apply here")
+
+
+def _known_encoding(name: str) -> bool:
+    try:
+        return not name or codecs.lookup(name).name not in ("base64", "hex", "zlib", "bz2", "rot-13", "quopri", "uu")
+    except LookupError:
+        return False
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that would only fail later, deep inside a run."""
+    checks = [
+        (cfg.encoder.in_channels >= 1, "encoder.in_channels must be >= 1"),
+        (cfg.encoder.image_size >= 32, "encoder.image_size must be >= 32"),
+        (cfg.model.embed_dim > 0 and cfg.model.attention_dim > 0 and cfg.model.decoder_dim > 0,
+         "model sizes must be positive"),
+        (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (cfg.model.alpha_c >= 0, "model.alpha_c must be >= 0"),
+        (cfg.model.features in ("project", "norm", "raw"),
+         f"model.features must be project, norm or raw, got '{cfg.model.features}'"),
+        (cfg.model.attention in ("tanh", "relu"), f"model.attention must be tanh or relu, got '{cfg.model.attention}'"),
+        (cfg.model.init_state in ("tanh", "linear"),
+         f"model.init_state must be tanh or linear, got '{cfg.model.init_state}'"),
+        (cfg.dataset.format in DATASET_FORMATS,
+         f"dataset.format must be one of: {', '.join(DATASET_FORMATS)}; got '{cfg.dataset.format}'"),
+        (not (cfg.dataset.format == "synthetic" and cfg.dataset.annotations),
+         "dataset.format=synthetic ignores dataset.annotations: set dataset.format=auto (or the file's format)"),
+        (cfg.dataset.restval in ("train", "drop"), "dataset.restval must be train or drop"),
+        (_known_encoding(cfg.dataset.encoding),
+         f"dataset.encoding {cfg.dataset.encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)"),
+        (0.0 <= cfg.dataset.max_missing_fraction <= 1.0, "dataset.max_missing_fraction must be in [0, 1]"),
+        (0.0 <= cfg.dataset.val_fraction < 0.5, "dataset.val_fraction must be in [0, 0.5)"),
+        (cfg.dataset.min_freq >= 1, "dataset.min_freq must be >= 1"),
+        (cfg.dataset.max_len >= 1, "dataset.max_len must be >= 1"),
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.lr > 0, f"train.lr must be > 0, got {cfg.train.lr}"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
+        (cfg.train.num_workers >= 0, "train.num_workers must be >= 0"),
+        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: only at epoch ends)"),
+        (cfg.train.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
+        (cfg.train.lr_schedule in LR_SCHEDULES,
+         f"train.lr_schedule must be one of: {', '.join(LR_SCHEDULES)}, got '{cfg.train.lr_schedule}'"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (0.0 <= cfg.train.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (cfg.train.lr_decay_epochs >= 1, "train.lr_decay_epochs must be >= 1"),
+        (0.0 < cfg.train.lr_gamma <= 1.0, "train.lr_gamma must be in (0, 1]"),
+        (cfg.train.lr_patience >= 0, "train.lr_patience must be >= 0"),
+        (cfg.train.select_metric in SELECT_METRICS,
+         f"train.select_metric must be one of: {', '.join(SELECT_METRICS)}, got '{cfg.train.select_metric}'"),
+        (cfg.train.early_stop_patience >= 0, "train.early_stop_patience must be >= 0 (0: never stop early)"),
+        (cfg.train.encoder_lr > 0, f"train.encoder_lr must be > 0, got {cfg.train.encoder_lr}"),
+        (cfg.train.objective in OBJECTIVES,
+         f"train.objective must be one of: {', '.join(OBJECTIVES)}, got '{cfg.train.objective}'"),
+        (cfg.train.scst_baseline in SCST_BASELINES,
+         f"train.scst_baseline must be one of: {', '.join(SCST_BASELINES)}, got '{cfg.train.scst_baseline}'"),
+        (cfg.train.scst_samples >= (2 if cfg.train.scst_baseline == "mean" else 1),
+         f"train.scst_samples must be >= 2 with the mean baseline (>= 1 with greedy), got {cfg.train.scst_samples}"),
+        (cfg.train.scst_entropy >= 0, "train.scst_entropy must be >= 0"),
+        (cfg.decode.beam_size >= 1, f"decode.beam_size must be >= 1, got {cfg.decode.beam_size}"),
+        (cfg.decode.max_len >= 1, "decode.max_len must be >= 1"),
+        (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),
+        (cfg.compute.num_workers >= 0, f"compute.num_workers must be >= 0, got {cfg.compute.num_workers}"),
+        (cfg.compute.encode_batch_size >= 1,
+         f"compute.encode_batch_size must be >= 1, got {cfg.compute.encode_batch_size}"),
+        (cfg.decode.temperature > 0, f"decode.temperature must be > 0, got {cfg.decode.temperature}"),
+        (cfg.cache.dtype in ("bfloat16", "float32"),
+         f"cache.dtype must be bfloat16 or float32 (float16 overflows random-weight features), not {cfg.cache.dtype}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CaptionerError(message)

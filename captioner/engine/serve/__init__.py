@@ -1,0 +1,1 @@
+"""`captioner serve`'s pieces: the dynamic batcher, the FastAPI app, its page and its limits."""
