@@ -88,6 +88,33 @@ def test_tokens_become_a_row_major_grid_without_prefix_tokens():
     assert to_grid(torch.randn(2, 10), TokenLayout(), (32, 32)) is None
 
 
+def _changed_cells(grid_a: torch.Tensor, grid_b: torch.Tensor) -> list[tuple[int, int]]:
+    """(row, column) of the grid cells whose features differ between two (1, C, H, W) grids."""
+    return [tuple(cell) for cell in ((grid_a - grid_b).abs().amax(dim=(0, 1)) > 1e-6).nonzero().tolist()]
+
+
+def test_grid_cells_line_up_with_image_patches(clip_b32):
+    """A change inside one patch shows in that patch's grid cell only (per-token layers), where the gallery draws it."""
+    image = _images(64, 1)
+    changed = image.clone()
+    changed[:, :, 16:32, 48:64] = 255 - changed[:, :, 16:32, 48:64]  # the patch at row 1, column 3 of a 4x4 grid
+    vit = HookedEncoder("timm/vit_tiny_patch16_224", "blocks.0.norm1", image_size=64)  # per token, class token first
+    with torch.no_grad():
+        assert _changed_cells(vit(image), vit(changed)) == [(1, 3)]
+    captured = []
+    handle = clip_b32.backbone.ln_pre.register_forward_hook(lambda m, i, out: captured.append(out))
+    image = _images(96, 1)
+    changed = image.clone()
+    changed[:, :, 64:96, 0:32] = 0  # row 2, column 0 of CLIP B/32's 3x3 grid at 96 px
+    try:
+        with torch.no_grad():
+            clip_b32(image), clip_b32(changed)
+    finally:
+        handle.remove()
+    grids = [to_grid(out, clip_b32.layout, (96, 96)) for out in captured]
+    assert _changed_cells(*grids) == [(2, 0)]
+
+
 def test_layers_lists_modules_with_shapes_and_grids():
     convnext = {i.name: i for i in list_layers("timm/convnext_atto", 64)}
     assert convnext["stages.2"].grid == (160, 4, 4) and convnext["stem"].shape == (40, 16, 16)

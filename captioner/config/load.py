@@ -42,6 +42,12 @@ def coerce(key: str, value, annotation):
             return value
         raise CaptionerError(f"config key '{key}' must be one of {', '.join(args)}, got {value!r}")
     target = next((a for a in args if a is not type(None)), hint) if args else hint
+    if typing.get_origin(target) is list:  # list[float]: a YAML list, or [0.5, 0.5, 0.5] on the command line
+        item = typing.get_args(target)[0]
+        if isinstance(value, (list, tuple)) and value:
+            return [coerce(key, v, item) for v in value]
+        raise CaptionerError(f"config key '{key}' expects a list of {item.__name__} such as [0.5, 0.5, 0.5], "
+                             f"got {value!r}")
     if target in (int, float) and isinstance(value, str):
         try:  # YAML reads "1e-3" (no dot) as a string
             value = target(value)
@@ -166,3 +172,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Encoder keys that a config may leave to the weights (None or ""); a checkpoint records the values it trained with.
+PREPROCESS_KEYS = ("mean", "std", "interpolation")
+
+
+def inherit_preprocess(new: dict, saved: dict) -> dict:
+    """Config dict new with saved's encoder.mean, std and interpolation where new leaves them to the weights: a
+    run that continues a checkpoint (or a run folder) normalises images as it was trained, whatever the weights'
+    library says today, and a config that never set them matches one that recorded them."""
+    encoder = new.get("encoder") if isinstance(new.get("encoder"), dict) else {}
+    old = saved.get("encoder") if isinstance(saved, dict) and isinstance(saved.get("encoder"), dict) else {}
+    filled = {k: old[k] for k in PREPROCESS_KEYS if encoder.get(k) in (None, "") and old.get(k) not in (None, "")}
+    return {**new, "encoder": {**encoder, **filled}} if filled else new

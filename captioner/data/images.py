@@ -1,7 +1,9 @@
 """Image files -> resized uint8 tensors, and the Datasets that feed training, evaluation and captioning.
 
 Normalisation is the encoder's job (it travels with the model); here images are only decoded and resized
-to image_size x image_size, the same way at train and at eval time since the encoder is frozen.
+to image_size x image_size with the encoder's interpolation (bicubic or bilinear, as its weights were trained),
+the same way at train and at eval time since the encoder is frozen. The whole photo is squashed to the square,
+never cropped: a caption is about everything in it.
 Every Dataset here is a plain picklable object, so spawn-started DataLoader workers work too.
 
     image = load_image("photo.jpg", 224)          # (3, 224, 224) uint8, or a one-line CaptionerError
@@ -41,26 +43,33 @@ _ORIENTATION_TAG = 0x0112  # EXIF orientation; values 5-8 swap width and height
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def load_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+# The resize filters of encoder.interpolation (config.INTERPOLATIONS), as Pillow names them.
+PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def load_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS,
+               interpolation: str = "bicubic") -> torch.Tensor:
     """Decode, apply EXIF orientation, flatten alpha onto white, resize -> (3, S, S) uint8."""
-    return read_image(path, image_size, max_pixels)[0]
+    return read_image(path, image_size, max_pixels, interpolation)[0]
 
 
-def read_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
+def read_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS,
+               interpolation: str = "bicubic") -> tuple[torch.Tensor, tuple[int, int]]:
     """load_image, also returning the file's (width, height) as displayed (after EXIF orientation)."""
     _check_is_regular_file(path)
-    return _decode(path, path, image_size, max_pixels)
+    return _decode(path, path, image_size, max_pixels, interpolation)
 
 
-def read_image_bytes(data: bytes, name: str, image_size: int,
-                     max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
+def read_image_bytes(data: bytes, name: str, image_size: int, max_pixels: int = MAX_PIXELS,
+                     interpolation: str = "bicubic") -> tuple[torch.Tensor, tuple[int, int]]:
     """read_image for an upload's bytes (the server never opens a path a client names); errors start with name."""
     if not data:
         raise CaptionerError(f"{name}: empty file (0 bytes)")
-    return _decode(io.BytesIO(data), name, image_size, max_pixels)
+    return _decode(io.BytesIO(data), name, image_size, max_pixels, interpolation)
 
 
-def _decode(source, name: str, image_size: int, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def _decode(source, name: str, image_size: int, max_pixels: int,
+            interpolation: str) -> tuple[torch.Tensor, tuple[int, int]]:
     """source: a path or a binary file object; name: how errors call it."""
     try:
         with _strict_pil(max_pixels), Image.open(source) as img:
@@ -73,7 +82,7 @@ def _decode(source, name: str, image_size: int, max_pixels: int) -> tuple[torch.
             img.draft("RGB", (2 * image_size, 2 * image_size))
             img.load()  # decode now, inside the try: truncated or corrupt data fails here, never half-decoded
             img, swapped = _apply_exif_orientation(img)
-            img = _to_rgb(img).resize((image_size, image_size), Image.BICUBIC)
+            img = _to_rgb(img).resize((image_size, image_size), PIL_FILTERS[interpolation])
     except CaptionerError:
         raise
     except Image.DecompressionBombError:  # Pillow's own check, at twice ours, fired while opening
@@ -197,8 +206,10 @@ class ImageFiles(Dataset):
     A bad file yields zeros, (0, 0) and its error, so it never stops a worker. gpu_decode (GPU decoding): plain
     JPEGs come back as their file bytes, (n,) uint8, for the batch decoder; other files are decoded here."""
 
-    def __init__(self, paths: list[str], image_size: int, max_pixels: int = MAX_PIXELS, gpu_decode: bool = False):
+    def __init__(self, paths: list[str], image_size: int, max_pixels: int = MAX_PIXELS, gpu_decode: bool = False,
+                 interpolation: str = "bicubic"):
         self.paths, self.image_size, self.max_pixels, self.gpu_decode = list(paths), image_size, max_pixels, gpu_decode
+        self.interpolation = interpolation  # the encoder's resize filter
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -210,7 +221,7 @@ class ImageFiles(Dataset):
             if size is not None:
                 with open(path, "rb") as f:
                     return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), i, "", torch.tensor(size)
-            (image, size), message = read_image(path, self.image_size, self.max_pixels), ""
+            (image, size), message = read_image(path, self.image_size, self.max_pixels, self.interpolation), ""
         except CaptionerError as e:
             image, size, message = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), (0, 0), str(e)
         except OSError as e:  # the file went away between the header check and the read

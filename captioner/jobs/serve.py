@@ -84,6 +84,8 @@ class ServedModel:
         p, enc = self.predictor, self.predictor.model.encoder
         self.info = {"checkpoint": Path(checkpoint).name, "arch": enc.arch, "layer": enc.layer,
                      "grid": list(enc.grid), "image_size": enc.image_size, "vocab_size": len(p.vocab),
+                     "preprocess": {"mean": list(enc.preprocess.mean), "std": list(enc.preprocess.std),
+                                    "interpolation": enc.interpolation},
                      "decoding": {k: getattr(p.settings, k) for k in ("beam_size", "max_len", "length_penalty",
                                                                        "sample", "temperature")},
                      "device": str(p.device), "description": f"{p.description()}."}
@@ -120,7 +122,7 @@ def build(opts: ServeJob):
     token = _token(opts)
     info = {**served.info, "token_required": token is not None}
     return create_app(batcher, info, size, tuple(served.predictor.model.grid), opts.limits, token,
-                      opts.decode_threads), served
+                      opts.decode_threads, served.predictor.model.encoder.interpolation), served
 
 
 def main(opts: ServeJob) -> dict:

@@ -27,13 +27,13 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from captioner.config import INTERPOLATIONS
 from captioner.errors import CaptionerError
 from captioner.files import move_into_place
 from captioner.model.weights import load_state, looks_like_file, read_weights_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ def predict(model, vocab: Vocabulary, records, settings: DecodeSettings, batch_s
         batches = feature_batches(features, len(records), batch_size, device)
     else:
         batches = image_batches([r.path for r in records], model.encoder.image_size, batch_size, num_workers,
-                                device, gpu_decode)
+                                device, gpu_decode, interpolation=model.encoder.interpolation)
     results = {}
     bar = make_bar(total=len(records), desc="captioning", unit="img", leave=False, disable=not progress_bar)
     for _, captioned in caption_batches(model, vocab, batches, settings):

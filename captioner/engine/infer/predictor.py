@@ -75,9 +75,10 @@ class Predictor:
 
     def image_batches(self, paths: list[str], batch_size: int | None = None, num_workers: int = 0,
                       max_pixels: int = MAX_PIXELS) -> Batches:
-        """The pipeline's batches of these files at the model's input size, decoded as compute says."""
+        """The pipeline's batches of these files at the model's input size and resize filter, decoded as compute
+        says."""
         return image_batches(paths, self.image_size, batch_size or self.cfg.decode.batch_size, num_workers,
-                             self.device, self.compute.gpu_decode, max_pixels)
+                             self.device, self.compute.gpu_decode, max_pixels, self.model.encoder.interpolation)
 
     def decoding(self) -> str:
         """How captions are chosen, in words: 'greedy decoding', 'beam search (beam 3)' or 'sampling (...)'."""
