@@ -19,6 +19,8 @@ from captioner import __version__
 from captioner.engine.runtime.signals import exit_status
 from captioner.errors import CaptionerError
 
+CHECKPOINT_HELP = ("a best.pt/last.pt written by `captioner train`, a model folder written by `captioner export`, or "
+                   "a Hugging Face Hub repo id owner/name (the [hub] extra)")
 OVERRIDES_HELP = "config overrides as section.key=value, e.g. train.epochs=3 encoder.layer=layer3"
 
 
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "example: captioner evaluate --checkpoint runs/tiny/best.pt --split test --beam 3\n"
                 "Writes results_SPLIT.json (COCO results format) and metrics_SPLIT.json next to the checkpoint\n"
                 "or under --out. The dataset is the checkpoint's own; override it with dataset.key=value.")
-    p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by `captioner train`")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--split", default="test", help="train, val or test (default: test)")
     p.add_argument("--beam", dest="beam_size", type=int, default=None,
                    help="beam size; 1 is greedy (default: the config's)")
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "that cannot be read (the run goes on). Rerunning the same command resumes: images already\n"
                 "in the output are skipped. Exit status: 0 done (even with error records), 1 with --strict\n"
                 "when some image could not be read, 2 bad arguments, 130 interrupted (rerun to resume).")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `captioner train`")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image files, folders, .txt files listing paths (one per line), or - for paths on stdin")
     p.add_argument("--out", default=None,
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Binds to loopback (this machine only) unless --host names another address AND --allow-remote\n"
                 "is given. --token (or $CAPTIONER_TOKEN) requires Authorization: Bearer on /v1/*. Needs the\n"
                 "[serve] extra: pip install -e \".[serve]\". SIGTERM/Ctrl-C finish the requests in flight, then exit.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `captioner train`")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--allow-remote", action="store_true", help="confirm a --host other machines can reach")
@@ -137,10 +139,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads (default: 2)")
     _add_device(p)
 
-    p = command("plot", "draw a run's loss and validation curves into a PNG",
-                "example: captioner plot runs/tiny          (writes runs/tiny/curves.png)")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `captioner train`")
-    p.add_argument("--out", default=None, help="PNG file to write (default: RUN_DIR/curves.png)")
+    p = command("export", "write a checkpoint as a model folder (safetensors, config.json, model card) to share",
+                "example: captioner export --checkpoint runs/coco/best.pt --out model/\n"
+                "         captioner export --checkpoint best.pt --out model/ --dtype bf16 --metrics metrics_test.json\n"
+                "         captioner export --checkpoint best.pt --out model/ --push alice/captioner-coco\n"
+                "The folder holds model.safetensors (every weight, backbone included), config.json, vocab.json and\n"
+                "README.md (a model card). It loads without pickle: captioner caption/evaluate/serve --checkpoint\n"
+                "model/, or Captioner.from_pretrained(\"model/\") in Python.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `captioner train` (or a model folder)")
+    p.add_argument("--out", required=True, help="the model folder to write")
+    p.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
+                   help="weights' storage type: bf16 halves the folder, for inference (default: float32)")
+    p.add_argument("--format", choices=["safetensors"], default="safetensors",
+                   help="what the folder holds besides config.json and the card (default: safetensors)")
+    p.add_argument("--metrics", default=None, metavar="FILE",
+                   help="a metrics_SPLIT.json written by `captioner evaluate`: its scores go into the model card")
+    p.add_argument("--push", default=None, metavar="OWNER/NAME",
+                   help="also upload the folder to this Hugging Face Hub repo (needs the [hub] extra and a login)")
+    p.add_argument("--private", action="store_true", help="with --push: create the repo as private")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder at --out")
+
+    p = command("plot", "draw a run's loss and validation curves into a PNG, or overlay several runs",
+                "example: captioner plot runs/tiny          (writes runs/tiny/curves.png)\n"
+                "         captioner plot runs/a runs/b --out compare.png   (loss and selection metric of both,\n"
+                "                                                           against steps and against time)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `captioner train`")
+    p.add_argument("--out", default=None,
+                   help="PNG file to write (default: RUN_DIR/curves.png for one run, ./compare.png for several)")
 
     p = command("extract", "run the frozen encoder once and cache its features on disk for training/evaluation",
                 "example: captioner extract --config configs/tiny.yaml --split train,val\n"
@@ -274,6 +299,11 @@ def _prepare_lines(summary: dict) -> list[str]:
     return summary_lines(summary)
 
 
+def _export_lines(result: dict) -> list[str]:
+    from captioner.jobs.export import summary_lines
+    return summary_lines(result)
+
+
 def _score_lines(metrics: dict) -> list[str]:
     from captioner.jobs.score import summary_lines
     return summary_lines(metrics)
@@ -294,6 +324,7 @@ COMMANDS = {
     "prepare": ("prepare", "PrepareJob", _report_lines(_prepare_lines), None),
     "score": ("score", "ScoreJob", _report_lines(_score_lines), None),
     "layers": ("layers", "LayersJob", _report_layers, None),
+    "export": ("export", "ExportJob", _report_lines(_export_lines), None),
 }
 
 

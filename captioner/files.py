@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -165,3 +166,50 @@ def remove_stale_temporaries(folder: str | Path, pattern: str = "*") -> list[str
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return [t.name for t in stale]
+
+
+def _shareable(folder: Path) -> None:
+    """Give a finished temporary folder and its files the permissions of a folder made with mkdir (mkdtemp and
+    mkstemp make them private to their owner), so that a model folder can be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for item in folder.rglob("*"):
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+@contextmanager
+def atomic_folder(path: str | Path, what: str = "folder", replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path` that becomes `path` when the block ends without error.
+
+    Files written into it (each with atomic_write or not) appear at `path` together, by one rename: a reader
+    never sees half a model folder. replace=True swaps out an existing `path` (moved aside, then deleted only
+    after the new folder is in place); otherwise an existing non-empty `path` is refused. On any failure the
+    temporary folder is removed and `path` is left as it was."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CaptionerError(f"cannot write {what} {path}: it is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()) and not replace:
+        raise CaptionerError(f"cannot write {what} {path}: the folder is not empty")
+    make_parent(path, what)  # the folder's parent (and a one-line error when a plain file is in the way)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+    except OSError as e:
+        raise CaptionerError(f"cannot write {what} {path}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        _shareable(tmp)
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CaptionerError(f"cannot write {what} {path}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

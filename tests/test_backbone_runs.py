@@ -14,6 +14,7 @@ from captioner.config import from_dict, inherit_preprocess, to_dict
 from captioner.data.images import load_image
 from captioner.data.synthetic import write_jpegs
 from captioner.engine.infer.checkpoint import load_checkpoint, load_model
+from captioner.engine.infer.predictor import Predictor
 from captioner.jobs import caption, extract, train
 from captioner.model.caption_model import CaptionModel, recorded_encoder_config
 
@@ -88,6 +89,8 @@ def test_a_checkpoint_rebuilds_the_encoder_with_its_recorded_preprocessing(tmp_p
     torch.save({"model": model.state_dict(), "config": saved, "vocab": vocab}, tmp_path / "x.pt")
     loaded, _, _ = load_model(tmp_path / "x.pt")
     assert loaded.encoder.preprocess.mean == (0.25, 0.5, 0.75) and loaded.encoder.interpolation == "bilinear"
+    batches = Predictor.load(tmp_path / "x.pt", "cpu").image_batches([str(tmp_path / "x.pt")])
+    assert batches.files.interpolation == "bilinear"  # what caption, evaluate, serve and Captioner resize with
     # a config that leaves them unset inherits them; one that sets them keeps its own
     assert inherit_preprocess(to_dict(cfg), saved)["encoder"]["mean"] == [0.25, 0.5, 0.75]
     mine = {**to_dict(cfg), "encoder": {**to_dict(cfg)["encoder"], "mean": [0.1, 0.1, 0.1]}}

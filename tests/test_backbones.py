@@ -199,7 +199,7 @@ def test_bad_names_tags_and_files_are_one_line_errors(tmp_path):
             HookedEncoder(*args)
         assert expected in str(e.value) and "\n" not in str(e.value), (args, str(e.value))
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CaptionerError, match="not a readable safetensors file"):
+    with pytest.raises(CaptionerError, match="bad.safetensors is not a readable state_dict"):
         HookedEncoder("timm/convnext_atto", "stages.3", str(tmp_path / "bad.safetensors"))
 
 

@@ -20,6 +20,7 @@ from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
 
 
+@pytest.mark.slow
 def test_bench_smoke_writes_json_with_every_key_timing_the_products_own_step_and_caption(tmp_path, capsys,
                                                                                          monkeypatch):
     calls = {"step": 0, "caption": 0}

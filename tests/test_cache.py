@@ -14,12 +14,12 @@ from captioner.data.datasets import by_split, load_records
 from captioner.data.cache import CachedFeatures, FeatureCache, default_cache_dir, open_valid_cache
 from captioner.data.images import CaptionPairs, ImageFiles, load_image
 from captioner.data.pipeline import Batches, image_batches
-from captioner.model.decoder import caption_loss
+from captioner.engine.train.step import CaptionLoss
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel, build_encoder
 from captioner.text import Vocabulary
 
-from conftest import tiny_config
+from helpers import SMALL_MODEL, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,7 @@ def small_data(tmp_path_factory):
 
 
 def _cfg(root, *overrides):
-    return tiny_config(root, "dataset.synthetic_images=30", "encoder.image_size=64", "decode.batch_size=8",
-                       "model.embed_dim=32", "model.attention_dim=32", "model.decoder_dim=32", *overrides)
+    return tiny_config(root, "dataset.synthetic_images=30", *SMALL_MODEL, "decode.batch_size=8", *overrides)
 
 
 def _encoder(cfg):
@@ -131,13 +130,6 @@ def test_corrupt_cache_gives_one_line(small_data, tmp_path):
         FeatureCache.load(tmp_path / "cache")
 
 
-def _batch_loss(model, inputs, captions, lengths):
-    raw = inputs if inputs.is_floating_point() else model.encode(inputs)
-    width = int(lengths.max())
-    logits, alphas = model(raw, captions[:, :width])
-    return caption_loss(logits, alphas, captions[:, :width], lengths, model.alpha_c)[0]
-
-
 @pytest.mark.parametrize("dtype, rtol", [("float32", 1e-5), ("bfloat16", 1e-2)])
 def test_training_from_cache_gives_the_loss_of_training_from_images(small_data, tmp_path, dtype, rtol):
     cfg = _cfg(small_data, f"cache.dir={tmp_path / 'cache'}", f"cache.dtype={dtype}", "model.dropout=0",
@@ -153,10 +145,12 @@ def test_training_from_cache_gives_the_loss_of_training_from_images(small_data, 
         batch = next(iter(Batches(pairs, 16, torch.device("cpu"))))
         batches.append((batch.inputs, batch.captions, batch.lengths))
     assert torch.equal(batches[0][1], batches[1][1])  # the same captions, in the same order
-    from_cache, from_images = (_batch_loss(model, *b) for b in batches)
+    loss = CaptionLoss(model)  # training's own loss: encoder for images, none for cached features
+    from_cache, from_images = (loss(*b)[0] for b in batches)
     assert torch.allclose(from_cache, from_images, rtol=rtol), (from_cache, from_images)
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_read_a_valid_cache(small_data, tmp_path, caplog):
     cfg = _cfg(small_data, "train.epochs=1", "train.batch_size=32")  # the default folder under dataset.root
     extract.main(extract.ExtractJob(cfg, "train,val,test", device="cpu"))
@@ -172,6 +166,7 @@ def test_train_and_evaluate_read_a_valid_cache(small_data, tmp_path, caplog):
     assert metrics["features"] == "encoder" and metrics["images"] == 3
 
 
+@pytest.mark.slow
 def test_cached_source_pickles_without_data_and_works_in_spawned_workers(small_data, tmp_path):
     cfg = _cfg(small_data, f"cache.dir={tmp_path / 'cache'}")
     extract.main(extract.ExtractJob(cfg, "val", device="cpu"))

@@ -7,13 +7,9 @@ import io
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
-from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,164 +17,14 @@ import torch
 from PIL import Image, ImageFile
 
 from captioner.jobs import caption
-from captioner.engine.infer.checkpoint import save_checkpoint
 from captioner.cli import main
-from captioner.config import load_config, to_dict
 from captioner.data.images import load_image, read_image
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
-from captioner.model.caption_model import CaptionModel
 from captioner.engine.outputs.captions_file import CaptionsFile
-from captioner.text import Vocabulary
+from captioner.engine.outputs.gallery import _shown
 
-from conftest import ROOT, TINY, noise_pngs
-
-RED, BLUE = (220, 20, 20), (20, 20, 220)
-AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def _png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes) -> bytes:
-    """A PNG written byte by byte, for what PIL will not write (16-bit RGB) or must not (a bomb)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
-
-
-def _save(img: Image.Image, path: Path, fmt: str | None = None, **kwargs) -> None:
-    img.save(path, fmt, **kwargs)
-
-
-def make_input_folder(folder: Path) -> tuple[list[str], dict[str, str]]:
-    """Every input case of the issue -> (good file names, {bad file name: expected words of its error})."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    photo = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
-    halves = Image.new("RGB", (40, 20), RED)
-    halves.paste(BLUE, (20, 0, 40, 20))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
-    good = {
-        "photo.jpg": lambda p: _save(photo, p, quality=90),
-        "progressive.jpeg": lambda p: _save(photo, p, "JPEG", progressive=True),
-        "rotated_exif.jpg": lambda p: _save(halves, p, exif=exif.tobytes()),
-        "cmyk.jpg": lambda p: _save(photo.convert("CMYK"), p),
-        "grey.png": lambda p: _save(photo.convert("L"), p),
-        "palette.png": lambda p: _save(photo.convert("P", palette=Image.Palette.ADAPTIVE), p),
-        "alpha.png": lambda p: _save(photo.convert("RGBA"), p),
-        "grey_alpha.png": lambda p: _save(photo.convert("LA"), p),
-        "grey16.png": lambda p: _save(Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)), p),
-        "rgb16.png": lambda p: p.write_bytes(_png(8, 8, 16, 2, (b"\0" + b"\x80\x00" * 24) * 8)),
-        "lossy.webp": lambda p: _save(photo, p, "WEBP"),
-        "alpha.webp": lambda p: _save(photo.convert("RGBA"), p, "WEBP", lossless=True),
-        "bitmap.bmp": lambda p: _save(photo, p),
-        "bilevel.bmp": lambda p: _save(photo.convert("1"), p),
-        "animated.gif": lambda p: _save(Image.new("RGB", (16, 16), RED), p, save_all=True,
-                                        append_images=[Image.new("RGB", (16, 16), BLUE)], duration=100),
-        "lzw.tiff": lambda p: _save(photo, p, compression="tiff_lzw"),
-        "cmyk.tif": lambda p: _save(photo.convert("CMYK"), p),
-        "grey16.tif": lambda p: _save(Image.fromarray(np.full((16, 16), 1000, dtype=np.uint16)), p),
-        "float.tif": lambda p: _save(Image.fromarray(rng.random((16, 16), dtype=np.float32)), p),
-        "one_pixel.png": lambda p: _save(Image.new("RGB", (1, 1), RED), p),
-        "very_wide.jpg": lambda p: _save(Image.new("RGB", (3000, 6), BLUE), p),
-        "very_tall.png": lambda p: _save(Image.new("RGB", (4, 1500), RED), p),
-        "café ünïcødé 写真.jpg": lambda p: _save(photo, p),
-        "SHOUTING.JPG": lambda p: _save(photo, p, "JPEG"),
-        "png_named.jpg": lambda p: _save(photo, p, "PNG"),
-    }
-    for name, write in good.items():
-        write(folder / name)
-    os.symlink("photo.jpg", folder / "link_to_photo.jpg")
-    good_names = [*good, "link_to_photo.jpg"]
-    latin1 = os.fsdecode(b"latin1_\xe9t\xe9.jpg")  # a name that is not UTF-8 (an old archive)
-    try:
-        _save(photo, folder / latin1, "JPEG")
-        good_names.append(latin1)
-    except (OSError, UnicodeEncodeError):
-        pass  # a file system that insists on UTF-8 names
-
-    jpeg = io.BytesIO()
-    photo.save(jpeg, "JPEG")
-    png = io.BytesIO()
-    photo.save(png, "PNG")
-    bad = {
-        "empty.jpg": ("empty file", lambda p: p.write_bytes(b"")),
-        "truncated.jpg": ("truncated", lambda p: p.write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])),
-        "truncated.png": ("truncated", lambda p: p.write_bytes(png.getvalue()[: len(png.getvalue()) // 2])),
-        "text.jpg": ("not an image", lambda p: p.write_bytes(b"just some text, not pixels\n")),
-        "page.png": ("HTML page", lambda p: p.write_bytes(b"<!DOCTYPE html><html><body>404</body></html>")),
-        "bomb.png": ("above the limit", lambda p: p.write_bytes(_png(30000, 30000, 8, 0, b"\0" * 30001))),
-        "bomb_120mp.png": ("12000x10000 is above the limit", lambda p: p.write_bytes(_png(12000, 10000, 8, 0, b"\0"))),
-        "broken_link.jpg": ("broken symbolic link", lambda p: os.symlink("gone.jpg", p)),
-        "loop.jpg": ("cannot access", lambda p: os.symlink("loop.jpg", p)),
-        "fifo.jpg": ("FIFO", lambda p: os.mkfifo(p)),
-    }
-    if not AS_ROOT:  # root reads any file whatever its mode: there the FIFO and the loop stand for unreadable
-        bad["unreadable.jpg"] = ("permission denied", lambda p: (_save(photo, p, "JPEG"), os.chmod(p, 0)))
-    for name, (_, write) in bad.items():
-        write(folder / name)
-    (folder / ".hidden.jpg").write_bytes(b"macOS resource fork")  # hidden: never picked up
-    (folder / "notes.md").write_text("not an image extension: ignored")
-    return good_names, {name: words for name, (words, _) in bad.items()}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """An untrained tiny model (4x4 attention grid): the tool's behaviour needs no good captions."""
-    torch.manual_seed(0)
-    cfg = load_config(TINY, ["decode.max_len=8"])  # untrained captions run to max_len: keep them short
-    vocab = Vocabulary.build(["a red circle left of a blue square", "a green triangle above a small square"])
-    model = CaptionModel(cfg.encoder, cfg.model, len(vocab))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "config": to_dict(cfg), "vocab": vocab.tokens})
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mixed") / "photos"
-    good, bad = make_input_folder(folder)
-    return folder, good, bad
-
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def _by_name(records: list[dict]) -> dict[str, dict]:
-    names = [os.path.basename(r["file"]) for r in records]
-    assert len(names) == len(set(names)), "duplicate records"
-    return dict(zip(names, records))
-
-
-class _GalleryParser(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.entries, self.errors, self.current = {}, {}, None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if "entry" in (attrs.get("class") or "").split():
-            file = attrs["data-file"]
-            if "error" in attrs["class"]:
-                self.errors[file] = True
-            else:
-                assert "data:image/jpeg;base64," in attrs["style"]  # the thumbnail is embedded
-                self.current = self.entries.setdefault(file, [])
-        elif tag == "img" and self.current is not None:
-            assert attrs["src"].startswith("data:image/png;base64,")
-            self.current.append(attrs["alt"])
-
-
-def _parse_gallery(path: Path) -> _GalleryParser:
-    parser = _GalleryParser()
-    parser.feed(path.read_text(encoding="utf-8"))  # valid UTF-8 whatever the file names
-    return parser
-
-
-def _shown(name: str) -> str:
-    """How the gallery shows a file name that is not valid UTF-8."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+from helpers import BLUE, RED, ROOT, by_name, noise_pngs, parse_gallery, read_records
 
 
 # ---------------------------------------------------------------- decoding single files, no model
@@ -254,15 +100,15 @@ def test_paths_from_standard_input(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the command on a mixed folder
 
 
-def test_mixed_folder_records_gallery_and_strict(mixed, checkpoint, tmp_path, capsys):
+def test_mixed_folder_records_gallery_and_strict(mixed, tiny_checkpoint, tmp_path, capsys):
     folder, good, bad = mixed
     out, gallery = tmp_path / "captions.jsonl", tmp_path / "gallery.html"
-    args = ["caption", "--checkpoint", checkpoint, str(folder), "--out", str(out), "--html", str(gallery),
+    args = ["caption", "--checkpoint", tiny_checkpoint, str(folder), "--out", str(out), "--html", str(gallery),
             "--batch-size", "8", "--device", "cpu"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["captioned"] == len(good) and summary["errors"] == summary["failed"] == len(bad)
-    records = _by_name(_records(out))
+    records = by_name(read_records(out))
     assert sorted(records) == sorted(good + list(bad))
     for name in good:
         assert records[name]["caption"] and records[name]["score"] < 0 and "error" not in records[name], name
@@ -270,7 +116,7 @@ def test_mixed_folder_records_gallery_and_strict(mixed, checkpoint, tmp_path, ca
         assert words in records[name]["error"] and "caption" not in records[name], name
         assert not records[name]["error"].startswith(str(folder))  # the file is in its own field
 
-    page = _parse_gallery(gallery)
+    page = parse_gallery(gallery)
     assert sorted(map(os.path.basename, page.entries)) == sorted(map(_shown, good))
     assert sorted(map(os.path.basename, page.errors)) == sorted(bad)
     captions = {_shown(name): r.get("caption") for name, r in records.items()}
@@ -285,16 +131,16 @@ def test_mixed_folder_records_gallery_and_strict(mixed, checkpoint, tmp_path, ca
     assert gallery.read_text(errors="surrogateescape").count("<footer") == 1
 
 
-def test_same_caption_alone_or_in_a_batch(mixed, checkpoint, tmp_path):
+def test_same_caption_alone_or_in_a_batch(mixed, tiny_checkpoint, tmp_path):
     folder, good, _ = mixed
     files = [str(folder / n) for n in ("photo.jpg", "cmyk.jpg", "alpha.png", "very_wide.jpg", "empty.jpg")]
     for beam in (1, 3):
         runs = []
         for batch_size in (1, 5):  # each image alone in its batch, then all in one batch with a bad file
             out = tmp_path / f"beam{beam}_batch{batch_size}.jsonl"
-            caption.main(caption.CaptionJob(checkpoint, files, out=str(out), beam_size=beam, batch_size=batch_size, device="cpu",
+            caption.main(caption.CaptionJob(tiny_checkpoint, files, out=str(out), beam_size=beam, batch_size=batch_size, device="cpu",
                          num_workers=0))
-            runs.append(_by_name(_records(out)))
+            runs.append(by_name(read_records(out)))
         alone, batched = runs
         assert alone.keys() == batched.keys() and len(alone) == 5
         for name in alone:
@@ -302,10 +148,11 @@ def test_same_caption_alone_or_in_a_batch(mixed, checkpoint, tmp_path):
             assert alone[name].get("score") == pytest.approx(batched[name].get("score"), abs=1e-3)
 
 
-def test_resume_after_a_kill_leaves_no_duplicates(tmp_path, checkpoint):
+@pytest.mark.slow
+def test_resume_after_a_kill_leaves_no_duplicates(tmp_path, tiny_checkpoint):
     folder = noise_pngs(tmp_path / "many", 24, 40, broken_jpeg=True)
     out = tmp_path / "captions.jsonl"
-    cmd = [sys.executable, "-m", "captioner", "-q", "caption", "--checkpoint", checkpoint, str(folder),
+    cmd = [sys.executable, "-m", "captioner", "-q", "caption", "--checkpoint", tiny_checkpoint, str(folder),
            "--out", str(out), "--batch-size", "2", "--workers", "0", "--beam", "1", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -323,16 +170,16 @@ def test_resume_after_a_kill_leaves_no_duplicates(tmp_path, checkpoint):
     gallery = tmp_path / "gallery.html"
     assert main([*cmd[cmd.index("caption"):], "--batch-size", "8", "--html", str(gallery)]) == 0
     assert out.read_text().startswith(before)
-    records = _by_name(_records(out))
+    records = by_name(read_records(out))
     names = sorted([f"img{i:03d}.png" for i in range(24)] + ["broken.jpg"])
     assert sorted(records) == names and "error" in records["broken.jpg"]
-    page = _parse_gallery(gallery)
+    page = parse_gallery(gallery)
     assert sorted(map(os.path.basename, [*page.entries, *page.errors])) == names
     for file, alts in page.entries.items():
         assert alts == [f"attention for {w}" for w in records[os.path.basename(file)]["caption"].split()]
 
 
-def test_csv_list_file_retry_and_overwrite(tmp_path, checkpoint, capsys):
+def test_csv_list_file_retry_and_overwrite(tmp_path, tiny_checkpoint, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (30, 20), RED).save(photos / "red, with comma.jpg")
@@ -340,7 +187,7 @@ def test_csv_list_file_retry_and_overwrite(tmp_path, checkpoint, capsys):
     listing = tmp_path / "todo.txt"
     listing.write_text(f"{photos / 'red, with comma.jpg'}\n{photos / 'later.jpg'}\n{photos / 'gone.jpg'}\n")
     out = tmp_path / "out.csv"
-    args = ["caption", "--checkpoint", checkpoint, str(listing), "--out", str(out), "--device", "cpu",
+    args = ["caption", "--checkpoint", tiny_checkpoint, str(listing), "--out", str(out), "--device", "cpu",
             "--workers", "0", "--beam", "1"]
     assert main(args) == 0
 
@@ -361,17 +208,17 @@ def test_csv_list_file_retry_and_overwrite(tmp_path, checkpoint, capsys):
     capsys.readouterr()
 
 
-def test_output_that_is_not_ours_or_in_use_is_refused(tmp_path, checkpoint, capsys):
+def test_output_that_is_not_ours_or_in_use_is_refused(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "notes.jsonl"
     out.write_text("my own notes\n")
     image = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(image)
-    assert main(["caption", "--checkpoint", checkpoint, str(image), "--out", str(out), "--device", "cpu"]) == 2
+    assert main(["caption", "--checkpoint", tiny_checkpoint, str(image), "--out", str(out), "--device", "cpu"]) == 2
     assert "line 1 is not a caption record" in capsys.readouterr().err
     for stranger in (tmp_path / "notes.csv", tmp_path / "page.html"):  # no final newline: still not touched
         stranger.write_text("my own notes")
         flag = "--html" if stranger.suffix == ".html" else "--out"
-        assert main(["caption", "--checkpoint", checkpoint, str(image), "--out", str(tmp_path / "c.jsonl"),
+        assert main(["caption", "--checkpoint", tiny_checkpoint, str(image), "--out", str(tmp_path / "c.jsonl"),
                      flag, str(stranger), "--device", "cpu"]) == 2
         assert stranger.read_text() == "my own notes"
         assert "choose another" in capsys.readouterr().err
@@ -383,17 +230,17 @@ def test_output_that_is_not_ours_or_in_use_is_refused(tmp_path, checkpoint, caps
         held.close()
 
 
-def test_sampled_captions_are_varied_and_reproducible(mixed, checkpoint, tmp_path):
+def test_sampled_captions_are_varied_and_reproducible(mixed, tiny_checkpoint, tmp_path):
     folder, _, _ = mixed
     files = [str(folder / "photo.jpg"), str(folder / "cmyk.jpg")]
     runs = []
     for name, temperature in (("a", 5.0), ("b", 5.0), ("g", None)):
         out = tmp_path / f"{name}.jsonl"
-        caption.main(caption.CaptionJob(checkpoint, files, out=str(out), beam_size=1, device="cpu", num_workers=0,
+        caption.main(caption.CaptionJob(tiny_checkpoint, files, out=str(out), beam_size=1, device="cpu", num_workers=0,
                                         sample=temperature is not None, temperature=temperature))
-        runs.append(_by_name(_records(out)))
+        runs.append(by_name(read_records(out)))
     hot, again, greedy = runs
     assert hot == again  # seeded with train.seed: the same command gives the same captions
     assert any(hot[n]["caption"] != greedy[n]["caption"] for n in hot)  # a hot distribution leaves greedy
     with pytest.raises(CaptionerError):
-        caption.CaptionJob(checkpoint, files, out=str(tmp_path / "x.jsonl"), device="cpu", sample=True, temperature=0)
+        caption.CaptionJob(tiny_checkpoint, files, out=str(tmp_path / "x.jsonl"), device="cpu", sample=True, temperature=0)

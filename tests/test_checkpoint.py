@@ -3,21 +3,22 @@ import torch
 
 from captioner.model.decoding import greedy_decode
 from captioner.engine.infer.checkpoint import load_checkpoint, load_model, save_checkpoint
-from captioner.config import Config, to_dict
+from captioner.config import load_config
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary
 
+from helpers import SHAPE_CAPTIONS, SMALL_MODEL, TINY, untrained_checkpoint
+
 
 def _small(tmp_path):
-    cfg = Config()
-    cfg.encoder.arch, cfg.encoder.image_size = "resnet18", 64
-    cfg.model.embed_dim = cfg.model.attention_dim = cfg.model.decoder_dim = 32
-    vocab = Vocabulary.build(["a red square", "a blue circle"])
+    """The saved untrained model, and the model, vocabulary and config it should load as, built here."""
+    path = tmp_path / "ckpt.pt"
+    untrained_checkpoint(path, *SMALL_MODEL, seed=1)
+    cfg = load_config(TINY, SMALL_MODEL)
+    vocab = Vocabulary.build(SHAPE_CAPTIONS)
     torch.manual_seed(1)
     model = CaptionModel(cfg.encoder, cfg.model, len(vocab))
-    path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "config": to_dict(cfg), "vocab": vocab.tokens})
     return model, vocab, cfg, path
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from captioner.cli import main
 
-from conftest import TINY
+from helpers import TINY
 
 
 def _error_line(capsys):
@@ -33,6 +33,7 @@ def test_bad_weights_and_config_are_one_line(capsys, tmp_path):
     assert not (tmp_path / "data").exists()  # nothing ran before the error
 
 
+@pytest.mark.slow
 def test_evaluate_and_caption_from_cli(trained, tmp_path, capsys):
     summary, cfg = trained
     assert main(["evaluate", "--checkpoint", summary["best_checkpoint"], "--beam", "1", "--out", str(tmp_path),
@@ -56,14 +57,15 @@ def test_evaluate_and_caption_from_cli(trained, tmp_path, capsys):
     assert [r["file"].endswith("broken.jpg") for r in records if "error" in r] == [True]
 
 
+@pytest.mark.slow
 def test_entry_point_and_script_help():
     for cmd in (["captioner", "--help"], [sys.executable, "scripts/train.py", "--help"]):
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=str(TINY.parent.parent))
         assert done.returncode == 0 and "usage" in done.stdout
 
 
-def test_evaluate_range_checks_and_checkpoint_overrides_are_one_line_errors(trained, capsys):
-    checkpoint = trained[0]["best_checkpoint"]
+def test_evaluate_range_checks_and_checkpoint_overrides_are_one_line_errors(tiny_checkpoint, capsys):
+    checkpoint = tiny_checkpoint  # refused before any decoding: an untrained model will do
     for args, words in ((["--beam", "0"], "--beam must be >= 1, got 0"),
                         (["--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
                         (["encoder.layer=layer3"], "encoder.layer=layer3: a trained checkpoint's encoder")):

@@ -6,9 +6,9 @@ import pytest
 from captioner.jobs import caption, train
 from captioner.config import load_config
 
-from conftest import COCO_MINI, TINY
+from helpers import COCO_MINI, TINY
 
-pytestmark = pytest.mark.skipif(not COCO_MINI.is_dir(), reason=f"{COCO_MINI} not present")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not COCO_MINI.is_dir(), reason=f"{COCO_MINI} not present")]
 
 
 def test_train_and_caption_real_photos(tmp_path):

@@ -13,8 +13,7 @@ from captioner.errors import CaptionerError
 from captioner.engine.train.step import CaptionLoss
 from captioner.jobs import evaluate, train
 
-from conftest import TINY
-from small_runs import small_config
+from helpers import TINY, small_config
 
 NATIVE = CpuCapability("AVX512", avx512_bf16=True, amx=False)
 EMULATED = CpuCapability("AVX2", avx512_bf16=False, amx=False)
@@ -64,6 +63,7 @@ def test_switches_accept_auto_and_booleans(tmp_path):
         autocast(CPU, "false")  # a truthy string must never switch bf16 on
 
 
+@pytest.mark.slow
 def test_bf16_training_keeps_float32_weights_state_and_loss(small_root, tmp_path):
     """A bf16 run on any CPU: the loss is float32, and weights, gradients, Adam moments and checkpoints too."""
     cfg = small_config(small_root, "compute.bf16=true", "compute.channels_last=true", "train.epochs=1")
@@ -90,6 +90,7 @@ def test_bf16_training_keeps_float32_weights_state_and_loss(small_root, tmp_path
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.trainable_parameters())
 
 
+@pytest.mark.slow
 def test_bf16_and_float32_captions_agree(trained, tmp_path):
     """One trained checkpoint evaluated greedily in float32 and in bf16: >= 90% identical captions, and a
     checkpoint trained under bf16 (auto on this CPU, or not) loads and evaluates in float32."""

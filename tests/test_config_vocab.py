@@ -4,7 +4,7 @@ from captioner.config import Config, apply_overrides, load_config, valid_keys
 from captioner.errors import CaptionerError
 from captioner.text import Vocabulary, tokenize
 
-from conftest import TINY
+from helpers import TINY
 
 
 def test_yaml_and_overrides_are_typed():

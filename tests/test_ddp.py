@@ -8,8 +8,7 @@ import torch
 
 from captioner.jobs import train
 
-from conftest import ROOT, TINY
-from small_runs import metric_lines, small_config, small_overrides, step_losses, weights
+from helpers import ROOT, TINY, metric_lines, small_config, small_overrides, step_losses, weights
 
 
 # softmax ignores a shift of all scores, so this bias gets only rounding noise as gradient, which Adam turns
@@ -17,6 +16,7 @@ from small_runs import metric_lines, small_config, small_overrides, step_losses,
 SHIFT_INVARIANT = {"decoder.attention.score.bias"}
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_matches_one_process_with_the_global_batch(tmp_path):
     data, ddp_dir, single_dir = tmp_path / "data", tmp_path / "ddp", tmp_path / "single"
     # dropout masks are drawn per process; float32: bf16 rounding differs between batch splits

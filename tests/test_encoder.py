@@ -10,6 +10,7 @@ def resnet152():
     return HookedEncoder("resnet152", "layer4", weights=None, image_size=224)
 
 
+@pytest.mark.slow  # ResNet-152 at full size: seconds of CPU per image
 def test_resnet152_layer4_shapes_224_and_448(resnet152):
     assert resnet152.channels == 2048 and resnet152.grid == (7, 7) and resnet152.reduction == 32
     out = resnet152(torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8))
@@ -18,6 +19,7 @@ def test_resnet152_layer4_shapes_224_and_448(resnet152):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow  # two ResNet-152s built, one run
 def test_nested_layer_and_eleven_channels():
     nested = HookedEncoder("resnet152", "layer3.35.conv3", image_size=224)
     assert nested.channels == 1024 and nested.grid == (14, 14)

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from captioner.jobs import evaluate
@@ -9,6 +10,8 @@ from captioner.model.decoding import greedy_decode
 from captioner.engine.infer.checkpoint import load_model
 from captioner.data.datasets import by_split, load_records
 from captioner.data.images import load_image
+
+pytestmark = pytest.mark.slow  # the session's tiny model is trained for them
 
 
 def test_tiny_model_learns_held_out_bleu4(trained, tmp_path):

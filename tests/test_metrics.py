@@ -12,7 +12,7 @@ from captioner.jobs import score
 from captioner.metrics import coco as metrics
 from captioner.metrics.coco import caption_metrics, coco_caption_scores, corpus_bleu_scores, fallback_tokenize
 
-from conftest import COCO_MINI
+from helpers import COCO_MINI
 
 needs_java = pytest.mark.skipif(not metrics.java_available(), reason="java not installed")
 
@@ -47,6 +47,7 @@ def test_known_pair_by_hand_and_against_the_scorer():
 
 
 @needs_java
+@pytest.mark.slow  # runs the java tokenizer on many captions
 def test_ptb_tokenizer_matches_coco_caption():
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     captions = {1: ['A "quoted" dog\'s toy, can\'t (really) fly...', "A man in a t-shirt; 3.5 m/s!"],
@@ -97,6 +98,7 @@ HANDWRITTEN = {  # image id: (references, hypothesis): capitals, punctuation, qu
 
 
 @needs_java
+@pytest.mark.slow  # starts METEOR's java process (a 2 GB heap and its paraphrase table)
 def test_score_equals_coco_caption_official(tmp_path, monkeypatch):
     """The acceptance check: `captioner score` == COCOEvalCap on the same files, on hand-written captions and,
     when present, the 80 real COCO images' captions (hypothesis: a perturbed caption of the image or another)."""

@@ -16,10 +16,9 @@ import torch
 from PIL import Image
 
 from captioner.cli import main
-from captioner.config import load_config, to_dict
+from captioner.config import load_config
 from captioner.data.datasets import detect_format, load_records, read_dataset
 from captioner.data.cache import FeatureCache, default_cache_dir
-from captioner.engine.infer.checkpoint import save_checkpoint
 from captioner.errors import CaptionerError
 from captioner.jobs import extract
 from captioner.lock import ProcessLock
@@ -27,11 +26,10 @@ from captioner.model.decoding import decode
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary, join_words, tokenize
 
-from conftest import ROOT, TINY, noise_pngs
-from small_runs import small_overrides
+from helpers import ROOT, SMALL_MODEL, TINY, noise_pngs, small_overrides, untrained_checkpoint
 
-SMALL_MODEL = ["encoder.image_size=64", "model.embed_dim=32", "model.attention_dim=32", "model.decoder_dim=32",
-               "train.num_workers=0", "decode.batch_size=8", "train.batch_size=16", "train.epochs=1"]
+# a one-epoch run of the small model on a CSV dataset
+CSV_RUN = [*SMALL_MODEL, "train.num_workers=0", "decode.batch_size=8", "train.batch_size=16", "train.epochs=1"]
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20), "white": (240, 240, 240),
            "black": (10, 10, 10)}
 
@@ -52,7 +50,7 @@ def _csv_dataset(folder: Path, palette: list[str], split_column: list[str] | Non
 
 def _config(annotations: Path, *extra):
     return load_config(TINY, ["dataset.format=auto", f"dataset.annotations={annotations}",
-                              f"dataset.root={annotations.parent}", *SMALL_MODEL, *extra])
+                              f"dataset.root={annotations.parent}", *CSV_RUN, *extra])
 
 
 def _one_error_line(capsys, command: str) -> str:
@@ -95,19 +93,12 @@ def test_features_of_another_dataset_with_the_same_file_names_are_never_served(t
 # ---------------------------------------------------------------- stale captions
 
 
-def _checkpoint(path: Path, seed: int) -> str:
-    torch.manual_seed(seed)
-    cfg = load_config(TINY, ["decode.max_len=6", "encoder.image_size=64"])
-    vocab = Vocabulary.build(["a red circle left of a blue square", "a green triangle above a small square"])
-    save_checkpoint(path, {"model": CaptionModel(cfg.encoder, cfg.model, len(vocab)).state_dict(),
-                           "config": to_dict(cfg), "vocab": vocab.tokens})
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpts")
-    return _checkpoint(folder / "a.pt", 0), _checkpoint(folder / "b.pt", 1)
+    small = ["decode.max_len=6", "encoder.image_size=64"]
+    return (untrained_checkpoint(folder / "a.pt", *small, seed=0),
+            untrained_checkpoint(folder / "b.pt", *small, seed=1))
 
 
 @pytest.fixture
@@ -200,6 +191,7 @@ def _snapshot(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_second_training_in_a_run_dir_is_refused_and_a_rerun_after_kill_9_works(small_root, tmp_path, capsys):
     run_dir = tmp_path / "run"
     argv = ["train", "--config", str(TINY), "--run-dir", str(run_dir), *small_overrides(small_root, "train.epochs=1")]
@@ -223,6 +215,7 @@ def test_second_training_in_a_run_dir_is_refused_and_a_rerun_after_kill_9_works(
         assert "in use" in _one_error_line(capsys, "train")
 
 
+@pytest.mark.slow
 def test_extract_after_kill_9_reruns_at_once(tmp_path, capsys):
     annotations = _csv_dataset(tmp_path / "data", ["red", "blue", "green", "white", "black"] * 2)
     cfg = _config(annotations)
@@ -237,6 +230,7 @@ def test_extract_after_kill_9_reruns_at_once(tmp_path, capsys):
         holder.close()
 
 
+@pytest.mark.slow
 def test_caption_after_kill_9_with_workers_reruns_at_once(checkpoints, tmp_path):
     folder = noise_pngs(tmp_path / "many", 40, 32)
     out = tmp_path / "captions.jsonl"
@@ -254,6 +248,7 @@ def test_caption_after_kill_9_with_workers_reruns_at_once(checkpoints, tmp_path)
     assert sorted(names) == [f"img{i:03d}.png" for i in range(40)]
 
 
+@pytest.mark.slow
 def test_output_lock_survives_a_rewrite_and_refuses_a_second_writer(tmp_path):
     from captioner.engine.outputs.captions_file import CaptionsFile
     path = tmp_path / "c.jsonl"
@@ -351,15 +346,16 @@ def test_training_refuses_a_vocabulary_of_only_special_tokens(tmp_path, capsys, 
     annotations = _csv_dataset(tmp_path / "d", ["red", "blue"] * 10)
     run_dir = tmp_path / "run"
     argv = ["train", "--config", str(TINY), "--run-dir", str(run_dir), "dataset.format=auto",
-            f"dataset.annotations={annotations}", *SMALL_MODEL, *extra]
+            f"dataset.annotations={annotations}", *CSV_RUN, *extra]
     assert main(argv) == 2
     assert words in _one_error_line(capsys, "train")
     assert not (run_dir / "config.yaml").exists()
 
 
+@pytest.mark.slow  # trains the tiny dataset to the end
 def test_training_refuses_an_empty_val_split_and_warns_on_tiny_data(tmp_path, capsys, caplog):
     no_val = _csv_dataset(tmp_path / "d", ["red", "blue"] * 5, split_column=["train"] * 8 + ["test"] * 2)
-    base = ["train", "--config", str(TINY), "dataset.format=auto", *SMALL_MODEL]
+    base = ["train", "--config", str(TINY), "dataset.format=auto", *CSV_RUN]
     assert main([*base[:3], "--run-dir", str(tmp_path / "run"), *base[3:], f"dataset.annotations={no_val}"]) == 2
     assert "val split is empty" in _one_error_line(capsys, "train")
     tiny = _csv_dataset(tmp_path / "t", ["red", "blue"] * 3, split_column=["train"] * 4 + ["val"] * 2)
@@ -368,7 +364,7 @@ def test_training_refuses_an_empty_val_split_and_warns_on_tiny_data(tmp_path, ca
     assert "only 4 training images" in err and "only 2 validation images" in err and "words in the vocabulary" in err
 
 
-# ---------------------------------------------------------------- configs: paths and packaging
+# ---------------------------------------------------------------- configs: paths
 
 
 def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
@@ -388,23 +384,3 @@ def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     assert len(read_dataset(cfg.dataset)[1]) == 10
     # A bare name finds the configs that ship with captioner, from any folder.
     assert load_config("tiny.yaml").encoder.arch == "resnet18"
-
-
-def test_configs_ship_inside_the_wheel(tmp_path):
-    """`pip install .` (not -e): the wheel holds captioner/configs/*.yaml and the demo finds tiny.yaml there."""
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300,
-                           cwd=tmp_path)
-    assert built.returncode == 0, built.stderr[-2000:]
-    import zipfile
-    (wheel,) = (tmp_path / "dist").glob("captioner-*.whl")
-    with zipfile.ZipFile(wheel) as z:
-        z.extractall(tmp_path / "site")
-    assert (tmp_path / "site" / "captioner" / "configs" / "tiny.yaml").is_file()
-    found = subprocess.run([sys.executable, "-c", "from captioner.config import shipped_config, load_config; "
-                            "p = shipped_config('tiny.yaml'); print(p); print(load_config(p).encoder.arch)"],
-                           capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
-    assert found.returncode == 0, found.stderr
-    path, arch = found.stdout.split()
-    assert Path(path) == tmp_path / "site" / "captioner" / "configs" / "tiny.yaml" and arch == "resnet18"

@@ -11,7 +11,7 @@ from captioner.cli import main
 from captioner.config import load_config
 from captioner.text import Vocabulary
 
-from conftest import COCO_MINI, TINY
+from helpers import COCO_MINI, TINY
 
 
 def _error_line(capsys) -> str:
@@ -119,6 +119,7 @@ def test_prepare_flickr8k_reports_and_writes(tmp_path, capsys):
     assert "above dataset.max_missing_fraction=0.05" in _error_line(capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not COCO_MINI.is_dir(), reason=f"{COCO_MINI} not present")
 def test_prepare_train_evaluate_score_on_coco_mini(tmp_path, capsys):
     """Real COCO photos and annotation file: prepare's vocabulary is train's, and `score` on evaluate's results

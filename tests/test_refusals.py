@@ -8,8 +8,7 @@ from captioner.jobs import train
 from captioner.engine.infer.checkpoint import save_checkpoint
 from captioner.cli import main as cli
 
-from conftest import TINY
-from small_runs import small_config, small_overrides
+from helpers import TINY, small_config, small_overrides
 
 
 QUICK = ["train.epochs=1", "train.batch_size=48"]  # 3 steps
@@ -71,6 +70,7 @@ def test_weights_only_checkpoint_cannot_be_resumed(run_dir, capsys):
     _refused(capsys, ["train", "--resume", str(run_dir)], run_dir, "lacks the training state")
 
 
+@pytest.mark.slow  # trains a second run (--overwrite)
 def test_run_dir_holding_another_run(run_dir, small_root, capsys, tmp_path):
     line = _refused(capsys, ["train", "--config", str(TINY), "--run-dir", str(run_dir),
                              *small_overrides(small_root, *QUICK, "train.lr=0.001")],

@@ -12,10 +12,11 @@ import torch
 
 from captioner.jobs import train
 from captioner.cli import main as cli
-from captioner.engine.train.rundir import MetricsLog
+from captioner.engine.train.loggers import MetricsLog
 
-from conftest import ROOT, TINY
-from small_runs import metric_lines, small_config, small_overrides, step_losses, weights
+from helpers import ROOT, TINY, metric_lines, small_config, small_overrides, step_losses, weights
+
+pytestmark = pytest.mark.slow  # every test trains the small model (18 steps) at least once
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ KILLED_CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(int(sys.argv[1]))
     from captioner.cli import main
-    from captioner.engine.train.rundir import MetricsLog
+    from captioner.engine.train.loggers import MetricsLog
     write = MetricsLog.write
     def write_then_die(self, record):
         write(self, record)

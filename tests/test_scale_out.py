@@ -14,20 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.config import load_config, to_dict
 from captioner.data.datasets import load_records
 from captioner.data.cache import FeatureCache, default_cache_dir, encoder_signature
-from captioner.engine.infer.checkpoint import save_checkpoint
 from captioner.engine.runtime.compute import setup_compute
 from captioner.engine.runtime.distributed import Process, shard
 from captioner.engine.infer.extraction import extract_into, part_folder
 from captioner.jobs import caption, extract
-from captioner.model.caption_model import CaptionModel, build_encoder
-from captioner.text import Vocabulary
+from captioner.model.caption_model import build_encoder
 from captioner.engine.runtime.rng import seed_everything
 
-from conftest import ROOT, TINY, tiny_config, noise_pngs
-from test_caption_tool import _by_name, _parse_gallery, _records, make_input_folder
+from helpers import (ROOT, TINY, by_name, make_input_folder, noise_pngs, parse_gallery, read_records, tiny_config,
+                     untrained_checkpoint)
 
 
 def _torchrun(args: list[str], tag: str = "", wait: bool = True):
@@ -83,6 +80,7 @@ def _index(folder: Path) -> dict:
     return json.loads((folder / "index.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_process_extract_equals_one_process(broken_synthetic, tmp_path):
     root, records = broken_synthetic
     two, one = tmp_path / "two", tmp_path / "one"
@@ -135,15 +133,11 @@ def test_parts_of_a_killed_extraction_are_kept_on_the_next_run(broken_synthetic,
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory) -> str:
     """An untrained tiny model at 64x64: the outputs' bookkeeping needs no good captions."""
-    torch.manual_seed(0)
-    cfg = load_config(TINY, ["decode.max_len=6", "encoder.image_size=64"])
-    vocab = Vocabulary.build(["a red circle left of a blue square", "a green triangle above a small square"])
-    model = CaptionModel(cfg.encoder, cfg.model, len(vocab))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "config": to_dict(cfg), "vocab": vocab.tokens})
-    return str(path)
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", "decode.max_len=6",
+                                "encoder.image_size=64")
 
 
+@pytest.mark.slow
 def test_two_process_caption_equals_one_process_bad_files_included(small_checkpoint, tmp_path):
     folder = tmp_path / "photos"
     good, bad = make_input_folder(folder)
@@ -156,19 +150,20 @@ def test_two_process_caption_equals_one_process_bad_files_included(small_checkpo
     one_out, one_html = tmp_path / "one.jsonl", tmp_path / "one.html"
     caption.main(caption.CaptionJob(small_checkpoint, [str(folder)], str(one_out), 2, 4, device="cpu", num_workers=0,
                  html=str(one_html)))
-    two, one = _by_name(_records(two_out)), _by_name(_records(one_out))
+    two, one = by_name(read_records(two_out)), by_name(read_records(one_out))
     assert sorted(two) == sorted(one) == sorted([*good, *bad])
     for name, record in one.items():
         assert two[name].keys() == record.keys(), name
         assert two[name].get("caption") == record.get("caption") and two[name].get("error") == record.get("error")
         assert two[name].get("score") == pytest.approx(record.get("score"), abs=1e-3)
     # One gallery, the same entries with the same words; no part file left behind.
-    pages = _parse_gallery(two_html), _parse_gallery(one_html)
+    pages = parse_gallery(two_html), parse_gallery(one_html)
     assert pages[0].entries == pages[1].entries and pages[0].errors == pages[1].errors
     assert two_html.read_text().count("<footer") == 1
     assert not list(tmp_path.glob("*.part-*"))
 
 
+@pytest.mark.slow
 def test_a_killed_rank_then_a_rerun_captions_every_image_once(small_checkpoint, tmp_path):
     folder = noise_pngs(tmp_path / "many", 160, 40, broken_jpeg=True)
     out, html = tmp_path / "captions.jsonl", tmp_path / "gallery.html"
@@ -193,10 +188,10 @@ def test_a_killed_rank_then_a_rerun_captions_every_image_once(small_checkpoint, 
     done = _torchrun(args)  # the same command again
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     names = sorted([f"img{i:03d}.png" for i in range(160)] + ["broken.jpg"])
-    records = _by_name(_records(out))  # asserts no duplicates
+    records = by_name(read_records(out))  # asserts no duplicates
     assert sorted(records) == names and "error" in records["broken.jpg"]
     assert summary["skipped"] >= 5 and summary["skipped"] + summary["captioned"] + summary["errors"] == len(names)
-    page = _parse_gallery(html)
+    page = parse_gallery(html)
     shown = [*page.entries, *page.errors]
     assert sorted(map(os.path.basename, shown)) == names and len(shown) == len(set(shown))
     assert html.read_text().count("<footer") == 1 and not list(tmp_path.glob("*.part-*"))

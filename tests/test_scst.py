@@ -8,7 +8,7 @@ import torch
 
 from captioner.config import EncoderConfig, ModelConfig, apply_overrides
 from captioner.data.records import ImageRecord
-from captioner.engine.train.rundir import MetricsLog
+from captioner.engine.train.loggers import MetricsLog
 from captioner.errors import CaptionerError
 from captioner.jobs import train
 from captioner.engine.train.scst import Rewarder, SelfCriticalLoss, advantages
@@ -16,7 +16,7 @@ from captioner.metrics.cider import CiderD
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary
 
-from small_runs import metric_lines, small_config, step_losses, weights
+from helpers import metric_lines, small_config, step_losses, weights
 
 CAPTIONS = [["a red circle", "a red circle on the left"], ["a blue square", "one blue square"],
             ["a green triangle above a circle"]]
@@ -84,6 +84,7 @@ def xe_checkpoint(tmp_path_factory, small_root):
     return run_dir / "best.pt"
 
 
+@pytest.mark.slow
 def test_scst_resume_in_the_middle_is_exact(xe_checkpoint, small_root, tmp_path, monkeypatch):
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     summary = train.main(train.TrainJob(small_config(small_root, *SCST), whole, "cpu", init_from=xe_checkpoint))
@@ -114,6 +115,7 @@ def test_scst_resume_in_the_middle_is_exact(xe_checkpoint, small_root, tmp_path,
     assert torch.load(whole / "last.pt", weights_only=True)["vocab"] == torch.load(xe_checkpoint)["vocab"]
 
 
+@pytest.mark.slow
 def test_scst_after_cross_entropy_raises_held_out_greedy_cider(trained, tmp_path):
     """The session's tiny model, trained with cross-entropy on synthetic shapes, then SCST at an 8x lower lr."""
     summary, cfg = trained
@@ -128,6 +130,7 @@ def test_scst_after_cross_entropy_raises_held_out_greedy_cider(trained, tmp_path
                                                   if "sample_words" in x)
 
 
+@pytest.mark.slow
 def test_init_from_refuses_another_architecture_and_resume(xe_checkpoint, small_root, tmp_path):
     with pytest.raises(CaptionerError, match="model.decoder_dim"):
         train.main(train.TrainJob(small_config(small_root, "model.decoder_dim=48"), tmp_path / "a", "cpu",

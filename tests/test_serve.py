@@ -30,8 +30,9 @@ from captioner.engine.serve.webapp import create_app  # noqa: E402
 from captioner.jobs import caption, serve  # noqa: E402
 
 from chromium import BINARY, Chromium  # noqa: E402
-from conftest import ROOT  # noqa: E402
-from test_caption_tool import checkpoint, make_input_folder  # noqa: E402,F401 - the caption tests' fixtures
+from helpers import ROOT  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test serves
 
 GOOD = ["photo.jpg", "cmyk.jpg", "alpha.png", "very_wide.jpg", "rotated_exif.jpg", "grey16.png"]
 PATH_KINDS = {"broken_link.jpg", "loop.jpg", "fifo.jpg", "unreadable.jpg"}  # no bytes to upload: paths only
@@ -58,15 +59,8 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve") / "photos"
-    good, bad = make_input_folder(folder)
-    return folder, good, bad
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint):  # noqa: F811
-    app, _ = serve.build(serve.ServeJob(checkpoint, device="cpu", max_batch=8, max_wait_ms=1))
+def server(tiny_checkpoint):
+    app, _ = serve.build(serve.ServeJob(tiny_checkpoint, device="cpu", max_batch=8, max_wait_ms=1))
     running = Running(app)
     yield running
     running.stop()
@@ -81,10 +75,10 @@ def _upload(folder: Path, names: list[str]) -> list[tuple[str, bytes]]:
     return [(name, (folder / name).read_bytes()) for name in names]
 
 
-def test_captions_equal_the_caption_command(server, mixed, checkpoint, tmp_path):  # noqa: F811
+def test_captions_equal_the_caption_command(server, mixed, tiny_checkpoint, tmp_path):
     folder, _, _ = mixed
     out = tmp_path / "captions.jsonl"
-    caption.main(caption.CaptionJob(checkpoint, [str(folder / n) for n in GOOD], out=str(out), device="cpu", num_workers=0))
+    caption.main(caption.CaptionJob(tiny_checkpoint, [str(folder / n) for n in GOOD], out=str(out), device="cpu", num_workers=0))
     expected = {Path(r["file"]).name: r for r in map(json.loads, out.read_text().splitlines())}
     response = _post(server.url, _upload(folder, GOOD))
     assert response.status_code == 200
@@ -103,11 +97,11 @@ def test_captions_equal_the_caption_command(server, mixed, checkpoint, tmp_path)
     assert info["stats"]["images"] >= len(GOOD)
 
 
-def test_concurrent_requests_share_a_batch(checkpoint, mixed, server):  # noqa: F811
+def test_concurrent_requests_share_a_batch(tiny_checkpoint, mixed, server):
     folder, _, _ = mixed
     names = GOOD[:4]
     alone = {n: _post(server.url, _upload(folder, [n])).json()["results"][0] for n in names}
-    app, _ = serve.build(serve.ServeJob(checkpoint, device="cpu", max_batch=4, max_wait_ms=5000))
+    app, _ = serve.build(serve.ServeJob(tiny_checkpoint, device="cpu", max_batch=4, max_wait_ms=5000))
     batching = Running(app)
     try:
         with ThreadPoolExecutor(4) as pool:  # four requests at once: one batch of 4, well before the 5 s wait
@@ -233,13 +227,13 @@ def test_token_is_enforced_on_the_api(monkeypatch):
     assert serve._token(serve.ServeJob("x", token="flag")) == "flag"
 
 
-def test_serve_command_loopback_and_graceful_sigterm(checkpoint, mixed, capsys):  # noqa: F811
+def test_serve_command_loopback_and_graceful_sigterm(tiny_checkpoint, mixed, capsys):
     from captioner.cli import main
-    assert main(["serve", "--checkpoint", checkpoint, "--host", "0.0.0.0"]) == 2
+    assert main(["serve", "--checkpoint", tiny_checkpoint, "--host", "0.0.0.0"]) == 2
     assert "--allow-remote" in capsys.readouterr().err
     folder, _, _ = mixed
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "captioner", "serve", "--checkpoint", checkpoint, "--port",
+    process = subprocess.Popen([sys.executable, "-m", "captioner", "serve", "--checkpoint", tiny_checkpoint, "--port",
                                 "0", "--device", "cpu", "--max-wait-ms", "1500"], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -12,7 +12,7 @@ from captioner.model.encoder import HookedEncoder
 from captioner.errors import CaptionerError
 from captioner.engine.train.schedule import LRSchedule
 
-from small_runs import metric_lines, small_config, step_losses, weights
+from helpers import metric_lines, small_config, step_losses, weights
 
 
 def _nan_on_calls(monkeypatch, bad_calls):
@@ -29,6 +29,7 @@ def _nan_on_calls(monkeypatch, bad_calls):
     monkeypatch.setattr(step_module, "caption_loss", loss)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_skips_its_step(small_root, tmp_path, monkeypatch, caplog):
     _nan_on_calls(monkeypatch, {3})
     with caplog.at_level(logging.WARNING, logger="captioner"):
@@ -41,6 +42,7 @@ def test_a_non_finite_loss_skips_its_step(small_root, tmp_path, monkeypatch, cap
     assert all(torch.isfinite(t).all() for t in weights(tmp_path / "last.pt").values() if t.is_floating_point())
 
 
+@pytest.mark.slow
 def test_consecutive_non_finite_losses_stop_the_run_keeping_the_last_good_checkpoint(small_root, tmp_path,
                                                                                    monkeypatch):
     _nan_on_calls(monkeypatch, set(range(5, 100)))  # diverges at step 5; checkpoints every 3 steps
@@ -75,6 +77,7 @@ def test_lr_schedules():
     assert again.step(1) == 0.5 and again.state_dict() == plateau.state_dict()
 
 
+@pytest.mark.slow
 def test_early_stopping_and_plateau_by_validation_score(small_root, tmp_path, caplog):
     # lr so small the captions never change: the validation score stops improving after epoch 1.
     cfg = small_config(small_root, "train.epochs=4", "train.batch_size=48", "train.lr=1e-9",
@@ -147,6 +150,7 @@ def test_encoder_finetuning_trains_only_the_chosen_stages():
         HookedEncoder("resnet18", "layer3", image_size=64, finetune_from="layer4")
 
 
+@pytest.mark.slow
 def test_finetuning_run_updates_layer4_at_its_own_lr(small_root, tmp_path, caplog):
     cfg = small_config(small_root, "train.epochs=1", "train.batch_size=48", "encoder.finetune_from=layer4",
                        "train.encoder_lr=0.0005", "train.checkpoint_every=0")
@@ -164,6 +168,7 @@ def test_finetuning_run_updates_layer4_at_its_own_lr(small_root, tmp_path, caplo
     assert not any(k.startswith(("encoder.backbone.layer3.", "encoder.backbone.conv1")) for k in changed)
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_in_training_from_images_is_skipped_counted_and_named(tmp_path, caplog):
     from captioner.data.datasets import by_split, load_records
     cfg = small_config(tmp_path / "data", "train.epochs=1", "train.precompute_features=false", "train.val_images=4")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import typing
 from pathlib import Path
@@ -41,6 +42,11 @@ def coerce(key: str, value, annotation):
         if value in args:
             return value
         raise CaptionerError(f"config key '{key}' must be one of {', '.join(args)}, got {value!r}")
+    if typing.get_origin(hint) is list:  # a list of strings: YAML [a, b] or "a,b" from the command line
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return items
+        raise CaptionerError(f"config key '{key}' expects a list of names such as [a, b], got {value!r}")
     target = next((a for a in args if a is not type(None)), hint) if args else hint
     if typing.get_origin(target) is list:  # list[float]: a YAML list, or [0.5, 0.5, 0.5] on the command line
         item = typing.get_args(target)[0]
@@ -64,12 +70,18 @@ def coerce(key: str, value, annotation):
     raise CaptionerError(f"config key '{key}' expects {target.__name__}, got {value!r}")
 
 
+@functools.cache
+def _field_types(section_type: type) -> dict:
+    """A section's annotations resolved to types, once per class (resolving them for every key set took seconds)."""
+    return typing.get_type_hints(section_type)
+
+
 def _set(cfg: Config, key: str, value) -> None:
     section_name, _, name = key.partition(".")
     section = getattr(cfg, section_name, None) if section_name in {f.name for f in dataclasses.fields(cfg)} else None
     if section is None or name not in {f.name for f in dataclasses.fields(section)}:
         raise _unknown_key(key, cfg)
-    annotation = typing.get_type_hints(type(section))[name]
+    annotation = _field_types(type(section))[name]
     setattr(section, name, coerce(key, value, annotation))
 
 

@@ -100,6 +100,9 @@ class TrainConfig:
     scst_samples: int = 5  # scst: captions sampled per image (train.batch_size counts images)
     scst_baseline: str = "mean"  # scst: mean (of the image's other samples; Luo 2020) or greedy (Rennie et al.)
     scst_entropy: float = 0.0  # scst: weight of an entropy bonus that keeps sampling from collapsing (0: off)
+    # Where training's metrics go (LOGGERS): RUN_DIR/metrics.jsonl is always written (resume and `captioner plot`
+    # read it); tensorboard adds RUN_DIR/tb/: the same scalars, sample captions (pip install "captioner[tensorboard]")
+    log_to: list[str] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
@@ -153,6 +156,9 @@ SELECT_METRICS = ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l")
 
 
 OBJECTIVES = ("xe", "scst")
+
+
+LOGGERS = ("jsonl", "tensorboard")
 
 
 SCST_BASELINES = ("mean", "greedy")

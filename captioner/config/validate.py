@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import codecs
 
-from captioner.config.sections import (DATASET_FORMATS, INTERPOLATIONS, LR_SCHEDULES, OBJECTIVES, SCST_BASELINES, SELECT_METRICS,
-                                       Config)
+from captioner.config.sections import (DATASET_FORMATS, INTERPOLATIONS, LOGGERS, LR_SCHEDULES, OBJECTIVES,
+                                       SCST_BASELINES, SELECT_METRICS, Config)
 from captioner.errors import CaptionerError
 
 
@@ -94,6 +94,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.scst_samples >= (2 if cfg.train.scst_baseline == "mean" else 1),
          f"train.scst_samples must be >= 2 with the mean baseline (>= 1 with greedy), got {cfg.train.scst_samples}"),
         (cfg.train.scst_entropy >= 0, "train.scst_entropy must be >= 0"),
+        (all(name in LOGGERS for name in cfg.train.log_to) and len(set(cfg.train.log_to)) == len(cfg.train.log_to),
+         f"train.log_to takes each of {', '.join(LOGGERS)} at most once, e.g. [jsonl, tensorboard]; got "
+         f"[{', '.join(cfg.train.log_to)}]"),
         (cfg.decode.beam_size >= 1, f"decode.beam_size must be >= 1, got {cfg.decode.beam_size}"),
         (cfg.decode.max_len >= 1, "decode.max_len must be >= 1"),
         (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),

@@ -8,6 +8,17 @@ Every Dataset here is a plain picklable object, so spawn-started DataLoader work
 
     image = load_image("photo.jpg", 224)          # (3, 224, 224) uint8, or a one-line CaptionerError
     image, (width, height) = read_image_bytes(upload, "upload.jpg", 224)   # the server's uploads: same rules
+    image, (width, height) = read_any(pil_image_or_array_or_tensor, "images[3]", 224)  # the Python API's inputs
+
+Every input becomes a PIL image, then goes through one function (`_prepare`: pixel limit, EXIF orientation,
+alpha onto white, resize), so the same pixels give the same model input whichever way they come in. A
+file (a path, its bytes, an open binary file, or a PIL image opened lazily from a file, read again from it) is
+decoded at reduced scale when it is a JPEG at least four times the input size on both sides (JPEG draft mode:
+1/2, 1/4 or 1/8 scale, still at least twice the input size); pixels already decoded (a numpy array, a tensor, a
+loaded PIL image) can only be resized from full size, so for such large JPEGs they differ from the file's
+input by a few intensity levels. Arrays: HxW, HxWx3 or HxWx4 (channels last), uint8, HxW uint16 (as a 16-bit
+PNG) or float in [0, 1]; tensors: (3, H, W), (1, H, W), (4, H, W) or (H, W), uint8 or float in [0, 1]. Floats
+are rounded to 0-255 first, which recovers a uint8 image divided by 255 exactly.
 
 Any file is either decoded or refused with a CaptionerError naming it and saying what is wrong: empty,
 truncated, not an image (an HTML page saved as .jpg, ...), above the pixel limit (decompression bomb), a
@@ -68,21 +79,94 @@ def read_image_bytes(data: bytes, name: str, image_size: int, max_pixels: int = 
     return _decode(io.BytesIO(data), name, image_size, max_pixels, interpolation)
 
 
+def read_any(item, name: str, image_size: int, max_pixels: int = MAX_PIXELS,
+             interpolation: str = "bicubic") -> tuple[torch.Tensor, tuple[int, int]]:
+    """read_image for any input of the Python API: a path, a file's bytes or an open binary file (read as serve
+    reads uploads), a PIL image, a numpy array or a torch tensor.
+
+    name: how errors call the item ("images[3]"; a path is named by itself)."""
+    if isinstance(item, (str, os.PathLike)):
+        return read_image(os.fspath(item), image_size, max_pixels, interpolation)
+    if isinstance(item, (bytes, bytearray, memoryview)):  # a file's bytes, as serve's uploads
+        return read_image_bytes(bytes(item), name, image_size, max_pixels, interpolation)
+    if hasattr(item, "read") and not isinstance(item, Image.Image):  # an open binary file, io.BytesIO
+        data = item.read()
+        if not isinstance(data, bytes):
+            raise CaptionerError(f"{name}: a file opened in text mode: open it with 'rb'")
+        return read_image_bytes(data, name, image_size, max_pixels, interpolation)
+    if isinstance(item, Image.Image):
+        filename = _lazy_file(item)
+        if filename:  # not decoded yet: read from its file, as a path is (reduced-scale JPEG decoding included)
+            return read_image(filename, image_size, max_pixels, interpolation)
+        return _decode_loaded(item, name, image_size, max_pixels, interpolation)
+    return _decode_loaded(array_image(item, name), name, image_size, max_pixels, interpolation)
+
+
+def _lazy_file(img: Image.Image) -> str:
+    """The file a PIL image was opened from and not yet decoded (nor drafted by its owner), else ""."""
+    filename = getattr(img, "filename", "") or ""
+    undecoded = isinstance(img, ImageFile.ImageFile) and bool(img.tile) and not getattr(img, "decoderconfig", ())
+    return filename if undecoded and isinstance(filename, str) and os.path.isfile(filename) else ""
+
+
+def array_image(item, name: str) -> Image.Image:
+    """A numpy array or a torch tensor -> the PIL image of its pixels; one line naming the item when it cannot be
+    an image (wrong shape, dtype or value range)."""
+    if isinstance(item, torch.Tensor):
+        t = item.detach().cpu()
+        t = t.float() if t.is_floating_point() else t  # numpy has no bfloat16
+        if t.dim() == 3 and t.shape[0] in (1, 3, 4):
+            t = t.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        elif t.dim() != 2:
+            raise CaptionerError(f"{name}: tensor of shape {tuple(item.shape)} is not an image: expected (3, H, W) "
+                                 f"(channels first), (1, H, W) or (H, W)")
+        array = t.numpy()
+    elif isinstance(item, np.ndarray):
+        array = item
+    else:
+        raise CaptionerError(f"{name}: {type(item).__name__} is not an image type: give a path, bytes, a PIL "
+                             f"image, a numpy array or a torch tensor")
+    shape = tuple(array.shape)
+    if array.ndim == 3 and shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        hint = "; for (3, H, W) use array.transpose(1, 2, 0)" if array.ndim == 3 and shape[0] in (1, 3, 4) else ""
+        raise CaptionerError(f"{name}: array of shape {shape} is not an image: expected HxW, HxWx3 or HxWx4 "
+                             f"(channels last){hint}")
+    if 0 in array.shape[:2]:
+        raise CaptionerError(f"{name}: array of shape {shape} holds no pixels")
+    if np.issubdtype(array.dtype, np.floating):
+        low, high = (float(array.min()), float(array.max())) if np.isfinite(array).all() else (np.nan, np.nan)
+        if not (0 <= low and high <= 1):
+            raise CaptionerError(f"{name}: float values must lie in [0, 1], got {low:g}..{high:g} (uint8 arrays "
+                                 f"hold 0-255)")
+        array = np.round(array.astype(np.float64) * 255).astype(np.uint8)
+    elif not (array.dtype == np.uint8 or (array.dtype == np.uint16 and array.ndim == 2)):
+        raise CaptionerError(f"{name}: {array.dtype} pixels: expected uint8 (0-255), float in [0, 1], or a 2-D "
+                             f"uint16 array")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
 def _decode(source, name: str, image_size: int, max_pixels: int,
             interpolation: str) -> tuple[torch.Tensor, tuple[int, int]]:
     """source: a path or a binary file object; name: how errors call it."""
+    with _failures_named(name, source, max_pixels), Image.open(source) as img:
+        return _prepare(img, name, image_size, max_pixels, interpolation, reduce=True)
+
+
+def _decode_loaded(img: Image.Image, name: str, image_size: int, max_pixels: int,
+                   interpolation: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An in-memory PIL image (never changed: every step makes a new image) -> as _decode."""
+    with _failures_named(name, None, max_pixels):
+        return _prepare(img, name, image_size, max_pixels, interpolation, reduce=False)
+
+
+@contextlib.contextmanager
+def _failures_named(name: str, source, max_pixels: int):
+    """Pillow's settings for one decode, and every failure in it as one CaptionerError starting with name."""
     try:
-        with _strict_pil(max_pixels), Image.open(source) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise CaptionerError(f"{name}: {width}x{height} is above the limit of {max_pixels} pixels "
-                                     f"(a decompression bomb?)")
-            # JPEG only (a no-op elsewhere): decode at 1/2, 1/4 or 1/8 scale while that still leaves twice the
-            # target size, so a 12-megapixel photo is not fully decoded to make a 224x224 input.
-            img.draft("RGB", (2 * image_size, 2 * image_size))
-            img.load()  # decode now, inside the try: truncated or corrupt data fails here, never half-decoded
-            img, swapped = _apply_exif_orientation(img)
-            img = _to_rgb(img).resize((image_size, image_size), PIL_FILTERS[interpolation])
+        with _strict_pil(max_pixels):
+            yield
     except CaptionerError:
         raise
     except Image.DecompressionBombError:  # Pillow's own check, at twice ours, fired while opening
@@ -90,6 +174,24 @@ def _decode(source, name: str, image_size: int, max_pixels: int,
                              f"(a decompression bomb?)") from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many types on bad data (OSError, SyntaxError, ...)
         raise CaptionerError(f"{name}: {_describe_failure(source, e)}") from None
+
+
+def _prepare(img: Image.Image, name: str, image_size: int, max_pixels: int, interpolation: str,
+             reduce: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The one preprocessing of every input, from the point where it is a PIL image: pixel limit, (reduce: JPEG
+    reduced-scale decoding), EXIF orientation, alpha onto white, resize with the encoder's filter -> ((3, S, S)
+    uint8, the (width, height) as displayed)."""
+    width, height = img.size
+    if width * height > max_pixels:
+        raise CaptionerError(f"{name}: {width}x{height} is above the limit of {max_pixels} pixels "
+                             f"(a decompression bomb?)")
+    if reduce:
+        # JPEG only (a no-op elsewhere): decode at 1/2, 1/4 or 1/8 scale while that still leaves twice the
+        # target size, so a 12-megapixel photo is not fully decoded to make a 224x224 input.
+        img.draft("RGB", (2 * image_size, 2 * image_size))
+    img.load()  # decode now, inside the caller's try: truncated or corrupt data fails here, never half-decoded
+    img, swapped = _apply_exif_orientation(img)
+    img = _to_rgb(img).resize((image_size, image_size), PIL_FILTERS[interpolation])
     size = (height, width) if swapped else (width, height)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), size  # (S, S, 3) -> (3, S, S)
 
@@ -201,32 +303,42 @@ def _plain_jpeg(path: str, max_pixels: int) -> tuple[int, int] | None:
 
 
 class ImageFiles(Dataset):
-    """Paths -> (image (3, S, S) uint8, index, error message or "", the file's (width, height) as a (2,) tensor).
+    """Paths (or any input read_any takes) -> (image (3, S, S) uint8, index, error message or "", the image's
+    (width, height) as a (2,) tensor).
 
     A bad file yields zeros, (0, 0) and its error, so it never stops a worker. gpu_decode (GPU decoding): plain
-    JPEGs come back as their file bytes, (n,) uint8, for the batch decoder; other files are decoded here."""
+    JPEGs come back as their file bytes, (n,) uint8, for the batch decoder; other files are decoded here.
+    names: what errors call the in-memory items (default "image I"); a path is named by itself."""
 
-    def __init__(self, paths: list[str], image_size: int, max_pixels: int = MAX_PIXELS, gpu_decode: bool = False,
-                 interpolation: str = "bicubic"):
+    def __init__(self, paths: list, image_size: int, max_pixels: int = MAX_PIXELS, gpu_decode: bool = False,
+                 names: list[str] | None = None, interpolation: str = "bicubic"):
         self.paths, self.image_size, self.max_pixels, self.gpu_decode = list(paths), image_size, max_pixels, gpu_decode
+        self.names = names
         self.interpolation = interpolation  # the encoder's resize filter
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def name(self, i: int) -> str:
+        item = self.paths[i]
+        if isinstance(item, (str, os.PathLike)):
+            return os.fspath(item)
+        return self.names[i] if self.names else f"image {i}"
+
     def __getitem__(self, i: int):
         path = self.paths[i]
         try:
-            size = _plain_jpeg(path, self.max_pixels) if self.gpu_decode else None
+            size = _plain_jpeg(path, self.max_pixels) if self.gpu_decode and isinstance(path, str) else None
             if size is not None:
                 with open(path, "rb") as f:
                     return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), i, "", torch.tensor(size)
-            (image, size), message = read_image(path, self.image_size, self.max_pixels, self.interpolation), ""
+            (image, size), message = read_any(path, self.name(i), self.image_size, self.max_pixels,
+                                              self.interpolation), ""
         except CaptionerError as e:
             image, size, message = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), (0, 0), str(e)
         except OSError as e:  # the file went away between the header check and the read
             image, size, message = (torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), (0, 0),
-                                    f"{path}: cannot read ({e.strerror or e})")
+                                    f"{self.name(i)}: cannot read ({e.strerror or e})")
         return image, i, message, torch.tensor(size)
 
 

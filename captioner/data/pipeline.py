@@ -183,16 +183,19 @@ class Batches:
             yield Batch(inputs, index, errors, sizes, captions, lengths, read)
 
 
-def image_batches(paths: list[str], image_size: int, batch_size: int, num_workers: int, device: torch.device,
-                  gpu_decode: bool = False, max_pixels: int = MAX_PIXELS, interpolation: str = "bicubic") -> Batches:
+def image_batches(paths: list, image_size: int, batch_size: int, num_workers: int, device: torch.device,
+                  gpu_decode: bool = False, max_pixels: int = MAX_PIXELS, names: list[str] | None = None,
+                  interpolation: str = "bicubic") -> Batches:
     """Batches of image files: Batch(images (B, 3, S, S) uint8 on device, index into paths, errors, sizes).
 
     A file that cannot be read gives a zero image and its error message; callers skip it and report it.
     gpu_decode: workers only read bytes and `device` decodes them in batches (nvjpeg on CUDA; on CPU the
-    main process would decode, which only tests use). interpolation: the encoder's resize filter
-    (HookedEncoder.interpolation), bicubic or bilinear.
+    main process would decode, which only tests use). paths may also hold PIL images, numpy arrays and tensors
+    (the Python API's inputs, data/images.py read_any), which errors call by their names. interpolation: the
+    encoder's resize filter (HookedEncoder.interpolation), bicubic or bilinear.
     """
-    files = ImageFiles(paths, image_size, max_pixels, gpu_decode=gpu_decode, interpolation=interpolation)
+    files = ImageFiles(paths, image_size, max_pixels, gpu_decode=gpu_decode, names=names,
+                       interpolation=interpolation)
     return Batches(files, batch_size, device, num_workers)
 
 

@@ -28,7 +28,6 @@ import torch
 
 from captioner.config import ComputeConfig, require_min
 from captioner.data.images import MAX_PIXELS
-from captioner.engine.infer.checkpoint import checkpoint_hash
 from captioner.engine.infer.predict import DecodeSettings
 from captioner.engine.infer.predictor import Predictor
 from captioner.data.inputs import find_images
@@ -107,7 +106,7 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
         torch.manual_seed(predictor.cfg.train.seed + process.rank)
     title = f"Captions by {Path(job.checkpoint).name}: {predictor.description()}"
 
-    made_by = {"model": checkpoint_hash(job.checkpoint), "decoding": _decoding(settings)}
+    made_by = {"model": predictor.model_hash(), "decoding": _decoding(settings)}
     results = gallery = None  # the output files, held by rank 0
     parts = None  # this process's part files under torchrun
     counts = {"captioned": 0, "errors": 0}

@@ -34,7 +34,7 @@ class EvaluateJob:
     checkpoint: str
     split: str = "test"
     beam_size: int | None = None  # None: the checkpoint's decode.beam_size
-    out_dir: str | None = None  # None: the checkpoint's folder
+    out_dir: str | None = None  # None: the folder holding the checkpoint (or model folder)
     overrides: list[str] = field(default_factory=list)  # dataset.*, decode.*, compute.*, cache.* only
     device: str | None = "auto"
     batch_size: int | None = None  # None: decode.batch_size
@@ -46,7 +46,8 @@ class EvaluateJob:
 
 
 def main(job: EvaluateJob) -> dict:
-    out = Path(job.out_dir) if job.out_dir else Path(job.checkpoint).parent
+    # Default: beside the checkpoint file or model folder; for a Hub repo id, the working folder.
+    out = Path(job.out_dir) if job.out_dir else Path(job.checkpoint).parent if Path(job.checkpoint).exists() else Path()
     check_writable(out, "evaluation output folder", folder=True)
     predictor = Predictor.load(job.checkpoint, job.device, beam_size=job.beam_size, compute=job.compute,
                                overrides=job.overrides)

@@ -1,10 +1,15 @@
-"""Draw a run's curves from its metrics.jsonl into one PNG (no display needed).
+"""Draw runs' curves from their metrics.jsonl into one PNG (no display needed).
 
     captioner plot runs/tiny                  # writes runs/tiny/curves.png
     captioner plot runs/tiny --out loss.png
+    captioner plot runs/a runs/b runs/c --out compare.png     # several runs overlaid (default ./compare.png)
 
-Left: training loss per logged step (raw and a moving average) with the learning rate on a second axis.
+One run, left: training loss per logged step (raw and a moving average) with the learning rate on a second axis.
 Right: every validation score against the step, the selected metric's best marked. Dotted lines: resumes.
+
+Several runs, one colour each, legend by run name: training loss (moving average over the raw curve) and the
+selection metric (train.select_metric, best marked), each against steps and against the run's training time
+(elapsed_s: wall-clock time while training, resumes included, downtime between them not).
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from pathlib import Path
 
 from captioner.errors import CaptionerError
 from captioner.files import atomic_write
-from captioner.engine.train.rundir import read_metrics
+from captioner.engine.train.loggers import read_metrics
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
@@ -27,25 +32,53 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 @dataclass
 class PlotJob:
     """`captioner plot`'s options."""
-    run_dir: str | Path
-    out: str | Path | None = None  # None: RUN_DIR/curves.png
+    run_dirs: list[str | Path] | str | Path  # one run dir, or several to overlay
+    out: str | Path | None = None  # None: RUN_DIR/curves.png for one run, ./compare.png for several
+
+    def __post_init__(self):
+        self.run_dirs = [self.run_dirs] if isinstance(self.run_dirs, (str, Path)) else list(self.run_dirs)
+        if not self.run_dirs:
+            raise CaptionerError("plot needs at least one RUN_DIR")
 
 
-def main(job: PlotJob) -> dict:
-    """Write the PNG; returns {"plot", "steps", "validations"}."""
-    run_dir, out = job.run_dir, job.out
-    import matplotlib
-    matplotlib.use("Agg")  # files only: works on headless machines
-    import matplotlib.pyplot as plt
-
-    run_dir = Path(run_dir)
+def _curves(run_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """(records, logged steps, validations) of a run, refused when it has neither steps nor validations."""
     records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if r.get("loss") is not None and "step" in r]
     validations = [r for r in records if "epoch" in r and any(k.startswith("val_") for k in r)]
-    resumes = [r["step"] for r in records if r.get("event") == "resume"]
-    skipped = [r["step"] for r in records if r.get("skipped")]
     if not steps and not validations:
         raise CaptionerError(f"{run_dir / 'metrics.jsonl'} holds no training steps or validations yet")
+    return records, steps, validations
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: works on headless machines
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out: Path, plt) -> None:
+    fig.tight_layout()
+    try:
+        with atomic_write(out, "plot") as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def main(job: PlotJob) -> dict:
+    """Write the PNG; returns {"plot", "steps", "validations"} for one run, and for several {"plot", "runs",
+    "steps", "validations"} with a list entry per run."""
+    runs = [Path(d) for d in job.run_dirs]
+    curves = [_curves(run_dir) for run_dir in runs]  # every run is read (and refused) before anything is drawn
+    if len(runs) > 1:
+        return _compare(runs, curves, Path(job.out) if job.out else Path("compare.png"))
+    run_dir, (records, steps, validations) = runs[0], curves[0]
+    out = Path(job.out) if job.out else run_dir / "curves.png"
+    plt = _pyplot()
+    resumes = [r["step"] for r in records if r.get("event") == "resume"]
+    skipped = [r["step"] for r in records if r.get("skipped")]
 
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
     x, loss = [r["step"] for r in steps], [r["loss"] for r in steps]
@@ -87,11 +120,65 @@ def main(job: PlotJob) -> dict:
         ax.grid(alpha=0.3)
     if resumes:
         ax_val.text(resumes[0], 1.0, " resumed", transform=ax_val.get_xaxis_transform(), va="top", fontsize="small")
-    fig.tight_layout()
-    out = Path(out) if out else run_dir / "curves.png"
-    try:
-        with atomic_write(out, "plot") as f:
-            fig.savefig(f, format="png", dpi=110)
-    finally:
-        plt.close(fig)
+    _save(fig, out, plt)
     return {"plot": str(out), "steps": len(steps), "validations": len(validations)}
+
+
+def _names(runs: list[Path]) -> list[str]:
+    """Each run's folder name, or its path where two runs share a name."""
+    names = [run.name or str(run) for run in runs]
+    return names if len(set(names)) == len(names) else [str(run) for run in runs]
+
+
+def _time_unit(seconds: float) -> tuple[float, str]:
+    return (3600.0, "hours") if seconds > 3 * 3600 else (60.0, "minutes") if seconds > 180 else (1.0, "seconds")
+
+
+def _compare(runs: list[Path], curves: list, out: Path) -> dict:
+    """Several runs in one 2 x 2 figure: loss and selection metric, against steps and against training time."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    (loss_step, loss_time), (score_step, score_time) = axes
+    longest = max([r["elapsed_s"] for _, steps, vals in curves for r in steps + vals if "elapsed_s" in r] or [0.0])
+    scale, unit = _time_unit(longest)
+    metrics = {(vals[-1].get("select_metric", "cider") if vals else "cider") for _, _, vals in curves}
+    untimed = []
+    for index, (name, (_, steps, validations)) in enumerate(zip(_names(runs), curves)):
+        color = f"C{index % 10}"
+        loss = [r["loss"] for r in steps]
+        window = max(5, len(loss) // 25)
+        timed = [r for r in steps if "elapsed_s" in r]
+        for ax, rows in ((loss_step, steps), (loss_time, timed)):
+            x = [r["step"] if ax is loss_step else r["elapsed_s"] / scale for r in rows]
+            values = [r["loss"] for r in rows]
+            ax.plot(x, values, color=color, alpha=0.2, linewidth=0.7)
+            ax.plot(x, _moving_average(values, window), color=color, label=name)
+        metric = validations[-1].get("select_metric", "cider") if validations else "cider"
+        scored = [r for r in validations if r.get(f"val_{metric}") is not None]
+        label = name if len(metrics) == 1 else f"{name} ({metric})"
+        for ax, rows in ((score_step, scored), (score_time, [r for r in scored if "elapsed_s" in r])):
+            if not rows:
+                continue
+            x = [r["step"] if ax is score_step else r["elapsed_s"] / scale for r in rows]
+            values = [r[f"val_{metric}"] for r in rows]
+            ax.plot(x, values, color=color, marker="o", markersize=3, label=label)
+            best = max(range(len(values)), key=values.__getitem__)
+            ax.scatter([x[best]], [values[best]], s=110, facecolors="none", edgecolors=color, zorder=3)
+        if len(timed) < len(steps) or len(scored) and not any("elapsed_s" in r for r in scored):
+            untimed.append(name)
+    metric_name = next(iter(metrics)) if len(metrics) == 1 else "selection metric"
+    loss_step.set(xlabel="step", ylabel="training loss", title="training loss (moving average) against steps")
+    loss_time.set(xlabel=f"training time ({unit})", ylabel="training loss", title="training loss against time")
+    score_step.set(xlabel="step", ylabel=f"validation {metric_name}", title=f"validation {metric_name} (o: best)")
+    score_time.set(xlabel=f"training time ({unit})", ylabel=f"validation {metric_name}",
+                   title=f"validation {metric_name} against time")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    if untimed:  # metrics.jsonl written before elapsed_s was logged
+        loss_time.text(0.5, 0.02, f"no training time logged by: {', '.join(untimed)}", transform=loss_time.transAxes,
+                       ha="center", fontsize="small", color="gray")
+    _save(fig, out, plt)
+    return {"plot": str(out), "runs": _names(runs), "steps": [len(c[1]) for c in curves],
+            "validations": [len(c[2]) for c in curves]}

@@ -8,7 +8,8 @@
     torchrun --nproc_per_node=2 -m captioner train --config configs/tiny.yaml --run-dir runs/ddp
 
 RUN_DIR gets last.pt (every train.checkpoint_every steps, at each epoch end, on SIGINT/SIGTERM), best.pt (when
-the validation train.select_metric improves), metrics.jsonl, config.yaml and vocab.json (see rundir.py). Each
+the validation train.select_metric improves), metrics.jsonl, config.yaml and vocab.json (see rundir.py), and tb/
+with train.log_to=[jsonl,tensorboard] (loggers.py; each validation logs 8 sample captions, samples.py). Each
 checkpoint holds the whole training state (engine/train/run_state.py), so a resumed run repeats an uninterrupted one
 exactly on CPU. This file assembles a run and holds the epoch loop; the step is engine/train/step.py (the one `bench`
 times), validation engine/train/validation.py, the choice of inputs engine/train/inputs.py.
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from captioner.progress import bar as make_bar
 
 from captioner.config import Config, from_dict, inherit_preprocess, to_dict
 from captioner.data.datasets import by_split, load_records
@@ -41,8 +41,10 @@ from captioner.engine.runtime.signals import StopRequest
 from captioner.engine.train.resume import (check_vocabulary, init_checkpoint, resume_checkpoint, resume_config,
                                           vocabulary_coverage)
 from captioner.engine.train.run_state import Progress, TrainingRun, restore, save_checkpoints
-from captioner.engine.train.rundir import MetricsLog, lock_run_dir, plan_run, write_run_files
-from captioner.engine.train.telemetry import Window, peak_memory
+from captioner.engine.train.loggers import check_tensorboard, open_run_log
+from captioner.engine.train.rundir import lock_run_dir, plan_run, write_run_files
+from captioner.engine.train.samples import SampleImages
+from captioner.engine.train.telemetry import RunClock, Window, peak_memory
 from captioner.engine.runtime.rng import seed_everything
 from captioner.engine.train.schedule import LRSchedule
 from captioner.engine.train.scst import Rewarder, SelfCriticalLoss
@@ -102,16 +104,13 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
     """Train from run.progress.sample to the end of the epoch. Returns False when a stop signal ended it early
     (last.pt is saved by then)."""
     cfg, progress, process = run.cfg, run.progress, run.process
-    device, global_batch = process.device, cfg.train.batch_size * process.world_size
+    device = process.device
     run.model.train()
     window = Window()
-    done = progress.sample // global_batch
-    bar = make_bar(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not process.is_main,
-               initial=done, total=done + len(loader))
     scst = cfg.train.objective == "scst"
     items = "images" if scst else "captions"  # what one sample of the data order is
     tick = time.perf_counter()
-    for batch in bar:
+    for batch in loader:
         data_s = time.perf_counter() - tick
         captions = batch.captions
         if not process.distributed and captions.shape[0] == 0:  # every image unreadable: nothing to learn from
@@ -135,8 +134,8 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
             progress.reward_sum += stats.get("reward", 0.0)
             for key, value in stats.items():
                 window.stats[key] = window.stats.get(key, 0.0) + value
-            bar.set_postfix(loss=f"{global_loss:.3f}")
         window.captions += captions.shape[0] * process.world_size
+        run.clock.stepped(step, epoch, captions.shape[0] * process.world_size)
         window.data_s, window.compute_s = window.data_s + data_s, window.compute_s + time.perf_counter() - tick - data_s
         if step % cfg.train.log_every == 0 and grad_norm is not None:
             elapsed = time.perf_counter() - window.start
@@ -148,7 +147,7 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
                 **{k: round(v / max(window.steps, 1), 6) for k, v in _mean_over_processes(run, window.stats).items()},
                 "data_s": round(window.data_s / max(window.steps, 1), 6),
                 "compute_s": round(window.compute_s / max(window.steps, 1), 6),
-                **peak_memory(device)})
+                **peak_memory(device), "elapsed_s": round(run.clock.elapsed(), 3)})
             window = Window()
 
         periodic = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
@@ -182,6 +181,8 @@ class TrainJob:
             self.cfg = resume_config(self.run_dir, self.config, self.overrides)
         else:
             self.cfg = config_of(self.cfg, self.config, self.overrides, "train")
+        if "tensorboard" in self.cfg.train.log_to:
+            check_tensorboard()
 
 
 def main(job: TrainJob) -> dict:
@@ -245,8 +246,7 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     if process.is_main:  # one training process per run dir, from its first write until main returns or it dies
         held.enter_context(lock_run_dir(run_dir))
         write_run_files(run_dir, cfg, vocab, clear=mode == "new")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=process.is_main,
-                         truncate_to=checkpoint["metrics_offset"] if checkpoint else None)
+    metrics = open_run_log(cfg, run_dir, process.is_main, checkpoint)
 
     inputs = training_inputs(cfg, model, train_records, val_records, process, compute)
     loader, sampler = build_train_loader(cfg, vocab, inputs, process)
@@ -282,22 +282,32 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     if run.progress.epoch >= cfg.train.epochs:
         log.info("%s has finished its %d epochs: train.epochs=N trains it longer", run_dir, cfg.train.epochs)
     references = {r.image_id: r.captions for r in val_records}
+    samples = SampleImages(inputs, references) if process.is_main else None  # the same images every validation
+    run.clock = RunClock(run.progress, cfg.train.epochs * len(loader), cfg.train.epochs,
+                         "images" if cfg.train.objective == "scst" else "captions", show=process.is_main)
     stopped = None
     try:
-        for epoch in range(run.progress.epoch + 1, cfg.train.epochs + 1):
-            if early_stop(run):
-                stopped = "early stopping"
-                break
-            start = time.perf_counter()
-            sampler.set_epoch(epoch, run.progress.sample)
-            if not train_one_epoch(run, loader, epoch):
-                stopped = _agreed_signal(run)
-                break
-            run.progress.reward_sum = _mean_over_processes(run, {"r": run.progress.reward_sum}).get("r", 0.0)
-            finish_epoch(run, epoch, validate(run, inputs, references), time.perf_counter() - start)
-            if _stop_requested(run):  # a signal during validation: last.pt was just written
-                stopped = _agreed_signal(run)
-                break
+        with run.clock:
+            for epoch in range(run.progress.epoch + 1, cfg.train.epochs + 1):
+                if early_stop(run):
+                    stopped = "early stopping"
+                    break
+                start = time.perf_counter()
+                run.clock.start_epoch()
+                sampler.set_epoch(epoch, run.progress.sample)
+                if not train_one_epoch(run, loader, epoch):
+                    stopped = _agreed_signal(run)
+                    break
+                run.progress.reward_sum = _mean_over_processes(run, {"r": run.progress.reward_sum}).get("r", 0.0)
+                validation_start = time.perf_counter()
+                scores = validate(run, inputs, references)
+                if samples:
+                    metrics.samples(run.progress.step, epoch, samples.caption(run))
+                run.clock.validated(time.perf_counter() - validation_start)
+                finish_epoch(run, epoch, scores, time.perf_counter() - start)
+                if _stop_requested(run):  # a signal during validation: last.pt was just written
+                    stopped = _agreed_signal(run)
+                    break
     finally:
         metrics.close()
     if stopped == "early stopping":

@@ -25,8 +25,6 @@ import subprocess
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 
-from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
-
 from captioner.errors import CaptionerError
 from captioner.text import tokenize
 
@@ -46,6 +44,9 @@ def _notice_once(message: str) -> None:
 
 def corpus_bleu_scores(hypotheses: dict, references: dict) -> dict[str, float]:
     """hypotheses {image_id: caption}, references {image_id: [captions]} -> {"bleu1".."bleu4"} on ids in hypotheses."""
+    # Imported here: nltk pulls in scipy.stats, seconds at every start of a command that never scores.
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+
     ids = [i for i in hypotheses if references.get(i)]
     if not ids:
         return {f"bleu{n}": 0.0 for n in range(1, 5)}

@@ -30,7 +30,8 @@ import torchvision
 from captioner.config import INTERPOLATIONS
 from captioner.errors import CaptionerError
 from captioner.files import move_into_place
-from captioner.model.weights import load_state, looks_like_file, read_weights_file
+from captioner.model.backbone_weights import load_state, looks_like_file, read_encoder_weights
+from captioner.weights import read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,7 +105,7 @@ class Torchvision:
     def _weights(self, name: str, weights: str) -> dict:
         """A state_dict from a local file or a cached (else downloaded) torchvision weight enum."""
         if looks_like_file(weights):
-            return read_weights_file(weights)
+            return read_encoder_weights(weights)
         try:
             enum = torchvision.models.get_model_weights(name)
         except ValueError:
@@ -123,7 +124,7 @@ class Torchvision:
                 raise CaptionerError(f"{name} {weights} weights are not cached at {cached} and could not be "
                                      f"downloaded ({type(e).__name__}); download {url} to that path, or set "
                                      f"encoder.weights to a local .pth file") from None
-        return torch.load(cached, map_location="cpu", weights_only=True)
+        return read_state_dict(cached, f"{name} {weights} weights file")
 
     def preprocess(self, model: nn.Module) -> Preprocess:
         return Preprocess()  # every torchvision classification weight is ImageNet-normalised
@@ -162,7 +163,7 @@ class Timm:
         if tag and tag not in self.tags(name):
             raise CaptionerError(f"encoder.weights '{tag}' is not a timm weights tag of {name} or an existing file; "
                                  f"valid tags: {', '.join(self.tags(name)) or 'none'}, or a .safetensors/.pth file")
-        state = read_weights_file(file) if file else None  # fail before building anything
+        state = read_encoder_weights(file) if file else None  # fail before building anything
         full = f"{name}.{tag}" if tag else name
         kwargs = {"num_classes": 0}  # no classifier: never computed behind the hook
         cfg = timm.models.get_pretrained_cfg(full)
@@ -234,7 +235,7 @@ class OpenClip:
                                  f"valid tags: {', '.join(tags) or 'none'}, or an open_clip_pytorch_model.bin file")
         if tag:
             self._check_activation(open_clip, name, tag)
-        state = read_weights_file(file) if file else None
+        state = read_encoder_weights(file) if file else None
         try:
             with _quiet_library_logs():
                 clip = open_clip.create_model(name, pretrained=tag, force_image_size=image_size)

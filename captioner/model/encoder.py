@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from captioner.errors import CaptionerError
 from captioner.model.backbones import INTERPOLATIONS, Preprocess, TokenLayout, parse_arch
-from captioner.model.weights import remap_onto, strip_wrapper_prefixes  # noqa: F401 - strip_... re-exported
+from captioner.model.backbone_weights import after_layer, remap_onto, strip_wrapper_prefixes  # noqa: F401
 
 __all__ = ["HookedEncoder", "build_backbone", "list_layers", "remap_by_order", "strip_wrapper_prefixes", "to_grid"]
 
@@ -186,6 +186,11 @@ class HookedEncoder(nn.Module):
     @property
     def interpolation(self) -> str:
         return self.preprocess.interpolation
+
+    def uncomputed_keys(self) -> set[str]:
+        """state_dict keys (of this module) of the backbone modules after the hooked layer: never computed, so a
+        model folder leaves them out and loading fills them with zeros."""
+        return {f"backbone.{key}" for key in after_layer(self.backbone, self.layer)}
 
     def _hook(self, module, inputs, output):
         if self._captured is None:

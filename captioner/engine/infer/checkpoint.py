@@ -9,7 +9,6 @@ checkpoint can never run code.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ import torch
 from captioner import files
 from captioner.config import ComputeConfig, Config, from_saved_dict
 from captioner.files import atomic_write
-from captioner.model.weights import strip_wrapper_prefixes
+from captioner.model.backbone_weights import strip_wrapper_prefixes
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary
@@ -28,18 +27,6 @@ FORMAT_VERSION = 1
 def save_checkpoint(path: str | Path, state: dict) -> None:
     with atomic_write(path, "checkpoint") as f:
         torch.save({"format_version": FORMAT_VERSION, **state}, f)
-
-
-def checkpoint_hash(path: str | Path) -> str:
-    """The first 16 hex digits of the checkpoint file's SHA-256: what outputs record as the model that made them."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    except OSError as e:
-        raise CaptionerError(f"checkpoint {path}: cannot read ({e.strerror or e})") from None
-    return digest.hexdigest()[:16]
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[str]:
@@ -118,8 +105,13 @@ def model_from_checkpoint(state: dict, path: str | Path = "checkpoint") -> tuple
     cfg_no_weights = from_saved_dict(state["config"])
     cfg_no_weights.encoder.weights = None
     model = CaptionModel(cfg_no_weights.encoder, cfg.model, len(vocab))
+    weights, template = state["model"], model.state_dict()
+    # A model folder leaves out the backbone modules after the hooked layer (never computed): zeros, as
+    # encoder.weights files that lack them load (model/encoder.py).
+    never_computed = {f"encoder.{k}" for k in model.encoder.uncomputed_keys()} - set(weights)
+    weights = {**{k: torch.zeros_like(template[k]) for k in never_computed}, **weights}
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(weights)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise CaptionerError(f"checkpoint {path} does not match its config: {' '.join(lines[1:3])[:300]}") from None

@@ -2,7 +2,8 @@
 decode settings. `caption`, `evaluate`, `serve` and `bench` set a model up through it, so none of them can
 drift from the others (transformers' pipeline and CLIP's `load` return the model with its preprocessing the same way).
 
-    predictor = Predictor.load("runs/tiny/best.pt", device="auto", beam_size=3)
+    predictor = Predictor.load("runs/tiny/best.pt", device="auto", beam_size=3)   # or a model folder, "model/",
+    predictor = Predictor.load("owner/model")          # or a Hugging Face Hub repo id (the [hub] extra)
     captioned = predictor.caption_batch(images)                 # (B, 3, S, S) uint8 on predictor.device
     batches = predictor.image_batches(paths, batch_size=32, num_workers=2)
     for batch, captioned in predictor.caption_batches(batches, attention=True): ...
@@ -11,20 +12,25 @@ The decoding itself is engine/infer/predict.py's (the one decode path); this cla
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from captioner.config import ComputeConfig, Config, apply_overrides
 from captioner.data.images import MAX_PIXELS
 from captioner.data.pipeline import Batches, image_batches
-from captioner.engine.infer.checkpoint import load_model
+from captioner.engine.infer.model_folder import load_model_source, model_hash, resolve_model
 from captioner.engine.infer.predict import Captioned, DecodeSettings, caption_batch, caption_batches
 from captioner.engine.runtime.compute import Compute, setup_compute
 from captioner.engine.runtime.device import resolve_device
+from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary
+
+
+# How a model runs: "torch" (its nn.Modules); issue 22 adds "onnxruntime" (a model folder's ONNX files).
+RUNTIMES = ("torch",)
 
 
 @dataclass
@@ -34,20 +40,26 @@ class Predictor:
     cfg: Config  # the checkpoint's config, with this machine's compute and the caller's overrides
     compute: Compute  # the resolved precision and memory format
     settings: DecodeSettings
-    source: str  # the checkpoint it came from
+    source: str  # the local checkpoint file or model folder it came from (a Hub repo's folder in the Hub cache)
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str | torch.device | None = "auto", *,
+    def load(cls, checkpoint: str | os.PathLike, device: str | torch.device | None = "auto", *,
              beam_size: int | None = None, compute: ComputeConfig | None = None, overrides=(),
-             sample: bool = False, temperature: float | None = None) -> "Predictor":
-        """Load checkpoint onto device ('auto': CUDA when present) and resolve how it decodes.
+             sample: bool = False, temperature: float | None = None, runtime: str = "torch",
+             revision: str | None = None) -> "Predictor":
+        """Load a checkpoint file, a model folder (`captioner export`) or a Hugging Face Hub repo id ("owner/model",
+        at revision) onto device ('auto': CUDA when present) and resolve how it decodes.
 
         compute: this machine's switches (default: the checkpoint's compute section, which loading resets to auto,
         since it described the training machine); overrides: `section.key=value` applied to the checkpoint's
         config before anything is resolved (evaluate passes dataset.*, decode.*, compute.*, cache.*);
-        beam_size, sample, temperature: override decode.beam_size / decode.sample / decode.temperature."""
-        device = device if isinstance(device, torch.device) else resolve_device(device)
-        model, vocab, cfg = load_model(checkpoint, device)
+        beam_size, sample, temperature: override decode.beam_size / decode.sample / decode.temperature;
+        runtime: what runs the model (RUNTIMES)."""
+        if runtime not in RUNTIMES:
+            raise CaptionerError(f"runtime {runtime!r} is not available; valid: {', '.join(RUNTIMES)}")
+        device = device if isinstance(device, torch.device) else resolve_device(device or "auto")
+        source = resolve_model(checkpoint, revision)
+        model, vocab, cfg = load_model_source(source, device)
         cfg.compute = compute or cfg.compute
         apply_overrides(cfg, list(overrides))
         cfg.decode.sample = sample or cfg.decode.sample
@@ -55,7 +67,11 @@ class Predictor:
             cfg.decode.temperature = temperature
         resolved = setup_compute(cfg.compute, device)
         resolved.prepare_encoder(model.encoder)
-        return cls(model, vocab, cfg, resolved, DecodeSettings.of(cfg, beam_size, compute=resolved), str(checkpoint))
+        return cls(model, vocab, cfg, resolved, DecodeSettings.of(cfg, beam_size, compute=resolved), str(source))
+
+    def model_hash(self) -> str:
+        """16 hex digits identifying the model's files (what outputs record as the model that made them)."""
+        return model_hash(self.source)
 
     @property
     def device(self) -> torch.device:
@@ -73,12 +89,12 @@ class Predictor:
         """For each pipeline Batch -> (batch, [Captioned]); only readable rows are decoded (predict.py)."""
         return caption_batches(self.model, self.vocab, batches, self.settings, attention)
 
-    def image_batches(self, paths: list[str], batch_size: int | None = None, num_workers: int = 0,
-                      max_pixels: int = MAX_PIXELS) -> Batches:
-        """The pipeline's batches of these files at the model's input size and resize filter, decoded as compute
-        says."""
+    def image_batches(self, paths: list, batch_size: int | None = None, num_workers: int = 0,
+                      max_pixels: int = MAX_PIXELS, names: list[str] | None = None) -> Batches:
+        """The pipeline's batches of these files (or in-memory images, called names in errors) at the model's
+        input size and resize filter, decoded as compute says."""
         return image_batches(paths, self.image_size, batch_size or self.cfg.decode.batch_size, num_workers,
-                             self.device, self.compute.gpu_decode, max_pixels, self.model.encoder.interpolation)
+                             self.device, self.compute.gpu_decode, max_pixels, names, self.model.encoder.interpolation)
 
     def decoding(self) -> str:
         """How captions are chosen, in words: 'greedy decoding', 'beam search (beam 3)' or 'sampling (...)'."""

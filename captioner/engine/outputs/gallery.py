@@ -4,6 +4,7 @@
     gallery.add("a.jpg", image, (640, 480), ["a", "dog"], alphas, grid=(7, 7), score=-2.1)
     gallery.add_error("b.jpg", "truncated image file")
     gallery.close()
+    strip = attention_strip(image, (640, 480), ["a", "dog"], alphas, grid=(7, 7))   # the same, as one picture
 
 image is the (S, S, 3) uint8 picture the encoder saw and alphas the (L, H*W) attention weights of its L
 words. Each image is embedded once, as a JPEG thumbnail in its original aspect ratio; each word gets a
@@ -208,10 +209,45 @@ def _jpeg_base64(image: np.ndarray, size: tuple[int, int]) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def attention_shade(weights: np.ndarray) -> np.ndarray:
+    """(H, W) weights -> (H, W) uint8 opacity of the black shade laid over the image: 0 over the word's most
+    attended region, 255 * DIMMING over regions it did not attend to."""
+    relative = weights / (weights.max() or 1.0)  # the most attended region of each word is fully lit
+    return np.round(255 * DIMMING * (1.0 - relative)).astype(np.uint8)
+
+
+def attention_strip(image: np.ndarray, size: tuple[int, int], words: list[str], alphas: np.ndarray,
+                    grid: tuple[int, int], per_row: int = 8) -> np.ndarray:
+    """A gallery entry as one picture (TensorBoard's sample images, notebooks): the image, then one panel per
+    word with the word's attention shade over it, as the page draws it, the word below; rows of per_row panels.
+
+    image (S, S, 3) uint8, size the original (width, height), alphas (L, H*W) -> (height, width, 3) uint8."""
+    from PIL import ImageDraw, ImageFont
+    width, height = _fit(size, PANEL, MIN_SIDE)
+    picture = Image.fromarray(image).resize((width, height), Image.BICUBIC)
+    panels = [(picture, "")]
+    for word, alpha in zip(words, alphas):
+        shade = attention_shade(np.asarray(alpha, dtype=np.float64).reshape(grid))  # (H*W,) -> (H, W)
+        # upsampled smoothly, as the browser upsamples the page's tiny PNG, then laid over the image
+        opacity = np.asarray(Image.fromarray(shade).resize((width, height), Image.BILINEAR), dtype=np.float32)
+        shaded = np.asarray(picture, dtype=np.float32) * (1.0 - opacity[..., None] / 255.0)  # (h, w, 3)
+        panels.append((Image.fromarray(np.round(shaded).astype(np.uint8)), word))
+    font = ImageFont.load_default(size=13)
+    gap, label = 6, 18
+    columns = min(per_row, len(panels))
+    rows = -(-len(panels) // columns)
+    strip = Image.new("RGB", (columns * (width + gap) + gap, rows * (height + label + gap) + gap), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, (panel, word) in enumerate(panels):
+        x, y = gap + (i % columns) * (width + gap), gap + (i // columns) * (height + label + gap)
+        strip.paste(panel, (x, y))
+        draw.text((x + width / 2, y + height + 2), word, fill="black", font=font, anchor="ma")
+    return np.asarray(strip)
+
+
 def _attention_png(weights: np.ndarray) -> str:
     """(H, W) weights -> a black H x W PNG whose opacity shades regions by how little they were attended."""
-    relative = weights / (weights.max() or 1.0)  # the most attended region of each word is fully lit
-    shade = np.round(255 * DIMMING * (1.0 - relative)).astype(np.uint8)  # (H, W) alpha
+    shade = attention_shade(weights)  # (H, W) alpha
     pixels = np.stack([np.zeros_like(shade), shade], axis=-1)  # (H, W, 2) LA: black, shade as alpha
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")  # (H, W, 2) uint8 loads as mode LA

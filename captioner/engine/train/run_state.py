@@ -26,9 +26,10 @@ from captioner.engine.runtime.compute import Compute
 from captioner.engine.runtime.distributed import Process
 from captioner.engine.runtime.rng import restore_rng_state, rng_state
 from captioner.engine.runtime.signals import StopRequest
-from captioner.engine.train.rundir import MetricsLog
+from captioner.engine.train.loggers import RunLog
 from captioner.engine.train.schedule import LRSchedule
 from captioner.engine.train.step import TrainingStep
+from captioner.engine.train.telemetry import RunClock
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel, recorded_encoder_config
 from captioner.text import Vocabulary
@@ -50,6 +51,7 @@ class Progress:
     loss_sum: float = 0.0  # this epoch's summed loss and number of steps, for its mean
     loss_count: int = 0
     reward_sum: float = 0.0  # SCST: this epoch's summed mean reward (over the same steps as loss_sum)
+    elapsed_s: float = 0.0  # seconds the run has been training, over all its sessions (plots against time)
 
 @dataclass
 class TrainingRun:
@@ -61,11 +63,12 @@ class TrainingRun:
     step: TrainingStep  # the loss (in DistributedDataParallel with several processes), optimizer and scaler
     schedule: LRSchedule
     progress: Progress
-    metrics: MetricsLog
+    metrics: RunLog  # metrics.jsonl and the other train.log_to loggers (loggers.py)
     process: Process
     stop: StopRequest
     compute: Compute  # the resolved precision and memory format (engine/runtime/compute.py)
     init_from: str | None = None  # the checkpoint the run's weights started from (--init-from)
+    clock: RunClock | None = None  # the whole run's progress line and ETA, set once progress is restored
 
 def _weights_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
@@ -80,6 +83,9 @@ def save_checkpoints(run: TrainingRun, best: bool = False) -> None:
     if not run.process.is_main:
         return
     progress = run.progress
+    if run.clock:
+        progress.elapsed_s = run.clock.elapsed()
+    run.metrics.flush()  # everything logged up to this step is on disk before the checkpoint says it is
     if not _weights_finite(run.model):
         log.warning("step %d: the model holds non-finite weights; last.pt is kept as it was", progress.step)
         return

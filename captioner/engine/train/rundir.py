@@ -3,7 +3,8 @@
     RUN_DIR/config.yaml, vocab.json   written at start, for people (each checkpoint holds its own copies)
     RUN_DIR/last.pt                   every train.checkpoint_every steps, at each epoch end and on SIGINT/SIGTERM
     RUN_DIR/best.pt                   when the validation score improves
-    RUN_DIR/metrics.jsonl             one JSON object per logged step and per validation
+    RUN_DIR/metrics.jsonl             one JSON object per logged step and per validation (loggers.py)
+    RUN_DIR/tb/                       TensorBoard event files, with train.log_to: [jsonl, tensorboard]
     RUN_DIR/curves.png                `captioner plot RUN_DIR`
 
     RUN_DIR/.lock                     held by the training process (lock_run_dir): one run per folder
@@ -14,8 +15,8 @@ its process, so `captioner train --resume` right after a kill -9 works.
 """
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 from pathlib import Path
 
 import yaml
@@ -31,6 +32,7 @@ log = logging.getLogger("captioner")
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "vocab.json")
 DERIVED_FILES = ("curves.png",)  # made from the run files: removed with them
+DERIVED_FOLDERS = ("tb",)  # TensorBoard's copy of metrics.jsonl (loggers.py)
 
 
 def _flatten(config: dict) -> dict:
@@ -102,55 +104,8 @@ def clear_run_files(run_dir: str | Path) -> None:
     """Remove a previous run's files (a new run, or --overwrite), once the new run is sure to start."""
     for name in RUN_FILES + DERIVED_FILES:
         (Path(run_dir) / name).unlink(missing_ok=True)
-
-
-class MetricsLog:
-    """RUN_DIR/metrics.jsonl, appended one flushed line per record; a no-op on ranks other than 0.
-
-    offset (bytes written so far) goes into each checkpoint; resuming truncates the file back to it, so lines
-    logged after the checkpoint by a killed run are dropped and never appear twice."""
-
-    def __init__(self, path: str | Path, enabled: bool = True, truncate_to: int | None = None):
-        self.path, self.file = Path(path), None
-        if not enabled:
-            return
-        if truncate_to is not None and self.path.exists():
-            size = self.path.stat().st_size
-            if size < truncate_to:
-                log.warning("%s is shorter (%d bytes) than when last.pt was saved (%d): its earlier lines are lost",
-                            self.path, size, truncate_to)
-            else:
-                with open(self.path, "r+b") as f:
-                    f.truncate(truncate_to)
-        self.file = open(self.path, "a", encoding="utf-8")
-
-    @property
-    def offset(self) -> int:
-        return self.file.tell() if self.file else 0
-
-    def write(self, record: dict) -> None:
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-            self.file = None
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Every record of a metrics.jsonl; a torn last line (a killed run) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise CaptionerError(f"{path} not found: is this a run dir written by `captioner train`?")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            log.warning("%s line %d is not JSON: skipped", path, number)
-    return records
+    for name in DERIVED_FOLDERS:
+        shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
 
 
 def write_run_files(run_dir: Path, cfg: Config, vocab: Vocabulary, clear: bool) -> None:

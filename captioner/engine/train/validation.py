@@ -50,9 +50,11 @@ def finish_epoch(run: TrainingRun, epoch: int, scores: dict, seconds: float) -> 
                        **({"train_reward": progress.reward_sum / max(progress.loss_count, 1)}
                           if run.cfg.train.objective == "scst" else {}),
                        **{f"val_{k}": v for k, v in scores.items()}, "select_metric": metric, "improved": improved,
-                       "lr": run.step.optimizer.param_groups[0]["lr"], "epoch_s": seconds})
-    log.info("epoch %d: train loss %.3f, val %s %.3f%s (%.0fs)", epoch, progress.loss_sum / max(progress.loss_count, 1),
-             metric, score, " (best)" if improved else "", seconds)
+                       "lr": run.step.optimizer.param_groups[0]["lr"], "epoch_s": seconds,
+                       **({"elapsed_s": round(run.clock.elapsed(), 3)} if run.clock else {})})
+    log.info("epoch %d/%d: train loss %.3f, val %s %.3f%s (%.0fs)%s", epoch, run.cfg.train.epochs,
+             progress.loss_sum / max(progress.loss_count, 1), metric, score, " (best)" if improved else "", seconds,
+             f" · {run.clock.eta_text(epoch)}" if run.clock else "")
     progress.epoch, progress.sample, progress.loss_sum, progress.loss_count = epoch, 0, 0.0, 0
     progress.reward_sum = 0.0
     progress.scores = scores

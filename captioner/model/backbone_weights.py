@@ -1,11 +1,11 @@
-"""Encoder weight files -> state_dicts, and loading them into a backbone; never runs pickled code.
+"""A weights file's state_dict into a backbone, for every source (torchvision, timm, open_clip).
 
-    state = read_weights_file("convnext_tiny.safetensors")     # .safetensors, .pth, .pt or .bin
+    state = read_encoder_weights("convnext_tiny.safetensors")     # .safetensors, .pth, .pt or .bin
     load_state(model, state, "timm/convnext_tiny", "convnext_tiny.safetensors", layer="stages.3")
 
-One reader for every source (torchvision, timm, open_clip): a .safetensors file through safetensors, anything
-else through torch.load(weights_only=True). A file may lack the modules after the hooked layer (a backbone
-saved without its classifier head): they are never computed behind the hook.
+Files are read by captioner/weights.py (never running pickled code); here wrapper prefixes are removed, keys
+saved under other names are matched by order, and a file may lack the modules after the hooked layer (a
+backbone saved without its classifier head): they are never computed behind the hook.
 """
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 
 from captioner.errors import CaptionerError
-
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+from captioner.weights import WEIGHT_SUFFIXES, read_state_dict
 
 
 def strip_wrapper_prefixes(state: dict) -> dict:
@@ -32,36 +31,13 @@ def strip_wrapper_prefixes(state: dict) -> dict:
 
 def looks_like_file(weights: str) -> bool:
     """Whether encoder.weights names a file rather than a library's weights name or tag."""
-    return weights.endswith(WEIGHT_FILE_SUFFIXES) or "/" in weights or "\\" in weights or Path(weights).exists()
+    return weights.endswith(WEIGHT_SUFFIXES) or "/" in weights or "\\" in weights or Path(weights).exists()
 
 
-def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state_dict in a .safetensors, .pth, .pt or .bin file (a {"state_dict": ...} or {"model": ...}
-    wrapper and DDP / torch.compile key prefixes removed)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CaptionerError(f"encoder weights file {path} not found (encoder.weights)")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise CaptionerError(f"reading {path} needs safetensors: pip install safetensors") from None
-        try:
-            return strip_wrapper_prefixes(load_file(str(path), device="cpu"))
-        except Exception as e:  # noqa: BLE001 - a damaged header or truncated file: one line
-            raise CaptionerError(f"encoder weights file {path} is not a readable safetensors file: "
-                                 f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CaptionerError(f"encoder weights file {path} is not a readable state_dict: {reason}") from None
-    for key in ("state_dict", "model"):  # common wrappers around the weights
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CaptionerError(f"encoder weights file {path} does not hold a state_dict (names -> tensors)")
-    return strip_wrapper_prefixes(state)
+def read_encoder_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict in an encoder weights file (captioner/weights.py, the one reader: .safetensors, or
+    .pth/.pt/.bin through torch.load(weights_only=True)), DDP / torch.compile key prefixes removed."""
+    return strip_wrapper_prefixes(read_state_dict(path, "encoder weights file"))
 
 
 def remap_onto(source: dict, template: dict, arch: str, prefix: str = "") -> dict:

@@ -1,0 +1,208 @@
+"""Model folders: what `captioner export` writes and every command loads (`--checkpoint model/`).
+
+    model/config.json        {"format": "captioner-model", "format_version": 1, "files": {role: file}, "config": {...},
+                              "vocab_size", "dtype", "preprocessing", "source", ...}
+    model/model.safetensors  every weight the model computes with, backbone included (float32 or bfloat16)
+    model/vocab.json         the vocabulary, as the run folder's vocab.json: {"tokens": [...]}
+    model/README.md          the model card (engine/infer/model_card.py)
+
+    meta = write_model_folder("model/", model, vocab, cfg, dtype="bf16", card=text)
+    model, vocab, cfg = load_model_folder("model/", device="cpu")     # torch.load is never called
+    model, vocab, cfg = load_model_source(resolve_model(name), device)  # a .pt checkpoint, a folder or a Hub id
+
+config.json is plain JSON that other tools can read; `files` maps each role to its file name so that other
+formats add theirs to the same folder (issue 22's ONNX files: extra_files). Weights of the backbone modules
+after the hooked layer (a ResNet's fc) are never computed, so they are left out and loaded as zeros.
+A folder of a newer format is refused in one line (upgrade captioner), one older than OLDEST_READABLE too
+(export it again from its checkpoint).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from captioner import __version__
+from captioner.config import Config, to_dict
+from captioner.engine.infer import hub
+from captioner.engine.infer.checkpoint import load_model, model_from_checkpoint
+from captioner.errors import CaptionerError
+from captioner.files import atomic_folder, write_json, write_text
+from captioner.model.caption_model import CaptionModel
+from captioner.text import Vocabulary
+from captioner.weights import read_state_dict, write_safetensors
+
+FORMAT = "captioner-model"
+FORMAT_VERSION = 1  # what this captioner writes
+OLDEST_READABLE = 1  # the oldest format_version this captioner still reads
+CONFIG_FILE = "config.json"
+FILES = {"weights": "model.safetensors", "vocab": "vocab.json", "card": "README.md"}  # role -> file name
+DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}  # --dtype -> the weights' storage type
+DTYPE_NAMES = {"float32": "float32", "bf16": "bfloat16"}  # as config.json and safetensors name them
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """Whether path is a folder (then it must be a model folder; a checkpoint is a file)."""
+    return Path(path).is_dir()
+
+
+def resolve_model(name: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint file or model folder for name: name itself when it exists here, else a Hugging Face
+    Hub repo id ("owner/model") downloaded through the Hub's cache (the [hub] extra). Anything else is returned
+    as a path, for the loader to say what is wrong with it."""
+    path = Path(name).expanduser()
+    if path.exists() or not hub.looks_like_repo_id(str(name)):
+        return path
+    return hub.download(str(name), revision)
+
+
+def load_model_source(path: str | Path, device: str | torch.device = "cpu"
+                      ) -> tuple[CaptionModel, Vocabulary, Config]:
+    """(model in eval mode on device, vocabulary, config) from a checkpoint file or a model folder."""
+    return load_model_folder(path, device) if is_model_folder(path) else load_model(path, device)
+
+
+def model_hash(path: str | Path, digits: int = 16) -> str:
+    """The first digits hex digits of SHA-256 over what makes the model's captions: a checkpoint file's bytes, or a folder's
+    config.json and the files it lists (the model card left out: editing it changes no caption)."""
+    path = Path(path)
+    if not is_model_folder(path):
+        files = [path]
+    else:
+        meta = read_folder_config(path)
+        files = [path / CONFIG_FILE] + [path / f for role, f in sorted(meta["files"].items()) if role != "card"]
+    digest = hashlib.sha256()
+    for file in files:
+        try:
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+        except OSError as e:
+            raise CaptionerError(f"{'model file' if file != path else 'checkpoint'} {file}: cannot read "
+                                 f"({e.strerror or e})") from None
+    return digest.hexdigest()[:digits]
+
+
+def read_folder_config(folder: str | Path) -> dict:
+    """config.json of a model folder, checked: format, format version, the files it names, the config."""
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        run = next((folder / name for name in ("best.pt", "last.pt") if (folder / name).is_file()), None)
+        hint = f"a run folder? give its checkpoint, {run}" if run else "give a checkpoint .pt file, or export one"
+        raise CaptionerError(f"{folder} is a folder without {CONFIG_FILE}: not a model folder written by "
+                             f"`captioner export` ({hint})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CaptionerError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    except json.JSONDecodeError as e:
+        raise CaptionerError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CaptionerError(f"{path} is not a captioner model folder config (format {found!r}, expected "
+                             f"'{FORMAT}'); export one with `captioner export --checkpoint best.pt --out DIR`")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CaptionerError(f"{path}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CaptionerError(f"model folder {folder} has format_version {version}, newer than this captioner "
+                             f"{__version__} reads ({FORMAT_VERSION}): pip install -U captioner")
+    if version < OLDEST_READABLE:
+        raise CaptionerError(f"model folder {folder} has format_version {version}, older than this captioner "
+                             f"{__version__} reads ({OLDEST_READABLE}..{FORMAT_VERSION}): export it again from "
+                             f"its checkpoint with `captioner export`")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise CaptionerError(f"{path}: 'files' must map roles to file names, got {files!r}")
+    for role in ("weights", "vocab"):
+        if role not in files:
+            raise CaptionerError(f"{path}: 'files' names no {role} file")
+        if Path(files[role]).name != files[role]:  # a name inside the folder, never a path elsewhere
+            raise CaptionerError(f"{path}: the {role} file {files[role]!r} must be a file name in the folder")
+        if not (folder / files[role]).is_file():
+            raise CaptionerError(f"model folder {folder} lacks {files[role]} (its {role}); copy the whole folder")
+    if not isinstance(meta.get("config"), dict):
+        raise CaptionerError(f"{path}: 'config' must be a mapping of config sections")
+    return meta
+
+
+def load_model_folder(folder: str | Path, device: str | torch.device = "cpu"
+                      ) -> tuple[CaptionModel, Vocabulary, Config]:
+    """The model (eval mode, on device), its vocabulary and config from a model folder; never runs torch.load.
+
+    bfloat16 weights load into the float32 model (the compute section decides the precision it runs in)."""
+    folder = Path(folder)
+    meta = read_folder_config(folder)
+    weights = read_state_dict(folder / meta["files"]["weights"], "model weights file")
+    vocab = Vocabulary.load(folder / meta["files"]["vocab"])
+    if meta.get("vocab_size", len(vocab)) != len(vocab):
+        raise CaptionerError(f"model folder {folder}: {meta['files']['vocab']} holds {len(vocab)} tokens but "
+                             f"{CONFIG_FILE} says vocab_size {meta['vocab_size']}: the files come from two exports")
+    state = {"model": weights, "config": meta["config"], "vocab": vocab.tokens}
+    model, vocab, cfg = model_from_checkpoint(state, folder)
+    return model.to(device).eval(), vocab, cfg
+
+
+def exported_state(model: CaptionModel, dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """The weights a model folder holds: the model's state_dict without the never-computed backbone modules,
+    floating-point tensors cast to dtype (integer buffers such as BatchNorm's step count stay as they are)."""
+    if dtype not in DTYPES:
+        raise CaptionerError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    skip = {f"encoder.{k}" for k in model.encoder.uncomputed_keys()}
+    return {name: t.to(DTYPES[dtype]) if t.is_floating_point() else t
+            for name, t in model.state_dict().items() if name not in skip}
+
+
+def folder_config(model: CaptionModel, vocab: Vocabulary, cfg: Config, dtype: str, files: dict[str, str],
+                  source: dict | None = None) -> dict:
+    """config.json's content: the format, the files, the config (this machine's compute section left out), and
+    what other tools need to run the model without captioner's code (preprocessing, sizes)."""
+    enc = model.encoder
+    config = {k: v for k, v in to_dict(cfg).items() if k != "compute"}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "library_name": "captioner",
+            "captioner_version": __version__, "files": dict(files), "dtype": DTYPE_NAMES[dtype],
+            "vocab_size": len(vocab),
+            "architecture": {"encoder": enc.arch, "layer": enc.layer, "channels": enc.channels,
+                             "grid": list(enc.grid), "decoder": "soft-attention LSTM (Show, Attend and Tell)",
+                             "parameters": sum(p.numel() for p in model.parameters())},
+            "preprocessing": {"image_size": enc.image_size,
+                              "resize": f"{enc.interpolation}, to image_size x image_size (squashed, not cropped)",
+                              "exif_orientation": True, "alpha": "composited onto white",
+                              "mean": list(enc.preprocess.mean), "std": list(enc.preprocess.std),
+                              "input": "RGB uint8 / 255"},
+            "decode": config["decode"], "source": source or {}, "config": config}
+
+
+# extra_files: writers that add other formats' files to the folder (folder, model, dtype) -> {role: file name}
+ExtraWriter = Callable[[Path, CaptionModel, str], dict]
+
+
+def write_model_folder(out: str | Path, model: CaptionModel, vocab: Vocabulary, cfg: Config, *,
+                       dtype: str = "float32", card: Callable[[dict], str] | None = None, source: dict | None = None,
+                       extra_files: tuple[ExtraWriter, ...] = (), overwrite: bool = False) -> dict:
+    """Write the model folder at out, all files at once (files.atomic_folder); returns config.json's content.
+
+    card(meta) gives the README.md text; extra_files add other formats' files (their roles go into `files`).
+    overwrite replaces an existing model folder (never another non-empty folder)."""
+    out = Path(out)
+    if overwrite and out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        raise CaptionerError(f"--out {out} is a non-empty folder that is not a model folder: not replaced")
+    with atomic_folder(out, "model folder", replace=overwrite) as tmp:
+        files = dict(FILES)
+        write_safetensors(tmp / files["weights"], exported_state(model, dtype),
+                          {"format": "pt", "captioner_format_version": str(FORMAT_VERSION)}, "model weights file")
+        vocab.save(tmp / files["vocab"])
+        for writer in extra_files:
+            files.update(writer(tmp, model, dtype))
+        if card is None:
+            files.pop("card")
+        meta = folder_config(model, vocab, cfg, dtype, files, source)
+        write_json(tmp / CONFIG_FILE, meta, "model config")
+        if card is not None:
+            write_text(tmp / files["card"], card(meta), "model card")
+    return meta

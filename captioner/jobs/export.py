@@ -1,0 +1,133 @@
+"""Export a checkpoint as a model folder that any tool can read and captioner loads without pickle.
+
+    captioner export --checkpoint runs/coco/best.pt --out model/
+    captioner export --checkpoint runs/coco/best.pt --out model-bf16/ --dtype bf16 --metrics runs/coco/metrics_test.json
+    captioner export --checkpoint runs/coco/best.pt --out model/ --push alice/captioner-coco     # the [hub] extra
+    captioner caption --checkpoint model/ photos/          # caption, evaluate and serve take the folder as they take a .pt
+
+The folder (engine/infer/model_folder.py): model.safetensors (every weight the model computes with, backbone
+included; --dtype bf16 halves it for inference), config.json (format version, the files, encoder, model and
+decode settings, vocabulary size, preprocessing), vocab.json and README.md, a model card with Hugging Face front
+matter (engine/infer/model_card.py). It appears all at once (written beside it, then renamed). --checkpoint may
+also be a model folder (to re-export it in bf16, say) or a Hub repo id.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from captioner.engine.infer import hub
+from captioner.engine.infer.checkpoint import load_checkpoint, model_from_checkpoint
+from captioner.engine.infer.model_card import METRIC_NAMES, model_card
+from captioner.engine.infer.model_folder import (CONFIG_FILE, DTYPES, is_model_folder, load_model_folder, model_hash,
+                                                 read_folder_config, resolve_model, write_model_folder)
+from captioner.errors import CaptionerError
+from captioner.files import check_writable, read_text
+
+log = logging.getLogger("captioner")
+
+# --format -> writers of that format's extra files (the weights are always model.safetensors). Issue 22 adds
+# "onnx": (write_onnx,), its files listed in config.json's `files` beside the others.
+FORMATS: dict[str, tuple] = {"safetensors": ()}
+
+
+@dataclass
+class ExportJob:
+    """`captioner export`'s options."""
+    checkpoint: str  # a .pt written by `captioner train`, a model folder, or a Hub repo id
+    out: str  # the model folder to write
+    dtype: str = "float32"  # float32 | bf16 (weights stored in bfloat16: half the size, for inference)
+    format: str = "safetensors"  # safetensors (FORMATS)
+    metrics: str | None = None  # a metrics_SPLIT.json written by `captioner evaluate`, for the model card
+    push: str | None = None  # also upload the folder to this Hugging Face Hub repo (owner/name)
+    private: bool = False  # --push: create the repo private
+    overwrite: bool = False  # replace an existing model folder at out
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise CaptionerError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.format not in FORMATS:
+            raise CaptionerError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.push is not None and not hub.looks_like_repo_id(self.push):
+            raise CaptionerError(f"--push {self.push!r} is not a Hub repo id: give owner/name "
+                                 f"(e.g. alice/captioner-coco)")
+        if self.private and self.push is None:
+            raise CaptionerError("--private applies to --push: give the repo to push to")
+
+
+def read_metrics(path: str | Path, checkpoint: Path) -> dict:
+    """A metrics file `captioner evaluate` wrote, checked to hold coco-caption scores; a warning when it names
+    another checkpoint than the one exported."""
+    try:
+        metrics = json.loads(read_text(path, "metrics file", setting=""))
+    except json.JSONDecodeError as e:
+        raise CaptionerError(f"metrics file {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(metrics, dict) or not any(isinstance(metrics.get(k), (int, float)) for k in METRIC_NAMES):
+        raise CaptionerError(f"metrics file {path} holds no caption scores ({', '.join(METRIC_NAMES)}): give the "
+                             f"metrics_SPLIT.json that `captioner evaluate` wrote")
+    scored = metrics.get("checkpoint")
+    if isinstance(scored, str) and Path(scored).name != checkpoint.name and Path(scored).resolve() != checkpoint.resolve():
+        log.warning("%s scored %s, not %s: the model card will show its numbers anyway", path, scored, checkpoint)
+    return metrics
+
+
+def _load(source: Path):
+    """(model, vocab, cfg, provenance) from a checkpoint file or a model folder."""
+    if is_model_folder(source):
+        model, vocab, cfg = load_model_folder(source)
+        return model, vocab, cfg, read_folder_config(source).get("source", {})
+    state = load_checkpoint(source)
+    model, vocab, cfg = model_from_checkpoint(state, source)
+    provenance = {"checkpoint": source.name, "sha256": model_hash(source, digits=64),
+                  "epoch": state.get("epoch"), "step": state.get("step"), "val_scores": state.get("val_scores")}
+    return model.eval(), vocab, cfg, provenance
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def main(job: ExportJob) -> dict:
+    """Write the model folder (and push it when asked).
+
+    Returns {"out", "format", "dtype", "files": {name: bytes}, "bytes", "checkpoint", "checkpoint_bytes",
+    "pushed": the repo URL or None}."""
+    out = Path(job.out)
+    check_writable(out, "model folder", folder=True)
+    if out.is_dir() and any(out.iterdir()) and not job.overwrite:
+        what = "a model folder" if (out / CONFIG_FILE).is_file() else "a non-empty folder"
+        raise CaptionerError(f"--out {out} is {what} already; add --overwrite to replace a model folder, or give "
+                             f"another --out")
+    source = resolve_model(job.checkpoint)
+    if source.resolve() == out.resolve():
+        raise CaptionerError(f"--out {out} is the model being exported: give another folder")
+    if not source.exists():
+        raise CaptionerError(f"checkpoint {source} not found")
+    metrics = read_metrics(job.metrics, source) if job.metrics else None
+    if metrics is None and (source.parent / "metrics_test.json").is_file():
+        log.info("%s lies beside the checkpoint: add --metrics %s to put its scores in the model card",
+                 source.parent / "metrics_test.json", source.parent / "metrics_test.json")
+    model, vocab, cfg, provenance = _load(source)
+    write_model_folder(out, model, vocab, cfg, dtype=job.dtype, source=provenance, overwrite=job.overwrite,
+                       card=lambda meta: model_card(meta, cfg, metrics, job.push), extra_files=FORMATS[job.format])
+    files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
+    log.info("exported %s (%.1f MB) to %s (%.1f MB, %s)", source, _size(source) / 1e6, out,
+             sum(files.values()) / 1e6, job.dtype)
+    pushed = hub.upload(out, job.push, job.private) if job.push else None
+    if pushed:
+        log.info("pushed %s to %s", out, pushed)
+    return {"out": str(out), "format": job.format, "dtype": job.dtype, "files": files, "bytes": sum(files.values()),
+            "checkpoint": str(source), "checkpoint_bytes": _size(source), "pushed": pushed}
+
+
+def summary_lines(result: dict) -> list[str]:
+    """What `captioner export` prints above its JSON line."""
+    mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
+    lines = [f"exported {result['checkpoint']} ({mb(result['checkpoint_bytes'])}) -> {result['out']}/ "
+             f"({mb(result['bytes'])}, {result['dtype']})"]
+    lines += [f"  {name:<20} {mb(size):>10}" for name, size in result["files"].items()]
+    if result["pushed"]:
+        lines.append(f"  pushed to {result['pushed']}")
+    return lines

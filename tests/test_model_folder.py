@@ -1,0 +1,180 @@
+"""Model folders: `captioner export` writes one, every command loads it without torch.load, formats are versioned."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from captioner.cli import main as cli
+from captioner.engine.infer.checkpoint import load_model
+from captioner.engine.infer.model_folder import FORMAT_VERSION, load_model_folder, read_folder_config
+from captioner.engine.infer.predictor import Predictor
+from captioner.errors import CaptionerError
+from captioner.jobs.export import ExportJob, main as export
+from captioner.weights import read_state_dict, write_safetensors
+
+from helpers import varied_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return varied_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")
+
+
+@pytest.fixture(scope="module")
+def folder(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "model"
+    export(ExportJob(str(checkpoint), str(out)))
+    return out
+
+
+def _no_torch_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load called while loading a model folder")
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+def test_export_writes_the_folder_and_it_loads_without_torch_load(checkpoint, folder, monkeypatch):
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "vocab.json"]
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["format_version"] == FORMAT_VERSION and meta["vocab_size"] == len(json.loads((folder / "vocab.json").read_text())["tokens"]) == 15
+    assert meta["files"] == {"weights": "model.safetensors", "vocab": "vocab.json", "card": "README.md"}
+    assert meta["config"]["encoder"]["arch"] == "squeezenet1_1" and "compute" not in meta["config"]
+    reference, vocab, cfg = load_model(checkpoint)
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    a = Predictor.load(checkpoint, "cpu").caption_batch(images)
+    _no_torch_load(monkeypatch)
+    loaded, loaded_vocab, loaded_cfg = load_model_folder(folder)
+    assert loaded_vocab == vocab and loaded_cfg == cfg
+    expected, got = reference.state_dict(), loaded.state_dict()
+    never_computed = {f"encoder.{k}" for k in reference.encoder.uncomputed_keys()}
+    assert never_computed == {"encoder.backbone.classifier.1.weight", "encoder.backbone.classifier.1.bias"}
+    assert all(torch.equal(expected[k], got[k]) for k in expected if k not in never_computed)
+    assert all(not got[k].any() for k in never_computed)  # left out of the file, loaded as zeros
+    b = Predictor.load(folder, "cpu").caption_batch(images)
+    assert [c.caption for c in a] == [c.caption for c in b] and [c.score for c in a] == [c.score for c in b]
+
+
+def test_bf16_export_halves_the_weights(checkpoint, folder, tmp_path, monkeypatch):
+    out = tmp_path / "bf16"
+    result = export(ExportJob(str(checkpoint), str(out), dtype="bf16"))
+    weights = result["files"]["model.safetensors"]
+    assert 0.49 < weights / (folder / "model.safetensors").stat().st_size < 0.51
+    state = read_state_dict(out / "model.safetensors")
+    assert {t.dtype for t in state.values()} <= {torch.bfloat16, torch.int64}  # BatchNorm step counts stay int
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    _no_torch_load(monkeypatch)
+    model, _, _ = load_model_folder(out)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # loaded into the float32 model
+
+
+def test_a_folder_re_exports_and_a_run_folder_is_named(folder, checkpoint, tmp_path, monkeypatch):
+    _no_torch_load(monkeypatch)
+    export(ExportJob(str(folder), str(tmp_path / "bf16"), dtype="bf16"))  # a model folder as the source
+    meta = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert meta["dtype"] == "bfloat16" and meta["source"]["checkpoint"] == "best.pt" and meta["source"]["step"] == 42
+    with pytest.raises(CaptionerError, match=r"a run folder\? give its checkpoint, .*best\.pt"):
+        Predictor.load(checkpoint.parent, "cpu")
+
+
+def test_model_card_front_matter_and_metrics(checkpoint, tmp_path):
+    metrics = tmp_path / "metrics_test.json"
+    metrics.write_text(json.dumps({"checkpoint": str(checkpoint), "split": "test", "split_images": 200,
+                                   "beam_size": 3, "bleu1": 0.81, "bleu4": 0.52, "meteor": None, "rouge_l": 0.7,
+                                   "cider": 1.234, "skipped": {"meteor": "java not found"}}))
+    out = tmp_path / "model"
+    export(ExportJob(str(checkpoint), str(out), metrics=str(metrics), push=None))
+    card = (out / "README.md").read_text()
+    import yaml
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["pipeline_tag"] == "image-to-text" and front["library_name"] == "captioner"
+    assert front["license"] == "mit"
+    values = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    assert values == {"BLEU-1": 0.81, "BLEU-4": 0.52, "ROUGE-L": 0.7, "CIDEr-D": 1.234}
+    assert "| 0.810 | 0.520 | 0.700 | 1.234 |" in card and "test split (200 images)" in card
+    assert "METEOR (java not found)" in card
+    assert "squeezenet1_1" in card and "synthetic shapes" in card and "after epoch 3 (step 42)" in card
+    assert 'Captioner.from_pretrained("' in card
+
+
+def test_format_versions_and_broken_folders_are_one_line(folder, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("model.safetensors", "vocab.json"):
+        (bad / name).write_bytes((folder / name).read_bytes())
+    meta = json.loads((folder / "config.json").read_text())
+    cases = [({**meta, "format_version": FORMAT_VERSION + 1}, "newer than this captioner"),
+             ({**meta, "format_version": 0}, "older than this captioner"),
+             ({**meta, "format": "transformers"}, "not a captioner model folder"),
+             ({**meta, "files": {**meta["files"], "weights": "../elsewhere.safetensors"}}, "must be a file name"),
+             ({**meta, "files": {**meta["files"], "weights": "gone.safetensors"}}, "lacks gone.safetensors"),
+             ({**meta, "vocab_size": 5}, "vocab_size 5")]
+    for content, message in cases:
+        (bad / "config.json").write_text(json.dumps(content))
+        with pytest.raises(CaptionerError, match=message):
+            load_model_folder(bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(CaptionerError, match="not valid JSON"):
+        read_folder_config(bad)
+    (bad / "config.json").unlink()
+    with pytest.raises(CaptionerError, match="without config.json"):
+        Predictor.load(bad, "cpu")
+    (bad / "config.json").write_text(json.dumps(meta))
+    (bad / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CaptionerError, match="not a readable state_dict"):
+        load_model_folder(bad)
+
+
+def test_export_refuses_to_clobber_and_overwrites_model_folders(checkpoint, tmp_path, capsys):
+    out = tmp_path / "model"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli(["export", "--checkpoint", str(checkpoint), "--out", str(other)]) == 2
+    assert "non-empty folder" in capsys.readouterr().err and (other / "notes.txt").read_text() == "mine"
+    assert cli(["export", "--checkpoint", str(checkpoint), "--out", str(other), "--overwrite"]) == 2
+    assert (other / "notes.txt").read_text() == "mine"
+    assert cli(["-q", "export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert cli(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli(["-q", "export", "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite",
+                "--dtype", "bf16"]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    for argv, message in [(["--dtype", "fp16"], "invalid choice"), (["--format", "onnx"], "invalid choice"),
+                          (["--push", "not a repo"], "not a Hub repo id"),
+                          (["--metrics", str(tmp_path / "none.json")], "not found|cannot read")]:
+        with pytest.raises(SystemExit) if "invalid choice" in message else _no_raise():
+            code = cli(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), *argv])
+            assert code == 2
+        assert __import__("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_encoder_weights_read_safetensors(tmp_path):
+    from captioner.model.encoder import HookedEncoder
+    torch.manual_seed(3)
+    source = HookedEncoder("squeezenet1_1", "features", None, image_size=64)
+    write_safetensors(tmp_path / "backbone.safetensors", source.backbone.state_dict())
+    torch.save(source.backbone.state_dict(), tmp_path / "backbone.pth")
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    for name in ("backbone.safetensors", "backbone.pth"):
+        loaded = HookedEncoder("squeezenet1_1", "features", str(tmp_path / name), image_size=64)
+        assert torch.equal(loaded(images), source(images))
+    (tmp_path / "broken.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CaptionerError, match="broken.safetensors is not a readable state_dict"):
+        HookedEncoder("squeezenet1_1", "features", str(tmp_path / "broken.safetensors"), image_size=64)
+
+
+def test_runtime_is_checked_in_one_line(folder):
+    with pytest.raises(CaptionerError, match="runtime 'tensorrt' is not available; valid: torch"):
+        Predictor.load(folder, "cpu", runtime="tensorrt")
