@@ -18,7 +18,7 @@ from captioner.engine.infer.predictor import Predictor
 from captioner.jobs import caption, extract, train
 from captioner.model.caption_model import CaptionModel, recorded_encoder_config
 
-from small_runs import small_config
+from helpers import small_config
 
 pytest.importorskip("timm")
 pytest.importorskip("open_clip")
