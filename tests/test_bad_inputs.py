@@ -184,7 +184,7 @@ def _table(w: Path, small_root: Path) -> dict[str, tuple[list[str], int]]:
 
 
 # Rows that build ViT-B/16 (86M parameters): a second or two of CPU each.
-SLOW_ROWS = {"non-CNN arch, default layer", "non-CNN arch, its own block", "layers: ViT at a size it cannot take"}
+SLOW_ROWS = {"non-CNN arch, default layer", "a ViT's pooled head, not a grid", "layers: ViT at a size it cannot take"}
 # The rows' names, which are the tests' ids; the paths in them are filled in per test from the fixtures.
 NAMES = list(_table(Path("world"), Path("small-root")))
 assert SLOW_ROWS <= set(NAMES), "a row in SLOW_ROWS was renamed"
