@@ -1,7 +1,8 @@
 """The `captioner` command: argument parsing, printing and exit codes; the work happens in the job modules.
 
-Exit codes: 0 done, 2 bad input (one line on stderr: what is wrong and what to try), 130 interrupted
-(train: 130 after SIGINT, 143 after SIGTERM, with last.pt saved); `caption --strict` exits 1 when some
+Exit codes (engine/runtime/exit.py, the one exit path): 0 done, 2 bad input (one line on stderr: what is wrong
+and what to try), 1 the machine failed (a full disk, a read-only file system, a closed output; one line),
+130 / 143 stopped by SIGINT / SIGTERM (train: with last.pt saved); `caption --strict` exits 1 when some
 image could not be read.
 """
 from __future__ import annotations
@@ -12,10 +13,11 @@ import importlib
 import json
 import logging
 import os
-import signal
 import sys
 
 from captioner import __version__
+from captioner.config.validate import check_fields
+from captioner.engine.runtime.exit import with_exit_path
 from captioner.engine.runtime.signals import exit_status
 from captioner.errors import CaptionerError
 
@@ -53,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "         captioner train --config FILE --run-dir runs/scst --init-from runs/tiny/best.pt "
                 "train.objective=scst\n"
                 "         torchrun --nproc_per_node=2 -m captioner train --config FILE --run-dir DIR\n"
-                "RUN_DIR receives best.pt, last.pt, metrics.jsonl, config.yaml and vocab.json.\n"
+                "         captioner train --resume runs/tiny 'train.log_to=[jsonl,tensorboard]'   "
+                "(then: tensorboard --logdir runs)\n"
+                "RUN_DIR receives best.pt, last.pt, metrics.jsonl, config.yaml and vocab.json (and tb/ with\n"
+                "train.log_to=[jsonl,tensorboard]). On a terminal one progress line covers the run, with its ETA.\n"
                 "SIGINT/SIGTERM save last.pt and exit with 130/143; --resume continues at the exact sample.")
     p.add_argument("--config", help="YAML config file (see configs/); with --resume, checked against the run's")
     p.add_argument("--run-dir", help="folder for checkpoints and logs")
@@ -328,13 +333,27 @@ COMMANDS = {
 }
 
 
+def _option_names(command: str) -> dict[str, str]:
+    """dest -> the option a user types (beam_size -> --beam) for one command's arguments."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return {a.dest: (a.option_strings[-1] if a.option_strings else a.dest) for a in sub._actions}
+
+
 def build_job(args: argparse.Namespace):
-    """(the job module, its XJob built by keyword from args): what run_command() executes; tests build jobs this way too."""
+    """(the job module, its XJob built by keyword from args): what run_command() executes; tests build jobs this
+    way too.
+
+    The job's own __post_init__ checks what is specific to it (--beam >= 1); then every numeric option is
+    checked by its field's type (a finite float, an int in range), so an option added later is checked too."""
     module_name, job_name, _, special = COMMANDS[args.command]
     module = importlib.import_module(f"captioner.jobs.{module_name}")
     job_class = getattr(module, job_name)
     given = {**vars(args), **(special(args) if special else {})}
-    return module, job_class(**{f.name: given[f.name] for f in dataclasses.fields(job_class) if f.name in given})
+    job = job_class(**{f.name: given[f.name] for f in dataclasses.fields(job_class) if f.name in given})
+    names = _option_names(args.command)
+    check_fields(job_class, {f.name: getattr(job, f.name) for f in dataclasses.fields(job)},
+                 lambda name: names.get(name, name))
+    return module, job
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -354,20 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     # Also on our own logger: basicConfig does nothing where logging is already set up (a notebook, pytest).
     logging.getLogger("captioner").setLevel(level)
-    try:
-        code = run_command(args)
-        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
-        return code
-    except BrokenPipeError:  # `captioner layers resnet152 | head`: the reader left; nothing more to say
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
-        return exit_status("SIGPIPE") if hasattr(signal, "SIGPIPE") else 1
-    except CaptionerError as e:
-        print(f"captioner {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"captioner {args.command}: interrupted", file=sys.stderr)
-        return exit_status("SIGINT")
+    return with_exit_path(args.command, lambda: run_command(args))
 
 
 if __name__ == "__main__":

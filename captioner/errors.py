@@ -1,5 +1,41 @@
-"""The one exception type the CLI turns into a one-line message instead of a traceback."""
+"""The errors a command turns into one line instead of a traceback, and which exit status each gives.
+
+    CaptionerError       the input is wrong (a file, a config value, a checkpoint, an argument): exit status 2
+    EnvironmentFailure   the machine failed the command (a full disk, a read-only file system, a closed
+                         output, an I/O error): exit status 1; rerunning once the machine is fixed resumes
+
+os_failure(what, error) makes the right one of an OSError, so that every place that catches one decides the
+same way (engine/runtime/exit.py applies the same rule to an OSError that nothing caught).
+"""
+from __future__ import annotations
+
+import errno
 
 
 class CaptionerError(Exception):
     """A problem with the user's input (file, config, checkpoint) that deserves one clear line."""
+    exit_status = 2
+
+    def with_context(self, prefix: str) -> "CaptionerError":
+        """The same kind of error with prefix before its message (e.g. the config file it came from)."""
+        return type(self)(f"{prefix}{self}")
+
+
+class EnvironmentFailure(CaptionerError):
+    """Not the input but the machine: no space left, a read-only file system, a closed pipe, an I/O error."""
+    exit_status = 1
+
+
+# errno values that say the machine (disk, file system, pipe, memory) failed, not that the path given was wrong.
+ENVIRONMENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOSPC", "EDQUOT", "EFBIG", "EIO", "EROFS", "EPIPE", "EBADF", "ENOMEM", "ESTALE", "ENOBUFS", "ENFILE", "EMFILE",
+    "ENODEV", "ENXIO", "ECONNRESET", "ETIMEDOUT", "EREMOTEIO", "EUCLEAN") if hasattr(errno, name))
+
+
+def os_failure(what: str, error: OSError, then: str = "") -> CaptionerError:
+    """An OSError as one line, "what: reason" (then `then`, e.g. what was kept): an EnvironmentFailure (exit 1)
+    when the machine failed (a full disk, a read-only file system, a closed pipe), else a CaptionerError (exit 2:
+    a path that is missing, in the way or not permitted)."""
+    reason = error.strerror or str(error) or type(error).__name__
+    kind = EnvironmentFailure if error.errno in ENVIRONMENT_ERRNOS else CaptionerError
+    return kind(f"{what}: {reason}{then}")

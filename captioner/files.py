@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, EnvironmentFailure, os_failure
 
 TEMP_SUFFIX = ".tmp"
 
@@ -46,26 +46,55 @@ def _blocking_file(folder: Path) -> Path | None:
     return next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
 
 
-def check_writable(path: str | Path, what: str = "file", folder: bool = False) -> None:
-    """Refuse, before any work is done, an output path that can never be written: a folder where a file is
-    wanted (or a file where a folder is), or a path under a plain file. Read-only: nothing is created."""
+def write_target(path: str | Path) -> Path:
+    """Where writing path lands: the file a symbolic link points to (followed to the end), so that replacing
+    an output that is a link updates the file it names instead of replacing the link with a copy."""
     path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _existing_folder(folder: Path) -> Path:
+    """folder, or the nearest of its parents that exists (where the missing folders would be created)."""
+    return next((p for p in [folder, *folder.parents] if p.is_dir()), Path("."))
+
+
+def check_writable(path: str | Path, what: str = "file", folder: bool = False, append: bool = False) -> None:
+    """Refuse, before any work is done, an output that cannot be written: a folder where a file is wanted (or a
+    file where a folder is), a path under a plain file, or a place where creating a file fails (read-only file
+    system, no permission, a full disk's exhausted inodes). The test is real: a file is created and removed in
+    the folder that will receive the output (or the nearest existing folder above it, where the missing ones
+    would be made), since a permission check cannot see a read-only mount or what root may do. append: the
+    output is appended to in place, so an existing file must open for writing too. Leaves nothing behind."""
+    path = write_target(path)
     if not folder and path.is_dir():
         raise CaptionerError(f"cannot write {what} {path}: it is a folder; give a file name")
+    if folder and path.exists() and not path.is_dir():
+        raise CaptionerError(f"cannot write {what} {path}: it is a file, not a folder")
     blocker = _blocking_file(path if folder else path.parent)
     if blocker is not None:
         raise CaptionerError(f"cannot write {what} {path}: {blocker} is a file, not a folder")
+    probe = _existing_folder(path if folder else path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".captioner-write-test-", suffix=TEMP_SUFFIX, dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+        if append and not folder and path.is_file():
+            with open(path, "ab"):  # opening to append changes nothing
+                pass
+    except OSError as e:
+        raise os_failure(f"cannot write {what} {path}", e) from None
 
 
 def make_parent(path: str | Path, what: str = "file") -> None:
-    """Create the folders above path; a CaptionerError (not a traceback) when one of them is a plain file."""
+    """Create the folders above path; one line (not a traceback) when one of them is a plain file."""
     parent = Path(path).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         blocker = _blocking_file(parent)
-        why = f"{blocker} is a file, not a folder" if blocker else (e.strerror or str(e))
-        raise CaptionerError(f"cannot write {what} {path}: {why}") from None
+        if blocker:
+            raise CaptionerError(f"cannot write {what} {path}: {blocker} is a file, not a folder") from None
+        raise os_failure(f"cannot write {what} {path}", e) from None
 
 
 def move_into_place(tmp: str | Path, path: str | Path, durable: bool = True) -> None:
@@ -93,7 +122,7 @@ def read_text(path: str | Path, what: str, encoding: str = "", limit: int | None
         with open(path, "rb") as f:
             data = f.read() if limit is None else f.read(limit)
     except OSError as e:
-        raise CaptionerError(f"{what} {path}: cannot read ({e.strerror or e})") from None
+        raise os_failure(f"{what} {path}: cannot read", e) from None
     if encoding:
         try:
             return data.decode(encoding)
@@ -122,14 +151,14 @@ def atomic_write(path: str | Path, what: str = "file", durable: bool = True) -> 
     `what` names the file in errors ("cannot write checkpoint runs/x/last.pt: No space left on device").
     durable=False skips the fsyncs (still atomic, not power-cut proof) for scratch files that a rerun
     writes again anyway: generated synthetic images, benchmark JPEGs."""
-    path = Path(path)
+    path = write_target(path)  # a link's target is replaced, not the link
     if path.is_dir():
         raise CaptionerError(f"cannot write {what} {path}: it is a folder; give a file name")
     make_parent(path, what)
     try:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TEMP_SUFFIX, dir=path.parent)
     except OSError as e:
-        raise CaptionerError(f"cannot write {what} {path}: {e.strerror or e}") from None
+        raise os_failure(f"cannot write {what} {path}", e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -140,8 +169,10 @@ def atomic_write(path: str | Path, what: str = "file", durable: bool = True) -> 
     except (OSError, RuntimeError) as e:  # a full disk shows up as either (torch.save raises RuntimeError)
         Path(tmp).unlink(missing_ok=True)
         kept = f"; the previous {path.name} is intact" if path.exists() else ""
-        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise CaptionerError(f"cannot write {what} {path}: {reason}{kept}") from None
+        if isinstance(e, OSError):
+            raise os_failure(f"cannot write {what} {path}", e, then=kept) from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise EnvironmentFailure(f"cannot write {what} {path}: {reason}{kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -195,7 +226,7 @@ def atomic_folder(path: str | Path, what: str = "folder", replace: bool = False)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
     except OSError as e:
-        raise CaptionerError(f"cannot write {what} {path}: {e.strerror or e}") from None
+        raise os_failure(f"cannot write {what} {path}", e) from None
     try:
         yield tmp
         _shareable(tmp)
@@ -209,7 +240,7 @@ def atomic_folder(path: str | Path, what: str = "folder", replace: bool = False)
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CaptionerError(f"cannot write {what} {path}: {e.strerror or e}") from None
+        raise os_failure(f"cannot write {what} {path}", e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

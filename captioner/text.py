@@ -36,6 +36,20 @@ def _is_word_char(ch: str) -> bool:
     return unicodedata.category(ch)[0] in "LN" and ch != "_"
 
 
+# Characters that end a line for some reader (Python's splitlines, Java's PTBTokenizer, a terminal) or are no text
+# at all: C0 and C1 controls (tab, line feed, vertical tab, form feed, carriage return, U+0085 next line, ...),
+# U+2028 line and U+2029 paragraph separators, and lone surrogates (invalid in UTF-8).
+_NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def normalize_text(text: str) -> str:
+    """A caption as every scorer and the vocabulary read it: line and paragraph separators and control
+    characters become spaces, so a caption is one line whatever it holds. One invisible U+2028 among 200
+    captions used to shift the PTB tokenizer's lines and score every later caption against the wrong
+    references. The one normalisation before scoring: tokenize, the metrics and the vocabulary call it."""
+    return _NOT_TEXT.sub(" ", text)
+
+
 def tokenize(text: str) -> list[str]:
     """Lower-case words and numbers of any script, punctuation split off and dropped; Chinese and Japanese
     characters one token each. Needs no NLTK data download.
@@ -44,6 +58,7 @@ def tokenize(text: str) -> list[str]:
     (and equal coco-caption's); other text is NFC-normalised (a precomposed and a combining "é" are one
     letter) and read character by character, keeping the combining marks of Devanagari, Thai or Arabic.
     """
+    text = normalize_text(text)
     if text.isascii():
         return _WORD.findall(text.lower())
     text = unicodedata.normalize("NFC", text).lower().replace("\u2019", "'")

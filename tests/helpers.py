@@ -9,6 +9,7 @@ import io
 import json
 import os
 import struct
+import textwrap
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
@@ -100,6 +101,27 @@ def step_losses(run_dir) -> list[tuple[int, float]]:
 
 def weights(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def killed_child(step: int, logger: str = "MetricsLog", flush: bool = False) -> str:
+    """Python source of a child process that trains through the real CLI (argv: threads, then CLI arguments) and
+    SIGKILLs itself right after `logger` (a class of engine/train/loggers.py) has written step `step`'s line,
+    flushed to disk first when asked: a kill -9 at a known point, past the last checkpoint."""
+    return textwrap.dedent(f"""
+        import os, signal, sys
+        import torch
+        torch.set_num_threads(int(sys.argv[1]))
+        from captioner.cli import main
+        from captioner.engine.train.loggers import {logger} as Logger
+        write = Logger.write
+        def write_then_die(self, record):
+            write(self, record)
+            if record.get("step") == {step} and "loss" in record:
+                {"self.flush()" if flush else "pass"}
+                os.kill(os.getpid(), signal.SIGKILL)
+        Logger.write = write_then_die
+        sys.exit(main(sys.argv[2:]))
+    """)
 
 
 # ---------------------------------------------------------------- folders of images

@@ -10,15 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.config import from_dict, inherit_preprocess, to_dict
+from captioner.config import from_dict, inherit_preprocess, load_config, to_dict
 from captioner.data.images import load_image
 from captioner.data.synthetic import write_jpegs
 from captioner.engine.infer.checkpoint import load_checkpoint, load_model
 from captioner.engine.infer.predictor import Predictor
+from captioner.errors import CaptionerError
 from captioner.jobs import caption, extract, train
 from captioner.model.caption_model import CaptionModel, recorded_encoder_config
 
-from helpers import small_config
+from helpers import TINY, small_config
 
 pytest.importorskip("timm")
 pytest.importorskip("open_clip")
@@ -104,3 +105,13 @@ def test_bilinear_weights_resize_bilinearly(tmp_path):
     bicubic, bilinear = load_image(str(photo), 32), load_image(str(photo), 32, interpolation="bilinear")
     expected = torch.from_numpy(np.array(Image.fromarray(pixels).resize((32, 32), Image.BILINEAR)))
     assert torch.equal(bilinear, expected.permute(2, 0, 1)) and not torch.equal(bicubic, bilinear)
+
+
+def test_preprocessing_keys_from_the_command_line():
+    cfg = load_config(TINY, ["encoder.mean=[0.5,0.5,0.5]", "encoder.std=[1,1,1]", "encoder.interpolation=bilinear"])
+    assert cfg.encoder.mean == [0.5, 0.5, 0.5] and cfg.encoder.std == [1.0, 1.0, 1.0]
+    for bad, message in (("encoder.mean=0.5", "expects a list of float"), ("encoder.mean=[0.5,0.5]", "one value per"),
+                         ("encoder.std=[0,1,1]", "encoder.std must be > 0"), ("encoder.interpolation=lanczos",
+                                                                               "bicubic, bilinear")):
+        with pytest.raises(CaptionerError, match=message):
+            load_config(TINY, [bad])

@@ -26,7 +26,7 @@ def test_two_process_gloo_run_matches_one_process_with_the_global_batch(tmp_path
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "captioner", "-q",
          "train", "--config", str(TINY), "--run-dir", str(ddp_dir), "--device", "cpu",
-         *small_overrides(data, *extra, "train.batch_size=8")],
+         *small_overrides(data, *extra, "train.batch_size=8", "train.log_to=[jsonl,tensorboard]")],
         env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count('"best_checkpoint"') == 1  # rank 0 alone prints the summary
@@ -41,5 +41,8 @@ def test_two_process_gloo_run_matches_one_process_with_the_global_batch(tmp_path
     # validation: each process captions half of the val images, rank 0 gathers and scores all of them
     val = lambda d: [(x["val_images"], round(x["val_bleu4"], 6)) for x in metric_lines(d) if "val_bleu4" in x]  # noqa: E731
     assert val(ddp_dir) == val(single_dir) and val(ddp_dir)[0][0] == 6
+    # rank 0 alone writes TensorBoard (one event file, each step once) and its share's sample captions (3 of 6)
+    assert len(list((ddp_dir / "tb").glob("events.out.tfevents.*"))) == 1
+    assert [len(x["samples"]) for x in metric_lines(ddp_dir) if "samples" in x] == [3, 3]
     state = torch.load(ddp_dir / "last.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and not any(k.startswith("module.") for k in state["model"])

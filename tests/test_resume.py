@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ from captioner.jobs import train
 from captioner.cli import main as cli
 from captioner.engine.train.loggers import MetricsLog
 
-from helpers import ROOT, TINY, metric_lines, small_config, small_overrides, step_losses, weights
+from helpers import (ROOT, TINY, killed_child, metric_lines, small_config, small_overrides, step_losses,
+                     weights)
 
 pytestmark = pytest.mark.slow  # every test trains the small model (18 steps) at least once
 
@@ -36,22 +36,9 @@ def _same_run(a, b):
     assert val(a) == val(b) and len(val(a)) == 2
 
 
-# The child trains through the real CLI and SIGKILLs itself right after logging step 8: mid-epoch 1 (9 steps),
-# two steps after the step-6 checkpoint, so metrics.jsonl holds lines the resume must drop.
-KILLED_CHILD = textwrap.dedent("""
-    import os, signal, sys
-    import torch
-    torch.set_num_threads(int(sys.argv[1]))
-    from captioner.cli import main
-    from captioner.engine.train.loggers import MetricsLog
-    write = MetricsLog.write
-    def write_then_die(self, record):
-        write(self, record)
-        if record.get("step") == 8 and "loss" in record:
-            os.kill(os.getpid(), signal.SIGKILL)
-    MetricsLog.write = write_then_die
-    sys.exit(main(sys.argv[2:]))
-""")
+# The child SIGKILLs itself right after logging step 8: mid-epoch 1 (9 steps), two steps after the step-6
+# checkpoint, so metrics.jsonl holds lines the resume must drop.
+KILLED_CHILD = killed_child(8)
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, small_root, tmp_path):

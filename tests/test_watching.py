@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from captioner.engine.train.loggers import MetricsLog
 from captioner.engine.train.telemetry import RunClock, duration
 from captioner.jobs import train
 
-from helpers import ROOT, TINY, metric_lines, small_config, small_overrides
+from helpers import ROOT, TINY, killed_child, metric_lines, small_config, small_overrides
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
@@ -53,10 +52,10 @@ def _tensorboard_scalars(acc) -> dict:
     return {tag: [(e.step, np.float32(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def _raw_steps(run_dir) -> dict:
+def _raw_steps(run_dir, folder="tb") -> dict:
     """{tag: [steps]} straight from the event files, without the reader's purge logic."""
     steps = {}
-    for path in sorted((run_dir / "tb").glob("events.out.tfevents.*")):
+    for path in sorted((run_dir / folder).glob("events.out.tfevents.*")):
         for event in EventFileLoader(str(path)).Load():
             for value in event.summary.value:
                 steps.setdefault(value.tag, []).append(event.step)
@@ -106,23 +105,9 @@ def test_tensorboard_holds_every_scalar_of_metrics_jsonl_and_8_samples_per_valid
     assert {f"train/{k}" for k in ("loss", "elapsed_s")} <= set(_expected_scalars(run_dir))
 
 
-# The child trains through the real CLI and SIGKILLs itself once step 5 is logged by every logger and flushed to
-# disk: two steps after the step-3 checkpoint, so metrics.jsonl and tb/ both hold steps the resume must drop.
-KILLED_CHILD = textwrap.dedent("""
-    import os, signal, sys
-    import torch
-    torch.set_num_threads(int(sys.argv[1]))
-    from captioner.cli import main
-    from captioner.engine.train.loggers import RunLog
-    write = RunLog.write
-    def write_then_die(self, record):
-        write(self, record)
-        if record.get("step") == 5 and "loss" in record:
-            self.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-    RunLog.write = write_then_die
-    sys.exit(main(sys.argv[2:]))
-""")
+# The child SIGKILLs itself once step 5 is logged by every logger and flushed to disk: two steps after the step-3
+# checkpoint, so metrics.jsonl and tb/ both hold steps the resume must drop.
+KILLED_CHILD = killed_child(5, logger="RunLog", flush=True)
 
 
 @pytest.mark.slow
@@ -177,6 +162,21 @@ def test_scst_run_turning_tensorboard_on_at_resume_gets_its_whole_history(small_
         assert tag in scalars
     assert [e.step for e in acc.Tensors("samples/0/text_summary")] == [5, 10]  # the first one replayed as text
     assert [e.step for e in acc.Images("attention/0")] == [10]  # its strip could not be redrawn
+
+
+def test_drop_events_after_keeps_each_file_up_to_the_step(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from captioner.engine.train.loggers import drop_events_after
+    with SummaryWriter(str(tmp_path)) as writer:
+        for step in range(1, 11):
+            writer.add_scalar("train/loss", 1.0 / step, step)
+        writer.add_text("samples/0", "a caption", 10)
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    path.write_bytes(path.read_bytes() + b"\x10\x00\x00")  # a record torn by kill -9
+    assert drop_events_after(tmp_path, 6) == 5  # steps 7..10 and the text at 10; the torn record is cut too
+    assert _raw_steps(tmp_path, folder=".") == {"train/loss": [1, 2, 3, 4, 5, 6]}
+    assert drop_events_after(tmp_path, 6) == 0  # nothing after the step: the file stays as it is
 
 
 def test_tensorboard_missing_is_one_line_before_training(small_root, tmp_path, monkeypatch, capsys):

@@ -5,16 +5,18 @@ Unknown keys and values of the wrong type are CaptionerErrors that name the key 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import functools
 import os
+import types
 import typing
 from pathlib import Path
 
 import yaml
 
 from captioner.config.sections import LEGACY_DEFAULTS, Config
-from captioner.config.validate import validate
+from captioner.config.validate import check_number, check_text, validate
 from captioner.errors import CaptionerError
 from captioner.files import read_text
 
@@ -31,43 +33,105 @@ def _unknown_key(key: str, cfg: Config) -> CaptionerError:
     return CaptionerError(f"unknown config key '{key}'{hint}; valid keys: {', '.join(keys)}")
 
 
-def coerce(key: str, value, annotation):
-    """Convert a YAML/CLI value to the field's declared type, or raise a one-line error."""
+class StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (at any depth): PyYAML keeps the last one
+    silently, so a second `train:` section would drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` merges, it is not a key
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (also on line {seen[key]}): give each key once",
+                            key_node.start_mark)
+                    seen[key] = line
+                except TypeError:  # a list or mapping as a key
+                    raise yaml.constructor.ConstructorError(None, None, f"a {type(key).__name__} as a key",
+                                                            key_node.start_mark) from None
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, what: str):
+    """text parsed by StrictLoader; one line naming `what` and the place when it is not valid YAML."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise CaptionerError(f"{what} is not valid YAML{at}: {problem}") from None
+    except RecursionError:
+        raise CaptionerError(f"{what} is nested too deeply to be a config") from None
+    except (ValueError, OverflowError) as e:  # a scalar PyYAML cannot convert (an integer of 5000 digits)
+        raise CaptionerError(f"{what} holds a value that cannot be read: {str(e).split(';')[0][:120]}") from None
+
+
+def coerce(key: str, value, annotation, spec: dataclasses.Field | None = None, label: str = ""):
+    """Convert a YAML/CLI value to the field's declared type, or raise a one-line error.
+
+    The checks come from the type, so a key added later gets them without a line here: an int must be a whole
+    number in its field's range (validate.INT_RANGE, 0..2**31-1, unless the field says otherwise), a float
+    finite (unless its field allows infinity), a str text that was given as text (a path given 123 is refused:
+    quote it), a bool true/false, a Switch or Literal one of its values. label names the value in errors
+    (default: config key 'KEY')."""
+    name = label or f"config key '{key}'"
     hint = annotation
     args = typing.get_args(hint)
     if value is None and type(None) in args:
         return None
     if typing.get_origin(hint) is typing.Literal:  # a Switch: booleans are its "true" / "false"
         value = ("true" if value else "false") if isinstance(value, bool) else value
-        if value in args:
+        if isinstance(value, str) and value in args:
             return value
-        raise CaptionerError(f"config key '{key}' must be one of {', '.join(args)}, got {value!r}")
+        raise CaptionerError(f"{name} must be one of {', '.join(args)}, got {_shown(value)}")
     if typing.get_origin(hint) is list:  # a list of strings: YAML [a, b] or "a,b" from the command line
         items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
         if isinstance(items, list) and all(isinstance(v, str) for v in items):
-            return items
-        raise CaptionerError(f"config key '{key}' expects a list of names such as [a, b], got {value!r}")
+            return [check_text(name, v) for v in items]
+        raise CaptionerError(f"{name} expects a list of names such as [a, b], got {_shown(value)}")
     target = next((a for a in args if a is not type(None)), hint) if args else hint
     if typing.get_origin(target) is list:  # list[float]: a YAML list, or [0.5, 0.5, 0.5] on the command line
         item = typing.get_args(target)[0]
         if isinstance(value, (list, tuple)) and value:
-            return [coerce(key, v, item) for v in value]
-        raise CaptionerError(f"config key '{key}' expects a list of {item.__name__} such as [0.5, 0.5, 0.5], "
-                             f"got {value!r}")
+            return [coerce(key, v, item, label=name) for v in value]
+        raise CaptionerError(f"{name} expects a list of {item.__name__} such as [0.5, 0.5, 0.5], got {_shown(value)}")
     if target in (int, float) and isinstance(value, str):
         try:  # YAML reads "1e-3" (no dot) as a string
-            value = target(value)
+            value = target(value.strip())
         except ValueError:
             pass
     if target is bool and isinstance(value, bool):
         return value
     if target is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
+        return check_number(name, value, spec)
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if target is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise CaptionerError(f"config key '{key}' expects {target.__name__}, got {value!r}")
+        try:
+            value = float(value)
+        except OverflowError:  # an int too large for a float
+            raise CaptionerError(f"{name} must be a finite number, got an integer of "
+                                 f"{value.bit_length()} bits") from None
+        return check_number(name, value, spec)
+    if target is str and isinstance(value, str):
+        return check_text(name, value)
+    if target is str and isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
+        raise CaptionerError(f"{name} expects str (text), got {type(value).__name__} {_shown(value)}: quote it "
+                             f"('{value}') if it is meant as text")
+    expected = {int: "int (a whole number)", float: "float (a number)", str: "str (text)",
+                bool: "bool (true or false)"}.get(
+        target, getattr(target, "__name__", str(target)))
+    raise CaptionerError(f"{name} expects {expected}, got {_shown(value)}")
+
+
+def _shown(value) -> str:
+    """A value as an error shows it: its repr, cut short (a 5000-character string is one line too)."""
+    text = f"an integer of {value.bit_length()} bits" if isinstance(value, int) and value.bit_length() > 64 \
+        else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @functools.cache
@@ -82,19 +146,26 @@ def _set(cfg: Config, key: str, value) -> None:
     if section is None or name not in {f.name for f in dataclasses.fields(section)}:
         raise _unknown_key(key, cfg)
     annotation = _field_types(type(section))[name]
-    setattr(section, name, coerce(key, value, annotation))
+    spec = next(f for f in dataclasses.fields(section) if f.name == name)
+    setattr(section, name, coerce(key, value, annotation, spec))
 
 
 def from_dict(data: dict, cfg: Config | None = None) -> Config:
     """Apply a nested dict ({"encoder": {"layer": "layer3"}}) on top of cfg (defaults when None)."""
     cfg = cfg or Config()
     if not isinstance(data, dict):
-        raise CaptionerError(f"config must be a mapping of sections, got {type(data).__name__}")
+        raise CaptionerError(f"config must be a mapping of sections (encoder:, model:, dataset:, ...), got "
+                             f"{_kind(data)}")
+    sections = {f.name for f in dataclasses.fields(cfg)}
     for section, values in data.items():
+        if not isinstance(section, str) or section not in sections:
+            raise _unknown_key(str(section), cfg)
         if not isinstance(values, dict):
-            raise _unknown_key(str(section), cfg) if not hasattr(cfg, str(section)) else CaptionerError(
-                f"config section '{section}' must be a mapping of keys")
+            raise CaptionerError(f"config section '{section}' must be a mapping of keys (e.g. {section}: "
+                                 f"{{key: value}}), got {_kind(values)}")
         for name, value in values.items():
+            if not isinstance(name, str):
+                raise _unknown_key(f"{section}.{name}", cfg)
             _set(cfg, f"{section}.{name}", value)
     validate(cfg)
     return cfg
@@ -111,17 +182,57 @@ def from_saved_dict(data: dict) -> Config:
     return from_dict(filled)
 
 
+def _kind(value) -> str:
+    """How a parsed YAML value reads in an error: "nothing (an empty file or section)", "a list", "the text 'x'"."""
+    if value is None:
+        return "nothing (it is empty)"
+    if isinstance(value, bool):
+        return f"{str(value).lower()}"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, str):
+        return f"the text {value[:40]!r}"
+    return f"{type(value).__name__} {str(value)[:40]!r}"
+
+
+def _annotation(cfg: Config, key: str):
+    section, _, name = key.partition(".")
+    holder = getattr(cfg, section, None) if section in {f.name for f in dataclasses.fields(cfg)} else None
+    if holder is None or name not in {f.name for f in dataclasses.fields(holder)}:
+        return None  # _set names the unknown key
+    return _field_types(type(holder))[name]
+
+
+def override_value(raw: str, annotation):
+    """A `key=value` string's value: a YAML scalar (3, 1e-4, true, null) for numbers, booleans and switches;
+    for a text field the text as typed (so dataset.root=2024 or encoder.layer=1 stay text), null giving None
+    where the field allows it."""
+    if raw == "":
+        return ""
+    args = typing.get_args(annotation)
+    if annotation is str or (typing.get_origin(annotation) in (typing.Union, types.UnionType) and str in args):
+        if type(None) in args and raw.strip() in ("null", "~", "None"):
+            return None
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        return parse_yaml(raw, f"override value {raw!r}") if quoted else raw
+    try:
+        value = parse_yaml(raw, f"override value {raw!r}")
+    except CaptionerError:  # not YAML: the raw text, which the field's coercion names in its refusal
+        return raw
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    listed = next((a for a in args if a is not type(None)), annotation) if union else annotation  # list | None
+    if isinstance(value, list) and typing.get_origin(listed) is list:  # train.log_to=[jsonl,tensorboard]
+        return value
+    return value if not isinstance(value, (dict, list)) else raw
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply `section.key=value` strings; the value is parsed as a YAML scalar (so 3, 1e-4, true, null work)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise CaptionerError(f"override '{item}' is not of the form section.key=value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        _set(cfg, key.strip(), value)
+        _set(cfg, key.strip(), override_value(raw, _annotation(cfg, key.strip())))
     validate(cfg)
     return cfg
 
@@ -171,14 +282,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             path = shipped_config(path.name)
         if not path.is_file():
             raise CaptionerError(f"config file {path} not found")
-        try:
-            data = yaml.safe_load(read_text(path, "config file", setting="")) or {}
-        except yaml.YAMLError as e:
-            raise CaptionerError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        data = parse_yaml(read_text(path, "config file", setting=""), f"config file {path}")
+        if data is None:
+            raise CaptionerError(f"config file {path} is empty (or only comments): give at least one section, "
+                                 f"e.g. start from configs/tiny.yaml")
         try:
             from_dict(_relative_to(data, path.parent), cfg)
         except CaptionerError as e:
-            raise CaptionerError(f"{path}: {e}") from None
+            raise e.with_context(f"{path}: ") from None
     return apply_overrides(cfg, list(overrides))
 
 

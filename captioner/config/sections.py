@@ -112,7 +112,7 @@ class DecodeConfig:
     length_penalty: float = 0.0  # 0 ranks beams by total log-probability; 1 by mean per word
     batch_size: int = 32
     sample: bool = False  # draw each word from the model's distribution (varied captions) instead of greedy/beam
-    temperature: float = 1.0  # sampling only: < 1 sharper (closer to greedy), > 1 more varied
+    temperature: float = 1.0  # sampling only: < 1 sharper (closer to greedy), > 1 more varied; see TEMPERATURES
 
 
 @dataclass
@@ -146,6 +146,11 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+
+# Sampling temperatures that work: below 1e-4 the scaled float32 logits overflow (NaN probabilities), above 1e4
+# every word is equally likely.
+TEMPERATURES = (1e-4, 1e4)
 
 
 LR_SCHEDULES = ("none", "cosine", "step", "plateau")

@@ -2,17 +2,83 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import math
+import typing
 
 from captioner.config.sections import (DATASET_FORMATS, INTERPOLATIONS, LOGGERS, LR_SCHEDULES, OBJECTIVES,
-                                       SCST_BASELINES, SELECT_METRICS, Config)
+                                       SCST_BASELINES, SELECT_METRICS, TEMPERATURES, Config)
 from captioner.errors import CaptionerError
+
+
+# The range of every int key and option unless its dataclass field says otherwise (metadata "range": (low,
+# high)): counts, sizes and seeds are never negative, and 2**31 - 1 keeps every seed (+ rank, + epoch) inside
+# NumPy's and torch's generators and every size inside a 32-bit index.
+INT_RANGE = (0, 2**31 - 1)
+
+
+def int_range(spec: dataclasses.Field | None) -> tuple[int, int]:
+    return spec.metadata.get("range", INT_RANGE) if spec is not None else INT_RANGE
+
+
+def check_number(name: str, value, spec: dataclasses.Field | None = None):
+    """value, or a one-line error: an int outside its field's range, a float that is NaN or infinite (unless
+    the field's metadata says "infinite": True, where infinity means something) or outside a declared range."""
+    low, high = int_range(spec) if isinstance(value, int) else (spec.metadata.get("range", (None, None))
+                                                                 if spec is not None else (None, None))
+    if isinstance(value, float) and not math.isfinite(value) and not (
+            spec is not None and spec.metadata.get("infinite") and not math.isnan(value)):
+        raise CaptionerError(f"{_named(name)} must be a finite number, got {value}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        shown = f"an integer of {value.bit_length()} bits" if isinstance(value, int) and value.bit_length() > 64 \
+            else value
+        raise CaptionerError(f"{_named(name)} must be between {low} and {high}, got {shown}")
+    return value
+
+
+def check_text(name: str, value: str) -> str:
+    """value, or a one-line error when it holds a NUL character, which no path, name or encoding can hold."""
+    if "\x00" in value:
+        raise CaptionerError(f"{_named(name)} holds a NUL character (\\0), which no path or name can hold")
+    return value
+
+
+def _named(name: str) -> str:
+    """An option (--beam) or an already worded name (config key 'x') as it is; a bare key as config key 'x'."""
+    return name if name.startswith("-") or " " in name else f"config key '{name}'"
+
+
+def check_fields(cls, values: dict, option_name=lambda field: field) -> None:
+    """The checks coerce makes on config keys, made on the values a dataclass (a job's options) is about to be
+    built with: every int within its field's range, every float finite, no NUL in text. Derived from the field
+    types, so a field added later is checked too; option_name turns a field name into what the user typed
+    (beam_size -> --beam)."""
+    hints = typing.get_type_hints(cls)
+    for spec in dataclasses.fields(cls):
+        value = values.get(spec.name)
+        if value is None or isinstance(value, bool):
+            continue
+        kinds = _plain_types(hints[spec.name])
+        if (isinstance(value, int) and int in kinds) or (isinstance(value, float) and float in kinds):
+            check_number(option_name(spec.name), value, spec)
+        elif isinstance(value, str) and str in kinds:
+            check_text(option_name(spec.name), value)
+
+
+def _plain_types(hint) -> set:
+    args = typing.get_args(hint)
+    return {a for a in (args or (hint,)) if a in (int, float, str)}
 
 
 def require_min(*checks: tuple[str, int | float | None, int | float]) -> None:
     """The range checks every command makes on its options: ("--beam", 0, 1) -> "--beam must be >= 1, got 0".
-    None means "not given" and passes."""
+    None means "not given" and passes; NaN and infinity never do."""
     for name, value, low in checks:
-        if value is not None and value < low:
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CaptionerError(f"{name} must be a finite number >= {low}, got {value}")
+        if value < low:
             raise CaptionerError(f"{name} must be >= {low}, got {value}")
 
 
@@ -103,7 +169,8 @@ def validate(cfg: Config) -> None:
         (cfg.compute.num_workers >= 0, f"compute.num_workers must be >= 0, got {cfg.compute.num_workers}"),
         (cfg.compute.encode_batch_size >= 1,
          f"compute.encode_batch_size must be >= 1, got {cfg.compute.encode_batch_size}"),
-        (cfg.decode.temperature > 0, f"decode.temperature must be > 0, got {cfg.decode.temperature}"),
+        (TEMPERATURES[0] <= cfg.decode.temperature <= TEMPERATURES[1],
+         f"decode.temperature must be in [{TEMPERATURES[0]:g}, {TEMPERATURES[1]:g}], got {cfg.decode.temperature}"),
         (cfg.cache.dtype in ("bfloat16", "float32"),
          f"cache.dtype must be bfloat16 or float32 (float16 overflows random-weight features), not {cfg.cache.dtype}"),
     ]

@@ -26,6 +26,29 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _unique_images(images: list[dict], path: Path) -> list[dict]:
+    """The 'images' list with each id once. An id given to two different files is an error (pycocotools would
+    keep one file and give it the captions of both); the same entry listed again is dropped with a warning."""
+    first, repeats, clashes = {}, 0, []
+    for img in images:
+        seen = first.setdefault(img["id"], img)
+        if seen is img:
+            continue
+        if seen["file_name"] == img["file_name"]:
+            repeats += 1
+        else:
+            clashes.append((img["id"], seen["file_name"], img["file_name"]))
+    if clashes:
+        image_id, a, b = clashes[0]
+        raise CaptionerError(f"annotations file {path}: {len(clashes)} image ids are given to two different files "
+                             f"(first: id {image_id} is {a} and {b}), so their captions would be merged onto one "
+                             f"photo; give each image its own id")
+    if repeats:
+        log.warning("annotations file %s: %d duplicate entries in 'images' (same id, same file) are counted once",
+                    path, repeats)
+    return list(first.values()) if repeats else images
+
+
 def coco_index(data, path: Path) -> COCO:
     """A pycocotools COCO index over already-parsed COCO captions data; annotation ids are added if absent."""
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
@@ -35,6 +58,7 @@ def coco_index(data, path: Path) -> COCO:
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or not _is_int(img.get("id")) or not isinstance(img.get("file_name"), str):
             raise CaptionerError(f"annotations file {path}: images[{i}] lacks an integer 'id' or a 'file_name'")
+    data = {**data, "images": _unique_images(data["images"], path)}
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
             raise CaptionerError(f"annotations file {path}: annotations[{i}] lacks 'image_id' or a 'caption' string")

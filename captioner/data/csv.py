@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections import defaultdict
 from pathlib import Path
 
 from captioner.data.flickr import report_malformed
-from captioner.data.records import ImageRecord, ids_from_names, read_text
+from captioner.data.records import ImageRecord, file_lines, ids_from_names, read_text
 from captioner.errors import CaptionerError
 
 IMAGE_COLUMNS = ("image", "image_name", "filename", "file_name", "file", "path", "image_path", "img")
@@ -27,6 +28,8 @@ CAPTION_COLUMNS = ("caption", "comment", "text", "sentence", "description")
 SPLIT_NAMES = {"train": "train", "val": "val", "test": "test", "dev": "val", "valid": "val",
                "validation": "val", "restval": "train"}
 DELIMITERS = (",", "|", "\t", ";")
+
+log = logging.getLogger("captioner")
 
 
 def _column(header: list[str], names: tuple[str, ...]) -> int | None:
@@ -49,10 +52,10 @@ def records_from_rows(rows, images_dir: str | Path) -> list[ImageRecord]:
     captions, split_of, id_of = defaultdict(list), {}, {}
     for name, caption, split, image_id in rows:
         captions[name].append(caption)
-        if split is not None:
-            split_of[name] = split
-        if image_id is not None:
-            id_of[name] = image_id
+        if split is not None and split_of.setdefault(name, split) != split:
+            raise CaptionerError(f"image {name} is in split {split_of[name]} on one row and {split} on another")
+        if image_id is not None and id_of.setdefault(name, image_id) != image_id:
+            raise CaptionerError(f"image {name} has image_id {id_of[name]} on one row and {image_id} on another")
     if len(id_of) < len(captions):  # ids only when every image has one
         id_of = ids_from_names(list(captions))
     # Split "" (no split column): load_records splits by list files or dataset.val_fraction instead.
@@ -79,7 +82,7 @@ def read_csv(path: str | Path, images_dir: str | Path, encoding: str = "") -> li
     if not path.is_file():
         raise CaptionerError(f"CSV file {path} not found")
     text = read_text(path, "CSV file", encoding)
-    columns = table_columns(text.splitlines()[0]) if text.strip() else None
+    columns = table_columns(file_lines(text)[0]) if text.strip() else None
     if columns is None:
         raise CaptionerError(f"CSV file {path}: the first line must be a header naming an image column "
                              f"({', '.join(IMAGE_COLUMNS[:3])}, ...) and a caption column "
@@ -89,12 +92,18 @@ def read_csv(path: str | Path, images_dir: str | Path, encoding: str = "") -> li
     header = [h.strip().lower() for h in next(reader)]
     split_col = header.index("split") if "split" in header else None
     id_col = header.index("image_id") if "image_id" in header else None
-    rows, bad, total = [], [], 0
+    rows, bad, joined, total = [], [], [], 0
     for row in reader:
         number = reader.line_num  # the last physical line of the row: a quoted caption may span lines
         if not any(field.strip() for field in row):
             continue
         total += 1
+        if len(row) > len(header):  # the caption held the delimiter without quotes
+            if caption_col != len(header) - 1:  # not the last column: which field belongs where is unknown
+                bad.append(number)
+                continue
+            row = row[:caption_col] + [delimiter.join(row[caption_col:])]  # the caption as it was typed
+            joined.append(number)
         row = [field.strip() for field in row]
         needed = max(c for c in (image_col, caption_col, split_col, id_col) if c is not None)
         if len(row) <= needed or not row[image_col] or not row[caption_col]:
@@ -106,7 +115,14 @@ def read_csv(path: str | Path, images_dir: str | Path, encoding: str = "") -> li
             bad.append(number)
             continue
         rows.append((row[image_col], row[caption_col], split, image_id))
-    report_malformed(path, bad, total, f"a row with {delimiter!r}-separated {', '.join(header)}")
+    if joined:
+        log.warning("%s: %d rows have more %r-separated fields than the header (lines %s%s): their caption held the "
+                    "delimiter unquoted, and the extra fields were kept as part of the caption (the last column); "
+                    "quote such captions", path, len(joined), delimiter, ", ".join(map(str, joined[:5])),
+                    ", ..." if len(joined) > 5 else "")
+    report_malformed(path, bad, total, f"a row with {delimiter!r}-separated {', '.join(header)}"
+                     + (" (a caption holding the delimiter must be quoted when it is not the last column)"
+                        if caption_col != len(header) - 1 else ""))
     try:
         return records_from_rows(rows, images_dir)
     except CaptionerError as e:

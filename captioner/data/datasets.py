@@ -25,8 +25,8 @@ from captioner.data.csv import read_csv, table_columns
 from captioner.data.flickr import flickr8k_split_lists, is_flickr_tokens, read_flickr_tokens
 from captioner.data.jsonl import read_jsonl
 from captioner.data.karpathy import is_karpathy, read_karpathy
-from captioner.data.records import (SPLITS, ImageRecord, by_split, drop_missing, read_json, read_text,
-                                    split_by_fraction, split_from_ids_file, split_from_name_lists)
+from captioner.data.records import (SPLITS, ImageRecord, by_split, check_unique, drop_missing, file_lines, read_json,
+                                    read_text, split_by_fraction, split_from_ids_file, split_from_name_lists)
 from captioner.data.synthetic import generate
 from captioner.errors import CaptionerError
 
@@ -48,7 +48,7 @@ def detect_format(path: Path, encoding: str = "") -> tuple[str, object]:
     if not path.is_file():
         raise CaptionerError(f"annotations file {path} not found")
     head = read_text(path, "annotations file", encoding, limit=4096)  # a byte-order mark is dropped here
-    first_line = next((line for line in head.splitlines() if line.strip()), "")
+    first_line = next((line for line in file_lines(head) if line.strip()), "")
     if head.lstrip().startswith("{") and path.suffix.lower() != ".jsonl":
         try:
             data = read_json(path, "annotations file", encoding)
@@ -92,6 +92,7 @@ def read_dataset(cfg: DatasetConfig) -> tuple[str, list[ImageRecord]]:
     if cfg.format == "synthetic" or (cfg.format == "auto" and not cfg.annotations):
         root = generate(cfg.root, cfg.synthetic_images, cfg.synthetic_seed, val_fraction=cfg.val_fraction or 0.1)
         records = read_coco(root / "captions.json", root / "images")
+        check_unique(records, f"synthetic dataset {root}")
         split_from_ids_file(records, root / "splits.json")
         return "synthetic", records
     if not cfg.annotations:
@@ -113,10 +114,21 @@ def read_dataset(cfg: DatasetConfig) -> tuple[str, list[ImageRecord]]:
         records = read_jsonl(annotations, images, enc)
     else:
         raise CaptionerError(f"unknown dataset.format '{fmt}'; valid: {', '.join(FORMATS)}")
-    if not records:
-        raise CaptionerError(f"annotations file {annotations} holds no captioned images")
+    check_captioned(records, f"annotations file {annotations}")
+    check_unique(records, f"annotations file {annotations}")
     _assign_splits(records, cfg, annotations, resolve)
     return fmt, records
+
+
+def check_captioned(records: list[ImageRecord], source: str) -> None:
+    """Refuse a dataset without a single caption; report the images that have none (they are not used)."""
+    uncaptioned = [r for r in records if not r.captions]
+    if len(uncaptioned) == len(records):
+        raise CaptionerError(f"{source} holds no captions" + (f" ({len(records)} images, none with a caption)"
+                                                             if records else " (no images either)"))
+    if uncaptioned:
+        log.warning("%s: %d of %d images have no caption and are not used (first: %s)", source, len(uncaptioned),
+                    len(records), uncaptioned[0].path)
 
 
 def _assign_splits(records: list[ImageRecord], cfg: DatasetConfig, annotations: Path, resolve) -> None:

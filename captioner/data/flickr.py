@@ -13,7 +13,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from captioner.data.records import ImageRecord, ids_from_names, read_text
+from captioner.data.records import ImageRecord, file_lines, ids_from_names, read_text
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -50,7 +50,7 @@ def read_flickr_tokens(path: str | Path, images_dir: str | Path, encoding: str =
     if not path.is_file():
         raise CaptionerError(f"Flickr token file {path} not found")
     captions, bad, total = defaultdict(list), [], 0
-    for number, line in enumerate(read_text(path, "Flickr token file", encoding).splitlines(), start=1):
+    for number, line in enumerate(file_lines(read_text(path, "Flickr token file", encoding)), start=1):
         if not line.strip():
             continue
         total += 1

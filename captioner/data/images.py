@@ -206,6 +206,8 @@ def _check_is_regular_file(path: str) -> None:
         raise CaptionerError(f"{path}: no such file") from None
     except OSError as e:  # a symbolic link loop, a folder on the way that cannot be entered, ...
         raise CaptionerError(f"{path}: cannot access ({e.strerror or e})") from None
+    except ValueError:  # a NUL character: no file can have that name
+        raise CaptionerError(f"{path!r}: not a file name (it holds a NUL character)") from None
     if stat.S_ISDIR(info.st_mode):
         raise CaptionerError(f"{path}: is a folder, not an image file")
     if not stat.S_ISREG(info.st_mode):

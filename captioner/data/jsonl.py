@@ -13,7 +13,7 @@ from pathlib import Path
 
 from captioner.data.csv import CAPTION_COLUMNS, IMAGE_COLUMNS, parse_id, parse_split, records_from_rows
 from captioner.data.flickr import report_malformed
-from captioner.data.records import ImageRecord, read_text
+from captioner.data.records import ImageRecord, file_lines, read_text
 from captioner.errors import CaptionerError
 
 
@@ -44,7 +44,7 @@ def read_jsonl(path: str | Path, images_dir: str | Path, encoding: str = "") -> 
     if not path.is_file():
         raise CaptionerError(f"JSONL file {path} not found")
     rows, bad, total = [], [], 0
-    for number, line in enumerate(read_text(path, "JSONL file", encoding).splitlines(), start=1):
+    for number, line in enumerate(file_lines(read_text(path, "JSONL file", encoding)), start=1):
         if not line.strip():
             continue
         total += 1

@@ -18,15 +18,23 @@ path; `Unreadable` reports each one once (a warning naming it) and counts them, 
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
+import multiprocessing.util  # noqa: F401  (its exit hook is registered before ours, so ours runs first)
+import os
 import signal
+import threading
+import time
 import warnings
+import weakref
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils import signal_handling as _torch_signals
 from torch.utils.data._utils.collate import default_collate
 
 from captioner.data.images import MAX_PIXELS, CaptionPairs, ImageFiles, load_image
@@ -71,9 +79,48 @@ class Unreadable:
 
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn: Ctrl-C reaches the whole process group, and a worker killed by it would
-    break the main process's clean stop. Workers still exit when the main process goes."""
+    break the main process's clean stop. Workers still die with the main process: a thread exits the worker
+    as soon as its parent is gone (even when the parent was killed with SIGKILL), and the exit path kills
+    them (stop_workers) instead of waiting for them."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent.pid,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int, interval: float = 0.2) -> None:
+    """In a worker: end the process within `interval` seconds of its parent's death (re-parented workers see
+    another parent pid). torch's own watchdog only looks between batches, every few seconds."""
+    while os.getppid() == parent_pid:
+        time.sleep(interval)
+    os._exit(0)
+
+
+# The iterators of this process's loaders that have worker processes, so that the exit path can end them.
+_live_iterators: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def stop_workers(timeout: float = 2.0) -> int:
+    """Kill the worker processes of every loader still running in this process, now: the exit path calls it
+    (and so does the interpreter at exit). Workers ignore SIGINT/SIGTERM (see ignore_stop_signals), so
+    Python's own exit hook, which sends SIGTERM and then waits, would wait for them forever. Returns how
+    many were killed."""
+    killed = []
+    for iterator in list(_live_iterators):
+        if getattr(iterator, "_worker_pids_set", False):  # torch's SIGCHLD check would report them as crashed
+            _torch_signals._remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+                killed.append(worker)
+    for worker in killed:
+        worker.join(timeout)
+    return len(killed)
+
+
+atexit.register(stop_workers)  # runs before multiprocessing's exit hook (registered at its import, earlier)
 
 
 def collate(items):
@@ -163,7 +210,10 @@ class Batches:
         return len(self.loader)
 
     def __iter__(self):
-        for data, index, errors, sizes, *pairs in self.loader:
+        iterator = iter(self.loader)
+        if getattr(iterator, "_workers", None):
+            _live_iterators.add(iterator)
+        for data, index, errors, sizes, *pairs in iterator:
             if isinstance(data, list):  # JPEG bytes: the device decodes them
                 paths = [self.files.paths[i] for i in index.tolist()]
                 inputs = decode_batch(data, paths, self.files.image_size, self.device, errors,

@@ -30,6 +30,18 @@ def by_split(records: list[ImageRecord], split: str) -> list[ImageRecord]:
     return [r for r in records if r.split == split]
 
 
+def file_lines(text: str) -> list[str]:
+    """A text file's lines, split at line feeds only (a CRLF's carriage return dropped; a file of bare carriage
+    returns split at those): str.splitlines would also split inside a caption at U+2028, U+0085, a form feed
+    or a vertical tab, which JSON and CSV keep unescaped, and turn one record into two broken ones."""
+    if "\n" not in text and "\r" in text:  # classic Mac line ends
+        return text.split("\r")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def read_json(path: Path, what: str, encoding: str = ""):
     if not path.is_file():
         raise CaptionerError(f"{what} {path} not found")
@@ -38,6 +50,32 @@ def read_json(path: Path, what: str, encoding: str = ""):
         return json.loads(text)
     except ValueError as e:
         raise CaptionerError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def check_unique(records: list[ImageRecord], source: str) -> None:
+    """Refuse records that would silently corrupt a split: one id given to two images (their captions would be
+    merged onto one photo), one image file listed under two ids (the same photo could land in train and in
+    test), or a name no file can have. Paths are compared as the files they name ("a.jpg", "./a.jpg" and
+    "/abs/a.jpg" are one file)."""
+    unnamable = [r for r in records if "\x00" in r.path]
+    if unnamable:
+        raise CaptionerError(f"{source}: {len(unnamable)} image names hold a NUL character, which no file name can "
+                             f"hold (first: {unnamable[0].path!r})")
+    by_id, by_file = defaultdict(list), defaultdict(list)
+    for r in records:
+        by_id[r.image_id].append(r)
+        by_file[os.path.normpath(os.path.abspath(r.path))].append(r)
+    shared_ids = [rs for rs in by_id.values() if len(rs) > 1]
+    if shared_ids:
+        a, b = shared_ids[0][:2]
+        raise CaptionerError(f"{source}: {len(shared_ids)} image ids are given to more than one image (first: id "
+                             f"{a.image_id} is {a.path} and {b.path}); give each image its own id")
+    shared_files = [rs for rs in by_file.values() if len(rs) > 1]
+    if shared_files:
+        a, b = shared_files[0][:2]
+        raise CaptionerError(f"{source}: {len(shared_files)} image files are listed under more than one id (first: "
+                             f"{a.path} is id {a.image_id} and id {b.image_id}), so one photo could be trained on "
+                             f"and tested on; list each image once")
 
 
 def split_by_fraction(records: list[ImageRecord], val_fraction: float) -> None:
@@ -67,7 +105,7 @@ def split_from_name_lists(records: list[ImageRecord], lists: dict[str, Path], en
     for split, path in lists.items():
         if not path.is_file():
             raise CaptionerError(f"{split} image list {path} not found")
-        for line in read_text(path, f"{split} image list", encoding).splitlines():
+        for line in file_lines(read_text(path, f"{split} image list", encoding)):
             if line.strip():
                 split_of[Path(line.strip()).name] = split
     for r in records:

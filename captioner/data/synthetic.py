@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from captioner.data.records import read_json
+from captioner.errors import CaptionerError
 from captioner.files import write_bytes, write_json
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20),
@@ -58,12 +60,40 @@ def make_example(rng: random.Random, size: int = 128) -> tuple[Image.Image, list
     return image, captions
 
 
+GENERATOR = "captioner synthetic shapes"
+# The config keys behind each setting, for the error that names what differs.
+_SETTING_KEYS = {"num_images": "dataset.synthetic_images", "seed": "dataset.synthetic_seed", "size": "image size",
+                 "val_fraction": "dataset.val_fraction"}
+
+
+def _check_settings(root: Path, wanted: dict) -> None:
+    """Refuse a synthetic folder made with other settings (another size or seed would train and score on data
+    other than the config's). Folders written before the settings were recorded are checked by image count."""
+    data = read_json(root / "captions.json", "synthetic dataset file")
+    made = data.get("info") if isinstance(data, dict) else None
+    if not isinstance(made, dict) or made.get("generator") != GENERATOR:
+        images = data.get("images") if isinstance(data, dict) else None
+        if not isinstance(images, list):
+            raise CaptionerError(f"{root / 'captions.json'} is not a synthetic dataset file: set dataset.root to "
+                                 f"another folder for the synthetic data")
+        made = {"num_images": len(images)}
+    differ = [f"{_SETTING_KEYS[k]} {made[k]} (the config asks for {wanted[k]})"
+              for k in _SETTING_KEYS if k in made and made[k] != wanted[k]]
+    if differ:
+        raise CaptionerError(f"synthetic dataset {root} was generated with other settings: {'; '.join(differ)}; "
+                             f"set dataset.root to another folder, or delete {root} to generate it again")
+
+
 def generate(root: str | Path, num_images: int = 2000, seed: int = 0, size: int = 128,
              val_fraction: float = 0.1) -> Path:
-    """Write the dataset under root (idempotent: an existing complete dataset is left as it is)."""
+    """Write the dataset under root (idempotent: an existing complete dataset made with the same settings is
+    left as it is; one made with other settings is an error, never silently used instead)."""
     root = Path(root)
     annotations = root / "captions.json"
+    settings = {"generator": GENERATOR, "num_images": num_images, "seed": seed, "size": size,
+                "val_fraction": val_fraction}
     if annotations.is_file() and (root / "splits.json").is_file():
+        _check_settings(root, settings)
         return root
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -81,7 +111,8 @@ def generate(root: str | Path, num_images: int = 2000, seed: int = 0, size: int 
     splits = {"train": ids[: num_images - 2 * n_held], "val": ids[num_images - 2 * n_held: num_images - n_held],
               "test": ids[num_images - n_held:]}
     # Written last and atomically: their presence marks a complete dataset.
-    for name, data in (("splits.json", splits), ("captions.json", {"images": images, "annotations": anns})):
+    captions = {"info": settings, "images": images, "annotations": anns}
+    for name, data in (("splits.json", splits), ("captions.json", captions)):
         write_json(root / name, data, "synthetic dataset file", indent=None)
     return root
 

@@ -27,11 +27,13 @@ from pathlib import Path
 import torch
 
 from captioner.config import ComputeConfig, require_min
+from captioner.config.sections import TEMPERATURES
 from captioner.data.images import MAX_PIXELS
 from captioner.engine.infer.predict import DecodeSettings
 from captioner.engine.infer.predictor import Predictor
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
+from captioner.files import check_writable
 from captioner.engine.outputs.gallery import Gallery
 from captioner.engine.runtime import distributed
 from captioner.engine.runtime.distributed import Process
@@ -63,8 +65,9 @@ class CaptionJob:
     def __post_init__(self):
         require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),
                     ("--workers", self.num_workers, 0), ("--max-pixels", self.max_pixels, 1))
-        if self.temperature is not None and self.temperature <= 0:
-            raise CaptionerError(f"--temperature must be > 0, got {self.temperature}")
+        low, high = TEMPERATURES
+        if self.temperature is not None and not low <= self.temperature <= high:  # NaN fails too
+            raise CaptionerError(f"--temperature must be in [{low:g}, {high:g}], got {self.temperature}")
 
 
 @torch.inference_mode()
@@ -94,6 +97,10 @@ def main(job: CaptionJob) -> dict:
 
 def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dict:
     html, max_pixels = job.html, job.max_pixels or MAX_PIXELS
+    if process.is_main:  # before the model loads and any image is read
+        check_writable(out_path, "captions file", append=True)
+        if html:
+            check_writable(html, "gallery", append=True)
     files = find_images(job.paths, job.recursive) if process.is_main else None  # before the model: a typo fails fast
     if process.is_main and not files:
         raise CaptionerError(f"no image files found in {', '.join(job.paths)} (folders are searched for image "

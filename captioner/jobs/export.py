@@ -113,11 +113,9 @@ def main(job: ExportJob) -> dict:
     write_model_folder(out, model, vocab, cfg, dtype=job.dtype, source=provenance, overwrite=job.overwrite,
                        card=lambda meta: model_card(meta, cfg, metrics, job.push), extra_files=FORMATS[job.format])
     files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
-    log.info("exported %s (%.1f MB) to %s (%.1f MB, %s)", source, _size(source) / 1e6, out,
-             sum(files.values()) / 1e6, job.dtype)
+    if job.push:
+        log.info("pushing %s to the Hugging Face Hub as %s", out, job.push)
     pushed = hub.upload(out, job.push, job.private) if job.push else None
-    if pushed:
-        log.info("pushed %s to %s", out, pushed)
     return {"out": str(out), "format": job.format, "dtype": job.dtype, "files": files, "bytes": sum(files.values()),
             "checkpoint": str(source), "checkpoint_bytes": _size(source), "pushed": pushed}
 

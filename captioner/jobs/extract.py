@@ -27,6 +27,7 @@ from captioner.config import Config, require_min
 from captioner.data.datasets import load_records
 from captioner.data.cache import FeatureCache, default_cache_dir, describe_size, encoder_signature, lock_cache
 from captioner.errors import CaptionerError
+from captioner.files import check_writable
 from captioner.jobs.base import config_of
 from captioner.model.caption_model import build_encoder
 from captioner.engine.runtime import distributed
@@ -74,6 +75,8 @@ def main(job: ExtractJob) -> dict:
 def _extract(cfg: Config, splits: list[str], process: Process, rebuild: bool, batch_size: int,
              num_workers: int) -> dict:
     device = process.device
+    if process.is_main:
+        check_writable(default_cache_dir(cfg), "feature cache", folder=True)  # before the encoder and the dataset
     compute = setup_compute(cfg.compute, device)
     encoder = compute.prepare_encoder(build_encoder(cfg.encoder))
     with distributed.main_process_first(process):  # a synthetic set is generated once, not by every process

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioner.errors import CaptionerError
-from captioner.files import atomic_write
+from captioner.files import atomic_write, check_writable
 from captioner.engine.train.loggers import read_metrics
 
 
@@ -72,6 +72,8 @@ def main(job: PlotJob) -> dict:
     "steps", "validations"} with a list entry per run."""
     runs = [Path(d) for d in job.run_dirs]
     curves = [_curves(run_dir) for run_dir in runs]  # every run is read (and refused) before anything is drawn
+    check_writable(Path(job.out) if job.out else runs[0] / "curves.png" if len(runs) == 1 else Path("compare.png"),
+                   "plot")
     if len(runs) > 1:
         return _compare(runs, curves, Path(job.out) if job.out else Path("compare.png"))
     run_dir, (records, steps, validations) = runs[0], curves[0]

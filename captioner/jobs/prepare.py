@@ -25,8 +25,8 @@ from pathlib import Path
 from captioner.config import Config, DatasetConfig, to_dict
 from captioner.data.datasets import read_dataset
 from captioner.data.records import SPLITS, ImageRecord, by_split, drop_missing, find_missing
-from captioner.errors import CaptionerError
-from captioner.files import write_text
+from captioner.errors import CaptionerError, os_failure
+from captioner.files import check_writable, write_text
 from captioner.jobs.base import config_of
 from captioner.text import Vocabulary, tokenize
 
@@ -77,25 +77,65 @@ class PrepareJob:
         self.cfg = config_of(self.cfg, self.config, self.overrides, "prepare")
 
 
+class _Warnings(logging.Handler):
+    """Collects the warnings the readers log while a dataset is read, for the summary."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def split_warnings(splits: dict[str, list[ImageRecord]]) -> list[str]:
+    """What an empty split or a split without captions means for training and scoring."""
+    consequence = {"val": "training cannot select a checkpoint (every validation would score 0)",
+                   "test": "there is nothing held out for `captioner evaluate`"}
+    notes = []
+    for s in ("val", "test"):
+        if not splits[s]:
+            notes.append(f"the {s} split is empty: {consequence[s]}; set dataset.val_fraction, dataset.splits or "
+                         f"dataset.{s}_list")
+        elif not any(r.captions for r in splits[s]):
+            notes.append(f"the {s} split has {len(splits[s])} images and no captions: {consequence[s]}")
+    return notes
+
+
 def main(job: PrepareJob) -> dict:
-    """Check cfg.dataset and write vocab, splits, references and a summary into out_dir; returns the summary."""
+    """Check cfg.dataset and write vocab, splits, references and a summary into out_dir; returns the summary.
+    Every warning the readers give (malformed lines, duplicates, missing files, empty splits) is in the summary
+    with its count, so a silent problem shows in summary.json too."""
     cfg, out_dir = job.cfg, job.out_dir
-    fmt, records = read_dataset(cfg.dataset)
-    unused = [r for r in records if r.split not in SPLITS]
-    in_splits = [r for r in records if r.split in SPLITS]
-    missing = find_missing(in_splits)
-    # The same call load_records makes, so train and evaluate will see exactly these records.
-    kept = drop_missing(in_splits, cfg.dataset.max_missing_fraction, f"dataset {cfg.dataset.annotations or fmt}")
+    out = Path(out_dir) if out_dir else Path(cfg.dataset.root) / "prepared"
+    check_writable(out, "prepare output folder", folder=True)  # before reading a dataset of 600k captions
+    warnings = _Warnings()
+    logger = logging.getLogger("captioner")
+    logger.addHandler(warnings)
+    try:
+        fmt, records = read_dataset(cfg.dataset)
+        unused = [r for r in records if r.split not in SPLITS]
+        in_splits = [r for r in records if r.split in SPLITS]
+        missing = find_missing(in_splits)
+        # The same call load_records makes, so train and evaluate will see exactly these records.
+        kept = drop_missing(in_splits, cfg.dataset.max_missing_fraction, f"dataset {cfg.dataset.annotations or fmt}")
+    finally:
+        logger.removeHandler(warnings)
     splits = {s: by_split(kept, s) for s in SPLITS}
     if not splits["train"]:
         raise CaptionerError("the train split is empty: check dataset.splits, the split lists or dataset.val_fraction")
+    if not any(r.captions for r in splits["train"]):
+        raise CaptionerError(f"the train split has {len(splits['train'])} images and no captions: nothing to train "
+                             f"on; check the annotations file's caption column or field")
+    for note in split_warnings(splits):
+        log.warning("%s", note)
+        warnings.messages.append(note)
     vocab = build_vocabulary(splits["train"], cfg.dataset)
 
-    out = Path(out_dir) if out_dir else Path(cfg.dataset.root) / "prepared"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CaptionerError(f"cannot create output folder {out}: {e.strerror}; choose another with --out") from None
+        raise os_failure(f"cannot create output folder {out} (choose another with --out)", e) from None
     vocab.save(out / "vocab.json")
     write_text(out / "splits.json", json.dumps({s: [r.image_id for r in rs] for s, rs in splits.items()}))
     files = {"vocab": str(out / "vocab.json"), "splits": str(out / "splits.json")}
@@ -114,7 +154,7 @@ def main(job: PrepareJob) -> dict:
                "unused_images": len(unused), "missing_images": len(missing),
                "missing_examples": [r.path for r in missing[:5]],
                "vocab_size": len(vocab), "min_freq": cfg.dataset.min_freq, "max_len": cfg.dataset.max_len,
-               "dataset_config": to_dict(cfg)["dataset"], "files": files}
+               "warnings": warnings.messages, "dataset_config": to_dict(cfg)["dataset"], "files": files}
     write_text(out / "summary.json", json.dumps(summary, indent=1))
     summary["files"]["summary"] = str(out / "summary.json")
     return summary
@@ -132,6 +172,10 @@ def summary_lines(summary: dict) -> list[str]:
     if summary["missing_images"]:
         lines.append(f"  {summary['missing_images']} image files missing and skipped (first: "
                      f"{', '.join(summary['missing_examples'][:3])}); all in {summary['files']['missing_images']}")
+    if summary.get("warnings"):
+        lines.append(f"{len(summary['warnings'])} warning{'s' if len(summary['warnings']) > 1 else ''} (also in "
+                     f"summary.json):")
+        lines += [f"  {message}" for message in summary["warnings"]]
     lines.append(f"vocabulary: {summary['vocab_size']} tokens (train words seen >= {summary['min_freq']} times, "
                  f"with 4 specials)")
     lines.append(f"written to {Path(summary['files']['vocab']).parent}: " +

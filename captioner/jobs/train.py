@@ -37,7 +37,7 @@ from captioner.data.pipeline import Batches
 from captioner.engine.runtime import distributed
 from captioner.engine.runtime.compute import setup_compute
 from captioner.engine.runtime.distributed import Process
-from captioner.engine.runtime.signals import StopRequest
+from captioner.engine.runtime.signals import StopRequest, Stopped
 from captioner.engine.train.resume import (check_vocabulary, init_checkpoint, resume_checkpoint, resume_config,
                                           vocabulary_coverage)
 from captioner.engine.train.run_state import Progress, TrainingRun, restore, save_checkpoints
@@ -52,6 +52,7 @@ from captioner.engine.train.step import CaptionLoss, TrainingStep, build_optimiz
 from captioner.engine.train.inputs import build_train_loader, check_training_data, training_inputs
 from captioner.engine.train.validation import early_stop, finish_epoch, validate
 from captioner.errors import CaptionerError
+from captioner.files import check_writable
 from captioner.jobs.base import config_of
 from captioner.model.caption_model import CaptionModel, build_encoder
 from captioner.text import Vocabulary
@@ -205,6 +206,8 @@ def main(job: TrainJob) -> dict:
 def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite: bool, stop: StopRequest,
            held: contextlib.ExitStack, init_from: str | Path | None = None) -> dict:
     mode = plan_run(run_dir, to_dict(cfg), resume, overwrite)  # refusals first: nothing is written before
+    if process.is_main:
+        check_writable(run_dir, "run dir", folder=True)  # a real write test, before the data and the encoder
     distributed.barrier(process)  # every process has read the folder before rank 0 changes it
     checkpoint = resume_checkpoint(run_dir, cfg) if mode == "resume" else None
     init = init_checkpoint(init_from, cfg) if init_from and not checkpoint else None
@@ -286,8 +289,10 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     run.clock = RunClock(run.progress, cfg.train.epochs * len(loader), cfg.train.epochs,
                          "images" if cfg.train.objective == "scst" else "captions", show=process.is_main)
     stopped = None
+    # Until here a stop signal ends the run at once (nothing to save yet: a rerun redoes the setup and feature
+    # precompute); from here on it finishes the step and saves last.pt.
     try:
-        with run.clock:
+        with stop.deferred(), run.clock:
             for epoch in range(run.progress.epoch + 1, cfg.train.epochs + 1):
                 if early_stop(run):
                     stopped = "early stopping"
@@ -300,12 +305,17 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
                     break
                 run.progress.reward_sum = _mean_over_processes(run, {"r": run.progress.reward_sum}).get("r", 0.0)
                 validation_start = time.perf_counter()
-                scores = validate(run, inputs, references)
+                try:
+                    scores = validate(run, inputs, references)
+                except Stopped:  # one process only: the epoch's steps are done, its validation is not
+                    save_checkpoints(run)  # a resumed run validates this epoch first (it has no steps left)
+                    stopped = run.stop.signal
+                    break
                 if samples:
                     metrics.samples(run.progress.step, epoch, samples.caption(run))
                 run.clock.validated(time.perf_counter() - validation_start)
                 finish_epoch(run, epoch, scores, time.perf_counter() - start)
-                if _stop_requested(run):  # a signal during validation: last.pt was just written
+                if _stop_requested(run):  # a signal during validation under torchrun: last.pt was just written
                     stopped = _agreed_signal(run)
                     break
     finally:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from captioner.text import normalize_text
+
 ORDERS = 4
 SIGMA = 6.0
 
@@ -161,7 +163,7 @@ def cider_d(hypotheses: dict, references: dict) -> tuple[float, dict]:
     from the references of the ids in hypotheses."""
     ids = list(hypotheses)
     words: dict[str, int] = {}
-    encode = lambda text: [words.setdefault(w, len(words)) for w in text.split()]  # noqa: E731
+    encode = lambda text: [words.setdefault(w, len(words)) for w in normalize_text(text).split()]  # noqa: E731
     refs = [[encode(r) for r in references[i]] for i in ids]
     candidates = [encode(hypotheses[i]) for i in ids]
     scorer = CiderD(refs, vocab_size=max(len(words), 1))

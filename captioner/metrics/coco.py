@@ -25,8 +25,8 @@ import subprocess
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 
-from captioner.errors import CaptionerError
-from captioner.text import tokenize
+from captioner.errors import CaptionerError, EnvironmentFailure
+from captioner.text import normalize_text, tokenize
 
 log = logging.getLogger("captioner")
 
@@ -70,25 +70,42 @@ def ptb_tokenize(captions: dict) -> dict:
 
     jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
                        ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
-    ids = [k for k, caps in captions.items() for _ in caps]
-    # A line break inside a caption would shift every later line: coco-caption replaces '\n'; '\r' too here.
-    sentences = "\n".join(c.replace("\n", " ").replace("\r", " ") for caps in captions.values() for c in caps)
+    keys = [k for k, caps in captions.items() for _ in caps]
+    # One caption per line: a line break inside one (coco-caption replaces only '\n') would shift every later
+    # line onto the wrong image, so every separator and control character becomes a space first. Blank
+    # captions tokenize to "" without java (it drops a blank last line, which would look like a lost line).
+    sentences = [normalize_text(c) for caps in captions.values() for c in caps]
+    asked = [j for j, sentence in enumerate(sentences) if sentence.strip()]
+    lines = _run_ptb_tokenizer(jar, [sentences[j] for j in asked]) if asked else []
+    tokens = [""] * len(sentences)
+    for j, line in zip(asked, lines):
+        tokens[j] = " ".join(w for w in line.rstrip().split(" ") if w not in ptbtokenizer.PUNCTUATIONS)
+    tokenized = {k: [] for k in captions}
+    for k, line in zip(keys, tokens):
+        tokenized[k].append(line)
+    return tokenized
+
+
+def _run_ptb_tokenizer(jar: str, sentences: list[str]) -> list[str]:
+    """One output line per sentence (none blank, none holding a line break), checked line for line: a count that
+    differs is an error, never a shift of every later caption onto another image's references."""
     with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as f:
-        f.write(sentences.encode())
+        f.write("".join(sentence + "\n" for sentence in sentences).encode("utf-8"))
     try:
         done = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
-                               "-lowerCase", f.name], capture_output=True)
+                               "-lowerCase", "-encoding", "utf-8", f.name], capture_output=True)
     finally:
         os.remove(f.name)
-    lines = done.stdout.decode().split("\n")
-    if done.returncode != 0 or len(lines) < len(ids):
+    if done.returncode != 0:
         reason = done.stderr.decode(errors="replace").strip().splitlines()
-        raise CaptionerError(f"the PTB tokenizer (java) failed on {len(ids)} captions: "
-                             f"{reason[-1] if reason else f'{len(lines)} lines came back'}")
-    tokenized = {k: [] for k in captions}
-    for k, line in zip(ids, lines):
-        tokenized[k].append(" ".join(w for w in line.rstrip().split(" ") if w not in ptbtokenizer.PUNCTUATIONS))
-    return tokenized
+        raise EnvironmentFailure(f"the PTB tokenizer (java) failed on {len(sentences)} captions: "
+                             f"{reason[-1] if reason else f'exit status {done.returncode}'}")
+    output = done.stdout.decode("utf-8", errors="replace")
+    lines = (output[:-1] if output.endswith("\n") else output).split("\n")
+    if len(lines) != len(sentences):
+        raise EnvironmentFailure(f"the PTB tokenizer (java) gave {len(lines)} lines for {len(sentences)} captions, so "
+                             f"its output cannot be matched to the captions line for line; nothing was scored")
+    return lines
 
 
 # Without java: an approximation of PTBTokenizer -lowerCase followed by coco-caption's punctuation removal
@@ -99,8 +116,8 @@ _DROPPED = {".", ",", "?", "!", ":", ";", "-", "'", "`", '"'}
 
 
 def fallback_tokenize(captions: dict) -> dict:
-    return {k: [" ".join(_BRACKETS.get(w, w) for w in _PTB_TOKEN.findall(c.lower()) if w not in _DROPPED)
-                for c in caps] for k, caps in captions.items()}
+    return {k: [" ".join(_BRACKETS.get(w, w) for w in _PTB_TOKEN.findall(normalize_text(c).lower())
+                         if w not in _DROPPED) for c in caps] for k, caps in captions.items()}
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,11 +131,14 @@ def _meteor_score(gts: dict, res: dict) -> tuple[float | None, str]:
     """(score, "") or (None, why it was skipped)."""
     try:
         return float(_meteor().compute_score(gts, res)[0]), ""
-    except (OSError, ValueError) as e:  # java died (e.g. cannot reserve its 2 GB heap) or answered garbage
+    except BaseException as e:  # java died (no 2 GB heap), answered garbage, or Ctrl-C / SIGTERM arrived
         broken = _meteor()
         _meteor.cache_clear()
         if broken.lock.locked():  # compute_score raised while holding it: Meteor.__del__ would wait forever
             broken.lock.release()
+        if not isinstance(e, (OSError, ValueError)):
+            broken.meteor_p.kill()  # mid-conversation: its answers can no longer be matched to questions
+            raise
         return None, f"METEOR failed ({type(e).__name__}: {str(e)[:120]})"
 
 
@@ -139,8 +159,8 @@ def coco_caption_scores(hypotheses: dict, references: dict, meteor: bool = True)
     if unreferenced:
         raise CaptionerError(f"{len(unreferenced)} captioned images have no reference captions "
                              f"(first: {unreferenced[:5]})")
-    gts = {i: list(references[i]) for i in hypotheses}
-    res = {i: [hypotheses[i]] for i in hypotheses}
+    gts = {i: [normalize_text(r) for r in references[i]] for i in hypotheses}  # one line each, whatever they hold
+    res = {i: [normalize_text(hypotheses[i])] for i in hypotheses}
     skipped = {"spice": SPICE_SKIPPED}
     _notice_once(f"SPICE skipped: it {SPICE_SKIPPED}")  # not again at every validation of a training run
     if java_available():

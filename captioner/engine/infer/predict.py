@@ -19,6 +19,7 @@ from captioner.progress import bar as make_bar
 from captioner.config import Config
 from captioner.data.pipeline import Unreadable, feature_batches, image_batches
 from captioner.engine.runtime.compute import Compute, autocast
+from captioner.engine.runtime.signals import StopRequest
 from captioner.model.decoding import decode
 from captioner.text import Vocabulary, join_words
 
@@ -111,9 +112,10 @@ def caption_batches(model, vocab: Vocabulary, batches, settings: DecodeSettings,
 
 def predict(model, vocab: Vocabulary, records, settings: DecodeSettings, batch_size: int, device: torch.device,
             features=None, num_workers: int = 0, gpu_decode: bool = False,
-            unreadable: Unreadable | None = None, progress_bar: bool = True) -> dict:
+            unreadable: Unreadable | None = None, progress_bar: bool = True, stop: StopRequest | None = None) -> dict:
     """Caption every dataset record -> {image_id: caption}; unreadable images are reported (unreadable) and
-    left out.
+    left out. stop: a StopRequest whose recorded signal ends the loop at the next batch (raises Stopped), for
+    callers that defer signals (training's validation).
 
     features skips the encoder when given: an (N, C, H, W) tensor or a feature-cache source (features[i:j]
     -> (j-i, C, H, W)) for records. gpu_decode: JPEGs decoded on the GPU (CUDA only)."""
@@ -126,6 +128,8 @@ def predict(model, vocab: Vocabulary, records, settings: DecodeSettings, batch_s
     results = {}
     bar = make_bar(total=len(records), desc="captioning", unit="img", leave=False, disable=not progress_bar)
     for _, captioned in caption_batches(model, vocab, batches, settings):
+        if stop is not None:
+            stop.check()
         for c in captioned:
             if c.error:
                 unreadable.add(c.error)

@@ -29,7 +29,7 @@ import os
 import re
 from pathlib import Path
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, os_failure
 from captioner.files import make_parent, move_into_place
 from captioner.lock import ProcessLock
 
@@ -130,9 +130,13 @@ class AppendLog:
         """Write whole lines in one call, then flush and fsync: a kill loses at most these lines."""
         if not lines:
             return
-        self._file.seek(0, os.SEEK_END)
-        self._file.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"))
-        self._sync()
+        try:
+            self._file.seek(0, os.SEEK_END)
+            self._file.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"))
+            self._sync()
+        except OSError as e:  # a full disk: what is already in the file stays, a rerun resumes after it
+            raise os_failure(f"cannot write {self.path}", e, then="; the lines written before are kept: rerun "
+                             "the same command to resume") from None
 
     def rewrite(self, lines: list[str]) -> None:
         """Replace the whole content atomically (temporary file, then rename): a kill keeps old or new.
@@ -158,7 +162,10 @@ class AppendLog:
 
     def close(self) -> None:
         self._lock.release()
-        self._file.close()  # closing releases the lock
+        try:
+            self._file.close()  # closing releases the lock
+        except OSError:  # a full disk: append already failed on the same error, which is the one reported
+            pass
 
 
 class CaptionsFile:

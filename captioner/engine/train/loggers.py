@@ -272,4 +272,7 @@ def open_run_log(cfg: Config, run_dir: Path, enabled: bool, checkpoint: dict | N
         except BaseException:
             jsonl.close()
             raise
+    elif enabled and checkpoint and any((run_dir / TB_FOLDER).glob("events.out.tfevents.*")) \
+            and importlib.util.find_spec("tensorboard"):  # turned off at this resume: tb/ still ends at last.pt
+        drop_events_after(run_dir / TB_FOLDER, checkpoint["step"])
     return RunLog(loggers)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from captioner.config import Config, from_saved_dict, inherit_preprocess, to_dict
+from captioner.config import Config, from_saved_dict, inherit_preprocess, parse_yaml, to_dict
 from captioner.engine.infer.checkpoint import remove_stale_temporaries
 from captioner.errors import CaptionerError
 from captioner.files import make_parent, write_text
@@ -49,9 +49,9 @@ def _existing_config(run_dir: Path) -> dict | None:
     """The config of the run already in run_dir (None when unreadable), normalised through the dataclasses."""
     path = run_dir / "config.yaml"
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text(), f"run config {path}")
         return to_dict(from_saved_dict(data))
-    except (OSError, yaml.YAMLError, CaptionerError):
+    except (OSError, ValueError, CaptionerError):
         return None
 
 

@@ -18,13 +18,18 @@ log = logging.getLogger("captioner")
 
 def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict:
     """Greedy captions of this process's share of the val images, gathered and scored on rank 0 with
-    captioner.metrics; every process gets the scores (plus "images": how many were captioned)."""
+    captioner.metrics; every process gets the scores (plus "images": how many were captioned).
+
+    With one process, a stop signal ends validation at the next batch (Stopped); under torchrun every process
+    finishes it, since the others would wait for the one that left."""
     cfg = run.cfg
     settings = DecodeSettings(1, cfg.decode.max_len, bf16=run.compute.bf16)
     hypotheses = predict(run.model, run.vocab, inputs.val_records, settings, cfg.decode.batch_size,
                          run.process.device, features=inputs.val_features, num_workers=cfg.train.num_workers,
-                         unreadable=inputs.unreadable,
-                         progress_bar=run.process.is_main) if inputs.val_records else {}
+                         unreadable=inputs.unreadable, progress_bar=run.process.is_main,
+                         stop=None if run.process.distributed else run.stop) if inputs.val_records else {}
+    if not run.process.distributed:
+        run.stop.check()  # scoring takes a while too
     parts = distributed.gather_to_main(hypotheses, run.process)
     scores = None
     if run.process.is_main:

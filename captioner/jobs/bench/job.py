@@ -17,7 +17,7 @@ from captioner.config import ComputeConfig, require_min
 from captioner.engine.runtime.compute import cpu_capability, setup_compute
 from captioner.engine.runtime.device import resolve_device
 from captioner.errors import CaptionerError
-from captioner.files import write_json
+from captioner.files import check_writable, write_json
 from captioner.jobs.bench.measure import measure_all
 from captioner.jobs.bench.sizes import KEYS, PRESETS, BenchSizes, apply_overrides
 
@@ -53,6 +53,8 @@ def _device_name(device: torch.device, threads: int) -> str:
 def main(job: BenchJob) -> dict:
     """Run the benchmark at job.sizes; returns the results dict (also written to job.json_path when given)."""
     device, preset, sizes, threads = resolve_device(job.device), job.preset, job.sizes, job.threads
+    if job.json_path:
+        check_writable(job.json_path, "results file")  # before a benchmark of minutes
     if preset == "full" and device.type != "cuda":
         log.warning("bench --full is sized for a GPU: on %s it will take a long time", device)
     on_cuda = device.type == "cuda"

@@ -6,9 +6,8 @@ import os
 import typing
 from dataclasses import dataclass
 
-import yaml
-
 from captioner.config import Switch, coerce
+from captioner.config.load import override_value
 from captioner.errors import CaptionerError
 
 KEYS = ("encoder_images_per_s", "extract_images_per_s", "train_captions_per_s_cached",
@@ -67,20 +66,15 @@ PRESETS = {
 def apply_overrides(sizes: BenchSizes, overrides: list[str]) -> BenchSizes:
     """`field=value` strings (arch=resnet152 train_batch=64) on top of sizes; unknown fields are errors."""
     types = typing.get_type_hints(BenchSizes)
+    specs = {f.name: f for f in dataclasses.fields(BenchSizes)}
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or key not in types:
             raise CaptionerError(f"bench override '{item}' is not field=value with a field among: {', '.join(types)}")
-        value = yaml.safe_load(raw)
-        if typing.get_origin(types[key]) is typing.Literal:  # bf16=false, channels_last=auto, ...
-            value = coerce(key, value, types[key])
-            setattr(sizes, key, value)
-            continue
-        if types[key] is float and isinstance(value, int):
-            value = float(value)
-        if not isinstance(value, types[key]) or (types[key] is int and isinstance(value, bool)):
-            raise CaptionerError(f"bench override {key} expects {types[key].__name__}, got {raw!r}")
-        setattr(sizes, key, value)
+        # The config's own coercion: whole numbers in range, text as typed, switches; never a silent conversion.
+        value = override_value(raw, types[key])
+        setattr(sizes, key, coerce(key, value, types[key], specs[key], label=f"bench override {key}"))
     positive = [f.name for f in dataclasses.fields(sizes) if types[f.name] is int and getattr(sizes, f.name) < 1
                 and f.name != "num_workers"]
     if positive or sizes.num_workers < 0:
