@@ -3,10 +3,11 @@ import sys
 
 import pytest
 import torch
+import torchvision
 
 from captioner.errors import CaptionerError
 from captioner.model.backbones import TokenLayout
-from captioner.model.encoder import HookedEncoder, list_layers, to_grid
+from captioner.model.encoder import HookedEncoder, list_layers, remap_by_order, to_grid
 
 timm = pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
@@ -221,3 +222,19 @@ def test_uncached_tag_offline_is_one_line(monkeypatch, tmp_path):
         HookedEncoder("timm/convnext_atto", "stages.3", weights="d2_in1k", image_size=64)
     message = str(e.value)
     assert "huggingface.co/timm/convnext_atto.d2_in1k" in message and "local file" in message and "\n" not in message
+
+
+def test_torchvision_mobilenet_v2_weights_fit_timm_mobilenetv2_100(tmp_path):
+    """The quality benchmark's offline MobileNetV2 (torchvision's feature layers) is timm's mobilenetv2_100: the
+    same tensors by order and shape, and its bn2 grid equals torchvision's `features` exactly."""
+    torch.manual_seed(0)
+    source = torchvision.models.mobilenet_v2().eval()
+    features = {k: v for k, v in source.state_dict().items() if k.startswith("features.")}
+    torch.save(remap_by_order(features, "timm/mobilenetv2_100"), tmp_path / "timm_mnv2.pth")
+    torch.save(features, tmp_path / "tv_mnv2.pth")
+    timm_encoder = HookedEncoder("timm/mobilenetv2_100", "bn2", weights=str(tmp_path / "timm_mnv2.pth"), image_size=64)
+    tv_encoder = HookedEncoder("mobilenet_v2", "features", weights=str(tmp_path / "tv_mnv2.pth"), image_size=64)
+    assert timm_encoder.preprocess == tv_encoder.preprocess  # ImageNet mean and std, bicubic
+    images = _images(64)
+    with torch.no_grad():
+        assert torch.equal(timm_encoder(images), tv_encoder(images))
