@@ -114,7 +114,8 @@ class Captioner:
             max_pixels: larger images are refused as likely decompression bombs.
             sample, temperature: draw each word from the model's distribution (seed with torch.manual_seed).
             compute: this machine's precision and memory-format switches (default: auto).
-            runtime: what runs the model: "torch".
+            runtime: what runs the model: "torch" (PyTorch) or "onnxruntime" (a folder of `captioner export
+                --format onnx`, the [onnx] extra).
         """
         if beam_size is not None and (not isinstance(beam_size, int) or beam_size < 1):
             raise CaptionerError(f"beam_size must be an integer >= 1, got {beam_size!r}")
@@ -182,6 +183,6 @@ class Captioner:
     def _caption(self, c: Captioned, source: str) -> Caption:
         attention = None
         if c.alphas is not None:
-            grid_h, grid_w = self.predictor.model.grid
+            grid_h, grid_w = self.predictor.encoder.grid
             attention = c.alphas.reshape(len(c.words), grid_h, grid_w)  # (L, N) -> (L, grid_h, grid_w)
         return Caption(c.caption, c.score, c.words, attention, source, c.error)

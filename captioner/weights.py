@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, os_failure
 from captioner.files import atomic_write
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -43,8 +43,12 @@ def read_state_dict(path: str | Path, what: str = "weights file") -> dict[str, t
             state = torch.load(path, map_location="cpu", weights_only=True)
     except CaptionerError:
         raise
+    except OSError as e:  # the machine (EIO, ...) or the path (permission): os_failure tells them apart
+        raise os_failure(f"{what} {path}: cannot read", e) from None
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign files all get the same one-line answer
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if reason.startswith("Weights only load failed"):  # torch's advice to turn weights_only off is not ours
+            reason = "not a torch file of tensors (garbage, or pickled objects that are never loaded)"
         raise CaptionerError(f"{what} {path} is not a readable state_dict: {reason}") from None
     for key in ("state_dict", "model"):  # common wrappers around the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):

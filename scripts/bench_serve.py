@@ -2,12 +2,19 @@
 
     python scripts/bench_serve.py --checkpoint demo/run/best.pt --requests 200 --concurrency 16
     python scripts/bench_serve.py --checkpoint best.pt --images photos/ --device cuda --max-batch 64
+    python scripts/bench_serve.py --checkpoint model-int8/ --runtimes torch,onnxruntime --threads 1 --rounds 3
 
 Runs the server twice, with --max-batch as given and with --max-batch 1, and prints one JSON object:
 {"batched": {...}, "unbatched": {...}, "speedup": images/s batched over unbatched}, each run with images/s,
 p50/p95/p99 latency in ms, errors, and the server's batch statistics. Each request carries one image (the
 --images files in turn, or generated JPEGs); a run stops after --requests requests or --seconds, whichever
 comes first. The server is a subprocess (`python -m captioner serve`), stopped with SIGTERM.
+
+--runtimes torch,onnxruntime compares runtimes instead, on one model folder written by `captioner export --format
+onnx` (PyTorch runs its model.safetensors, ONNX Runtime its graphs, int8 ones after --quantize int8): the batched
+server once per runtime and round, the runtimes taking turns, and prints each run and, per runtime, the median
+over rounds of its images/s over the first runtime's in the same round ("speedup"). --threads pins the server's
+threads (OMP_NUM_THREADS; both runtimes follow it).
 """
 from __future__ import annotations
 
@@ -83,7 +90,11 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
            "--queue", str(max(256, 4 * args.concurrency))]
     if args.beam:
         cmd += ["--beam", str(args.beam)]
+    if getattr(args, "runtime", None):
+        cmd += ["--runtime", args.runtime]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in process.stderr:  # up to "serving ... on http://127.0.0.1:PORT ..."
@@ -150,10 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--beam", type=int, default=None, help="beam size (default: the checkpoint's)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--runtimes", default=None,
+                        help="compare these runtimes (e.g. torch,onnxruntime) on one exported model folder")
+    parser.add_argument("--rounds", type=int, default=3, help="with --runtimes: rounds of one run each (default: 3)")
+    parser.add_argument("--threads", type=int, default=None, help="the server's CPU threads (OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1 or args.seconds <= 0:
         parser.error("--requests, --concurrency and --seconds must be positive")
     images = folder_images(args.images) if args.images else generated_images()
+    if args.runtimes:
+        return compare_runtimes(args, images, [r.strip() for r in args.runtimes.split(",") if r.strip()])
     batched = run(args, images, args.max_batch)
     unbatched = run(args, images, 1)
     speedup = (batched["images_per_second"] / unbatched["images_per_second"]
@@ -161,6 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"concurrency": args.concurrency, "images": len(images), "batched": batched,
                       "unbatched": unbatched, "speedup": round(speedup, 2) if speedup else None}, indent=1))
     return 1 if batched["errors"] or unbatched["errors"] else 0
+
+
+def compare_runtimes(args, images: list[tuple[str, bytes]], runtimes: list[str]) -> int:
+    """The batched server per runtime and round, the runtimes taking turns; JSON with every run and the median
+    speedup of each runtime over the first."""
+    runs = {r: [] for r in runtimes}
+    for round_ in range(args.rounds):
+        for runtime in runtimes[round_ % len(runtimes):] + runtimes[: round_ % len(runtimes)]:
+            args.runtime = runtime
+            runs[runtime].append(run(args, images, args.max_batch))
+            print(f"round {round_ + 1} {runtime}: {runs[runtime][-1]['images_per_second']} images/s", file=sys.stderr)
+    first = runtimes[0]
+    rates = {r: [x["images_per_second"] for x in runs[r]] for r in runtimes}
+    speedup = {r: round(float(np.median([a / b for a, b in zip(rates[r], rates[first])])), 2) for r in runtimes}
+    print(json.dumps({"concurrency": args.concurrency, "images": len(images), "threads": args.threads,
+                      "images_per_second": {r: rates[r] for r in runtimes}, "speedup": speedup, "runs": runs},
+                     indent=1))
+    return 1 if any(x["errors"] for r in runtimes for x in runs[r]) else 0
 
 
 if __name__ == "__main__":

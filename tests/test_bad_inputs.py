@@ -16,6 +16,7 @@ from PIL import Image
 
 from captioner.cli import main
 from captioner.engine.infer.checkpoint import save_checkpoint
+from captioner.jobs.export import ExportJob, main as export
 from captioner.progress import show_progress
 
 from helpers import ROOT, SMALL_MODEL, TINY, small_overrides, untrained_state
@@ -82,7 +83,23 @@ def world(tmp_path_factory, small_root):
     (w / "junk.bin").write_bytes(bytes(range(256)) * 4)
     (w / "run").mkdir()
     (w / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    _model_folders(w)
     return w
+
+
+def _model_folders(w: Path) -> None:
+    """w/model, exported from ok.pt, and hand-edited copies of it (the weights hard-linked, not copied)."""
+    export(ExportJob(str(w / "ok.pt"), str(w / "model")))
+    meta = json.loads((w / "model" / "config.json").read_text())
+    edits = {"model_newer": {**meta, "format_version": 99}, "model_older": {**meta, "format_version": 0},
+             "model_transformers": {"architectures": ["VisionEncoderDecoderModel"], "model_type": "vision-encoder"},
+             "model_noweights": {**meta, "files": {**meta["files"], "weights": "gone.safetensors"}},
+             "model_badjson": None}
+    for name, content in edits.items():
+        (w / name).mkdir()
+        for f in ("model.safetensors", "vocab.json"):
+            os.link(w / "model" / f, w / name / f)
+        (w / name / "config.json").write_text(json.dumps(content) if content else '{"format": "captioner-model",')
 
 
 def _table(w: Path, small_root: Path) -> dict[str, tuple[list[str], int]]:
@@ -92,6 +109,7 @@ def _table(w: Path, small_root: Path) -> dict[str, tuple[list[str], int]]:
     data = small_overrides(small_root, "train.epochs=1")
     caption = ["caption", "--device", "cpu", "--workers", "0"]
     ok = ["--checkpoint", str(w / "ok.pt"), str(w / "photos")]
+    export_ok = ["export", "--checkpoint", str(w / "ok.pt")]
     score = ["score", "--no-meteor"]
     rows = [
         ("Latin-1 YAML config", ["train", "--config", str(w / "latin1.yaml"), "--run-dir", str(w / "r")], 2),
@@ -126,6 +144,30 @@ def _table(w: Path, small_root: Path) -> dict[str, tuple[list[str], int]]:
                                                "--out", str(w / "adir" / f"{name}.jsonl")], 2)
           for name in ("vocab_str.pt", "vocab_nospecials.pt", "model_list.pt", "model_shapes.pt", "config_str.pt",
                        "config_types.pt", "config_unknown.pt")],
+        *[(f"model folder: {name}", [*caption, "--checkpoint", str(w / name), str(w / "photos"),
+                                     "--out", str(w / "adir" / f"{name}.jsonl")], 2)
+          for name in ("model_newer", "model_older", "model_transformers", "model_noweights", "model_badjson")],
+        ("evaluate a model folder of a newer format", ["evaluate", "--checkpoint", str(w / "model_newer"),
+                                                       "--device", "cpu", "--out", str(w / "e")], 2),
+        ("export --out a file", [*export_ok, "--out", str(w / "afile")], 2),
+        ("export --out under a file", [*export_ok, "--out", str(w / "afile" / "m")], 2),
+        ("export --out a folder of photos", [*export_ok, "--out", str(w / "photos")], 2),
+        ("export --overwrite a folder of photos", [*export_ok, "--out", str(w / "photos"), "--overwrite"], 2),
+        ("export --out an existing model folder", [*export_ok, "--out", str(w / "model")], 2),
+        ("export onto its own model folder", ["export", "--checkpoint", str(w / "model"), "--out", str(w / "model"),
+                                              "--overwrite"], 2),
+        ("export --dtype fp16", [*export_ok, "--out", str(w / "m"), "--dtype", "fp16"], 2),
+        ("export --format pickle", [*export_ok, "--out", str(w / "m"), "--format", "pickle"], 2),
+        ("export --metrics not JSON", [*export_ok, "--out", str(w / "m"), "--metrics", str(w / "results_bad.json")], 2),
+        ("export --metrics without scores", [*export_ok, "--out", str(w / "m"), "--metrics",
+                                             str(w / "results_dict.json")], 2),
+        ("export --push not a repo id", [*export_ok, "--out", str(w / "m"), "--push", "not a repo"], 2),
+        ("export --private without --push", [*export_ok, "--out", str(w / "m"), "--private"], 2),
+        ("export a truncated checkpoint", ["export", "--checkpoint", str(w / "truncated.pt"), "--out", str(w / "m")],
+         2),
+        ("export a missing checkpoint", ["export", "--checkpoint", str(w / "nope.pt"), "--out", str(w / "m")], 2),
+        ("export a model folder of a newer format", ["export", "--checkpoint", str(w / "model_newer"), "--out",
+                                                     str(w / "m")], 2),
         ("caption --out under a file", [*caption, *ok, "--out", str(w / "afile" / "c.jsonl")], 2),
         ("caption --out a folder", [*caption, *ok, "--out", str(w / "adir")], 2),
         ("caption --html under a file", [*caption, *ok, "--out", str(w / "c1.jsonl"), "--html",

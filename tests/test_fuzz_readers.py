@@ -285,9 +285,10 @@ def test_generated_failures_through_a_real_process(world, tmp_path):
     cases = [("train:\n  lr: .nan\n", 2), ("dataset:\n  root: 123\n", 2), ("train: {}\ntrain: {}\n", 2), ("", 2),
              ("- a list\n", 2), (yaml.safe_dump(_base(world)), 0)]
     for i, (text, status) in enumerate(cases):
-        (tmp_path / f"c{i}.yaml").write_text(text)
-        done = subprocess.run([sys.executable, "-m", "captioner", "-q", "prepare", "--config", str(tmp_path / f"c{i}.yaml"),
-                               "--out", str(tmp_path / f"out{i}")], cwd=tmp_path, capture_output=True, timeout=120,
+        config = tmp_path / f"c{i}.yaml"
+        config.write_text(text)
+        done = subprocess.run([sys.executable, "-m", "captioner", "-q", "prepare", "--config", str(config), "--out",
+                               str(tmp_path / f"out{i}")], cwd=tmp_path, capture_output=True, timeout=120,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
         err = done.stderr.decode()
         assert done.returncode == status and "Traceback" not in err and "Exception ignored" not in err, (text, err)

@@ -142,7 +142,7 @@ def test_export_refuses_to_clobber_and_overwrites_model_folders(checkpoint, tmp_
                 "--dtype", "bf16"]) == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
-    for argv, message in [(["--dtype", "fp16"], "invalid choice"), (["--format", "onnx"], "invalid choice"),
+    for argv, message in [(["--dtype", "fp16"], "invalid choice"), (["--format", "tflite"], "invalid choice"),
                           (["--push", "not a repo"], "not a Hub repo id"),
                           (["--metrics", str(tmp_path / "none.json")], "not found|cannot read")]:
         with pytest.raises(SystemExit) if "invalid choice" in message else _no_raise():

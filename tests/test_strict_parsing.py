@@ -179,7 +179,8 @@ def test_every_commands_numeric_options_are_checked_by_type():
             required = {"caption": ["--checkpoint", "x.pt", "p"], "serve": ["--checkpoint", "x.pt"],
                         "evaluate": ["--checkpoint", "x.pt"], "extract": ["--config", "c.yaml"],
                         "prepare": ["--config", "c.yaml"], "layers": ["resnet18"], "plot": ["run"],
-                        "score": ["--results", "r.json", "--annotations", "a.json"]}.get(command, [])
+                        "score": ["--results", "r.json", "--annotations", "a.json"],
+                        "export": ["--checkpoint", "x.pt", "--out", "m"]}.get(command, [])
             args = parser.parse_args([command, *required, action.option_strings[-1], bad])
             with pytest.raises(CaptionerError):
                 build_job(args)

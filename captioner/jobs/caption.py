@@ -61,6 +61,7 @@ class CaptionJob:
     compute: ComputeConfig | None = None  # this machine's switches; None: the checkpoint's (auto by default)
     sample: bool = False  # draw each word from the model's distribution instead of greedy/beam
     temperature: float | None = None  # sampling only; None: the checkpoint's decode.temperature
+    runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
 
     def __post_init__(self):
         require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),
@@ -107,7 +108,7 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
                              f"extensions{'' if job.recursive else '; add --recursive for sub-folders'})")
     # compute describes this machine, not the checkpoint: auto unless the caller says otherwise.
     predictor = Predictor.load(job.checkpoint, process.device, beam_size=job.beam_size, compute=job.compute,
-                               sample=job.sample, temperature=job.temperature)
+                               sample=job.sample, temperature=job.temperature, runtime=job.runtime)
     settings, batch_size = predictor.settings, job.batch_size or predictor.cfg.decode.batch_size
     if settings.sample:
         torch.manual_seed(predictor.cfg.train.seed + process.rank)
@@ -134,7 +135,7 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
             batches = _timed_iter(predictor.image_batches(mine, batch_size, job.num_workers, max_pixels), waited)
             with distributed.GlobalProgress(len(todo), process, "captioning", log.isEnabledFor(logging.INFO)) as bar:
                 for batch, captioned in predictor.caption_batches(batches, attention=html is not None):
-                    _write_batch(predictor.model.grid, mine, batch, captioned, writer, pages, counts)
+                    _write_batch(predictor.encoder.grid, mine, batch, captioned, writer, pages, counts)
                     bar.update(len(captioned))
                     bar.set_postfix(errors=counts["errors"])
         except torch.cuda.OutOfMemoryError:

@@ -39,6 +39,7 @@ class EvaluateJob:
     device: str | None = "auto"
     batch_size: int | None = None  # None: decode.batch_size
     compute: ComputeConfig | None = None  # this machine's switches (default: auto, then any compute.* override)
+    runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
 
     def __post_init__(self):
         require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1))
@@ -50,14 +51,16 @@ def main(job: EvaluateJob) -> dict:
     out = Path(job.out_dir) if job.out_dir else Path(job.checkpoint).parent if Path(job.checkpoint).exists() else Path()
     check_writable(out, "evaluation output folder", folder=True)
     predictor = Predictor.load(job.checkpoint, job.device, beam_size=job.beam_size, compute=job.compute,
-                               overrides=job.overrides)
+                               overrides=job.overrides, runtime=job.runtime)
     cfg, split = predictor.cfg, job.split
     records = [r for r in by_split(load_records(cfg.dataset), split) if r.captions]  # missing files dropped
     if not records:
         raise CaptionerError(f"split '{split}' of the dataset has no captioned images")
-    cached = cached_source(cfg, predictor.model.encoder, records, f"{split} split")  # None: run the encoder
+    # A feature cache holds the PyTorch encoder's activations: another backend runs its own encoder.
+    model = predictor.model
+    cached = cached_source(cfg, model.encoder, records, f"{split} split") if model is not None else None
     features, records = cached if cached else (None, records)
-    hypotheses = predict(predictor.model, predictor.vocab, records, predictor.settings,
+    hypotheses = predict(predictor.backend, predictor.vocab, records, predictor.settings,
                          job.batch_size or cfg.decode.batch_size, predictor.device, features=features,
                          num_workers=cfg.compute.num_workers, gpu_decode=predictor.compute.gpu_decode)
     if len(hypotheses) != len(records):
@@ -71,7 +74,8 @@ def main(job: EvaluateJob) -> dict:
                "decoding": "greedy" if predictor.settings.beam_size == 1 else "beam",
                "beam_size": predictor.settings.beam_size,
                "max_len": cfg.decode.max_len, "length_penalty": cfg.decode.length_penalty,
-               "features": f"cache {features.path} ({features.dtype})" if cached else "encoder", **scores,
+               "features": f"cache {features.path} ({features.dtype})" if cached else "encoder",
+               "runtime": predictor.runtime, **scores,
                "results_file": str(results_path), "metrics_file": str(metrics_path)}
     write_json(metrics_path, metrics, "metrics file", indent=1)
     return metrics

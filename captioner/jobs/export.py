@@ -3,6 +3,8 @@
     captioner export --checkpoint runs/coco/best.pt --out model/
     captioner export --checkpoint runs/coco/best.pt --out model-bf16/ --dtype bf16 --metrics runs/coco/metrics_test.json
     captioner export --checkpoint runs/coco/best.pt --out model/ --push alice/captioner-coco     # the [hub] extra
+    captioner export --checkpoint best.pt --out model-onnx/ --format onnx                     # + ONNX graphs
+    captioner export --checkpoint best.pt --out model-int8/ --format onnx --quantize int8 --calibrate photos/
     captioner caption --checkpoint model/ photos/          # caption, evaluate and serve take the folder as they take a .pt
 
 The folder (engine/infer/model_folder.py): model.safetensors (every weight the model computes with, backbone
@@ -10,6 +12,11 @@ included; --dtype bf16 halves it for inference), config.json (format version, th
 decode settings, vocabulary size, preprocessing), vocab.json and README.md, a model card with Hugging Face front
 matter (engine/infer/model_card.py). It appears all at once (written beside it, then renamed). --checkpoint may
 also be a model folder (to re-export it in bf16, say) or a Hub repo id.
+
+--format onnx adds encoder.onnx, decoder_init.onnx, decoder_step.onnx and onnx.json (engine/infer/onnx_export.py)
+to the same folder, which `--runtime onnxruntime` runs (the PyTorch runtime still reads model.safetensors).
+--quantize int8 makes those graphs int8, the encoder's activation ranges calibrated on --calibration-images
+images (64) spread over --calibrate DIR, or over the training split of the checkpoint's own dataset.
 """
 from __future__ import annotations
 
@@ -23,14 +30,16 @@ from captioner.engine.infer.checkpoint import load_checkpoint, model_from_checkp
 from captioner.engine.infer.model_card import METRIC_NAMES, model_card
 from captioner.engine.infer.model_folder import (CONFIG_FILE, DTYPES, is_model_folder, load_model_folder, model_hash,
                                                  read_folder_config, resolve_model, write_model_folder)
+from captioner.config import require_min
 from captioner.errors import CaptionerError
 from captioner.files import check_writable, read_text
 
 log = logging.getLogger("captioner")
 
-# --format -> writers of that format's extra files (the weights are always model.safetensors). Issue 22 adds
-# "onnx": (write_onnx,), its files listed in config.json's `files` beside the others.
-FORMATS: dict[str, tuple] = {"safetensors": ()}
+# What --format adds to the folder: the weights are always model.safetensors; onnx adds the ONNX graphs and
+# onnx.json, listed in config.json's `files` beside the others (_extra_writers).
+FORMATS = ("safetensors", "onnx")
+QUANTIZE = ("int8",)
 
 
 @dataclass
@@ -39,13 +48,27 @@ class ExportJob:
     checkpoint: str  # a .pt written by `captioner train`, a model folder, or a Hub repo id
     out: str  # the model folder to write
     dtype: str = "float32"  # float32 | bf16 (weights stored in bfloat16: half the size, for inference)
-    format: str = "safetensors"  # safetensors (FORMATS)
+    format: str = "safetensors"  # safetensors | onnx (FORMATS)
     metrics: str | None = None  # a metrics_SPLIT.json written by `captioner evaluate`, for the model card
     push: str | None = None  # also upload the folder to this Hugging Face Hub repo (owner/name)
     private: bool = False  # --push: create the repo private
     overwrite: bool = False  # replace an existing model folder at out
+    quantize: str | None = None  # int8: --format onnx graphs quantized (static QDQ encoder, dynamic decoder)
+    calibrate: str | None = None  # images to calibrate int8 on (a folder or a list); None: the training split
+    calibration_images: int = 64  # how many of them
 
     def __post_init__(self):
+        require_min(("--calibration-images", self.calibration_images, 1))
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise CaptionerError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        if (self.quantize or self.calibrate) and self.format != "onnx":
+            raise CaptionerError(f"--{'quantize' if self.quantize else 'calibrate'} applies to the ONNX graphs: add "
+                                 f"--format onnx")
+        if self.calibrate and not self.quantize:
+            raise CaptionerError("--calibrate applies to --quantize int8 (float32 graphs need no calibration)")
+        if self.format == "onnx":
+            from captioner.engine.infer.onnx_export import require_onnx
+            require_onnx("--format onnx")  # the missing extra in one line, before anything is loaded
         if self.dtype not in DTYPES:
             raise CaptionerError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.format not in FORMATS:
@@ -85,6 +108,42 @@ def _load(source: Path):
     return model.eval(), vocab, cfg, provenance
 
 
+def _calibration_paths(job: ExportJob, cfg) -> list[str]:
+    """job.calibration_images image files spread evenly over --calibrate, or over the dataset's train split."""
+    from captioner.data.inputs import find_images
+    if job.calibrate:
+        if not Path(job.calibrate).exists():
+            raise CaptionerError(f"--calibrate {job.calibrate} not found: give a folder (or .txt list) of images like "
+                                 f"those the model will caption")
+        paths = find_images([job.calibrate], recursive=True)
+        where = job.calibrate
+    else:
+        from captioner.data.datasets import by_split, load_records
+        try:
+            paths = [r.path for r in by_split(load_records(cfg.dataset), "train")]
+        except CaptionerError as e:
+            raise CaptionerError(f"--quantize int8 calibrates on the model's training images, which cannot be read "
+                                 f"here ({e}); give --calibrate DIR, a folder of images like those the model will "
+                                 f"caption") from None
+        where = f"the train split of {cfg.dataset.annotations or cfg.dataset.root}"
+    if not paths:
+        raise CaptionerError(f"no images to calibrate int8 on in {where}: give --calibrate DIR")
+    step = max(len(paths) // job.calibration_images, 1)
+    log.info("calibrating int8 on %d images of %s", min(len(paths), job.calibration_images), where)
+    return paths[::step][: job.calibration_images]
+
+
+def _extra_writers(job: ExportJob, cfg, model) -> tuple:
+    """The writers of --format's files beyond model.safetensors (write_model_folder's extra_files)."""
+    if job.format != "onnx":
+        return ()
+    from captioner.engine.infer.onnx_export import calibration_images, write_onnx_files
+    images = None
+    if job.quantize:
+        images = calibration_images(_calibration_paths(job, cfg), model.encoder.image_size, job.calibration_images)
+    return (lambda folder, model, dtype: write_onnx_files(folder, model, job.quantize or "float32", images),)
+
+
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
@@ -111,20 +170,23 @@ def main(job: ExportJob) -> dict:
                  source.parent / "metrics_test.json", source.parent / "metrics_test.json")
     model, vocab, cfg, provenance = _load(source)
     write_model_folder(out, model, vocab, cfg, dtype=job.dtype, source=provenance, overwrite=job.overwrite,
-                       card=lambda meta: model_card(meta, cfg, metrics, job.push), extra_files=FORMATS[job.format])
+                       card=lambda meta: model_card(meta, cfg, metrics, job.push),
+                       extra_files=_extra_writers(job, cfg, model))
     files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
     if job.push:
         log.info("pushing %s to the Hugging Face Hub as %s", out, job.push)
     pushed = hub.upload(out, job.push, job.private) if job.push else None
-    return {"out": str(out), "format": job.format, "dtype": job.dtype, "files": files, "bytes": sum(files.values()),
+    return {"out": str(out), "format": job.format, "dtype": job.dtype, "quantize": job.quantize, "files": files,
+            "bytes": sum(files.values()),
             "checkpoint": str(source), "checkpoint_bytes": _size(source), "pushed": pushed}
 
 
 def summary_lines(result: dict) -> list[str]:
     """What `captioner export` prints above its JSON line."""
     mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
+    graphs = f", {result['quantize'] or 'float32'} ONNX graphs" if result["format"] == "onnx" else ""
     lines = [f"exported {result['checkpoint']} ({mb(result['checkpoint_bytes'])}) -> {result['out']}/ "
-             f"({mb(result['bytes'])}, {result['dtype']})"]
+             f"({mb(result['bytes'])}, {result['dtype']} weights{graphs})"]
     lines += [f"  {name:<20} {mb(size):>10}" for name, size in result["files"].items()]
     if result["pushed"]:
         lines.append(f"  pushed to {result['pushed']}")

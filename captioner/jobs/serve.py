@@ -55,6 +55,7 @@ class ServeJob:
     max_images: int = 32  # image parts per request
     max_pixels: int = 40_000_000  # per image, checked before decoding (decompression bombs)
     timeout: float = 60.0  # seconds a request may wait for its captions
+    runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
 
     def __post_init__(self):
         require_min(("--port", self.port, 0), ("--max-batch", self.max_batch, 1), ("--max-wait-ms", self.max_wait_ms, 0),
@@ -79,16 +80,17 @@ class ServeJob:
 class ServedModel:
     """The model behind the server: a Predictor loaded once, then predict(batch) from the batcher's thread."""
 
-    def __init__(self, checkpoint: str, device: str = "auto", beam_size: int | None = None):
-        self.predictor = Predictor.load(checkpoint, device, beam_size=beam_size)  # as `captioner caption` does
-        p, enc = self.predictor, self.predictor.model.encoder
+    def __init__(self, checkpoint: str, device: str = "auto", beam_size: int | None = None, runtime: str = "torch"):
+        # as `captioner caption` does
+        self.predictor = Predictor.load(checkpoint, device, beam_size=beam_size, runtime=runtime)
+        p, enc = self.predictor, self.predictor.encoder
         self.info = {"checkpoint": Path(checkpoint).name, "arch": enc.arch, "layer": enc.layer,
                      "grid": list(enc.grid), "image_size": enc.image_size, "vocab_size": len(p.vocab),
                      "preprocess": {"mean": list(enc.preprocess.mean), "std": list(enc.preprocess.std),
                                     "interpolation": enc.interpolation},
                      "decoding": {k: getattr(p.settings, k) for k in ("beam_size", "max_len", "length_penalty",
                                                                        "sample", "temperature")},
-                     "device": str(p.device), "description": f"{p.description()}."}
+                     "device": str(p.device), "runtime": p.runtime, "description": f"{p.description()}."}
 
     def predict(self, items: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[dict]:
         """[(image (3, S, S) uint8, (width, height))] -> [{"caption", "score", "words", "alphas" (L, N),
@@ -112,7 +114,7 @@ def is_loopback(host: str) -> bool:
 def build(opts: ServeJob):
     """(app, served): the model loaded and warmed up, the batcher started, the FastAPI app around them."""
     from captioner.engine.serve.webapp import create_app  # FastAPI is an optional extra: imported on use
-    served = ServedModel(opts.checkpoint, opts.device, opts.beam_size)
+    served = ServedModel(opts.checkpoint, opts.device, opts.beam_size, opts.runtime)
     size = served.predictor.image_size
     served.predict([(torch.zeros(3, size, size, dtype=torch.uint8), (size, size))])  # warm-up before serving
     # Decoding threads run data/images.py's per-decode Pillow settings; starting from the same values
@@ -121,8 +123,9 @@ def build(opts: ServeJob):
     batcher = DynamicBatcher(served.predict, opts.max_batch, opts.max_wait_ms / 1000, opts.queue)
     token = _token(opts)
     info = {**served.info, "token_required": token is not None}
-    return create_app(batcher, info, size, tuple(served.predictor.model.grid), opts.limits, token,
-                      opts.decode_threads, served.predictor.model.encoder.interpolation), served
+    encoder = served.predictor.encoder
+    return create_app(batcher, info, size, tuple(encoder.grid), opts.limits, token, opts.decode_threads,
+                      encoder.interpolation), served
 
 
 def main(opts: ServeJob) -> dict:

@@ -1,12 +1,16 @@
 """Greedy, beam-search and sampled decoding, batched over images on the model's device.
 
     out = beam_search(model, raw, beam_size=3, max_len=20)   # raw: (B, C, H, W) encoder activations
+    out = beam_search(ort_steps, raw, beam_size=3)           # the same loop over another backend (steps.py)
     out.tokens (B, L) ids ending in <end> then <pad>; out.scores (B,); out.alphas (B, L, N); out.lengths (B,)
 
 Every image gets a caption of at least one word: <end> may not come first (an untrained model or a wide beam
 would otherwise return "" for every image, since the empty caption is the most probable one), <pad> and
 <start> are never emitted as words, and when no hypothesis has ended by max_len words <end> is forced, so
 the best hypothesis found so far is returned (never an empty result or a crash). Beam size 1 equals greedy.
+
+`model` is a CaptionModel or any DecoderSteps (model/steps.py): the loops only start a caption and take one
+word at a time through that interface, so PyTorch modules and ONNX Runtime sessions run the same algorithm.
 """
 from __future__ import annotations
 
@@ -14,9 +18,9 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from captioner.model.sample import sample_captions
+from captioner.model.steps import as_steps
 from captioner.text import Vocabulary
 
 
@@ -28,9 +32,8 @@ class Decoded:
     lengths: torch.Tensor  # (B,) tokens up to and including <end>
 
 
-def _step_log_probs(model, tokens, state, t: int, max_len: int):
-    logits, state, alpha = model.decoder.step(tokens, state)
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B', V)
+def _step_log_probs(steps, tokens, state, t: int, max_len: int):
+    logp, state, alpha = steps.step(tokens, state)  # (B', V) float32
     logp[:, [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")  # never words of a caption
     if t == 0:
         logp[:, Vocabulary.end_id] = float("-inf")  # at least one word
@@ -49,28 +52,26 @@ def _in_eval_mode(decoder):
     """Decoding always runs in eval mode (dropout off), whatever mode the caller left the model in, and gives
     the caller's mode back afterwards, also when decoding raises (out of memory, Ctrl-C)."""
     @functools.wraps(decoder)
-    def run(model, *args, **kwargs):
-        was_training = model.training
-        model.eval()
-        try:
-            return decoder(model, *args, **kwargs)
-        finally:
-            model.train(was_training)
+    def run(model_or_steps, *args, **kwargs):
+        steps = as_steps(model_or_steps)
+        with steps.evaluating():
+            return decoder(steps, *args, **kwargs)
     return run
 
 
 @torch.no_grad()
 @_in_eval_mode
-def greedy_decode(model, raw: torch.Tensor, max_len: int = 30) -> Decoded:
-    """raw (B, C, H, W) encoder activations -> Decoded with the most likely word at each step."""
-    state = model.decoder.init_state(model.project(raw))
+def greedy_decode(steps, raw: torch.Tensor, max_len: int = 30) -> Decoded:
+    """steps (a CaptionModel or DecoderSteps), raw (B, C, H, W) encoder activations -> Decoded with the most
+    likely word at each step."""
+    state = steps.start(raw)
     B = raw.shape[0]
     tokens = torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=raw.device)
     finished = torch.zeros(B, dtype=torch.bool, device=raw.device)
     scores = torch.zeros(B, device=raw.device)
     out_tokens, out_alphas = [], []
     for t in range(max_len + 1):
-        logp, state, alpha = _step_log_probs(model, tokens, state, t, max_len)
+        logp, state, alpha = _step_log_probs(steps, tokens, state, t, max_len)
         best_logp, best = logp.max(dim=1)  # (B,)
         scores += torch.where(finished, torch.zeros_like(best_logp), best_logp)
         tokens = torch.where(finished, torch.full_like(best, Vocabulary.pad_id), best)
@@ -85,7 +86,7 @@ def greedy_decode(model, raw: torch.Tensor, max_len: int = 30) -> Decoded:
 
 @torch.no_grad()
 @_in_eval_mode
-def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
+def beam_search(steps, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
                 length_penalty: float = 0.0) -> Decoded:
     """raw (B, C, H, W) -> Decoded best of beam_size hypotheses per image, all images in one batch.
 
@@ -93,31 +94,31 @@ def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
     total log-probability.
     """
     B, device = raw.shape[0], raw.device
-    h, c, features, projected = model.decoder.init_state(model.project(raw))
-    V = model.decoder.vocab_size
+    V = steps.vocab_size
     k = min(beam_size, V)
-    N = features.shape[1]
     # Every image's k beams sit next to each other: row b*k + j is beam j of image b.
-    h, c = h.repeat_interleave(k, 0), c.repeat_interleave(k, 0)  # (B*k, H)
-    features, projected = features.repeat_interleave(k, 0), projected.repeat_interleave(k, 0)  # (B*k, N, .)
+    state = steps.start(raw).repeat(k)  # (B*k, ...)
     tokens = torch.full((B * k,), Vocabulary.start_id, dtype=torch.long, device=device)
     scores = torch.full((B, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first at step 0
     finished = torch.zeros(B, k, dtype=torch.bool, device=device)
     history = torch.empty(B, k, 0, dtype=torch.long, device=device)
-    alpha_history = torch.empty(B, k, 0, N, device=device)
+    alpha_history = None  # (B, k, t, N) once the first step says N
     # A finished beam may only continue with <pad> at no cost, so it keeps its score.
     pad_row = torch.full((V,), float("-inf"), device=device)
     pad_row[Vocabulary.pad_id] = 0.0
     offsets = (torch.arange(B, device=device) * k).unsqueeze(1)  # (B, 1)
     for t in range(max_len + 1):
-        logp, (h, c, _, _), alpha = _step_log_probs(model, tokens, (h, c, features, projected), t, max_len)
+        logp, state, alpha = _step_log_probs(steps, tokens, state, t, max_len)
+        N = alpha.shape[1]
+        if alpha_history is None:
+            alpha_history = torch.empty(B, k, 0, N, device=device)
         logp = torch.where(finished.view(-1, 1), pad_row, logp).view(B, k, V)
         candidates = (scores.unsqueeze(2) + logp).view(B, k * V)  # (B, k, V) -> (B, k*V)
         scores, index = candidates.topk(k, dim=1)  # (B, k)
         beam, word = index // V, index % V  # which parent beam, which next word
         rows = (beam + offsets).view(-1)  # (B*k,) rows of the parents
-        h, c = h[rows], c[rows]
+        state = state.follow(rows)
         history = torch.cat([history.gather(1, beam.unsqueeze(2).expand_as(history)), word.unsqueeze(2)], dim=2)
         parent_alphas = alpha.view(B, k, N).gather(1, beam.unsqueeze(2).expand(B, k, N))
         alpha_history = torch.cat([
@@ -137,17 +138,18 @@ def beam_search(model, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
 
 @torch.no_grad()
 @_in_eval_mode
-def sampled_decode(model, raw: torch.Tensor, max_len: int = 30, temperature: float = 1.0,
+def sampled_decode(steps, raw: torch.Tensor, max_len: int = 30, temperature: float = 1.0,
                    generator: torch.Generator | None = None) -> Decoded:
     """raw (B, C, H, W) -> Decoded with every word drawn from the model's distribution at `temperature`
     (eval mode; scores: the total log-probability under that tempered distribution)."""
-    out = sample_captions(model, raw, max_len, temperature, generator, at_least_one_word=True)
+    out = sample_captions(steps, raw, max_len, temperature, generator, at_least_one_word=True)
     return Decoded(out.tokens, out.log_probs.sum(dim=1), out.alphas, out.lengths)
 
 
 def decode(model, raw: torch.Tensor, beam_size: int = 1, max_len: int = 30, length_penalty: float = 0.0,
            sample: bool = False, temperature: float = 1.0) -> Decoded:
-    """Greedy (beam_size 1), beam search, or sampling (sample=True: beam_size is then ignored)."""
+    """Greedy (beam_size 1), beam search, or sampling (sample=True: beam_size is then ignored); model: a
+    CaptionModel or any DecoderSteps (model/steps.py)."""
     if sample:
         return sampled_decode(model, raw, max_len, temperature)
     if beam_size <= 1:

@@ -18,6 +18,7 @@ follows train()/eval()); everything before stays frozen in eval mode.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from dataclasses import dataclass
@@ -237,6 +238,17 @@ class HookedEncoder(nn.Module):
         if out is None:
             raise CaptionerError(f"layer '{self.layer}' of {self.arch} produced no output (never called)")
         return self.grid_of(out, (images.shape[2], images.shape[3]))
+
+    def plain_backbone(self) -> nn.Module:
+        """A copy of the backbone without the stop-forward hook, for tracers and exporters, which cannot follow
+        an exception (model/truncated.py cuts it after the hooked layer instead)."""
+        was_open = self._handle is not None
+        self.close()
+        try:
+            return copy.deepcopy(self.backbone)
+        finally:
+            if was_open:
+                self._handle = _check_layer(self.backbone, self.arch, self.layer).register_forward_hook(self._hook)
 
     def close(self) -> None:
         if self._handle is not None:

@@ -9,6 +9,7 @@ Unlike greedy_decode and beam_search this runs in whatever mode the caller left 
 in training mode, with dropout, from the policy it updates) and keeps the autograd graph; `decode(...,
 sample=True)` in beam.py is the inference entry point (eval mode, no gradients). Random draws come from
 `generator`, else torch's global generator (saved in checkpoints, so a resumed run draws the same words).
+`model` is a CaptionModel or any DecoderSteps (model/steps.py), as for greedy and beam decoding.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from captioner.model.steps import as_steps
 from captioner.text import Vocabulary
 
 
@@ -39,21 +41,22 @@ def sample_captions(model, raw: torch.Tensor, max_len: int = 30, temperature: fl
     log-probabilities must be the model's own."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    state = model.decoder.init_state(model.project(raw))
+    steps = as_steps(model)
+    state = steps.start(raw)
     B, device = raw.shape[0], raw.device
     tokens = torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     out_tokens, out_logp, out_mask, out_alphas, out_entropy = [], [], [], [], []
-    never = torch.zeros(model.decoder.vocab_size, dtype=torch.bool, device=device)
+    never = torch.zeros(steps.vocab_size, dtype=torch.bool, device=device)
     never[[Vocabulary.pad_id, Vocabulary.start_id]] = True
     never_first = never.clone()
     never_first[Vocabulary.end_id] = True
     for t in range(max_len + 1):
-        logits, state, alpha = model.decoder.step(tokens, state)
-        logits = logits.float()
+        logp, state, alpha = steps.step(tokens, state)  # (B, V) float32, normalised
         if at_least_one_word:
-            logits = logits.masked_fill(never_first if t == 0 else never, float("-inf"))
-        logp = F.log_softmax(logits / temperature, dim=-1)  # (B, V)
+            logp = logp.masked_fill(never_first if t == 0 else never, float("-inf"))
+        if at_least_one_word or temperature != 1.0:  # renormalise (log_softmax ignores logp's shift)
+            logp = F.log_softmax(logp / temperature, dim=-1)  # (B, V)
         active = ~finished
         if t == max_len:  # the word budget is spent: <end> is forced, not drawn, so it carries no log-probability
             word = torch.full((B,), Vocabulary.end_id, dtype=torch.long, device=device)

@@ -30,7 +30,7 @@ from captioner import __version__
 from captioner.config import Config, to_dict
 from captioner.engine.infer import hub
 from captioner.engine.infer.checkpoint import load_model, model_from_checkpoint
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, os_failure
 from captioner.files import atomic_folder, write_json, write_text
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary
@@ -82,8 +82,7 @@ def model_hash(path: str | Path, digits: int = 16) -> str:
                 for block in iter(lambda: f.read(1 << 22), b""):
                     digest.update(block)
         except OSError as e:
-            raise CaptionerError(f"{'model file' if file != path else 'checkpoint'} {file}: cannot read "
-                                 f"({e.strerror or e})") from None
+            raise os_failure(f"{'model file' if file != path else 'checkpoint'} {file}: cannot read", e) from None
     return digest.hexdigest()[:digits]
 
 
@@ -98,8 +97,10 @@ def read_folder_config(folder: str | Path) -> dict:
                              f"`captioner export` ({hint})")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise CaptionerError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    except OSError as e:
+        raise os_failure(f"{path}: cannot read", e) from None
+    except UnicodeDecodeError as e:
+        raise CaptionerError(f"{path} is not UTF-8 JSON (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise CaptionerError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

@@ -6,7 +6,8 @@
     captions = predict(model, vocab, dataset_records, settings, batch_size=64, device=device)
 
 `evaluate`, `caption`, validation during `train` and `bench` all go through caption_batch, so a caption is
-the same whichever command produced it, and the benchmark times the product's own code.
+the same whichever command produced it, and the benchmark times the product's own code. `model` is a
+CaptionModel or a backend (backend.py: PyTorch modules or ONNX Runtime sessions); the decoding is the same.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from captioner.progress import bar as make_bar
 
 from captioner.config import Config
 from captioner.data.pipeline import Unreadable, feature_batches, image_batches
-from captioner.engine.runtime.compute import Compute, autocast
+from captioner.engine.infer.backend import as_backend
+from captioner.engine.runtime.compute import Compute
 from captioner.engine.runtime.signals import StopRequest
 from captioner.model.decoding import decode
 from captioner.text import Vocabulary, join_words
@@ -68,16 +70,12 @@ def words_and_alphas(tokens: torch.Tensor, alphas: torch.Tensor, vocab: Vocabula
 def caption_batch(model, vocab: Vocabulary, inputs: torch.Tensor, settings: DecodeSettings,
                   attention: bool = False) -> list[Captioned]:
     """inputs (B, 3, S, S) uint8 images or (B, C, H, W) float encoder features on the model's device
-    -> B Captioned (index = row). The model runs in eval mode and goes back to its mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast(inputs.device, settings.bf16):  # bf16 where compute.bf16 resolved on
-            raw = inputs if inputs.is_floating_point() else model.encode(inputs)  # -> (B, C, H, W)
-            out = decode(model, raw, settings.beam_size, settings.max_len, settings.length_penalty,
-                         settings.sample, settings.temperature)
-    finally:
-        model.train(was_training)
+    -> B Captioned (index = row). A PyTorch model runs in eval mode and goes back to its mode afterwards."""
+    backend = as_backend(model)
+    with backend.running(inputs.device, settings.bf16):  # eval mode; bf16 where compute.bf16 resolved on
+        raw = inputs if inputs.is_floating_point() else backend.encode(inputs)  # -> (B, C, H, W)
+        out = decode(backend.steps, raw, settings.beam_size, settings.max_len, settings.length_penalty,
+                     settings.sample, settings.temperature)
     # One copy to the host per batch: (B, L) tokens, (B,) scores and, when asked for, (B, L, N) attention.
     tokens, scores = out.tokens.cpu(), out.scores.float().cpu()
     alphas = out.alphas.float().cpu() if attention else torch.empty(tokens.shape[0], tokens.shape[1], 0)
@@ -123,8 +121,9 @@ def predict(model, vocab: Vocabulary, records, settings: DecodeSettings, batch_s
     if features is not None:
         batches = feature_batches(features, len(records), batch_size, device)
     else:
-        batches = image_batches([r.path for r in records], model.encoder.image_size, batch_size, num_workers,
-                                device, gpu_decode, interpolation=model.encoder.interpolation)
+        encoder = as_backend(model).encoder
+        batches = image_batches([r.path for r in records], encoder.image_size, batch_size, num_workers, device,
+                                gpu_decode, interpolation=encoder.interpolation)
     results = {}
     bar = make_bar(total=len(records), desc="captioning", unit="img", leave=False, disable=not progress_bar)
     for _, captioned in caption_batches(model, vocab, batches, settings):

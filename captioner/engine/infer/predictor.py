@@ -9,9 +9,12 @@ drift from the others (transformers' pipeline and CLIP's `load` return the model
     for batch, captioned in predictor.caption_batches(batches, attention=True): ...
 
 The decoding itself is engine/infer/predict.py's (the one decode path); this class only holds what it needs.
+What computes it is the backend (backend.py): the PyTorch model, or ONNX Runtime sessions of an exported model
+(onnx_runtime.py), which then has no PyTorch model (model is None).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -20,6 +23,7 @@ import torch
 from captioner.config import ComputeConfig, Config, apply_overrides
 from captioner.data.images import MAX_PIXELS
 from captioner.data.pipeline import Batches, image_batches
+from captioner.engine.infer.backend import Backend, TorchBackend
 from captioner.engine.infer.model_folder import load_model_source, model_hash, resolve_model
 from captioner.engine.infer.predict import Captioned, DecodeSettings, caption_batch, caption_batches
 from captioner.engine.runtime.compute import Compute, setup_compute
@@ -29,18 +33,25 @@ from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary
 
 
-# How a model runs: "torch" (its nn.Modules); issue 22 adds "onnxruntime" (a model folder's ONNX files).
-RUNTIMES = ("torch",)
+# How a model runs: "torch" (its nn.Modules) or "onnxruntime" (the ONNX graphs of a model folder written by
+# `captioner export --format onnx`, engine/infer/onnx_runtime.py).
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass
 class Predictor:
-    model: CaptionModel  # in eval mode, on device, encoder prepared (channels_last / compile) as compute says
+    model: CaptionModel | None  # in eval mode, on device, encoder prepared (channels_last / compile) as compute
+    # says; None when another backend runs an exported model
     vocab: Vocabulary
     cfg: Config  # the checkpoint's config, with this machine's compute and the caller's overrides
     compute: Compute  # the resolved precision and memory format
     settings: DecodeSettings
     source: str  # the local checkpoint file or model folder it came from (a Hub repo's folder in the Hub cache)
+    backend: Backend | None = None  # what encodes and decodes; None: the model's own modules (TorchBackend)
+
+    def __post_init__(self):
+        if self.backend is None:
+            self.backend = TorchBackend(self.model)
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str | torch.device | None = "auto", *,
@@ -57,44 +68,67 @@ class Predictor:
         runtime: what runs the model (RUNTIMES)."""
         if runtime not in RUNTIMES:
             raise CaptionerError(f"runtime {runtime!r} is not available; valid: {', '.join(RUNTIMES)}")
-        device = device if isinstance(device, torch.device) else resolve_device(device or "auto")
+        device = resolve_device(str(device) if isinstance(device, torch.device) else device or "auto")  # one rule
         source = resolve_model(checkpoint, revision)
-        model, vocab, cfg = load_model_source(source, device)
+        if runtime == "onnxruntime":
+            from captioner.engine.infer.onnx_runtime import load_onnx_folder  # the [onnx] extra, on use
+            backend, vocab, cfg = load_onnx_folder(source, device)
+            model = None
+        else:
+            model, vocab, cfg = load_model_source(source, device)
+            backend = None
         cfg.compute = compute or cfg.compute
         apply_overrides(cfg, list(overrides))
         cfg.decode.sample = sample or cfg.decode.sample
         if temperature is not None:
             cfg.decode.temperature = temperature
         resolved = setup_compute(cfg.compute, device)
-        resolved.prepare_encoder(model.encoder)
-        return cls(model, vocab, cfg, resolved, DecodeSettings.of(cfg, beam_size, compute=resolved), str(source))
+        if model is not None:
+            resolved.prepare_encoder(model.encoder)
+        return cls(model, vocab, cfg, resolved, DecodeSettings.of(cfg, beam_size, compute=resolved), str(source),
+                   backend)
 
     def model_hash(self) -> str:
-        """16 hex digits identifying the model's files (what outputs record as the model that made them)."""
-        return model_hash(self.source)
+        """16 hex digits identifying the model's files and what runs them (what outputs record as the model that
+        made them: one folder's int8 ONNX graphs and its PyTorch weights do not write the same captions)."""
+        digest = model_hash(self.source)
+        if self.backend.name == "torch":
+            return digest
+        return hashlib.sha256(f"{digest} {self.backend.name}".encode()).hexdigest()[:16]
 
     @property
     def device(self) -> torch.device:
         return self.compute.device
 
     @property
+    def runtime(self) -> str:
+        """What runs the model, as outputs record it: "torch", "onnxruntime float32" or "onnxruntime int8"."""
+        precision = getattr(self.backend, "precision", None)
+        return self.backend.name + (f" {precision}" if precision else "")
+
+    @property
+    def encoder(self):
+        """The encoder's description (arch, layer, image_size, channels, grid), whichever backend runs it."""
+        return self.backend.encoder
+
+    @property
     def image_size(self) -> int:
-        return self.model.encoder.image_size
+        return self.encoder.image_size
 
     def caption_batch(self, inputs: torch.Tensor, attention: bool = False) -> list[Captioned]:
         """(B, 3, S, S) uint8 images or (B, C, H, W) features on self.device -> B Captioned, in order."""
-        return caption_batch(self.model, self.vocab, inputs, self.settings, attention)
+        return caption_batch(self.backend, self.vocab, inputs, self.settings, attention)
 
     def caption_batches(self, batches, attention: bool = False):
         """For each pipeline Batch -> (batch, [Captioned]); only readable rows are decoded (predict.py)."""
-        return caption_batches(self.model, self.vocab, batches, self.settings, attention)
+        return caption_batches(self.backend, self.vocab, batches, self.settings, attention)
 
     def image_batches(self, paths: list, batch_size: int | None = None, num_workers: int = 0,
                       max_pixels: int = MAX_PIXELS, names: list[str] | None = None) -> Batches:
         """The pipeline's batches of these files (or in-memory images, called names in errors) at the model's
         input size and resize filter, decoded as compute says."""
         return image_batches(paths, self.image_size, batch_size or self.cfg.decode.batch_size, num_workers,
-                             self.device, self.compute.gpu_decode, max_pixels, names, self.model.encoder.interpolation)
+                             self.device, self.compute.gpu_decode, max_pixels, names, self.encoder.interpolation)
 
     def decoding(self) -> str:
         """How captions are chosen, in words: 'greedy decoding', 'beam search (beam 3)' or 'sampling (...)'."""
@@ -105,6 +139,7 @@ class Predictor:
 
     def description(self) -> str:
         """One line on what decodes and what it attends over, for titles and /v1/model."""
-        enc = self.model.encoder
+        enc = self.encoder
+        runs = "" if self.backend.name == "torch" else f" ({self.runtime})"
         return (f"{self.decoding()}, attention over the {enc.grid[0]}x{enc.grid[1]} {enc.layer} grid of "
-                f"{enc.arch}")
+                f"{enc.arch}{runs}")

@@ -20,6 +20,7 @@ from captioner.errors import CaptionerError
 from captioner.files import check_writable, write_json
 from captioner.jobs.bench.measure import measure_all
 from captioner.jobs.bench.sizes import KEYS, PRESETS, BenchSizes, apply_overrides
+from captioner.data.synthetic import write_jpegs
 
 log = logging.getLogger("captioner")
 
@@ -34,6 +35,7 @@ class BenchJob:
     compile: bool | None = None  # None: the preset's (full compiles)
     threads: int | None = None  # CPU threads for torch; None: torch's choice
     overrides: list[str] = field(default_factory=list)  # BenchSizes field=value
+    runtimes: bool = False  # only the runtime comparison: torch_fp32, ort_fp32, ort_int8 (runtimes.py)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -64,7 +66,8 @@ def main(job: BenchJob) -> dict:
     try:
         torch.set_num_threads(threads or previous_threads)
         with tempfile.TemporaryDirectory(prefix="captioner-bench-") as workdir:
-            numbers = measure_all(sizes, compute, Path(workdir))
+            numbers = _runtimes(sizes, compute, Path(workdir)) if job.runtimes else measure_all(sizes, compute,
+                                                                                                Path(workdir))
         threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)
@@ -81,15 +84,30 @@ def main(job: BenchJob) -> dict:
                      "compute": compute.describe()},
         **({"cpu_capability": dataclasses.asdict(cpu_capability()) | {"native_bf16": cpu_capability().native_bf16}}
            if not on_cuda else {}),
-        **{k: round(v, 4 if k.endswith("fraction") else 2) for k, v in numbers.items()},
-        "beam_batched_speedup": round(numbers["beam_batched_images_per_s"] / numbers["beam_per_image_images_per_s"], 2),
-        "train_cached_speedup": round(numbers["train_captions_per_s_cached"] / numbers["train_captions_per_s_images"],
-                                      2),
+        **(numbers if job.runtimes else _rounded(numbers)),
         "seconds": round(time.perf_counter() - start, 1),
     }
     if job.json_path:
         write_json(job.json_path, results, "bench results", indent=1)
     return results
+
+
+def _rounded(numbers: dict) -> dict:
+    return {**{k: round(v, 4 if k.endswith("fraction") else 2) for k, v in numbers.items()},
+            "beam_batched_speedup": round(numbers["beam_batched_images_per_s"] / numbers["beam_per_image_images_per_s"],
+                                          2),
+            "train_cached_speedup": round(numbers["train_captions_per_s_cached"] /
+                                          numbers["train_captions_per_s_images"], 2)}
+
+
+def _runtimes(sizes: BenchSizes, compute, workdir: Path) -> dict:
+    """{"runtimes": measure_runtimes(...)} on the bench's synthetic JPEGs."""
+    from captioner.engine.infer.onnx_export import require_onnx
+    require_onnx("bench --runtimes")  # before anything is built: the missing extra in one line
+    from captioner.jobs.bench.runtimes import measure_runtimes
+    paths = write_jpegs(workdir / "jpegs", max(sizes.runtime_images, sizes.calibration_images), sizes.jpeg_width,
+                        sizes.jpeg_height)
+    return {"runtimes": measure_runtimes(sizes, compute, workdir, paths)}
 
 
 def format_table(results: dict) -> str:
@@ -102,6 +120,11 @@ def format_table(results: dict) -> str:
         cap = results["cpu_capability"]
         lines.append(f"  CPU: {cap['isa']} kernels, AVX512-BF16 {'yes' if cap['avx512_bf16'] else 'no'}, "
                      f"AMX {'yes' if cap['amx'] else 'no'}")
+    if "runtimes" in results:
+        from captioner.jobs.bench.runtimes import format_runtimes
+        lines += format_runtimes(results["runtimes"], s)
+        lines.append(f"  ({results['seconds']} s in all)")
+        return "\n".join(lines)
     units = {"images": "images/s", "captions": "captions/s"}
     for key in (*KEYS, "beam_batched_speedup", "train_cached_speedup"):
         unit = "x" if key.endswith("speedup") else units["captions" if "captions" in key else "images"]

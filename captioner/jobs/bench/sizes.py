@@ -48,6 +48,12 @@ class BenchSizes:
     channels_last: Switch = "auto"  # as compute.channels_last
     compile: bool = False
     gpu_decode: bool = False  # CUDA only
+    # --runtimes: PyTorch float32 against ONNX Runtime float32 and int8 (runtimes.py)
+    runtime_archs: str = "resnet152,resnet18"  # comma-separated: each exported and compared side by side
+    runtime_images: int = 32  # JPEG files captioned per runtime and round
+    runtime_batch: int = 16
+    runtime_rounds: int = 3  # the runtimes take turns in each round; speedups are medians over rounds
+    calibration_images: int = 16  # int8: encoder activation ranges from this many of the JPEGs
 
 
 PRESETS = {
@@ -56,7 +62,8 @@ PRESETS = {
                         decoder_dim=32, vocab_size=60, caption_words=6, captions_per_image=2, max_len=6,
                         encoder_batch=4, encoder_images=8, extract_images=8, train_batch=4, train_steps_cached=2,
                         train_steps_images=1, caption_images=4, caption_batch=4, beam_images=4, num_workers=0,
-                        scst_images=4, scst_samples=2, scst_steps=1),
+                        scst_images=4, scst_samples=2, scst_steps=1, runtime_archs="resnet18", runtime_images=4,
+                        runtime_batch=4, runtime_rounds=1, calibration_images=4),
     "full": BenchSizes(arch="resnet152", encoder_batch=256, encoder_images=4096, extract_images=4096,
                        train_batch=256, train_steps_cached=200, train_steps_images=8, caption_images=8192,
                        caption_batch=256, num_workers=min(16, os.cpu_count() or 1), compile=True, gpu_decode=True),

@@ -1,0 +1,261 @@
+"""A CaptionModel as three ONNX graphs that a host loop drives, and their int8 versions.
+
+    files = export_graphs(model, folder)                 # encoder.onnx, decoder_init.onnx, decoder_step.onnx
+    quantize_graphs(folder, folder_int8, calibration)    # the same three in int8 (calibration: uint8 images)
+
+- encoder.onnx: images (B, 3, S, S) uint8 -> features (B, C, H, W) float32, the hooked layer's grid, with the
+  normalisation inside. Traced from model/truncated.py's TruncatedEncoder, which ends at the hooked layer
+  (the hook's exception cannot be traced) and is checked against the hooked encoder before it is written.
+- decoder_init.onnx: features (B, C, H, W) -> h, c (B, H), regions (B, N, D), projected (B, N, A): the
+  projector, the initial LSTM state and the attention's per-region projection, computed once per image.
+- decoder_step.onnx: tokens (B,) int64, h, c, regions, projected -> log_probs (B, V) float32, h, c, alpha (B, N).
+
+The batch axis is dynamic everywhere (B images, or B * beam rows in the step). What stays on the host is
+model/decoding.py's loops (greedy, beam, sampling: the same code as for PyTorch, over steps.py's interface)
+and the image pipeline (decode, resize).
+
+int8: the decoder graphs get dynamic quantization of their matrix products (weights int8, activations
+quantized per call); the encoder gets static QDQ quantization of its convolutions but the first and the last,
+with activation ranges calibrated on real images (per-channel weights).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from captioner.errors import CaptionerError
+from captioner.files import write_json
+from captioner.model.truncated import TruncatedEncoder
+
+log = logging.getLogger("captioner")
+
+OPSET = 17
+GRAPHS = ("encoder", "decoder_init", "decoder_step")
+ONNX_EXTRA = 'pip install "captioner[onnx]"'
+# The graphs' interface (names, shapes, what is inside) as onnx.json records it; a folder whose graphs have
+# another version is refused in one line (export it again).
+ONNX_FORMAT_VERSION = 1
+MANIFEST = "onnx.json"
+PRECISIONS = ("float32", "int8")
+
+
+def require_onnx(what: str = "ONNX export"):
+    """(onnx, onnxruntime), or a one-line CaptionerError naming the extra to install."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise CaptionerError(f"{what} needs the onnx and onnxruntime packages ({e.name} is missing): "
+                             f"{ONNX_EXTRA}") from None
+    return onnx, onnxruntime
+
+
+class DecoderInit(nn.Module):
+    """features (B, C, H, W) -> h, c (B, H), regions (B, N, D), projected (B, N, A)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features):
+        return self.model.decoder.init_state(self.model.project(features))
+
+
+class DecoderStep(nn.Module):
+    """tokens (B,), h, c (B, H), regions (B, N, D), projected (B, N, A) -> log_probs (B, V), h, c, alpha (B, N)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, tokens, h, c, regions, projected):
+        logits, (h, c, _, _), alpha = self.decoder.step(tokens, (h, c, regions, projected))
+        return F.log_softmax(logits.float(), dim=-1), h, c, alpha
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
+    batch = {name: {0: "batch"} for name in inputs + outputs}
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes are not news here
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=False, input_names=inputs, output_names=outputs,
+                          dynamic_axes=batch, opset_version=OPSET, do_constant_folding=True)
+
+
+def check_truncated(model, truncated: TruncatedEncoder, images: torch.Tensor) -> float:
+    """The largest difference between the hooked encoder and its truncated copy on images, relative to the
+    features' scale; a CaptionerError above 1e-5 (the cut must compute exactly the hooked layer)."""
+    with torch.no_grad():
+        hooked, cut = model.encode(images).float(), truncated(images)
+    if hooked.shape != cut.shape:
+        raise CaptionerError(f"the truncated {model.encoder.arch} gives {tuple(cut.shape)}, the hooked encoder "
+                             f"{tuple(hooked.shape)}: cannot export this encoder")
+    error = float((hooked - cut).abs().max() / hooked.abs().max().clamp_min(1e-12))
+    if error > 1e-5:
+        raise CaptionerError(f"the truncated {model.encoder.arch} differs from the hooked encoder by {error:.2e} "
+                             f"(relative): cannot export this encoder")
+    return error
+
+
+@torch.no_grad()
+def export_graphs(model, folder: str | Path) -> list[str]:
+    """model (a CaptionModel, on any device) -> folder/encoder.onnx, decoder_init.onnx, decoder_step.onnx in
+    float32; returns the file names. The model is exported from a CPU float32 copy and left as it was."""
+    require_onnx()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = _cpu_copy(model)
+    enc = model.encoder
+    size = enc.image_size
+    images = torch.randint(0, 256, (2, enc.in_channels, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    truncated = TruncatedEncoder(enc)
+    check_truncated(model, truncated, images)
+    _export(truncated, (images,), folder / "encoder.onnx", ["images"], ["features"])
+    features = model.encode(images)  # (2, C, H, W)
+    _export(DecoderInit(model), (features,), folder / "decoder_init.onnx", ["features"],
+            ["h", "c", "regions", "projected"])
+    h, c, regions, projected = model.decoder.init_state(model.project(features))
+    tokens = torch.tensor([1, 1], dtype=torch.long)
+    _export(DecoderStep(model), (tokens, h, c, regions, projected), folder / "decoder_step.onnx",
+            ["tokens", "h", "c", "regions", "projected"], ["log_probs", "h_next", "c_next", "alpha"])
+    return [f"{name}.onnx" for name in GRAPHS]
+
+
+def _cpu_copy(model):
+    """model on the CPU in float32 and eval mode: a copy when it lives elsewhere, else model itself in eval."""
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype != torch.float32:
+        import copy
+        model = copy.deepcopy(model).to("cpu", torch.float32)
+    return model.eval()
+
+
+def calibration_images(paths: list[str], image_size: int, count: int) -> torch.Tensor:
+    """(N, 3, S, S) uint8: the first count readable images of paths, decoded and resized by the one image
+    pipeline (as captioning reads them); unreadable files are skipped with a warning."""
+    from captioner.data.pipeline import image_batches
+    kept, skipped = [], []
+    for batch in image_batches(list(paths), image_size, 16, 0, torch.device("cpu")):
+        good = batch.readable()
+        skipped += [e for e in batch.errors if e]
+        kept.append(batch.inputs[good])
+        if sum(len(k) for k in kept) >= count:
+            break
+    for error in skipped[:3]:
+        log.warning("calibration: skipped %s", error)
+    images = torch.cat(kept)[:count] if kept else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+    if len(images) == 0:
+        raise CaptionerError(f"no readable calibration image among {len(paths)} files")
+    return images
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader over (N, 3, S, S) uint8 images, a few at a time."""
+
+    def __init__(self, images: torch.Tensor, batch: int = 8):
+        self.batches = iter(images.split(batch))
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {"images": batch.contiguous().numpy()}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime.quantization logs a line per tensor it leaves in float, and advice already followed, on the root
+    logger: not news here."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.Tensor) -> list[str]:
+    """source's float32 graphs -> target's int8 graphs: static QDQ for the encoder's convolutions, calibrated
+    on calibration ((N, 3, S, S) uint8 images of the training data), dynamic int8 for the decoder's matrix
+    products. Returns the file names."""
+    onnx, _ = require_onnx("int8 quantization")
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    if calibration.dtype != torch.uint8 or calibration.dim() != 4 or len(calibration) == 0:
+        raise CaptionerError(f"calibration images must be (N, C, S, S) uint8 with N >= 1, got "
+                             f"{tuple(calibration.shape)} {calibration.dtype}")
+    with tempfile.TemporaryDirectory(prefix="captioner-quantize-") as tmp, warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        prepared = Path(tmp) / "encoder.prepared.onnx"
+        # Shape inference and graph folding (BatchNorm into Conv) first: onnxruntime's recommended preparation.
+        quant_pre_process(str(source / "encoder.onnx"), str(prepared), skip_symbolic_shape=True)
+        convs = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Conv"]
+        # The first and last convolutions stay float32: the most sensitive to rounding (the image itself, the
+        # features the decoder reads), under 2% of ResNet-152's operations; on the demo model this halves the
+        # int8 features' error (tests/test_onnx.py, README "Export and deploy").
+        quantize_static(str(prepared), str(target / "encoder.onnx"), _Calibration(calibration),
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=[convs[0], convs[-1]] if len(convs) > 2 else [],
+                        # 7-bit weights: x86 CPUs without VNNI (AVX2, AVX-512F) multiply uint8 by int8 in pairs
+                        # summed into int16 (VPMADDUBSW), which saturates with full 8-bit weights: MobileNetV2's
+                        # int8 features then correlate 0.6 with float32's, and real-photo CIDEr-D drops 15%.
+                        reduce_range=True,
+                        calibrate_method=CalibrationMethod.MinMax)  # min/max reduced in-graph: little memory
+        for name in ("decoder_init", "decoder_step"):
+            # Per-channel 7-bit weights, for the same saturation: with the int8 decoder alone, the demo's beam-3
+            # captions equal float32's on 97% of its test images this way, 90% with per-tensor 8-bit weights.
+            quantize_dynamic(str(source / f"{name}.onnx"), str(target / f"{name}.onnx"),
+                             op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
+                             per_channel=True, reduce_range=True)
+    return [f"{name}.onnx" for name in GRAPHS]
+
+
+def write_onnx_files(folder: str | Path, model, precision: str = "float32",
+                     calibration: torch.Tensor | None = None) -> dict[str, str]:
+    """The three graphs (float32, or int8 calibrated on calibration's (N, 3, S, S) uint8 images) and onnx.json
+    into folder; returns {role: file name} for the model folder's config.json."""
+    if precision not in PRECISIONS:
+        raise CaptionerError(f"--quantize must be one of {', '.join(p for p in PRECISIONS if p != 'float32')}, "
+                             f"got {precision!r}")
+    if precision == "int8" and calibration is None:
+        raise CaptionerError("int8 quantization needs calibration images")
+    folder = Path(folder)
+    if precision == "float32":
+        export_graphs(model, folder)
+    else:
+        with tempfile.TemporaryDirectory(prefix="captioner-onnx-") as tmp:
+            export_graphs(model, tmp)
+            quantize_graphs(tmp, folder, calibration)
+    enc = model.encoder
+    manifest = {
+        "format_version": ONNX_FORMAT_VERSION, "opset": OPSET, "precision": precision,
+        "graphs": {name: f"{name}.onnx" for name in GRAPHS},
+        "encoder": {"arch": enc.arch, "layer": enc.layer, "image_size": enc.image_size,
+                    "in_channels": enc.in_channels, "channels": enc.channels, "grid": list(enc.grid),
+                    "preprocess": {"mean": list(enc.preprocess.mean), "std": list(enc.preprocess.std),
+                                   "interpolation": enc.interpolation}},
+        "vocab_size": model.decoder.vocab_size,
+        "interface": {
+            "encoder": "images (B, in_channels, S, S) uint8 -> features (B, C, H, W) float32, normalisation inside",
+            "decoder_init": "features (B, C, H, W) -> h (B, H), c (B, H), regions (B, N, D), projected (B, N, A)",
+            "decoder_step": "tokens (B,) int64, h, c, regions, projected -> log_probs (B, V), h_next, c_next, "
+                            "alpha (B, N)",
+            "host": "greedy / beam / sampling loops (captioner.model.decoding) and image decoding + resize"},
+        "quantization": None if precision == "float32" else {
+            "encoder": f"static QDQ int8 of the Conv layers but the first and the last: per-channel 7-bit "
+                       f"weights (reduce_range), uint8 activations (MinMax ranges from {len(calibration)} "
+                       f"calibration images)",
+            "decoder": "dynamic int8 of MatMul/Gemm (per-channel 7-bit weights, activations quantized per call)",
+            "calibration_images": len(calibration)},
+    }
+    write_json(folder / MANIFEST, manifest, "ONNX manifest", indent=1)
+    return {"onnx": MANIFEST, **{f"onnx_{name}": f"{name}.onnx" for name in GRAPHS}}

@@ -1,0 +1,191 @@
+"""ONNX Runtime as a backend (backend.py): the exported graphs (onnx_export.py) encode and take decoding steps.
+
+    backend, vocab, cfg = load_onnx_folder("model/", device)   # a folder of `captioner export --format onnx`
+    backend = OnnxBackend(graphs, spec, vocab_size=len(vocab), device=torch.device("cpu"))
+    raw = backend.encode(images)                      # encoder.onnx: (B, 3, S, S) uint8 -> (B, C, H, W)
+    out = decode(backend.steps, raw, beam_size=3)     # model/decoding.py's loops over decoder_init/decoder_step
+
+Only the sessions differ from the PyTorch backend: model/decoding.py's greedy, beam and sampling loops drive
+decoder_step.onnx through the same step interface (model/steps.py) as the PyTorch decoder, so there is one
+decoding algorithm. Tensors cross into the sessions as NumPy views of CPU tensors (no copy).
+
+Providers: CUDAExecutionProvider first when the device is CUDA and onnxruntime-gpu offers it, else the CPU's.
+Threads: torch's count (torch.set_num_threads, OMP_NUM_THREADS), so both runtimes are pinned alike.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from captioner.config import ComputeConfig, Config, from_saved_dict
+from captioner.engine.infer.onnx_export import GRAPHS, MANIFEST, ONNX_FORMAT_VERSION, require_onnx
+from captioner.errors import CaptionerError
+from captioner.model.steps import StepState
+from captioner.model.backbones import Preprocess
+from captioner.text import Vocabulary
+
+log = logging.getLogger("captioner")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What the commands need to know of an encoder that is not a module: as HookedEncoder describes itself."""
+    arch: str
+    layer: str
+    image_size: int
+    in_channels: int
+    channels: int
+    grid: tuple[int, int]
+    preprocess: Preprocess = Preprocess()  # the graph normalises inside; the host resizes with its interpolation
+
+    @property
+    def reduction(self) -> int:
+        return self.image_size // self.grid[0]
+
+    @property
+    def interpolation(self) -> str:
+        return self.preprocess.interpolation
+
+    @classmethod
+    def of(cls, encoder) -> "EncoderSpec":
+        return cls(encoder.arch, encoder.layer, encoder.image_size, encoder.in_channels, encoder.channels,
+                   tuple(encoder.grid), encoder.preprocess)
+
+
+def providers_for(device: torch.device) -> list[str]:
+    """ONNX Runtime execution providers for device, best first; the CPU's always last."""
+    _, ort = require_onnx("--runtime onnxruntime")
+    available = ort.get_available_providers()
+    wanted = (["CUDAExecutionProvider"] if device.type == "cuda" else []) + ["CPUExecutionProvider"]
+    chosen = [p for p in wanted if p in available]
+    if device.type == "cuda" and "CUDAExecutionProvider" not in chosen:
+        log.warning("onnxruntime offers no CUDAExecutionProvider here (pip install onnxruntime-gpu): running on the CPU")
+    return chosen
+
+
+def _session(path: Path, providers: list[str], threads: int):
+    _, ort = require_onnx("--runtime onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle threads sleep instead of spinning: the image decoding workers share these cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only: its notes on unused initializers are not the user's business
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line naming it
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CaptionerError(f"{path}: onnxruntime cannot load it ({reason}); export the model again") from None
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU, contiguous NumPy view of t (float32 for floating tensors), copying only when it must."""
+    t = t.detach()
+    if t.is_floating_point() and t.dtype != torch.float32:
+        t = t.float()
+    return t.cpu().contiguous().numpy()
+
+
+class OnnxBackend:
+    """encoder.onnx, decoder_init.onnx and decoder_step.onnx as ONNX Runtime sessions behind the backend
+    interface; its own steps (self.steps is self)."""
+    name = "onnxruntime"
+
+    def __init__(self, graphs: dict[str, Path], encoder: EncoderSpec, vocab_size: int,
+                 device: torch.device = torch.device("cpu"), threads: int | None = None, precision: str = "float32"):
+        missing = [name for name in GRAPHS if name not in graphs or not Path(graphs[name]).is_file()]
+        if missing:
+            raise CaptionerError(f"ONNX graphs missing: {', '.join(f'{m}.onnx' for m in missing)}; export the model "
+                                 f"with `captioner export --format onnx`")
+        self.encoder, self.vocab_size, self.precision = encoder, vocab_size, precision
+        self.providers = providers_for(device)
+        self.device = device if "CUDAExecutionProvider" in self.providers else torch.device("cpu")
+        threads = threads or torch.get_num_threads()
+        self.sessions = {name: _session(Path(graphs[name]), self.providers, threads) for name in GRAPHS}
+        self.steps = self
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, S, S) uint8 -> (B, C, H, W) float32 on the backend's device."""
+        if images.dtype != torch.uint8:
+            raise CaptionerError(f"encoder.onnx takes uint8 images, got {images.dtype}")
+        (features,) = self.sessions["encoder"].run(None, {"images": _numpy(images)})
+        return torch.from_numpy(features).to(self.device)
+
+    def start(self, raw: torch.Tensor) -> StepState:
+        h, c, regions, projected = self.sessions["decoder_init"].run(None, {"features": _numpy(raw)})
+        return StepState((torch.from_numpy(h), torch.from_numpy(c)),
+                         (torch.from_numpy(regions), torch.from_numpy(projected)))
+
+    def step(self, tokens: torch.Tensor, state: StepState):
+        h, c = state.carried
+        regions, projected = state.memory
+        logp, h, c, alpha = self.sessions["decoder_step"].run(None, {
+            "tokens": _numpy(tokens), "h": _numpy(h), "c": _numpy(c), "regions": _numpy(regions),
+            "projected": _numpy(projected)})
+        return (torch.from_numpy(logp), StepState((torch.from_numpy(h), torch.from_numpy(c)), state.memory),
+                torch.from_numpy(alpha))
+
+    def evaluating(self):
+        return contextlib.nullcontext()  # graphs are exported in eval mode: nothing to switch
+
+    def running(self, device: torch.device, bf16: bool):
+        return contextlib.nullcontext()  # the graphs' precision is fixed at export (float32 or int8)
+
+
+def _manifest(folder: Path, meta: dict) -> dict:
+    """The folder's onnx.json, checked: present, readable, of the graph format this captioner runs."""
+    name = meta["files"].get("onnx")
+    export = f"captioner export --checkpoint CHECKPOINT --format onnx --out {folder}"
+    if name is None:
+        raise CaptionerError(f"model folder {folder} holds no ONNX graphs (exported as "
+                             f"{meta.get('dtype', 'float32')} safetensors only); for --runtime onnxruntime: {export}")
+    path = folder / Path(name).name
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CaptionerError(f"model folder {folder} lacks {name} ({e.strerror or e}); copy the whole folder") \
+            from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CaptionerError(f"{path} is not valid JSON ({e}); export the model again") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and version > ONNX_FORMAT_VERSION:
+        raise CaptionerError(f"model folder {folder} holds ONNX graphs of format {version}, newer than the format "
+                             f"{ONNX_FORMAT_VERSION} this captioner runs: pip install -U captioner")
+    if version != ONNX_FORMAT_VERSION:
+        raise CaptionerError(f"model folder {folder} holds ONNX graphs of format {version!r}, older than the format "
+                             f"{ONNX_FORMAT_VERSION} this captioner runs: export it again: {export}")
+    return manifest
+
+
+def load_onnx_folder(folder: str | Path, device: torch.device, threads: int | None = None
+                     ) -> tuple[OnnxBackend, Vocabulary, Config]:
+    """(ONNX Runtime backend, vocabulary, config) of a model folder written by `captioner export --format onnx`;
+    no PyTorch weights are read."""
+    from captioner.engine.infer.model_folder import is_model_folder, read_folder_config
+    folder = Path(folder)
+    if not is_model_folder(folder):
+        raise CaptionerError(f"--runtime onnxruntime runs a model folder written by `captioner export --format onnx`, "
+                             f"and {folder} is not a folder: captioner export --checkpoint {folder} --format onnx "
+                             f"--out model-onnx/, then --checkpoint model-onnx/")
+    meta = read_folder_config(folder)
+    manifest = _manifest(folder, meta)
+    cfg = from_saved_dict(meta["config"])
+    cfg.compute = ComputeConfig()  # this machine's, not the exporting one's
+    vocab = Vocabulary.load(folder / meta["files"]["vocab"])
+    enc = manifest["encoder"]
+    # folders exported before preprocessing travelled with the model were ImageNet-normalised, bicubic
+    preprocess = Preprocess(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in enc.get("preprocess", {}).items()})
+    spec = EncoderSpec(enc["arch"], enc["layer"], enc["image_size"], enc["in_channels"], enc["channels"],
+                       tuple(enc["grid"]), preprocess)
+    graphs = {name: folder / Path(meta["files"].get(f"onnx_{name}", f"{name}.onnx")).name for name in GRAPHS}
+    backend = OnnxBackend(graphs, spec, len(vocab), device, threads, manifest.get("precision", "float32"))
+    return backend, vocab, cfg

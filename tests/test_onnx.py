@@ -1,0 +1,254 @@
+"""ONNX export and the ONNX Runtime backend: the exported graphs compute what the PyTorch model computes, and
+the one set of decoding loops runs over either backend."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from captioner.config import EncoderConfig, ModelConfig
+from captioner.errors import CaptionerError
+from captioner.model.caption_model import CaptionModel
+from captioner.model.decoding import beam_search, decode, greedy_decode
+from captioner.model.encoder import HookedEncoder
+from captioner.model.truncated import TruncatedEncoder
+
+pytest.importorskip("onnxruntime")
+
+from captioner.cli import main as cli  # noqa: E402
+from captioner.engine.infer.onnx_export import GRAPHS, export_graphs, quantize_graphs  # noqa: E402
+from captioner.engine.infer.onnx_runtime import EncoderSpec, OnnxBackend  # noqa: E402
+from captioner.engine.infer.predictor import Predictor  # noqa: E402
+from captioner.jobs.export import ExportJob, main as export  # noqa: E402
+
+from helpers import COCO_MINI, noise_pngs, read_records, varied_checkpoint  # noqa: E402
+
+PHOTOS = sorted((COCO_MINI / "train2017").glob("*.jpg"))[:16]
+
+
+def _backend(folder, model, precision="float32"):
+    return OnnxBackend({name: folder / f"{name}.onnx" for name in GRAPHS}, EncoderSpec.of(model.encoder),
+                       model.decoder.vocab_size, precision=precision)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """(model, ORT backend) of a random ResNet-18 captioner at 64 px, exported once for the module."""
+    torch.manual_seed(0)
+    model = CaptionModel(EncoderConfig(arch="resnet18", image_size=64), ModelConfig(32, 32, 48, dropout=0.3), 40)
+    folder = tmp_path_factory.mktemp("onnx")
+    assert export_graphs(model.eval(), folder) == ["encoder.onnx", "decoder_init.onnx", "decoder_step.onnx"]
+    return model, _backend(folder, model), folder
+
+
+def test_truncated_encoder_equals_the_hooked_one_and_stops_at_the_layer():
+    enc = HookedEncoder("resnet18", "layer3", image_size=64)
+    cut = TruncatedEncoder(enc)
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(enc(images), cut(images))
+        assert torch.equal(enc(images.float() / 255), cut(images.float() / 255))
+    # The graph ends at layer3: nothing of layer4, avgpool or fc is in it.
+    assert not any(name.startswith(("layer4", "avgpool", "fc")) for name, _ in cut.trunk.named_modules() if name)
+    assert len(enc.backbone.layer3._forward_hooks) == 1  # the hooked encoder keeps its hook
+
+
+def test_ort_features_and_captions_equal_pytorch(small):
+    model, backend, _ = small
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        raw = model.encode(images)
+    features = backend.encode(images)
+    assert features.shape == raw.shape == (5, 512, 2, 2)
+    assert _relative(raw, features) < 1e-4
+    for run in (lambda m, r: greedy_decode(m, r, 12), lambda m, r: beam_search(m, r, 3, 12, 0.5)):
+        torch_out, ort_out = run(model, raw), run(backend, features)
+        assert torch.equal(torch_out.tokens, ort_out.tokens)
+        assert torch.allclose(torch_out.scores, ort_out.scores, atol=1e-4)
+        assert torch.allclose(torch_out.alphas, ort_out.alphas, atol=1e-5)
+    sampled = decode(backend, features, max_len=6, sample=True)  # sampling drives the same sessions
+    assert sampled.tokens.shape[0] == 5 and (sampled.lengths >= 1).all()
+    model.train()
+    try:  # through the step interface, PyTorch decoding still runs in eval mode and gives the mode back
+        assert torch.equal(greedy_decode(model, raw, 12).tokens, greedy_decode(backend, features, 12).tokens)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_dynamic_batch_and_one_image_alone_equals_in_a_batch(small):
+    model, backend, _ = small
+    images = torch.randint(0, 256, (7, 3, 64, 64), dtype=torch.uint8)
+    batched = beam_search(backend, backend.encode(images), 3, 10)
+    alone = beam_search(backend, backend.encode(images[4:5]), 3, 10)
+    n = int(alone.lengths[0])
+    assert torch.equal(batched.tokens[4, :n], alone.tokens[0, :n])
+
+
+def test_missing_extra_is_one_line(monkeypatch, small):
+    from captioner.engine.infer import onnx_export
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    model, _, folder = small
+    for attempt in (lambda: onnx_export.export_graphs(model, folder / "again"),
+                    lambda: _backend(folder, model)):
+        with pytest.raises(CaptionerError) as e:
+            attempt()
+        assert 'pip install "captioner[onnx]"' in str(e.value) and "\n" not in str(e.value)
+
+
+def test_corrupt_graph_is_one_line(small, tmp_path):
+    model, _, folder = small
+    for name in GRAPHS:
+        (tmp_path / f"{name}.onnx").write_bytes((folder / f"{name}.onnx").read_bytes())
+    (tmp_path / "decoder_step.onnx").write_bytes(b"not a graph")
+    with pytest.raises(CaptionerError, match="decoder_step.onnx: onnxruntime cannot load it"):
+        _backend(tmp_path, model)
+    (tmp_path / "decoder_step.onnx").unlink()
+    with pytest.raises(CaptionerError, match="missing: decoder_step.onnx"):
+        _backend(tmp_path, model)
+
+
+@pytest.mark.slow
+def test_int8_graphs_are_quantized_and_close(small, tmp_path):
+    model, _, folder = small
+    calibration = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    quantize_graphs(folder, tmp_path, calibration)
+    import onnx
+    ops = {name: {n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node} for name in GRAPHS}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops["encoder"]  # QDQ around the convolutions
+    assert "MatMulInteger" in ops["decoder_step"] and "MatMulInteger" in ops["decoder_init"]
+    int8 = _backend(tmp_path, model, "int8")
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        raw = model.encode(images)
+    assert _relative(raw, int8.encode(images)) < 0.2  # int8 of random weights: close, not equal
+    out = beam_search(int8, int8.encode(images), 3, 8)
+    assert torch.isfinite(out.scores).all() and (out.lengths >= 1).all()
+
+
+@pytest.mark.slow
+def test_resnet152_shaped_encoder_round_trip(tmp_path):
+    """The product's default encoder (ResNet-152 layer4, random weights) exports and equals PyTorch, at 96 px
+    to keep it affordable (a 3x3 grid)."""
+    torch.manual_seed(0)
+    model = CaptionModel(EncoderConfig(arch="resnet152", image_size=96), ModelConfig(32, 32, 48), 30).eval()
+    export_graphs(model, tmp_path)
+    backend = _backend(tmp_path, model)
+    images = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        raw = model.encode(images)
+    features = backend.encode(images)
+    assert features.shape == (2, 2048, 3, 3) and _relative(raw, features) < 1e-4
+    assert torch.equal(greedy_decode(model, raw, 8).tokens, greedy_decode(backend, features, 8).tokens)
+
+
+@pytest.mark.slow
+def test_bench_runtimes_smoke_writes_the_three_rows(tmp_path, capsys):
+    import json
+
+    from captioner.cli import main
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--smoke", "--runtimes", "--device", "cpu", "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["runtimes"]["resnet18"]
+    table = capsys.readouterr().out
+    for name in ("torch_fp32", "ort_fp32", "ort_int8"):
+        for key in ("caption_images_per_s", "encoder_images_per_s", "caption_speedup", "encoder_speedup"):
+            assert rows[name][key] > 0
+        assert name in table
+    assert rows["torch_fp32"]["caption_speedup"] == 1.0
+
+
+# ---------------------------------------------------------------- model folders: export, --runtime onnxruntime
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(tmp_path_factory):
+    """(checkpoint, its model folder with float32 ONNX graphs) of an untrained model with varied captions."""
+    checkpoint = varied_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")
+    out = tmp_path_factory.mktemp("export") / "model"
+    result = export(ExportJob(str(checkpoint), str(out), format="onnx"))
+    assert {"encoder.onnx", "decoder_init.onnx", "decoder_step.onnx", "onnx.json", "model.safetensors"} <= \
+        set(result["files"])
+    return checkpoint, out
+
+
+@pytest.mark.skipif(not PHOTOS, reason="needs ../shared/data/coco-mini")
+def test_folder_round_trip_equal_captions_on_real_photos(onnx_folder, tmp_path, capsys):
+    checkpoint, folder = onnx_folder
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["files"]["onnx_encoder"] == "encoder.onnx" and meta["files"]["onnx"] == "onnx.json"
+    torch_run, ort_run = (Predictor.load(folder, "cpu", runtime=r) for r in ("torch", "onnxruntime"))
+    assert torch_run.model is not None and ort_run.model is None and ort_run.runtime == "onnxruntime float32"
+    assert ort_run.encoder.grid == torch_run.encoder.grid and ort_run.image_size == torch_run.image_size
+    # ORT vs PyTorch features on 16 real photos, decoded by the one pipeline
+    images = next(iter(torch_run.image_batches([str(p) for p in PHOTOS], 16))).inputs
+    with torch.no_grad():
+        raw = torch_run.model.encode(images)
+    assert _relative(raw, ort_run.backend.encode(images)) < 1e-4
+    assert [c.caption for c in torch_run.caption_batch(images)] == [c.caption for c in ort_run.caption_batch(images)]
+    # the commands: caption with each runtime writes the same captions, under different model identities
+    outs = {}
+    for runtime in ("torch", "onnxruntime"):
+        outs[runtime] = tmp_path / f"{runtime}.jsonl"
+        assert cli(["caption", "--checkpoint", str(folder), *map(str, PHOTOS[:6]), "--out", str(outs[runtime]),
+                    "--workers", "0", "--device", "cpu", "--runtime", runtime]) == 0
+    torch_records, ort_records = (read_records(outs[r]) for r in ("torch", "onnxruntime"))
+    assert [r["caption"] for r in torch_records] == [r["caption"] for r in ort_records]
+    assert torch_records[0]["model"] != ort_records[0]["model"]  # one output never mixes the two runtimes
+    from captioner import Captioner
+    cap = Captioner.from_pretrained(folder, device="cpu", runtime="onnxruntime")
+    assert [c.text for c in cap.caption([str(p) for p in PHOTOS[:6]])] == [r["caption"] for r in torch_records]
+
+
+def test_runtime_refusals_are_one_line(onnx_folder, tmp_path, capsys):
+    checkpoint, folder = onnx_folder
+    plain = tmp_path / "plain"
+    export(ExportJob(str(checkpoint), str(plain)))  # safetensors only
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in folder.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((old / "onnx.json").read_text())
+    (old / "onnx.json").write_text(json.dumps({**manifest, "format_version": 0}))
+    cases = {str(checkpoint): "is not a folder: captioner export --checkpoint",
+             str(plain): "holds no ONNX graphs",
+             str(old): "holds ONNX graphs of format 0, older than the format 1 this captioner runs: export it again"}
+    images = noise_pngs(tmp_path / "images", 1, 32)
+    for source, words in cases.items():
+        assert cli(["caption", "--checkpoint", source, str(images), "--runtime", "onnxruntime", "--device",
+                    "cpu", "--out", str(tmp_path / "c.jsonl")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    with pytest.raises(CaptionerError, match="--quantize applies to the ONNX graphs: add --format onnx"):
+        ExportJob(str(checkpoint), str(tmp_path / "x"), quantize="int8")
+    with pytest.raises(CaptionerError, match="--calibrate applies to --quantize int8"):
+        ExportJob(str(checkpoint), str(tmp_path / "x"), format="onnx", calibrate=str(tmp_path))
+
+
+def test_export_onnx_without_the_extra_is_one_line(onnx_folder, tmp_path, monkeypatch, capsys):
+    checkpoint, _ = onnx_folder
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert cli(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m"), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith('pip install "captioner[onnx]"') and len(err.splitlines()) == 1 and not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PHOTOS, reason="needs ../shared/data/coco-mini")
+def test_int8_export_calibrated_on_a_folder(onnx_folder, tmp_path, capsys):
+    checkpoint, _ = onnx_folder
+    out = tmp_path / "int8"
+    assert cli(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--format", "onnx", "--quantize",
+                "int8", "--calibrate", str(PHOTOS[0].parent), "--calibration-images", "8"]) == 0
+    manifest = json.loads((out / "onnx.json").read_text())
+    assert manifest["precision"] == "int8" and manifest["quantization"]["calibration_images"] == 8
+    int8 = Predictor.load(out, "cpu", runtime="onnxruntime")
+    assert int8.runtime == "onnxruntime int8"
+    records = int8.caption_batch(next(iter(int8.image_batches([str(p) for p in PHOTOS[:4]], 4))).inputs)
+    assert all(r.caption for r in records)
