@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--full", dest="preset", action="store_const", const="full",
                        help="GPU sizes: ResNet-152 at 224, 640x480 JPEGs, COCO model, torch.compile, GPU decoding")
-    sizes.add_argument("--smoke", dest="preset", action="store_const", const="smoke", help="tiny sizes that only check the command works (seconds)")
+    sizes.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
+                       help="tiny sizes that only check the command works (seconds)")
     p.set_defaults(preset="default")
     p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the results to FILE")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False, default=None,
