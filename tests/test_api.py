@@ -91,7 +91,8 @@ def test_one_image_many_images_batches_and_attention(cap, small_zoo):
     with_attention = cap.caption(path, attention=True)
     grid = cap.predictor.model.grid
     assert with_attention.attention.shape == (len(one.words), *grid) and one.attention is None
-    assert torch.allclose(with_attention.attention.sum(dim=(1, 2)), torch.ones(len(one.words)), atol=1e-4)
+    # bf16 autocast where the CPU has native bf16 units (compute.bf16=auto): maps then sum to 1 within bf16's step
+    assert torch.allclose(with_attention.attention.sum(dim=(1, 2)), torch.ones(len(one.words)), atol=1e-2)
     batch = torch.stack([in_memory_forms(p)["tensor"] for p in (small_zoo["photo.jpg"], small_zoo["grey.jpg"])
                          if in_memory_forms(p)["tensor"].dim() == 3])
     assert isinstance(cap.caption(batch[:1]), list) and len(cap.caption(batch)) == len(batch)  # 4-D: a batch

@@ -18,6 +18,7 @@ from captioner.model.truncated import TruncatedEncoder
 pytest.importorskip("onnxruntime")
 
 from captioner.cli import main as cli  # noqa: E402
+from captioner.engine.runtime import compute  # noqa: E402
 from captioner.engine.infer.onnx_export import GRAPHS, export_graphs, quantize_graphs  # noqa: E402
 from captioner.engine.infer.onnx_runtime import EncoderSpec, OnnxBackend  # noqa: E402
 from captioner.engine.infer.predictor import Predictor  # noqa: E402
@@ -179,8 +180,10 @@ def onnx_folder(tmp_path_factory):
 
 
 @pytest.mark.skipif(not PHOTOS, reason="needs ../shared/data/coco-mini")
-def test_folder_round_trip_equal_captions_on_real_photos(onnx_folder, tmp_path, capsys):
+def test_folder_round_trip_equal_captions_on_real_photos(onnx_folder, tmp_path, capsys, monkeypatch):
     checkpoint, folder = onnx_folder
+    # float32 against float32: PyTorch's compute.bf16=auto turns bf16 on where the CPU has native bf16 units
+    monkeypatch.setattr(compute, "cpu_capability", lambda: compute.CpuCapability("AVX2", False, False))
     meta = json.loads((folder / "config.json").read_text())
     assert meta["files"]["onnx_encoder"] == "encoder.onnx" and meta["files"]["onnx"] == "onnx.json"
     torch_run, ort_run = (Predictor.load(folder, "cpu", runtime=r) for r in ("torch", "onnxruntime"))
