@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--full", dest="preset", action="store_const", const="full",
                        help="GPU sizes: ResNet-152 at 224, 640x480 JPEGs, COCO model, torch.compile, GPU decoding")
-    sizes.add_argument("--smoke", dest="preset", action="store_const", const="smoke", help="tiny sizes that only check the command works (seconds)")
+    sizes.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
+                       help="tiny sizes that only check the command works (seconds)")
     p.set_defaults(preset="default")
     p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the results to FILE")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False, default=None,
@@ -247,10 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the metrics JSON here")
     p.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (it starts a java process: ~10 s)")
 
-    p = command("layers", "list the hookable modules of a torchvision CNN with their output shapes",
-                "example: captioner layers resnet152 --image-size 448\n"
-                "Any name printed can be used as encoder.layer.")
-    p.add_argument("arch", help="torchvision model name, e.g. resnet152")
+    p = command("layers", "list the hookable modules of a backbone with their output shapes and grids",
+                "examples: captioner layers resnet152 --image-size 448\n"
+                "          captioner layers timm/convnext_tiny --image-size 224\n"
+                "          captioner layers open_clip/ViT-B-16 --image-size 224\n"
+                "Any name printed can be used as encoder.layer; the last column is the (channels, height, width)\n"
+                "grid hooking it gives (a transformer block's tokens without their class token, as the patch\n"
+                "grid), '-' where the output is no grid (pooled vectors, logits). Random weights: no download.")
+    p.add_argument("arch", help="torchvision name (resnet152), timm/NAME (timm/convnext_tiny) or open_clip/NAME "
+                                "(open_clip/ViT-B-16)")
     p.add_argument("--image-size", type=int, default=224, help="input size (default: 224)")
     p.add_argument("--in-channels", type=int, default=3, help="input channels (default: 3)")
     return parser

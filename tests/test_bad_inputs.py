@@ -127,8 +127,8 @@ def _table(w: Path, small_root: Path) -> dict[str, tuple[list[str], int]]:
         ("run dir under a file", ["train", "--config", tiny, "--run-dir", str(w / "afile" / "run"), *data], 2),
         ("encoder.layer=fc", [*train, *data, "encoder.layer=fc"], 2),
         ("non-CNN arch, default layer", [*train, *data, "encoder.arch=vit_b_16"], 2),
-        ("non-CNN arch, its own block", [*train, *data, "encoder.arch=vit_b_16", "encoder.layer=encoder",
-                                         "encoder.image_size=224"], 2),
+        ("a ViT's pooled head, not a grid", [*train, *data, "encoder.arch=vit_b_16", "encoder.layer=heads",
+                                             "encoder.image_size=224"], 2),
         ("unknown arch", [*train, *data, "encoder.arch=resnet9000"], 2),
         ("resume a folder without last.pt", ["train", "--resume", str(w / "adir")], 2),
         ("resume, optimizer edited to a string", ["train", "--resume", str(w / "resume_types_run")], 2),
@@ -226,7 +226,7 @@ def _table(w: Path, small_root: Path) -> dict[str, tuple[list[str], int]]:
 
 
 # Rows that build ViT-B/16 (86M parameters): a second or two of CPU each.
-SLOW_ROWS = {"non-CNN arch, default layer", "non-CNN arch, its own block", "layers: ViT at a size it cannot take"}
+SLOW_ROWS = {"non-CNN arch, default layer", "a ViT's pooled head, not a grid", "layers: ViT at a size it cannot take"}
 # The rows' names, which are the tests' ids; the paths in them are filled in per test from the fixtures.
 NAMES = list(_table(Path("world"), Path("small-root")))
 assert SLOW_ROWS <= set(NAMES), "a row in SLOW_ROWS was renamed"
@@ -290,7 +290,7 @@ def test_layers_into_a_pipe_closed_early_is_quiet():
     err = process.stderr.read().decode()
     process.wait(timeout=120)
     process.stderr.close()
-    assert first.startswith(b"conv1")
+    assert first.split() == [b"module", b"type", b"output", b"grid", b"(encoder.layer", b"gives)"]
     assert "Traceback" not in err and "Exception ignored" not in err, err
 
 

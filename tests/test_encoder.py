@@ -87,5 +87,6 @@ def test_local_weights_file_with_wrapper_prefix(tmp_path):
 
 
 def test_list_layers_reports_shapes():
-    layers = {name: shape for name, _, shape in list_layers("resnet18", 448)}
-    assert layers["layer4"] == (512, 14, 14) and layers["layer3.1.conv2"] == (256, 28, 28)
+    layers = {info.name: info for info in list_layers("resnet18", 448)}
+    assert layers["layer4"].shape == (512, 14, 14) and layers["layer3.1.conv2"].shape == (256, 28, 28)
+    assert layers["layer4"].grid == (512, 14, 14) and layers["fc"].shape == (1000,) and layers["fc"].grid is None

@@ -95,6 +95,11 @@ def coerce(key: str, value, annotation, spec: dataclasses.Field | None = None, l
             return [check_text(name, v) for v in items]
         raise CaptionerError(f"{name} expects a list of names such as [a, b], got {_shown(value)}")
     target = next((a for a in args if a is not type(None)), hint) if args else hint
+    if typing.get_origin(target) is list:  # list[float]: a YAML list, or [0.5, 0.5, 0.5] on the command line
+        item = typing.get_args(target)[0]
+        if isinstance(value, (list, tuple)) and value:
+            return [coerce(key, v, item, label=name) for v in value]
+        raise CaptionerError(f"{name} expects a list of {item.__name__} such as [0.5, 0.5, 0.5], got {_shown(value)}")
     if target in (int, float) and isinstance(value, str):
         try:  # YAML reads "1e-3" (no dot) as a string
             value = target(value.strip())
@@ -214,7 +219,9 @@ def override_value(raw: str, annotation):
         value = parse_yaml(raw, f"override value {raw!r}")
     except CaptionerError:  # not YAML: the raw text, which the field's coercion names in its refusal
         return raw
-    if isinstance(value, list) and typing.get_origin(annotation) is list:  # train.log_to=[jsonl,tensorboard]
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    listed = next((a for a in args if a is not type(None)), annotation) if union else annotation  # list | None
+    if isinstance(value, list) and typing.get_origin(listed) is list:  # train.log_to=[jsonl,tensorboard]
         return value
     return value if not isinstance(value, (dict, list)) else raw
 
@@ -288,3 +295,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Encoder keys that a config may leave to the weights (None or ""); a checkpoint records the values it trained with.
+PREPROCESS_KEYS = ("mean", "std", "interpolation")
+
+
+def inherit_preprocess(new: dict, saved: dict) -> dict:
+    """Config dict new with saved's encoder.mean, std and interpolation where new leaves them to the weights: a
+    run that continues a checkpoint (or a run folder) normalises images as it was trained, whatever the weights'
+    library says today, and a config that never set them matches one that recorded them."""
+    encoder = new.get("encoder") if isinstance(new.get("encoder"), dict) else {}
+    old = saved.get("encoder") if isinstance(saved, dict) and isinstance(saved.get("encoder"), dict) else {}
+    filled = {k: old[k] for k in PREPROCESS_KEYS if encoder.get(k) in (None, "") and old.get(k) not in (None, "")}
+    return {**new, "encoder": {**encoder, **filled}} if filled else new

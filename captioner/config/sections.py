@@ -8,13 +8,23 @@ from dataclasses import dataclass, field
 
 @dataclass
 class EncoderConfig:
-    arch: str = "resnet152"  # any torchvision classification CNN with named modules (resnet18/50/101/152, ...)
+    # a torchvision CNN (resnet18/50/101/152, ...), timm/NAME (any timm.list_models() name, pip install
+    # "captioner[timm]") or open_clip/NAME (the model's visual tower, pip install "captioner[clip]")
+    arch: str = "resnet152"
     layer: str = "layer4"  # module whose output is taken by a forward hook; see `captioner layers ARCH`
-    weights: str | None = None  # None (random init), a torchvision enum name (IMAGENET1K_V2) or a local .pth path
+    # None (random init), the library's weights name (torchvision IMAGENET1K_V2, a timm or open_clip tag) or a
+    # local .safetensors / .pth / .bin file
+    weights: str | None = None
     in_channels: int = 3  # != 3 replaces conv1 (e.g. 11-band satellite images)
     image_size: int = 224  # images are resized to image_size x image_size; 224 gives a 7x7 layer4 grid
     finetune_from: str | None = None  # None keeps the backbone frozen; e.g. layer4 trains it and what follows, up to the hook
     seed: int = 0  # random-init weights (weights: null) come from this seed, in train and extract alike
+    # Normalisation (x / 255 - mean) / std per channel and the resize filter. None / "": the weights' own (timm's
+    # pretrained config, open_clip's preprocess config, ImageNet and bicubic for torchvision); `train` records
+    # the values it used in the checkpoint, so caption, serve and evaluate preprocess exactly as training did.
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: str = ""  # "" (the weights' own), bicubic or bilinear
 
 
 @dataclass
@@ -39,6 +49,7 @@ LEGACY_DEFAULTS = {"model": {"features": "project", "attention": "tanh", "init_s
 
 
 DATASET_FORMATS = ("auto", "synthetic", "coco", "karpathy", "flickr8k", "flickr30k", "csv", "jsonl")
+INTERPOLATIONS = ("bicubic", "bilinear")  # the resize filters of encoder.interpolation (every timm/open_clip weight's)
 
 
 @dataclass

@@ -6,8 +6,8 @@ import dataclasses
 import math
 import typing
 
-from captioner.config.sections import (DATASET_FORMATS, LOGGERS, LR_SCHEDULES, OBJECTIVES, SCST_BASELINES,
-                                       SELECT_METRICS, TEMPERATURES, Config)
+from captioner.config.sections import (DATASET_FORMATS, INTERPOLATIONS, LOGGERS, LR_SCHEDULES, OBJECTIVES,
+                                       SCST_BASELINES, SELECT_METRICS, TEMPERATURES, Config)
 from captioner.errors import CaptionerError
 
 
@@ -106,6 +106,13 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.encoder.in_channels >= 1, "encoder.in_channels must be >= 1"),
         (cfg.encoder.image_size >= 32, "encoder.image_size must be >= 32"),
+        (cfg.encoder.interpolation in ("", *INTERPOLATIONS),
+         f"encoder.interpolation must be {', '.join(INTERPOLATIONS)} or \"\" (the weights' own), got "
+         f"'{cfg.encoder.interpolation}'"),
+        (all(values is None or len(values) == cfg.encoder.in_channels for values in (cfg.encoder.mean, cfg.encoder.std)),
+         f"encoder.mean and encoder.std need one value per input channel (encoder.in_channels="
+         f"{cfg.encoder.in_channels}), got {cfg.encoder.mean} and {cfg.encoder.std}"),
+        (cfg.encoder.std is None or all(v > 0 for v in cfg.encoder.std), f"encoder.std must be > 0, got {cfg.encoder.std}"),
         (cfg.model.embed_dim > 0 and cfg.model.attention_dim > 0 and cfg.model.decoder_dim > 0,
          "model sizes must be positive"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),

@@ -6,8 +6,9 @@
     source, kept = cache.source(records)                # source[i] -> (C, H, W) features of kept[i]
 
 A cache folder holds
-    header.json    how the features were made: encoder arch, layer, image size, input channels, weights name,
-                   a SHA-256 of the backbone's actual weights (random-init ones too), feature shape, dtype
+    header.json    how the features were made: encoder arch (source/name), layer, image size, input channels,
+                   preprocessing (resize filter, mean, std), weights name, a SHA-256 of the backbone's actual
+                   weights (random-init ones too), feature shape, dtype
     features.bin   one row of C*H*W values per image: bfloat16 stored as its raw 16 bits, or float32
     index.json     {"num_rows": n, "rows": {resolved image path: [row, size, mtime_ns]},
                     "failed": {resolved image path: error}}
@@ -40,13 +41,13 @@ from captioner.lock import ProcessLock
 log = logging.getLogger("captioner")
 
 FORMAT_VERSION = 2  # 2: rows keyed by file identity (1 keyed them by image id and file name)
-PREPROCESS = "rgb, exif-transposed, bicubic resize to image_size x image_size, imagenet-normalised"
 # Storage: torch dtype, numpy dtype of the stored bits, bytes per value. numpy has no bfloat16, so its
 # 16 bits are stored as int16 and viewed back as bfloat16. float16 is refused on purpose (it overflows).
 DTYPES = {"bfloat16": (torch.bfloat16, np.int16, 2), "float32": (torch.float32, np.float32, 4)}
 # The header fields that must match for cached features to equal the encoder's (weights_name is informative:
-# the fingerprint decides, so a .pth path and the enum name of the same weights agree).
-MUST_MATCH = ("arch", "layer", "image_size", "in_channels", "shape", "fingerprint")
+# the fingerprint decides, so a .pth path and the enum name of the same weights agree). arch holds the source
+# and the model name (timm/convnext_tiny); preprocess the resize filter, mean and std.
+MUST_MATCH = ("arch", "layer", "image_size", "in_channels", "preprocess", "shape", "fingerprint")
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -63,11 +64,14 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 
 def encoder_signature(encoder, weights_name: str | None = None) -> dict:
-    """What a cached feature depends on, for a HookedEncoder."""
-    return {"arch": encoder.arch, "layer": encoder.layer, "image_size": encoder.image_size,
+    """What a cached feature depends on, for a HookedEncoder: source and model name, hooked layer, input size and
+    channels, preprocessing, feature shape and a hash of the backbone's weights."""
+    p = encoder.preprocess
+    return {"arch": encoder.arch, "source": encoder.source, "layer": encoder.layer, "image_size": encoder.image_size,
             "in_channels": encoder.in_channels, "shape": [encoder.channels, *encoder.grid],
             "fingerprint": weights_fingerprint(encoder.backbone), "weights_name": weights_name,
-            "preprocess": PREPROCESS}
+            "preprocess": {"resize": f"rgb, exif-transposed, {p.interpolation} resize to image_size x image_size",
+                           "mean": [float(v) for v in p.mean], "std": [float(v) for v in p.std]}}
 
 
 def default_cache_dir(cfg: Config) -> Path:
@@ -76,7 +80,7 @@ def default_cache_dir(cfg: Config) -> Path:
     if cfg.cache.dir:
         return Path(cfg.cache.dir)
     e = cfg.encoder
-    name = f"{e.arch}-{e.layer}-{e.image_size}"
+    name = f"{e.arch.replace('/', '-')}-{e.layer}-{e.image_size}"  # timm/convnext_tiny -> timm-convnext_tiny
     if cfg.dataset.annotations and cfg.dataset.format != "synthetic":
         from captioner.data.datasets import annotations_path  # imported on use: the readers pull in pycocotools
         annotations = annotations_path(cfg.dataset)

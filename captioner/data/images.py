@@ -1,7 +1,9 @@
 """Image files -> resized uint8 tensors, and the Datasets that feed training, evaluation and captioning.
 
 Normalisation is the encoder's job (it travels with the model); here images are only decoded and resized
-to image_size x image_size, the same way at train and at eval time since the encoder is frozen.
+to image_size x image_size with the encoder's interpolation (bicubic or bilinear, as its weights were trained),
+the same way at train and at eval time since the encoder is frozen. The whole photo is squashed to the square,
+never cropped: a caption is about everything in it.
 Every Dataset here is a plain picklable object, so spawn-started DataLoader workers work too.
 
     image = load_image("photo.jpg", 224)          # (3, 224, 224) uint8, or a one-line CaptionerError
@@ -9,7 +11,7 @@ Every Dataset here is a plain picklable object, so spawn-started DataLoader work
     image, (width, height) = read_any(pil_image_or_array_or_tensor, "images[3]", 224)  # the Python API's inputs
 
 Every input becomes a PIL image, then goes through one function (`_prepare`: pixel limit, EXIF orientation,
-alpha onto white, bicubic resize), so the same pixels give the same model input whichever way they come in. A
+alpha onto white, resize), so the same pixels give the same model input whichever way they come in. A
 file (a path, its bytes, an open binary file, or a PIL image opened lazily from a file, read again from it) is
 decoded at reduced scale when it is a JPEG at least four times the input size on both sides (JPEG draft mode:
 1/2, 1/4 or 1/8 scale, still at least twice the input size); pixels already decoded (a numpy array, a tensor, a
@@ -52,45 +54,52 @@ _ORIENTATION_TAG = 0x0112  # EXIF orientation; values 5-8 swap width and height
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def load_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+# The resize filters of encoder.interpolation (config.INTERPOLATIONS), as Pillow names them.
+PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def load_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS,
+               interpolation: str = "bicubic") -> torch.Tensor:
     """Decode, apply EXIF orientation, flatten alpha onto white, resize -> (3, S, S) uint8."""
-    return read_image(path, image_size, max_pixels)[0]
+    return read_image(path, image_size, max_pixels, interpolation)[0]
 
 
-def read_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
+def read_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS,
+               interpolation: str = "bicubic") -> tuple[torch.Tensor, tuple[int, int]]:
     """load_image, also returning the file's (width, height) as displayed (after EXIF orientation)."""
     _check_is_regular_file(path)
-    return _decode(path, path, image_size, max_pixels)
+    return _decode(path, path, image_size, max_pixels, interpolation)
 
 
-def read_image_bytes(data: bytes, name: str, image_size: int,
-                     max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
+def read_image_bytes(data: bytes, name: str, image_size: int, max_pixels: int = MAX_PIXELS,
+                     interpolation: str = "bicubic") -> tuple[torch.Tensor, tuple[int, int]]:
     """read_image for an upload's bytes (the server never opens a path a client names); errors start with name."""
     if not data:
         raise CaptionerError(f"{name}: empty file (0 bytes)")
-    return _decode(io.BytesIO(data), name, image_size, max_pixels)
+    return _decode(io.BytesIO(data), name, image_size, max_pixels, interpolation)
 
 
-def read_any(item, name: str, image_size: int, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
+def read_any(item, name: str, image_size: int, max_pixels: int = MAX_PIXELS,
+             interpolation: str = "bicubic") -> tuple[torch.Tensor, tuple[int, int]]:
     """read_image for any input of the Python API: a path, a file's bytes or an open binary file (read as serve
     reads uploads), a PIL image, a numpy array or a torch tensor.
 
     name: how errors call the item ("images[3]"; a path is named by itself)."""
     if isinstance(item, (str, os.PathLike)):
-        return read_image(os.fspath(item), image_size, max_pixels)
+        return read_image(os.fspath(item), image_size, max_pixels, interpolation)
     if isinstance(item, (bytes, bytearray, memoryview)):  # a file's bytes, as serve's uploads
-        return read_image_bytes(bytes(item), name, image_size, max_pixels)
+        return read_image_bytes(bytes(item), name, image_size, max_pixels, interpolation)
     if hasattr(item, "read") and not isinstance(item, Image.Image):  # an open binary file, io.BytesIO
         data = item.read()
         if not isinstance(data, bytes):
             raise CaptionerError(f"{name}: a file opened in text mode: open it with 'rb'")
-        return read_image_bytes(data, name, image_size, max_pixels)
+        return read_image_bytes(data, name, image_size, max_pixels, interpolation)
     if isinstance(item, Image.Image):
         filename = _lazy_file(item)
         if filename:  # not decoded yet: read from its file, as a path is (reduced-scale JPEG decoding included)
-            return read_image(filename, image_size, max_pixels)
-        return _decode_loaded(item, name, image_size, max_pixels)
-    return _decode_loaded(array_image(item, name), name, image_size, max_pixels)
+            return read_image(filename, image_size, max_pixels, interpolation)
+        return _decode_loaded(item, name, image_size, max_pixels, interpolation)
+    return _decode_loaded(array_image(item, name), name, image_size, max_pixels, interpolation)
 
 
 def _lazy_file(img: Image.Image) -> str:
@@ -138,17 +147,18 @@ def array_image(item, name: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
-def _decode(source, name: str, image_size: int, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def _decode(source, name: str, image_size: int, max_pixels: int,
+            interpolation: str) -> tuple[torch.Tensor, tuple[int, int]]:
     """source: a path or a binary file object; name: how errors call it."""
     with _failures_named(name, source, max_pixels), Image.open(source) as img:
-        return _prepare(img, name, image_size, max_pixels, reduce=True)
+        return _prepare(img, name, image_size, max_pixels, interpolation, reduce=True)
 
 
-def _decode_loaded(img: Image.Image, name: str, image_size: int,
-                   max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def _decode_loaded(img: Image.Image, name: str, image_size: int, max_pixels: int,
+                   interpolation: str) -> tuple[torch.Tensor, tuple[int, int]]:
     """An in-memory PIL image (never changed: every step makes a new image) -> as _decode."""
     with _failures_named(name, None, max_pixels):
-        return _prepare(img, name, image_size, max_pixels, reduce=False)
+        return _prepare(img, name, image_size, max_pixels, interpolation, reduce=False)
 
 
 @contextlib.contextmanager
@@ -166,11 +176,11 @@ def _failures_named(name: str, source, max_pixels: int):
         raise CaptionerError(f"{name}: {_describe_failure(source, e)}") from None
 
 
-def _prepare(img: Image.Image, name: str, image_size: int, max_pixels: int,
+def _prepare(img: Image.Image, name: str, image_size: int, max_pixels: int, interpolation: str,
              reduce: bool) -> tuple[torch.Tensor, tuple[int, int]]:
     """The one preprocessing of every input, from the point where it is a PIL image: pixel limit, (reduce: JPEG
-    reduced-scale decoding), EXIF orientation, alpha onto white, bicubic resize -> ((3, S, S) uint8, the
-    (width, height) as displayed)."""
+    reduced-scale decoding), EXIF orientation, alpha onto white, resize with the encoder's filter -> ((3, S, S)
+    uint8, the (width, height) as displayed)."""
     width, height = img.size
     if width * height > max_pixels:
         raise CaptionerError(f"{name}: {width}x{height} is above the limit of {max_pixels} pixels "
@@ -181,7 +191,7 @@ def _prepare(img: Image.Image, name: str, image_size: int, max_pixels: int,
         img.draft("RGB", (2 * image_size, 2 * image_size))
     img.load()  # decode now, inside the caller's try: truncated or corrupt data fails here, never half-decoded
     img, swapped = _apply_exif_orientation(img)
-    img = _to_rgb(img).resize((image_size, image_size), Image.BICUBIC)
+    img = _to_rgb(img).resize((image_size, image_size), PIL_FILTERS[interpolation])
     size = (height, width) if swapped else (width, height)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), size  # (S, S, 3) -> (3, S, S)
 
@@ -303,9 +313,10 @@ class ImageFiles(Dataset):
     names: what errors call the in-memory items (default "image I"); a path is named by itself."""
 
     def __init__(self, paths: list, image_size: int, max_pixels: int = MAX_PIXELS, gpu_decode: bool = False,
-                 names: list[str] | None = None):
+                 names: list[str] | None = None, interpolation: str = "bicubic"):
         self.paths, self.image_size, self.max_pixels, self.gpu_decode = list(paths), image_size, max_pixels, gpu_decode
         self.names = names
+        self.interpolation = interpolation  # the encoder's resize filter
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -323,7 +334,8 @@ class ImageFiles(Dataset):
             if size is not None:
                 with open(path, "rb") as f:
                     return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), i, "", torch.tensor(size)
-            (image, size), message = read_any(path, self.name(i), self.image_size, self.max_pixels), ""
+            (image, size), message = read_any(path, self.name(i), self.image_size, self.max_pixels,
+                                              self.interpolation), ""
         except CaptionerError as e:
             image, size, message = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), (0, 0), str(e)
         except OSError as e:  # the file went away between the header check and the read

@@ -141,7 +141,7 @@ def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.
         return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
 
 
-def resize_batch(images: list[torch.Tensor], image_size: int) -> torch.Tensor:
+def resize_batch(images: list[torch.Tensor], image_size: int, interpolation: str = "bicubic") -> torch.Tensor:
     """Images (3, H_i, W_i) uint8 of any sizes -> (B, 3, S, S) uint8, one interpolate call per distinct size."""
     out = torch.empty(len(images), 3, image_size, image_size, dtype=torch.uint8, device=images[0].device)
     by_size: dict[tuple, list[int]] = {}
@@ -149,14 +149,14 @@ def resize_batch(images: list[torch.Tensor], image_size: int) -> torch.Tensor:
         by_size.setdefault(tuple(image.shape), []).append(j)
     for positions in by_size.values():
         group = torch.stack([images[j] for j in positions]).float()  # (b, 3, H, W)
-        resized = F.interpolate(group, size=(image_size, image_size), mode="bicubic", antialias=True,
-                                align_corners=False)  # antialiased bicubic: PIL's BICUBIC resize
+        resized = F.interpolate(group, size=(image_size, image_size), mode=interpolation, antialias=True,
+                                align_corners=False)  # antialiased: PIL's BICUBIC / BILINEAR resize
         out[positions] = resized.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
 def decode_batch(items: list[torch.Tensor], paths: list[str], image_size: int, device: torch.device,
-                 errors: list[str]) -> torch.Tensor:
+                 errors: list[str], interpolation: str = "bicubic") -> torch.Tensor:
     """ImageFiles(gpu_decode=True) items -> (B, 3, S, S) uint8 on device. A file the batch decoder rejects is
     read by PIL instead (errors[j] gets PIL's message when that fails too)."""
     jpegs = [j for j, t in enumerate(items) if t.dim() == 1]
@@ -175,12 +175,12 @@ def decode_batch(items: list[torch.Tensor], paths: list[str], image_size: int, d
     out = torch.empty(len(items), 3, image_size, image_size, dtype=torch.uint8, device=device)
     full_size = [j for j in jpegs if images[j] is not None]
     if full_size:
-        out[full_size] = resize_batch([images[j] for j in full_size], image_size)
+        out[full_size] = resize_batch([images[j] for j in full_size], image_size, interpolation)
     for j in set(range(len(items))) - set(full_size):
         image = images[j]
         if image is None:  # the batch decoder refused it: PIL decodes it, or says why it cannot
             try:
-                image = load_image(paths[j], image_size).to(device)
+                image = load_image(paths[j], image_size, interpolation=interpolation).to(device)
             except CaptionerError as e:
                 image, errors[j] = torch.zeros(3, image_size, image_size, dtype=torch.uint8), str(e)
         out[j] = image
@@ -216,7 +216,8 @@ class Batches:
         for data, index, errors, sizes, *pairs in iterator:
             if isinstance(data, list):  # JPEG bytes: the device decodes them
                 paths = [self.files.paths[i] for i in index.tolist()]
-                inputs = decode_batch(data, paths, self.files.image_size, self.device, errors)
+                inputs = decode_batch(data, paths, self.files.image_size, self.device, errors,
+                                      self.files.interpolation)
             else:
                 inputs = data.to(self.device, non_blocking=True)
             if not pairs:
@@ -233,15 +234,18 @@ class Batches:
 
 
 def image_batches(paths: list, image_size: int, batch_size: int, num_workers: int, device: torch.device,
-                  gpu_decode: bool = False, max_pixels: int = MAX_PIXELS, names: list[str] | None = None) -> Batches:
+                  gpu_decode: bool = False, max_pixels: int = MAX_PIXELS, names: list[str] | None = None,
+                  interpolation: str = "bicubic") -> Batches:
     """Batches of image files: Batch(images (B, 3, S, S) uint8 on device, index into paths, errors, sizes).
 
     A file that cannot be read gives a zero image and its error message; callers skip it and report it.
     gpu_decode: workers only read bytes and `device` decodes them in batches (nvjpeg on CUDA; on CPU the
     main process would decode, which only tests use). paths may also hold PIL images, numpy arrays and tensors
-    (the Python API's inputs, data/images.py read_any), which errors call by their names.
+    (the Python API's inputs, data/images.py read_any), which errors call by their names. interpolation: the
+    encoder's resize filter (HookedEncoder.interpolation), bicubic or bilinear.
     """
-    files = ImageFiles(paths, image_size, max_pixels, gpu_decode=gpu_decode, names=names)
+    files = ImageFiles(paths, image_size, max_pixels, gpu_decode=gpu_decode, names=names,
+                       interpolation=interpolation)
     return Batches(files, batch_size, device, num_workers)
 
 

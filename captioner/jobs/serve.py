@@ -86,6 +86,8 @@ class ServedModel:
         p, enc = self.predictor, self.predictor.encoder
         self.info = {"checkpoint": Path(checkpoint).name, "arch": enc.arch, "layer": enc.layer,
                      "grid": list(enc.grid), "image_size": enc.image_size, "vocab_size": len(p.vocab),
+                     "preprocess": {"mean": list(enc.preprocess.mean), "std": list(enc.preprocess.std),
+                                    "interpolation": enc.interpolation},
                      "decoding": {k: getattr(p.settings, k) for k in ("beam_size", "max_len", "length_penalty",
                                                                        "sample", "temperature", "block_ngram",
                                                                        "groups", "diversity")},
@@ -122,8 +124,9 @@ def build(opts: ServeJob):
     batcher = DynamicBatcher(served.predict, opts.max_batch, opts.max_wait_ms / 1000, opts.queue)
     token = _token(opts)
     info = {**served.info, "token_required": token is not None}
-    return create_app(batcher, info, size, tuple(served.predictor.encoder.grid), opts.limits, token,
-                      opts.decode_threads), served
+    encoder = served.predictor.encoder
+    return create_app(batcher, info, size, tuple(encoder.grid), opts.limits, token, opts.decode_threads,
+                      encoder.interpolation), served
 
 
 def main(opts: ServeJob) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from captioner.config import Config, to_dict
+from captioner.config import Config, from_dict, inherit_preprocess, to_dict
 from captioner.data.datasets import by_split, load_records
 from captioner.data.pipeline import Batches
 from captioner.engine.runtime import distributed
@@ -212,6 +212,8 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     checkpoint = resume_checkpoint(run_dir, cfg) if mode == "resume" else None
     init = init_checkpoint(init_from, cfg) if init_from and not checkpoint else None
     init_from = str(init_from) if init else (checkpoint or {}).get("init_from")  # a resumed run keeps its origin
+    if checkpoint or init:  # preprocessing the config leaves to the weights is what the checkpoint trained with
+        cfg = from_dict(inherit_preprocess(to_dict(cfg), (checkpoint or init)["config"]))
     seed_everything(cfg.train.seed)  # the same initial weights in every process
     # A resumed or initialised backbone comes from the checkpoint: its weights file need not exist any more.
     encoder = build_encoder(dataclasses.replace(cfg.encoder, weights=None) if checkpoint or init else cfg.encoder)

@@ -10,6 +10,8 @@ computed on the fly go through exactly the same projector.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,7 +26,15 @@ def build_encoder(cfg: EncoderConfig) -> HookedEncoder:
     state, so `extract` and `train` build the same random encoder whatever train.seed says."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return HookedEncoder(cfg.arch, cfg.layer, cfg.weights, cfg.in_channels, cfg.image_size, cfg.finetune_from)
+        return HookedEncoder(cfg.arch, cfg.layer, cfg.weights, cfg.in_channels, cfg.image_size, cfg.finetune_from,
+                             cfg.mean, cfg.std, cfg.interpolation or None)
+
+
+def recorded_encoder_config(cfg: EncoderConfig, encoder: HookedEncoder) -> EncoderConfig:
+    """cfg with the preprocessing the encoder resolved (the weights' own where cfg left it unset): what a
+    checkpoint records, so the model it holds is rebuilt with the same normalisation without its weights' tag."""
+    p = encoder.preprocess
+    return dataclasses.replace(cfg, mean=list(p.mean), std=list(p.std), interpolation=p.interpolation)
 
 
 def build_projector(kind: str, channels: int, embed_dim: int) -> tuple[nn.Module, int]:

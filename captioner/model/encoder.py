@@ -1,11 +1,17 @@
-"""A frozen torchvision CNN whose chosen module's output is taken through a forward hook.
+"""A frozen backbone whose chosen module's output is taken through a forward hook, as a (C, H, W) grid.
 
     enc = HookedEncoder("resnet152", "layer4", weights=None, image_size=224)
     feats = enc(images_uint8)          # (B, 3, 224, 224) uint8 -> (B, 2048, 7, 7) float
     enc.channels, enc.grid, enc.reduction   # 2048, (7, 7), 32
+    HookedEncoder("timm/vit_tiny_patch16_224", "blocks.11")          # (B, 197, 192) tokens -> (B, 192, 14, 14)
+    HookedEncoder("open_clip/ViT-B-16", "transformer.resblocks.11", weights="openai")
 
-The forward pass stops right after the hooked module: nothing behind it (avgpool, fc, or layer4 when
-hooking layer3) is computed. Normalisation lives here too, so the data pipeline only resizes.
+The backbone comes from torchvision, timm or open_clip (backbones.py builds it); the mechanism is the same
+for all: the forward pass stops right after the hooked module, so nothing behind it (pooling, heads, later
+blocks) is computed. A hooked module emitting tokens (B, N, C) loses its prefix tokens (class, registers) and
+the rest is reshaped to the model's patch grid (B, C, H, W), row by row as the patches were cut, so attention
+maps line up with the image. Normalisation lives here too, with the weights' own mean and std (or the config's),
+so the data pipeline only resizes.
 
 finetune_from="layer4" makes the modules from layer4 up to the hooked one trainable (their BatchNorm
 follows train()/eval()); everything before stays frozen in eval mode.
@@ -14,65 +20,21 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
-from pathlib import Path
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from captioner.errors import CaptionerError
-from captioner.files import move_into_place
-from captioner.weights import WEIGHT_SUFFIXES, read_state_dict
+from captioner.model.backbones import INTERPOLATIONS, Preprocess, TokenLayout, parse_arch
+from captioner.model.backbone_weights import after_layer, remap_onto, strip_wrapper_prefixes  # noqa: F401
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["HookedEncoder", "build_backbone", "list_layers", "remap_by_order", "strip_wrapper_prefixes", "to_grid"]
 
 
 class _StopForward(Exception):
     """Raised by the hook to skip every layer after the hooked one."""
-
-
-def available_archs() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def strip_wrapper_prefixes(state: dict) -> dict:
-    # DDP ("module.") and torch.compile ("_orig_mod.") wrappers prefix every key.
-    out = {}
-    for k, v in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
-def _weights_state_dict(arch: str, weights: str) -> dict:
-    """A state_dict from a local .safetensors/.pth/.pt/.bin file or a cached torchvision weight enum; never runs
-    pickled code (captioner/weights.py reads every weights file)."""
-    looks_like_path = weights.endswith(WEIGHT_SUFFIXES) or os.sep in weights or Path(weights).exists()
-    if looks_like_path:
-        return strip_wrapper_prefixes(read_state_dict(weights, "encoder weights file"))
-    try:
-        enum = torchvision.models.get_model_weights(arch)
-    except ValueError:
-        raise CaptionerError(f"no torchvision weights known for arch '{arch}'") from None
-    names = [w.name for w in enum]
-    if weights not in names:
-        raise CaptionerError(f"encoder.weights '{weights}' is not a {arch} weight name or an existing file; "
-                             f"valid names: {', '.join(names)}, or a path to a .pth or .safetensors file")
-    url = enum[weights].url
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-    if not cached.is_file():
-        try:
-            torch.hub.download_url_to_file(url, str(cached.with_suffix(".part")), progress=True)
-            move_into_place(cached.with_suffix(".part"), cached)
-        except Exception as e:  # noqa: BLE001 - offline machines fail in many ways; all mean the same
-            raise CaptionerError(f"{arch} {weights} weights are not cached at {cached} and could not be downloaded "
-                                 f"({type(e).__name__}); download {url} to that path, or set encoder.weights to a "
-                                 f"local .pth or .safetensors file") from None
-    return read_state_dict(cached, f"{arch} {weights} weights file")
 
 
 def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
@@ -83,7 +45,8 @@ def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
 
 
 def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
-    """Replace the stem conv with one taking in_channels, each new filter slice the mean of the RGB ones."""
+    """Replace the stem conv (a CNN's first conv, a ViT's patch embedding) with one taking in_channels, each new
+    filter slice the mean of the RGB ones."""
     name, old = _first_conv(model)
     new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
                     old.dilation, old.groups, old.bias is not None)
@@ -98,74 +61,20 @@ def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
     setattr(parent, attr, new)
 
 
-def remap_by_order(source: dict, arch: str, prefix: str = "") -> dict:
-    """A state_dict saved under other key names -> arch's own names, matched by order and shape.
-
-    source's tensors, in their saved order, fill arch's state_dict keys that start with prefix (e.g. "features."
-    for a MobileNetV2 saved without its classifier), in definition order; any count or shape mismatch is an error.
-    """
-    template = torchvision.models.get_model(arch, weights=None).state_dict()
-    targets = [k for k in template if k.startswith(prefix)]
-    if len(targets) != len(source):
-        raise CaptionerError(f"{len(source)} saved tensors cannot fill the {len(targets)} tensors of {arch} "
-                             f"under '{prefix}'")
-    out = {}
-    for (name, tensor), target in zip(source.items(), targets):
-        if tuple(tensor.shape) != tuple(template[target].shape):
-            raise CaptionerError(f"saved tensor {name} {tuple(tensor.shape)} does not fit {arch}'s {target} "
-                                 f"{tuple(template[target].shape)}")
-        out[target] = tensor
-    return out
-
-
-def _after_layer(model: nn.Module, layer: str) -> set[str]:
-    """Parameter and buffer names of the modules defined after the hooked layer: never computed."""
-    names = [name for name, _ in model.named_modules()]  # definition (= forward) order, parents first
-    if not layer or layer not in names:
-        return set()
-    end = max(i for i, name in enumerate(names) if name == layer or name.startswith(layer + "."))
-    later = set(names[end + 1:])
-    return {key for key in model.state_dict() if key.rpartition(".")[0] in later}
-
-
-def _load_weights(model: nn.Module, state: dict, arch: str, weights: str, layer: str | None) -> None:
-    """Load state into model; weights may lack the modules after the hooked layer (a backbone saved without
-    its classifier head): they are never computed, so they keep their random init."""
-    model_keys = set(model.state_dict())
-    missing = sorted(model_keys - set(state))
-    unexpected = sorted(set(state) - model_keys)
-    uncomputed = _after_layer(model, layer) if layer else set()
-    needed = [k for k in missing if k not in uncomputed]
-    if needed or unexpected:
-        what = (f"missing keys {', '.join(needed[:3])}" if needed else "") + ("; " if needed and unexpected else "") \
-            + (f"unexpected keys {', '.join(unexpected[:3])}" if unexpected else "")
-        raise CaptionerError(f"encoder weights {weights} do not fit {arch}: {what}")
-    # Zeros, not the random init, for the layers the file lacks: the same encoder whatever the seed, so a feature
-    # cache's weights fingerprint still matches it.
-    template = model.state_dict()
-    state = {**{k: torch.zeros_like(template[k]) for k in missing}, **state}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise CaptionerError(f"encoder weights {weights} do not fit {arch}: {first}") from None
-
-
-def build_backbone(arch: str, weights: str | None = None, in_channels: int = 3, layer: str | None = None) -> nn.Module:
-    """The torchvision model arch, with weights (a name or .pth path) when given. With layer set, weights need not
-    hold the modules after that layer (never computed behind the hook)."""
-    archs = available_archs()
-    if arch not in archs:
-        close = difflib.get_close_matches(arch, archs, n=4)
-        raise CaptionerError(f"unknown encoder.arch '{arch}'; close matches: {', '.join(close) or 'none'}; "
-                             f"e.g. resnet18, resnet50, resnet101, resnet152, mobilenet_v2")
-    state = _weights_state_dict(arch, weights) if weights else None  # fail before building anything
-    model = torchvision.models.get_model(arch, weights=None)
-    if state is not None:
-        _load_weights(model, state, arch, weights, layer)
+def build_backbone(arch: str, weights: str | None = None, in_channels: int = 3, layer: str | None = None,
+                   image_size: int = 224) -> nn.Module:
+    """The model arch (torchvision name, timm/NAME or open_clip/NAME), with weights (a name or tag, or a file)
+    when given. With layer set, a weights file need not hold the modules after that layer (never computed)."""
+    source, name = parse_arch(arch)
+    model = source.build(name, weights, image_size, layer)
     if in_channels != 3:
         _adapt_input_channels(model, in_channels)
     return model
+
+
+def remap_by_order(source: dict, arch: str, prefix: str = "") -> dict:
+    """A state_dict saved under other key names -> arch's own names, matched by order and shape (weights.py)."""
+    return remap_onto(source, build_backbone(arch).state_dict(), arch, prefix)
 
 
 def _check_layer(model: nn.Module, arch: str, layer: str) -> nn.Module:
@@ -193,15 +102,70 @@ def _finetuned_modules(model: nn.Module, arch: str, layer: str, finetune_from: s
     return [modules[name] for name in names[start:end + 1]]
 
 
+def _patch_grid(patches: int, height: int, width: int) -> tuple[int, int] | None:
+    """(h, w) with h * w == patches and h / w == height / width (the patch grid keeps the image's shape)."""
+    if patches < 1:
+        return None
+    h = max(1, round(math.sqrt(patches * height / width)))
+    w = patches // h
+    return (h, w) if h * w == patches and w == max(1, round(h * width / height)) else None
+
+
+def to_grid(out: torch.Tensor, layout: TokenLayout, image_hw: tuple[int, int]) -> torch.Tensor | None:
+    """The hooked module's output as a (B, C, H, W) grid, or None when it is not one.
+
+    (B, C, H, W) stays; (B, H, W, C) (layout.channels_last) is permuted; tokens (B, N, C) (or (N, B, C),
+    layout.sequence_first) lose their prefix tokens and the N - prefix patch tokens, in row-major order as the
+    patch embedding flattened them, become an h x w grid of the image's aspect."""
+    if out.dim() == 4:
+        return out.permute(0, 3, 1, 2) if layout.channels_last else out  # (B, H, W, C) -> (B, C, H, W)
+    if out.dim() != 3:
+        return None
+    if layout.sequence_first:
+        out = out.transpose(0, 1)  # (N, B, C) -> (B, N, C)
+    batch, tokens, channels = out.shape
+    for prefix in dict.fromkeys((layout.prefix_tokens, 0)):  # a block's output, then a patch embedding's
+        grid = _patch_grid(tokens - prefix, *image_hw)
+        if grid is not None:
+            # (B, prefix + h*w, C) -> (B, h*w, C) -> (B, C, h*w) -> (B, C, h, w)
+            return out[:, prefix:].transpose(1, 2).reshape(batch, channels, *grid)
+    return None
+
+
+def _resolve_preprocess(own: Preprocess, in_channels: int, mean, std, interpolation) -> Preprocess:
+    """The weights' own preprocessing, with the config's mean, std and interpolation where given."""
+    if mean is None:
+        mean = own.mean if in_channels == 3 else (sum(own.mean) / len(own.mean),) * in_channels
+    if std is None:
+        std = own.std if in_channels == 3 else (sum(own.std) / len(own.std),) * in_channels
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    for key, values in (("encoder.mean", mean), ("encoder.std", std)):
+        if len(values) != in_channels:
+            raise CaptionerError(f"{key} has {len(values)} values, one per input channel is needed "
+                                 f"(encoder.in_channels={in_channels})")
+    if any(v <= 0 for v in std):
+        raise CaptionerError(f"encoder.std must be > 0 in every channel, got {list(std)}")
+    interpolation = interpolation or own.interpolation
+    if interpolation not in INTERPOLATIONS:
+        raise CaptionerError(f"encoder.interpolation must be one of {', '.join(INTERPOLATIONS)}, got '{interpolation}'")
+    return Preprocess(mean, std, interpolation)
+
+
 class HookedEncoder(nn.Module):
-    """Frozen CNN returning the hooked module's activation (B, C, H, W) for uint8 or [0, 1] float images."""
+    """Frozen backbone returning the hooked module's activation as (B, C, H, W) for uint8 or [0, 1] float images."""
 
     def __init__(self, arch: str = "resnet152", layer: str = "layer4", weights: str | None = None,
-                 in_channels: int = 3, image_size: int = 224, finetune_from: str | None = None):
+                 in_channels: int = 3, image_size: int = 224, finetune_from: str | None = None,
+                 mean: list[float] | None = None, std: list[float] | None = None, interpolation: str | None = None):
         super().__init__()
         self.arch, self.layer, self.in_channels, self.image_size = arch, layer, in_channels, image_size
-        self.backbone = build_backbone(arch, weights, in_channels, layer)
+        source, _ = parse_arch(arch)
+        self.source = source.name
+        self.backbone = build_backbone(arch, weights, in_channels, layer, image_size)
         target = _check_layer(self.backbone, arch, layer)
+        self.layout = source.token_layout(self.backbone, layer)
+        # Preprocessing travels with the model: the weights' own unless the config (a checkpoint's) says otherwise.
+        self.preprocess = _resolve_preprocess(source.preprocess(self.backbone), in_channels, mean, std, interpolation)
         # A plain list, not submodules: the same modules stay registered (and saved) under self.backbone.
         self.finetuned = _finetuned_modules(self.backbone, arch, layer, finetune_from) if finetune_from else []
         # A hook is a managed resource: one handle, removed in close(); the capture is dropped when read.
@@ -213,23 +177,21 @@ class HookedEncoder(nn.Module):
             for p in module.parameters(recurse=False):
                 p.requires_grad_(True)
         self.backbone.eval()
-        mean = IMAGENET_MEAN if in_channels == 3 else (sum(IMAGENET_MEAN) / 3,) * in_channels
-        std = IMAGENET_STD if in_channels == 3 else (sum(IMAGENET_STD) / 3,) * in_channels
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(self.preprocess.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.preprocess.std).view(1, -1, 1, 1), persistent=False)
         # Describe itself (timm FeatureInfo): channels and grid come from one small dry run.
         out = _dry_run(self, arch, image_size, in_channels)
-        if out.dim() != 4:
-            raise CaptionerError(f"layer '{layer}' of {arch} gives {tuple(out.shape[1:])} per image, not a (channels, "
-                                 f"height, width) feature map: attention needs a grid of regions; hook a "
-                                 f"convolutional stage (e.g. layer4 of a ResNet); run `captioner layers {arch}`")
         self.channels, self.grid = out.shape[1], (out.shape[2], out.shape[3])
         self.reduction = image_size // out.shape[2]
+
+    @property
+    def interpolation(self) -> str:
+        return self.preprocess.interpolation
 
     def uncomputed_keys(self) -> set[str]:
         """state_dict keys (of this module) of the backbone modules after the hooked layer: never computed, so a
         model folder leaves them out and loading fills them with zeros."""
-        return {f"backbone.{key}" for key in _after_layer(self.backbone, self.layer)}
+        return {f"backbone.{key}" for key in after_layer(self.backbone, self.layer)}
 
     def _hook(self, module, inputs, output):
         if self._captured is None:
@@ -249,6 +211,17 @@ class HookedEncoder(nn.Module):
             images = images.float().div_(255)
         return (images - self.mean) / self.std
 
+    def grid_of(self, captured, image_hw: tuple[int, int]) -> torch.Tensor:
+        """The hooked module's raw output -> (B, C, H, W); a CaptionerError when it is not a grid."""
+        grid = to_grid(captured, self.layout, image_hw) if isinstance(captured, torch.Tensor) else None
+        if grid is None:
+            shape = tuple(captured.shape[1:]) if isinstance(captured, torch.Tensor) else type(captured).__name__
+            raise CaptionerError(f"layer '{self.layer}' of {self.arch} gives {shape} per image, not a (channels, "
+                                 f"height, width) feature map or the tokens of a patch grid: attention needs a grid "
+                                 f"of regions; hook a convolutional stage or a transformer block; run "
+                                 f"`captioner layers {self.arch}`")
+        return grid
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) uint8 or float in [0, 1] -> (B, C, H/r, W/r) float activation."""
         if images.dim() != 4 or images.shape[1] != self.in_channels:
@@ -262,9 +235,9 @@ class HookedEncoder(nn.Module):
             except _StopForward:
                 pass
         out, self._captured = self._captured, None
-        if not isinstance(out, torch.Tensor):
-            raise CaptionerError(f"layer '{self.layer}' of {self.arch} produced no tensor output")
-        return out
+        if out is None:
+            raise CaptionerError(f"layer '{self.layer}' of {self.arch} produced no output (never called)")
+        return self.grid_of(out, (images.shape[2], images.shape[3]))
 
     def plain_backbone(self) -> nn.Module:
         """A copy of the backbone without the stop-forward hook, for tracers and exporters, which cannot follow
@@ -294,26 +267,35 @@ def _dry_run(model: nn.Module, arch: str, image_size: int, in_channels: int) -> 
     try:
         with torch.no_grad():
             return model(torch.zeros(1, in_channels, image_size, image_size))
-    except (RuntimeError, AssertionError, ValueError) as e:  # torchvision checks sizes with torch._assert
+    except (RuntimeError, AssertionError, ValueError) as e:  # torchvision and timm check sizes with assertions
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise CaptionerError(f"{arch} cannot run on {in_channels}x{image_size}x{image_size} images ({reason}); "
-                             f"try another image size (224 suits every torchvision CNN)") from None
+                             f"try another image size (224 suits most models)") from None
 
 
-def list_layers(arch: str, image_size: int = 224, in_channels: int = 3) -> list[tuple[str, str, tuple]]:
-    """(name, module type, output shape without batch) for every module a forward pass calls, in order."""
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    kind: str  # the module's class name
+    shape: tuple  # its output shape without the batch dimension, as the module emits it
+    grid: tuple | None  # (C, H, W) that hooking it gives (tokens reshaped), None when it is not a grid
+
+
+def list_layers(arch: str, image_size: int = 224, in_channels: int = 3) -> list[LayerInfo]:
+    """Every module a forward pass calls, in order, with its output shape and the grid hooking it gives."""
     if image_size < 1 or in_channels < 1:
         raise CaptionerError(f"--image-size and --in-channels must be >= 1, got {image_size} and {in_channels}")
-    model = build_backbone(arch, None, in_channels).eval()
-    shapes: dict[str, tuple] = {}
+    source, _ = parse_arch(arch)
+    model = build_backbone(arch, None, in_channels, image_size=image_size).eval()
+    outputs: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in model.named_modules():
         if not name:
             continue
 
         def hook(mod, inp, out, name=name):
-            if name not in shapes and isinstance(out, torch.Tensor):
-                shapes[name] = tuple(out.shape[1:])
+            if name not in outputs and isinstance(out, torch.Tensor):
+                outputs[name] = out
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -321,4 +303,10 @@ def list_layers(arch: str, image_size: int = 224, in_channels: int = 3) -> list[
     finally:
         for h in handles:
             h.remove()
-    return [(n, type(m).__name__, shapes[n]) for n, m in model.named_modules() if n in shapes]
+    infos = []
+    for name, module in model.named_modules():
+        if name in outputs:
+            grid = to_grid(outputs[name], source.token_layout(model, name), (image_size, image_size))
+            infos.append(LayerInfo(name, type(module).__name__, tuple(outputs[name].shape[1:]),
+                                   tuple(grid.shape[1:]) if grid is not None else None))
+    return infos

@@ -16,7 +16,7 @@ import torch
 from captioner import files
 from captioner.config import ComputeConfig, Config, from_saved_dict
 from captioner.files import atomic_write
-from captioner.model.encoder import strip_wrapper_prefixes
+from captioner.model.backbone_weights import strip_wrapper_prefixes
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary

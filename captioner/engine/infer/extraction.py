@@ -90,7 +90,8 @@ def extract_into(cache: FeatureCache, encoder, records: list, batch_size: int, n
     added = failed = 0
     start = last_commit = time.perf_counter()
     steady_start, steady_added = None, 0  # from the end of the first batch on
-    batches = image_batches([r.path for r in todo], encoder.image_size, batch_size, num_workers, device, gpu_decode)
+    batches = image_batches([r.path for r in todo], encoder.image_size, batch_size, num_workers, device, gpu_decode,
+                            interpolation=encoder.interpolation)
     bar = progress or GlobalProgress(len(todo), Process(0, 1, 0, device), desc)
     with ThreadPoolExecutor(max_workers=1) as writer, bar:
         pending = deque()

@@ -33,7 +33,6 @@ from captioner.engine.infer.checkpoint import load_model, model_from_checkpoint
 from captioner.errors import CaptionerError, os_failure
 from captioner.files import atomic_folder, write_json, write_text
 from captioner.model.caption_model import CaptionModel
-from captioner.model.encoder import IMAGENET_MEAN, IMAGENET_STD
 from captioner.text import Vocabulary
 from captioner.weights import read_state_dict, write_safetensors
 
@@ -172,9 +171,11 @@ def folder_config(model: CaptionModel, vocab: Vocabulary, cfg: Config, dtype: st
             "architecture": {"encoder": enc.arch, "layer": enc.layer, "channels": enc.channels,
                              "grid": list(enc.grid), "decoder": "soft-attention LSTM (Show, Attend and Tell)",
                              "parameters": sum(p.numel() for p in model.parameters())},
-            "preprocessing": {"image_size": enc.image_size, "resize": "bicubic, to image_size x image_size",
+            "preprocessing": {"image_size": enc.image_size,
+                              "resize": f"{enc.interpolation}, to image_size x image_size (squashed, not cropped)",
                               "exif_orientation": True, "alpha": "composited onto white",
-                              "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "input": "RGB uint8 / 255"},
+                              "mean": list(enc.preprocess.mean), "std": list(enc.preprocess.std),
+                              "input": "RGB uint8 / 255"},
             "decode": config["decode"], "source": source or {}, "config": config}
 
 

@@ -27,6 +27,7 @@ from captioner.config import ComputeConfig, Config, from_saved_dict
 from captioner.engine.infer.onnx_export import GRAPHS, MANIFEST, ONNX_FORMAT_VERSION, require_onnx
 from captioner.errors import CaptionerError
 from captioner.model.steps import StepState
+from captioner.model.backbones import Preprocess
 from captioner.text import Vocabulary
 
 log = logging.getLogger("captioner")
@@ -41,15 +42,20 @@ class EncoderSpec:
     in_channels: int
     channels: int
     grid: tuple[int, int]
+    preprocess: Preprocess = Preprocess()  # the graph normalises inside; the host resizes with its interpolation
 
     @property
     def reduction(self) -> int:
         return self.image_size // self.grid[0]
 
+    @property
+    def interpolation(self) -> str:
+        return self.preprocess.interpolation
+
     @classmethod
     def of(cls, encoder) -> "EncoderSpec":
         return cls(encoder.arch, encoder.layer, encoder.image_size, encoder.in_channels, encoder.channels,
-                   tuple(encoder.grid))
+                   tuple(encoder.grid), encoder.preprocess)
 
 
 def providers_for(device: torch.device) -> list[str]:
@@ -175,8 +181,11 @@ def load_onnx_folder(folder: str | Path, device: torch.device, threads: int | No
     cfg.compute = ComputeConfig()  # this machine's, not the exporting one's
     vocab = Vocabulary.load(folder / meta["files"]["vocab"])
     enc = manifest["encoder"]
+    # folders exported before preprocessing travelled with the model were ImageNet-normalised, bicubic
+    preprocess = Preprocess(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in enc.get("preprocess", {}).items()})
     spec = EncoderSpec(enc["arch"], enc["layer"], enc["image_size"], enc["in_channels"], enc["channels"],
-                       tuple(enc["grid"]))
+                       tuple(enc["grid"]), preprocess)
     graphs = {name: folder / Path(meta["files"].get(f"onnx_{name}", f"{name}.onnx")).name for name in GRAPHS}
     backend = OnnxBackend(graphs, spec, len(vocab), device, threads, manifest.get("precision", "float32"))
     return backend, vocab, cfg

@@ -131,8 +131,9 @@ def predict(model, vocab: Vocabulary, records, settings: DecodeSettings, batch_s
     if features is not None:
         batches = feature_batches(features, len(records), batch_size, device)
     else:
-        batches = image_batches([r.path for r in records], as_backend(model).encoder.image_size, batch_size,
-                                num_workers, device, gpu_decode)
+        encoder = as_backend(model).encoder
+        batches = image_batches([r.path for r in records], encoder.image_size, batch_size, num_workers, device,
+                                gpu_decode, interpolation=encoder.interpolation)
     results = {}
     bar = make_bar(total=len(records), desc="captioning", unit="img", leave=False, disable=not progress_bar)
     for _, captioned in caption_batches(model, vocab, batches, settings):

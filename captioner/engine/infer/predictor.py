@@ -126,9 +126,9 @@ class Predictor:
     def image_batches(self, paths: list, batch_size: int | None = None, num_workers: int = 0,
                       max_pixels: int = MAX_PIXELS, names: list[str] | None = None) -> Batches:
         """The pipeline's batches of these files (or in-memory images, called names in errors) at the model's
-        input size, decoded as compute says."""
+        input size and resize filter, decoded as compute says."""
         return image_batches(paths, self.image_size, batch_size or self.cfg.decode.batch_size, num_workers,
-                             self.device, self.compute.gpu_decode, max_pixels, names)
+                             self.device, self.compute.gpu_decode, max_pixels, names, self.encoder.interpolation)
 
     def decoding(self) -> str:
         """How captions are chosen, in words: 'greedy decoding', 'beam search (beam 3)' or 'sampling (...)'."""

@@ -1,6 +1,7 @@
 """The HTTP API and page of `captioner serve`: FastAPI routes over a DynamicBatcher that owns the model.
 
-    app = create_app(batcher, model_info, image_size=224, grid=(7, 7), limits=Limits(), token=None)
+    app = create_app(batcher, model_info, image_size=224, grid=(7, 7), limits=Limits(), token=None,
+                     interpolation="bicubic")    # the model's input size and resize filter
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
     curl -F image=@a.jpg -F image=@b.png http://127.0.0.1:8000/v1/caption
@@ -49,7 +50,8 @@ class Refusal(Exception):
 
 
 def create_app(batcher: DynamicBatcher, model_info: dict, image_size: int, grid: tuple[int, int],
-               limits: Limits, token: str | None = None, decode_threads: int = 2) -> FastAPI:
+               limits: Limits, token: str | None = None, decode_threads: int = 2,
+               interpolation: str = "bicubic") -> FastAPI:
     decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="captioner-decode")
 
     @contextlib.asynccontextmanager
@@ -105,7 +107,8 @@ def create_app(batcher: DynamicBatcher, model_info: dict, image_size: int, grid:
         try:
             files = await _image_parts(request, body, limits)
             decoded = await asyncio.gather(*[loop.run_in_executor(decoders, _decode, data, name, image_size,
-                                                                  limits.max_pixels) for name, data in files])
+                                                                  limits.max_pixels, interpolation)
+                                             for name, data in files])
         finally:
             inflight["bytes"] -= len(body)
         good = [d for d in decoded if "error" not in d]
@@ -178,9 +181,9 @@ def _name(filename: str | None, i: int) -> str:
     return "".join(ch for ch in name if ch.isprintable())[:200] or f"image{i + 1}"
 
 
-def _decode(data: bytes, name: str, image_size: int, max_pixels: int) -> dict:
+def _decode(data: bytes, name: str, image_size: int, max_pixels: int, interpolation: str) -> dict:
     try:
-        image, size = read_image_bytes(data, name, image_size, max_pixels)
+        image, size = read_image_bytes(data, name, image_size, max_pixels, interpolation)
     except CaptionerError as e:
         return {"name": name, "error": str(e).removeprefix(f"{name}: ")}
     except Exception as e:  # noqa: BLE001 - whatever an upload does to the decoder, it is that upload's error

@@ -32,7 +32,7 @@ def extract_features(model: CaptionModel, records, batch_size: int, num_workers:
     """Run the frozen encoder once over records -> (float32 (N, C, H, W) on CPU, records kept).
     Unreadable images are reported, counted and dropped. bf16: autocast (the resolved compute.bf16)."""
     batches = image_batches([r.path for r in records], model.encoder.image_size, batch_size, num_workers, device,
-                            gpu_decode)
+                            gpu_decode, interpolation=model.encoder.interpolation)
     chunks, keep = [], []
     for batch in make_bar(batches, desc=desc, unit="batch", leave=False, disable=not progress_bar):
         good = batch.readable()
@@ -95,7 +95,8 @@ def training_inputs(cfg: Config, model: CaptionModel, train_records, val_records
                  "per batch (train.precompute_features ignored)", cfg.encoder.finetune_from)
         precompute = False
     if not precompute:
-        source = ImageFiles([r.path for r in train_records], cfg.encoder.image_size, gpu_decode=gpu_decode)
+        source = ImageFiles([r.path for r in train_records], model.encoder.image_size, gpu_decode=gpu_decode,
+                            interpolation=model.encoder.interpolation)
         return TrainingInputs(source, train_records, None, val_records, cfg.train.num_workers, unreadable)
     device, bar = process.device, process.is_main
     batch_size, num_workers = cfg.compute.encode_batch_size, cfg.compute.num_workers

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from captioner.config import Config, apply_overrides, from_saved_dict, load_config, to_dict
+from captioner.config import Config, apply_overrides, from_saved_dict, inherit_preprocess, load_config, to_dict
 from captioner.engine.infer.checkpoint import check_resumable, load_checkpoint
 from captioner.engine.train.rundir import config_differences, plan_run
 from captioner.errors import CaptionerError
@@ -18,8 +18,10 @@ from captioner.text import Vocabulary, tokenize
 log = logging.getLogger("captioner")
 
 # Config keys that shape the weights or the optimizer's parameter groups: a checkpoint resumes only under the same.
+# The encoder's preprocessing is among them: other normalisation, other features. A config that leaves it to the
+# weights takes the checkpoint's (inherit_preprocess).
 ARCHITECTURE_KEYS = ("encoder.arch", "encoder.layer", "encoder.in_channels", "encoder.image_size",
-                     "encoder.finetune_from", "model.embed_dim", "model.attention_dim", "model.decoder_dim",
+                     "encoder.mean", "encoder.std", "encoder.interpolation", "encoder.finetune_from", "model.embed_dim", "model.attention_dim", "model.decoder_dim",
                      "model.features", "model.gate")
 
 def resume_config(run_dir: str | Path, config_path: str | Path | None = None, overrides=()) -> Config:
@@ -41,7 +43,8 @@ def resume_checkpoint(run_dir: Path, cfg: Config) -> dict:
     path = run_dir / "last.pt"
     state = load_checkpoint(path)
     check_resumable(state, path)
-    changes = config_differences(to_dict(from_saved_dict(state["config"])), to_dict(cfg))  # old keys filled in
+    saved = to_dict(from_saved_dict(state["config"]))  # keys added since filled in
+    changes = config_differences(saved, inherit_preprocess(to_dict(cfg), saved))
     clashes = [c for c in changes if c.split(":")[0] in ARCHITECTURE_KEYS]
     if clashes:
         raise CaptionerError(f"checkpoint {path} does not match the config's architecture ({'; '.join(clashes)}); "
@@ -54,7 +57,8 @@ def init_checkpoint(path: str | Path, cfg: Config) -> dict:
     """The checkpoint a new run starts from (--init-from): its model weights and vocabulary, refused when its
     architecture differs from cfg's. Optimizer, schedule and progress start fresh."""
     state = load_checkpoint(path)
-    clashes = [c for c in config_differences(state["config"], to_dict(cfg)) if c.split(":")[0] in ARCHITECTURE_KEYS]
+    changes = config_differences(state["config"], inherit_preprocess(to_dict(cfg), state["config"]))
+    clashes = [c for c in changes if c.split(":")[0] in ARCHITECTURE_KEYS]
     if clashes:
         raise CaptionerError(f"--init-from {path} has another architecture than the config ({'; '.join(clashes)}): "
                              f"set those keys as in the checkpoint")

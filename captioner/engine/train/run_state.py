@@ -31,7 +31,7 @@ from captioner.engine.train.schedule import LRSchedule
 from captioner.engine.train.step import TrainingStep
 from captioner.engine.train.telemetry import RunClock
 from captioner.errors import CaptionerError
-from captioner.model.caption_model import CaptionModel
+from captioner.model.caption_model import CaptionModel, recorded_encoder_config
 from captioner.text import Vocabulary
 
 log = logging.getLogger("captioner")
@@ -73,6 +73,10 @@ class TrainingRun:
 def _weights_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
+def recorded_config(run: TrainingRun) -> Config:
+    """The run's config as checkpoints record it: with the encoder's resolved preprocessing (mean, std, resize)."""
+    return dataclasses.replace(run.cfg, encoder=recorded_encoder_config(run.cfg.encoder, run.model.encoder))
+
 def save_checkpoints(run: TrainingRun, best: bool = False) -> None:
     """Write last.pt (and best.pt) from rank 0. Every process must call it: the RNG states are gathered."""
     rng = distributed.gather_to_main(rng_state(), run.process)  # each process has its own dropout generator
@@ -88,7 +92,7 @@ def save_checkpoints(run: TrainingRun, best: bool = False) -> None:
     state = {"model": run.model.state_dict(), "optimizer": run.step.optimizer.state_dict(),
              "schedule": run.schedule.state_dict(), "scaler": run.step.scaler.state_dict(),
              "progress": dataclasses.asdict(progress), "rng": rng, "world_size": run.process.world_size,
-             "metrics_offset": run.metrics.offset, "config": to_dict(run.cfg), "vocab": run.vocab.tokens,
+             "metrics_offset": run.metrics.offset, "config": to_dict(recorded_config(run)), "vocab": run.vocab.tokens,
              "epoch": progress.epoch, "step": progress.step, "val_scores": progress.scores,
              "init_from": run.init_from}
     save_checkpoint(run.run_dir / "last.pt", state)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from captioner.config import Config, from_saved_dict, parse_yaml, to_dict
+from captioner.config import Config, from_saved_dict, inherit_preprocess, parse_yaml, to_dict
 from captioner.engine.infer.checkpoint import remove_stale_temporaries
 from captioner.errors import CaptionerError
 from captioner.files import make_parent, write_text
@@ -75,6 +75,8 @@ def plan_run(run_dir: str | Path, config: dict, resume: bool, overwrite: bool) -
     if not present or overwrite:
         return "new"
     existing = _existing_config(run_dir)
+    if existing is not None:  # preprocessing left to the weights is the run's own
+        config = inherit_preprocess(config, existing)
     if existing == config:
         if "last.pt" in present:
             log.info("%s already holds this run (same config): resuming it from last.pt; pass --overwrite to "

@@ -58,7 +58,8 @@ class SampleImages:
         if self.features is not None:
             batches = feature_batches(self.features, count, count, device)
         else:
-            batches = image_batches([r.path for r in self.records], run.model.encoder.image_size, count, 0, device)
+            batches = image_batches([r.path for r in self.records], run.model.encoder.image_size, count, 0, device,
+                                    interpolation=run.model.encoder.interpolation)
         samples = []
         for _, captioned in caption_batches(run.model, run.vocab, batches, settings, attention=True):
             for c in captioned:

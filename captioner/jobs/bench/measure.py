@@ -151,7 +151,8 @@ def measure_all(sizes: BenchSizes, compute: Compute, workdir: Path) -> dict:
         sizes.train_steps_cached, bf16)
     if device.type == "cuda":
         results["train_cached_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    image_pairs = CaptionPairs(records, vocab, sizes.max_len, ImageFiles(paths, sizes.image_size))
+    image_files = ImageFiles(paths, sizes.image_size, interpolation=encoder.interpolation)
+    image_pairs = CaptionPairs(records, vocab, sizes.max_len, image_files)
     results["train_captions_per_s_images"] = _train_rate(
         model, _loader(image_pairs, sizes.train_batch, sizes.num_workers, device), device,
         sizes.train_steps_images, bf16)
