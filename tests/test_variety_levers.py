@@ -75,7 +75,7 @@ def test_scst_diversity_term_lowers_the_reward_by_the_similarity(baseline):
 @pytest.mark.parametrize("key,value,message", [
     ("train.label_smoothing", "1.0", "train.label_smoothing must be in [0, 1)"),
     ("train.scst_diversity", "-0.1", "train.scst_diversity must be >= 0"),
-    ("decode.block_ngram", "-1", "decode.block_ngram must be >= 0"),
+    ("decode.block_ngram", "-1", "decode.block_ngram' must be between 0 and"),
     ("decode.groups", "0", "decode.groups must be >= 1"),
     ("decode.groups", "2", "decode.beam_size (3) must be a multiple of decode.groups (2)"),
     ("decode.diversity", "-1", "decode.diversity must be >= 0")])
@@ -85,7 +85,8 @@ def test_variety_keys_refuse_bad_values(key, value, message):
 
 
 def test_decode_settings_take_the_decode_keys_to_the_one_decode_path():
-    cfg = load_config(None, ["decode.block_ngram=3", "decode.beam_size=4", "decode.groups=2", "decode.diversity=0.5"])
+    cfg = load_config(None, ["decode.block_ngram=3", "decode.beam_size=4", "decode.groups=2", "decode.diversity=0.5",
+                       "compute.bf16=false"])  # float32 here, as decode() below runs, on any CPU
     compute = setup_compute(cfg.compute, torch.device("cpu"))
     settings = DecodeSettings.of(cfg, compute=compute)
     assert (settings.block_ngram, settings.groups, settings.diversity, settings.beam_size) == (3, 2, 0.5, 4)
