@@ -53,6 +53,19 @@ def test_rewards_are_cider_d_against_the_training_references():
     assert rewards[0] > rewards[2] and rewards[3] == 0  # right image beats wrong image; empty caption scores 0
 
 
+def test_a_sampled_unk_never_matches_a_rare_reference_word():
+    # "zebra" and "okapi" are below min_freq: <unk> in the references, but a sampled <unk> is not that word.
+    records = [ImageRecord(image_id=0, path="0.jpg", captions=["a zebra", "a okapi"], split="train"),
+               ImageRecord(image_id=1, path="1.jpg", captions=["a dog", "a dog"], split="train")]
+    vocab = Vocabulary.build(["a a", "dog dog"], min_freq=2)
+    rewarder = Rewarder(records, vocab, max_len=16)
+    unk, a = Vocabulary.unk_id, vocab.index["a"]
+    tokens = torch.tensor([[a, unk, Vocabulary.end_id], [a, a, Vocabulary.end_id]])
+    both = rewarder(tokens, torch.tensor([0, 0]))
+    assert both[0] == both[1]  # "a <unk>" earns only what "a a" earns: its "a", no <unk> n-gram
+    assert rewarder(torch.tensor([[unk, unk, Vocabulary.end_id]]), torch.tensor([0]))[0] == 0
+
+
 def test_scst_loss_statistics_and_gradient():
     torch.manual_seed(0)
     vocab = Vocabulary.build([c for caps in CAPTIONS for c in caps])

@@ -35,11 +35,17 @@ from captioner.text import Vocabulary
 
 
 class Rewarder:
-    """CIDEr-D of token ids against training images' references (records[i] is image i)."""
+    """CIDEr-D of token ids against training images' references (records[i] is image i).
+
+    A reference word outside the vocabulary becomes the id len(vocab), which no sample can hold: a sampled
+    <unk> then matches nothing, as in evaluation, where "<unk>" never equals the reference's real word. Matching
+    <unk> with <unk> paid the policy for writing <unk> (with min_freq 5 on Flickr8k-705 most captions hold one)."""
 
     def __init__(self, records, vocab: Vocabulary, max_len: int):
-        references = [[vocab.encode(c, max_len)[1:-1] for c in r.captions] for r in records]  # words only
-        self.cider = CiderD(references, vocab_size=len(vocab))
+        unseen = len(vocab)
+        references = [[[unseen if t == Vocabulary.unk_id else t for t in vocab.encode(c, max_len)[1:-1]]
+                       for c in r.captions] for r in records]  # words only
+        self.cider = CiderD(references, vocab_size=len(vocab) + 1)
 
     def __call__(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """tokens (M, L) words then <end> then <pad>, images (M,) record indices -> (M,) float32 rewards
