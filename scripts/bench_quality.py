@@ -94,7 +94,11 @@ def finished_run(run_dir: Path, cfg: Config) -> float | None:
     except (OSError, ValueError, yaml.YAMLError, CaptionerError):
         return None
     epochs = [e for e in epochs if "epoch_s" in e]
-    differences = [d for d in config_differences(saved, to_dict(cfg))
+    wanted = to_dict(cfg)
+    for key, value in wanted["encoder"].items():  # unset preprocessing (mean, std, interpolation): SCST's run
+        if value in (None, "") and key in saved.get("encoder", {}):  # saved the values --init-from's model had
+            wanted["encoder"][key] = saved["encoder"][key]
+    differences = [d for d in config_differences(saved, wanted)
                    if not d.startswith(("compute.", *(f"{k}:" for k in SCORING_ONLY)))]
     if differences or not (run_dir / "best.pt").is_file() or not epochs or epochs[-1]["epoch"] < cfg.train.epochs:
         return None
@@ -135,8 +139,8 @@ def aggregate(runs: list[dict], stages: list[str], splits: list[str]) -> dict:
     out = {}
     for stage in stages:
         done = [r[stage] for r in runs]
-        out[stage] = {split: {k: summary([d[split][k] for d in done]) for k in REPORTED if all(k in d[split] for d in done)}
-                      for split in splits}
+        out[stage] = {split: {k: summary([d[split][k] for d in done])
+                              for k in REPORTED if all(k in d[split] for d in done)} for split in splits}
         out[stage].update({k: summary([d[k] for d in done]) for k in ("train_s", "score_s")})
         out[stage]["epochs_selected"] = [d["epoch"] for d in done]
     if "xe" in stages and "scst" in stages:
@@ -201,7 +205,8 @@ def main(data: str | Path | None = None, cache: str | Path = "~/.cache/captioner
         runs.append(run)
     return {"benchmark": "flickr8k-705 quality", "data": str(data),
             "split": {"train": len(lists["train"].read_text().split()), "val": val_images, "test": test_images},
-            "features": f"{xe_cfg.encoder.arch} {xe_cfg.encoder.layer} {xe_cfg.encoder.image_size}px, weights {weights}",
+            "features": f"{xe_cfg.encoder.arch} {xe_cfg.encoder.layer} {xe_cfg.encoder.image_size}px, "
+                        f"weights {weights}",
             "overrides": list(overrides), "scst_overrides": list(scst_overrides), "stages": list(stages),
             "reused": [f"seed{r['seed']} {s}" for r in runs for s in stages if r[s]["reused"]],
             "checkpoint": "each stage's best.pt: the epoch with the highest greedy val "

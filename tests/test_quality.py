@@ -123,6 +123,12 @@ def test_reuse_takes_a_finished_run_of_the_same_training_config(tmp_path):
     assert bench_quality.finished_run(run, scoring) == 22.5  # scoring keys only: the same training
     for other in (["train.seed=2"], ["decode.max_len=16"], ["train.epochs=3"]):  # another run, or unfinished
         assert bench_quality.finished_run(run, load_config(None, ["train.epochs=2", "train.seed=1", *other])) is None
+    saved = to_dict(cfg)  # an SCST run saves the preprocessing of the model it started from; the config leaves it unset
+    saved["encoder"].update(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], interpolation="bicubic")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert cfg.encoder.mean is None and bench_quality.finished_run(run, cfg) == 22.5
+    assert bench_quality.finished_run(run, load_config(None, ["train.epochs=2", "train.seed=1",
+                                                              "encoder.interpolation=bilinear"])) is None
 
 
 def _photos(folder: Path, count: int) -> Path:
