@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads (default: 2)")
     _add_device(p)
     _add_runtime(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + " (compute.bf16=false)")
 
     p = command("export", "write a checkpoint as a model folder (safetensors, config.json, model card) to share",
                 "example: captioner export --checkpoint runs/coco/best.pt --out model/\n"

@@ -13,8 +13,9 @@ comes first. The server is a subprocess (`python -m captioner serve`), stopped w
 --runtimes torch,onnxruntime compares runtimes instead, on one model folder written by `captioner export --format
 onnx` (PyTorch runs its model.safetensors, ONNX Runtime its graphs, int8 ones after --quantize int8): the batched
 server once per runtime and round, the runtimes taking turns, and prints each run and, per runtime, the median
-over rounds of its images/s over the first runtime's in the same round ("speedup"). --threads pins the server's
-threads (OMP_NUM_THREADS; both runtimes follow it).
+over rounds of its images/s over the first runtime's in the same round ("speedup"). PyTorch runs in float32
+(compute.bf16=false, also on CPUs where auto would use bf16). --threads pins the server's threads
+(OMP_NUM_THREADS; both runtimes follow it).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUNDARY = "captioner-bench-boundary"
+FLOAT32 = ["compute.bf16=false", "compute.channels_last=false"]  # --runtimes: PyTorch runs in float32
 
 
 def generated_images(count: int = 8) -> list[tuple[str, bytes]]:
@@ -92,6 +94,8 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
         cmd += ["--beam", str(args.beam)]
     if getattr(args, "runtime", None):
         cmd += ["--runtime", args.runtime]
+    if getattr(args, "runtime", None) == "torch":
+        cmd += FLOAT32  # the baseline ONNX Runtime is measured against, even where auto would pick bf16
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
