@@ -247,6 +247,8 @@ def test_serve_takes_compute_overrides_for_a_float32_baseline(onnx_folder, monke
     assert not ServedModel(str(folder), "cpu", overrides=job.overrides).predictor.compute.bf16
     with pytest.raises(CaptionerError, match="compute"):
         ServedModel(str(folder), "cpu", overrides=["compute.nope=1"])
+    with pytest.raises(CaptionerError, match="model and training settings are fixed"):
+        build_job(build_parser().parse_args(["serve", "--checkpoint", str(folder), "model.embed_dim=8"]))
 
 
 def test_export_onnx_without_the_extra_is_one_line(onnx_folder, tmp_path, monkeypatch, capsys):

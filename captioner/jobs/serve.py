@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from captioner.config import require_min
+from captioner.config import check_checkpoint_overrides, require_min
 from captioner.engine.serve.batcher import DynamicBatcher
 from captioner.engine.runtime.signals import STOP_SIGNALS
 from captioner.engine.serve.limits import Limits
@@ -65,6 +65,7 @@ class ServeJob:
                     ("--decode-threads", self.decode_threads, 1), ("--max-images", self.max_images, 1),
                     ("--max-upload-mb", self.max_upload_mb, 1 / 2**20), ("--max-pixels", self.max_pixels, 1),
                     ("--timeout", self.timeout, 0.001))
+        check_checkpoint_overrides(list(self.overrides))
         if self.port > 65535:
             raise CaptionerError(f"--port must be <= 65535, got {self.port}")
         if self.queue < self.max_batch:
