@@ -163,6 +163,8 @@ def test_bench_runtimes_smoke_writes_the_three_rows(tmp_path, capsys):
             assert rows[name][key] > 0
         assert name in table
     assert rows["torch_fp32"]["caption_speedup"] == 1.0
+    # the baseline is float32 also where auto means bf16, and the header says so
+    assert "torch_fp32 in float32" in table and not json.loads(out.read_text())["settings"]["bf16_active"]
 
 
 # ---------------------------------------------------------------- model folders: export, --runtime onnxruntime
