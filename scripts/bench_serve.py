@@ -69,6 +69,10 @@ def multipart(name: str, data: bytes) -> bytes:
             f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
+# What a keep-alive connection the server closed while it sat idle gives on its next request.
+STALE = (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected)
+
+
 class Client(threading.local):
     """One keep-alive connection per client thread."""
 
@@ -77,13 +81,20 @@ class Client(threading.local):
 
     def post(self, body: bytes) -> tuple[int, bytes]:
         headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-        try:
-            self.connection.request("POST", "/v1/caption", body, headers)
-            response = self.connection.getresponse()
-            return response.status, response.read()
-        except (OSError, http.client.HTTPException):
-            self.connection.close()  # reconnects on the next request
-            raise
+        for attempt in range(2):
+            try:
+                self.connection.request("POST", "/v1/caption", body, headers)
+                response = self.connection.getresponse()
+                return response.status, response.read()
+            except STALE:
+                # uvicorn closes connections idle for 5 s: a client that waited that long for the others
+                # (a slow model) finds its connection gone. Not the server's failure: once more, on a new one.
+                self.connection.close()
+                if attempt:
+                    raise
+            except (OSError, http.client.HTTPException):
+                self.connection.close()  # reconnects on the next request
+                raise
 
 
 def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
