@@ -14,10 +14,8 @@ only when an arch names them.
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import importlib
-import logging
 import os
 import sys
 from dataclasses import dataclass

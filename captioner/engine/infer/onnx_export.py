@@ -20,7 +20,6 @@ with activation ranges calibrated on real images (per-channel weights).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 import warnings
