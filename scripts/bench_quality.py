@@ -37,7 +37,7 @@ sys.path.insert(0, str(SCRIPTS))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from captioner.config import Config, from_saved_dict, load_config, require_min, to_dict  # noqa: E402
+from captioner.config import Config, from_saved_dict, inherit_preprocess, load_config, require_min, to_dict  # noqa: E402
 from captioner.engine.train.rundir import config_differences  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
 from captioner.files import write_text  # noqa: E402
@@ -94,7 +94,8 @@ def finished_run(run_dir: Path, cfg: Config) -> float | None:
     except (OSError, ValueError, yaml.YAMLError, CaptionerError):
         return None
     epochs = [e for e in epochs if "epoch_s" in e]
-    differences = [d for d in config_differences(saved, to_dict(cfg))
+    # a stage trained from a checkpoint records the preprocessing it resolved: unset here matches it
+    differences = [d for d in config_differences(saved, inherit_preprocess(to_dict(cfg), saved))
                    if not d.startswith(("compute.", *(f"{k}:" for k in SCORING_ONLY)))]
     if differences or not (run_dir / "best.pt").is_file() or not epochs or epochs[-1]["epoch"] < cfg.train.epochs:
         return None
