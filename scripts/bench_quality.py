@@ -174,7 +174,7 @@ def main(data: str | Path | None = None, cache: str | Path = "~/.cache/captioner
                              f"set model.* keys on both (as positional key=value), not with --scst")
     cache.mkdir(parents=True, exist_ok=True)
     quality_data.write_split_lists(data, cache, test_images, val_images, min_train)
-    weights = xe_cfg.encoder.weights or str(quality_data.mobilenet_v2_weights(cache))
+    weights = xe_cfg.encoder.weights or str(quality_data.mobilenet_v2_weights(cache, xe_cfg.encoder.arch))
     weights_tag = Path(weights).stem if weights.endswith(".pth") else weights
     cache_dir = str(cache / f"features-{xe_cfg.encoder.arch}-{xe_cfg.encoder.layer}-{xe_cfg.encoder.image_size}-"
                             f"{weights_tag}")
