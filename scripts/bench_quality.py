@@ -176,7 +176,8 @@ def main(data: str | Path | None = None, cache: str | Path = "~/.cache/captioner
     quality_data.write_split_lists(data, cache, test_images, val_images, min_train)
     weights = xe_cfg.encoder.weights or str(quality_data.mobilenet_v2_weights(cache, xe_cfg.encoder.arch))
     weights_tag = Path(weights).stem if weights.endswith(".pth") else weights
-    cache_dir = str(cache / f"features-{xe_cfg.encoder.arch}-{xe_cfg.encoder.layer}-{xe_cfg.encoder.image_size}-"
+    arch = xe_cfg.encoder.arch.replace("/", "_")  # timm/NAME: one folder, not two
+    cache_dir = str(cache / f"features-{arch}-{xe_cfg.encoder.layer}-{xe_cfg.encoder.image_size}-"
                             f"{weights_tag}")
     for cfg in configs.values():
         cfg.encoder.weights, cfg.cache.dir = cfg.encoder.weights or weights, cache_dir
