@@ -100,6 +100,7 @@ def test_paths_from_standard_input(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the command on a mixed folder
 
 
+@pytest.mark.slow  # several seconds: the fast subset stays under a minute
 def test_mixed_folder_records_gallery_and_strict(mixed, tiny_checkpoint, tmp_path, capsys):
     folder, good, bad = mixed
     out, gallery = tmp_path / "captions.jsonl", tmp_path / "gallery.html"
@@ -131,6 +132,7 @@ def test_mixed_folder_records_gallery_and_strict(mixed, tiny_checkpoint, tmp_pat
     assert gallery.read_text(errors="surrogateescape").count("<footer") == 1
 
 
+@pytest.mark.slow  # several seconds: the fast subset stays under a minute
 def test_same_caption_alone_or_in_a_batch(mixed, tiny_checkpoint, tmp_path):
     folder, good, _ = mixed
     files = [str(folder / n) for n in ("photo.jpg", "cmyk.jpg", "alpha.png", "very_wide.jpg", "empty.jpg")]
