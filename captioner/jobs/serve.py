@@ -60,7 +60,8 @@ class ServeJob:
     overrides: list[str] = field(default_factory=list)  # section.key=value on the checkpoint config: compute.bf16=false
 
     def __post_init__(self):
-        require_min(("--port", self.port, 0), ("--max-batch", self.max_batch, 1), ("--max-wait-ms", self.max_wait_ms, 0),
+        require_min(("--port", self.port, 0), ("--max-batch", self.max_batch, 1),
+                    ("--max-wait-ms", self.max_wait_ms, 0),
                     ("--queue", self.queue, 1), ("--beam", self.beam_size, 1),
                     ("--decode-threads", self.decode_threads, 1), ("--max-images", self.max_images, 1),
                     ("--max-upload-mb", self.max_upload_mb, 1 / 2**20), ("--max-pixels", self.max_pixels, 1),
