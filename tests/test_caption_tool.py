@@ -246,3 +246,26 @@ def test_sampled_captions_are_varied_and_reproducible(mixed, tiny_checkpoint, tm
     assert any(hot[n]["caption"] != greedy[n]["caption"] for n in hot)  # a hot distribution leaves greedy
     with pytest.raises(CaptionerError):
         caption.CaptionJob(tiny_checkpoint, files, out=str(tmp_path / "x.jsonl"), device="cpu", sample=True, temperature=0)
+
+
+def test_set_overrides_the_checkpoints_decode_and_compute_only(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    images = noise_pngs(tmp_path / "images", 2, 32)
+    seen = {}
+    real_load = caption.Predictor.load
+
+    def load(*args, **kwargs):
+        seen["predictor"] = real_load(*args, **kwargs)
+        return seen["predictor"]
+
+    monkeypatch.setattr(caption.Predictor, "load", load)
+    out = tmp_path / "c.jsonl"
+    assert main(["caption", "--checkpoint", tiny_checkpoint, str(images), "--out", str(out), "--workers", "0",
+                 "--device", "cpu", "--set", "compute.bf16=false", "--set", "decode.max_len=3"]) == 0
+    predictor = seen["predictor"]
+    assert not predictor.compute.bf16 and predictor.settings.max_len == 3  # float32 wherever auto means bf16
+    assert all(len(r["caption"].split()) <= 3 for r in read_records(out))
+    capsys.readouterr()
+    assert main(["caption", "--checkpoint", tiny_checkpoint, str(images), "--out", str(out), "--set",
+                 "model.embed_dim=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.embed_dim=8" in err and "fixed" in err and len(err.splitlines()) == 1

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image decoding worker processes; 0 decodes in the main "
                    "process (default: 2)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any image could not be read")
+    # The positionals are paths (which may hold '='), so config overrides come as an option here.
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the checkpoint's decode.* or compute.* settings, e.g. --set compute.bf16=false "
+                   "(float32 on a CPU where auto means bf16) or --set decode.block_ngram=3; repeatable")
     p.add_argument("--overwrite", action="store_true", help="start the output (and gallery) again instead of resuming")
     p.add_argument("--retry-errors", action="store_true",
                    help="when resuming, try the images recorded as errors again instead of skipping them")
