@@ -7,6 +7,7 @@ terminal: a log redirected to a file gets no carriage-return redraws.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -23,3 +24,15 @@ def show_progress() -> bool:
 def bar(iterable=None, disable: bool = False, **kwargs) -> tqdm:
     """tqdm(iterable, **kwargs), disabled when the caller says so or nobody watches (see show_progress)."""
     return tqdm(iterable, disable=disable or not show_progress(), **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_library_logs():
+    """Silence root-logger warnings of a library call that are not news here (open_clip's note on every
+    random-init build, onnxruntime.quantization's line per tensor it leaves in float); restored afterwards."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)

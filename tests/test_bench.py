@@ -104,3 +104,41 @@ def test_bf16_autocast_path_runs_decoding_and_training():
     loss.backward()
     assert out.tokens.shape[0] == 4 and torch.isfinite(out.scores).all() and torch.isfinite(loss)
     assert model.projector[0].weight.grad is not None and model.projector[0].weight.dtype == torch.float32
+
+
+def test_serve_load_test_client_survives_a_keep_alive_the_server_dropped():
+    """scripts/bench_serve.py: a client that waited longer than the server keeps idle connections (uvicorn: 5 s)
+    reconnects instead of counting a broken pipe as a failed request (slow models showed errors that were not)."""
+    import importlib.util
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from helpers import ROOT
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "scripts" / "bench_serve.py")
+    bench_serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_serve)
+
+    class DropsEveryConnection(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive as far as the client knows; the socket closes after each answer
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"results": [{"caption": "a"}]}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), DropsEveryConnection)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = bench_serve.Client("127.0.0.1", server.server_address[1])
+        body = bench_serve.multipart("a.jpg", b"x" * 200_000)
+        assert [client.post(body)[0] for _ in range(5)] == [200] * 5
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -58,6 +58,7 @@ def test_round_trip_equals_running_the_encoder(small_data, tmp_path, dtype, rtol
     assert torch.equal(source[3], got[3])
 
 
+@pytest.mark.slow  # several seconds: the fast subset stays under a minute
 def test_stale_cache_is_detected_and_refused(small_data, tmp_path, caplog):
     folder = tmp_path / "cache"
     cfg = _cfg(small_data, f"cache.dir={folder}")

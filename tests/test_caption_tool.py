@@ -100,6 +100,7 @@ def test_paths_from_standard_input(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the command on a mixed folder
 
 
+@pytest.mark.slow  # several seconds: the fast subset stays under a minute
 def test_mixed_folder_records_gallery_and_strict(mixed, tiny_checkpoint, tmp_path, capsys):
     folder, good, bad = mixed
     out, gallery = tmp_path / "captions.jsonl", tmp_path / "gallery.html"
@@ -131,6 +132,7 @@ def test_mixed_folder_records_gallery_and_strict(mixed, tiny_checkpoint, tmp_pat
     assert gallery.read_text(errors="surrogateescape").count("<footer") == 1
 
 
+@pytest.mark.slow  # several seconds: the fast subset stays under a minute
 def test_same_caption_alone_or_in_a_batch(mixed, tiny_checkpoint, tmp_path):
     folder, good, _ = mixed
     files = [str(folder / n) for n in ("photo.jpg", "cmyk.jpg", "alpha.png", "very_wide.jpg", "empty.jpg")]
@@ -244,3 +246,26 @@ def test_sampled_captions_are_varied_and_reproducible(mixed, tiny_checkpoint, tm
     assert any(hot[n]["caption"] != greedy[n]["caption"] for n in hot)  # a hot distribution leaves greedy
     with pytest.raises(CaptionerError):
         caption.CaptionJob(tiny_checkpoint, files, out=str(tmp_path / "x.jsonl"), device="cpu", sample=True, temperature=0)
+
+
+def test_set_overrides_the_checkpoints_decode_and_compute_only(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    images = noise_pngs(tmp_path / "images", 2, 32)
+    seen = {}
+    real_load = caption.Predictor.load
+
+    def load(*args, **kwargs):
+        seen["predictor"] = real_load(*args, **kwargs)
+        return seen["predictor"]
+
+    monkeypatch.setattr(caption.Predictor, "load", load)
+    out = tmp_path / "c.jsonl"
+    assert main(["caption", "--checkpoint", tiny_checkpoint, str(images), "--out", str(out), "--workers", "0",
+                 "--device", "cpu", "--set", "compute.bf16=false", "--set", "decode.max_len=3"]) == 0
+    predictor = seen["predictor"]
+    assert not predictor.compute.bf16 and predictor.settings.max_len == 3  # float32 wherever auto means bf16
+    assert all(len(r["caption"].split()) <= 3 for r in read_records(out))
+    capsys.readouterr()
+    assert main(["caption", "--checkpoint", tiny_checkpoint, str(images), "--out", str(out), "--set",
+                 "model.embed_dim=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.embed_dim=8" in err and "fixed" in err and len(err.splitlines()) == 1

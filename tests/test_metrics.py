@@ -17,6 +17,7 @@ from helpers import COCO_MINI
 needs_java = pytest.mark.skipif(not metrics.java_available(), reason="java not installed")
 
 
+@pytest.mark.slow  # several seconds: the fast subset stays under a minute
 def test_identical_captions_score_one():
     captions = {1: "a man riding a wave on top of a surfboard", 2: "two dogs play with a red ball in the park"}
     scores = caption_metrics(captions, {i: [c] for i, c in captions.items()}, meteor=False)

@@ -115,6 +115,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.slow  # several seconds: the fast subset stays under a minute
 def test_one_captions_file_never_holds_two_models_or_one_image_twice(checkpoints, photos, tmp_path, monkeypatch,
                                                                       capsys):
     first, second = checkpoints

@@ -163,6 +163,8 @@ def test_bench_runtimes_smoke_writes_the_three_rows(tmp_path, capsys):
             assert rows[name][key] > 0
         assert name in table
     assert rows["torch_fp32"]["caption_speedup"] == 1.0
+    # the baseline is float32 also where auto means bf16, and the header says so
+    assert "torch_fp32 in float32" in table and not json.loads(out.read_text())["settings"]["bf16_active"]
 
 
 # ---------------------------------------------------------------- model folders: export, --runtime onnxruntime
@@ -234,12 +236,30 @@ def test_runtime_refusals_are_one_line(onnx_folder, tmp_path, capsys):
         ExportJob(str(checkpoint), str(tmp_path / "x"), format="onnx", calibrate=str(tmp_path))
 
 
+def test_serve_takes_compute_overrides_for_a_float32_baseline(onnx_folder, monkeypatch):
+    """scripts/bench_serve.py --runtimes serves PyTorch with compute.bf16=false: on a CPU where auto means bf16,
+    the server must run float32, or "ORT against PyTorch fp32" compares with bf16."""
+    from captioner.cli import build_parser, build_job
+    from captioner.jobs.serve import ServedModel
+    _, folder = onnx_folder
+    monkeypatch.setattr(compute, "cpu_capability", lambda: compute.CpuCapability("AVX512", True, False))
+    _, job = build_job(build_parser().parse_args(["serve", "--checkpoint", str(folder), "compute.bf16=false"]))
+    assert job.overrides == ["compute.bf16=false"]
+    assert ServedModel(str(folder), "cpu").predictor.compute.bf16  # auto on a native-bf16 CPU
+    assert not ServedModel(str(folder), "cpu", overrides=job.overrides).predictor.compute.bf16
+    with pytest.raises(CaptionerError, match="compute"):
+        ServedModel(str(folder), "cpu", overrides=["compute.nope=1"])
+    with pytest.raises(CaptionerError, match="model and training settings are fixed"):
+        build_job(build_parser().parse_args(["serve", "--checkpoint", str(folder), "model.embed_dim=8"]))
+
+
 def test_export_onnx_without_the_extra_is_one_line(onnx_folder, tmp_path, monkeypatch, capsys):
     checkpoint, _ = onnx_folder
     monkeypatch.setitem(sys.modules, "onnx", None)
     assert cli(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m"), "--format", "onnx"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith('pip install "captioner[onnx]"') and len(err.splitlines()) == 1 and not (tmp_path / "m").exists()
+    assert err.endswith('pip install "captioner[onnx]"') and len(err.splitlines()) == 1
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.slow

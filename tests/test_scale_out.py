@@ -100,6 +100,7 @@ def test_two_process_extract_equals_one_process(broken_synthetic, tmp_path):
     assert not list(two.glob("part-*"))
 
 
+@pytest.mark.slow  # several seconds: the fast subset stays under a minute
 def test_parts_of_a_killed_extraction_are_kept_on_the_next_run(broken_synthetic, tmp_path):
     """A torchrun run killed part way leaves part caches; the next run (one process here) takes their rows in,
     extracts only the rest, and every image ends up once with the features a fresh one-process run gives."""

@@ -246,6 +246,7 @@ def test_run_clock_draws_nothing_when_not_shown(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow  # several seconds: the fast subset stays under a minute
 def test_plot_one_run_keeps_its_figure_and_several_runs_overlay(tmp_path, capsys):
     for name, scale in (("a", 1.0), ("b", 0.8)):
         folder = tmp_path / name

@@ -17,7 +17,8 @@ class EncoderConfig:
     weights: str | None = None
     in_channels: int = 3  # != 3 replaces conv1 (e.g. 11-band satellite images)
     image_size: int = 224  # images are resized to image_size x image_size; 224 gives a 7x7 layer4 grid
-    finetune_from: str | None = None  # None keeps the backbone frozen; e.g. layer4 trains it and what follows, up to the hook
+    # None keeps the backbone frozen; e.g. layer4 trains it and what follows, up to the hook
+    finetune_from: str | None = None
     seed: int = 0  # random-init weights (weights: null) come from this seed, in train and extract alike
     # Normalisation (x / 255 - mean) / std per channel and the resize filter. None / "": the weights' own (timm's
     # pretrained config, open_clip's preprocess config, ImageNet and bicubic for torchvision); `train` records

@@ -109,10 +109,12 @@ def validate(cfg: Config) -> None:
         (cfg.encoder.interpolation in ("", *INTERPOLATIONS),
          f"encoder.interpolation must be {', '.join(INTERPOLATIONS)} or \"\" (the weights' own), got "
          f"'{cfg.encoder.interpolation}'"),
-        (all(values is None or len(values) == cfg.encoder.in_channels for values in (cfg.encoder.mean, cfg.encoder.std)),
+        (all(values is None or len(values) == cfg.encoder.in_channels
+             for values in (cfg.encoder.mean, cfg.encoder.std)),
          f"encoder.mean and encoder.std need one value per input channel (encoder.in_channels="
          f"{cfg.encoder.in_channels}), got {cfg.encoder.mean} and {cfg.encoder.std}"),
-        (cfg.encoder.std is None or all(v > 0 for v in cfg.encoder.std), f"encoder.std must be > 0, got {cfg.encoder.std}"),
+        (cfg.encoder.std is None or all(v > 0 for v in cfg.encoder.std),
+         f"encoder.std must be > 0, got {cfg.encoder.std}"),
         (cfg.model.embed_dim > 0 and cfg.model.attention_dim > 0 and cfg.model.decoder_dim > 0,
          "model sizes must be positive"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
@@ -128,7 +130,8 @@ def validate(cfg: Config) -> None:
          "dataset.format=synthetic ignores dataset.annotations: set dataset.format=auto (or the file's format)"),
         (cfg.dataset.restval in ("train", "drop"), "dataset.restval must be train or drop"),
         (_known_encoding(cfg.dataset.encoding),
-         f"dataset.encoding {cfg.dataset.encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)"),
+         f"dataset.encoding {cfg.dataset.encoding!r} is not a text encoding Python knows "
+         f"(e.g. utf-8, latin-1, cp1252)"),
         (0.0 <= cfg.dataset.max_missing_fraction <= 1.0, "dataset.max_missing_fraction must be in [0, 1]"),
         (0.0 <= cfg.dataset.val_fraction < 0.5, "dataset.val_fraction must be in [0, 0.5)"),
         (cfg.dataset.min_freq >= 1, "dataset.min_freq must be >= 1"),

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from captioner.config import ComputeConfig, require_min
+from captioner.config import ComputeConfig, check_checkpoint_overrides, require_min
 from captioner.config.sections import TEMPERATURES
 from captioner.data.images import MAX_PIXELS
 from captioner.engine.infer.predict import DecodeSettings
@@ -62,10 +62,12 @@ class CaptionJob:
     sample: bool = False  # draw each word from the model's distribution instead of greedy/beam
     temperature: float | None = None  # sampling only; None: the checkpoint's decode.temperature
     runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
+    overrides: list[str] = field(default_factory=list)  # --set section.key=value on the checkpoint's config
 
     def __post_init__(self):
         require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),
                     ("--workers", self.num_workers, 0), ("--max-pixels", self.max_pixels, 1))
+        check_checkpoint_overrides(list(self.overrides))  # decode.* and compute.*, never the model's shape
         low, high = TEMPERATURES
         if self.temperature is not None and not low <= self.temperature <= high:  # NaN fails too
             raise CaptionerError(f"--temperature must be in [{low:g}, {high:g}], got {self.temperature}")
@@ -108,7 +110,8 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
                              f"extensions{'' if job.recursive else '; add --recursive for sub-folders'})")
     # compute describes this machine, not the checkpoint: auto unless the caller says otherwise.
     predictor = Predictor.load(job.checkpoint, process.device, beam_size=job.beam_size, compute=job.compute,
-                               sample=job.sample, temperature=job.temperature, runtime=job.runtime)
+                               sample=job.sample, temperature=job.temperature, runtime=job.runtime,
+                               overrides=job.overrides)
     settings, batch_size = predictor.settings, job.batch_size or predictor.cfg.decode.batch_size
     if settings.sample:
         torch.manual_seed(predictor.cfg.train.seed + process.rank)

@@ -20,6 +20,7 @@ from captioner.config import load_config, shipped_config
 from captioner.data.datasets import by_split, load_records
 from captioner.errors import CaptionerError
 from captioner.files import check_writable
+from captioner.engine.runtime.device import resolve_device
 
 log = logging.getLogger("captioner")
 
@@ -36,6 +37,7 @@ class DemoJob:
     def __post_init__(self):
         if TINY_CONFIG is None:
             raise CaptionerError("configs/tiny.yaml is missing from this installation: reinstall captioner")
+        resolve_device(self.device)  # a device the machine lacks is refused before anything is announced
 
 
 def main(job: DemoJob) -> dict:

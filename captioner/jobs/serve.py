@@ -4,6 +4,7 @@
     curl -F image=@photo.jpg http://127.0.0.1:8000/v1/caption         # {"results": [{"caption", ...}]}
     curl http://127.0.0.1:8000/v1/model                               # checkpoint, decoding, limits, batch stats
     CAPTIONER_TOKEN=secret captioner serve --checkpoint best.pt --host 0.0.0.0 --allow-remote
+    captioner serve --checkpoint model/ compute.bf16=false           # float32 on a CPU where auto means bf16
 
 Images are decoded by the same function and error rules as `captioner caption` and captioned by the same
 decode path (engine/infer/predict.py caption_batch), so a served caption equals the command's. Requests that
@@ -18,13 +19,13 @@ import math
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from captioner.config import require_min
+from captioner.config import check_checkpoint_overrides, require_min
 from captioner.engine.serve.batcher import DynamicBatcher
 from captioner.engine.runtime.signals import STOP_SIGNALS
 from captioner.engine.serve.limits import Limits
@@ -56,13 +57,16 @@ class ServeJob:
     max_pixels: int = 40_000_000  # per image, checked before decoding (decompression bombs)
     timeout: float = 60.0  # seconds a request may wait for its captions
     runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
+    overrides: list[str] = field(default_factory=list)  # section.key=value on the checkpoint config: compute.bf16=false
 
     def __post_init__(self):
-        require_min(("--port", self.port, 0), ("--max-batch", self.max_batch, 1), ("--max-wait-ms", self.max_wait_ms, 0),
+        require_min(("--port", self.port, 0), ("--max-batch", self.max_batch, 1),
+                    ("--max-wait-ms", self.max_wait_ms, 0),
                     ("--queue", self.queue, 1), ("--beam", self.beam_size, 1),
                     ("--decode-threads", self.decode_threads, 1), ("--max-images", self.max_images, 1),
                     ("--max-upload-mb", self.max_upload_mb, 1 / 2**20), ("--max-pixels", self.max_pixels, 1),
                     ("--timeout", self.timeout, 0.001))
+        check_checkpoint_overrides(list(self.overrides))
         if self.port > 65535:
             raise CaptionerError(f"--port must be <= 65535, got {self.port}")
         if self.queue < self.max_batch:
@@ -80,9 +84,11 @@ class ServeJob:
 class ServedModel:
     """The model behind the server: a Predictor loaded once, then predict(batch) from the batcher's thread."""
 
-    def __init__(self, checkpoint: str, device: str = "auto", beam_size: int | None = None, runtime: str = "torch"):
+    def __init__(self, checkpoint: str, device: str = "auto", beam_size: int | None = None, runtime: str = "torch",
+                 overrides: list[str] = ()):
         # as `captioner caption` does
-        self.predictor = Predictor.load(checkpoint, device, beam_size=beam_size, runtime=runtime)
+        self.predictor = Predictor.load(checkpoint, device, beam_size=beam_size, runtime=runtime,
+                                        overrides=overrides)
         p, enc = self.predictor, self.predictor.encoder
         self.info = {"checkpoint": Path(checkpoint).name, "arch": enc.arch, "layer": enc.layer,
                      "grid": list(enc.grid), "image_size": enc.image_size, "vocab_size": len(p.vocab),
@@ -115,7 +121,7 @@ def is_loopback(host: str) -> bool:
 def build(opts: ServeJob):
     """(app, served): the model loaded and warmed up, the batcher started, the FastAPI app around them."""
     from captioner.engine.serve.webapp import create_app  # FastAPI is an optional extra: imported on use
-    served = ServedModel(opts.checkpoint, opts.device, opts.beam_size, opts.runtime)
+    served = ServedModel(opts.checkpoint, opts.device, opts.beam_size, opts.runtime, opts.overrides)
     size = served.predictor.image_size
     served.predict([(torch.zeros(3, size, size, dtype=torch.uint8), (size, size))])  # warm-up before serving
     # Decoding threads run data/images.py's per-decode Pillow settings; starting from the same values

@@ -14,10 +14,8 @@ only when an arch names them.
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import importlib
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ import torchvision
 from captioner.config import INTERPOLATIONS
 from captioner.errors import CaptionerError
 from captioner.files import move_into_place
+from captioner.progress import quiet_library_logs
 from captioner.model.backbone_weights import load_state, looks_like_file, read_encoder_weights
 from captioner.weights import read_state_dict
 
@@ -53,16 +52,6 @@ class TokenLayout:
     sequence_first: bool = False  # (N, B, C) tokens (open_clip towers built with batch_first=False)
     channels_last: bool = False  # 4-D outputs are (B, H, W, C) (timm's Swin family)
 
-
-@contextlib.contextmanager
-def _quiet_library_logs():
-    """open_clip logs a root-logger WARNING for every random-init build: intended here, not news."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
 
 
 def _require(module: str, extra: str, arch: str):
@@ -170,7 +159,7 @@ class Timm:
         if cfg is not None and cfg.fixed_input_size:  # ViTs size their position embedding at build time
             kwargs["img_size"] = image_size
         try:
-            with _quiet_library_logs():
+            with quiet_library_logs():
                 model = timm.create_model(full, pretrained=bool(tag), **kwargs)
         except CaptionerError:
             raise
@@ -237,7 +226,7 @@ class OpenClip:
             self._check_activation(open_clip, name, tag)
         state = read_encoder_weights(file) if file else None
         try:
-            with _quiet_library_logs():
+            with quiet_library_logs():
                 clip = open_clip.create_model(name, pretrained=tag, force_image_size=image_size)
         except Exception as e:  # noqa: BLE001 - the hub's offline errors come in many types
             if not tag:

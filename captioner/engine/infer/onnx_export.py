@@ -20,7 +20,6 @@ with activation ranges calibrated on real images (per-channel weights).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 import warnings
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from captioner.errors import CaptionerError
 from captioner.files import write_json
 from captioner.model.truncated import TruncatedEncoder
+from captioner.progress import quiet_library_logs
 
 log = logging.getLogger("captioner")
 
@@ -167,17 +167,6 @@ class _Calibration:
         return None if batch is None else {"images": batch.contiguous().numpy()}
 
 
-@contextlib.contextmanager
-def _quiet():
-    """onnxruntime.quantization logs a line per tensor it leaves in float, and advice already followed, on the root
-    logger: not news here."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
 
 def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.Tensor) -> list[str]:
     """source's float32 graphs -> target's int8 graphs: static QDQ for the encoder's convolutions, calibrated
@@ -192,7 +181,7 @@ def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.T
     if calibration.dtype != torch.uint8 or calibration.dim() != 4 or len(calibration) == 0:
         raise CaptionerError(f"calibration images must be (N, C, S, S) uint8 with N >= 1, got "
                              f"{tuple(calibration.shape)} {calibration.dtype}")
-    with tempfile.TemporaryDirectory(prefix="captioner-quantize-") as tmp, warnings.catch_warnings(), _quiet():
+    with tempfile.TemporaryDirectory(prefix="captioner-quantize-") as tmp, warnings.catch_warnings(), quiet_library_logs():
         warnings.simplefilter("ignore")
         prepared = Path(tmp) / "encoder.prepared.onnx"
         # Shape inference and graph folding (BatchNorm into Conv) first: onnxruntime's recommended preparation.

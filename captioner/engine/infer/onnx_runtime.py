@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from captioner.config import ComputeConfig, Config, from_saved_dict
-from captioner.engine.infer.onnx_export import GRAPHS, MANIFEST, ONNX_FORMAT_VERSION, require_onnx
+from captioner.engine.infer.onnx_export import GRAPHS, ONNX_FORMAT_VERSION, require_onnx
 from captioner.errors import CaptionerError
 from captioner.model.steps import StepState
 from captioner.model.backbones import Preprocess

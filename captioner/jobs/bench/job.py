@@ -60,7 +60,10 @@ def main(job: BenchJob) -> dict:
     if preset == "full" and device.type != "cuda":
         log.warning("bench --full is sized for a GPU: on %s it will take a long time", device)
     on_cuda = device.type == "cuda"
-    compute = setup_compute(ComputeConfig(sizes.bf16, sizes.channels_last, sizes.compile, sizes.gpu_decode), device)
+    # --runtimes: torch_fp32 is the float32 baseline whatever auto would pick (bf16 on CPUs with native bf16)
+    switches = ("false", "false", False, False) if job.runtimes else (sizes.bf16, sizes.channels_last, sizes.compile,
+                                                                     sizes.gpu_decode)
+    compute = setup_compute(ComputeConfig(*switches), device)
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
     try:
@@ -112,19 +115,18 @@ def _runtimes(sizes: BenchSizes, compute, workdir: Path) -> dict:
 
 def format_table(results: dict) -> str:
     s = results["settings"]
+    if "runtimes" in results:
+        from captioner.jobs.bench.runtimes import format_runtimes
+        return "\n".join([f"captioner bench --runtimes on {results['device']} ({s['preset']}: {s['runtime_archs']} "
+                          f"{s['layer']} at {s['image_size']}, {s['jpeg_width']}x{s['jpeg_height']} JPEGs, decoder "
+                          f"{s['decoder_dim']}, vocabulary {s['vocab_size']}; torch_fp32 in {s['compute']})",
+                          *_cpu_lines(results), *format_runtimes(results["runtimes"], s),
+                          f"  ({results['seconds']} s in all)"])
     lines = [f"captioner bench on {results['device']} ({s['preset']}: {s['arch']} {s['layer']} at {s['image_size']}, "
              f"{s['jpeg_width']}x{s['jpeg_height']} JPEGs, decoder {s['decoder_dim']}, vocabulary {s['vocab_size']}, "
              f"bf16 {'on' if s['bf16_active'] else 'off'}, channels_last "
              f"{'on' if s['channels_last_active'] else 'off'}, compile {'on' if s['compile_active'] else 'off'})"]
-    if "cpu_capability" in results:
-        cap = results["cpu_capability"]
-        lines.append(f"  CPU: {cap['isa']} kernels, AVX512-BF16 {'yes' if cap['avx512_bf16'] else 'no'}, "
-                     f"AMX {'yes' if cap['amx'] else 'no'}")
-    if "runtimes" in results:
-        from captioner.jobs.bench.runtimes import format_runtimes
-        lines += format_runtimes(results["runtimes"], s)
-        lines.append(f"  ({results['seconds']} s in all)")
-        return "\n".join(lines)
+    lines += _cpu_lines(results)
     units = {"images": "images/s", "captions": "captions/s"}
     for key in (*KEYS, "beam_batched_speedup", "train_cached_speedup"):
         unit = "x" if key.endswith("speedup") else units["captions" if "captions" in key else "images"]
@@ -132,3 +134,11 @@ def format_table(results: dict) -> str:
     lines.append(f"  {'scst_reward_fraction':<32} {results['scst_reward_fraction']:>12.4f} of the SCST step time")
     lines.append(f"  ({results['seconds']} s in all)")
     return "\n".join(lines)
+
+
+def _cpu_lines(results: dict) -> list[str]:
+    if "cpu_capability" not in results:
+        return []
+    cap = results["cpu_capability"]
+    return [f"  CPU: {cap['isa']} kernels, AVX512-BF16 {'yes' if cap['avx512_bf16'] else 'no'}, "
+            f"AMX {'yes' if cap['amx'] else 'no'}"]
