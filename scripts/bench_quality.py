@@ -52,7 +52,7 @@ STAGES = ("xe", "scst")
 REPORTED = ("bleu1", "bleu4", "meteor", "rouge_l", "cider", "distinct_per_100", "vocab_used", "mean_length")
 # Keys that change only how a trained best.pt is scored (beam search), never what training did: --reuse ignores them.
 SCORING_ONLY = ("decode.beam_size", "decode.length_penalty", "decode.block_ngram", "decode.groups",
-                "decode.diversity", "decode.batch_size", "decode.sample", "decode.temperature")
+                "decode.diversity", "decode.batch_size", "decode.sample", "decode.temperature", "decode.suppress_unk")
 
 
 def default_data() -> Path:

@@ -98,3 +98,18 @@ def test_decode_settings_take_the_decode_keys_to_the_one_decode_path():
     captioned = caption_batch(model, vocab, raw, settings)
     expected = decode(model, raw, 4, cfg.decode.max_len, block_ngram=3, groups=2, diversity=0.5)
     assert [c.score for c in captioned] == pytest.approx(expected.scores.tolist(), abs=1e-5)
+
+
+def test_suppress_unk_never_writes_unk_and_changes_nothing_else():
+    torch.manual_seed(0)
+    model = CaptionModel(None, ModelConfig(16, 16, 16, dropout=0.0), 12, encoder=GridStub()).eval()
+    with torch.no_grad():  # a decoder that prefers <unk> wherever it may
+        model.decoder.out.bias[Vocabulary.unk_id] += 50.0
+    raw = torch.randn(4, 24, 3, 3) * 4
+    for beam in (1, 3):
+        plain = decode(model, raw, beam, max_len=6)
+        kept = decode(model, raw, beam, max_len=6, suppress_unk=True)
+        assert (plain.tokens == Vocabulary.unk_id).any(), "the biased decoder writes <unk> without the option"
+        assert not (kept.tokens == Vocabulary.unk_id).any() and (kept.lengths >= 2).all()
+    cfg = load_config(None, ["decode.suppress_unk=true"])
+    assert DecodeSettings.of(cfg, compute=setup_compute(cfg.compute, torch.device("cpu"))).suppress_unk

@@ -259,6 +259,8 @@ def _decoding(settings: DecodeSettings) -> str:
     how = f"beam {settings.beam_size}, max_len {settings.max_len}, length_penalty {settings.length_penalty:g}"
     if settings.block_ngram:
         how += f", block_ngram {settings.block_ngram}"
+    if settings.suppress_unk and not settings.sample:
+        how += ", suppress_unk"
     if settings.groups > 1 and settings.beam_size > 1:
         how += f", groups {settings.groups}, diversity {settings.diversity:g}"
     return how

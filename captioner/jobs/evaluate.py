@@ -73,8 +73,8 @@ def main(job: EvaluateJob) -> dict:
                "dataset": cfg.dataset.annotations or cfg.dataset.root,
                "decoding": "greedy" if predictor.settings.beam_size == 1 else "beam",
                "beam_size": predictor.settings.beam_size,
-               **{k: getattr(predictor.settings, k) for k in ("max_len", "length_penalty", "block_ngram", "groups",
-                                                               "diversity")},
+               **{k: getattr(predictor.settings, k) for k in ("max_len", "length_penalty", "block_ngram",
+                                                               "suppress_unk", "groups", "diversity")},
                "features": f"cache {features.path} ({features.dtype})" if cached else "encoder",
                "runtime": predictor.runtime, **scores,
                "results_file": str(results_path), "metrics_file": str(metrics_path)}

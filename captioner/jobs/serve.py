@@ -96,7 +96,7 @@ class ServedModel:
                                     "interpolation": enc.interpolation},
                      "decoding": {k: getattr(p.settings, k) for k in ("beam_size", "max_len", "length_penalty",
                                                                        "sample", "temperature", "block_ngram",
-                                                                       "groups", "diversity")},
+                                                                       "suppress_unk", "groups", "diversity")},
                      "device": str(p.device), "runtime": p.runtime, "description": f"{p.description()}."}
 
     def predict(self, items: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[dict]:

@@ -46,11 +46,13 @@ def repeated_ngram_words(history: torch.Tensor, n: int, vocab_size: int) -> torc
     return banned > 0
 
 
-def _step_log_probs(steps, tokens, state, t: int, max_len: int, banned: torch.Tensor | None = None):
+def _step_log_probs(steps, tokens, state, t: int, max_len: int, banned: torch.Tensor | None = None,
+                    suppress_unk: bool = False):
     logp, state, alpha = steps.step(tokens, state)  # (B', V) float32
     if banned is not None:  # decode.block_ngram; <end> is never part of an unfinished caption's n-grams
         logp = logp.masked_fill(banned, float("-inf"))
-    logp[:, [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")  # never words of a caption
+    never = [Vocabulary.pad_id, Vocabulary.start_id] + ([Vocabulary.unk_id] if suppress_unk else [])
+    logp[:, never] = float("-inf")  # never words of a caption (<unk> too with decode.suppress_unk)
     if t == 0:
         logp[:, Vocabulary.end_id] = float("-inf")  # at least one word
     if t == max_len:  # the word budget is spent: only <end> may follow
@@ -77,7 +79,8 @@ def _in_eval_mode(decoder):
 
 @torch.no_grad()
 @_in_eval_mode
-def greedy_decode(steps, raw: torch.Tensor, max_len: int = 30, block_ngram: int = 0) -> Decoded:
+def greedy_decode(steps, raw: torch.Tensor, max_len: int = 30, block_ngram: int = 0,
+                  suppress_unk: bool = False) -> Decoded:
     """steps (a CaptionModel or DecoderSteps), raw (B, C, H, W) encoder activations -> Decoded with the most
     likely word at each step (block_ngram > 0: never one that repeats an n-gram of the caption)."""
     state = steps.start(raw)
@@ -89,7 +92,7 @@ def greedy_decode(steps, raw: torch.Tensor, max_len: int = 30, block_ngram: int 
     V = steps.vocab_size
     for t in range(max_len + 1):
         banned = repeated_ngram_words(torch.stack(out_tokens, 1), block_ngram, V) if out_tokens else None
-        logp, state, alpha = _step_log_probs(steps, tokens, state, t, max_len, banned)
+        logp, state, alpha = _step_log_probs(steps, tokens, state, t, max_len, banned, suppress_unk)
         best_logp, best = logp.max(dim=1)  # (B,)
         scores += torch.where(finished, torch.zeros_like(best_logp), best_logp)
         tokens = torch.where(finished, torch.full_like(best, Vocabulary.pad_id), best)
@@ -105,7 +108,7 @@ def greedy_decode(steps, raw: torch.Tensor, max_len: int = 30, block_ngram: int 
 @torch.no_grad()
 @_in_eval_mode
 def beam_search(steps, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30, length_penalty: float = 0.0,
-                block_ngram: int = 0, groups: int = 1, diversity: float = 0.0) -> Decoded:
+                block_ngram: int = 0, groups: int = 1, diversity: float = 0.0, suppress_unk: bool = False) -> Decoded:
     """raw (B, C, H, W) -> Decoded best of beam_size hypotheses per image, all images in one batch.
 
     Hypotheses are ranked by log-probability / ((5 + length) / 6) ** length_penalty (GNMT); 0 ranks by
@@ -136,7 +139,7 @@ def beam_search(steps, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
     offsets = (torch.arange(B, device=device) * k).unsqueeze(1)  # (B, 1)
     for t in range(max_len + 1):
         banned = repeated_ngram_words(history.reshape(B * k, t), block_ngram, V)
-        logp, state, alpha = _step_log_probs(steps, tokens, state, t, max_len, banned)
+        logp, state, alpha = _step_log_probs(steps, tokens, state, t, max_len, banned, suppress_unk)
         N = alpha.shape[1]
         if alpha_history is None:
             alpha_history = torch.empty(B, k, 0, N, device=device)
@@ -186,12 +189,12 @@ def sampled_decode(steps, raw: torch.Tensor, max_len: int = 30, temperature: flo
 
 def decode(model, raw: torch.Tensor, beam_size: int = 1, max_len: int = 30, length_penalty: float = 0.0,
            sample: bool = False, temperature: float = 1.0, block_ngram: int = 0, groups: int = 1,
-           diversity: float = 0.0) -> Decoded:
+           diversity: float = 0.0, suppress_unk: bool = False) -> Decoded:
     """Greedy (beam_size 1), beam search, or sampling (sample=True: beam_size and the beam options are then
-    ignored); block_ngram applies to greedy and beam search, groups and diversity to beam search; model: a
-    CaptionModel or any DecoderSteps (model/steps.py)."""
+    ignored); block_ngram and suppress_unk apply to greedy and beam search, groups and diversity to beam
+    search; model: a CaptionModel or any DecoderSteps (model/steps.py)."""
     if sample:
         return sampled_decode(model, raw, max_len, temperature)
     if beam_size <= 1:
-        return greedy_decode(model, raw, max_len, block_ngram)
-    return beam_search(model, raw, beam_size, max_len, length_penalty, block_ngram, groups, diversity)
+        return greedy_decode(model, raw, max_len, block_ngram, suppress_unk)
+    return beam_search(model, raw, beam_size, max_len, length_penalty, block_ngram, groups, diversity, suppress_unk)

@@ -39,6 +39,7 @@ class DecodeSettings:
     block_ngram: int = 0  # > 0: no caption repeats one of its n-grams (greedy and beam)
     groups: int = 1  # diverse beam search: beam groups (beam_size must be a multiple)
     diversity: float = 0.0  # diverse beam search: penalty per earlier group that chose the same word
+    suppress_unk: bool = False  # greedy and beam never write <unk>
 
     @classmethod
     def of(cls, cfg: Config, beam_size: int | None = None, *, compute: Compute) -> "DecodeSettings":
@@ -50,7 +51,8 @@ class DecodeSettings:
             log.warning("beam size %d is not a multiple of decode.groups=%d: searching without groups", beam_size,
                         cfg.decode.groups)
         return cls(beam_size, cfg.decode.max_len, cfg.decode.length_penalty, compute.bf16, cfg.decode.sample,
-                   cfg.decode.temperature, cfg.decode.block_ngram, groups, cfg.decode.diversity)
+                   cfg.decode.temperature, cfg.decode.block_ngram, groups, cfg.decode.diversity,
+                   cfg.decode.suppress_unk)
 
 
 @dataclass
@@ -85,7 +87,7 @@ def caption_batch(model, vocab: Vocabulary, inputs: torch.Tensor, settings: Deco
         raw = inputs if inputs.is_floating_point() else backend.encode(inputs)  # -> (B, C, H, W)
         out = decode(backend.steps, raw, settings.beam_size, settings.max_len, settings.length_penalty,
                      settings.sample, settings.temperature, settings.block_ngram, settings.groups,
-                     settings.diversity)
+                     settings.diversity, settings.suppress_unk)
     # One copy to the host per batch: (B, L) tokens, (B,) scores and, when asked for, (B, L, N) attention.
     tokens, scores = out.tokens.cpu(), out.scores.float().cpu()
     alphas = out.alphas.float().cpu() if attention else torch.empty(tokens.shape[0], tokens.shape[1], 0)
