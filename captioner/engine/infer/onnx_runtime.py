@@ -65,7 +65,8 @@ def providers_for(device: torch.device) -> list[str]:
     wanted = (["CUDAExecutionProvider"] if device.type == "cuda" else []) + ["CPUExecutionProvider"]
     chosen = [p for p in wanted if p in available]
     if device.type == "cuda" and "CUDAExecutionProvider" not in chosen:
-        log.warning("onnxruntime offers no CUDAExecutionProvider here (pip install onnxruntime-gpu): running on the CPU")
+        log.warning("onnxruntime offers no CUDAExecutionProvider here (pip install onnxruntime-gpu): "
+                    "running on the CPU")
     return chosen
 
 
