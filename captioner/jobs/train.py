@@ -260,7 +260,7 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     if cfg.train.objective == "scst":  # rewards: CIDEr-D with the training references' idf, computed once
         loss = SelfCriticalLoss(model, Rewarder(inputs.train_records, vocab, cfg.dataset.max_len),
                                 cfg.train.scst_samples, cfg.train.scst_baseline, cfg.decode.max_len,
-                                cfg.train.scst_entropy, cfg.train.scst_diversity)
+                                cfg.train.scst_entropy, cfg.train.scst_diversity, cfg.decode.suppress_unk)
     else:
         loss = CaptionLoss(model, cfg.train.label_smoothing)  # DDP wraps the whole forward pass: the fine-tuned encoder stages too
     if process.distributed:

@@ -180,10 +180,11 @@ def beam_search(steps, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
 @torch.no_grad()
 @_in_eval_mode
 def sampled_decode(steps, raw: torch.Tensor, max_len: int = 30, temperature: float = 1.0,
-                   generator: torch.Generator | None = None) -> Decoded:
+                   generator: torch.Generator | None = None, suppress_unk: bool = False) -> Decoded:
     """raw (B, C, H, W) -> Decoded with every word drawn from the model's distribution at `temperature`
     (eval mode; scores: the total log-probability under that tempered distribution)."""
-    out = sample_captions(steps, raw, max_len, temperature, generator, at_least_one_word=True)
+    out = sample_captions(steps, raw, max_len, temperature, generator, at_least_one_word=True,
+                          suppress_unk=suppress_unk)
     return Decoded(out.tokens, out.log_probs.sum(dim=1), out.alphas, out.lengths)
 
 
@@ -191,10 +192,10 @@ def decode(model, raw: torch.Tensor, beam_size: int = 1, max_len: int = 30, leng
            sample: bool = False, temperature: float = 1.0, block_ngram: int = 0, groups: int = 1,
            diversity: float = 0.0, suppress_unk: bool = False) -> Decoded:
     """Greedy (beam_size 1), beam search, or sampling (sample=True: beam_size and the beam options are then
-    ignored); block_ngram and suppress_unk apply to greedy and beam search, groups and diversity to beam
-    search; model: a CaptionModel or any DecoderSteps (model/steps.py)."""
+    ignored); block_ngram applies to greedy and beam search, suppress_unk to all three, groups and diversity
+    to beam search; model: a CaptionModel or any DecoderSteps (model/steps.py)."""
     if sample:
-        return sampled_decode(model, raw, max_len, temperature)
+        return sampled_decode(model, raw, max_len, temperature, suppress_unk=suppress_unk)
     if beam_size <= 1:
         return greedy_decode(model, raw, max_len, block_ngram, suppress_unk)
     return beam_search(model, raw, beam_size, max_len, length_penalty, block_ngram, groups, diversity, suppress_unk)

@@ -33,12 +33,15 @@ class Sampled:
 
 
 def sample_captions(model, raw: torch.Tensor, max_len: int = 30, temperature: float = 1.0,
-                    generator: torch.Generator | None = None, at_least_one_word: bool = False) -> Sampled:
+                    generator: torch.Generator | None = None, at_least_one_word: bool = False,
+                    suppress_unk: bool = False) -> Sampled:
     """raw (B, C, H, W) encoder activations -> one sampled caption per row (repeat rows for several).
 
     at_least_one_word (inference): draw as greedy and beam decoding do, never <pad> or <start> and never
     <end> first, from the distribution renormalised without them. Off for self-critical training, whose
-    log-probabilities must be the model's own."""
+    log-probabilities must be the model's own.
+    suppress_unk: never draw <unk> (decode.suppress_unk), from the distribution renormalised without it: self-
+    critical training then samples the policy that greedy and beam decoding with suppress_unk run."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     steps = as_steps(model)
@@ -51,11 +54,17 @@ def sample_captions(model, raw: torch.Tensor, max_len: int = 30, temperature: fl
     never[[Vocabulary.pad_id, Vocabulary.start_id]] = True
     never_first = never.clone()
     never_first[Vocabulary.end_id] = True
+    unk = torch.zeros_like(never)
+    unk[Vocabulary.unk_id] = suppress_unk
+    never |= unk
+    never_first |= unk
     for t in range(max_len + 1):
         logp, state, alpha = steps.step(tokens, state)  # (B, V) float32, normalised
         if at_least_one_word:
             logp = logp.masked_fill(never_first if t == 0 else never, float("-inf"))
-        if at_least_one_word or temperature != 1.0:  # renormalise (log_softmax ignores logp's shift)
+        elif suppress_unk:
+            logp = logp.masked_fill(unk, float("-inf"))
+        if at_least_one_word or suppress_unk or temperature != 1.0:  # renormalise (log_softmax ignores logp's shift)
             logp = F.log_softmax(logp / temperature, dim=-1)  # (B, V)
         active = ~finished
         if t == max_len:  # the word budget is spent: <end> is forced, not drawn, so it carries no log-probability

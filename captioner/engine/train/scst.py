@@ -14,6 +14,8 @@ loss = -sum(advantage * log p(token) over tokens up to <end>) / number of those 
 train.scst_diversity > 0 lowers each sample's reward by that weight times its similarity to the most similar
 sample of another image in the batch (`similarity_to_other_images`): a caption that would fit other photos as
 well gains less, which counters SCST's drift towards one generic caption for many photos.
+decode.suppress_unk (suppress_unk) keeps <unk> out of the samples and the greedy baseline: the policy trained is
+the one decoding runs, and its gradient goes to real words rather than to avoiding <unk>.
 
 `SelfCriticalLoss` is a loss module of the one training step (engine/train/step.py): (inputs, image indices) ->
 (loss, None, None), so autocast, backward, clipping, the NaN guard and DDP are cross-entropy's; the step's
@@ -94,7 +96,7 @@ class SelfCriticalLoss(nn.Module):
     baseline and policy-gradient loss, as one module so DistributedDataParallel sees the whole pass."""
 
     def __init__(self, model, rewarder: Rewarder, samples: int = 5, baseline: str = "mean", max_len: int = 16,
-                 entropy: float = 0.0, diversity: float = 0.0):
+                 entropy: float = 0.0, diversity: float = 0.0, suppress_unk: bool = False):
         super().__init__()
         if baseline not in SCST_BASELINES:
             raise ValueError(f"unknown SCST baseline {baseline!r}; use one of {SCST_BASELINES}")
@@ -102,7 +104,7 @@ class SelfCriticalLoss(nn.Module):
             raise ValueError("the mean baseline needs at least 2 samples per image")
         self.model, self.rewarder = model, rewarder
         self.samples, self.baseline, self.max_len, self.entropy = samples, baseline, max_len, entropy
-        self.diversity = diversity
+        self.diversity, self.suppress_unk = diversity, suppress_unk
         self.stats: dict[str, float] = {}  # the last step's mean reward, baseline, sample length, entropy, time
 
     def forward(self, inputs: torch.Tensor, images: torch.Tensor):
@@ -114,11 +116,12 @@ class SelfCriticalLoss(nn.Module):
         greedy_rewards = None
         reward_s = 0.0
         if self.baseline == "greedy":  # eval mode, no gradients: greedy_decode restores the training mode
-            greedy = greedy_decode(self.model, raw.detach(), self.max_len).tokens  # (B, L)
+            greedy = greedy_decode(self.model, raw.detach(), self.max_len, suppress_unk=self.suppress_unk).tokens
             tick = time.perf_counter()
             greedy_rewards = self.rewarder(greedy, images)  # (B,)
             reward_s += time.perf_counter() - tick
-        out = sample_captions(self.model, raw.repeat_interleave(K, dim=0), self.max_len)  # B*K rows, image-major
+        out = sample_captions(self.model, raw.repeat_interleave(K, dim=0), self.max_len,  # B*K rows, image-major
+                              suppress_unk=self.suppress_unk)
         tick = time.perf_counter()
         cider = self.rewarder(out.tokens, images.repeat_interleave(K)).view(B, K)
         rewards, similar = cider, None

@@ -23,7 +23,9 @@ def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict
     With one process, a stop signal ends validation at the next batch (Stopped); under torchrun every process
     finishes it, since the others would wait for the one that left."""
     cfg = run.cfg
-    settings = DecodeSettings(1, cfg.decode.max_len, bf16=run.compute.bf16)
+    # Greedy as the decode keys that apply to it say, so best.pt is picked on the captions users will get.
+    settings = DecodeSettings(1, cfg.decode.max_len, bf16=run.compute.bf16, block_ngram=cfg.decode.block_ngram,
+                              suppress_unk=cfg.decode.suppress_unk)
     hypotheses = predict(run.model, run.vocab, inputs.val_records, settings, cfg.decode.batch_size,
                          run.process.device, features=inputs.val_features, num_workers=cfg.train.num_workers,
                          unreadable=inputs.unreadable, progress_bar=run.process.is_main,
