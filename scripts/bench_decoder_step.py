@@ -15,6 +15,11 @@ alike; each variant's median is reported with its ratio to the old default:
 Sizes: quality = scripts/bench_quality.py's (MobileNetV2 1280x7x7, dims 256, vocabulary 613, batch 64,
 captions of 11 +- 4 words, as Flickr8k's); coco = `captioner bench`'s (ResNet 2048x7x7, dims 512, vocabulary
 10,000, batch 32, 11 +- 3 words). Compare ratios only: absolute times depend on the machine's load.
+With --threads 1 (the default) each step is timed in CPU seconds of the one thread that runs it, which other
+processes' load leaves alone (caches and memory bandwidth aside); with more threads, in wall seconds.
+--bf16 times each variant a second time under bf16 autocast (what compute.bf16=auto runs on a CPU with
+AVX-512 BF16 or AMX, and on a GPU), its ratio still to the old default in float32 and to the old default
+in bf16.
 """
 import argparse
 import json
@@ -81,24 +86,33 @@ def make_step(variant: str, size: dict) -> TrainingStep:
     return TrainingStep(loss, build_optimizer(model, Config()), 5.0, torch.device("cpu"))
 
 
-def time_sizes(name: str, rounds: int) -> dict:
+def time_sizes(name: str, rounds: int, bf16: bool, clock) -> dict:
     size = SIZES[name]
     data = batch(size)
     steps = {v: make_step(v, size) for v in VARIANTS}
+    if bf16:
+        for v in VARIANTS:
+            steps[f"{v}_bf16"] = make_step(v, size)
+            steps[f"{v}_bf16"].bf16 = True
     for step in steps.values():
         step(*data)  # warm-up
-    seconds = {v: [] for v in VARIANTS}
+    seconds = {v: [] for v in steps}
     for _ in range(rounds):
         for variant, step in steps.items():
-            tick = time.perf_counter()
+            tick = clock()
             step(*data)
-            seconds[variant].append(time.perf_counter() - tick)
+            seconds[variant].append(clock() - tick)
     median = {v: statistics.median(s) for v, s in seconds.items()}
     base = median["old_default_stepwise"]
-    return {"sizes": size, "median_s": {v: round(m, 4) for v, m in median.items()},
-            "ratio_to_old_default": {v: round(m / base, 3) for v, m in median.items()},
-            "norm_fast_vs_project_fast": round(median["norm_fast"] / median["project_fast"], 3),
-            "norm_fast_speedup_over_norm_stepwise": round(median["norm_stepwise"] / median["norm_fast"], 3)}
+    out = {"sizes": size, "median_s": {v: round(m, 4) for v, m in median.items()},
+           "ratio_to_old_default": {v: round(m / base, 3) for v, m in median.items()},
+           "norm_fast_vs_project_fast": round(median["norm_fast"] / median["project_fast"], 3),
+           "norm_fast_speedup_over_norm_stepwise": round(median["norm_stepwise"] / median["norm_fast"], 3)}
+    if bf16:
+        out["bf16_ratio_to_old_default_bf16"] = {v: round(median[f"{v}_bf16"] / median["old_default_stepwise_bf16"], 3)
+                                                 for v in VARIANTS}
+        out["bf16_norm_fast_vs_project_fast"] = round(median["norm_fast_bf16"] / median["project_fast_bf16"], 3)
+    return out
 
 
 def main(argv=None) -> int:
@@ -106,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="quality,coco", help="comma-separated: quality, coco (default both)")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds of every variant (default 7)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--bf16", action="store_true", help="also time every variant under bf16 autocast")
     args = p.parse_args(argv)
     names = [s for s in args.sizes.split(",") if s]
     unknown = [s for s in names if s not in SIZES]
@@ -114,7 +129,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    results = {"threads": args.threads, "rounds": args.rounds, **{n: time_sizes(n, args.rounds) for n in names}}
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    results = {"threads": args.threads, "rounds": args.rounds, "bf16": args.bf16,
+               "clock": "thread CPU seconds" if args.threads == 1 else "wall seconds",
+               **{n: time_sizes(n, args.rounds, args.bf16, clock) for n in names}}
     print(json.dumps(results, indent=1), flush=True)
     return 0
 

@@ -9,9 +9,10 @@ checkpoint cross-entropy selected) on Flickr8k-705 with pretrained MobileNetV2 f
     python scripts/bench_quality.py encoder.weights=IMAGENET1K_V2    # torchvision's own MobileNetV2 weights
 
 Stage xe trains configs/bench_quality.yaml; stage scst trains configs/bench_quality_scst.yaml (the same model,
-data and decoding) from xe's best.pt (--init-from). Each stage's best.pt is the epoch with the highest greedy
-CIDEr-D on the 60 validation photos (train.select_metric=cider), and that checkpoint is what is scored: its
-captions (beam search, decode.* of the config) of the 60 val photos and of the 100 held-out test photos, with
+data and decoding) from xe's best.pt (--init-from). Each stage's best.pt is the epoch with the highest
+CIDEr-D on the 60 validation photos (train.select_metric=cider) of the captions the stage is scored with
+(train.val_beam_size=3, decode.suppress_unk); SCST's start counts as its epoch 0 (train.validate_init), so
+SCST's best.pt is its start when no SCST epoch beats it. That checkpoint is what is scored: its captions (beam search, decode.* of the config) of the 60 val photos and of the 100 held-out test photos, with
 coco-caption's BLEU-1/4, METEOR, ROUGE-L and CIDEr-D, distinct captions per 100 photos, words used and mean
 length. Choose variants on val; test is for reporting. Per stage and seed: the selected epoch, training and
 scoring seconds; then mean and std over seeds, and SCST's relative CIDEr-D gain over its cross-entropy start.
@@ -208,8 +209,10 @@ def main(data: str | Path | None = None, cache: str | Path = "~/.cache/captioner
                         f"weights {weights}",
             "overrides": list(overrides), "scst_overrides": list(scst_overrides), "stages": list(stages),
             "reused": [f"seed{r['seed']} {s}" for r in runs for s in stages if r[s]["reused"]],
-            "checkpoint": "each stage's best.pt: the epoch with the highest greedy val "
-                          f"{configs['xe'].train.select_metric} (train.select_metric)",
+            "checkpoint": "each stage's best.pt: the epoch with the highest val "
+                          f"{configs['xe'].train.select_metric} (train.select_metric) of captions decoded with beam "
+                          f"{configs['xe'].train.val_beam_size} (train.val_beam_size); SCST's start is its epoch 0, "
+                          "kept when no SCST epoch beats it (train.validate_init)",
             "decoding": {s: {"beam_size": c.decode.beam_size, "max_len": c.decode.max_len} for s, c in configs.items()},
             "seeds": seeds, **aggregate(runs, list(stages), splits), "runs": runs,
             "extract_s": extracted["seconds"], "total_s": round(time.perf_counter() - start, 1)}

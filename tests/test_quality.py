@@ -167,7 +167,9 @@ def test_benchmark_runs_both_stages_and_scores_the_selected_checkpoints(tmp_path
         for split in ("val", "test"):
             assert set(bench_quality.REPORTED) - {"meteor"} <= set(results[stage][split])  # METEOR needs java
             assert 0 <= results[stage][split]["distinct_per_100"]["mean"] <= 100
-        assert results[stage]["epochs_selected"] == [1, 1] and results[stage]["train_s"]["mean"] > 0
+        assert results[stage]["train_s"]["mean"] > 0
+    # One epoch each; SCST's best.pt is its epoch 1 or, where that lost on val, its starting weights (epoch 0)
+    assert results["xe"]["epochs_selected"] == [1, 1] and set(results["scst"]["epochs_selected"]) <= {0, 1}
     assert "cider_gain_over_xe" in results["scst"]["test"]  # None when cross-entropy scored 0 (untrained)
     first = results["runs"][0]
     assert first["seed"] == 0 and results["runs"][1]["seed"] == 1

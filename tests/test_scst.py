@@ -135,8 +135,10 @@ def test_scst_after_cross_entropy_raises_held_out_greedy_cider(trained, tmp_path
     xe = torch.load(summary["best_checkpoint"], weights_only=True)["val_scores"]
     scst_cfg = apply_overrides(copy.deepcopy(cfg), ["train.objective=scst", "train.epochs=2", "train.lr=0.00025"])
     out = train.main(train.TrainJob(scst_cfg, tmp_path, "cpu", init_from=summary["best_checkpoint"]))
-    epochs = [x for x in metric_lines(tmp_path) if "val_cider" in x]
+    start, *epochs = [x for x in metric_lines(tmp_path) if "val_cider" in x]
     assert len(epochs) == 2 and out["select_metric"] == "cider"
+    # train.validate_init: the starting weights are validated first (epoch 0), as cross-entropy's best.pt was
+    assert start["epoch"] == 0 and start["val_cider"] == pytest.approx(xe["cider"], abs=1e-6)
     # greedy CIDEr-D on the held-out val images (the same images and scorer for both)
     assert epochs[-1]["val_images"] == xe["images"] and epochs[-1]["val_cider"] > xe["cider"], (xe, epochs)
     assert epochs[-1]["train_reward"] > 0 and all(x["sample_words"] > 3 for x in metric_lines(tmp_path)

@@ -96,6 +96,10 @@ class TrainConfig:
     select_metric: str = "cider"  # validation score (coco-caption's, as evaluate's) that picks best.pt, drives plateau
     # and early stopping: cider (CIDEr-D), bleu1..bleu4 or rouge_l
     early_stop_patience: int = 0  # stop after this many validations without improvement (0: never)
+    val_beam_size: int = 1  # validation's captions: 1 greedy (fast); decode.beam_size's value picks best.pt on the
+    # captions `evaluate` and `caption` will write (the quality benchmark does)
+    validate_init: bool = True  # --init-from: score the starting weights first (epoch 0; best.pt until an epoch beats
+    # them), so fine-tuning, self-critical training above all, never leaves a best.pt worse on val than its start
     encoder_lr: float = 1e-4  # learning rate of the fine-tuned encoder stages (encoder.finetune_from)
     objective: str = "xe"  # xe: cross-entropy on the reference captions; scst: self-critical training on CIDEr-D
     scst_samples: int = 5  # scst: captions sampled per image (train.batch_size counts images)

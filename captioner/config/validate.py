@@ -155,6 +155,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.select_metric in SELECT_METRICS,
          f"train.select_metric must be one of: {', '.join(SELECT_METRICS)}, got '{cfg.train.select_metric}'"),
         (cfg.train.early_stop_patience >= 0, "train.early_stop_patience must be >= 0 (0: never stop early)"),
+        (cfg.train.val_beam_size >= 1, f"train.val_beam_size must be >= 1 (1: greedy), got {cfg.train.val_beam_size}"),
         (cfg.train.encoder_lr > 0, f"train.encoder_lr must be > 0, got {cfg.train.encoder_lr}"),
         (cfg.train.objective in OBJECTIVES,
          f"train.objective must be one of: {', '.join(OBJECTIVES)}, got '{cfg.train.objective}'"),

@@ -50,7 +50,7 @@ from captioner.engine.train.schedule import LRSchedule
 from captioner.engine.train.scst import Rewarder, SelfCriticalLoss
 from captioner.engine.train.step import CaptionLoss, TrainingStep, build_optimizer
 from captioner.engine.train.inputs import build_train_loader, check_training_data, training_inputs
-from captioner.engine.train.validation import early_stop, finish_epoch, validate
+from captioner.engine.train.validation import early_stop, finish_epoch, validate, validate_start
 from captioner.errors import CaptionerError
 from captioner.files import check_writable
 from captioner.jobs.base import config_of
@@ -268,7 +268,8 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     step = TrainingStep(loss, optimizer, cfg.train.grad_clip, process.device, compute.bf16, process)
     run = TrainingRun(cfg, run_dir, vocab, model, step, schedule, Progress(), metrics, process, stop, compute,
                       init_from)
-    if checkpoint:
+    resumed = bool(checkpoint)
+    if resumed:
         restore(run, checkpoint)
         del checkpoint
         metrics.write({"event": "resume", "step": run.progress.step, "epoch": run.progress.epoch,
@@ -288,6 +289,8 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     samples = SampleImages(inputs, references) if process.is_main else None  # the same images every validation
     run.clock = RunClock(run.progress, cfg.train.epochs * len(loader), cfg.train.epochs,
                          "images" if cfg.train.objective == "scst" else "captions", show=process.is_main)
+    if init_from and not resumed and val_records and cfg.train.validate_init:
+        validate_start(run, inputs, references)
     stopped = None
     # Until here a stop signal ends the run at once (nothing to save yet: a rerun redoes the setup and feature
     # precompute); from here on it finishes the step and saves last.pt.

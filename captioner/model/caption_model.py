@@ -90,9 +90,8 @@ class CaptionModel(nn.Module):
     def forward(self, raw: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor | None = None):
         """raw (B, C, H, W), captions (B, T+1), lengths (B,) counting <start> and <end> (None: all T+1)
         -> logits (B, T, V), alphas (B, T, N), 0 after each caption's <end>."""
-        parts = self.context_parts(raw)  # norm: features from the one LayerNorm pass, as values * scale + shift
-        features = self.project(raw) if parts is None else parts[0] * parts[1] + parts[2]
-        return self.decoder(features, captions, lengths, parts)
+        parts = self.context_parts(raw)  # norm: features as values * scale + shift, from one LayerNorm pass
+        return self.decoder(self.project(raw) if parts is None else None, captions, lengths, parts)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

@@ -5,7 +5,7 @@ A attention size, H LSTM size (from context: H is also the LSTM size in Attentio
 
 `step` is one word, as decoding runs it; `forward` (teacher forcing, training) computes the same numbers for
 a whole batch of captions faster: words of all steps embedded and projected in one product, the LSTM's three
-products with the previous state fused into one, captions that have ended dropped from the batch, and the
+products with the previous state fused into one, the context product's weight gradient taken once for all steps, captions that have ended dropped from the batch, and the
 output layer run once over every step (tests/test_decoder_speed.py checks it equals looping `step`).
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from captioner.model.deferred_grad import StepProduct
 
 
 class Attention(nn.Module):
@@ -66,11 +68,21 @@ class AttentionDecoder(nn.Module):
 
     def init_state(self, features: torch.Tensor):
         """features (B, N, D) -> state (h, c, features, projected) with h, c (B, H) from the mean region."""
-        mean = features.mean(dim=1)  # (B, N, D) -> (B, D)
-        h, c = self.init_h(mean), self.init_c(mean)
-        if self.squash_init:
-            h, c = torch.tanh(h), torch.tanh(c)
+        h, c = self._initial_hc(features.mean(dim=1))  # (B, N, D) -> (B, D)
         return h, c, features, self.attention.project_features(features)
+
+    def _initial_hc(self, mean: torch.Tensor):
+        h, c = self.init_h(mean), self.init_c(mean)
+        return (torch.tanh(h), torch.tanh(c)) if self.squash_init else (h, c)
+
+    def _init_from_parts(self, values: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+        """init_state's h, c and projected for features = values * scale + shift, never building features:
+        the mean and the attention's feature projection go through the affine part instead, so the one
+        (B, N, D) product is values @ (W * scale)^T and no (B, N, D) gradient is computed."""
+        h, c = self._initial_hc(values.mean(dim=1) * scale + shift)
+        proj = self.attention.feature_proj
+        projected = F.linear(values, proj.weight * scale, proj.bias + F.linear(shift, proj.weight))  # (B, N, A)
+        return h, c, projected
 
     def step(self, tokens: torch.Tensor, state):
         """One word: tokens (B,) and state -> logits (B, V), new state, alpha (B, N)."""
@@ -101,20 +113,34 @@ class AttentionDecoder(nn.Module):
 
         The same numbers as forward_stepwise up to float rounding, dropout masks included (drawn in its order).
         context_parts (values (B, N, D), scale (D,), shift (D,)), when given, says features == values * scale +
-        shift with values needing no gradient (model.features=norm: LayerNorm of frozen activations); the
-        context is then scale * attend(alpha, values) + shift (alpha sums to 1), so no step computes a
-        (B, N, D) gradient."""
+        shift with values needing no gradient (model.features=norm: LayerNorm of frozen activations); features
+        is then not used (None will do): the context is scale * attend(alpha, values) + shift (alpha sums to
+        1) and the attention's projection (W * scale) @ values + W @ shift, so nothing computes a (B, N, D)
+        gradient."""
         B, T = captions.shape[0], captions.shape[1] - 1
         steps = torch.full((B,), T, device=captions.device) if lengths is None else (lengths - 1).clamp(1, T)
         # Longest captions first: the rows still running at step t are the first active[t], a view.
         steps, order = steps.sort(descending=True, stable=True)
         active = [int(n) for n in (steps.unsqueeze(0) > torch.arange(T, device=steps.device).unsqueeze(1)).sum(1)]
         if lengths is not None and bool((order.diff() < 0).any()):  # not sorted yet: one copy of each
-            features, captions = features[order], captions[order]
-            context_parts = None if context_parts is None else (context_parts[0][order], *context_parts[1:])
-        h, c, _, projected = self.init_state(features)
-        if context_parts is not None:
+            captions = captions[order]
+            if context_parts is None:
+                features = features[order]
+            else:
+                context_parts = (context_parts[0][order], *context_parts[1:])
+        if context_parts is None:
+            h, c, _, projected = self.init_state(features)
+        else:
             values, scale, shift = context_parts
+            h, c, projected = self._init_from_parts(values, scale, shift)
+        # Under autocast every step's attend() would cast its (n, N, D) slice again: cast the whole once.
+        device = captions.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            if context_parts is None:
+                features = features.to(dtype)
+            else:
+                values = values.to(dtype)
         H, A, lstm = h.shape[1], projected.shape[2], self.lstm
         E = self.embed.embedding_dim
         # Each step's words, in the packed order of the rows still running: (sum(active),) token ids.
@@ -124,12 +150,14 @@ class AttentionDecoder(nn.Module):
         w_h = [lstm.weight_hh, self.attention.hidden_proj.weight] + ([self.gate.weight] if self.gate else [])
         b_h = [torch.zeros_like(lstm.bias_hh), self.attention.hidden_proj.bias] + ([self.gate.bias] if self.gate else [])
         w_h, b_h, w_context = torch.cat(w_h), torch.cat(b_h), lstm.weight_ih[:, E:]  # w_context (4H, D)
+        # Their weight gradients: one product over all steps each (and one cast under autocast), not one per step.
+        from_h, from_context = StepProduct(w_h), StepProduct(w_context)
         hs, alphas = [], []
-        sizes = [4 * H, A] + ([features.shape[2]] if self.gate is not None else [])
+        sizes = [4 * H, A] + ([w_context.shape[1]] if self.gate is not None else [])
         # split, not slices: a slice's gradient is a zero-filled copy of the whole tensor at every step
-        for n, words_t in zip(active, words.split(active)):
+        for t, (n, words_t) in enumerate(zip(active, words.split(active))):
             h, c = h[:n], c[:n]
-            from_lstm, query, *gate = F.linear(h, w_h, b_h).split(sizes, dim=1)  # (n, H) -> (n, 4H), (n, A), (n, D)
+            from_lstm, query, *gate = (from_h(h, first=t == 0) + b_h).split(sizes, dim=1)  # (n, H) -> (n, 4H), (n, A), (n, D)
             alpha = self.attention.weights(projected[:n], query)  # (n, N)
             if context_parts is None:
                 context = attend(alpha, features[:n])  # (n, D)
@@ -137,7 +165,7 @@ class AttentionDecoder(nn.Module):
                 context = attend(alpha, values[:n]) * scale + shift
             if gate:
                 context = torch.sigmoid(gate[0]) * context
-            gates = words_t + from_lstm + F.linear(context, w_context)  # (n, 4H)
+            gates = words_t + from_lstm + from_context(context, first=t == 0)  # (n, 4H)
             i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTMCell's order
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)

@@ -1,6 +1,7 @@
-"""Validation during training: greedy captions of the val images, scored; best.pt, plateau and early stopping.
+"""Validation during training: captions of the val images, scored; best.pt, plateau and early stopping.
 
     scores = validate(run, inputs, references)     # every process captions its share; rank 0 scores
+    validate_start(run, inputs, references)        # --init-from: the starting weights as epoch 0
     finish_epoch(run, epoch, scores, seconds)      # log, best/early-stopping state, last.pt (and best.pt)
 """
 from __future__ import annotations
@@ -17,15 +18,19 @@ log = logging.getLogger("captioner")
 
 
 def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict:
-    """Greedy captions of this process's share of the val images, gathered and scored on rank 0 with
+    """Captions (greedy, or beam search of train.val_beam_size) of this process's share of the val images, gathered and scored on rank 0 with
     captioner.metrics; every process gets the scores (plus "images": how many were captioned).
 
     With one process, a stop signal ends validation at the next batch (Stopped); under torchrun every process
     finishes it, since the others would wait for the one that left."""
     cfg = run.cfg
-    # Greedy as the decode keys that apply to it say, so best.pt is picked on the captions users will get.
-    settings = DecodeSettings(1, cfg.decode.max_len, bf16=run.compute.bf16, block_ngram=cfg.decode.block_ngram,
-                              suppress_unk=cfg.decode.suppress_unk)
+    # train.val_beam_size with the decode keys that apply to it, so best.pt is picked on the captions users get.
+    # Never sampled: a validation must be repeatable.
+    beam, decode = cfg.train.val_beam_size, cfg.decode
+    groups = decode.groups if beam % decode.groups == 0 else 1
+    settings = DecodeSettings(beam, decode.max_len, decode.length_penalty, run.compute.bf16,
+                              block_ngram=decode.block_ngram, groups=groups, diversity=decode.diversity,
+                              suppress_unk=decode.suppress_unk)
     hypotheses = predict(run.model, run.vocab, inputs.val_records, settings, cfg.decode.batch_size,
                          run.process.device, features=inputs.val_features, num_workers=cfg.train.num_workers,
                          unreadable=inputs.unreadable, progress_bar=run.process.is_main,
@@ -71,6 +76,21 @@ def finish_epoch(run: TrainingRun, epoch: int, scores: dict, seconds: float) -> 
         progress.evals_without_gain += 1
     run.schedule.observe(score)
     save_checkpoints(run, best=improved)
+
+
+def validate_start(run: TrainingRun, inputs: TrainingInputs, references: dict) -> None:
+    """--init-from (train.validate_init): score the starting weights, log them as epoch 0 and save them as best.pt,
+    so an epoch must beat them to replace it. Self-critical training can lose on val what cross-entropy reached
+    (docs/quality.md): its best.pt is then the start, not its least bad epoch."""
+    scores = validate(run, inputs, references)
+    metric, score = selection_score(run, scores)
+    progress = run.progress
+    run.metrics.write({"epoch": 0, "step": progress.step, **{f"val_{k}": v for k, v in scores.items()},
+                       "select_metric": metric, "improved": True, "start": run.init_from})
+    log.info("epoch 0 (the --init-from weights): val %s %.3f", metric, score)
+    progress.scores, progress.best_score, progress.best_scores = scores, score, scores
+    run.schedule.observe(score)
+    save_checkpoints(run, best=True)
 
 
 def early_stop(run: TrainingRun) -> bool:
