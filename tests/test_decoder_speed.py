@@ -53,3 +53,28 @@ def test_training_forward_without_lengths_fills_every_position():
     ref_logits, ref_alphas = model.decoder.forward_stepwise(model.project(raw), captions)
     assert logits.shape == (3, 5, 30) and torch.allclose(logits, ref_logits, atol=1e-5)
     assert torch.allclose(alphas, ref_alphas, atol=1e-6)
+
+
+def test_step_product_weight_gradient_equals_per_step_products_in_float32_and_bf16():
+    """StepProduct's one deferred weight-gradient product over all steps equals autograd's per-step sum, and under
+    bf16 autocast it runs in bf16 and returns a float32 gradient close to the float32 one."""
+    from captioner.model.deferred_grad import StepProduct
+    torch.manual_seed(0)
+    weight = torch.randn(12, 9, requires_grad=True)
+    h0 = torch.randn(5, 9, requires_grad=True)
+
+    def run(deferred: bool, bf16: bool = False):
+        weight.grad = h0.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            product, h, total = StepProduct(weight), h0, 0
+            for t, n in enumerate([5, 5, 3, 1]):  # rows drop out as in the decoder
+                y = product(h[:n], first=t == 0) if deferred else torch.nn.functional.linear(h[:n], weight)
+                h = torch.tanh(y[:, :9].float()) + h[:n]
+                total = total + (y.float() ** 2).sum()
+        total.backward()
+        return weight.grad.clone(), h0.grad.clone()
+
+    (w_ref, h_ref), (w, h) = run(False), run(True)
+    assert torch.allclose(w, w_ref, rtol=1e-5, atol=1e-5) and torch.allclose(h, h_ref, rtol=1e-5, atol=1e-5)
+    w_bf16, _ = run(True, bf16=True)
+    assert w_bf16.dtype == torch.float32 and torch.allclose(w_bf16, w_ref, rtol=0.05, atol=0.05 * w_ref.abs().max())

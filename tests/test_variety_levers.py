@@ -113,3 +113,29 @@ def test_suppress_unk_never_writes_unk_and_changes_nothing_else():
         assert not (kept.tokens == Vocabulary.unk_id).any() and (kept.lengths >= 2).all()
     cfg = load_config(None, ["decode.suppress_unk=true"])
     assert DecodeSettings.of(cfg, compute=setup_compute(cfg.compute, torch.device("cpu"))).suppress_unk
+
+
+def test_suppress_unk_reaches_sampling_and_self_critical_samples():
+    """Sampled decoding and SCST's samples never draw <unk> with the option, and their log-probabilities are
+    those of the distribution renormalised without it (the policy decoding runs)."""
+    from captioner.model.sample import sample_captions
+    torch.manual_seed(0)
+    model = CaptionModel(None, ModelConfig(16, 16, 16, dropout=0.0), 12, encoder=GridStub()).eval()
+    with torch.no_grad():
+        model.decoder.out.bias[Vocabulary.unk_id] += 3.0  # <unk> likely, not certain
+    raw = torch.randn(4, 24, 3, 3) * 4
+    drawn = decode(model, raw.repeat(8, 1, 1, 1), 1, max_len=6, sample=True)
+    kept = decode(model, raw.repeat(8, 1, 1, 1), 1, max_len=6, sample=True, suppress_unk=True)
+    assert (drawn.tokens == Vocabulary.unk_id).any() and not (kept.tokens == Vocabulary.unk_id).any()
+    out = sample_captions(model, raw, max_len=6, suppress_unk=True)
+    # the first word's log-probability under the model's distribution without <unk>
+    logp, _, _ = model.decoder.step(torch.full((4,), Vocabulary.start_id), model.decoder.init_state(model.project(raw)))
+    renormalised = F.log_softmax(logp.masked_fill(torch.arange(12) == Vocabulary.unk_id, float("-inf")), dim=1)
+    first = out.tokens[:, 0]
+    assert torch.allclose(out.log_probs[:, 0], renormalised.gather(1, first[:, None]).squeeze(1), atol=1e-5)
+    records = [ImageRecord(f"i{i}.png", ["w1 w2 w3"], "train") for i in range(4)]
+    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(8)])
+    loss_fn = SelfCriticalLoss(model.train(), Rewarder(records, vocab, 8), samples=4, baseline="greedy", max_len=6,
+                               suppress_unk=True)
+    loss, _, _ = loss_fn(raw, torch.arange(4))
+    assert torch.isfinite(loss)
