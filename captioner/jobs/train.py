@@ -262,7 +262,8 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
                                 cfg.train.scst_samples, cfg.train.scst_baseline, cfg.decode.max_len,
                                 cfg.train.scst_entropy, cfg.train.scst_diversity, cfg.decode.suppress_unk)
     else:
-        loss = CaptionLoss(model, cfg.train.label_smoothing)  # DDP wraps the whole forward pass: the fine-tuned encoder stages too
+        # DDP wraps the whole forward pass: the fine-tuned encoder stages too
+        loss = CaptionLoss(model, cfg.train.label_smoothing)
     if process.distributed:
         loss = DistributedDataParallel(loss, device_ids=[process.device] if process.device.type == "cuda" else None)
     step = TrainingStep(loss, optimizer, cfg.train.grad_clip, process.device, compute.bf16, process)

@@ -5,8 +5,9 @@ A attention size, H LSTM size (from context: H is also the LSTM size in Attentio
 
 `step` is one word, as decoding runs it; `forward` (teacher forcing, training) computes the same numbers for
 a whole batch of captions faster: words of all steps embedded and projected in one product, the LSTM's three
-products with the previous state fused into one, the context product's weight gradient taken once for all steps, captions that have ended dropped from the batch, and the
-output layer run once over every step (tests/test_decoder_speed.py checks it equals looping `step`).
+products with the previous state fused into one, the weight gradients of the two per-step products taken once
+over all steps (model/deferred_grad.py), captions that have ended dropped from the batch, and the output layer
+run once over every step (tests/test_decoder_speed.py checks it equals looping `step`).
 """
 from __future__ import annotations
 
@@ -148,7 +149,8 @@ class AttentionDecoder(nn.Module):
         words = F.linear(self.embed(packed), lstm.weight_ih[:, :E], lstm.bias_ih + lstm.bias_hh)  # (P, 4H)
         # The three products of the previous h (LSTM, attention query, gate) as one: (4H + A [+ D], H).
         w_h = [lstm.weight_hh, self.attention.hidden_proj.weight] + ([self.gate.weight] if self.gate else [])
-        b_h = [torch.zeros_like(lstm.bias_hh), self.attention.hidden_proj.bias] + ([self.gate.bias] if self.gate else [])
+        b_h = [torch.zeros_like(lstm.bias_hh), self.attention.hidden_proj.bias] + (
+            [self.gate.bias] if self.gate else [])
         w_h, b_h, w_context = torch.cat(w_h), torch.cat(b_h), lstm.weight_ih[:, E:]  # w_context (4H, D)
         # Their weight gradients: one product over all steps each (and one cast under autocast), not one per step.
         from_h, from_context = StepProduct(w_h), StepProduct(w_context)
@@ -157,7 +159,8 @@ class AttentionDecoder(nn.Module):
         # split, not slices: a slice's gradient is a zero-filled copy of the whole tensor at every step
         for t, (n, words_t) in enumerate(zip(active, words.split(active))):
             h, c = h[:n], c[:n]
-            from_lstm, query, *gate = (from_h(h, first=t == 0) + b_h).split(sizes, dim=1)  # (n, H) -> (n, 4H), (n, A), (n, D)
+            # (n, H) -> (n, 4H), (n, A), (n, D)
+            from_lstm, query, *gate = (from_h(h, first=t == 0) + b_h).split(sizes, dim=1)
             alpha = self.attention.weights(projected[:n], query)  # (n, N)
             if context_parts is None:
                 context = attend(alpha, features[:n])  # (n, D)
