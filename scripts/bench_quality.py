@@ -13,7 +13,8 @@ data and decoding) from xe's best.pt (--init-from). Each stage's best.pt is the 
 CIDEr-D on the 60 validation photos (train.select_metric=cider) of the captions the stage is scored with
 (train.val_beam_size=3, decode.suppress_unk); SCST's start counts as its epoch 0 (train.validate_init), so
 SCST's best.pt is its start when no SCST epoch beats it. That checkpoint is what is scored: its captions
-(beam search, decode.* of the config) of the 60 val photos and of the 100 held-out test photos, with coco-caption's BLEU-1/4, METEOR, ROUGE-L and CIDEr-D, distinct captions per 100 photos, words used and mean
+(beam search, decode.* of the config) of the 60 val photos and of the 100 held-out test photos, with
+coco-caption's BLEU-1/4, METEOR, ROUGE-L and CIDEr-D, distinct captions per 100 photos, words used and mean
 length. Choose variants on val; test is for reporting. Per stage and seed: the selected epoch, training and
 scoring seconds; then mean and std over seeds, and SCST's relative CIDEr-D gain over its cross-entropy start.
 

@@ -123,7 +123,7 @@ class DecodeConfig:
     sample: bool = False  # draw each word from the model's distribution (varied captions) instead of greedy/beam
     temperature: float = 1.0  # sampling only: < 1 sharper (closer to greedy), > 1 more varied; see TEMPERATURES
     block_ngram: int = 0  # > 0: no caption repeats one of its n-grams of this length (greedy and beam; 0: off)
-    # captions never hold <unk> (rare words): greedy, beam, sampling and SCST's samples; as self-critical.pytorch's option
+    # captions never hold <unk> (rare words): greedy, beam, sampling, SCST's samples; as self-critical.pytorch
     suppress_unk: bool = False
     groups: int = 1  # beam search in this many diverse groups (Vijayakumar 2018); beam_size must be a multiple
     diversity: float = 0.0  # diverse groups: log-probability penalty per earlier group that chose the same word
