@@ -27,9 +27,9 @@ from captioner.text import Vocabulary
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """How decode() searches: one object, so a new option means one new field here, not a keyword threaded
-    through every decoding function and caller. engine/infer/predict.py's DecodeSettings.search_options builds
-    it from the decode.* config keys; which fields each search reads is said in decode()'s docstring."""
+    """How decode() searches, in one object: a new option is a field here (and one of DecodeSettings in
+    engine/infer/predict.py, whose search_options copies these fields by name), not a keyword threaded through
+    every decoding function and caller. Which fields each search reads: decode()'s docstring."""
     beam_size: int = 1  # 1 is greedy
     max_len: int = 30  # longest caption, in words (<end> is forced after it)
     length_penalty: float = 0.0  # beam ranking: 0 by total log-probability; 1 by mean per word (GNMT)
@@ -42,11 +42,15 @@ class SearchOptions:
 
     def __post_init__(self):
         # Checked where the options are built, so a bad value fails before any model runs, every problem named.
+        # The ranges are decode.*'s (config/validate.py); groups must divide beam_size only where beam search
+        # runs: greedy and sampling ignore groups, so options derived for them from beam options stay valid.
+        beams = self.beam_size > 1 and not self.sample
         checks = [(self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}"),
                   (self.max_len >= 1, f"max_len must be >= 1, got {self.max_len}"),
                   (self.block_ngram >= 0, f"block_ngram must be >= 0 (0: off), got {self.block_ngram}"),
-                  (self.groups >= 1 and self.beam_size % self.groups == 0,
-                   f"beam_size {self.beam_size} must be a multiple of groups {self.groups} (>= 1)"),
+                  (self.groups >= 1, f"groups must be >= 1, got {self.groups}"),
+                  (self.groups < 1 or not beams or self.beam_size % self.groups == 0,
+                   f"beam_size {self.beam_size} must be a multiple of groups {self.groups}"),
                   (self.temperature > 0, f"temperature must be > 0, got {self.temperature}")]
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -145,8 +149,10 @@ def beam_search(steps, raw: torch.Tensor, options: SearchOptions) -> Decoded:
     search (Vijayakumar et al. 2018): the beams form `groups` groups of beam_size / groups, searched one after
     the other at each step, each group's candidates scored `diversity` lower per earlier group that chose the
     same word at that step; the caption returned is still the most probable of all beams. Reads every option
-    but sample and temperature (SearchOptions checked beam_size against groups when it was built).
+    but sample and temperature.
     """
+    if options.beam_size % options.groups:  # beam_size 1 passes SearchOptions with any groups: greedy ignores them
+        raise ValueError(f"beam_size {options.beam_size} must be a multiple of groups {options.groups}")
     beam_size, max_len, length_penalty = options.beam_size, options.max_len, options.length_penalty
     block_ngram, groups, diversity = options.block_ngram, options.groups, options.diversity
     suppress_unk = options.suppress_unk
