@@ -109,7 +109,7 @@ def test_search_options_from_decode_settings_decode_as_the_keyword_signatures_di
     ({"beam_size": 0}, "beam_size must be >= 1"), ({"max_len": 0}, "max_len must be >= 1"),
     ({"block_ngram": -1}, "block_ngram must be >= 0"), ({"groups": 0}, "groups must be >= 1"),
     ({"beam_size": 3, "groups": 2}, "beam_size 3 must be a multiple of groups 2"),
-    ({"temperature": 0.0}, "temperature must be > 0")])
+    ({"temperature": 0.0, "sample": True}, "temperature must be > 0")])
 def test_search_options_refuse_bad_values_where_they_are_built(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         SearchOptions(**changes)
@@ -121,3 +121,4 @@ def test_groups_bind_only_where_beam_search_runs():
     """Greedy and sampling ignore groups (as before SearchOptions): options derived for them stay valid."""
     SearchOptions(beam_size=1, groups=2)
     SearchOptions(beam_size=3, groups=2, sample=True)
+    SearchOptions(beam_size=3, temperature=0.0)  # the temperature binds only sampling, as before

@@ -51,7 +51,8 @@ class SearchOptions:
                   (self.groups >= 1, f"groups must be >= 1, got {self.groups}"),
                   (self.groups < 1 or not beams or self.beam_size % self.groups == 0,
                    f"beam_size {self.beam_size} must be a multiple of groups {self.groups}"),
-                  (self.temperature > 0, f"temperature must be > 0, got {self.temperature}")]
+                  # unused unless sampling: as before, a greedy or beam search ignores it
+                  (not self.sample or self.temperature > 0, f"temperature must be > 0, got {self.temperature}")]
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise ValueError("invalid SearchOptions: " + "; ".join(problems))
