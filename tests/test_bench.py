@@ -11,7 +11,7 @@ import torch
 from captioner.engine.infer import predict
 from captioner.engine.train.step import TrainingStep
 from captioner.jobs import bench
-from captioner.model.decoding import beam_search
+from captioner.model.decoding import SearchOptions, beam_search
 from captioner.cli import main
 from captioner.config import EncoderConfig, ModelConfig
 from captioner.engine.runtime.compute import cpu_capability
@@ -79,9 +79,10 @@ def test_batched_beam_at_batch_32_equals_per_image_beam():
     torch.manual_seed(0)
     model = CaptionModel(EncoderConfig(arch="resnet18", image_size=64), ModelConfig(48, 48, 64, dropout=0.5), 300)
     raw = torch.randn(32, 512, 2, 2) * 50
-    batched = beam_search(model, raw, beam_size=3, max_len=12)
+    options = SearchOptions(beam_size=3, max_len=12)
+    batched = beam_search(model, raw, options)
     for i in range(32):
-        single = beam_search(model, raw[i:i + 1], beam_size=3, max_len=12)
+        single = beam_search(model, raw[i:i + 1], options)
         n = int(single.lengths[0])
         assert int(batched.lengths[i]) == n
         assert torch.equal(batched.tokens[i, :n], single.tokens[0, :n])
@@ -98,7 +99,7 @@ def test_bf16_autocast_path_runs_decoding_and_training():
     captions[:, 0] = 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         raw = model.encode(images)
-        out = beam_search(model, raw, beam_size=3, max_len=5)
+        out = beam_search(model, raw, SearchOptions(beam_size=3, max_len=5))
         logits, alphas = model.train()(raw, captions)
         loss, _ = caption_loss(logits, alphas, captions, torch.tensor([7, 6, 5, 4]), 1.0)
     loss.backward()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from captioner.model.decoding import beam_search, greedy_decode
+from captioner.model.decoding import SearchOptions, beam_search, greedy_decode
 from captioner.config import EncoderConfig, ModelConfig
 from captioner.model.decoder import caption_loss
 from captioner.model.caption_model import CaptionModel
@@ -34,17 +34,18 @@ def test_teacher_forcing_shapes_and_masked_loss(model):
 
 def test_beam_one_equals_greedy(model):
     raw = torch.randn(5, 512, 2, 2) * 100
-    g = greedy_decode(model, raw, max_len=12)
-    b = beam_search(model, raw, beam_size=1, max_len=12)
+    g = greedy_decode(model, raw, SearchOptions(max_len=12))
+    b = beam_search(model, raw, SearchOptions(beam_size=1, max_len=12))
     assert torch.equal(g.tokens, b.tokens)
     assert torch.allclose(g.scores, b.scores, atol=1e-5)
 
 
 def test_batched_beam_equals_per_image_beam(model):
     raw = torch.randn(6, 512, 2, 2) * 100
-    batched = beam_search(model, raw, beam_size=4, max_len=10, length_penalty=0.7)
+    options = SearchOptions(beam_size=4, max_len=10, length_penalty=0.7)
+    batched = beam_search(model, raw, options)
     for i in range(6):
-        single = beam_search(model, raw[i:i + 1], beam_size=4, max_len=10, length_penalty=0.7)
+        single = beam_search(model, raw[i:i + 1], options)
         n = int(single.lengths[0])
         assert torch.equal(batched.tokens[i, :n], single.tokens[0, :n])
         assert torch.allclose(batched.scores[i], single.scores[0], atol=1e-4)
@@ -53,7 +54,7 @@ def test_batched_beam_equals_per_image_beam(model):
 
 def test_untrained_model_always_gets_a_caption_within_max_len(model):
     raw = torch.randn(4, 512, 2, 2)
-    for out in (greedy_decode(model, raw, max_len=3), beam_search(model, raw, beam_size=3, max_len=3)):
+    for out in (greedy_decode(model, raw, SearchOptions(max_len=3)), beam_search(model, raw, SearchOptions(3, 3))):
         assert out.tokens.shape[1] <= 4
         assert (out.lengths >= 1).all() and (out.lengths <= 4).all()
         ends = (out.tokens == 2).sum(dim=1)
@@ -63,7 +64,7 @@ def test_untrained_model_always_gets_a_caption_within_max_len(model):
 
 def test_decoding_leaves_training_mode_alone(model):
     model.train()
-    greedy_decode(model, torch.randn(1, 512, 2, 2), max_len=2)
+    greedy_decode(model, torch.randn(1, 512, 2, 2), SearchOptions(max_len=2))
     assert model.training and not model.encoder.backbone.training
     model.eval()
 
@@ -80,9 +81,9 @@ def test_sampling_draws_from_the_model_and_returns_its_log_probs(model):
     from captioner.model.sample import sample_captions
     raw = torch.randn(4, 512, 2, 2) * 100
     torch.manual_seed(1)
-    a = decode(model, raw, max_len=10, sample=True)
+    a = decode(model, raw, SearchOptions(max_len=10, sample=True))
     torch.manual_seed(1)
-    b = decode(model, raw, max_len=10, sample=True)
+    b = decode(model, raw, SearchOptions(max_len=10, sample=True))
     assert torch.equal(a.tokens, b.tokens)  # seeded: reproducible
     assert ((a.tokens == 2).sum(dim=1) == 1).all()  # every caption ends, by max_len at the latest
     torch.manual_seed(1)
@@ -102,5 +103,5 @@ def test_sampling_draws_from_the_model_and_returns_its_log_probs(model):
     assert torch.allclose(forced, drawn, atol=1e-5)
     # A low temperature concentrates the draws on the greedy caption.
     cold = sample_captions(model, raw[:1].repeat(20, 1, 1, 1), max_len=10, temperature=1e-6).tokens
-    greedy = greedy_decode(model, raw[:1], max_len=10).tokens
+    greedy = greedy_decode(model, raw[:1], SearchOptions(max_len=10)).tokens
     assert (cold[:, : greedy.shape[1]] == greedy).all()

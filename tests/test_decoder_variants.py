@@ -6,7 +6,7 @@ import torch
 
 from captioner.config import Config, LEGACY_DEFAULTS, ModelConfig, from_saved_dict, to_dict
 from captioner.engine.infer.checkpoint import model_from_checkpoint
-from captioner.model.decoding import beam_search
+from captioner.model.decoding import SearchOptions, beam_search
 from captioner.model.caption_model import CaptionModel
 
 from helpers import GridStub
@@ -25,7 +25,7 @@ def test_feature_paths_attention_and_state_variants(features, dim):
     captions = torch.randint(4, 30, (2, 6))
     logits, alphas = model(raw, captions)
     assert logits.shape == (2, 5, 30) and torch.allclose(alphas.sum(-1), torch.ones(2, 5), atol=1e-5)
-    out = beam_search(model, raw, beam_size=2, max_len=5)
+    out = beam_search(model, raw, SearchOptions(beam_size=2, max_len=5))
     assert out.tokens.shape[0] == 2 and out.alphas.shape[-1] == 9
 
 

@@ -22,7 +22,7 @@ from captioner.data.cache import FeatureCache, default_cache_dir
 from captioner.errors import CaptionerError
 from captioner.jobs import extract
 from captioner.lock import ProcessLock
-from captioner.model.decoding import decode
+from captioner.model.decoding import SearchOptions, decode
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary, join_words, tokenize
 
@@ -334,7 +334,7 @@ def test_decoding_never_returns_an_empty_caption():
         model.decoder.out.bias[Vocabulary.pad_id] = 90.0
     raw = model.encode(torch.rand(3, 3, 64, 64))
     for beam, sample in ((1, False), (10, False), (1, True)):  # greedy, beam, sampled
-        out = decode(model, raw, beam, max_len=5, sample=sample)
+        out = decode(model, raw, SearchOptions(beam, max_len=5, sample=sample))
         first = out.tokens[:, 0]
         assert not torch.isin(first, torch.tensor([Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.end_id])).any()
         assert (out.lengths >= 2).all()  # a word, then <end>

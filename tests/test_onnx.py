@@ -11,7 +11,7 @@ import torch
 from captioner.config import EncoderConfig, ModelConfig
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
-from captioner.model.decoding import beam_search, decode, greedy_decode
+from captioner.model.decoding import SearchOptions, beam_search, decode, greedy_decode
 from captioner.model.encoder import HookedEncoder
 from captioner.model.truncated import TruncatedEncoder
 
@@ -68,16 +68,18 @@ def test_ort_features_and_captions_equal_pytorch(small):
     features = backend.encode(images)
     assert features.shape == raw.shape == (5, 512, 2, 2)
     assert _relative(raw, features) < 1e-4
-    for run in (lambda m, r: greedy_decode(m, r, 12), lambda m, r: beam_search(m, r, 3, 12, 0.5)):
+    for run in (lambda m, r: greedy_decode(m, r, SearchOptions(max_len=12)),
+                lambda m, r: beam_search(m, r, SearchOptions(beam_size=3, max_len=12, length_penalty=0.5))):
         torch_out, ort_out = run(model, raw), run(backend, features)
         assert torch.equal(torch_out.tokens, ort_out.tokens)
         assert torch.allclose(torch_out.scores, ort_out.scores, atol=1e-4)
         assert torch.allclose(torch_out.alphas, ort_out.alphas, atol=1e-5)
-    sampled = decode(backend, features, max_len=6, sample=True)  # sampling drives the same sessions
+    sampled = decode(backend, features, SearchOptions(max_len=6, sample=True))  # sampling drives the same sessions
     assert sampled.tokens.shape[0] == 5 and (sampled.lengths >= 1).all()
     model.train()
     try:  # through the step interface, PyTorch decoding still runs in eval mode and gives the mode back
-        assert torch.equal(greedy_decode(model, raw, 12).tokens, greedy_decode(backend, features, 12).tokens)
+        twelve = SearchOptions(max_len=12)
+        assert torch.equal(greedy_decode(model, raw, twelve).tokens, greedy_decode(backend, features, twelve).tokens)
         assert model.training
     finally:
         model.eval()
@@ -86,8 +88,9 @@ def test_ort_features_and_captions_equal_pytorch(small):
 def test_dynamic_batch_and_one_image_alone_equals_in_a_batch(small):
     model, backend, _ = small
     images = torch.randint(0, 256, (7, 3, 64, 64), dtype=torch.uint8)
-    batched = beam_search(backend, backend.encode(images), 3, 10)
-    alone = beam_search(backend, backend.encode(images[4:5]), 3, 10)
+    options = SearchOptions(beam_size=3, max_len=10)
+    batched = beam_search(backend, backend.encode(images), options)
+    alone = beam_search(backend, backend.encode(images[4:5]), options)
     n = int(alone.lengths[0])
     assert torch.equal(batched.tokens[4, :n], alone.tokens[0, :n])
 
@@ -129,7 +132,7 @@ def test_int8_graphs_are_quantized_and_close(small, tmp_path):
     with torch.no_grad():
         raw = model.encode(images)
     assert _relative(raw, int8.encode(images)) < 0.2  # int8 of random weights: close, not equal
-    out = beam_search(int8, int8.encode(images), 3, 8)
+    out = beam_search(int8, int8.encode(images), SearchOptions(beam_size=3, max_len=8))
     assert torch.isfinite(out.scores).all() and (out.lengths >= 1).all()
 
 
@@ -146,7 +149,8 @@ def test_resnet152_shaped_encoder_round_trip(tmp_path):
         raw = model.encode(images)
     features = backend.encode(images)
     assert features.shape == (2, 2048, 3, 3) and _relative(raw, features) < 1e-4
-    assert torch.equal(greedy_decode(model, raw, 8).tokens, greedy_decode(backend, features, 8).tokens)
+    eight = SearchOptions(max_len=8)
+    assert torch.equal(greedy_decode(model, raw, eight).tokens, greedy_decode(backend, features, eight).tokens)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from captioner.engine.train.scst import Rewarder, SelfCriticalLoss, similarity_t
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
 from captioner.model.decoder import caption_loss
-from captioner.model.decoding import decode
+from captioner.model.decoding import SearchOptions, decode
 from captioner.text import Vocabulary
 
 from helpers import GridStub
@@ -96,7 +96,7 @@ def test_decode_settings_take_the_decode_keys_to_the_one_decode_path():
     vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(8)])
     raw = torch.randn(3, 24, 3, 3) * 4
     captioned = caption_batch(model, vocab, raw, settings)
-    expected = decode(model, raw, 4, cfg.decode.max_len, block_ngram=3, groups=2, diversity=0.5)
+    expected = decode(model, raw, SearchOptions(4, cfg.decode.max_len, block_ngram=3, groups=2, diversity=0.5))
     assert [c.score for c in captioned] == pytest.approx(expected.scores.tolist(), abs=1e-5)
 
 
@@ -107,8 +107,8 @@ def test_suppress_unk_never_writes_unk_and_changes_nothing_else():
         model.decoder.out.bias[Vocabulary.unk_id] += 50.0
     raw = torch.randn(4, 24, 3, 3) * 4
     for beam in (1, 3):
-        plain = decode(model, raw, beam, max_len=6)
-        kept = decode(model, raw, beam, max_len=6, suppress_unk=True)
+        plain = decode(model, raw, SearchOptions(beam, max_len=6))
+        kept = decode(model, raw, SearchOptions(beam, max_len=6, suppress_unk=True))
         assert (plain.tokens == Vocabulary.unk_id).any(), "the biased decoder writes <unk> without the option"
         assert not (kept.tokens == Vocabulary.unk_id).any() and (kept.lengths >= 2).all()
     cfg = load_config(None, ["decode.suppress_unk=true"])
@@ -124,8 +124,8 @@ def test_suppress_unk_reaches_sampling_and_self_critical_samples():
     with torch.no_grad():
         model.decoder.out.bias[Vocabulary.unk_id] += 3.0  # <unk> likely, not certain
     raw = torch.randn(4, 24, 3, 3) * 4
-    drawn = decode(model, raw.repeat(8, 1, 1, 1), 1, max_len=6, sample=True)
-    kept = decode(model, raw.repeat(8, 1, 1, 1), 1, max_len=6, sample=True, suppress_unk=True)
+    drawn = decode(model, raw.repeat(8, 1, 1, 1), SearchOptions(max_len=6, sample=True))
+    kept = decode(model, raw.repeat(8, 1, 1, 1), SearchOptions(max_len=6, sample=True, suppress_unk=True))
     assert (drawn.tokens == Vocabulary.unk_id).any() and not (kept.tokens == Vocabulary.unk_id).any()
     out = sample_captions(model, raw, max_len=6, suppress_unk=True)
     # the first word's log-probability under the model's distribution without <unk>

@@ -3,7 +3,7 @@
     model = CaptionModel(cfg.encoder, cfg.model, vocab_size=len(vocab))
     raw = model.encode(images)                       # (B, 3, S, S) uint8 -> (B, C, H, W), frozen
     logits, alphas = model(raw, captions)            # teacher forcing on raw encoder features
-    out = greedy_decode(model, raw, ...)             # see decoding.py
+    out = decode(model, raw, SearchOptions(...))     # greedy, beam or sampled: see decoding.py
 
 Training and decoding take the raw encoder activations, so features cached on disk and features
 computed on the fly go through exactly the same projector.

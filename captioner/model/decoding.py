@@ -1,7 +1,8 @@
 """Greedy, beam-search and sampled decoding, batched over images on the model's device.
 
-    out = beam_search(model, raw, beam_size=3, max_len=20)   # raw: (B, C, H, W) encoder activations
-    out = beam_search(ort_steps, raw, beam_size=3)           # the same loop over another backend (steps.py)
+    options = SearchOptions(beam_size=3, max_len=20)       # every decode-time search option, in one place
+    out = decode(model, raw, options)                      # raw: (B, C, H, W) encoder activations
+    out = decode(ort_steps, raw, options)                  # the same loops over another backend (steps.py)
     out.tokens (B, L) ids ending in <end> then <pad>; out.scores (B,); out.alphas (B, L, N); out.lengths (B,)
 
 Every image gets a caption of at least one word: <end> may not come first (an untrained model or a wide beam
@@ -22,6 +23,39 @@ import torch
 from captioner.model.sample import sample_captions
 from captioner.model.steps import as_steps
 from captioner.text import Vocabulary
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How decode() searches, in one object: a new option is a field here (and one of DecodeSettings in
+    engine/infer/predict.py, whose search_options copies these fields by name), not a keyword threaded through
+    every decoding function and caller. Which fields each search reads: decode()'s docstring."""
+    beam_size: int = 1  # 1 is greedy
+    max_len: int = 30  # longest caption, in words (<end> is forced after it)
+    length_penalty: float = 0.0  # beam ranking: 0 by total log-probability; 1 by mean per word (GNMT)
+    block_ngram: int = 0  # > 0: no caption repeats one of its n-grams of this length (greedy and beam)
+    groups: int = 1  # diverse beam search: beam groups (beam_size must be a multiple)
+    diversity: float = 0.0  # diverse beam search: penalty per earlier group that chose the same word
+    suppress_unk: bool = False  # never write <unk> (greedy, beam and sampling)
+    sample: bool = False  # draw each word from the model's distribution (the beam options are then ignored)
+    temperature: float = 1.0  # sampling only: < 1 sharper, > 1 more varied
+
+    def __post_init__(self):
+        # Checked where the options are built, so a bad value fails before any model runs, every problem named.
+        # The ranges are decode.*'s (config/validate.py); groups must divide beam_size only where beam search
+        # runs: greedy and sampling ignore groups, so options derived for them from beam options stay valid.
+        beams = self.beam_size > 1 and not self.sample
+        checks = [(self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}"),
+                  (self.max_len >= 1, f"max_len must be >= 1, got {self.max_len}"),
+                  (self.block_ngram >= 0, f"block_ngram must be >= 0 (0: off), got {self.block_ngram}"),
+                  (self.groups >= 1, f"groups must be >= 1, got {self.groups}"),
+                  (self.groups < 1 or not beams or self.beam_size % self.groups == 0,
+                   f"beam_size {self.beam_size} must be a multiple of groups {self.groups}"),
+                  # unused unless sampling: as before, a greedy or beam search ignores it
+                  (not self.sample or self.temperature > 0, f"temperature must be > 0, got {self.temperature}")]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("invalid SearchOptions: " + "; ".join(problems))
 
 
 @dataclass
@@ -79,10 +113,11 @@ def _in_eval_mode(decoder):
 
 @torch.no_grad()
 @_in_eval_mode
-def greedy_decode(steps, raw: torch.Tensor, max_len: int = 30, block_ngram: int = 0,
-                  suppress_unk: bool = False) -> Decoded:
+def greedy_decode(steps, raw: torch.Tensor, options: SearchOptions = SearchOptions()) -> Decoded:
     """steps (a CaptionModel or DecoderSteps), raw (B, C, H, W) encoder activations -> Decoded with the most
-    likely word at each step (block_ngram > 0: never one that repeats an n-gram of the caption)."""
+    likely word at each step (options.block_ngram > 0: never one that repeats an n-gram of the caption).
+    Reads options.max_len, block_ngram and suppress_unk; the beam and sampling options are decode()'s to pick."""
+    max_len, block_ngram, suppress_unk = options.max_len, options.block_ngram, options.suppress_unk
     state = steps.start(raw)
     B = raw.shape[0]
     tokens = torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=raw.device)
@@ -107,18 +142,21 @@ def greedy_decode(steps, raw: torch.Tensor, max_len: int = 30, block_ngram: int 
 
 @torch.no_grad()
 @_in_eval_mode
-def beam_search(steps, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30, length_penalty: float = 0.0,
-                block_ngram: int = 0, groups: int = 1, diversity: float = 0.0, suppress_unk: bool = False) -> Decoded:
-    """raw (B, C, H, W) -> Decoded best of beam_size hypotheses per image, all images in one batch.
+def beam_search(steps, raw: torch.Tensor, options: SearchOptions) -> Decoded:
+    """raw (B, C, H, W) -> Decoded best of options.beam_size hypotheses per image, all images in one batch.
 
     Hypotheses are ranked by log-probability / ((5 + length) / 6) ** length_penalty (GNMT); 0 ranks by
     total log-probability. block_ngram > 0: no hypothesis repeats one of its n-grams. groups > 1: diverse beam
     search (Vijayakumar et al. 2018): the beams form `groups` groups of beam_size / groups, searched one after
     the other at each step, each group's candidates scored `diversity` lower per earlier group that chose the
-    same word at that step; the caption returned is still the most probable of all beams.
+    same word at that step; the caption returned is still the most probable of all beams. Reads every option
+    but sample and temperature.
     """
-    if groups < 1 or beam_size % groups:
-        raise ValueError(f"beam_size {beam_size} must be a multiple of groups {groups}")
+    if options.beam_size % options.groups:  # beam_size 1 passes SearchOptions with any groups: greedy ignores them
+        raise ValueError(f"beam_size {options.beam_size} must be a multiple of groups {options.groups}")
+    beam_size, max_len, length_penalty = options.beam_size, options.max_len, options.length_penalty
+    block_ngram, groups, diversity = options.block_ngram, options.groups, options.diversity
+    suppress_unk = options.suppress_unk
     B, device = raw.shape[0], raw.device
     V = steps.vocab_size
     width = min(beam_size // groups, V)  # beams per group
@@ -179,23 +217,23 @@ def beam_search(steps, raw: torch.Tensor, beam_size: int = 3, max_len: int = 30,
 
 @torch.no_grad()
 @_in_eval_mode
-def sampled_decode(steps, raw: torch.Tensor, max_len: int = 30, temperature: float = 1.0,
-                   generator: torch.Generator | None = None, suppress_unk: bool = False) -> Decoded:
-    """raw (B, C, H, W) -> Decoded with every word drawn from the model's distribution at `temperature`
-    (eval mode; scores: the total log-probability under that tempered distribution)."""
-    out = sample_captions(steps, raw, max_len, temperature, generator, at_least_one_word=True,
-                          suppress_unk=suppress_unk)
+def sampled_decode(steps, raw: torch.Tensor, options: SearchOptions = SearchOptions(),
+                   generator: torch.Generator | None = None) -> Decoded:
+    """raw (B, C, H, W) -> Decoded with every word drawn from the model's distribution at options.temperature
+    (eval mode; scores: the total log-probability under that tempered distribution). Reads options.max_len,
+    temperature and suppress_unk; draws from `generator`, else torch's global generator."""
+    out = sample_captions(steps, raw, options.max_len, options.temperature, generator, at_least_one_word=True,
+                          suppress_unk=options.suppress_unk)
     return Decoded(out.tokens, out.log_probs.sum(dim=1), out.alphas, out.lengths)
 
 
-def decode(model, raw: torch.Tensor, beam_size: int = 1, max_len: int = 30, length_penalty: float = 0.0,
-           sample: bool = False, temperature: float = 1.0, block_ngram: int = 0, groups: int = 1,
-           diversity: float = 0.0, suppress_unk: bool = False) -> Decoded:
-    """Greedy (beam_size 1), beam search, or sampling (sample=True: beam_size and the beam options are then
-    ignored); block_ngram applies to greedy and beam search, suppress_unk to all three, groups and diversity
-    to beam search; model: a CaptionModel or any DecoderSteps (model/steps.py)."""
-    if sample:
-        return sampled_decode(model, raw, max_len, temperature, suppress_unk=suppress_unk)
-    if beam_size <= 1:
-        return greedy_decode(model, raw, max_len, block_ngram, suppress_unk)
-    return beam_search(model, raw, beam_size, max_len, length_penalty, block_ngram, groups, diversity, suppress_unk)
+def decode(model, raw: torch.Tensor, options: SearchOptions = SearchOptions()) -> Decoded:
+    """raw (B, C, H, W) -> Decoded by greedy (beam_size 1), beam search, or sampling (options.sample: beam_size
+    and the beam options are then ignored); block_ngram applies to greedy and beam search, suppress_unk to all
+    three, length_penalty, groups and diversity to beam search, temperature to sampling.
+    model: a CaptionModel or any DecoderSteps (model/steps.py)."""
+    if options.sample:
+        return sampled_decode(model, raw, options)
+    if options.beam_size == 1:
+        return greedy_decode(model, raw, options)
+    return beam_search(model, raw, options)

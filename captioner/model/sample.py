@@ -6,9 +6,10 @@
     tokens up to and including <end>.
 
 Unlike greedy_decode and beam_search this runs in whatever mode the caller left the model (SCST samples
-in training mode, with dropout, from the policy it updates) and keeps the autograd graph; `decode(...,
-sample=True)` in decoding.py is the inference entry point (eval mode, no gradients). Random draws come from
-`generator`, else torch's global generator (saved in checkpoints, so a resumed run draws the same words).
+in training mode, with dropout, from the policy it updates) and keeps the autograd graph; `decode(model, raw,
+SearchOptions(sample=True))` in decoding.py is the inference entry point (eval mode, no gradients). Random
+draws come from `generator`, else torch's global generator (saved in checkpoints, so a resumed run draws the
+same words).
 `model` is a CaptionModel or any DecoderSteps (model/steps.py), as for greedy and beam decoding.
 """
 from __future__ import annotations

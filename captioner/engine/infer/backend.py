@@ -4,7 +4,7 @@
     backend = OnnxBackend.load("model/")               # ONNX Runtime sessions (onnx_runtime.py)
     with backend.running(device, bf16):
         raw = backend.encode(images)                   # (B, 3, S, S) uint8 -> (B, C, H, W)
-        out = decode(backend.steps, raw, beam_size=3)  # the one set of decoding loops, over either backend
+        out = decode(backend.steps, raw, settings.search_options)  # the one set of decoding loops, either backend
 
 Both describe their encoder the same way (backend.encoder: arch, layer, image_size, channels, grid), so the
 commands above them (caption, evaluate, serve, bench) never ask which one runs.

@@ -3,7 +3,7 @@
     backend, vocab, cfg = load_onnx_folder("model/", device)   # a folder of `captioner export --format onnx`
     backend = OnnxBackend(graphs, spec, vocab_size=len(vocab), device=torch.device("cpu"))
     raw = backend.encode(images)                      # encoder.onnx: (B, 3, S, S) uint8 -> (B, C, H, W)
-    out = decode(backend.steps, raw, beam_size=3)     # model/decoding.py's loops over decoder_init/decoder_step
+    out = decode(backend.steps, raw, SearchOptions(beam_size=3))  # model/decoding.py's loops over its sessions
 
 Only the sessions differ from the PyTorch backend: model/decoding.py's greedy, beam and sampling loops drive
 decoder_step.onnx through the same step interface (model/steps.py) as the PyTorch decoder, so there is one

@@ -12,7 +12,7 @@ CaptionModel or a backend (backend.py: PyTorch modules or ONNX Runtime sessions)
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from captioner.progress import bar as make_bar
@@ -22,7 +22,7 @@ from captioner.data.pipeline import Unreadable, feature_batches, image_batches
 from captioner.engine.infer.backend import as_backend
 from captioner.engine.runtime.compute import Compute
 from captioner.engine.runtime.signals import StopRequest
-from captioner.model.decoding import decode
+from captioner.model.decoding import SearchOptions, decode
 from captioner.text import Vocabulary, join_words
 
 log = logging.getLogger("captioner")
@@ -30,6 +30,7 @@ log = logging.getLogger("captioner")
 
 @dataclass
 class DecodeSettings:
+    """The decode.* options in a precision: search_options gives the model layer what it searches with."""
     beam_size: int = 1  # 1 is greedy
     max_len: int = 30  # longest caption, in words
     length_penalty: float = 0.0  # 0 ranks beams by total log-probability; 1 by mean per word
@@ -39,7 +40,13 @@ class DecodeSettings:
     block_ngram: int = 0  # > 0: no caption repeats one of its n-grams (greedy and beam)
     groups: int = 1  # diverse beam search: beam groups (beam_size must be a multiple)
     diversity: float = 0.0  # diverse beam search: penalty per earlier group that chose the same word
-    suppress_unk: bool = False  # greedy and beam never write <unk>
+    suppress_unk: bool = False  # greedy, beam and sampling never write <unk>
+
+    @property
+    def search_options(self) -> SearchOptions:
+        """The options decode() searches with: every field here but bf16 (how the model runs, not what it
+        searches), checked by SearchOptions. A new search option is a field of SearchOptions and of this class."""
+        return SearchOptions(**{f.name: getattr(self, f.name) for f in fields(SearchOptions)})
 
     @classmethod
     def of(cls, cfg: Config, beam_size: int | None = None, *, compute: Compute) -> "DecodeSettings":
@@ -85,9 +92,7 @@ def caption_batch(model, vocab: Vocabulary, inputs: torch.Tensor, settings: Deco
     backend = as_backend(model)
     with backend.running(inputs.device, settings.bf16):  # eval mode; bf16 where compute.bf16 resolved on
         raw = inputs if inputs.is_floating_point() else backend.encode(inputs)  # -> (B, C, H, W)
-        out = decode(backend.steps, raw, settings.beam_size, settings.max_len, settings.length_penalty,
-                     settings.sample, settings.temperature, settings.block_ngram, settings.groups,
-                     settings.diversity, settings.suppress_unk)
+        out = decode(backend.steps, raw, settings.search_options)
     # One copy to the host per batch: (B, L) tokens, (B,) scores and, when asked for, (B, L, N) attention.
     tokens, scores = out.tokens.cpu(), out.scores.float().cpu()
     alphas = out.alphas.float().cpu() if attention else torch.empty(tokens.shape[0], tokens.shape[1], 0)

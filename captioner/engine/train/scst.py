@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from captioner.config import SCST_BASELINES
 from captioner.metrics.cider import CiderD
-from captioner.model.decoding import greedy_decode
+from captioner.model.decoding import SearchOptions, greedy_decode
 from captioner.model.sample import sample_captions
 from captioner.text import Vocabulary
 
@@ -116,7 +116,8 @@ class SelfCriticalLoss(nn.Module):
         greedy_rewards = None
         reward_s = 0.0
         if self.baseline == "greedy":  # eval mode, no gradients: greedy_decode restores the training mode
-            greedy = greedy_decode(self.model, raw.detach(), self.max_len, suppress_unk=self.suppress_unk).tokens
+            options = SearchOptions(max_len=self.max_len, suppress_unk=self.suppress_unk)
+            greedy = greedy_decode(self.model, raw.detach(), options).tokens
             tick = time.perf_counter()
             greedy_rewards = self.rewarder(greedy, images)  # (B,)
             reward_s += time.perf_counter() - tick

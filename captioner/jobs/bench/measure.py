@@ -23,7 +23,7 @@ from captioner.engine.train.step import CaptionLoss, TrainingStep, build_optimiz
 from captioner.errors import CaptionerError
 from captioner.jobs.bench.sizes import BenchSizes
 from captioner.model.caption_model import CaptionModel, build_encoder
-from captioner.model.decoding import beam_search
+from captioner.model.decoding import SearchOptions, beam_search
 from captioner.text import SPECIALS, Vocabulary
 
 
@@ -173,15 +173,16 @@ def measure_all(sizes: BenchSizes, compute: Compute, workdir: Path) -> dict:
 
     # (e) beam search one image at a time vs all images in one batch, on the same cached features
     raw = source[: sizes.beam_images].to(device)  # (B, C, H, W)
+    options = SearchOptions(beam_size=sizes.beam_size, max_len=sizes.max_len)
 
     def per_image():
         with torch.inference_mode(), compute.autocast():
             for i in range(raw.shape[0]):
-                beam_search(model, raw[i:i + 1], sizes.beam_size, sizes.max_len)
+                beam_search(model, raw[i:i + 1], options)
 
     def batched():
         with torch.inference_mode(), compute.autocast():
-            beam_search(model, raw, sizes.beam_size, sizes.max_len)
+            beam_search(model, raw, options)
 
     batched()  # warm-up
     results["beam_per_image_images_per_s"] = raw.shape[0] / _timed(per_image, device)
