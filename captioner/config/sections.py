@@ -104,6 +104,7 @@ class TrainConfig:
     objective: str = "xe"  # xe: cross-entropy on the reference captions; scst: self-critical training on CIDEr-D
     scst_samples: int = 5  # scst: captions sampled per image (train.batch_size counts images)
     scst_baseline: str = "mean"  # scst: mean (of the image's other samples; Luo 2020) or greedy (Rennie et al.)
+    scst_max_len: int = 0  # scst: longest sampled caption, in words (0: decode.max_len, which then also cuts captions)
     scst_entropy: float = 0.0  # scst: weight of an entropy bonus that keeps sampling from collapsing (0: off)
     # scst: a sample's reward is lowered by this times its similarity to another image's most similar sample in the
     # batch (0: off), against one generic caption for many photos (docs/quality.md)

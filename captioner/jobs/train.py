@@ -259,7 +259,8 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
                           cfg.train.lr_gamma, cfg.train.lr_patience)
     if cfg.train.objective == "scst":  # rewards: CIDEr-D with the training references' idf, computed once
         loss = SelfCriticalLoss(model, Rewarder(inputs.train_records, vocab, cfg.dataset.max_len),
-                                cfg.train.scst_samples, cfg.train.scst_baseline, cfg.decode.max_len,
+                                cfg.train.scst_samples, cfg.train.scst_baseline,
+                                cfg.train.scst_max_len or cfg.decode.max_len,
                                 cfg.train.scst_entropy, cfg.train.scst_diversity, cfg.decode.suppress_unk)
     else:
         # DDP wraps the whole forward pass: the fine-tuned encoder stages too
