@@ -51,10 +51,10 @@ class DecodeSettings:
     @classmethod
     def of(cls, cfg: Config, beam_size: int | None = None, *, compute: Compute) -> "DecodeSettings":
         """cfg.decode's settings in compute's precision; beam_size overrides decode.beam_size (a beam size
-        that is not a multiple of decode.groups searches without groups)."""
+        that is not a multiple of decode.groups searches without groups; greedy has none)."""
         beam_size = beam_size or cfg.decode.beam_size
         groups = cfg.decode.groups if beam_size % cfg.decode.groups == 0 else 1
-        if groups != cfg.decode.groups:
+        if groups != cfg.decode.groups and beam_size > 1:
             log.warning("beam size %d is not a multiple of decode.groups=%d: searching without groups", beam_size,
                         cfg.decode.groups)
         return cls(beam_size, cfg.decode.max_len, cfg.decode.length_penalty, compute.bf16, cfg.decode.sample,

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from captioner.engine.runtime import distributed
 from captioner.engine.infer.predict import DecodeSettings, predict
@@ -27,11 +28,7 @@ def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict
     cfg = run.cfg
     # train.val_beam_size with the decode keys that apply to it, so best.pt is picked on the captions users get.
     # Never sampled: a validation must be repeatable.
-    beam, decode = cfg.train.val_beam_size, cfg.decode
-    groups = decode.groups if beam % decode.groups == 0 else 1
-    settings = DecodeSettings(beam, decode.max_len, decode.length_penalty, run.compute.bf16,
-                              block_ngram=decode.block_ngram, groups=groups, diversity=decode.diversity,
-                              suppress_unk=decode.suppress_unk)
+    settings = replace(DecodeSettings.of(cfg, cfg.train.val_beam_size, compute=run.compute), sample=False)
     hypotheses = predict(run.model, run.vocab, inputs.val_records, settings, cfg.decode.batch_size,
                          run.process.device, features=inputs.val_features, num_workers=cfg.train.num_workers,
                          unreadable=inputs.unreadable, progress_bar=run.process.is_main,
