@@ -164,7 +164,6 @@ def validate(cfg: Config) -> None:
         (cfg.train.scst_samples >= (2 if cfg.train.scst_baseline == "mean" else 1),
          f"train.scst_samples must be >= 2 with the mean baseline (>= 1 with greedy), got {cfg.train.scst_samples}"),
         (cfg.train.scst_entropy >= 0, "train.scst_entropy must be >= 0"),
-        (cfg.train.scst_max_len >= 0, f"train.scst_max_len must be >= 0 (0: decode.max_len), got {cfg.train.scst_max_len}"),
         (cfg.train.scst_diversity >= 0, f"train.scst_diversity must be >= 0, got {cfg.train.scst_diversity}"),
         (0.0 <= cfg.train.label_smoothing < 1.0,
          f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}"),

@@ -20,8 +20,8 @@ log = logging.getLogger("captioner")
 
 def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict:
     """Captions (greedy, or beam search of train.val_beam_size) of this process's share of the val images,
-    gathered and scored on rank 0 with
-    captioner.metrics; every process gets the scores (plus "images": how many were captioned).
+    gathered and scored on rank 0 with captioner.metrics; every process gets the scores (plus "images": how
+    many were captioned).
 
     With one process, a stop signal ends validation at the next batch (Stopped); under torchrun every process
     finishes it, since the others would wait for the one that left."""
