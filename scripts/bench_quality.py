@@ -45,6 +45,7 @@ from captioner.engine.train.rundir import config_differences  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
 from captioner.files import write_text  # noqa: E402
 from captioner.jobs import evaluate, extract, train  # noqa: E402
+from captioner.metrics.coco import release_meteor  # noqa: E402
 import quality_data  # noqa: E402
 
 log = logging.getLogger("captioner")
@@ -123,6 +124,7 @@ def run_stage(cfg: Config, run_dir: Path, device: str | None, init_from: str | N
         metrics = evaluate.main(evaluate.EvaluateJob(best, split, out_dir=str(run_dir), overrides=decoding,
                                                      device=device))
         result[split] = scores(metrics)
+    release_meteor()  # its java process would hold ~1 GB through the next stage's training
     result["score_s"] = round(time.perf_counter() - tick, 1)
     return result
 

@@ -11,7 +11,9 @@ from captioner.data.records import ImageRecord
 from captioner.engine.train.loggers import MetricsLog
 from captioner.errors import CaptionerError
 from captioner.jobs import train
-from captioner.engine.train.scst import Rewarder, SelfCriticalLoss, advantages
+from captioner.engine.train.scst import ReferenceCaptions, Rewarder, SelfCriticalLoss, advantages
+from captioner.model.decoder import caption_loss
+from captioner.model.sample import sample_captions
 from captioner.metrics.cider import CiderD
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary
@@ -82,6 +84,68 @@ def test_scst_loss_statistics_and_gradient():
     assert 0 <= stats["sample_words"] <= 6
     loss.backward()
     assert model.decoder.out.weight.grad is not None and model.decoder.out.weight.grad.abs().sum() > 0
+
+
+def test_reference_draws_come_from_each_image_and_cover_its_captions():
+    vocab = Vocabulary.build([c for caps in CAPTIONS for c in caps])
+    refs = ReferenceCaptions(_records(), vocab, max_len=16)
+    torch.manual_seed(0)
+    seen = {0: set(), 1: set(), 2: set()}
+    for _ in range(20):
+        captions, lengths = refs.draw(torch.tensor([2, 0, 1, 0]))
+        assert captions.shape == (4, int(lengths.max())) and captions[:, 0].eq(Vocabulary.start_id).all()
+        for image, row, n in zip([2, 0, 1, 0], captions.tolist(), lengths.tolist()):
+            assert row[n - 1] == Vocabulary.end_id and all(t == Vocabulary.pad_id for t in row[n:])
+            seen[image].add(vocab.decode(row[:n]))
+    assert seen == {i: set(caps) for i, caps in enumerate(CAPTIONS)}  # every reference drawn, only the image's own
+    torch.manual_seed(1)
+    first = refs.draw(torch.tensor([0, 1]))
+    torch.manual_seed(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, refs.draw(torch.tensor([0, 1]))))  # seeded: repeatable
+
+
+def test_scst_cross_entropy_term_adds_its_weight_times_the_references_loss():
+    vocab = Vocabulary.build([c for caps in CAPTIONS for c in caps])
+    model = CaptionModel(EncoderConfig(arch="resnet18", image_size=64), ModelConfig(32, 32, 32, dropout=0.0),
+                         len(vocab))
+    refs, raw, images = ReferenceCaptions(_records(), vocab, 16), torch.randn(3, 512, 2, 2), torch.tensor([0, 1, 2])
+    plain = SelfCriticalLoss(model, Rewarder(_records(), vocab, 16), samples=2, max_len=6)
+    mixed = SelfCriticalLoss(model, Rewarder(_records(), vocab, 16), samples=2, max_len=6, references=refs,
+                             xe_weight=0.5, label_smoothing=0.1)
+    torch.manual_seed(3)
+    base, _, _ = plain(raw, images)
+    torch.manual_seed(3)
+    total, _, _ = mixed(raw, images)
+    torch.manual_seed(3)
+    plain(raw, images)  # the same samples leave the generator where the mixed loss drew its references
+    captions, lengths = refs.draw(images)
+    logits, alphas = model(raw, captions, lengths)
+    anchor, ce = caption_loss(logits, alphas, captions, lengths, model.alpha_c, 0.1)
+    assert torch.allclose(total, base + 0.5 * anchor, atol=1e-5)
+    assert mixed.stats["xe"] == pytest.approx(float(ce.detach()), rel=1e-5) and "xe" not in plain.stats
+    with pytest.raises(ValueError, match="reference captions"):
+        SelfCriticalLoss(model, Rewarder(_records(), vocab, 16), xe_weight=0.5)
+
+
+def test_scst_samples_and_trains_the_tempered_distribution():
+    vocab = Vocabulary.build([c for caps in CAPTIONS for c in caps])
+    model = CaptionModel(EncoderConfig(arch="resnet18", image_size=64), ModelConfig(32, 32, 32, dropout=0.0),
+                         len(vocab))
+    raw, images = torch.randn(3, 512, 2, 2), torch.tensor([0, 1, 2])
+    entropies = {}
+    for temperature in (1.0, 0.5):
+        loss_fn = SelfCriticalLoss(model, Rewarder(_records(), vocab, 16), samples=4, max_len=6,
+                                   temperature=temperature)
+        torch.manual_seed(2)
+        loss_fn(raw, images)
+        torch.manual_seed(2)  # the same draws from sample_captions at that temperature: the same loss
+        expected = sample_captions(model, raw.repeat_interleave(4, dim=0), 6, temperature=temperature)
+        mask = expected.mask.float()
+        entropies[temperature] = loss_fn.stats["entropy"]
+        assert entropies[temperature] == pytest.approx(float((expected.entropy.detach() * mask).sum() / mask.sum()), rel=1e-5)
+    assert entropies[0.5] < entropies[1.0]  # sharper samples: what the policy gradient now trains
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        SelfCriticalLoss(model, Rewarder(_records(), vocab, 16), temperature=0.0)
 
 
 # ---------------------------------------------------------------------------------------------- training runs

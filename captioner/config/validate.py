@@ -165,6 +165,8 @@ def validate(cfg: Config) -> None:
          f"train.scst_samples must be >= 2 with the mean baseline (>= 1 with greedy), got {cfg.train.scst_samples}"),
         (cfg.train.scst_entropy >= 0, "train.scst_entropy must be >= 0"),
         (cfg.train.scst_diversity >= 0, f"train.scst_diversity must be >= 0, got {cfg.train.scst_diversity}"),
+        (cfg.train.scst_xe_weight >= 0, f"train.scst_xe_weight must be >= 0, got {cfg.train.scst_xe_weight}"),
+        (cfg.train.scst_temperature > 0, f"train.scst_temperature must be > 0, got {cfg.train.scst_temperature}"),
         (0.0 <= cfg.train.label_smoothing < 1.0,
          f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}"),
         (all(name in LOGGERS for name in cfg.train.log_to) and len(set(cfg.train.log_to)) == len(cfg.train.log_to),

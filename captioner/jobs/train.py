@@ -47,7 +47,7 @@ from captioner.engine.train.samples import SampleImages
 from captioner.engine.train.telemetry import RunClock, Window, peak_memory
 from captioner.engine.runtime.rng import seed_everything
 from captioner.engine.train.schedule import LRSchedule
-from captioner.engine.train.scst import Rewarder, SelfCriticalLoss
+from captioner.engine.train.scst import ReferenceCaptions, Rewarder, SelfCriticalLoss
 from captioner.engine.train.step import CaptionLoss, TrainingStep, build_optimizer
 from captioner.engine.train.inputs import build_train_loader, check_training_data, training_inputs
 from captioner.engine.train.validation import early_stop, finish_epoch, validate, validate_start
@@ -60,7 +60,8 @@ from captioner.text import Vocabulary
 log = logging.getLogger("captioner")
 
 def _scst_stats(run: TrainingRun) -> dict:
-    """The last step's SCST statistics (reward, baseline, sample_words, entropy, reward_s), {} under cross-entropy."""
+    """The last step's SCST statistics (reward, baseline, sample_words, entropy, reward_s, maybe xe and similarity),
+    {} under cross-entropy."""
     loss = run.step.loss_fn
     return dict(getattr(getattr(loss, "module", loss), "stats", {}))  # DDP wraps the loss module
 
@@ -261,7 +262,10 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
         loss = SelfCriticalLoss(model, Rewarder(inputs.train_records, vocab, cfg.dataset.max_len),
                                 cfg.train.scst_samples, cfg.train.scst_baseline,
                                 cfg.train.scst_max_len or cfg.decode.max_len,
-                                cfg.train.scst_entropy, cfg.train.scst_diversity, cfg.decode.suppress_unk)
+                                cfg.train.scst_entropy, cfg.train.scst_diversity, cfg.decode.suppress_unk,
+                                ReferenceCaptions(inputs.train_records, vocab, cfg.dataset.max_len)
+                                if cfg.train.scst_xe_weight else None,
+                                cfg.train.scst_xe_weight, cfg.train.label_smoothing, cfg.train.scst_temperature)
     else:
         # DDP wraps the whole forward pass: the fine-tuned encoder stages too
         loss = CaptionLoss(model, cfg.train.label_smoothing)

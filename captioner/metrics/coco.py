@@ -127,6 +127,15 @@ def _meteor():
     return Meteor()
 
 
+def release_meteor() -> None:
+    """End the METEOR java process (about 1 GB) until the next score needs it: for a process that scores, then
+    trains for a long time (scripts/bench_quality.py between stages)."""
+    if _meteor.cache_info().currsize:
+        meteor = _meteor()
+        _meteor.cache_clear()
+        meteor.__del__()  # pycocoevalcap's only close; running it again at garbage collection does nothing
+
+
 def _meteor_score(gts: dict, res: dict) -> tuple[float | None, str]:
     """(score, "") or (None, why it was skipped)."""
     try:

@@ -14,6 +14,12 @@ loss = -sum(advantage * log p(token) over tokens up to <end>) / number of those 
 train.scst_diversity > 0 lowers each sample's reward by that weight times its similarity to the most similar
 sample of another image in the batch (`similarity_to_other_images`): a caption that would fit other photos as
 well gains less, which counters SCST's drift towards one generic caption for many photos.
+train.scst_xe_weight > 0 adds that weight times cross-entropy on one of each image's reference captions (drawn at
+random every step): the mixed objective of Paulus et al. 2018. It anchors the policy to human captions, which on a
+few hundred photos keeps SCST from fitting the training references' rewards at the cost of unseen photos.
+train.scst_temperature < 1 samples from the sharpened distribution softmax(logits / T), and its log-probabilities
+are the ones trained: a label-smoothed model at T=1 puts a rare word in most 10-word samples, so its rewards
+mostly rank those slips rather than what beam search would write.
 decode.suppress_unk (suppress_unk) keeps <unk> out of the samples and the greedy baseline: the policy trained is
 the one decoding runs, and its gradient goes to real words rather than to avoiding <unk>.
 
@@ -31,6 +37,7 @@ import torch.nn as nn
 
 from captioner.config import SCST_BASELINES
 from captioner.metrics.cider import CiderD
+from captioner.model.decoder import caption_loss
 from captioner.model.decoding import SearchOptions, greedy_decode
 from captioner.model.sample import sample_captions
 from captioner.text import Vocabulary
@@ -58,6 +65,31 @@ class Rewarder:
         lengths = np.where(ended.any(axis=1), ended.argmax(axis=1), host.shape[1])
         rewards = self.cider.score(host, lengths, images.detach().cpu().numpy())
         return torch.from_numpy(rewards).float().to(tokens.device)
+
+
+class ReferenceCaptions:
+    """Every training image's reference captions as token ids, to draw one per image for the cross-entropy term.
+
+    records[i] is image i; its captions become rows offsets[i] .. offsets[i] + counts[i] - 1 of `tokens`."""
+
+    def __init__(self, records, vocab: Vocabulary, max_len: int):
+        encoded = [vocab.encode(c, max_len) for r in records for c in r.captions]  # <start> words <end>
+        if not encoded or any(not r.captions for r in records):
+            raise ValueError("train.scst_xe_weight needs at least one reference caption for every training image")
+        self.lengths = torch.tensor([len(e) for e in encoded])  # (M,) counting <start> and <end>
+        self.tokens = torch.full((len(encoded), int(self.lengths.max())), Vocabulary.pad_id, dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            self.tokens[row, : len(ids)] = torch.tensor(ids)
+        self.counts = torch.tensor([len(r.captions) for r in records])
+        self.offsets = self.counts.cumsum(0) - self.counts
+
+    def draw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B,) record indices -> (captions (B, T+2), lengths (B,)) on images' device: one reference of
+        each, drawn with torch's global generator (deterministic given the run's seed)."""
+        device, images = images.device, images.cpu()
+        rows = self.offsets[images] + (torch.rand(len(images)) * self.counts[images]).long()
+        lengths = self.lengths[rows]
+        return self.tokens[rows, : int(lengths.max())].to(device), lengths.to(device)
 
 
 def similarity_to_other_images(tokens: torch.Tensor, images: torch.Tensor, buckets: int = 4096) -> torch.Tensor:
@@ -96,7 +128,9 @@ class SelfCriticalLoss(nn.Module):
     baseline and policy-gradient loss, as one module so DistributedDataParallel sees the whole pass."""
 
     def __init__(self, model, rewarder: Rewarder, samples: int = 5, baseline: str = "mean", max_len: int = 16,
-                 entropy: float = 0.0, diversity: float = 0.0, suppress_unk: bool = False):
+                 entropy: float = 0.0, diversity: float = 0.0, suppress_unk: bool = False,
+                 references: ReferenceCaptions | None = None, xe_weight: float = 0.0, label_smoothing: float = 0.0,
+                 temperature: float = 1.0):
         super().__init__()
         if baseline not in SCST_BASELINES:
             raise ValueError(f"unknown SCST baseline {baseline!r}; use one of {SCST_BASELINES}")
@@ -105,12 +139,19 @@ class SelfCriticalLoss(nn.Module):
         self.model, self.rewarder = model, rewarder
         self.samples, self.baseline, self.max_len, self.entropy = samples, baseline, max_len, entropy
         self.diversity, self.suppress_unk = diversity, suppress_unk
+        if xe_weight and references is None:
+            raise ValueError("the cross-entropy term (xe_weight) needs the reference captions")
+        self.references, self.xe_weight, self.label_smoothing = references, xe_weight, label_smoothing
+        if temperature <= 0:
+            raise ValueError(f"the sampling temperature must be > 0, got {temperature}")
+        self.temperature = temperature
         self.stats: dict[str, float] = {}  # the last step's mean reward, baseline, sample length, entropy, time
 
     def forward(self, inputs: torch.Tensor, images: torch.Tensor):
         """inputs (B, 3, S, S) uint8 images or (B, C, H, W) float features, images (B,) record indices
         -> (loss, None, None): the step weighs it as a mean over the same units in every process. The logs'
-        floats go to self.stats: {"reward", "baseline", "sample_words", "entropy", "reward_s"}."""
+        floats go to self.stats: {"reward", "baseline", "sample_words", "entropy", "reward_s"}, with "xe" (the
+        cross-entropy term before its weight) and "similarity" when those are on."""
         raw = inputs if inputs.is_floating_point() else self.model.encode(inputs)  # (B, C, H, W)
         B, K = raw.shape[0], self.samples
         greedy_rewards = None
@@ -122,7 +163,7 @@ class SelfCriticalLoss(nn.Module):
             greedy_rewards = self.rewarder(greedy, images)  # (B,)
             reward_s += time.perf_counter() - tick
         out = sample_captions(self.model, raw.repeat_interleave(K, dim=0), self.max_len,  # B*K rows, image-major
-                              suppress_unk=self.suppress_unk)
+                              temperature=self.temperature, suppress_unk=self.suppress_unk)
         tick = time.perf_counter()
         cider = self.rewarder(out.tokens, images.repeat_interleave(K)).view(B, K)
         rewards, similar = cider, None
@@ -139,7 +180,14 @@ class SelfCriticalLoss(nn.Module):
         entropy = (out.entropy * mask).sum() / tokens
         if self.entropy:
             loss = loss - self.entropy * entropy
+        xe = None
+        if self.xe_weight:  # teacher-forced on one reference per image, in the training mode the samples used
+            captions, lengths = self.references.draw(images)
+            logits, alphas = self.model(raw, captions, lengths)
+            anchor, xe = caption_loss(logits, alphas, captions, lengths, self.model.alpha_c, self.label_smoothing)
+            loss = loss + self.xe_weight * anchor
         self.stats = {"reward": float(cider.mean()), "baseline": float(base.mean()),
                       "sample_words": float(out.lengths.float().mean() - 1), "entropy": float(entropy.detach()),
-                      "reward_s": reward_s, **({"similarity": float(similar.mean())} if similar is not None else {})}
+                      "reward_s": reward_s, **({"xe": float(xe.detach())} if xe is not None else {}),
+                      **({"similarity": float(similar.mean())} if similar is not None else {})}
         return loss, None, None
