@@ -145,7 +145,7 @@ def test_scst_samples_and_trains_the_tempered_distribution():
         assert entropies[temperature] == pytest.approx(float((expected.entropy.detach() * mask).sum() / mask.sum()), rel=1e-5)
     assert entropies[0.5] < entropies[1.0]  # sharper samples: what the policy gradient now trains
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        SelfCriticalLoss(model, Rewarder(_records(), vocab, 16), temperature=0.0)
+        SelfCriticalLoss(model, Rewarder(_records(), vocab, 16), temperature=0.0)(raw, images)
 
 
 # ---------------------------------------------------------------------------------------------- training runs
