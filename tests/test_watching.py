@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -266,3 +267,16 @@ def test_plot_one_run_keeps_its_figure_and_several_runs_overlay(tmp_path, capsys
     assert (tmp_path / "a" / "curves.png").is_file()
     assert cli(["plot", str(tmp_path / "a"), str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_a_resumed_run_waits_until_its_event_file_sorts_after_the_killed_runs(tmp_path):
+    # A killed run's file opened this second, by a process whose pid sorts after ours: a file we open in the same
+    # second would sort first, and TensorBoard would read our later steps before its earlier ones.
+    from captioner.engine.train.loggers import wait_for_a_later_file_name
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now}.host.99999.0").write_bytes(b"")
+    wait_for_a_later_file_name(tmp_path)
+    assert int(time.time()) > now
+    started = time.monotonic()
+    wait_for_a_later_file_name(tmp_path)  # already later: no wait
+    assert time.monotonic() - started < 0.05

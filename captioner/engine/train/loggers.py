@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -160,6 +161,17 @@ def drop_events_after(folder: Path, step: int) -> int:
     return removed
 
 
+def wait_for_a_later_file_name(folder: Path) -> None:
+    """TensorBoard reads a run's event files in name order, and a name starts with the second its file was opened
+    (then host and pid): a resumed run opening its file in the killed run's second could sort before it (by pid),
+    and the reader would take the older steps for a restart and drop them. Waits (under a second) until a new file
+    sorts after every file in folder."""
+    stamps = [int(part) for part in (p.name.split(".")[3] for p in folder.glob("events.out.tfevents.*"))
+              if part.isdigit()]
+    while stamps and time.time() < max(stamps) + 1:
+        time.sleep(0.05)
+
+
 def _keep(event, step: int) -> bool:
     if any(value.tag.startswith(HPARAMS_TAG) for value in event.summary.value):
         return False
@@ -184,6 +196,7 @@ class TensorBoardLogger(Logger):
             if removed:
                 log.info("%s: %d TensorBoard events after step %d removed (they are logged again)", folder,
                          removed, resume_step)
+            wait_for_a_later_file_name(folder)
         # flush_secs: curves appear in TensorBoard within half a minute of being logged
         self.writer = SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1,
                                     flush_secs=30)
