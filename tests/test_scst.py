@@ -138,7 +138,7 @@ def test_scst_samples_and_trains_the_tempered_distribution():
                                    temperature=temperature)
         torch.manual_seed(2)
         loss_fn(raw, images)
-        torch.manual_seed(2)  # the same draws from sample_captions at that temperature: the same loss
+        torch.manual_seed(2)  # the same draws from sample_captions at that temperature: the same entropy
         expected = sample_captions(model, raw.repeat_interleave(4, dim=0), 6, temperature=temperature)
         mask = expected.mask.float()
         entropies[temperature] = loss_fn.stats["entropy"]
