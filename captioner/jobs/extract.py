@@ -30,6 +30,7 @@ from captioner.errors import CaptionerError
 from captioner.files import check_writable
 from captioner.jobs.base import config_of
 from captioner.model.caption_model import build_encoder
+from captioner.model.pretrained import names_library_weights
 from captioner.engine.runtime import distributed
 from captioner.engine.runtime.distributed import Process
 
@@ -78,7 +79,9 @@ def _extract(cfg: Config, splits: list[str], process: Process, rebuild: bool, ba
     if process.is_main:
         check_writable(default_cache_dir(cfg), "feature cache", folder=True)  # before the encoder and the dataset
     compute = setup_compute(cfg.compute, device)
-    encoder = compute.prepare_encoder(build_encoder(cfg.encoder))
+    # One process per node downloads the pretrained weights into the node's cache; the others read them there.
+    with distributed.node_main_first(process, "fetching encoder.weights", names_library_weights(cfg.encoder.weights)):
+        encoder = compute.prepare_encoder(build_encoder(cfg.encoder))
     with distributed.main_process_first(process):  # a synthetic set is generated once, not by every process
         all_records = load_records(cfg.dataset)
     records = [r for r in all_records if r.split in splits]

@@ -55,6 +55,7 @@ from captioner.errors import CaptionerError
 from captioner.files import check_writable
 from captioner.jobs.base import config_of
 from captioner.model.caption_model import CaptionModel, build_encoder
+from captioner.model.pretrained import names_library_weights
 from captioner.text import Vocabulary
 
 log = logging.getLogger("captioner")
@@ -217,7 +218,10 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
         cfg = from_dict(inherit_preprocess(to_dict(cfg), (checkpoint or init)["config"]))
     seed_everything(cfg.train.seed)  # the same initial weights in every process
     # A resumed or initialised backbone comes from the checkpoint: its weights file need not exist any more.
-    encoder = build_encoder(dataclasses.replace(cfg.encoder, weights=None) if checkpoint or init else cfg.encoder)
+    encoder_cfg = dataclasses.replace(cfg.encoder, weights=None) if checkpoint or init else cfg.encoder
+    # One process per node downloads the pretrained weights into the node's cache; the others read them there.
+    with distributed.node_main_first(process, "fetching encoder.weights", names_library_weights(encoder_cfg.weights)):
+        encoder = build_encoder(encoder_cfg)
     with distributed.main_process_first(process):  # the synthetic set is generated once, not by every process
         records = load_records(cfg.dataset)
     train_records, val_records = by_split(records, "train"), by_split(records, "val")  # missing files already dropped

@@ -27,9 +27,9 @@ import torchvision
 
 from captioner.config import INTERPOLATIONS
 from captioner.errors import CaptionerError
-from captioner.files import move_into_place
 from captioner.progress import quiet_library_logs
 from captioner.model.backbone_weights import load_state, looks_like_file, read_encoder_weights
+from captioner.model.pretrained import hub_files, library_download, torchvision_state
 from captioner.weights import read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,12 +66,6 @@ def _close(name: str, names: list[str]) -> str:
     return ", ".join(difflib.get_close_matches(name, names, n=4, cutoff=0.5)) or "none"
 
 
-def _download_failed(arch: str, weights: str, e: Exception, fix: str) -> CaptionerError:
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-    return CaptionerError(f"{arch} weights {weights} are not cached and could not be downloaded "
-                          f"({type(e).__name__}: {reason}); {fix}, or set encoder.weights to a local file")
-
-
 class Torchvision:
     name, extra = "torchvision", None
 
@@ -103,17 +97,7 @@ class Torchvision:
         if weights not in names:
             raise CaptionerError(f"encoder.weights '{weights}' is not a {name} weight name or an existing file; "
                                  f"valid names: {', '.join(names)}, or a path to a .pth/.safetensors file")
-        url = enum[weights].url
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-        if not cached.is_file():
-            try:
-                torch.hub.download_url_to_file(url, str(cached.with_suffix(".part")), progress=True)
-                move_into_place(cached.with_suffix(".part"), cached)
-            except Exception as e:  # noqa: BLE001 - offline machines fail in many ways; all mean the same
-                raise CaptionerError(f"{name} {weights} weights are not cached at {cached} and could not be "
-                                     f"downloaded ({type(e).__name__}); download {url} to that path, or set "
-                                     f"encoder.weights to a local .pth file") from None
-        return read_state_dict(cached, f"{name} {weights} weights file")
+        return torchvision_state(name, enum[weights])  # the library's cached, hash-checked loader
 
     def preprocess(self, model: nn.Module) -> Preprocess:
         return Preprocess()  # every torchvision classification weight is ImageNet-normalised
@@ -158,18 +142,18 @@ class Timm:
         cfg = timm.models.get_pretrained_cfg(full)
         if cfg is not None and cfg.fixed_input_size:  # ViTs size their position embedding at build time
             kwargs["img_size"] = image_size
-        try:
-            with quiet_library_logs():
-                model = timm.create_model(full, pretrained=bool(tag), **kwargs)
-        except CaptionerError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the hub's offline errors come in many types
-            if not tag:
+        if tag:
+            timm.models.set_pretrained_check_hash(True)  # timm's URL-hosted weights: torch.hub's hash check
+            with library_download(f"timm/{name}", tag, hub_files("timm", cfg.to_dict() if cfg else None)), \
+                    quiet_library_logs():
+                model = timm.create_model(full, pretrained=True, **kwargs)
+        else:
+            try:
+                with quiet_library_logs():
+                    model = timm.create_model(full, **kwargs)
+            except Exception as e:  # noqa: BLE001 - a size the model cannot take fails in many ways
                 raise CaptionerError(f"timm cannot build {name} at {image_size}x{image_size}: "
                                      f"{(str(e).splitlines() or [type(e).__name__])[0][:160]}") from None
-            hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-            where = f"download model.safetensors from https://huggingface.co/{hub}" if hub else "download them"
-            raise _download_failed(f"timm/{name}", tag, e, where) from None
         if state is not None:
             load_state(model, self._as_timm(model, state, file), f"timm/{name}", file, layer)
         return model
@@ -225,15 +209,17 @@ class OpenClip:
         if tag:
             self._check_activation(open_clip, name, tag)
         state = read_encoder_weights(file) if file else None
-        try:
-            with quiet_library_logs():
+        if tag:
+            with library_download(f"open_clip/{name}", tag, hub_files("open_clip", open_clip.get_pretrained_cfg(
+                    name, tag))), quiet_library_logs():
                 clip = open_clip.create_model(name, pretrained=tag, force_image_size=image_size)
-        except Exception as e:  # noqa: BLE001 - the hub's offline errors come in many types
-            if not tag:
+        else:
+            try:
+                with quiet_library_logs():
+                    clip = open_clip.create_model(name, force_image_size=image_size)
+            except Exception as e:  # noqa: BLE001 - a size the model cannot take fails in many ways
                 raise CaptionerError(f"open_clip cannot build {name} at {image_size}x{image_size}: "
                                      f"{(str(e).splitlines() or [type(e).__name__])[0][:160]}") from None
-            raise _download_failed(f"open_clip/{name}", tag, e, "run once where the network allows (open_clip "
-                                   "caches it)") from None
         if state is not None:
             if not any(k.startswith("visual.") for k in state):  # a visual tower saved on its own
                 state = {"visual." + k: v for k, v in state.items()}

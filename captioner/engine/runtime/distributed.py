@@ -120,6 +120,34 @@ def main_process_first(process: Process):
         barrier(process)
 
 
+def _count_failed(failed: bool, process: Process) -> int:
+    return int(all_reduce_sum(torch.tensor([int(failed)], device=process.device), process).item())
+
+
+@contextmanager
+def node_main_first(process: Process, what: str, enabled: bool = True):
+    """The first process of each node (LOCAL_RANK 0) runs the block first, the others once every node's first
+    process has finished it: e.g. building the encoder, whose pretrained weights the first process downloads
+    into the node's cache and the others then read from it. When the block fails in a first process, every
+    process stops (the others with one line pointing to its error) instead of waiting in a collective.
+    enabled=False (the same in every process) runs the block everywhere at once."""
+    if not (process.distributed and enabled):
+        yield
+        return
+    if process.local_rank == 0:
+        try:
+            yield
+        except BaseException:
+            _count_failed(True, process)
+            raise
+        if _count_failed(False, process):
+            raise CaptionerError(f"stopped: {what} failed in another node's first process (its error says why)")
+    else:
+        if _count_failed(False, process):
+            raise CaptionerError(f"stopped: {what} failed in this node's first process (its error says why)")
+        yield
+
+
 def shard(items: list, process: Process) -> list:
     """This process's share of items: every world_size-th item from its rank on.
 
