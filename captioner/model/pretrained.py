@@ -96,7 +96,7 @@ def torchvision_state(arch: str, weights) -> dict:
             raise CaptionerError(f"{arch} {weights.name} weights {cached} cannot be read ({reason}): delete it to "
                                  f"download it again, or set encoder.weights to a local .pth file") from None
         if "invalid hash value" in str(e):
-            raise CaptionerError(f"the download of {file} is corrupt (its sha256 does not start with the "
+            raise CaptionerError(f"the download of {file} is incomplete or corrupt (its sha256 does not start with the "
                                  f"{torch.hub.HASH_REGEX.search(file).group(1)} its name carries) and was not "
                                  f"kept: try again, or place a good copy at {cached}") from None
         raise CaptionerError(f"could not download {file} ({reason}; no network?): place it at {cached} "
@@ -106,20 +106,20 @@ def torchvision_state(arch: str, weights) -> dict:
 @dataclass(frozen=True)
 class LibraryFile:
     """Where a timm or open_clip weights tag comes from: a Hugging Face Hub repo's file, or a plain URL."""
-    file: str
+    file: str  # the name the library tries first
     repo_id: str = ""  # Hub repo ("timm/convnext_tiny.fb_in22k"); empty for a URL
     url: str = ""
     folder: str = ""  # the library's cache folder for a URL download
+    others: tuple[str, ...] = ()  # names the library falls back to (pytorch_model.bin after model.safetensors)
 
     def place(self) -> str:
         """How to get the file onto a machine without a network, in words."""
         if not self.repo_id:
             return f"place it at {Path(self.folder) / self.file} (from {self.url})"
-        cache = _hub_cache()
         repo_folder = "models--" + self.repo_id.replace("/", "--")
         return (f"where the network allows, run `hf download {self.repo_id} {self.file}` "
                 f"(https://huggingface.co/{self.repo_id}) and copy that machine's {repo_folder} folder "
-                f"(in its Hugging Face cache) into {cache}")
+                f"(in its Hugging Face cache) into {_hub_cache()}")
 
     def cached(self) -> bool:
         if not self.repo_id:
@@ -128,7 +128,7 @@ class LibraryFile:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
             return False
-        return isinstance(try_to_load_from_cache(self.repo_id, self.file), str)
+        return any(isinstance(try_to_load_from_cache(self.repo_id, f), str) for f in (self.file, *self.others))
 
 
 def _hub_cache() -> str:
@@ -140,18 +140,21 @@ def _hub_cache() -> str:
 
 
 def hub_files(library: str, cfg: dict | None) -> LibraryFile | None:
-    """The file a timm pretrained_cfg or an open_clip pretrained config fetches (safetensors where the Hub has
-    it: both libraries try that name first)."""
+    """The file a timm pretrained_cfg or an open_clip pretrained config fetches: both libraries try a
+    .safetensors name on the Hub first, then the pickle-free-loaded .bin."""
     cfg = cfg or {}
     if library == "timm":
         repo, url, folder = cfg.get("hf_hub_id"), cfg.get("url"), str(Path(torch.hub.get_dir()) / "checkpoints")
-        default_file = "model.safetensors"
+        files = ("model.safetensors", "pytorch_model.bin")
     else:
         repo, url, folder = (cfg.get("hf_hub") or "").rstrip("/"), cfg.get("url"), "~/.cache/clip"
-        repo, _, default_file = (repo.rpartition("/") if repo.count("/") > 1 else (repo, "", ""))
-        default_file = default_file or "open_clip_model.safetensors"
+        named = ""
+        if repo.count("/") > 1:  # "org/name/file.bin" names its file
+            repo, _, named = repo.rpartition("/")
+        files = (("open_clip_model.safetensors", "open_clip_pytorch_model.bin") if not named else
+                 (named[:-4] + ".safetensors", named) if named.endswith((".bin", ".pth")) else (named,))
     if repo:
-        return LibraryFile(default_file, repo_id=repo)
+        return LibraryFile(files[0], repo_id=repo, others=files[1:])
     if url:
         return LibraryFile(os.path.basename(urlparse(url).path), url=url, folder=os.path.expanduser(folder))
     return None

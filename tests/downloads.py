@@ -1,0 +1,121 @@
+"""Stand-ins for the places pretrained weights come from, so code that downloads is tested without the internet:
+a loopback HTTP server, a filled Hugging Face cache, and tiny weight files.
+
+    with LoopbackServer({"resnet18-0123abcd.pth": data}) as server:
+        url = server.url("resnet18-0123abcd.pth")          # http://127.0.0.1:PORT/resnet18-0123abcd.pth
+        ...
+        assert server.requests == ["/resnet18-0123abcd.pth"]
+    fill_hub_cache(tmp_path / "hub", "timm/test_resnet.r160_in1k", {"model.safetensors": data})
+
+Import them from here (`from downloads import LoopbackServer`), like helpers.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+
+class LoopbackServer:
+    """An HTTP server on 127.0.0.1 (a free port, a background thread) serving fixed bytes per path and recording
+    every request path. Paths in `truncate` announce their full Content-Length but send only half the bytes,
+    then close the connection: an interrupted download."""
+
+    def __init__(self, files: dict[str, bytes], truncate: set[str] = frozenset()):
+        self.files, self.truncate = dict(files), set(truncate)
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                name = self.path.lstrip("/")
+                server.requests.append(self.path)
+                if name not in server.files:
+                    self.send_error(404)
+                    return
+                data = server.files[name]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2] if name in server.truncate else data)
+                self.close_connection = True
+
+            def log_message(self, *args):  # keep the test output clean
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def __enter__(self) -> "LoopbackServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+def closed_port_url(name: str) -> str:
+    """A loopback URL where nothing listens: connecting is refused at once, like a machine without a network."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"
+
+
+def tiny_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights for every tensor of model (built on the meta device is enough), stored small: each float
+    tensor is one random row broadcast to its shape (stride 0), which torch.save keeps as that row alone
+    (ResNet-50's weights in a few hundred kB). BatchNorm variances are 1, so activations stay finite."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def small(name: str, v: torch.Tensor) -> torch.Tensor:
+        if not v.is_floating_point():
+            return torch.zeros(v.shape, dtype=v.dtype, device="cpu")
+        if name.endswith("running_var"):
+            return torch.ones(v.shape[-1], device="cpu").expand(v.shape)
+        row = torch.randn(v.shape[-1] if v.dim() else 1, generator=generator, device="cpu") * 0.05
+        return row.expand(v.shape) if v.dim() else row[0].clone()
+
+    return {k: small(k, v) for k, v in model.state_dict().items()}
+
+
+def saved_bytes(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def hashed_name(stem: str, data: bytes, suffix: str = ".pth") -> str:
+    """torch.hub's file name for data: stem-<first 8 hex digits of its sha256><suffix> (resnet18-f37072fd.pth)."""
+    return f"{stem}-{hashlib.sha256(data).hexdigest()[:8]}{suffix}"
+
+
+def fill_hub_cache(cache: str | Path, repo_id: str, files: dict[str, bytes]) -> Path:
+    """Put files into a Hugging Face cache (HF_HUB_CACHE) as huggingface_hub lays them out, as if downloaded:
+    models--ORG--NAME/blobs/<sha256>, snapshots/<commit>/<file> linking to the blob, refs/main naming the
+    commit. Returns the snapshot folder; huggingface_hub.try_to_load_from_cache then finds each file."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = Path(cache) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()  # any 40-hex commit id
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
