@@ -163,6 +163,7 @@ def test_timm_tag_loads_from_a_filled_hugging_face_cache(offline_hub):
     assert encoder.preprocess.mean == (0.5, 0.5, 0.5) and encoder.interpolation == "bilinear"  # the tag's own
 
 
+@pytest.mark.slow  # open_clip builds the whole 102M-parameter CLIP (text tower too) before loading: ~4 s
 def test_open_clip_tag_loads_from_a_filled_hugging_face_cache(offline_hub):
     open_clip = pytest.importorskip("open_clip")
     repo = open_clip.get_pretrained_cfg("RN50-quickgelu", "openai")["hf_hub"].rstrip("/")
