@@ -4,8 +4,9 @@ a loopback HTTP server, a filled Hugging Face cache, and tiny weight files.
     with LoopbackServer({"resnet18-0123abcd.pth": data}) as server:
         url = server.url("resnet18-0123abcd.pth")          # http://127.0.0.1:PORT/resnet18-0123abcd.pth
         ...
-        assert server.requests == ["/resnet18-0123abcd.pth"]
+        assert server.downloads == ["/resnet18-0123abcd.pth"]
     fill_hub_cache(tmp_path / "hub", "timm/test_resnet.r160_in1k", {"model.safetensors": data})
+    with LoopbackServer(*hub_files("timm/test_resnet.r160_in1k", {"model.safetensors": data})) as hub: ...
 
 Import them from here (`from downloads import LoopbackServer`), like helpers.py.
 """
@@ -24,33 +25,49 @@ import torch
 
 class LoopbackServer:
     """An HTTP server on 127.0.0.1 (a free port, a background thread) serving fixed bytes per path and recording
-    every request path. Paths in `truncate` announce their full Content-Length but send only half the bytes,
-    then close the connection: an interrupted download."""
+    every request as "GET /path" or "HEAD /path". `headers` adds response headers per path (a Hub's ETag, ...).
+    Paths in `truncate` announce their full Content-Length but send only half the bytes, then close the
+    connection: an interrupted download."""
 
-    def __init__(self, files: dict[str, bytes], truncate: set[str] = frozenset()):
-        self.files, self.truncate = dict(files), set(truncate)
+    def __init__(self, files: dict[str, bytes], truncate: set[str] = frozenset(),
+                 headers: dict[str, dict[str, str]] | None = None):
+        self.files, self.truncate, self.headers = dict(files), set(truncate), dict(headers or {})
         self.requests: list[str] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def _answer(self, body: bool) -> None:
                 name = self.path.lstrip("/")
-                server.requests.append(self.path)
+                server.requests.append(f"{self.command} {self.path}")
                 if name not in server.files:
                     self.send_error(404)
                     return
                 data = server.files[name]
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
+                for key, value in server.headers.get(name, {}).items():
+                    self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(data[: len(data) // 2] if name in server.truncate else data)
+                if body:
+                    self.wfile.write(data[: len(data) // 2] if name in server.truncate else data)
                 self.close_connection = True
+
+            def do_GET(self):  # noqa: N802 - http.server's names
+                self._answer(body=True)
+
+            def do_HEAD(self):  # noqa: N802
+                self._answer(body=False)
 
             def log_message(self, *args):  # keep the test output clean
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def downloads(self) -> list[str]:
+        """The paths fetched with GET (a HEAD only asks whether a cached copy is current)."""
+        return [r.split(" ", 1)[1] for r in self.requests if r.startswith("GET ")]
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
@@ -119,3 +136,16 @@ def fill_hub_cache(cache: str | Path, repo_id: str, files: dict[str, bytes]) -> 
         blob.write_bytes(data)
         (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
     return snapshot
+
+
+def hub_files(repo_id: str, files: dict[str, bytes], etags: dict[str, str] | None = None,
+              commit: str = "0" * 40) -> tuple[dict[str, bytes], set, dict[str, dict[str, str]]]:
+    """LoopbackServer arguments that answer like the Hugging Face Hub for repo_id's files at revision main
+    (point huggingface_hub.constants' ENDPOINT and HUGGINGFACE_CO_URL_TEMPLATE at the server): the path
+    REPO/resolve/main/FILE, the commit header, and the ETag an LFS file has, its sha256 (or etags[file])."""
+    etags = etags or {}
+    paths = {f"{repo_id}/resolve/main/{name}": data for name, data in files.items()}
+    headers = {f"{repo_id}/resolve/main/{name}": {
+        "X-Repo-Commit": commit, "ETag": f'"{etags.get(name) or hashlib.sha256(data).hexdigest()}"'}
+        for name, data in files.items()}
+    return paths, set(), headers

@@ -3,6 +3,7 @@ internet: torchvision's enum URL is pointed at a loopback server (tests/download
 of timm and open_clip is filled in advance and the Hub is offline."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from captioner.jobs import extract
 from captioner.model.caption_model import build_encoder
 from captioner.model.encoder import HookedEncoder
 
-from downloads import (LoopbackServer, closed_port_url, fill_hub_cache, hashed_name, saved_bytes,
+from downloads import (LoopbackServer, closed_port_url, fill_hub_cache, hashed_name, hub_files, saved_bytes,
                        tiny_state_dict)
 from helpers import ROOT, TINY, small_config, small_overrides
 
@@ -62,10 +63,10 @@ def test_extract_fetches_through_torch_hub_once_and_then_uses_the_cache(tmp_path
     with LoopbackServer({name: data}) as server:
         _point_enum_at(monkeypatch, server.url(name))
         first = extract.main(extract.ExtractJob(cfg, splits="train", device="cpu"))
-        assert server.requests == [f"/{name}"]
+        assert server.requests == [f"GET /{name}"]
         assert sorted(p.name for p in (torch_home / "hub" / "checkpoints").iterdir()) == [name]  # no .partial
         second = extract.main(extract.ExtractJob(cfg, splits="train", device="cpu", rebuild=True))
-        assert server.requests == [f"/{name}"]  # the second run read the cache
+        assert server.requests == [f"GET /{name}"]  # the second run read the cache
     assert first["added"] == second["added"] > 0 and first["failed"] == 0
     assert "Downloading" not in capsys.readouterr().out  # torch.hub's note stays off the command's stdout
     encoder = build_encoder(cfg.encoder)  # the served weights, not a random init
@@ -142,25 +143,94 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
     return cache
 
 
-def test_timm_tag_loads_from_a_filled_hugging_face_cache(offline_hub):
+TIMM_REPO = "timm/test_resnet.r160_in1k"  # timm's own tiny test model (372k parameters) and its Hub repo
+
+
+@pytest.fixture(scope="module")
+def timm_weights() -> tuple[bytes, dict]:
+    """(model.safetensors bytes, state_dict) of random timm test_resnet weights, with the classifier as on the Hub."""
     timm = pytest.importorskip("timm")
-    from huggingface_hub import try_to_load_from_cache
     from safetensors.torch import save
 
-    repo = timm.models.get_pretrained_cfg("test_resnet.r160_in1k").hf_hub_id  # timm/test_resnet.r160_in1k
+    torch.manual_seed(0)
+    state = timm.create_model("test_resnet").state_dict()
+    assert timm.models.get_pretrained_cfg("test_resnet.r160_in1k").hf_hub_id == TIMM_REPO
+    return save(state), state
+
+
+def _timm_encoder() -> HookedEncoder:
+    return HookedEncoder("timm/test_resnet", "layer2", weights="r160_in1k", image_size=64)
+
+
+def test_timm_tag_loads_from_a_filled_hugging_face_cache(offline_hub, timm_weights):
+    from huggingface_hub import try_to_load_from_cache
+
+    data, state = timm_weights
     with pytest.raises(CaptionerError) as e:  # nothing cached yet: one line naming the file and the cache
-        HookedEncoder("timm/test_resnet", "layer2", weights="r160_in1k", image_size=64)
+        _timm_encoder()
     message = _one_line(e)
     assert "could not download model.safetensors for timm/test_resnet weights r160_in1k" in message
-    assert f"hf download {repo} model.safetensors" in message and str(offline_hub) in message
+    assert f"hf download {TIMM_REPO} model.safetensors" in message and str(offline_hub) in message
 
-    torch.manual_seed(0)
-    state = timm.create_model("test_resnet").state_dict()  # with its classifier, as the Hub's file has it
-    snapshot = fill_hub_cache(offline_hub, repo, {"model.safetensors": save(state)})
-    assert try_to_load_from_cache(repo, "model.safetensors") == str(snapshot / "model.safetensors")
-    encoder = HookedEncoder("timm/test_resnet", "layer2", weights="r160_in1k", image_size=64)
+    snapshot = fill_hub_cache(offline_hub, TIMM_REPO, {"model.safetensors": data})
+    assert try_to_load_from_cache(TIMM_REPO, "model.safetensors") == str(snapshot / "model.safetensors")
+    encoder = _timm_encoder()
     assert torch.equal(encoder.backbone.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
     assert encoder.preprocess.mean == (0.5, 0.5, 0.5) and encoder.interpolation == "bilinear"  # the tag's own
+
+    blob = (snapshot / "model.safetensors").resolve()
+    blob.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the cached blob no longer hashes to its name
+    with pytest.raises(CaptionerError) as e:
+        _timm_encoder()
+    message = _one_line(e)
+    assert f"model.safetensors of {TIMM_REPO} in the Hugging Face cache is incomplete or corrupt" in message
+    assert "removed" in message and not blob.exists() and not (snapshot / "model.safetensors").exists()
+
+
+@pytest.fixture
+def loopback_hub(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache under tmp_path and the Hub's address to be pointed at a LoopbackServer."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return cache
+
+
+def _serve_hub(monkeypatch, server: LoopbackServer) -> None:
+    from huggingface_hub import constants
+
+    endpoint = server.url("").rstrip("/")  # read at import as HF_ENDPOINT: patched like it
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+
+
+def test_timm_tag_downloads_through_huggingface_hub_once(loopback_hub, timm_weights, monkeypatch):
+    data, state = timm_weights
+    path = f"/{TIMM_REPO}/resolve/main/model.safetensors"
+    with LoopbackServer(*hub_files(TIMM_REPO, {"model.safetensors": data})) as server:
+        _serve_hub(monkeypatch, server)
+        first = _timm_encoder()
+        assert server.downloads == [path]
+        second = _timm_encoder()  # the Hub client asks whether its copy is current (HEAD), downloads nothing
+        assert server.downloads == [path] and server.requests[-1] == f"HEAD {path}"
+    assert torch.equal(first.backbone.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
+    assert torch.equal(second.backbone.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
+
+
+def test_corrupt_hub_download_is_refused_and_removed(loopback_hub, timm_weights, monkeypatch):
+    data, _ = timm_weights
+    wrong = hashlib.sha256(b"other bytes").hexdigest()  # the ETag (the sha256 the Hub promises) of other content
+    with LoopbackServer(*hub_files(TIMM_REPO, {"model.safetensors": data}, etags={"model.safetensors": wrong})) \
+            as server:
+        _serve_hub(monkeypatch, server)
+        with pytest.raises(CaptionerError) as e:
+            _timm_encoder()
+    assert "incomplete or corrupt" in _one_line(e) and "removed" in str(e.value)
+    repo = loopback_hub / ("models--" + TIMM_REPO.replace("/", "--"))
+    assert list((repo / "blobs").iterdir()) == []  # neither the blob nor its snapshot link is left
+    assert [p for p in (repo / "snapshots").rglob("*") if not p.is_dir()] == []
 
 
 @pytest.mark.slow  # open_clip builds the whole 102M-parameter CLIP (text tower too) before loading: ~4 s
@@ -208,4 +278,4 @@ def test_under_torchrun_one_process_per_node_downloads(tmp_path, resnet18_file):
     with LoopbackServer({name: data}) as server:
         done = torchrun(server.url(name), tmp_path / "data")
         assert done.returncode == 0, done.stderr[-3000:]
-        assert server.requests == [f"/{name}"]  # one download for the node's two processes
+        assert server.requests == [f"GET /{name}"]  # one download for the node's two processes

@@ -10,7 +10,9 @@ that the file name carries, and only then renames it into place: a failed, inter
 corrupt download leaves no file that a later run would take for the weights. A copy placed there by hand is
 checked against the same prefix here before use (torch.hub trusts any file it finds). timm and open_clip fetch
 through huggingface_hub (HF_HOME, HF_HUB_OFFLINE=1), which writes `.incomplete` blobs and links them into its
-cache only once whole; timm's and open_clip's URL-hosted weights go through their own hash-checked downloads.
+cache only once whole, under their sha256 (an LFS file's ETag): the blob is checked against that name before use
+and after a download, and removed when it does not match (huggingface_hub itself checks only the size). timm's
+and open_clip's URL-hosted weights go through their own hash-checked downloads.
 
 A download that fails is one line naming the file to place and where. Under torchrun, jobs build the encoder
 inside distributed.node_main_first, so one process per node downloads and the others read what it cached.
@@ -22,6 +24,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ from captioner.progress import show_progress
 
 log = logging.getLogger("captioner")
 
+SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 STALE_PARTIAL_S = 3600  # a .partial file untouched this long is left by a killed (SIGKILL) download
 
 
@@ -121,14 +125,43 @@ class LibraryFile:
                 f"(https://huggingface.co/{self.repo_id}) and copy that machine's {repo_folder} folder "
                 f"(in its Hugging Face cache) into {_hub_cache()}")
 
-    def cached(self) -> bool:
+    def cached_paths(self) -> list[Path]:
+        """The copies in the library's cache (for the Hub: snapshot entries, which link to sha256-named blobs)."""
         if not self.repo_id:
-            return (Path(self.folder) / self.file).is_file()
+            path = Path(self.folder) / self.file
+            return [path] if path.is_file() else []
         try:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
-            return False
-        return any(isinstance(try_to_load_from_cache(self.repo_id, f), str) for f in (self.file, *self.others))
+            return []
+        found = (try_to_load_from_cache(self.repo_id, name) for name in (self.file, *self.others))
+        return [Path(path) for path in found if isinstance(path, str)]
+
+    def verify(self) -> bool:
+        """Whether a copy is cached; one whose content does not hash to the name it is kept under is refused."""
+        paths = self.cached_paths()
+        for path in paths:
+            if self.repo_id:
+                _verify_blob(path, f"{path.name} of {self.repo_id}", self.place())
+            else:
+                _verify_placed(path)
+        return bool(paths)
+
+
+def _verify_blob(entry: Path, what: str, place: str) -> None:
+    """The Hugging Face cache keeps an LFS file (every weights file) as blobs/<its sha256>, linked from the
+    snapshot: content that does not hash to that name is removed (the library would reuse it forever)."""
+    blob = Path(os.path.realpath(entry))
+    if not SHA256_NAME.fullmatch(blob.name):  # a copied (not linked) snapshot file, or a small git file
+        return
+    digest = _sha256(blob)
+    if digest != blob.name:
+        for path in (entry, blob):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise CaptionerError(f"{what} in the Hugging Face cache is incomplete or corrupt (sha256 {digest[:12]}..., "
+                             f"not the {blob.name[:12]}... it is kept under) and was removed: run again to download "
+                             f"it, or {place}")
 
 
 def _hub_cache() -> str:
@@ -162,8 +195,10 @@ def hub_files(library: str, cfg: dict | None) -> LibraryFile | None:
 
 @contextlib.contextmanager
 def library_download(arch: str, tag: str, source: LibraryFile | None):
-    """Errors of a timm / open_clip pretrained build become one line: the file to place and where when it could
-    not be downloaded, the reason when a cached file does not load."""
+    """A timm / open_clip pretrained build: the cached file is checked against its sha256 before use (and a fresh
+    download after), and errors become one line: the file to place and where when it could not be downloaded,
+    the reason when a cached file does not load."""
+    was_cached = source is not None and source.verify()  # checked before use
     try:
         yield
     except CaptionerError:
@@ -173,9 +208,13 @@ def library_download(arch: str, tag: str, source: LibraryFile | None):
         if source is None:
             raise CaptionerError(f"{arch} weights {tag} could not be loaded ({reason}); set encoder.weights to a "
                                  f"local file") from None
-        if source.cached():
+        if not was_cached:
+            source.verify()  # a corrupt download is named and removed
+        if source.cached_paths():
             raise CaptionerError(f"{arch} weights {tag}: the cached {source.file} of "
                                  f"{source.repo_id or source.url} cannot be loaded ({reason}); delete it to download "
                                  f"it again, or set encoder.weights to a local file") from None
         raise CaptionerError(f"could not download {source.file} for {arch} weights {tag} ({reason}; no network?): "
                              f"{source.place()}, or set encoder.weights to a local file") from None
+    if source is not None and not was_cached:
+        source.verify()  # what the library just downloaded; the model built from it is dropped if it is corrupt
