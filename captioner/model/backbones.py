@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
 import torch.nn as nn
 import torchvision
 
@@ -30,7 +27,6 @@ from captioner.errors import CaptionerError
 from captioner.progress import quiet_library_logs
 from captioner.model.backbone_weights import load_state, looks_like_file, read_encoder_weights
 from captioner.model.pretrained import hub_files, library_download, torchvision_state
-from captioner.weights import read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
