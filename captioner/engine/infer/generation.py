@@ -45,6 +45,16 @@ class GenerationOptions(TypedDict, total=False):
     do_sample: bool  # = sample
 
 
+# What the caption and evaluate jobs take as options beyond --beam, --sample and --temperature (which
+# Predictor.load applies); None: not given.
+JOB_KEYS = ("max_len", "length_penalty", "block_ngram", "suppress_unk", "top_k", "top_p", "num_return_sequences")
+
+
+def given_options(job) -> dict:
+    """job's JOB_KEYS fields that were given (not None): the options for Predictor.settings_for."""
+    return {key: getattr(job, key) for key in JOB_KEYS if getattr(job, key, None) is not None}
+
+
 def decode_keys(options: dict) -> dict:
     """options by decode.* key: aliases resolved; an unknown name, or one setting given twice, refused."""
     out: dict = {}
