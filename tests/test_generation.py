@@ -3,6 +3,7 @@ config route (decode.* keys), is refused with the config's messages, and top-k /
 returns run in the one decode path; the caption command's options and output records, and serve's settings."""
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from captioner import Captioner, CaptionerError
 from captioner.cli import build_job
 from captioner.cli.parser import build_parser
-from captioner.config import ModelConfig
+from captioner.config import ModelConfig, apply_overrides
 from captioner.engine.infer.predictor import Predictor
 from captioner.engine.serve.limits import Limits
 from captioner.jobs import caption
@@ -145,12 +146,12 @@ def test_per_call_settings_equal_the_config_route(cap, checkpoint, images):
 @pytest.mark.parametrize("key, value", [("beam_size", 0), ("top_p", 0), ("top_p", 2.0), ("top_k", -1),
                                         ("max_len", 0), ("temperature", 0.0), ("num_return_sequences", 3),
                                         ("beam_size", 1.5), ("block_ngram", -2), ("sample", "maybe")])
-def test_bad_values_are_refused_with_the_configs_message(cap, checkpoint, images, key, value):
+def test_bad_values_are_refused_with_the_configs_message(cap, images, key, value):
     with pytest.raises(CaptionerError) as per_call:
         cap.caption(images[0], **{key: value})
     text = value if isinstance(value, str) else json.dumps(value)
-    with pytest.raises(CaptionerError) as configured:
-        Predictor.load(checkpoint, "cpu", overrides=[f"decode.{key}={text}"])
+    with pytest.raises(CaptionerError) as configured:  # what Predictor.load(overrides=...) applies to the checkpoint
+        apply_overrides(copy.deepcopy(cap.predictor.cfg), [f"decode.{key}={text}"])
     assert str(per_call.value) == str(configured.value)
     assert f"decode.{key}" in str(per_call.value)
 

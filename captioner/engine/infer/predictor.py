@@ -141,10 +141,11 @@ class Predictor:
     def decoding(self) -> str:
         """How captions are chosen, in words: 'greedy decoding', 'beam search (beam 3)' or 'sampling (...)'."""
         s = self.settings
+        n_best = f", {s.num_return_sequences} returned" if s.num_return_sequences > 1 else ""
         if s.sample:
             truncated = (f", top-k {s.top_k}" if s.top_k else "") + (f", top-p {s.top_p:g}" if s.top_p < 1 else "")
-            return f"sampling (temperature {s.temperature:g}{truncated})"
-        return "greedy decoding" if s.beam_size == 1 else f"beam search (beam {s.beam_size})"
+            return f"sampling (temperature {s.temperature:g}{truncated}{n_best})"
+        return "greedy decoding" if s.beam_size == 1 else f"beam search (beam {s.beam_size}{n_best})"
 
     def description(self) -> str:
         """One line on what decodes and what it attends over, for titles and /v1/model."""
