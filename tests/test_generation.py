@@ -246,3 +246,16 @@ def test_serve_request_fields_set_the_batch_settings(checkpoint, images):
     assert alone[0]["sequences"] == mixed[1]["sequences"]
     assert served.info["decoding"]["num_return_sequences"] == 1 and served.info["decoding"]["top_p"] == 1.0
 
+
+
+def test_the_decoding_field_names_every_setting_that_changes_a_record():
+    """Resuming is refused when a setting would change the records: each sampling option is named when on,
+    and what was off before these options existed reads as before (old outputs still resume)."""
+    from captioner.engine.infer.predict import DecodeSettings
+    name = caption._decoding
+    assert name(DecodeSettings(3, 30)) == "beam 3, max_len 30, length_penalty 0"
+    assert name(DecodeSettings(3, 30, sample=True)) == "sampled at temperature 1, max_len 30"
+    sampled = {name(DecodeSettings(1, 30, sample=True, **extra)) for extra in
+               ({}, {"top_k": 5}, {"top_p": 0.9}, {"suppress_unk": True}, {"num_return_sequences": 3})}
+    assert len(sampled) == 5
+    assert name(DecodeSettings(3, 30, num_return_sequences=3)).endswith("num_return_sequences 3")

@@ -271,11 +271,12 @@ def _decoding(settings: DecodeSettings) -> str:
         how = f"sampled at temperature {settings.temperature:g}, max_len {settings.max_len}"
         how += f", top_k {settings.top_k}" if settings.top_k else ""
         how += f", top_p {settings.top_p:g}" if settings.top_p < 1 else ""
+        how += ", suppress_unk" if settings.suppress_unk else ""  # sampling honours it too (sample.py)
         return how + n_best
     how = f"beam {settings.beam_size}, max_len {settings.max_len}, length_penalty {settings.length_penalty:g}"
     if settings.block_ngram:
         how += f", block_ngram {settings.block_ngram}"
-    if settings.suppress_unk and not settings.sample:
+    if settings.suppress_unk:
         how += ", suppress_unk"
     if settings.groups > 1 and settings.beam_size > 1:
         how += f", groups {settings.groups}, diversity {settings.diversity:g}"
