@@ -6,6 +6,8 @@
     cap.caption([Image.open("a.png"), frame_uint8, tensor_chw])  # -> [Caption, ...] in input order
     for c in cap.stream(paths_from_a_generator): ...            # millions of inputs, a batch at a time
     cap.caption("photo.jpg", attention=True).attention          # (len(words), grid_h, grid_w)
+    cap.caption("photo.jpg", beam_size=5, max_len=8, num_return_sequences=3).sequences   # [(text, score)] x 3
+    cap.caption("photo.jpg", sample=True, top_p=0.9)            # per-call generation (engine/infer/generation.py)
 
 A caption here equals the command's for the same image: the checkpoint is set up by Predictor.load (compute,
 decode settings), images are decoded by data/images.py (EXIF orientation, alpha onto white, reduced-scale JPEG
@@ -31,6 +33,9 @@ from captioner.engine.infer.predictor import Predictor
 from captioner.errors import CaptionerError
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
+
+    from captioner.engine.infer.generation import GenerationOptions
     from captioner.text import Vocabulary
 
 # One image: a file path, a file's bytes or an open binary file, a PIL image, an HxW / HxWx3 / HxWx4 array (uint8,
@@ -46,13 +51,15 @@ class Caption:
     text: the caption; score: its total log-probability under the model (higher is more confident); words: its
     words; attention: (len(words), grid_h, grid_w) float32 weights over the encoder's grid (attention=True);
     source: the path, or "images[i]" for an in-memory image; error: why the image could not be read
-    (errors="keep" only; text is then "")."""
+    (errors="keep" only; text is then ""); sequences: every caption generated for the image as (text, score),
+    best first: [(text, score)], or num_return_sequences of them (the first is text, score)."""
     text: str
     score: float = 0.0
     words: list[str] = field(default_factory=list)
     attention: torch.Tensor | None = None
     source: str = ""
     error: str = ""
+    sequences: list[tuple[str, float]] = field(default_factory=list)
 
     def __str__(self) -> str:
         return self.text
@@ -142,7 +149,7 @@ class Captioner:
         return f"Captioner({Path(self.predictor.source).name!r}: {self.predictor.description()}, on {self.device})"
 
     def caption(self, images: ImageInput | Iterable[ImageInput], *, attention: bool = False,
-                errors: str = "raise") -> Caption | list[Caption]:
+                errors: str = "raise", **generation: Unpack[GenerationOptions]) -> Caption | list[Caption]:
         """Caption one image (-> a Caption) or a list, tuple, iterable or 4-D batch of them (-> a list, in order).
 
         Args:
@@ -153,18 +160,26 @@ class Captioner:
             attention: also return each word's attention map, Caption.attention (len(words), grid_h, grid_w).
             errors: "raise" (a CaptionerError naming the first image that cannot be read) or "keep" (its
                 Caption has .error set and empty text; the others are captioned).
+            **generation: how captions are chosen for this call, the decode.* settings by name (the model's
+                own where not given), checked as the config checks them: beam_size (1: greedy), max_len (words),
+                length_penalty, block_ngram, suppress_unk, sample, temperature, top_k (0: off), top_p (1.0: off),
+                num_return_sequences (n best beams, n <= beam_size, or n samples: Caption.sequences, best
+                first), groups, diversity; transformers' num_beams, max_new_tokens and do_sample are accepted
+                for beam_size, max_len and sample. Sampling draws from torch's generator: torch.manual_seed(s)
+                first gives the same captions again.
         """
-        captions = self.stream(images, attention=attention, errors=errors)
+        captions = self.stream(images, attention=attention, errors=errors, **generation)
         return next(captions) if _single(images) else list(captions)
 
     __call__ = caption
 
     def stream(self, images: ImageInput | Iterable[ImageInput], *, attention: bool = False,
-               errors: str = "raise") -> Iterator[Caption]:
+               errors: str = "raise", **generation: Unpack[GenerationOptions]) -> Iterator[Caption]:
         """Yield one Caption per image, in order, reading images only a few batches ahead of the model (so a
         generator of millions of paths or frames never sits in memory). Arguments as caption()."""
         if errors not in ERROR_MODES:
             raise CaptionerError(f"errors must be one of {', '.join(ERROR_MODES)}, got {errors!r}")
+        settings = self.predictor.settings_for(generation)  # self.predictor.settings when none are given
         if _single(images):
             images = [cast(ImageInput, images)]
         # Enough items per chunk to keep every worker busy, few enough to hold in-memory inputs cheaply.
@@ -174,7 +189,7 @@ class Captioner:
                      for j, x in enumerate(items)]
             batches = self.predictor.image_batches(items, self.batch_size, min(self.num_workers, len(items)),
                                                    self.max_pixels, names)
-            for _, captioned in self.predictor.caption_batches(batches, attention):
+            for _, captioned in self.predictor.caption_batches(batches, attention, settings):
                 for c in captioned:
                     if c.error and errors == "raise":
                         raise CaptionerError(c.error)
@@ -185,4 +200,4 @@ class Captioner:
         if c.alphas is not None:
             grid_h, grid_w = self.predictor.encoder.grid
             attention = c.alphas.reshape(len(c.words), grid_h, grid_w)  # (L, N) -> (L, grid_h, grid_w)
-        return Caption(c.caption, c.score, c.words, attention, source, c.error)
+        return Caption(c.caption, c.score, c.words, attention, source, c.error, c.sequences)

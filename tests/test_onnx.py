@@ -85,6 +85,30 @@ def test_ort_features_and_captions_equal_pytorch(small):
         model.eval()
 
 
+def test_ort_top_k_top_p_and_n_best_run_the_same_loops(small):
+    """Top-k / top-p sampling and n-best returns are decode()'s, so ONNX Runtime has them too: top_k=1 draws
+    PyTorch's greedy caption, the n best beams are PyTorch's, and a seeded top-p draw repeats."""
+    model, backend, _ = small
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        raw = model.encode(images)
+    features = backend.encode(images)
+    greedy = greedy_decode(model, raw, SearchOptions(max_len=10))
+    for options in (SearchOptions(max_len=10, sample=True, top_k=1), SearchOptions(max_len=10, sample=True, top_p=1e-6)):
+        assert torch.equal(decode(backend, features, options).tokens, greedy.tokens)
+        assert torch.equal(decode(model, raw, options).tokens, greedy.tokens)
+    nbest = SearchOptions(beam_size=4, max_len=10, num_return_sequences=3)
+    torch_out, ort_out = decode(model, raw, nbest), decode(backend, features, nbest)
+    assert ort_out.tokens.shape[0] == 12 and torch.equal(torch_out.tokens, ort_out.tokens)
+    assert torch.allclose(torch_out.scores, ort_out.scores, atol=1e-4)
+    nucleus = SearchOptions(max_len=10, sample=True, top_p=0.9, top_k=20, num_return_sequences=2)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        draws.append(decode(backend, features, nucleus).tokens)
+    assert torch.equal(draws[0], draws[1]) and draws[0].shape[0] == 8
+
+
 def test_dynamic_batch_and_one_image_alone_equals_in_a_batch(small):
     model, backend, _ = small
     images = torch.randint(0, 256, (7, 3, 64, 64), dtype=torch.uint8)

@@ -97,6 +97,28 @@ def test_captions_equal_the_caption_command(server, mixed, tiny_checkpoint, tmp_
     assert info["stats"]["images"] >= len(GOOD)
 
 
+def test_generation_fields_choose_this_requests_captions(server, mixed):
+    """Text fields beside the images: Captioner.caption's keywords, checked as the config checks them."""
+    folder, _, _ = mixed
+    url = f"{server.url}/v1/caption"
+    files = [("image", (n, (folder / n).read_bytes())) for n in GOOD[:2]]
+    plain = httpx.post(url, files=files, timeout=60).json()["results"]
+    nbest = httpx.post(url, files=files, data={"num_beams": "3", "num_return_sequences": "3"}, timeout=60)
+    assert nbest.status_code == 200, nbest.text
+    for one, many in zip(plain, nbest.json()["results"]):
+        assert "sequences" not in one and len(many["sequences"]) == 3
+        assert many["sequences"][0] == {"caption": one["caption"], "score": one["score"]}
+    greedy = httpx.post(url, files=files, data={"sample": "true", "top_k": "1"}, timeout=60).json()["results"]
+    assert [r["caption"] for r in greedy] == [r["caption"] for r in
+                                              httpx.post(url, files=files, data={"beam_size": "1"}, timeout=60)
+                                              .json()["results"]]
+    for data, words in [({"top_p": "2"}, "decode.top_p must be in (0, 1]"), ({"beam_size": "99"}, "limit of 16"),
+                        ({"num_return_sequences": "5"}, "decode.num_return_sequences (5) needs"),
+                        ({"colour": "red"}, "unknown generation setting 'colour'")]:
+        refused = httpx.post(url, files=files, data=data, timeout=60)
+        assert refused.status_code == 400 and words in refused.json()["error"], refused.text
+
+
 def test_concurrent_requests_share_a_batch(tiny_checkpoint, mixed, server):
     folder, _, _ = mixed
     names = GOOD[:4]

@@ -20,6 +20,31 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    "written by `captioner export --format onnx` (the [onnx] extra)")
 
 
+def _add_generation(p: argparse.ArgumentParser, n_best: bool = True) -> None:
+    """How captions are chosen: the decode.* keys as options (each also decode.KEY=VALUE), named as the Python
+    API's keywords (Captioner.caption(beam_size=..., top_p=...)); default: the checkpoint's."""
+    p.add_argument("--max-len", type=int, default=None, help="longest caption, in words (decode.max_len)")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="beam ranking: 0 by total log-probability, 1 by mean per word (decode.length_penalty)")
+    p.add_argument("--block-ngram", type=int, default=None,
+                   help="no caption repeats one of its n-grams of this length; 0: off (decode.block_ngram)")
+    p.add_argument("--suppress-unk", action="store_const", const=True, default=None,
+                   help="never write <unk> (decode.suppress_unk)")
+    p.add_argument("--sample", action="store_true",
+                   help="draw each word from the model's distribution (varied captions) instead of greedy/beam")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="with --sample: < 1 closer to greedy, > 1 more varied (default: decode.temperature, 1.0)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="with --sample: draw from the k likeliest words only; 0: off (decode.top_k)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="with --sample: draw from the fewest likeliest words holding probability p (nucleus); "
+                   "1: off (decode.top_p)")
+    if n_best:
+        p.add_argument("--num-return-sequences", type=int, default=None,
+                       help="captions per image, best first: the n best beams (n <= --beam) or n samples; JSONL "
+                       "records list them as sequences, CSV keeps the best (decode.num_return_sequences)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="captioner", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -68,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", dest="beam_size", type=int, default=None,
                    help="beam size; 1 is greedy (default: the config's)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the config's)")
+    # One caption per image is scored: no --num-return-sequences (the n-best of `caption` has nothing to score).
+    _add_generation(p, n_best=False)
     p.add_argument("--out", dest="out_dir", default=None,
                    help="folder for results and metrics (default: the checkpoint's)")
     _add_device(p)
@@ -105,10 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start the output (and gallery) again instead of resuming")
     p.add_argument("--retry-errors", action="store_true",
                    help="when resuming, try the images recorded as errors again instead of skipping them")
-    p.add_argument("--sample", action="store_true",
-                   help="draw each word from the model's distribution (varied captions) instead of greedy/beam")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="with --sample: < 1 closer to greedy, > 1 more varied (default: decode.temperature, 1.0)")
+    _add_generation(p)
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse larger images as likely decompression bombs (default: 100000000)")
     _add_device(p)

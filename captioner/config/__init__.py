@@ -12,11 +12,11 @@ from captioner.config.sections import (DATASET_FORMATS, INTERPOLATIONS, LEGACY_D
                                        OBJECTIVES, SCST_BASELINES, SELECT_METRICS, CacheConfig, ComputeConfig, Config,
                                        DatasetConfig, DecodeConfig, EncoderConfig, ModelConfig, Switch, TrainConfig)
 from captioner.config.validate import (CHECKPOINT_SECTIONS, INT_RANGE, check_checkpoint_overrides, check_fields,
-                                       require_min, validate)
+                                       require_min, return_sequences_problem, validate)
 
 __all__ = ["CHECKPOINT_SECTIONS", "DATASET_FORMATS", "INTERPOLATIONS", "INT_RANGE", "LEGACY_DEFAULTS", "LOGGERS",
            "LR_SCHEDULES", "OBJECTIVES", "PREPROCESS_KEYS", "SCST_BASELINES", "SELECT_METRICS", "CacheConfig",
            "ComputeConfig", "Config", "DatasetConfig", "DecodeConfig", "EncoderConfig", "ModelConfig", "Switch",
            "TrainConfig", "apply_overrides", "check_checkpoint_overrides", "check_fields", "coerce", "from_dict",
            "from_saved_dict", "inherit_preprocess", "load_config", "override_value", "parse_yaml", "require_min",
-           "shipped_config", "to_dict", "valid_keys", "validate"]
+           "return_sequences_problem", "shipped_config", "to_dict", "valid_keys", "validate"]

@@ -101,8 +101,19 @@ def _known_encoding(name: str) -> bool:
         return False
 
 
+def return_sequences_problem(num_return_sequences: int, beam_size: int, sample: bool) -> str:
+    """Why decode.num_return_sequences cannot be met by this search, or "": greedy decoding finds one caption, a
+    beam search at most beam_size (as transformers' generate refuses num_return_sequences > num_beams)."""
+    if sample or num_return_sequences <= beam_size:
+        return ""
+    return (f"decode.num_return_sequences ({num_return_sequences}) needs decode.sample=true or a beam search "
+            f"with at least that many beams (decode.beam_size {beam_size})")
+
+
 def validate(cfg: Config) -> None:
     """Reject values that would only fail later, deep inside a run."""
+    sequences_problem = return_sequences_problem(cfg.decode.num_return_sequences, cfg.decode.beam_size,
+                                                 cfg.decode.sample)
     checks = [
         (cfg.encoder.in_channels >= 1, "encoder.in_channels must be >= 1"),
         (cfg.encoder.image_size >= 32, "encoder.image_size must be >= 32"),
@@ -185,6 +196,11 @@ def validate(cfg: Config) -> None:
         (cfg.decode.groups < 1 or cfg.decode.beam_size % cfg.decode.groups == 0,
          f"decode.beam_size ({cfg.decode.beam_size}) must be a multiple of decode.groups ({cfg.decode.groups})"),
         (cfg.decode.diversity >= 0, f"decode.diversity must be >= 0, got {cfg.decode.diversity}"),
+        (cfg.decode.top_k >= 0, f"decode.top_k must be >= 0 (0: off), got {cfg.decode.top_k}"),
+        (0.0 < cfg.decode.top_p <= 1.0, f"decode.top_p must be in (0, 1] (1: off), got {cfg.decode.top_p}"),
+        (cfg.decode.num_return_sequences >= 1,
+         f"decode.num_return_sequences must be >= 1, got {cfg.decode.num_return_sequences}"),
+        (not sequences_problem, sequences_problem),
         (cfg.cache.dtype in ("bfloat16", "float32"),
          f"cache.dtype must be bfloat16 or float32 (float16 overflows random-weight features), not {cfg.cache.dtype}"),
     ]

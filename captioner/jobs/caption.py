@@ -29,6 +29,7 @@ import torch
 from captioner.config import ComputeConfig, check_checkpoint_overrides, require_min
 from captioner.config.sections import TEMPERATURES
 from captioner.data.images import MAX_PIXELS
+from captioner.engine.infer.generation import given_options
 from captioner.engine.infer.predict import DecodeSettings
 from captioner.engine.infer.predictor import Predictor
 from captioner.data.inputs import find_images
@@ -61,6 +62,14 @@ class CaptionJob:
     compute: ComputeConfig | None = None  # this machine's switches; None: the checkpoint's (auto by default)
     sample: bool = False  # draw each word from the model's distribution instead of greedy/beam
     temperature: float | None = None  # sampling only; None: the checkpoint's decode.temperature
+    # decode.* for this run (engine/infer/generation.py); None: the checkpoint's
+    max_len: int | None = None
+    length_penalty: float | None = None
+    block_ngram: int | None = None
+    suppress_unk: bool | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    num_return_sequences: int | None = None  # > 1: JSONL records list every caption as "sequences"
     runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
     overrides: list[str] = field(default_factory=list)  # --set section.key=value on the checkpoint's config
 
@@ -112,6 +121,7 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
     predictor = Predictor.load(job.checkpoint, process.device, beam_size=job.beam_size, compute=job.compute,
                                sample=job.sample, temperature=job.temperature, runtime=job.runtime,
                                overrides=job.overrides)
+    predictor.settings = predictor.settings_for(given_options(job))  # checked as decode.* would be
     settings, batch_size = predictor.settings, job.batch_size or predictor.cfg.decode.batch_size
     if settings.sample:
         torch.manual_seed(predictor.cfg.train.seed + process.rank)
@@ -235,6 +245,8 @@ def _write_batch(grid, todo, batch, captioned, results, gallery, counts) -> None
             record = {"file": file, "error": c.error.removeprefix(f"{file}: ")}
         else:
             record = {"file": file, "caption": c.caption, "score": round(c.score, 4)}
+            if len(c.sequences) > 1:  # num_return_sequences: every caption, best first (a CSV keeps the best)
+                record["sequences"] = [{"caption": text, "score": round(score, 4)} for text, score in c.sequences]
         if file_key(file) not in results.done:
             records.append(record)
             counts["errors" if c.error else "captioned"] += 1
@@ -254,13 +266,18 @@ def _write_batch(grid, todo, batch, captioned, results, gallery, counts) -> None
 def _decoding(settings: DecodeSettings) -> str:
     """The decoding settings a caption depends on, as records name them (options left at off are not named, so
     outputs written before they existed resume)."""
+    n_best = f", num_return_sequences {settings.num_return_sequences}" if settings.num_return_sequences > 1 else ""
     if settings.sample:
-        return f"sampled at temperature {settings.temperature:g}, max_len {settings.max_len}"
+        how = f"sampled at temperature {settings.temperature:g}, max_len {settings.max_len}"
+        how += f", top_k {settings.top_k}" if settings.top_k else ""
+        how += f", top_p {settings.top_p:g}" if settings.top_p < 1 else ""
+        how += ", suppress_unk" if settings.suppress_unk else ""  # sampling honours it too (sample.py)
+        return how + n_best
     how = f"beam {settings.beam_size}, max_len {settings.max_len}, length_penalty {settings.length_penalty:g}"
     if settings.block_ngram:
         how += f", block_ngram {settings.block_ngram}"
-    if settings.suppress_unk and not settings.sample:
+    if settings.suppress_unk:
         how += ", suppress_unk"
     if settings.groups > 1 and settings.beam_size > 1:
         how += f", groups {settings.groups}, diversity {settings.diversity:g}"
-    return how
+    return how + n_best

@@ -15,7 +15,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from captioner.config import ComputeConfig, check_checkpoint_overrides, require_min
+from captioner.engine.infer.generation import given_options
 from captioner.engine.infer.predict import predict
 from captioner.engine.infer.predictor import Predictor
 from captioner.data.datasets import by_split, load_records
@@ -40,6 +43,15 @@ class EvaluateJob:
     batch_size: int | None = None  # None: decode.batch_size
     compute: ComputeConfig | None = None  # this machine's switches (default: auto, then any compute.* override)
     runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
+    # decode.* for this run (engine/infer/generation.py); None / False: the checkpoint's
+    sample: bool = False
+    temperature: float | None = None
+    max_len: int | None = None
+    length_penalty: float | None = None
+    block_ngram: int | None = None
+    suppress_unk: bool | None = None
+    top_k: int | None = None
+    top_p: float | None = None
 
     def __post_init__(self):
         require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1))
@@ -51,7 +63,12 @@ def main(job: EvaluateJob) -> dict:
     out = Path(job.out_dir) if job.out_dir else Path(job.checkpoint).parent if Path(job.checkpoint).exists() else Path()
     check_writable(out, "evaluation output folder", folder=True)
     predictor = Predictor.load(job.checkpoint, job.device, beam_size=job.beam_size, compute=job.compute,
-                               overrides=job.overrides, runtime=job.runtime)
+                               overrides=job.overrides, runtime=job.runtime, sample=job.sample,
+                               temperature=job.temperature)
+    # One caption per image is scored, whatever decode.num_return_sequences the checkpoint carries.
+    predictor.settings = predictor.settings_for({**given_options(job), "num_return_sequences": 1})
+    if predictor.settings.sample:
+        torch.manual_seed(predictor.cfg.train.seed)  # as `caption` does: the same command, the same captions
     cfg, split = predictor.cfg, job.split
     records = [r for r in by_split(load_records(cfg.dataset), split) if r.captions]  # missing files dropped
     if not records:
@@ -71,10 +88,13 @@ def main(job: EvaluateJob) -> dict:
     write_json(results_path, [{"image_id": i, "caption": c} for i, c in hypotheses.items()], "results file", indent=1)
     metrics = {"checkpoint": str(job.checkpoint), "split": split, "split_images": len(records),
                "dataset": cfg.dataset.annotations or cfg.dataset.root,
-               "decoding": "greedy" if predictor.settings.beam_size == 1 else "beam",
+               "decoding": "sampled" if predictor.settings.sample else
+               "greedy" if predictor.settings.beam_size == 1 else "beam",
                "beam_size": predictor.settings.beam_size,
                **{k: getattr(predictor.settings, k) for k in ("max_len", "length_penalty", "block_ngram",
                                                                "suppress_unk", "groups", "diversity")},
+               **({k: getattr(predictor.settings, k) for k in ("temperature", "top_k", "top_p")}
+                  if predictor.settings.sample else {}),
                "features": f"cache {features.path} ({features.dtype})" if cached else "encoder",
                "runtime": predictor.runtime, **scores,
                "results_file": str(results_path), "metrics_file": str(metrics_path)}

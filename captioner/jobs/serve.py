@@ -2,6 +2,7 @@
 
     captioner serve --checkpoint demo/run/best.pt                     # http://127.0.0.1:8000 (loopback only)
     curl -F image=@photo.jpg http://127.0.0.1:8000/v1/caption         # {"results": [{"caption", ...}]}
+    curl -F image=@photo.jpg -F beam_size=5 -F num_return_sequences=3 http://127.0.0.1:8000/v1/caption
     curl http://127.0.0.1:8000/v1/model                               # checkpoint, decoding, limits, batch stats
     CAPTIONER_TOKEN=secret captioner serve --checkpoint best.pt --host 0.0.0.0 --allow-remote
     captioner serve --checkpoint model/ compute.bf16=false           # float32 on a CPU where auto means bf16
@@ -19,7 +20,7 @@ import math
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from captioner.config import check_checkpoint_overrides, require_min
 from captioner.engine.serve.batcher import DynamicBatcher
 from captioner.engine.runtime.signals import STOP_SIGNALS
 from captioner.engine.serve.limits import Limits
+from captioner.engine.infer.predict import DecodeSettings
 from captioner.engine.infer.predictor import Predictor
 from captioner.errors import CaptionerError
 
@@ -96,17 +98,40 @@ class ServedModel:
                                     "interpolation": enc.interpolation},
                      "decoding": {k: getattr(p.settings, k) for k in ("beam_size", "max_len", "length_penalty",
                                                                        "sample", "temperature", "block_ngram",
-                                                                       "suppress_unk", "groups", "diversity")},
+                                                                       "suppress_unk", "groups", "diversity",
+                                                                       "top_k", "top_p", "num_return_sequences")},
                      "device": str(p.device), "runtime": p.runtime, "description": f"{p.description()}."}
 
-    def predict(self, items: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[dict]:
-        """[(image (3, S, S) uint8, (width, height))] -> [{"caption", "score", "words", "alphas" (L, N),
-        "batch_size"}], in order, all decoded in this one batch by the decode path `captioner caption` uses."""
-        images = torch.stack([image for image, _ in items]).to(self.predictor.device)  # B x (3, S, S) -> (B, 3, S, S)
-        captioned = self.predictor.caption_batch(images, attention=True)
-        # Scores rounded as `captioner caption` writes them.
-        return [{"caption": c.caption, "score": round(c.score, 4), "words": c.words, "alphas": c.alphas.numpy(),
-                 "batch_size": len(items)} for c in captioned]
+    def request_settings(self, fields: dict[str, str], limits: Limits) -> DecodeSettings:
+        """A request's generation fields (text, by Captioner.caption's keyword names) -> its decode settings,
+        checked by the config's rules, then by limits where they go beyond the server's own settings."""
+        settings = self.predictor.settings_for(fields, as_text=True)
+        own = self.predictor.settings
+        for name, limit in (("beam_size", limits.max_beam_size), ("num_return_sequences", limits.max_beam_size),
+                            ("max_len", limits.max_len)):
+            value = getattr(settings, name)
+            if value > max(limit, getattr(own, name)):
+                raise CaptionerError(f"{name} {value} is above this server's limit of {limit}")
+        return settings
+
+    def predict(self, items: list[tuple]) -> list[dict]:
+        """[(image (3, S, S) uint8, (width, height)[, DecodeSettings of its request])] -> [{"caption", "score",
+        "words", "alphas" (L, N), "sequences", "batch_size"}], in order, decoded by the decode path `captioner
+        caption` uses: in this one batch, or one batch per distinct request settings (a batch decodes one way)."""
+        groups: dict = {}  # settings -> the positions of its items
+        for i, item in enumerate(items):
+            settings = item[2] if len(item) > 2 else None
+            groups.setdefault(None if settings is None else astuple(settings), (settings, []))[1].append(i)
+        results: list = [None] * len(items)
+        for settings, positions in groups.values():
+            # B x (3, S, S) -> (B, 3, S, S)
+            images = torch.stack([items[i][0] for i in positions]).to(self.predictor.device)
+            captioned = self.predictor.caption_batch(images, attention=True, settings=settings)
+            for i, c in zip(positions, captioned):  # scores rounded as `captioner caption` writes them
+                results[i] = {"caption": c.caption, "score": round(c.score, 4), "words": c.words,
+                              "alphas": c.alphas.numpy(), "batch_size": len(positions),
+                              "sequences": [(text, round(score, 4)) for text, score in c.sequences]}
+        return results
 
 
 def is_loopback(host: str) -> bool:
@@ -132,7 +157,7 @@ def build(opts: ServeJob):
     info = {**served.info, "token_required": token is not None}
     encoder = served.predictor.encoder
     return create_app(batcher, info, size, tuple(encoder.grid), opts.limits, token, opts.decode_threads,
-                      encoder.interpolation), served
+                      encoder.interpolation, lambda fields: served.request_settings(fields, opts.limits)), served
 
 
 def main(opts: ServeJob) -> dict:

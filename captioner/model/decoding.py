@@ -4,6 +4,7 @@
     out = decode(model, raw, options)                      # raw: (B, C, H, W) encoder activations
     out = decode(ort_steps, raw, options)                  # the same loops over another backend (steps.py)
     out.tokens (B, L) ids ending in <end> then <pad>; out.scores (B,); out.alphas (B, L, N); out.lengths (B,)
+    SearchOptions(num_return_sequences=n): B*n rows, image b's n captions at rows b*n .. b*n+n-1, best first
 
 Every image gets a caption of at least one word: <end> may not come first (an untrained model or a wide beam
 would otherwise return "" for every image, since the empty caption is the most probable one), <pad> and
@@ -39,6 +40,9 @@ class SearchOptions:
     suppress_unk: bool = False  # never write <unk> (greedy, beam and sampling)
     sample: bool = False  # draw each word from the model's distribution (the beam options are then ignored)
     temperature: float = 1.0  # sampling only: < 1 sharper, > 1 more varied
+    top_k: int = 0  # sampling only: draw from the k likeliest words (0: off)
+    top_p: float = 1.0  # sampling only: draw from the nucleus of probability top_p (1.0: off)
+    num_return_sequences: int = 1  # captions per image, best first: the n best beams (n <= beam_size) or n samples
 
     def __post_init__(self):
         # Checked where the options are built, so a bad value fails before any model runs, every problem named.
@@ -52,7 +56,14 @@ class SearchOptions:
                   (self.groups < 1 or not beams or self.beam_size % self.groups == 0,
                    f"beam_size {self.beam_size} must be a multiple of groups {self.groups}"),
                   # unused unless sampling: as before, a greedy or beam search ignores it
-                  (not self.sample or self.temperature > 0, f"temperature must be > 0, got {self.temperature}")]
+                  (not self.sample or self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+                  (self.top_k >= 0, f"top_k must be >= 0 (0: off), got {self.top_k}"),
+                  (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1] (1: off), got {self.top_p}"),
+                  (self.num_return_sequences >= 1,
+                   f"num_return_sequences must be >= 1, got {self.num_return_sequences}"),
+                  (self.sample or self.num_return_sequences <= self.beam_size,
+                   f"num_return_sequences {self.num_return_sequences} needs sampling or a beam search of at least "
+                   f"that many beams (beam_size {self.beam_size})")]
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise ValueError("invalid SearchOptions: " + "; ".join(problems))
@@ -60,6 +71,7 @@ class SearchOptions:
 
 @dataclass
 class Decoded:
+    """One caption per row: per image, or num_return_sequences per image (best first) when several are asked."""
     tokens: torch.Tensor  # (B, L) long: words, <end>, then <pad>
     scores: torch.Tensor  # (B,) total log-probability of the chosen caption (before length penalty)
     alphas: torch.Tensor  # (B, L, N) attention over the N regions for each emitted token
@@ -149,8 +161,9 @@ def beam_search(steps, raw: torch.Tensor, options: SearchOptions) -> Decoded:
     total log-probability. block_ngram > 0: no hypothesis repeats one of its n-grams. groups > 1: diverse beam
     search (Vijayakumar et al. 2018): the beams form `groups` groups of beam_size / groups, searched one after
     the other at each step, each group's candidates scored `diversity` lower per earlier group that chose the
-    same word at that step; the caption returned is still the most probable of all beams. Reads every option
-    but sample and temperature.
+    same word at that step; the caption returned is still the most probable of all beams. num_return_sequences
+    n > 1: the n highest-ranked beams per image (rows b*n .. b*n+n-1), the first being the n=1 caption. Reads
+    every option but the sampling ones (sample, temperature, top_k, top_p).
     """
     if options.beam_size % options.groups:  # beam_size 1 passes SearchOptions with any groups: greedy ignores them
         raise ValueError(f"beam_size {options.beam_size} must be a multiple of groups {options.groups}")
@@ -209,28 +222,46 @@ def beam_search(steps, raw: torch.Tensor, options: SearchOptions) -> Decoded:
             break
     lengths = (history != Vocabulary.pad_id).sum(dim=2)  # (B, k)
     ranked = log_probs / ((5.0 + lengths.float()) / 6.0) ** length_penalty if length_penalty else log_probs
-    best = ranked.argmax(dim=1)  # (B,)
-    pick = torch.arange(B, device=device)
-    tokens = history[pick, best]
-    return Decoded(tokens, log_probs[pick, best], alpha_history[pick, best], _lengths(tokens))
+    n = min(options.num_return_sequences, k)
+    if n == 1:
+        best = ranked.argmax(dim=1, keepdim=True)  # (B, 1)
+    else:  # stable: ties keep argmax's order, so the first of the n is the one caption n=1 returns
+        best = ranked.argsort(dim=1, descending=True, stable=True)[:, :n]  # (B, n)
+    pick = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
+    tokens = history[pick, best].flatten(0, 1)  # (B, n, L) -> (B*n, L)
+    return Decoded(tokens, log_probs[pick, best].flatten(), alpha_history[pick, best].flatten(0, 1),
+                   _lengths(tokens))
 
 
 @torch.no_grad()
 @_in_eval_mode
 def sampled_decode(steps, raw: torch.Tensor, options: SearchOptions = SearchOptions(),
                    generator: torch.Generator | None = None) -> Decoded:
-    """raw (B, C, H, W) -> Decoded with every word drawn from the model's distribution at options.temperature
-    (eval mode; scores: the total log-probability under that tempered distribution). Reads options.max_len,
-    temperature and suppress_unk; draws from `generator`, else torch's global generator."""
-    out = sample_captions(steps, raw, options.max_len, options.temperature, generator, at_least_one_word=True,
-                          suppress_unk=options.suppress_unk)
-    return Decoded(out.tokens, out.log_probs.sum(dim=1), out.alphas, out.lengths)
+    """raw (B, C, H, W) -> Decoded with every word drawn from the model's distribution at options.temperature,
+    truncated to options.top_k words and the options.top_p nucleus (eval mode; scores: the total log-probability
+    under that tempered, truncated distribution). Reads options.max_len, temperature, top_k, top_p, suppress_unk
+    and num_return_sequences (n: n samples per image, rows b*n .. b*n+n-1, highest score first); draws from
+    `generator`, else torch's global generator."""
+    n = options.num_return_sequences
+    rows = raw.repeat_interleave(n, dim=0) if n > 1 else raw  # (B*n, C, H, W): image b's n draws side by side
+    out = sample_captions(steps, rows, options.max_len, options.temperature, generator, at_least_one_word=True,
+                          suppress_unk=options.suppress_unk, top_k=options.top_k, top_p=options.top_p)
+    decoded = Decoded(out.tokens, out.log_probs.sum(dim=1), out.alphas, out.lengths)
+    return _best_first(decoded, n) if n > 1 else decoded
+
+
+def _best_first(decoded: Decoded, n: int) -> Decoded:
+    """Each image's n rows reordered by score, highest first (stable: equal scores keep their draw order)."""
+    order = decoded.scores.view(-1, n).argsort(dim=1, descending=True, stable=True)  # (B, n)
+    rows = (order + torch.arange(0, order.numel(), n, device=order.device).unsqueeze(1)).flatten()  # (B*n,)
+    return Decoded(decoded.tokens[rows], decoded.scores[rows], decoded.alphas[rows], decoded.lengths[rows])
 
 
 def decode(model, raw: torch.Tensor, options: SearchOptions = SearchOptions()) -> Decoded:
     """raw (B, C, H, W) -> Decoded by greedy (beam_size 1), beam search, or sampling (options.sample: beam_size
     and the beam options are then ignored); block_ngram applies to greedy and beam search, suppress_unk to all
-    three, length_penalty, groups and diversity to beam search, temperature to sampling.
+    three, length_penalty, groups and diversity to beam search, temperature, top_k and top_p to sampling,
+    num_return_sequences to beam search and sampling (Decoded then holds n rows per image, best first).
     model: a CaptionModel or any DecoderSteps (model/steps.py)."""
     if options.sample:
         return sampled_decode(model, raw, options)

@@ -33,16 +33,36 @@ class Sampled:
     lengths: torch.Tensor  # (B,) tokens up to and including <end>
 
 
+def keep_likeliest(logp: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logp (R, V) log-probabilities -> the same with every word outside the k likeliest (top_k > 0) and outside
+    the nucleus (top_p < 1: the fewest likeliest words whose probabilities sum to at least top_p; Holtzman et al.
+    2020) set to -inf, as transformers' TopKLogitsWarper then TopPLogitsWarper. The likeliest word is always kept,
+    so top_k=1 or a tiny top_p leaves only the greedy choice. Not renormalised."""
+    if top_k > 0 and top_k < logp.shape[-1]:
+        kth = logp.topk(top_k, dim=-1).values[..., -1:]  # (R, 1): the k-th largest
+        logp = logp.masked_fill(logp < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = logp.sort(dim=-1, descending=True)  # (R, V) likeliest first
+        probs = ordered.softmax(dim=-1)
+        likelier_mass = probs.cumsum(dim=-1) - probs  # what the likelier words already hold
+        drop_sorted = likelier_mass >= top_p  # the first word never: nothing is likelier
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logp = logp.masked_fill(drop, float("-inf"))
+    return logp
+
+
 def sample_captions(model, raw: torch.Tensor, max_len: int = 30, temperature: float = 1.0,
                     generator: torch.Generator | None = None, at_least_one_word: bool = False,
-                    suppress_unk: bool = False) -> Sampled:
+                    suppress_unk: bool = False, top_k: int = 0, top_p: float = 1.0) -> Sampled:
     """raw (B, C, H, W) encoder activations -> one sampled caption per row (repeat rows for several).
 
     at_least_one_word (inference): draw as greedy and beam decoding do, never <pad> or <start> and never
     <end> first, from the distribution renormalised without them. Off for self-critical training, whose
     log-probabilities must be the model's own.
     suppress_unk: never draw <unk> (decode.suppress_unk), from the distribution renormalised without it: self-
-    critical training then samples the policy that greedy and beam decoding with suppress_unk run."""
+    critical training then samples the policy that greedy and beam decoding with suppress_unk run.
+    top_k, top_p (inference; 0 and 1.0: off): draw from the truncated, renormalised distribution (keep_likeliest,
+    after the temperature); log_probs are then under that distribution."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     steps = as_steps(model)
@@ -67,6 +87,8 @@ def sample_captions(model, raw: torch.Tensor, max_len: int = 30, temperature: fl
             logp = logp.masked_fill(unk, float("-inf"))
         if at_least_one_word or suppress_unk or temperature != 1.0:  # renormalise (log_softmax ignores logp's shift)
             logp = F.log_softmax(logp / temperature, dim=-1)  # (B, V)
+        if top_k > 0 or top_p < 1.0:
+            logp = F.log_softmax(keep_likeliest(logp, top_k, top_p), dim=-1)  # (B, V) renormalised
         active = ~finished
         if t == max_len:  # the word budget is spent: <end> is forced, not drawn, so it carries no log-probability
             word = torch.full((B,), Vocabulary.end_id, dtype=torch.long, device=device)
@@ -76,7 +98,8 @@ def sample_captions(model, raw: torch.Tensor, max_len: int = 30, temperature: fl
             drawn = active
         tokens = torch.where(active, word, torch.full_like(word, Vocabulary.pad_id))
         out_tokens.append(tokens)
-        out_logp.append(logp.gather(1, word.unsqueeze(1)).squeeze(1) * drawn)  # (B,) 0 after <end>
+        # (B,) 0 after <end> and for a forced <end> (which top_k / top_p may have cut: -inf, never -inf * 0 = NaN)
+        out_logp.append(torch.where(drawn, logp.gather(1, word.unsqueeze(1)).squeeze(1), 0.0))
         out_mask.append(active)
         p_logp = logp.exp() * logp  # (B, V)
         out_entropy.append(-torch.where(torch.isfinite(logp), p_logp, 0.0).sum(dim=1) * drawn)

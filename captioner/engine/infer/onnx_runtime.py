@@ -7,7 +7,8 @@
 
 Only the sessions differ from the PyTorch backend: model/decoding.py's greedy, beam and sampling loops drive
 decoder_step.onnx through the same step interface (model/steps.py) as the PyTorch decoder, so there is one
-decoding algorithm. Tensors cross into the sessions as NumPy views of CPU tensors (no copy).
+decoding algorithm, with every search option: top-k / top-p sampling and n-best returns (num_return_sequences)
+included. Tensors cross into the sessions as NumPy views of CPU tensors (no copy).
 
 Providers: CUDAExecutionProvider first when the device is CUDA and onnxruntime-gpu offers it, else the CPU's.
 Threads: torch's count (torch.set_num_threads, OMP_NUM_THREADS), so both runtimes are pinned alike.

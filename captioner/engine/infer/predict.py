@@ -17,11 +17,12 @@ from dataclasses import dataclass, field, fields
 import torch
 from captioner.progress import bar as make_bar
 
-from captioner.config import Config
+from captioner.config import Config, return_sequences_problem
 from captioner.data.pipeline import Unreadable, feature_batches, image_batches
 from captioner.engine.infer.backend import as_backend
 from captioner.engine.runtime.compute import Compute
 from captioner.engine.runtime.signals import StopRequest
+from captioner.errors import CaptionerError
 from captioner.model.decoding import SearchOptions, decode
 from captioner.text import Vocabulary, join_words
 
@@ -41,6 +42,9 @@ class DecodeSettings:
     groups: int = 1  # diverse beam search: beam groups (beam_size must be a multiple)
     diversity: float = 0.0  # diverse beam search: penalty per earlier group that chose the same word
     suppress_unk: bool = False  # greedy, beam and sampling never write <unk>
+    top_k: int = 0  # sampling only: the k likeliest words (0: off)
+    top_p: float = 1.0  # sampling only: the nucleus of probability top_p (1.0: off)
+    num_return_sequences: int = 1  # captions per image, best first (Captioned.sequences)
 
     @property
     def search_options(self) -> SearchOptions:
@@ -51,15 +55,19 @@ class DecodeSettings:
     @classmethod
     def of(cls, cfg: Config, beam_size: int | None = None, *, compute: Compute) -> "DecodeSettings":
         """cfg.decode's settings in compute's precision; beam_size overrides decode.beam_size (a beam size
-        that is not a multiple of decode.groups searches without groups; greedy has none)."""
+        that is not a multiple of decode.groups searches without groups; greedy has none; one smaller than
+        decode.num_return_sequences is refused as the config would refuse it)."""
         beam_size = beam_size or cfg.decode.beam_size
         groups = cfg.decode.groups if beam_size % cfg.decode.groups == 0 else 1
         if groups != cfg.decode.groups and beam_size > 1:
             log.warning("beam size %d is not a multiple of decode.groups=%d: searching without groups", beam_size,
                         cfg.decode.groups)
-        return cls(beam_size, cfg.decode.max_len, cfg.decode.length_penalty, compute.bf16, cfg.decode.sample,
-                   cfg.decode.temperature, cfg.decode.block_ngram, groups, cfg.decode.diversity,
-                   cfg.decode.suppress_unk)
+        problem = return_sequences_problem(cfg.decode.num_return_sequences, beam_size, cfg.decode.sample)
+        if problem:
+            raise CaptionerError(problem)
+        d = cfg.decode
+        return cls(beam_size, d.max_len, d.length_penalty, compute.bf16, d.sample, d.temperature, d.block_ngram,
+                   groups, d.diversity, d.suppress_unk, d.top_k, d.top_p, d.num_return_sequences)
 
 
 @dataclass
@@ -71,6 +79,9 @@ class Captioned:
     words: list[str] = field(default_factory=list)
     alphas: torch.Tensor | None = None  # (len(words), N) float32 attention over the N regions (attention=True)
     error: str = ""  # "" or why the image could not be read
+    # every caption returned for the image, best first, (caption, score): [(caption, score)] unless
+    # decode.num_return_sequences asked for more
+    sequences: list[tuple[str, float]] = field(default_factory=list)
 
 
 def words_and_alphas(tokens: torch.Tensor, alphas: torch.Tensor, vocab: Vocabulary) -> tuple[list[str], torch.Tensor]:
@@ -88,19 +99,29 @@ def words_and_alphas(tokens: torch.Tensor, alphas: torch.Tensor, vocab: Vocabula
 def caption_batch(model, vocab: Vocabulary, inputs: torch.Tensor, settings: DecodeSettings,
                   attention: bool = False) -> list[Captioned]:
     """inputs (B, 3, S, S) uint8 images or (B, C, H, W) float encoder features on the model's device
-    -> B Captioned (index = row). A PyTorch model runs in eval mode and goes back to its mode afterwards."""
+    -> B Captioned (index = row), each with its settings.num_return_sequences captions in .sequences (the first
+    is .caption). A PyTorch model runs in eval mode and goes back to its mode afterwards."""
     backend = as_backend(model)
     with backend.running(inputs.device, settings.bf16):  # eval mode; bf16 where compute.bf16 resolved on
         raw = inputs if inputs.is_floating_point() else backend.encode(inputs)  # -> (B, C, H, W)
         out = decode(backend.steps, raw, settings.search_options)
-    # One copy to the host per batch: (B, L) tokens, (B,) scores and, when asked for, (B, L, N) attention.
+    # One copy to the host per batch: (B*n, L) tokens, (B*n,) scores and, when asked for, (B*n, L, N) attention
+    # (n captions per image, best first; n is below num_return_sequences only where a tiny vocabulary has fewer
+    # beams).
     tokens, scores = out.tokens.cpu(), out.scores.float().cpu()
     alphas = out.alphas.float().cpu() if attention else torch.empty(tokens.shape[0], tokens.shape[1], 0)
+    n = tokens.shape[0] // inputs.shape[0]
     records = []
-    for row in range(tokens.shape[0]):
-        words, word_alphas = words_and_alphas(tokens[row], alphas[row], vocab)
-        records.append(Captioned(row, join_words(words), float(scores[row]), words,
-                                 word_alphas if attention else None))
+    for image in range(inputs.shape[0]):
+        best = image * n
+        words, word_alphas = words_and_alphas(tokens[best], alphas[best], vocab)
+        sequences = [(join_words(words), float(scores[best]))]
+        for row in range(best + 1, best + n):
+            if torch.isfinite(scores[row]):  # a tiny vocabulary can leave beams that never found a caption
+                sequences.append((join_words(words_and_alphas(tokens[row], alphas[row], vocab)[0]),
+                                  float(scores[row])))
+        records.append(Captioned(image, sequences[0][0], sequences[0][1], words, word_alphas if attention else None,
+                                 sequences=sequences))
     return records
 
 

@@ -24,6 +24,7 @@ from captioner.config import ComputeConfig, Config, apply_overrides
 from captioner.data.images import MAX_PIXELS
 from captioner.data.pipeline import Batches, image_batches
 from captioner.engine.infer.backend import Backend, TorchBackend
+from captioner.engine.infer.generation import generation_settings
 from captioner.engine.infer.model_folder import load_model_source, model_hash, resolve_model
 from captioner.engine.infer.predict import Captioned, DecodeSettings, caption_batch, caption_batches
 from captioner.engine.runtime.compute import Compute, setup_compute
@@ -115,13 +116,20 @@ class Predictor:
     def image_size(self) -> int:
         return self.encoder.image_size
 
-    def caption_batch(self, inputs: torch.Tensor, attention: bool = False) -> list[Captioned]:
-        """(B, 3, S, S) uint8 images or (B, C, H, W) features on self.device -> B Captioned, in order."""
-        return caption_batch(self.backend, self.vocab, inputs, self.settings, attention)
+    def caption_batch(self, inputs: torch.Tensor, attention: bool = False,
+                      settings: DecodeSettings | None = None) -> list[Captioned]:
+        """(B, 3, S, S) uint8 images or (B, C, H, W) features on self.device -> B Captioned, in order.
+        settings: this call's (settings_for), else self.settings."""
+        return caption_batch(self.backend, self.vocab, inputs, settings or self.settings, attention)
 
-    def caption_batches(self, batches, attention: bool = False):
+    def caption_batches(self, batches, attention: bool = False, settings: DecodeSettings | None = None):
         """For each pipeline Batch -> (batch, [Captioned]); only readable rows are decoded (predict.py)."""
-        return caption_batches(self.backend, self.vocab, batches, self.settings, attention)
+        return caption_batches(self.backend, self.vocab, batches, settings or self.settings, attention)
+
+    def settings_for(self, options: dict, as_text: bool = False) -> DecodeSettings:
+        """self.settings with one call's generation options (beam_size=5, top_p=0.9, ...; generation.py), checked
+        by the config's rules; self.settings itself when options is empty."""
+        return generation_settings(self.cfg, self.settings, self.compute, options, as_text)
 
     def image_batches(self, paths: list, batch_size: int | None = None, num_workers: int = 0,
                       max_pixels: int = MAX_PIXELS, names: list[str] | None = None) -> Batches:
@@ -133,9 +141,11 @@ class Predictor:
     def decoding(self) -> str:
         """How captions are chosen, in words: 'greedy decoding', 'beam search (beam 3)' or 'sampling (...)'."""
         s = self.settings
+        n_best = f", {s.num_return_sequences} returned" if s.num_return_sequences > 1 else ""
         if s.sample:
-            return f"sampling (temperature {s.temperature:g})"
-        return "greedy decoding" if s.beam_size == 1 else f"beam search (beam {s.beam_size})"
+            truncated = (f", top-k {s.top_k}" if s.top_k else "") + (f", top-p {s.top_p:g}" if s.top_p < 1 else "")
+            return f"sampling (temperature {s.temperature:g}{truncated}{n_best})"
+        return "greedy decoding" if s.beam_size == 1 else f"beam search (beam {s.beam_size}{n_best})"
 
     def description(self) -> str:
         """One line on what decodes and what it attends over, for titles and /v1/model."""

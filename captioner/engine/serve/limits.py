@@ -12,3 +12,7 @@ class Limits:
     timeout: float = 60.0  # seconds a request may wait for its captions
     max_inflight_bytes: int = 512 * 2**20  # upload bytes held by all requests together
     retry_after: int = 1  # seconds, in 503 answers
+    # A request's own generation fields (beyond the server's settings): wider searches and longer captions hold
+    # up every request batched with them.
+    max_beam_size: int = 16  # beam_size and num_return_sequences
+    max_len: int = 100  # words

@@ -7,6 +7,13 @@
     curl -F image=@a.jpg -F image=@b.png http://127.0.0.1:8000/v1/caption
     -> {"results": [{"name", "caption", "score", "words": [{"word", "attention": [[...H x W...]]}],
                      "width", "height", "batch_size"}, {"name", "error"}]}
+    curl -F image=@a.jpg -F beam_size=5 -F num_return_sequences=3 http://127.0.0.1:8000/v1/caption
+    -> ... "sequences": [{"caption", "score"}, ...] best first (with num_return_sequences > 1)
+
+Text fields beside the images choose how this request's captions are generated, by the names of the Python API
+(Captioner.caption's keywords: beam_size, max_len, sample, top_k, top_p, num_return_sequences, ...), checked by
+the config's rules and the server's limits (a 400 naming the field); requests with other settings are captioned
+in batches of their own.
 
 Every client mistake is a 4xx JSON {"error": "..."}: no image field, a text field where a file belongs
 (paths and URLs are never accepted: nothing is opened or fetched for a client), too many images, too many
@@ -24,6 +31,7 @@ import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from typing import Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -51,7 +59,9 @@ class Refusal(Exception):
 
 def create_app(batcher: DynamicBatcher, model_info: dict, image_size: int, grid: tuple[int, int],
                limits: Limits, token: str | None = None, decode_threads: int = 2,
-               interpolation: str = "bicubic") -> FastAPI:
+               interpolation: str = "bicubic", generation: Callable[[dict], object] | None = None) -> FastAPI:
+    """generation: a request's text fields ({name: text}) -> the decode settings its items carry to the batcher
+    (item = (image, size, settings)); raises CaptionerError for a bad one. None: fields are refused."""
     decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="captioner-decode")
 
     @contextlib.asynccontextmanager
@@ -105,14 +115,15 @@ def create_app(batcher: DynamicBatcher, model_info: dict, image_size: int, grid:
         loop = asyncio.get_running_loop()
         body = await _read_body(request, limits, inflight)
         try:
-            files = await _image_parts(request, body, limits)
+            files, fields = await _image_parts(request, body, limits)
+            settings = _settings(generation, fields)
             decoded = await asyncio.gather(*[loop.run_in_executor(decoders, _decode, data, name, image_size,
                                                                   limits.max_pixels, interpolation)
                                              for name, data in files])
         finally:
             inflight["bytes"] -= len(body)
         good = [d for d in decoded if "error" not in d]
-        captions = await _captions(batcher, [(d["image"], d["size"]) for d in good], limits)
+        captions = await _captions(batcher, [(d["image"], d["size"], settings) for d in good], limits)
         for d, c in zip(good, captions):
             d["caption"] = c
         results = await asyncio.gather(*[loop.run_in_executor(decoders, _result, d, grid, html) for d in decoded])
@@ -150,8 +161,21 @@ async def _read_body(request: Request, limits: Limits, inflight: dict) -> bytes:
     return b"".join(chunks)
 
 
-async def _image_parts(request: Request, body: bytes, limits: Limits) -> list[tuple[str, bytes]]:
-    """(file name, bytes) of each `image` part; text parts there (paths, URLs) are refused, never opened."""
+def _settings(generation, fields: dict):
+    """The request's decode settings from its text fields (None: the server's own)."""
+    if not fields:
+        return None
+    if generation is None:
+        raise Refusal(400, f"this server takes no generation fields (sent: {', '.join(sorted(fields))})")
+    try:
+        return generation(fields)
+    except CaptionerError as e:
+        raise Refusal(400, str(e)) from None
+
+
+async def _image_parts(request: Request, body: bytes, limits: Limits) -> tuple[list[tuple[str, bytes]], dict]:
+    """((file name, bytes) of each `image` part, {name: text} of the other fields): text parts in `image`
+    (paths, URLs) are refused, never opened; a file in another field, or a field given twice, is refused."""
     async def replay():
         return {"type": "http.request", "body": body, "more_body": False}
     try:
@@ -170,7 +194,15 @@ async def _image_parts(request: Request, body: bytes, limits: Limits) -> list[tu
         if any(not isinstance(p, UploadFile) for p in parts):
             raise Refusal(400, "`image` must be a file upload holding the image's bytes; file paths and URLs "
                                "are not accepted")
-        return [(_name(p.filename, i), await p.read()) for i, p in enumerate(parts)]
+        fields = {}
+        for key in form.keys():
+            if key == "image":
+                continue
+            values = form.getlist(key)
+            if len(values) != 1 or not isinstance(values[0], str):
+                raise Refusal(400, f"field `{key}` must be one text value, e.g. -F {key}=5 (images go in `image`)")
+            fields[key] = values[0]
+        return [(_name(p.filename, i), await p.read()) for i, p in enumerate(parts)], fields
     finally:
         await form.close()
 
@@ -229,6 +261,8 @@ def _result(decoded: dict, grid: tuple[int, int], html: bool) -> dict:
     out = {"name": name, "caption": c["caption"], "score": c["score"],
            "words": [{"word": w, "attention": g.tolist()} for w, g in zip(c["words"], grids)],
            "width": width, "height": height, "batch_size": c["batch_size"]}
+    if len(c.get("sequences", ())) > 1:  # num_return_sequences: every caption, best first
+        out["sequences"] = [{"caption": text, "score": score} for text, score in c["sequences"]]
     if html:
         image = decoded["image"].permute(1, 2, 0).numpy()  # (3, S, S) -> (S, S, 3) uint8
         out["html"] = entry_html(name, image, (width, height), c["words"], alphas, grid, c["score"])

@@ -28,7 +28,9 @@ def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict
     cfg = run.cfg
     # train.val_beam_size with the decode keys that apply to it, so best.pt is picked on the captions users get.
     # Never sampled: a validation must be repeatable.
-    settings = replace(DecodeSettings.of(cfg, cfg.train.val_beam_size, compute=run.compute), sample=False)
+    # One caption per image: decode.num_return_sequences is what `caption` returns, not what validation scores.
+    one = replace(cfg, decode=replace(cfg.decode, sample=False, num_return_sequences=1))
+    settings = DecodeSettings.of(one, cfg.train.val_beam_size, compute=run.compute)
     hypotheses = predict(run.model, run.vocab, inputs.val_records, settings, cfg.decode.batch_size,
                          run.process.device, features=inputs.val_features, num_workers=cfg.train.num_workers,
                          unreadable=inputs.unreadable, progress_bar=run.process.is_main,
