@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from captioner.config import ComputeConfig, Config, from_saved_dict
-from captioner.engine.infer.onnx_export import GRAPHS, ONNX_FORMAT_VERSION, require_onnx
+from captioner.engine.infer.integrity import GraphShapes, check_graphs, check_manifest
+from captioner.engine.infer.onnx_export import GRAPHS, ONNX_FORMAT_VERSION, PRECISIONS, require_onnx
 from captioner.errors import CaptionerError
 from captioner.model.steps import StepState
 from captioner.model.backbones import Preprocess
@@ -163,14 +164,21 @@ def _manifest(folder: Path, meta: dict) -> dict:
     if version != ONNX_FORMAT_VERSION:
         raise CaptionerError(f"model folder {folder} holds ONNX graphs of format {version!r}, older than the format "
                              f"{ONNX_FORMAT_VERSION} this captioner runs: export it again: {export}")
+    check_manifest(manifest, path, PRECISIONS, GRAPHS)
     return manifest
+
+
+def declared_shapes(sessions: dict) -> GraphShapes:
+    """Each session's inputs and outputs with their declared shapes (a name or None where an axis is dynamic)."""
+    return {name: ({i.name: list(i.shape) for i in session.get_inputs()},
+                   {o.name: list(o.shape) for o in session.get_outputs()}) for name, session in sessions.items()}
 
 
 def load_onnx_folder(folder: str | Path, device: torch.device, threads: int | None = None
                      ) -> tuple[OnnxBackend, Vocabulary, Config]:
     """(ONNX Runtime backend, vocabulary, config) of a model folder written by `captioner export --format onnx`;
     no PyTorch weights are read."""
-    from captioner.engine.infer.model_folder import is_model_folder, read_folder_config
+    from captioner.engine.infer.model_folder import is_model_folder, read_folder_config, read_folder_vocab
     folder = Path(folder)
     if not is_model_folder(folder):
         raise CaptionerError(f"--runtime onnxruntime runs a model folder written by `captioner export --format onnx`, "
@@ -180,7 +188,11 @@ def load_onnx_folder(folder: str | Path, device: torch.device, threads: int | No
     manifest = _manifest(folder, meta)
     cfg = from_saved_dict(meta["config"])
     cfg.compute = ComputeConfig()  # this machine's, not the exporting one's
-    vocab = Vocabulary.load(folder / meta["files"]["vocab"])
+    vocab = read_folder_vocab(folder, meta)
+    if manifest["vocab_size"] != len(vocab):
+        raise CaptionerError(f"{folder / meta['files']['onnx']}: vocab_size is {manifest['vocab_size']}, but "
+                             f"{meta['files']['vocab']} holds {len(vocab)} words: the files come from two exports; "
+                             f"export the model again")
     enc = manifest["encoder"]
     # folders exported before preprocessing travelled with the model were ImageNet-normalised, bicubic
     preprocess = Preprocess(**{k: tuple(v) if isinstance(v, list) else v
@@ -188,5 +200,6 @@ def load_onnx_folder(folder: str | Path, device: torch.device, threads: int | No
     spec = EncoderSpec(enc["arch"], enc["layer"], enc["image_size"], enc["in_channels"], enc["channels"],
                        tuple(enc["grid"]), preprocess)
     graphs = {name: folder / Path(meta["files"].get(f"onnx_{name}", f"{name}.onnx")).name for name in GRAPHS}
-    backend = OnnxBackend(graphs, spec, len(vocab), device, threads, manifest.get("precision", "float32"))
+    backend = OnnxBackend(graphs, spec, len(vocab), device, threads, manifest["precision"])
+    check_graphs(declared_shapes(backend.sessions), enc, len(vocab), folder, meta["files"]["vocab"])
     return backend, vocab, cfg
