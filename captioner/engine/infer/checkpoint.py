@@ -116,7 +116,8 @@ def model_from_checkpoint(state: dict, path: str | Path = "checkpoint", where: W
     # A model folder leaves out the backbone modules after the hooked layer (never computed): zeros, as
     # encoder.weights files that lack them load (model/encoder.py).
     never_computed = {f"encoder.{k}" for k in model.encoder.uncomputed_keys()} - set(weights)
-    weights = {**{k: torch.zeros_like(template[k]) for k in never_computed}, **weights}
+    fill = lambda t: torch.zeros_like(t, dtype=where.dtype if t.is_floating_point() and where.dtype else t.dtype)  # noqa: E731
+    weights = {**{k: fill(template[k]) for k in never_computed}, **weights}
     check_weights(weights, template, where)  # before load_state_dict, which would cast and copy NaN silently
     try:
         model.load_state_dict(weights)

@@ -68,8 +68,9 @@ def load_model_source(path: str | Path, device: str | torch.device = "cpu"
 
 
 def model_hash(path: str | Path, digits: int = 16) -> str:
-    """The first digits hex digits of SHA-256 over what makes the model's captions: a checkpoint file's bytes, or a folder's
-    config.json and the files it lists (the model card left out: editing it changes no caption)."""
+    """The first digits hex digits of SHA-256 over a checkpoint file's bytes, or a folder's config.json and the files
+    it lists (the model card left out): export's provenance of the checkpoint, and the model id of outputs written
+    before it was computed from the tensors (model_id.py; Predictor.legacy_model_hash)."""
     path = Path(path)
     if not is_model_folder(path):
         files = [path]

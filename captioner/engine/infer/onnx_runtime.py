@@ -108,6 +108,7 @@ class OnnxBackend:
             raise CaptionerError(f"ONNX graphs missing: {', '.join(f'{m}.onnx' for m in missing)}; export the model "
                                  f"with `captioner export --format onnx`")
         self.encoder, self.vocab_size, self.precision = encoder, vocab_size, precision
+        self.graphs = {name: Path(graphs[name]) for name in GRAPHS}  # the files, for the model's id (model_id.py)
         self.providers = providers_for(device)
         self.device = device if "CUDAExecutionProvider" in self.providers else torch.device("cpu")
         threads = threads or torch.get_num_threads()
