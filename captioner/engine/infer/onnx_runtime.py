@@ -158,7 +158,10 @@ def _manifest(folder: Path, meta: dict) -> dict:
             from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CaptionerError(f"{path} is not valid JSON ({e}); export the model again") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict):
+        raise CaptionerError(f"{path} must be a JSON object (the ONNX manifest), not a {type(manifest).__name__}; "
+                             f"export the model again: {export}")
+    version = manifest.get("format_version")
     if isinstance(version, int) and version > ONNX_FORMAT_VERSION:
         raise CaptionerError(f"model folder {folder} holds ONNX graphs of format {version}, newer than the format "
                              f"{ONNX_FORMAT_VERSION} this captioner runs: pip install -U captioner")
