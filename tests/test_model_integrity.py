@@ -86,7 +86,7 @@ def _shrink_vocab(folder: Path) -> None:  # a word fewer, and config.json's coun
 def _onnx_vocab_mismatch(folder: Path) -> None:  # vocab, config.json and onnx.json agree on a word more; the graphs not
     _json(folder / "vocab.json", lambda data: data["tokens"].append("zebra"))
     _json(folder / "config.json", lambda meta: (meta.__setitem__("vocab_size", meta["vocab_size"] + 1),
-                                                meta.pop("vocab_sha256")))
+                                                meta.pop("vocab_sha256", None)))
     _json(folder / "onnx.json", lambda m: m.__setitem__("vocab_size", m["vocab_size"] + 1))
 
 
@@ -189,7 +189,7 @@ def test_the_command_line_refuses_it_before_any_caption(folder, tmp_path, capsys
 def test_folders_without_the_vocabulary_hash_load_as_before(folder, tmp_path):
     old = tmp_path / "model"
     shutil.copytree(folder, old)
-    _json(old / "config.json", lambda meta: meta.pop("vocab_sha256"))
+    _json(old / "config.json", lambda meta: meta.pop("vocab_sha256", None))
     _reorder_vocab(old)  # undetectable without the hash, as before: it loads
     model, vocab, _ = load_model_folder(old)
     assert vocab.tokens[-1] == json.loads((folder / "vocab.json").read_text())["tokens"][-2]
@@ -241,6 +241,8 @@ def test_a_resumed_caption_accepts_its_own_output_after_a_re_export(checkpoint, 
     assert cli([*base, *map(str, files[:2])]) == 0
     export(ExportJob(str(checkpoint), str(model), overwrite=True))
     assert cli([*base, *map(str, files[:3])]) == 0, capsys.readouterr().err
+    # the checkpoint itself holds the same tensors, vocabulary and config: the same model
+    assert cli([*base[:2], str(checkpoint), *base[3:], *map(str, files[:3])]) == 0, capsys.readouterr().err
     # A file written when the id was the files' hash (captioner before this one) is the same model's too.
     legacy = Predictor.load(model, "cpu").legacy_model_hash()
     records = read_records(out)
