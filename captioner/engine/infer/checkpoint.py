@@ -116,8 +116,10 @@ def model_from_checkpoint(state: dict, path: str | Path = "checkpoint", where: W
     # A model folder leaves out the backbone modules after the hooked layer (never computed): zeros, as
     # encoder.weights files that lack them load (model/encoder.py).
     never_computed = {f"encoder.{k}" for k in model.encoder.uncomputed_keys()} - set(weights)
-    fill = lambda t: torch.zeros_like(t, dtype=where.dtype if t.is_floating_point() and where.dtype else t.dtype)  # noqa: E731
-    weights = {**{k: fill(template[k]) for k in never_computed}, **weights}
+    # (in the file's recorded dtype, so that the zeros pass its dtype check)
+    zeros = {k: torch.zeros_like(template[k], dtype=where.dtype if template[k].is_floating_point() and where.dtype
+                                 else template[k].dtype) for k in never_computed}
+    weights = {**zeros, **weights}
     check_weights(weights, template, where)  # before load_state_dict, which would cast and copy NaN silently
     try:
         model.load_state_dict(weights)
