@@ -235,8 +235,9 @@ def test_the_model_id_comes_from_the_tensors(checkpoint, folder, tmp_path):
 def test_a_resumed_caption_accepts_its_own_output_after_a_re_export(checkpoint, tmp_path, capsys):
     images = noise_pngs(tmp_path / "images", 4, 32)
     files = sorted(images.iterdir())
-    model, out = tmp_path / "model", tmp_path / "captions.jsonl"
-    base = ["caption", "--checkpoint", str(model), "--out", str(out), "--workers", "0", "--device", "cpu"]
+    model, out, gallery = tmp_path / "model", tmp_path / "captions.jsonl", tmp_path / "gallery.html"
+    base = ["caption", "--checkpoint", str(model), "--out", str(out), "--workers", "0", "--device", "cpu",
+            "--html", str(gallery)]
     export(ExportJob(str(checkpoint), str(model)))
     assert cli([*base, *map(str, files[:2])]) == 0
     export(ExportJob(str(checkpoint), str(model), overwrite=True))
@@ -247,9 +248,14 @@ def test_a_resumed_caption_accepts_its_own_output_after_a_re_export(checkpoint, 
     legacy = Predictor.load(model, "cpu").legacy_model_hash()
     records = read_records(out)
     out.write_text("".join(json.dumps({**r, "model": legacy}) + "\n" for r in records))
+    current = Predictor.load(model, "cpu").model_hash()
+    page = gallery.read_text()
+    assert f"model {current}" in page
+    gallery.write_text(page.replace(f"model {current}", f"model {legacy}"))
     assert cli([*base, *map(str, files)]) == 0, capsys.readouterr().err
     records = read_records(out)
-    assert len(records) == 4 and {r["model"] for r in records[3:]} == {Predictor.load(model, "cpu").model_hash()}
+    assert len(records) == 4 and {r["model"] for r in records[3:]} == {current}
+    assert gallery.read_text().count('class="entry') == 4
     # Another model is still refused.
     bf16 = tmp_path / "bf16"
     export(ExportJob(str(checkpoint), str(bf16), dtype="bf16"))
