@@ -10,6 +10,7 @@ weights file is. It lives beside files.py (below model/ and engine/) because bot
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -76,6 +77,19 @@ def write_safetensors(path: str | Path, state: dict[str, torch.Tensor], metadata
 
     Tensors that share storage (tied weights) are written as separate copies: safetensors stores no aliases."""
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
-    data = _safetensors_torch().save(tensors, metadata=metadata)
+    data = _sorted_header(_safetensors_torch().save(tensors, metadata=metadata))
     with atomic_write(path, what) as f:
         f.write(data)
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """data with its header's metadata in sorted key order: safetensors keeps metadata in a hash map whose order
+    changes from one call to the next, so the same tensors gave different bytes (and a different file hash).
+    The tensors' entries keep their order and offsets (relative to the data, which follows unchanged)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors pads it
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]

@@ -128,6 +128,8 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
     title = f"Captions by {Path(job.checkpoint).name}: {predictor.description()}"
 
     made_by = {"model": predictor.model_hash(), "decoding": _decoding(settings)}
+    # outputs written before the id was computed from the tensors carry the files' hash: the same model
+    older = lambda: {"model": predictor.legacy_model_hash()}  # noqa: E731
     results = gallery = None  # the output files, held by rank 0
     parts = None  # this process's part files under torchrun
     counts = {"captioned": 0, "errors": 0}
@@ -135,7 +137,7 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
     try:
         if process.is_main:
             results, gallery, plan = _open_outputs(files, out_path, fmt, html, title, job.overwrite,
-                                                   job.retry_errors, made_by)
+                                                   job.retry_errors, made_by, older)
         todo, recorded = distributed.broadcast_from_main(plan if process.is_main else None, process)
         mine = distributed.shard(todo, process)
         writer, pages = results, gallery
@@ -191,14 +193,14 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
             "images_per_second": round(done / seconds, 2) if seconds else None}
 
 
-def _open_outputs(files, out_path, fmt, html, title, overwrite, retry_errors, made_by):
+def _open_outputs(files, out_path, fmt, html, title, overwrite, retry_errors, made_by, older=None):
     """(captions file, gallery or None, (todo, recorded)) on rank 0: todo the files still to caption (or to add
     to the gallery), recorded those of them already in the captions file. Part files a killed torchrun run
     left are merged first (or deleted with --overwrite), so their work is not done twice."""
-    results = CaptionsFile(out_path, fmt, overwrite, retry_errors, made_by)
+    results = CaptionsFile(out_path, fmt, overwrite, retry_errors, made_by, older)
     gallery = None
     try:
-        gallery = Gallery(html, title, overwrite, made_by) if html else None
+        gallery = Gallery(html, title, overwrite, made_by, older) if html else None
         order = {file_key(f): i for i, f in enumerate(files)}
         leftovers = [part_paths(out_path), part_paths(html) if html else []]
         if overwrite:

@@ -17,6 +17,7 @@ from captioner import files
 from captioner.config import ComputeConfig, Config, from_saved_dict
 from captioner.files import atomic_write
 from captioner.model.backbone_weights import strip_wrapper_prefixes
+from captioner.engine.infer.integrity import WeightSource, check_vocab, check_weights, vocab_sha256
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary
@@ -25,6 +26,8 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
+    if isinstance(state.get("vocab"), list):  # the words in order, checked on load (integrity.check_vocab)
+        state = {**state, "vocab_sha256": vocab_sha256(state["vocab"])}
     with atomic_write(path, "checkpoint") as f:
         torch.save({"format_version": FORMAT_VERSION, **state}, f)
 
@@ -92,8 +95,11 @@ def check_resumable(state: dict, path: str | Path) -> None:
                                "rng": "a list of random generator states", "metrics_offset": "a byte count"})
 
 
-def model_from_checkpoint(state: dict, path: str | Path = "checkpoint") -> tuple[CaptionModel, Vocabulary, Config]:
-    """Rebuild the model from the checkpoint's own config (never guessed from weight shapes)."""
+def model_from_checkpoint(state: dict, path: str | Path = "checkpoint", where: WeightSource | None = None
+                          ) -> tuple[CaptionModel, Vocabulary, Config]:
+    """Rebuild the model from the checkpoint's own config (never guessed from weight shapes), after its weights
+    and vocabulary proved themselves (integrity.py); where names the files in errors (a model folder's)."""
+    where = where or WeightSource(f"checkpoint {path}", "its config")
     try:
         cfg = from_saved_dict(state["config"])
     except CaptionerError as e:
@@ -101,6 +107,7 @@ def model_from_checkpoint(state: dict, path: str | Path = "checkpoint") -> tuple
     # compute.* describes the machine that trained (a GPU's bf16: true), not the model: run with this one's auto.
     cfg.compute = ComputeConfig()
     vocab = Vocabulary(state["vocab"])
+    check_vocab(vocab.tokens, state.get("vocab_sha256"), f"checkpoint {path}'s vocab", f"checkpoint {path}")
     # The backbone's weights come from the checkpoint itself: do not load or download them again.
     cfg_no_weights = from_saved_dict(state["config"])
     cfg_no_weights.encoder.weights = None
@@ -109,12 +116,16 @@ def model_from_checkpoint(state: dict, path: str | Path = "checkpoint") -> tuple
     # A model folder leaves out the backbone modules after the hooked layer (never computed): zeros, as
     # encoder.weights files that lack them load (model/encoder.py).
     never_computed = {f"encoder.{k}" for k in model.encoder.uncomputed_keys()} - set(weights)
-    weights = {**{k: torch.zeros_like(template[k]) for k in never_computed}, **weights}
+    # (in the file's recorded dtype, so that the zeros pass its dtype check)
+    zeros = {k: torch.zeros_like(template[k], dtype=where.dtype if template[k].is_floating_point() and where.dtype
+                                 else template[k].dtype) for k in never_computed}
+    weights = {**zeros, **weights}
+    check_weights(weights, template, where)  # before load_state_dict, which would cast and copy NaN silently
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise CaptionerError(f"checkpoint {path} does not match its config: {' '.join(lines[1:3])[:300]}") from None
+        raise CaptionerError(f"{where.weights} does not match {where.config}: {' '.join(lines[1:3])[:300]}") from None
     return model, vocab, cfg
 
 

@@ -30,6 +30,7 @@ from captioner import __version__
 from captioner.config import Config, to_dict
 from captioner.engine.infer import hub
 from captioner.engine.infer.checkpoint import load_model, model_from_checkpoint
+from captioner.engine.infer.integrity import WeightSource, check_vocab, vocab_sha256
 from captioner.errors import CaptionerError, os_failure
 from captioner.files import atomic_folder, write_json, write_text
 from captioner.model.caption_model import CaptionModel
@@ -67,8 +68,9 @@ def load_model_source(path: str | Path, device: str | torch.device = "cpu"
 
 
 def model_hash(path: str | Path, digits: int = 16) -> str:
-    """The first digits hex digits of SHA-256 over what makes the model's captions: a checkpoint file's bytes, or a folder's
-    config.json and the files it lists (the model card left out: editing it changes no caption)."""
+    """The first digits hex digits of SHA-256 over a checkpoint file's bytes, or a folder's config.json and the files
+    it lists (the model card left out): export's provenance of the checkpoint, and the model id of outputs written
+    before it was computed from the tensors (model_id.py; Predictor.legacy_model_hash)."""
     path = Path(path)
     if not is_model_folder(path):
         files = [path]
@@ -129,7 +131,27 @@ def read_folder_config(folder: str | Path) -> dict:
             raise CaptionerError(f"model folder {folder} lacks {files[role]} (its {role}); copy the whole folder")
     if not isinstance(meta.get("config"), dict):
         raise CaptionerError(f"{path}: 'config' must be a mapping of config sections")
+    # what the loaders check the files against (integrity.py); every format-1 folder has them
+    if meta.get("dtype") not in DTYPE_NAMES.values():
+        raise CaptionerError(f"{path}: key 'dtype' must be one of {', '.join(DTYPE_NAMES.values())}, got "
+                             f"{meta.get('dtype', 'nothing (missing)')!r}")
+    size = meta.get("vocab_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise CaptionerError(f"{path}: key 'vocab_size' must be the vocabulary's word count (an integer >= 1), got "
+                             f"{size if 'vocab_size' in meta else 'nothing (missing)'!r}")
     return meta
+
+
+def read_folder_vocab(folder: str | Path, meta: dict) -> Vocabulary:
+    """The folder's vocabulary, proved to be the one the model was exported with: its size against config.json's
+    vocab_size, its words in order against vocab_sha256 (folders exported before the hash: the size only)."""
+    folder = Path(folder)
+    vocab = Vocabulary.load(folder / meta["files"]["vocab"])
+    if meta["vocab_size"] != len(vocab):
+        raise CaptionerError(f"model folder {folder}: {meta['files']['vocab']} holds {len(vocab)} tokens but "
+                             f"{CONFIG_FILE} says vocab_size {meta['vocab_size']}: the files come from two exports")
+    check_vocab(vocab.tokens, meta.get("vocab_sha256"), folder / meta["files"]["vocab"], folder / CONFIG_FILE)
+    return vocab
 
 
 def load_model_folder(folder: str | Path, device: str | torch.device = "cpu"
@@ -139,13 +161,13 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu"
     bfloat16 weights load into the float32 model (the compute section decides the precision it runs in)."""
     folder = Path(folder)
     meta = read_folder_config(folder)
-    weights = read_state_dict(folder / meta["files"]["weights"], "model weights file")
-    vocab = Vocabulary.load(folder / meta["files"]["vocab"])
-    if meta.get("vocab_size", len(vocab)) != len(vocab):
-        raise CaptionerError(f"model folder {folder}: {meta['files']['vocab']} holds {len(vocab)} tokens but "
-                             f"{CONFIG_FILE} says vocab_size {meta['vocab_size']}: the files come from two exports")
+    weights_file = folder / meta["files"]["weights"]
+    weights = read_state_dict(weights_file, "model weights file")
+    vocab = read_folder_vocab(folder, meta)
     state = {"model": weights, "config": meta["config"], "vocab": vocab.tokens}
-    model, vocab, cfg = model_from_checkpoint(state, folder)
+    dtype = {name: DTYPES[key] for key, name in DTYPE_NAMES.items()}[meta["dtype"]]
+    model, vocab, cfg = model_from_checkpoint(state, folder, WeightSource(str(weights_file),
+                                                                          str(folder / CONFIG_FILE), dtype))
     return model.to(device).eval(), vocab, cfg
 
 
@@ -167,7 +189,7 @@ def folder_config(model: CaptionModel, vocab: Vocabulary, cfg: Config, dtype: st
     config = {k: v for k, v in to_dict(cfg).items() if k != "compute"}
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "library_name": "captioner",
             "captioner_version": __version__, "files": dict(files), "dtype": DTYPE_NAMES[dtype],
-            "vocab_size": len(vocab),
+            "vocab_size": len(vocab), "vocab_sha256": vocab_sha256(vocab.tokens),
             "architecture": {"encoder": enc.arch, "layer": enc.layer, "channels": enc.channels,
                              "grid": list(enc.grid), "decoder": "soft-attention LSTM (Show, Attend and Tell)",
                              "parameters": sum(p.numel() for p in model.parameters())},

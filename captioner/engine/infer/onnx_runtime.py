@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from captioner.config import ComputeConfig, Config, from_saved_dict
-from captioner.engine.infer.onnx_export import GRAPHS, ONNX_FORMAT_VERSION, require_onnx
+from captioner.engine.infer.integrity import GraphShapes, check_graphs, check_manifest
+from captioner.engine.infer.onnx_export import GRAPHS, ONNX_FORMAT_VERSION, PRECISIONS, require_onnx
 from captioner.errors import CaptionerError
 from captioner.model.steps import StepState
 from captioner.model.backbones import Preprocess
@@ -108,6 +109,7 @@ class OnnxBackend:
             raise CaptionerError(f"ONNX graphs missing: {', '.join(f'{m}.onnx' for m in missing)}; export the model "
                                  f"with `captioner export --format onnx`")
         self.encoder, self.vocab_size, self.precision = encoder, vocab_size, precision
+        self.graphs = {name: Path(graphs[name]) for name in GRAPHS}  # the files, for the model's id (model_id.py)
         self.providers = providers_for(device)
         self.device = device if "CUDAExecutionProvider" in self.providers else torch.device("cpu")
         threads = threads or torch.get_num_threads()
@@ -157,21 +159,31 @@ def _manifest(folder: Path, meta: dict) -> dict:
             from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CaptionerError(f"{path} is not valid JSON ({e}); export the model again") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict):
+        raise CaptionerError(f"{path} must be a JSON object (the ONNX manifest), not a {type(manifest).__name__}; "
+                             f"export the model again: {export}")
+    version = manifest.get("format_version")
     if isinstance(version, int) and version > ONNX_FORMAT_VERSION:
         raise CaptionerError(f"model folder {folder} holds ONNX graphs of format {version}, newer than the format "
                              f"{ONNX_FORMAT_VERSION} this captioner runs: pip install -U captioner")
     if version != ONNX_FORMAT_VERSION:
         raise CaptionerError(f"model folder {folder} holds ONNX graphs of format {version!r}, older than the format "
                              f"{ONNX_FORMAT_VERSION} this captioner runs: export it again: {export}")
+    check_manifest(manifest, path, PRECISIONS, GRAPHS)
     return manifest
+
+
+def declared_shapes(sessions: dict) -> GraphShapes:
+    """Each session's inputs and outputs with their declared shapes (a name or None where an axis is dynamic)."""
+    return {name: ({i.name: list(i.shape) for i in session.get_inputs()},
+                   {o.name: list(o.shape) for o in session.get_outputs()}) for name, session in sessions.items()}
 
 
 def load_onnx_folder(folder: str | Path, device: torch.device, threads: int | None = None
                      ) -> tuple[OnnxBackend, Vocabulary, Config]:
     """(ONNX Runtime backend, vocabulary, config) of a model folder written by `captioner export --format onnx`;
     no PyTorch weights are read."""
-    from captioner.engine.infer.model_folder import is_model_folder, read_folder_config
+    from captioner.engine.infer.model_folder import is_model_folder, read_folder_config, read_folder_vocab
     folder = Path(folder)
     if not is_model_folder(folder):
         raise CaptionerError(f"--runtime onnxruntime runs a model folder written by `captioner export --format onnx`, "
@@ -181,7 +193,11 @@ def load_onnx_folder(folder: str | Path, device: torch.device, threads: int | No
     manifest = _manifest(folder, meta)
     cfg = from_saved_dict(meta["config"])
     cfg.compute = ComputeConfig()  # this machine's, not the exporting one's
-    vocab = Vocabulary.load(folder / meta["files"]["vocab"])
+    vocab = read_folder_vocab(folder, meta)
+    if manifest["vocab_size"] != len(vocab):
+        raise CaptionerError(f"{folder / meta['files']['onnx']}: vocab_size is {manifest['vocab_size']}, but "
+                             f"{meta['files']['vocab']} holds {len(vocab)} words: the files come from two exports; "
+                             f"export the model again")
     enc = manifest["encoder"]
     # folders exported before preprocessing travelled with the model were ImageNet-normalised, bicubic
     preprocess = Preprocess(**{k: tuple(v) if isinstance(v, list) else v
@@ -189,5 +205,6 @@ def load_onnx_folder(folder: str | Path, device: torch.device, threads: int | No
     spec = EncoderSpec(enc["arch"], enc["layer"], enc["image_size"], enc["in_channels"], enc["channels"],
                        tuple(enc["grid"]), preprocess)
     graphs = {name: folder / Path(meta["files"].get(f"onnx_{name}", f"{name}.onnx")).name for name in GRAPHS}
-    backend = OnnxBackend(graphs, spec, len(vocab), device, threads, manifest.get("precision", "float32"))
+    backend = OnnxBackend(graphs, spec, len(vocab), device, threads, manifest["precision"])
+    check_graphs(declared_shapes(backend.sessions), enc, len(vocab), folder, meta["files"]["vocab"])
     return backend, vocab, cfg

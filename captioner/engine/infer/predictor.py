@@ -26,6 +26,7 @@ from captioner.data.pipeline import Batches, image_batches
 from captioner.engine.infer.backend import Backend, TorchBackend
 from captioner.engine.infer.generation import generation_settings
 from captioner.engine.infer.model_folder import load_model_source, model_hash, resolve_model
+from captioner.engine.infer.model_id import graphs_id, model_id
 from captioner.engine.infer.predict import Captioned, DecodeSettings, caption_batch, caption_batches
 from captioner.engine.runtime.compute import Compute, setup_compute
 from captioner.engine.runtime.device import resolve_device
@@ -90,8 +91,19 @@ class Predictor:
                    backend)
 
     def model_hash(self) -> str:
-        """16 hex digits identifying the model's files and what runs them (what outputs record as the model that
-        made them: one folder's int8 ONNX graphs and its PyTorch weights do not write the same captions)."""
+        """16 hex digits identifying the model and what runs it (what outputs record as the model that made
+        them), computed from the tensors, vocabulary and config (model_id.py): a re-export keeps it; one folder's
+        int8 ONNX graphs and its PyTorch weights, which do not write the same captions, differ."""
+        if self.model is not None and self.backend.name == "torch":
+            return model_id(self.model, self.vocab, self.cfg)
+        graphs = getattr(self.backend, "graphs", None)
+        if graphs:
+            return graphs_id([graphs[name] for name in sorted(graphs)], self.backend.precision, self.vocab, self.cfg)
+        return self.legacy_model_hash()
+
+    def legacy_model_hash(self) -> str:
+        """The id before it was computed from the tensors: the hash of the source's files (a checkpoint's bytes,
+        a folder's config.json and weights), which outputs written by older captioners carry."""
         digest = model_hash(self.source)
         if self.backend.name == "torch":
             return digest

@@ -176,9 +176,12 @@ class CaptionsFile:
     """
 
     def __init__(self, path: str | Path, fmt: str | None = None, overwrite: bool = False,
-                 retry_errors: bool = False, made_by: dict | None = None):
+                 retry_errors: bool = False, made_by: dict | None = None, also_made_by=None):
+        """also_made_by: None, or a function giving made_by as an older captioner spelled it (the model id of the
+        files' bytes, before it was computed from the tensors): records carrying it are the same model's."""
         self.format = format_for(path, fmt)
         self.made_by = {k: str(v) for k, v in (made_by or {}).items() if k in PROVENANCE}
+        self._also_made_by = also_made_by
         self.log = AppendLog(path, overwrite)
         self.path = self.log.path
         try:
@@ -201,9 +204,12 @@ class CaptionsFile:
         """Refuse to resume a file holding records that another model or other decoding settings made."""
         if not self.made_by:
             return
+        older = None  # made_by as an older captioner spelled it, computed once and only when a record differs
         for number, record in enumerate(records, start=1):
             theirs = {k: record.get(k) or None for k in PROVENANCE}
-            if theirs != self.made_by:
+            if theirs != self.made_by and self._also_made_by is not None:
+                older = older or {**self.made_by, **{k: str(v) for k, v in self._also_made_by().items()}}
+            if theirs != self.made_by and theirs != older:
                 differ = "; ".join(f"{k} {theirs[k] or 'not recorded'} (now {self.made_by[k]})"
                                    for k in PROVENANCE if theirs[k] != self.made_by[k])
                 raise CaptionerError(f"{self.path} holds captions made otherwise (record {number}: {differ}); "

@@ -66,7 +66,8 @@ footer { color: #555; margin-top: 20px; }
 
 class Gallery:
     def __init__(self, path: str | Path, title: str = "captions", overwrite: bool = False,
-                 made_by: dict | None = None):
+                 made_by: dict | None = None, also_made_by=None):
+        """also_made_by: None, or a function giving made_by as an older captioner spelled it (CaptionsFile's)."""
         self.log = AppendLog(path, overwrite)
         self.path, self.folder = self.log.path, self.log.path.resolve().parent
         lines = self.log.lines
@@ -76,7 +77,8 @@ class Gallery:
                                  f"or pass --overwrite")
         stamp = _made_by(made_by)
         theirs = next((m.group(1) for line in lines[:8] if (m := _MADE_BY.search(line))), "")
-        if lines and stamp and html.unescape(theirs) != stamp:
+        if (lines and stamp and html.unescape(theirs) != stamp
+                and not (also_made_by and html.unescape(theirs) == _made_by({**made_by, **also_made_by()}))):
             self.log.close()
             raise CaptionerError(f"{self.path} shows captions made otherwise ({html.unescape(theirs) or 'not recorded'}; "
                                  f"now {stamp}): pass --overwrite to replace it, or choose another --html")
