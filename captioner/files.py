@@ -216,8 +216,9 @@ def atomic_folder(path: str | Path, what: str = "folder", replace: bool = False)
     Files written into it (each with atomic_write or not) appear at `path` together, by one rename: a reader
     never sees half a model folder. replace=True swaps out an existing `path` (moved aside, then deleted only
     after the new folder is in place); otherwise an existing non-empty `path` is refused. On any failure the
-    temporary folder is removed and `path` is left as it was."""
-    path = Path(path)
+    temporary folder is removed and `path` is left as it was. A `path` that is a symbolic link to a folder is
+    written through: the link stays, the folder it names is replaced (beside it, by the same swap)."""
+    path = write_target(path)
     if path.exists() and not path.is_dir():
         raise CaptionerError(f"cannot write {what} {path}: it is a file, not a folder")
     if path.is_dir() and any(path.iterdir()) and not replace:
@@ -231,10 +232,16 @@ def atomic_folder(path: str | Path, what: str = "folder", replace: bool = False)
         yield tmp
         _shareable(tmp)
         old = None
-        if path.exists():
+        if path.exists():  # the new folder is complete: only now is the old one moved aside
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:  # put the old folder back: a failed swap loses nothing
+                os.replace(old / path.name, path)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
         fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

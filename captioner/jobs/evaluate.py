@@ -18,10 +18,11 @@ from pathlib import Path
 from captioner.config import ComputeConfig, check_checkpoint_overrides, require_min
 from captioner.engine.infer.predict import predict
 from captioner.engine.infer.predictor import Predictor
-from captioner.data.datasets import by_split, load_records
+from captioner.data.datasets import by_split, dataset_inputs, load_records
 from captioner.data.cache import cached_source
 from captioner.errors import CaptionerError
 from captioner.files import check_writable, write_json
+from captioner.io_paths import refuse_overlap
 from captioner.metrics.coco import caption_metrics
 from captioner.metrics.diversity import caption_diversity
 
@@ -49,10 +50,15 @@ class EvaluateJob:
 def main(job: EvaluateJob) -> dict:
     # Default: beside the checkpoint file or model folder; for a Hub repo id, the working folder.
     out = Path(job.out_dir) if job.out_dir else Path(job.checkpoint).parent if Path(job.checkpoint).exists() else Path()
+    results_path, metrics_path = out / f"results_{job.split}.json", out / f"metrics_{job.split}.json"
+    outputs = {"results file": results_path, "metrics file": metrics_path}
+    refuse_overlap(outputs, {"--checkpoint": job.checkpoint})
     check_writable(out, "evaluation output folder", folder=True)
     predictor = Predictor.load(job.checkpoint, job.device, beam_size=job.beam_size, compute=job.compute,
                                overrides=job.overrides, runtime=job.runtime)
     cfg, split = predictor.cfg, job.split
+    files, folders = dataset_inputs(cfg.dataset)  # the checkpoint's dataset, as overridden
+    refuse_overlap(outputs, files, folders)
     records = [r for r in by_split(load_records(cfg.dataset), split) if r.captions]  # missing files dropped
     if not records:
         raise CaptionerError(f"split '{split}' of the dataset has no captioned images")
@@ -67,7 +73,6 @@ def main(job: EvaluateJob) -> dict:
         log.warning("scored %d captions for %d images in the split", len(hypotheses), len(records))
     scores = caption_metrics(hypotheses, {r.image_id: r.captions for r in records})
     scores.update(caption_diversity(hypotheses))  # one caption for every image shows as a low distinct_fraction
-    results_path, metrics_path = out / f"results_{split}.json", out / f"metrics_{split}.json"
     write_json(results_path, [{"image_id": i, "caption": c} for i, c in hypotheses.items()], "results file", indent=1)
     metrics = {"checkpoint": str(job.checkpoint), "split": split, "split_images": len(records),
                "dataset": cfg.dataset.annotations or cfg.dataset.root,
