@@ -14,6 +14,7 @@ draws it), because data/ (feature cache, synthetic images) writes files too and 
 from __future__ import annotations
 
 import codecs
+import errno
 import json
 import os
 import shutil
@@ -169,13 +170,39 @@ def atomic_write(path: str | Path, what: str = "file", durable: bool = True) -> 
     except (OSError, RuntimeError) as e:  # a full disk shows up as either (torch.save raises RuntimeError)
         Path(tmp).unlink(missing_ok=True)
         kept = f"; the previous {path.name} is intact" if path.exists() else ""
-        if isinstance(e, OSError):
-            raise os_failure(f"cannot write {what} {path}", e, then=kept) from None
+        cause = _os_cause(e)
+        if cause is not None:
+            raise os_failure(f"cannot write {what} {path}", cause, then=_disk_note(path, cause) + kept) from None
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise EnvironmentFailure(f"cannot write {what} {path}: {reason}{kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _os_cause(error: BaseException) -> OSError | None:
+    """The OSError behind error: itself, or the one a library wrapped (torch.save turns the file's ENOSPC into a
+    RuntimeError "[enforce fail at inline_container.cc] ...", the OSError kept as its context)."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def _disk_note(path: Path, error: OSError) -> str:
+    """For a full disk or quota: which file system (its mount point) and how much room it has left."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return ""
+    mount = Path(os.path.realpath(path.parent))
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        free = shutil.disk_usage(mount).free
+    except OSError:
+        return f" (the disk mounted at {mount})"
+    return f" (the disk mounted at {mount} has {free / 1e6:.1f} MB free)"
 
 
 def write_bytes(path: str | Path, data: bytes, what: str = "file", durable: bool = True) -> None:
