@@ -50,6 +50,8 @@ def w(tmp_path_factory) -> Path:
     (w / "csv" / "captions.csv").write_text("image,caption\na.png,a red square\n")
     (w / "evalout").mkdir()
     (w / "evalout" / "results_test.json").write_text('{"image": "a.png", "caption": "a red square"}\n')
+    (w / "weights").mkdir()
+    (w / "weights" / "encoder.pth").write_bytes(b"weights")
     (w / "initrun").mkdir()
     (w / "initrun" / "best.pt").write_bytes((w / "ok.pt").read_bytes())
     return w
@@ -118,6 +120,10 @@ ROWS = {
     "extract cache.dir contains the captions file": (
         lambda w: ["extract", "--config", str(TINY), "--device", "cpu", *CSV(w), *SMALL, f"cache.dir={w / 'csv'}"],
         "captioner.jobs.extract.build_encoder", "csv/captions.csv", "csv/captions.csv"),
+    "extract cache.dir contains encoder.weights": (
+        lambda w: ["extract", "--config", str(TINY), "--device", "cpu", *CSV(w), *SMALL,
+                   f"encoder.weights={w / 'weights' / 'encoder.pth'}", f"cache.dir={w / 'weights'}"],
+        "captioner.jobs.extract.build_encoder", "weights/encoder.pth", "weights/encoder.pth"),
     "prepare --out rewrites dataset.splits": (
         lambda w: ["prepare", "--config", str(TINY), "--out", str(w / "prepared"), *CSV(w), *SMALL,
                    f"dataset.splits={w / 'prepared' / 'splits.json'}"],

@@ -19,7 +19,7 @@ from captioner.config import ComputeConfig, check_checkpoint_overrides, require_
 from captioner.engine.infer.predict import predict
 from captioner.engine.infer.predictor import Predictor
 from captioner.data.datasets import by_split, dataset_inputs, load_records
-from captioner.data.cache import cached_source
+from captioner.data.cache import cached_source, default_cache_dir
 from captioner.errors import CaptionerError
 from captioner.files import check_writable, write_json
 from captioner.io_paths import refuse_overlap
@@ -57,8 +57,8 @@ def main(job: EvaluateJob) -> dict:
     predictor = Predictor.load(job.checkpoint, job.device, beam_size=job.beam_size, compute=job.compute,
                                overrides=job.overrides, runtime=job.runtime)
     cfg, split = predictor.cfg, job.split
-    files, folders = dataset_inputs(cfg.dataset)  # the checkpoint's dataset, as overridden
-    refuse_overlap(outputs, files, folders)
+    files, folders = dataset_inputs(cfg.dataset)  # the checkpoint's dataset, as overridden, and its feature cache
+    refuse_overlap(outputs, {**files, "cache.dir": default_cache_dir(cfg)}, folders)
     records = [r for r in by_split(load_records(cfg.dataset), split) if r.captions]  # missing files dropped
     if not records:
         raise CaptionerError(f"split '{split}' of the dataset has no captioned images")

@@ -60,7 +60,8 @@ class ExtractJob:
         if unknown or not self.splits:
             raise CaptionerError(f"--split {','.join(self.splits)}: splits are {', '.join(SPLITS)} (comma-separated)")
         files, folders = dataset_inputs(self.cfg.dataset)  # --rebuild empties the cache: never an input in it
-        refuse_overlap({"cache.dir": default_cache_dir(self.cfg)}, {"--config": self.config, **files}, folders)
+        refuse_overlap({"cache.dir": default_cache_dir(self.cfg)},
+                       {"--config": self.config, "encoder.weights": self.cfg.encoder.weights, **files}, folders)
 
 
 def main(job: ExtractJob) -> dict:

@@ -189,7 +189,8 @@ class TrainJob:
             check_tensorboard()
         files, folders = dataset_inputs(self.cfg.dataset)  # --overwrite clears the run dir: never an input in it
         refuse_overlap({"--run-dir": self.run_dir}, {"--config": self.config, "--init-from": self.init_from, **files,
-                                                     "cache.dir": default_cache_dir(self.cfg)}, folders)
+                                                     "cache.dir": default_cache_dir(self.cfg),
+                                                     "encoder.weights": self.cfg.encoder.weights}, folders)
 
 
 def main(job: TrainJob) -> dict:
