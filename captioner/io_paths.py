@@ -19,7 +19,7 @@ CaptionerError naming both paths (exit status 2).
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import stat
 from typing import Iterable, Mapping, Union
 
 from captioner.errors import CaptionerError
@@ -29,13 +29,17 @@ PathLike = Union[str, os.PathLike]
 Paths = Mapping[str, Union[PathLike, Iterable[PathLike], None]]
 
 
-def _identity(path: PathLike) -> tuple[int, int] | None:
-    """(device, inode) of what path names after links, None when nothing is there."""
+def _stat(path: PathLike) -> os.stat_result | None:
+    """What path names after links, None when nothing is there."""
     try:
-        st = os.stat(path)
+        return os.stat(path)
     except (OSError, ValueError):
         return None
-    return st.st_dev, st.st_ino
+
+
+def _identity(st: os.stat_result | None) -> tuple[int, int] | None:
+    """(device, inode): the same for every name of one file, symbolic or hard link."""
+    return (st.st_dev, st.st_ino) if st is not None else None
 
 
 def _real(path: PathLike) -> str:
@@ -62,8 +66,8 @@ class _Input:
 
     def __init__(self, name: str, path: PathLike):
         self.name, self.path = name, path
-        self.identity = _identity(path)
-        self.is_dir = self.identity is not None and os.path.isdir(path)
+        st = _stat(path)  # one system call per input
+        self.identity, self.is_dir = _identity(st), st is not None and stat.S_ISDIR(st.st_mode)
         self._real: str | None = None
 
     @property
@@ -99,8 +103,9 @@ def refuse_overlap(outputs: Paths, inputs: Paths, folders: Paths | None = None) 
     sources = [(s, whole) for s, whole in sources if s.identity is not None]
     written: list[tuple[str, PathLike, str]] = []
     for name, out in _items(outputs):
-        out_real, out_identity = _real(out), _identity(out)
-        out_is_dir = out_identity is not None and os.path.isdir(out)
+        out_stat = _stat(out)
+        out_real, out_identity = _real(out), _identity(out_stat)
+        out_is_dir = out_stat is not None and stat.S_ISDIR(out_stat.st_mode)
         for source, whole in sources:
             relation = _relation(out_real, out_identity, out_is_dir, source, whole)
             if relation is None:
@@ -117,8 +122,3 @@ def refuse_overlap(outputs: Paths, inputs: Paths, folders: Paths | None = None) 
                 raise CaptionerError(f"{_label(name, out)} and {_label(other_name, other)} name the same file: "
                                      f"give them different paths")
         written.append((name, out, out_real))
-
-
-def existing(*paths: PathLike | None) -> list[Path]:
-    """The given paths that exist, as Paths (for inputs a job only reads when they are there)."""
-    return [Path(p) for p in paths if p and os.path.exists(p)]

@@ -57,7 +57,9 @@ def w(tmp_path_factory) -> Path:
     return w
 
 
-CSV = lambda w: ["dataset.format=csv", f"dataset.annotations={w / 'csv' / 'captions.csv'}", f"dataset.images={w / 'photos'}"]  # noqa: E731
+def CSV(w: Path) -> list[str]:  # noqa: N802 - reads as the constant it stands for
+    """A CSV dataset: captions in w/csv/captions.csv, images in w/photos."""
+    return ["dataset.format=csv", f"dataset.annotations={w / 'csv' / 'captions.csv'}", f"dataset.images={w / 'photos'}"]
 
 # what -> (argv, the step that must not start, the input that must stay as it was, the input named)
 ROWS = {
@@ -102,7 +104,8 @@ ROWS = {
         "captioner.jobs.evaluate.Predictor.load", "M/best.pt", "M"),
     "evaluate results file is the dataset's annotations": (
         lambda w: ["evaluate", "--checkpoint", str(w / "ok.pt"), "--out", str(w / "evalout"), "--split", "test",
-                   "--device", "cpu", f"dataset.annotations={w / 'evalout' / 'results_test.json'}", "dataset.format=jsonl"],
+                   "--device", "cpu", f"dataset.annotations={w / 'evalout' / 'results_test.json'}",
+                   "dataset.format=jsonl"],
         "captioner.jobs.evaluate.load_records", "evalout/results_test.json", "evalout/results_test.json"),
     "train --run-dir contains the dataset": (
         lambda w: ["train", "--config", str(TINY), "--run-dir", str(w), "--device", "cpu", *CSV(w), *SMALL],
@@ -179,7 +182,8 @@ def test_refuse_overlap_relations(tmp_path):
     for out, relation in ((tmp_path / "model", "is the same file as"), (tmp_path, "contains"),
                           (tmp_path / "model" / "sub" / "x.json", "lies inside"),
                           (tmp_path / "linked" / "x.json", "lies inside"), (tmp_path / "linked", "is the same"),
-                          (tmp_path / "photos", "is the same|contains"), (tmp_path / "photos" / "a.jpg", "is the same")):
+                          (tmp_path / "photos", "is the same|contains"),
+                          (tmp_path / "photos" / "a.jpg", "is the same")):
         with pytest.raises(CaptionerError, match=relation):
             refuse_overlap({"--out": out}, {**inputs, "image": [tmp_path / "photos" / "a.jpg"]}, folders)
     refuse_overlap({"--out": tmp_path / "photos" / "captions.jsonl"}, inputs, folders)  # beside the images: fine
