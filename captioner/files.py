@@ -17,6 +17,7 @@ import codecs
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -172,9 +173,11 @@ def atomic_write(path: str | Path, what: str = "file", durable: bool = True) -> 
         kept = f"; the previous {path.name} is intact" if path.exists() else ""
         cause = _os_cause(e)
         if cause is not None:
-            raise os_failure(f"cannot write {what} {path}", cause, then=_disk_note(path, cause) + kept) from None
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise EnvironmentFailure(f"cannot write {what} {path}: {reason}{kept}") from None
+            disk = _disk_note(path) if cause.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise os_failure(f"cannot write {what} {path}", cause, then=disk + kept) from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        reason = re.sub(r"^\[enforce fail at [^\]]*\][ .]*", "", reason)[:200]  # torch's C++ location: no help
+        raise EnvironmentFailure(f"cannot write {what} {path}: {reason}{_disk_note(path)}{kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -191,10 +194,8 @@ def _os_cause(error: BaseException) -> OSError | None:
     return None
 
 
-def _disk_note(path: Path, error: OSError) -> str:
-    """For a full disk or quota: which file system (its mount point) and how much room it has left."""
-    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return ""
+def _disk_note(path: Path) -> str:
+    """Which file system path is on (its mount point) and how much room it has left: for a full disk or quota."""
     mount = Path(os.path.realpath(path.parent))
     while not os.path.ismount(mount) and mount != mount.parent:
         mount = mount.parent

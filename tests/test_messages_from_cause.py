@@ -95,6 +95,21 @@ def test_a_full_disk_while_saving_names_the_disk_and_keeps_last_pt(tmp_path, mon
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]  # no temporary left
 
 
+def test_a_write_failure_without_an_os_error_drops_torchs_cpp_location(tmp_path, monkeypatch):
+    from captioner.engine.infer import checkpoint as checkpoints
+
+    def fails(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    monkeypatch.setattr(checkpoints.torch, "save", fails)
+    with pytest.raises(CaptionerError) as failed:
+        save_checkpoint(tmp_path / "last.pt", {"model": {}})
+    message = str(failed.value)
+    assert message.startswith(f"cannot write checkpoint {tmp_path / 'last.pt'}: PytorchStreamWriter failed writing "
+                              f"file data/0: file write failed (the disk mounted at "), message
+    assert "enforce fail" not in message and "inline_container" not in message
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     return untrained_checkpoint(tmp_path_factory.mktemp("perm") / "best.pt", *SMALL_MODEL, "decode.max_len=4")
