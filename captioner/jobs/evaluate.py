@@ -51,7 +51,7 @@ def main(job: EvaluateJob) -> dict:
     # Default: beside the checkpoint file or model folder; for a Hub repo id, the working folder.
     out = Path(job.out_dir) if job.out_dir else Path(job.checkpoint).parent if Path(job.checkpoint).exists() else Path()
     results_path, metrics_path = out / f"results_{job.split}.json", out / f"metrics_{job.split}.json"
-    outputs = {"results file": results_path, "metrics file": metrics_path}
+    outputs = {"--out": [results_path, metrics_path]}  # the folder's other files are never touched
     refuse_overlap(outputs, {"--checkpoint": job.checkpoint})
     check_writable(out, "evaluation output folder", folder=True)
     predictor = Predictor.load(job.checkpoint, job.device, beam_size=job.beam_size, compute=job.compute,

@@ -113,7 +113,7 @@ def main(job: PrepareJob) -> dict:
     cfg, out_dir = job.cfg, job.out_dir
     out = Path(out_dir) if out_dir else Path(cfg.dataset.root) / "prepared"
     files, folders = dataset_inputs(cfg.dataset)  # e.g. dataset.splits=PREPARED/splits.json is never rewritten
-    refuse_overlap({name: out / name for name in OUTPUT_FILES}, {"--config": job.config, **files}, folders)
+    refuse_overlap({"--out": [out / name for name in OUTPUT_FILES]}, {"--config": job.config, **files}, folders)
     check_writable(out, "prepare output folder", folder=True)  # before reading a dataset of 600k captions
     warnings = _Warnings()
     logger = logging.getLogger("captioner")
