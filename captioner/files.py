@@ -14,8 +14,10 @@ draws it), because data/ (feature cache, synthetic images) writes files too and 
 from __future__ import annotations
 
 import codecs
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -169,13 +171,39 @@ def atomic_write(path: str | Path, what: str = "file", durable: bool = True) -> 
     except (OSError, RuntimeError) as e:  # a full disk shows up as either (torch.save raises RuntimeError)
         Path(tmp).unlink(missing_ok=True)
         kept = f"; the previous {path.name} is intact" if path.exists() else ""
-        if isinstance(e, OSError):
-            raise os_failure(f"cannot write {what} {path}", e, then=kept) from None
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise EnvironmentFailure(f"cannot write {what} {path}: {reason}{kept}") from None
+        cause = _os_cause(e)
+        if cause is not None:
+            disk = _disk_note(path) if cause.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise os_failure(f"cannot write {what} {path}", cause, then=disk + kept) from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        reason = re.sub(r"^\[enforce fail at [^\]]*\][ .]*", "", reason)[:200]  # torch's C++ location: no help
+        raise EnvironmentFailure(f"cannot write {what} {path}: {reason}{_disk_note(path)}{kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _os_cause(error: BaseException) -> OSError | None:
+    """The OSError behind error: itself, or the one a library wrapped (torch.save turns the file's ENOSPC into a
+    RuntimeError "[enforce fail at inline_container.cc] ...", the OSError kept as its context)."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def _disk_note(path: Path) -> str:
+    """Which file system path is on (its mount point) and how much room it has left: for a full disk or quota."""
+    mount = Path(os.path.realpath(path.parent))
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        free = shutil.disk_usage(mount).free
+    except OSError:
+        return f" (the disk mounted at {mount})"
+    return f" (the disk mounted at {mount} has {free / 1e6:.1f} MB free)"
 
 
 def write_bytes(path: str | Path, data: bytes, what: str = "file", durable: bool = True) -> None:
@@ -216,8 +244,9 @@ def atomic_folder(path: str | Path, what: str = "folder", replace: bool = False)
     Files written into it (each with atomic_write or not) appear at `path` together, by one rename: a reader
     never sees half a model folder. replace=True swaps out an existing `path` (moved aside, then deleted only
     after the new folder is in place); otherwise an existing non-empty `path` is refused. On any failure the
-    temporary folder is removed and `path` is left as it was."""
-    path = Path(path)
+    temporary folder is removed and `path` is left as it was. A `path` that is a symbolic link to a folder is
+    written through: the link stays, the folder it names is replaced (beside it, by the same swap)."""
+    path = write_target(path)
     if path.exists() and not path.is_dir():
         raise CaptionerError(f"cannot write {what} {path}: it is a file, not a folder")
     if path.is_dir() and any(path.iterdir()) and not replace:
@@ -231,10 +260,16 @@ def atomic_folder(path: str | Path, what: str = "folder", replace: bool = False)
         yield tmp
         _shareable(tmp)
         old = None
-        if path.exists():
+        if path.exists():  # the new folder is complete: only now is the old one moved aside
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:  # put the old folder back: a failed swap loses nothing
+                os.replace(old / path.name, path)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
         fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -86,13 +86,13 @@ def test_run_dir_holding_another_run(run_dir, small_root, capsys, tmp_path):
 
 @pytest.mark.parametrize("override, expected", [
     ("train.lr=-0.1", "train.lr must be > 0, got -0.1"),
-    ("decode.beam_size=0", "decode.beam_size must be >= 1, got 0"),
+    ("decode.beam_size=0", "decode.beam_size' must be >= 1, got 0"),
     ("encoder.arch=resnet9", "unknown encoder.arch 'resnet9'"),
     ("encoder.layer=layer9", "layer 'layer9' not in resnet18"),
     ("encoder.finetune_from=layer9", "encoder.finetune_from: layer 'layer9' not in resnet18"),
     ("train.lr_schedule=linear", "train.lr_schedule must be one of: none, cosine, step, plateau"),
     ("train.select_metric=bleu5", "train.select_metric must be one of"),
-    ("train.max_bad_steps=0", "train.max_bad_steps must be >= 1"),
+    ("train.max_bad_steps=0", "train.max_bad_steps' must be >= 1"),
 ])
 def test_bad_config_values(override, expected, small_root, tmp_path, capsys):
     folder = tmp_path / "never"
@@ -114,7 +114,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(run_dir, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
-    with pytest.raises(CaptionerError, match=r"cannot write checkpoint .*last.pt: .*No space left on device; "
+    with pytest.raises(CaptionerError, match=r"cannot write checkpoint .*last.pt: .*No space left on device .*; "
                                              r"the previous last.pt is intact"):
         save_checkpoint(run_dir / "last.pt", {"model": {}})
     assert (run_dir / "last.pt").read_bytes() == before

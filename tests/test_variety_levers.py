@@ -76,9 +76,9 @@ def test_scst_diversity_term_lowers_the_reward_by_the_similarity(baseline):
     ("train.label_smoothing", "1.0", "train.label_smoothing must be in [0, 1)"),
     ("train.scst_diversity", "-0.1", "train.scst_diversity must be >= 0"),
     ("train.scst_xe_weight", "-1", "train.scst_xe_weight must be >= 0"),
-    ("train.scst_temperature", "0", "train.scst_temperature must be > 0"),
-    ("decode.block_ngram", "-1", "decode.block_ngram' must be between 0 and"),
-    ("decode.groups", "0", "decode.groups must be >= 1"),
+    ("train.scst_temperature", "0", "train.scst_temperature must be in [0.0001, 10000]"),
+    ("decode.block_ngram", "-1", "decode.block_ngram' must be >= 0"),
+    ("decode.groups", "0", "decode.groups' must be >= 1"),
     ("decode.groups", "2", "decode.beam_size (3) must be a multiple of decode.groups (2)"),
     ("decode.diversity", "-1", "decode.diversity must be >= 0")])
 def test_variety_keys_refuse_bad_values(key, value, message):

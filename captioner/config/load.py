@@ -56,10 +56,60 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+    def compose_document(self):
+        node = super().compose_document()
+        _check_size(node, {}, set(), 0)  # before any Python object is built from it
+        return node
+
+
+# YAML parser limits. Aliases share one object, so a "billion laughs" file (9 aliases of 9 aliases of ...) parses
+# in milliseconds and only explodes when something walks it (a repr in an error message: minutes, then out of
+# memory). A config holds a few hundred values a few levels deep; these limits are far above any real one.
+MAX_YAML_VALUES = 100_000  # values after alias expansion
+MAX_YAML_DEPTH = 64  # nesting levels
+
+
+class YAMLLimit(yaml.YAMLError):
+    """A document over a parser limit: what exceeded it and where."""
+
+    def __init__(self, problem: str, node):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, node.start_mark
+
+
+def _check_size(node, sizes: dict, open_nodes: set, depth: int) -> tuple[int, int]:
+    """(values, nesting height) of a composed node with every alias expanded, counted once per distinct node;
+    YAMLLimit as soon as either goes over its limit, or an alias refers to the collection that holds it."""
+    key = id(node)
+    if key in open_nodes:
+        raise YAMLLimit("an alias refers to the collection that holds it (a recursive alias)", node)
+    if key not in sizes:
+        if depth > MAX_YAML_DEPTH:
+            raise YAMLLimit(f"nested deeper than {MAX_YAML_DEPTH} levels (depth limit)", node)
+        children = ([] if isinstance(node, yaml.ScalarNode) else
+                    [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value)
+        open_nodes.add(key)
+        counted = [_check_size(child, sizes, open_nodes, depth + 1) for child in children]
+        open_nodes.discard(key)
+        sizes[key] = (1 + sum(c[0] for c in counted), 1 + max((c[1] for c in counted), default=0))
+    values, height = sizes[key]
+    if values > MAX_YAML_VALUES:
+        raise YAMLLimit(f"its aliases expand to more than {MAX_YAML_VALUES:,} values (alias expansion limit; a "
+                        f"'billion laughs' file?)", node)
+    if depth + height > MAX_YAML_DEPTH + 1:
+        raise YAMLLimit(f"nested deeper than {MAX_YAML_DEPTH} levels once aliases are expanded (depth limit)", node)
+    return values, height
+
+
 def parse_yaml(text: str, what: str):
-    """text parsed by StrictLoader; one line naming `what` and the place when it is not valid YAML."""
+    """text parsed by StrictLoader; one line naming `what` and the place when it is not valid YAML or goes over
+    a parser limit (MAX_YAML_VALUES after alias expansion, MAX_YAML_DEPTH)."""
     try:
         return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
+    except YAMLLimit as e:
+        mark = e.problem_mark
+        raise CaptionerError(f"{what} is refused by a YAML parser limit (line {mark.line + 1}, column "
+                             f"{mark.column + 1}): {e.problem}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""

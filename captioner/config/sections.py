@@ -6,6 +6,15 @@ import typing
 from dataclasses import dataclass, field
 
 
+INT_MAX = 2**31 - 1  # the largest int key: every seed (+ rank, + epoch) fits NumPy's and torch's generators
+
+
+def at_least(low: int, default: int, note: str = ""):
+    """An int key whose smallest valid value is low (int keys start at 0 otherwise): coerce and validate refuse
+    a smaller one saying ">= low", the real bound, and note (what low means) after it."""
+    return field(default=default, metadata={"range": (low, INT_MAX), "note": note})
+
+
 @dataclass
 class EncoderConfig:
     # a torchvision CNN (resnet18/50/101/152, ...), timm/NAME (any timm.list_models() name, pip install
@@ -15,8 +24,9 @@ class EncoderConfig:
     # None (random init), the library's weights name (torchvision IMAGENET1K_V2, a timm or open_clip tag) or a
     # local .safetensors / .pth / .bin file
     weights: str | None = None
-    in_channels: int = 3  # != 3 replaces conv1 (e.g. 11-band satellite images)
-    image_size: int = 224  # images are resized to image_size x image_size; 224 gives a 7x7 layer4 grid
+    in_channels: int = at_least(1, 3)  # != 3 replaces conv1 (e.g. 11-band satellite images)
+    # images are resized to image_size x image_size; 224 gives a 7x7 layer4 grid (a ViT's patch size must divide it)
+    image_size: int = at_least(32, 224)
     # None keeps the backbone frozen; e.g. layer4 trains it and what follows, up to the hook
     finetune_from: str | None = None
     seed: int = 0  # random-init weights (weights: null) come from this seed, in train and extract alike
@@ -30,9 +40,9 @@ class EncoderConfig:
 
 @dataclass
 class ModelConfig:
-    embed_dim: int = 512  # word embedding size, also the size features are projected to
-    attention_dim: int = 512
-    decoder_dim: int = 512  # LSTM hidden size
+    embed_dim: int = at_least(1, 512)  # word embedding size, also the size features are projected to
+    attention_dim: int = at_least(1, 512)
+    decoder_dim: int = at_least(1, 512)  # LSTM hidden size
     dropout: float = 0.5
     alpha_c: float = 1.0  # weight of the doubly stochastic attention regulariser (Show, Attend and Tell eq. 14)
     # What the decoder attends over (docs/quality.md): norm, a LayerNorm over all C encoder channels (unit scale
@@ -67,42 +77,43 @@ class DatasetConfig:
     restval: str = "train"  # Karpathy 'restval' images: train (Karpathy's recipe, 113k train images) or drop
     max_missing_fraction: float = 0.05  # missing image files are skipped with a warning; more than this is an error
     val_fraction: float = 0.1  # data without splits: share of images held out for val, and again for test
-    min_freq: int = 1  # words seen fewer times in the training captions become <unk>
-    max_len: int = 30  # captions are cut to this many words
-    synthetic_images: int = 2000  # synthetic only: how many images to generate
+    min_freq: int = at_least(1, 1)  # words seen fewer times in the training captions become <unk>
+    max_len: int = at_least(1, 30)  # captions are cut to this many words
+    synthetic_images: int = at_least(1, 2000)  # synthetic only: how many images to generate
     synthetic_seed: int = 0
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 64
+    epochs: int = at_least(1, 10)
+    batch_size: int = at_least(1, 64)
     lr: float = 4e-4
     weight_decay: float = 0.0
     grad_clip: float = 5.0
     seed: int = 0
     num_workers: int = 2
-    log_every: int = 50  # steps between metrics.jsonl lines
+    log_every: int = at_least(1, 50)  # steps between metrics.jsonl lines
     precompute_features: bool = True  # run the frozen encoder once per image instead of once per caption per epoch
     val_images: int = 0  # cap on validation images per epoch (0 = all)
     checkpoint_every: int = 500  # steps between last.pt saves (0: only at the end of each epoch)
-    max_bad_steps: int = 5  # a non-finite loss skips its step; this many in a row stop the run
+    max_bad_steps: int = at_least(1, 5)  # a non-finite loss skips its step; this many in a row stop the run
     lr_schedule: str = "none"  # none | cosine | step | plateau (after warmup_steps of linear warmup)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine: the final lr as a fraction of the initial one
-    lr_decay_epochs: int = 1  # step: the lr is multiplied by lr_gamma every this many epochs
+    lr_decay_epochs: int = at_least(1, 1)  # step: the lr is multiplied by lr_gamma every this many epochs
     lr_gamma: float = 0.1  # step and plateau: the factor of each decay
     lr_patience: int = 2  # plateau: validations without improvement before the lr decays
     select_metric: str = "cider"  # validation score (coco-caption's, as evaluate's) that picks best.pt, drives plateau
     # and early stopping: cider (CIDEr-D), bleu1..bleu4 or rouge_l
     early_stop_patience: int = 0  # stop after this many validations without improvement (0: never)
-    val_beam_size: int = 1  # validation's captions: 1 greedy (fast); decode.beam_size's value picks best.pt on the
-    # captions `evaluate` and `caption` will write (the quality benchmark does)
+    # validation's captions: 1 greedy (fast); decode.beam_size's value picks best.pt on the captions `evaluate`
+    # and `caption` will write (the quality benchmark does)
+    val_beam_size: int = at_least(1, 1, "1: greedy")
     validate_init: bool = True  # --init-from: score the starting weights first (epoch 0; best.pt until an epoch beats
     # them), so fine-tuning, self-critical training above all, never leaves a best.pt worse on val than its start
     encoder_lr: float = 1e-4  # learning rate of the fine-tuned encoder stages (encoder.finetune_from)
     objective: str = "xe"  # xe: cross-entropy on the reference captions; scst: self-critical training on CIDEr-D
-    scst_samples: int = 5  # scst: captions sampled per image (train.batch_size counts images)
+    scst_samples: int = at_least(1, 5)  # scst: captions sampled per image (train.batch_size counts images)
     scst_baseline: str = "mean"  # scst: mean (of the image's other samples; Luo 2020) or greedy (Rennie et al.)
     scst_max_len: int = 0  # scst: longest sampled caption, in words (0: decode.max_len, which then also cuts captions)
     scst_entropy: float = 0.0  # scst: weight of an entropy bonus that keeps sampling from collapsing (0: off)
@@ -121,16 +132,16 @@ class TrainConfig:
 
 @dataclass
 class DecodeConfig:
-    beam_size: int = 3
-    max_len: int = 30  # longest caption produced, in words
+    beam_size: int = at_least(1, 3)
+    max_len: int = at_least(1, 30)  # longest caption produced, in words
     length_penalty: float = 0.0  # 0 ranks beams by total log-probability; 1 by mean per word
-    batch_size: int = 32
+    batch_size: int = at_least(1, 32)
     sample: bool = False  # draw each word from the model's distribution (varied captions) instead of greedy/beam
     temperature: float = 1.0  # sampling only: < 1 sharper (closer to greedy), > 1 more varied; see TEMPERATURES
     block_ngram: int = 0  # > 0: no caption repeats one of its n-grams of this length (greedy and beam; 0: off)
     # captions never hold <unk> (rare words): greedy, beam, sampling, SCST's samples; as self-critical.pytorch
     suppress_unk: bool = False
-    groups: int = 1  # beam search in this many diverse groups (Vijayakumar 2018); beam_size must be a multiple
+    groups: int = at_least(1, 1)  # beam search in this many diverse groups (Vijayakumar 2018); beam_size a multiple
     diversity: float = 0.0  # diverse groups: log-probability penalty per earlier group that chose the same word
     top_k: int = 0  # sampling only: draw from the k most likely words (0: off; 1: greedy)
     top_p: float = 1.0  # sampling only: draw from the fewest words whose probability reaches p (nucleus; 1.0: off)
@@ -157,7 +168,8 @@ class ComputeConfig:
     compile: bool = False  # torch.compile the encoder: a slow first batch, then faster; for long runs
     gpu_decode: bool = False  # CUDA only: workers read JPEG bytes, the GPU decodes and resizes them in batches
     num_workers: int = 2  # image decoding processes of evaluate, extract and training's feature extraction
-    encode_batch_size: int = 32  # images per encoder batch when features are extracted (extract, precompute)
+    encode_batch_size: int = at_least(1, 32)  # images per encoder batch when features are extracted (extract,
+    # precompute)
 
 
 @dataclass

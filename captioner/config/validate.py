@@ -6,15 +6,15 @@ import dataclasses
 import math
 import typing
 
-from captioner.config.sections import (DATASET_FORMATS, INTERPOLATIONS, LOGGERS, LR_SCHEDULES, OBJECTIVES,
+from captioner.config.sections import (DATASET_FORMATS, INT_MAX, INTERPOLATIONS, LOGGERS, LR_SCHEDULES, OBJECTIVES,
                                        SCST_BASELINES, SELECT_METRICS, TEMPERATURES, Config)
 from captioner.errors import CaptionerError
 
 
 # The range of every int key and option unless its dataclass field says otherwise (metadata "range": (low,
-# high)): counts, sizes and seeds are never negative, and 2**31 - 1 keeps every seed (+ rank, + epoch) inside
-# NumPy's and torch's generators and every size inside a 32-bit index.
-INT_RANGE = (0, 2**31 - 1)
+# high), sections.at_least): counts, sizes and seeds are never negative, and 2**31 - 1 keeps every seed (+ rank,
+# + epoch) inside NumPy's and torch's generators and every size inside a 32-bit index.
+INT_RANGE = (0, INT_MAX)
 
 
 def int_range(spec: dataclasses.Field | None) -> tuple[int, int]:
@@ -32,7 +32,11 @@ def check_number(name: str, value, spec: dataclasses.Field | None = None):
     if (low is not None and value < low) or (high is not None and value > high):
         shown = f"an integer of {value.bit_length()} bits" if isinstance(value, int) and value.bit_length() > 64 \
             else value
-        raise CaptionerError(f"{_named(name)} must be between {low} and {high}, got {shown}")
+        # below: the real lower bound alone (">= 1", never "between 0 and ..." for a count that starts at 1)
+        bound = f">= {low}" if low is not None and value < low else \
+            f"between {low} and {high}" if low is not None else f"<= {high}"
+        note = spec.metadata.get("note") if spec is not None else ""
+        raise CaptionerError(f"{_named(name)} must be {bound}{f' ({note})' if note else ''}, got {shown}")
     return value
 
 
@@ -110,13 +114,24 @@ def return_sequences_problem(num_return_sequences: int, beam_size: int, sample: 
             f"with at least that many beams (decode.beam_size {beam_size})")
 
 
+def _check_ranges(cfg: Config) -> None:
+    """Every number within its field's range (INT_RANGE or at_least's), as coerce checks keys read from text: a
+    Config built in code gets the same refusals, with the same bound."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for spec in dataclasses.fields(values):
+            value = getattr(values, spec.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                check_number(f"{section.name}.{spec.name}", value, spec)
+
+
 def validate(cfg: Config) -> None:
     """Reject values that would only fail later, deep inside a run."""
+    _check_ranges(cfg)
+    low, high = TEMPERATURES
     sequences_problem = return_sequences_problem(cfg.decode.num_return_sequences, cfg.decode.beam_size,
                                                  cfg.decode.sample)
     checks = [
-        (cfg.encoder.in_channels >= 1, "encoder.in_channels must be >= 1"),
-        (cfg.encoder.image_size >= 32, "encoder.image_size must be >= 32"),
         (cfg.encoder.interpolation in ("", *INTERPOLATIONS),
          f"encoder.interpolation must be {', '.join(INTERPOLATIONS)} or \"\" (the weights' own), got "
          f"'{cfg.encoder.interpolation}'"),
@@ -126,8 +141,6 @@ def validate(cfg: Config) -> None:
          f"{cfg.encoder.in_channels}), got {cfg.encoder.mean} and {cfg.encoder.std}"),
         (cfg.encoder.std is None or all(v > 0 for v in cfg.encoder.std),
          f"encoder.std must be > 0, got {cfg.encoder.std}"),
-        (cfg.model.embed_dim > 0 and cfg.model.attention_dim > 0 and cfg.model.decoder_dim > 0,
-         "model sizes must be positive"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (cfg.model.alpha_c >= 0, "model.alpha_c must be >= 0"),
         (cfg.model.features in ("project", "norm", "raw"),
@@ -145,28 +158,15 @@ def validate(cfg: Config) -> None:
          f"(e.g. utf-8, latin-1, cp1252)"),
         (0.0 <= cfg.dataset.max_missing_fraction <= 1.0, "dataset.max_missing_fraction must be in [0, 1]"),
         (0.0 <= cfg.dataset.val_fraction < 0.5, "dataset.val_fraction must be in [0, 0.5)"),
-        (cfg.dataset.min_freq >= 1, "dataset.min_freq must be >= 1"),
-        (cfg.dataset.max_len >= 1, "dataset.max_len must be >= 1"),
-        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
-        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.lr > 0, f"train.lr must be > 0, got {cfg.train.lr}"),
         (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
-        (cfg.train.num_workers >= 0, "train.num_workers must be >= 0"),
-        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
-        (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: only at epoch ends)"),
-        (cfg.train.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
         (cfg.train.lr_schedule in LR_SCHEDULES,
          f"train.lr_schedule must be one of: {', '.join(LR_SCHEDULES)}, got '{cfg.train.lr_schedule}'"),
-        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (0.0 <= cfg.train.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
-        (cfg.train.lr_decay_epochs >= 1, "train.lr_decay_epochs must be >= 1"),
         (0.0 < cfg.train.lr_gamma <= 1.0, "train.lr_gamma must be in (0, 1]"),
-        (cfg.train.lr_patience >= 0, "train.lr_patience must be >= 0"),
         (cfg.train.select_metric in SELECT_METRICS,
          f"train.select_metric must be one of: {', '.join(SELECT_METRICS)}, got '{cfg.train.select_metric}'"),
-        (cfg.train.early_stop_patience >= 0, "train.early_stop_patience must be >= 0 (0: never stop early)"),
-        (cfg.train.val_beam_size >= 1, f"train.val_beam_size must be >= 1 (1: greedy), got {cfg.train.val_beam_size}"),
         (cfg.train.encoder_lr > 0, f"train.encoder_lr must be > 0, got {cfg.train.encoder_lr}"),
         (cfg.train.objective in OBJECTIVES,
          f"train.objective must be one of: {', '.join(OBJECTIVES)}, got '{cfg.train.objective}'"),
@@ -177,22 +177,16 @@ def validate(cfg: Config) -> None:
         (cfg.train.scst_entropy >= 0, "train.scst_entropy must be >= 0"),
         (cfg.train.scst_diversity >= 0, f"train.scst_diversity must be >= 0, got {cfg.train.scst_diversity}"),
         (cfg.train.scst_xe_weight >= 0, f"train.scst_xe_weight must be >= 0, got {cfg.train.scst_xe_weight}"),
-        (cfg.train.scst_temperature > 0, f"train.scst_temperature must be > 0, got {cfg.train.scst_temperature}"),
+        (low <= cfg.train.scst_temperature <= high,  # decode.temperature's range, for the same reason
+         f"train.scst_temperature must be in [{low:g}, {high:g}] (log-probabilities / T: below {low:g} sampling is "
+         f"greedy to float precision, far below it they overflow to -inf), got {cfg.train.scst_temperature}"),
         (0.0 <= cfg.train.label_smoothing < 1.0,
          f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}"),
         (all(name in LOGGERS for name in cfg.train.log_to) and len(set(cfg.train.log_to)) == len(cfg.train.log_to),
          f"train.log_to takes each of {', '.join(LOGGERS)} at most once, e.g. [jsonl, tensorboard]; got "
          f"[{', '.join(cfg.train.log_to)}]"),
-        (cfg.decode.beam_size >= 1, f"decode.beam_size must be >= 1, got {cfg.decode.beam_size}"),
-        (cfg.decode.max_len >= 1, "decode.max_len must be >= 1"),
-        (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),
-        (cfg.compute.num_workers >= 0, f"compute.num_workers must be >= 0, got {cfg.compute.num_workers}"),
-        (cfg.compute.encode_batch_size >= 1,
-         f"compute.encode_batch_size must be >= 1, got {cfg.compute.encode_batch_size}"),
-        (TEMPERATURES[0] <= cfg.decode.temperature <= TEMPERATURES[1],
-         f"decode.temperature must be in [{TEMPERATURES[0]:g}, {TEMPERATURES[1]:g}], got {cfg.decode.temperature}"),
-        (cfg.decode.block_ngram >= 0, f"decode.block_ngram must be >= 0 (0: off), got {cfg.decode.block_ngram}"),
-        (cfg.decode.groups >= 1, f"decode.groups must be >= 1, got {cfg.decode.groups}"),
+        (low <= cfg.decode.temperature <= high,
+         f"decode.temperature must be in [{low:g}, {high:g}], got {cfg.decode.temperature}"),
         (cfg.decode.groups < 1 or cfg.decode.beam_size % cfg.decode.groups == 0,
          f"decode.beam_size ({cfg.decode.beam_size}) must be a multiple of decode.groups ({cfg.decode.groups})"),
         (cfg.decode.diversity >= 0, f"decode.diversity must be >= 0, got {cfg.decode.diversity}"),

@@ -153,3 +153,20 @@ def load_records(cfg: DatasetConfig) -> list[ImageRecord]:
     _, records = read_dataset(cfg)
     records = [r for r in records if r.split in SPLITS]
     return drop_missing(records, cfg.max_missing_fraction, f"dataset {cfg.annotations or cfg.root}")
+
+
+def dataset_inputs(cfg: DatasetConfig) -> tuple[dict, dict]:
+    """(files, folders) a command reading this dataset reads, named by their keys, for io_paths.refuse_overlap:
+    the captions file and split files (never to be replaced), the image folder and a synthetic set's root (an
+    output may go beside their files, never replace the folder). Nothing is read here."""
+    if cfg.format == "synthetic" or (cfg.format == "auto" and not cfg.annotations):
+        return {}, {"dataset.root": cfg.root or "."}
+    resolve = _resolver(cfg)
+    annotations = resolve(cfg.annotations)
+    files = {"dataset.annotations": annotations}
+    files.update({f"dataset.{key}": resolve(getattr(cfg, key))
+                  for key in ("splits", "train_list", "val_list", "test_list") if getattr(cfg, key)})
+    if annotations.is_file() and not any(getattr(cfg, k) for k in ("splits", "train_list", "val_list", "test_list")):
+        found = flickr8k_split_lists(annotations) or {}
+        files.update({f"Flickr8k {split} list": path for split, path in found.items()})
+    return files, {"dataset.images": resolve(cfg.images) if cfg.images else annotations.parent}

@@ -35,6 +35,7 @@ from captioner.engine.infer.predictor import Predictor
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
 from captioner.files import check_writable
+from captioner.io_paths import refuse_overlap
 from captioner.engine.outputs.gallery import Gallery
 from captioner.engine.runtime import distributed
 from captioner.engine.runtime.distributed import Process
@@ -117,6 +118,11 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
     if process.is_main and not files:
         raise CaptionerError(f"no image files found in {', '.join(job.paths)} (folders are searched for image "
                              f"extensions{'' if job.recursive else '; add --recursive for sub-folders'})")
+    if process.is_main:  # the images, lists and model are never written over (before the model loads)
+        folders = [p for p in job.paths if p != "-" and Path(p).is_dir()]
+        refuse_overlap({"--out": out_path, "--html": html},
+                       {"--checkpoint": job.checkpoint, "input": [p for p in job.paths if p not in folders],
+                        "image": files}, folders={"folder": folders})
     # compute describes this machine, not the checkpoint: auto unless the caller says otherwise.
     predictor = Predictor.load(job.checkpoint, process.device, beam_size=job.beam_size, compute=job.compute,
                                sample=job.sample, temperature=job.temperature, runtime=job.runtime,

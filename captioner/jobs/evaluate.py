@@ -21,10 +21,11 @@ from captioner.config import ComputeConfig, check_checkpoint_overrides, require_
 from captioner.engine.infer.generation import given_options
 from captioner.engine.infer.predict import predict
 from captioner.engine.infer.predictor import Predictor
-from captioner.data.datasets import by_split, load_records
-from captioner.data.cache import cached_source
+from captioner.data.datasets import by_split, dataset_inputs, load_records
+from captioner.data.cache import cached_source, default_cache_dir
 from captioner.errors import CaptionerError
 from captioner.files import check_writable, write_json
+from captioner.io_paths import refuse_overlap
 from captioner.metrics.coco import caption_metrics
 from captioner.metrics.diversity import caption_diversity
 
@@ -61,6 +62,9 @@ class EvaluateJob:
 def main(job: EvaluateJob) -> dict:
     # Default: beside the checkpoint file or model folder; for a Hub repo id, the working folder.
     out = Path(job.out_dir) if job.out_dir else Path(job.checkpoint).parent if Path(job.checkpoint).exists() else Path()
+    results_path, metrics_path = out / f"results_{job.split}.json", out / f"metrics_{job.split}.json"
+    outputs = {"--out": [results_path, metrics_path]}  # the folder's other files are never touched
+    refuse_overlap(outputs, {"--checkpoint": job.checkpoint})
     check_writable(out, "evaluation output folder", folder=True)
     predictor = Predictor.load(job.checkpoint, job.device, beam_size=job.beam_size, compute=job.compute,
                                overrides=job.overrides, runtime=job.runtime, sample=job.sample,
@@ -70,6 +74,8 @@ def main(job: EvaluateJob) -> dict:
     if predictor.settings.sample:
         torch.manual_seed(predictor.cfg.train.seed)  # as `caption` does: the same command, the same captions
     cfg, split = predictor.cfg, job.split
+    files, folders = dataset_inputs(cfg.dataset)  # the checkpoint's dataset, as overridden, and its feature cache
+    refuse_overlap(outputs, {**files, "cache.dir": default_cache_dir(cfg)}, folders)
     records = [r for r in by_split(load_records(cfg.dataset), split) if r.captions]  # missing files dropped
     if not records:
         raise CaptionerError(f"split '{split}' of the dataset has no captioned images")
@@ -84,7 +90,6 @@ def main(job: EvaluateJob) -> dict:
         log.warning("scored %d captions for %d images in the split", len(hypotheses), len(records))
     scores = caption_metrics(hypotheses, {r.image_id: r.captions for r in records})
     scores.update(caption_diversity(hypotheses))  # one caption for every image shows as a low distinct_fraction
-    results_path, metrics_path = out / f"results_{split}.json", out / f"metrics_{split}.json"
     write_json(results_path, [{"image_id": i, "caption": c} for i, c in hypotheses.items()], "results file", indent=1)
     metrics = {"checkpoint": str(job.checkpoint), "split": split, "split_images": len(records),
                "dataset": cfg.dataset.annotations or cfg.dataset.root,

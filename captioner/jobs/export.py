@@ -33,6 +33,7 @@ from captioner.engine.infer.model_folder import (CONFIG_FILE, DTYPES, is_model_f
 from captioner.config import require_min
 from captioner.errors import CaptionerError
 from captioner.files import check_writable, read_text
+from captioner.io_paths import refuse_overlap
 
 log = logging.getLogger("captioner")
 
@@ -154,14 +155,17 @@ def main(job: ExportJob) -> dict:
     Returns {"out", "format", "dtype", "files": {name: bytes}, "bytes", "checkpoint", "checkpoint_bytes",
     "pushed": the repo URL or None}."""
     out = Path(job.out)
+    image_folder = job.calibrate if job.calibrate and Path(job.calibrate).is_dir() else None  # else a list file
+    refuse_overlap({"--out": out}, {"--checkpoint": Path(job.checkpoint).expanduser(), "--metrics": job.metrics,
+                                    "--calibrate": None if image_folder else job.calibrate},
+                   folders={"--calibrate": image_folder})
     check_writable(out, "model folder", folder=True)
     if out.is_dir() and any(out.iterdir()) and not job.overwrite:
         what = "a model folder" if (out / CONFIG_FILE).is_file() else "a non-empty folder"
         raise CaptionerError(f"--out {out} is {what} already; add --overwrite to replace a model folder, or give "
                              f"another --out")
     source = resolve_model(job.checkpoint)
-    if source.resolve() == out.resolve():
-        raise CaptionerError(f"--out {out} is the model being exported: give another folder")
+    refuse_overlap({"--out": out}, {"--checkpoint": source})  # a Hub model's downloaded copy too
     if not source.exists():
         raise CaptionerError(f"checkpoint {source} not found")
     metrics = read_metrics(job.metrics, source) if job.metrics else None

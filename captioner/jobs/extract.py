@@ -24,10 +24,11 @@ from pathlib import Path
 from captioner.engine.runtime.compute import setup_compute
 from captioner.engine.infer.extraction import check_disk, extract_into, merge_parts, open_for_extraction, part_folder
 from captioner.config import Config, require_min
-from captioner.data.datasets import load_records
+from captioner.data.datasets import dataset_inputs, load_records
 from captioner.data.cache import FeatureCache, default_cache_dir, describe_size, encoder_signature, lock_cache
 from captioner.errors import CaptionerError
 from captioner.files import check_writable
+from captioner.io_paths import refuse_overlap
 from captioner.jobs.base import config_of
 from captioner.model.caption_model import build_encoder
 from captioner.model.pretrained import names_library_weights
@@ -59,6 +60,9 @@ class ExtractJob:
         unknown = [s for s in self.splits if s not in SPLITS]
         if unknown or not self.splits:
             raise CaptionerError(f"--split {','.join(self.splits)}: splits are {', '.join(SPLITS)} (comma-separated)")
+        files, folders = dataset_inputs(self.cfg.dataset)  # --rebuild empties the cache: never an input in it
+        refuse_overlap({"cache.dir": default_cache_dir(self.cfg)},
+                       {"--config": self.config, "encoder.weights": self.cfg.encoder.weights, **files}, folders)
 
 
 def main(job: ExtractJob) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from captioner.errors import CaptionerError
 from captioner.files import atomic_write, check_writable
+from captioner.io_paths import refuse_overlap
 from captioner.engine.train.loggers import read_metrics
 
 
@@ -71,13 +72,13 @@ def main(job: PlotJob) -> dict:
     """Write the PNG; returns {"plot", "steps", "validations"} for one run, and for several {"plot", "runs",
     "steps", "validations"} with a list entry per run."""
     runs = [Path(d) for d in job.run_dirs]
+    out = Path(job.out) if job.out else runs[0] / "curves.png" if len(runs) == 1 else Path("compare.png")
+    refuse_overlap({"--out": out}, {"metrics of run": [run / "metrics.jsonl" for run in runs]})
     curves = [_curves(run_dir) for run_dir in runs]  # every run is read (and refused) before anything is drawn
-    check_writable(Path(job.out) if job.out else runs[0] / "curves.png" if len(runs) == 1 else Path("compare.png"),
-                   "plot")
+    check_writable(out, "plot")
     if len(runs) > 1:
-        return _compare(runs, curves, Path(job.out) if job.out else Path("compare.png"))
+        return _compare(runs, curves, out)
     run_dir, (records, steps, validations) = runs[0], curves[0]
-    out = Path(job.out) if job.out else run_dir / "curves.png"
     plt = _pyplot()
     resumes = [r["step"] for r in records if r.get("event") == "resume"]
     skipped = [r["step"] for r in records if r.get("skipped")]

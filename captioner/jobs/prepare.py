@@ -23,14 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from captioner.config import Config, DatasetConfig, to_dict
-from captioner.data.datasets import read_dataset
+from captioner.data.datasets import dataset_inputs, read_dataset
 from captioner.data.records import SPLITS, ImageRecord, by_split, drop_missing, find_missing
 from captioner.errors import CaptionerError, os_failure
 from captioner.files import check_writable, write_text
+from captioner.io_paths import refuse_overlap
 from captioner.jobs.base import config_of
 from captioner.text import Vocabulary, tokenize
 
 log = logging.getLogger("captioner")
+
+OUTPUT_FILES = ("vocab.json", "splits.json", "captions_val.json", "captions_test.json", "missing_images.txt",
+                "summary.json")  # what main writes into OUT
 
 
 def build_vocabulary(train_records: list[ImageRecord], cfg: DatasetConfig) -> Vocabulary:
@@ -108,6 +112,8 @@ def main(job: PrepareJob) -> dict:
     with its count, so a silent problem shows in summary.json too."""
     cfg, out_dir = job.cfg, job.out_dir
     out = Path(out_dir) if out_dir else Path(cfg.dataset.root) / "prepared"
+    files, folders = dataset_inputs(cfg.dataset)  # e.g. dataset.splits=PREPARED/splits.json is never rewritten
+    refuse_overlap({"--out": [out / name for name in OUTPUT_FILES]}, {"--config": job.config, **files}, folders)
     check_writable(out, "prepare output folder", folder=True)  # before reading a dataset of 600k captions
     warnings = _Warnings()
     logger = logging.getLogger("captioner")

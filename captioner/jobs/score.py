@@ -23,6 +23,7 @@ from captioner.data.coco import coco_index
 from captioner.data.records import read_json
 from captioner.errors import CaptionerError
 from captioner.files import check_writable, write_json
+from captioner.io_paths import refuse_overlap
 from captioner.metrics.coco import caption_metrics
 
 log = logging.getLogger("captioner")
@@ -88,6 +89,7 @@ def main(job: ScoreJob) -> dict:
     """Score results against annotations; returns (and writes to out, if given) the metrics dict."""
     results, annotations, out = job.results, job.annotations, job.out
     if out:
+        refuse_overlap({"--out": out}, {"--results": results, "--annotations": annotations})
         check_writable(out, "metrics file")  # before scoring, which may take minutes
     hypotheses = read_results(results)
     fmt, references = read_references(annotations)

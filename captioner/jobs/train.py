@@ -32,7 +32,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from captioner.config import Config, from_dict, inherit_preprocess, to_dict
-from captioner.data.datasets import by_split, load_records
+from captioner.data.cache import default_cache_dir
+from captioner.data.datasets import by_split, dataset_inputs, load_records
 from captioner.data.pipeline import Batches
 from captioner.engine.runtime import distributed
 from captioner.engine.runtime.compute import setup_compute
@@ -53,6 +54,7 @@ from captioner.engine.train.inputs import build_train_loader, check_training_dat
 from captioner.engine.train.validation import early_stop, finish_epoch, validate, validate_start
 from captioner.errors import CaptionerError
 from captioner.files import check_writable
+from captioner.io_paths import refuse_overlap
 from captioner.jobs.base import config_of
 from captioner.model.caption_model import CaptionModel, build_encoder
 from captioner.model.pretrained import names_library_weights
@@ -186,6 +188,10 @@ class TrainJob:
             self.cfg = config_of(self.cfg, self.config, self.overrides, "train")
         if "tensorboard" in self.cfg.train.log_to:
             check_tensorboard()
+        files, folders = dataset_inputs(self.cfg.dataset)  # --overwrite clears the run dir: never an input in it
+        refuse_overlap({"--run-dir": self.run_dir}, {"--config": self.config, "--init-from": self.init_from, **files,
+                                                     "cache.dir": default_cache_dir(self.cfg),
+                                                     "encoder.weights": self.cfg.encoder.weights}, folders)
 
 
 def main(job: TrainJob) -> dict:

@@ -67,9 +67,39 @@ def build_backbone(arch: str, weights: str | None = None, in_channels: int = 3, 
     when given. With layer set, a weights file need not hold the modules after that layer (never computed)."""
     source, name = parse_arch(arch)
     model = source.build(name, weights, image_size, layer)
+    _check_patches(model, arch, image_size)
     if in_channels != 3:
         _adapt_input_channels(model, in_channels)
     return model
+
+
+def patch_size(model: nn.Module) -> tuple[int, int] | None:
+    """A vision transformer's (height, width) patch size as its library records it (timm's and open_clip's
+    timm towers' patch_embed.patch_size, open_clip's and torchvision's patch_size); None for a CNN, and for a
+    patch embedding that pads the image to whole patches (timm's dynamic_img_pad)."""
+    embed = getattr(model, "patch_embed", None) or getattr(getattr(model, "trunk", None), "patch_embed", None)
+    if embed is not None and getattr(embed, "dynamic_img_pad", False):
+        return None
+    size = getattr(embed, "patch_size", None) if embed is not None else getattr(model, "patch_size", None)
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(n, int) for n in size):
+        return int(size[0]), int(size[1])
+    return None
+
+
+def _check_patches(model: nn.Module, arch: str, image_size: int) -> None:
+    """Refuse an image_size that the ViT's patch size does not divide: its patch embedding (a convolution with
+    stride = patch size) would drop the last rows and columns of pixels without a word."""
+    size = patch_size(model)
+    if size is None or all(image_size % n == 0 for n in size):
+        return
+    step = math.lcm(*size)
+    below, above = image_size // step * step, (image_size // step + 1) * step
+    nearest = " or ".join(str(n) for n in (below, above) if n >= 32)
+    raise CaptionerError(f"encoder.image_size {image_size} is not a multiple of {arch}'s patch size "
+                         f"{'x'.join(map(str, size)) if size[0] != size[1] else size[0]}: the last "
+                         f"{image_size % step} rows and columns of pixels would never be seen; use {nearest}")
 
 
 def remap_by_order(source: dict, arch: str, prefix: str = "") -> dict:

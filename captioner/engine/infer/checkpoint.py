@@ -18,7 +18,7 @@ from captioner.config import ComputeConfig, Config, from_saved_dict
 from captioner.files import atomic_write
 from captioner.model.backbone_weights import strip_wrapper_prefixes
 from captioner.engine.infer.integrity import WeightSource, check_vocab, check_weights, vocab_sha256
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, os_failure
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary
 
@@ -44,6 +44,8 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
         raise CaptionerError(f"checkpoint {path} not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except OSError as e:  # permission denied, an I/O error: the file may be fine, reading it is not
+        raise os_failure(f"cannot read checkpoint {path}", e) from None
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign files all get one line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaptionerError(f"checkpoint {path} is truncated or not a captioner checkpoint: {reason[:200]}") from None
