@@ -143,10 +143,10 @@ class DecodeConfig:
     suppress_unk: bool = False
     groups: int = at_least(1, 1)  # beam search in this many diverse groups (Vijayakumar 2018); beam_size a multiple
     diversity: float = 0.0  # diverse groups: log-probability penalty per earlier group that chose the same word
-    top_k: int = 0  # sampling only: draw from the k most likely words (0: off; 1: greedy)
+    top_k: int = at_least(0, 0)  # sampling only: draw from the k most likely words (0: off; 1: greedy)
     top_p: float = 1.0  # sampling only: draw from the fewest words whose probability reaches p (nucleus; 1.0: off)
     # captions returned per image, best first: the n best beams (n <= beam_size), or n samples with decode.sample
-    num_return_sequences: int = 1
+    num_return_sequences: int = at_least(1, 1)
 
 
 @dataclass
