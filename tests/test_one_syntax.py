@@ -84,6 +84,9 @@ def test_option_values_and_existing_files_are_not_overrides(tmp_path, monkeypatc
     args = build_parser().parse_args(["caption", "--checkpoint", "x.pt", "shots.day=1", "--out", "a.b=c",
                                       "decode.max_len=5"])
     assert args.paths == ["shots.day=1"] and args.out == "a.b=c" and args.overrides == ["decode.max_len=5"]
+    # the value of an abbreviated option (argparse accepts --check for --checkpoint) stays its value
+    args = build_parser().parse_args(["caption", "--check", "a.b=c", "p.png", "decode.max_len=5"])
+    assert args.checkpoint == "a.b=c" and args.overrides == ["decode.max_len=5"]
     args = build_parser().parse_args(["caption", "--checkpoint", "x.pt", "decode.max_len=5", "--", "decode.beam=2"])
     assert args.paths == ["decode.beam=2"] and args.overrides == ["decode.max_len=5"]  # after --: paths
 

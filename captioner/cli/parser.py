@@ -72,8 +72,10 @@ def takes_overrides(sub: argparse.ArgumentParser) -> bool:
 
 
 def _takes_value(parser: argparse.ArgumentParser, word: str) -> bool:
-    """Whether option word (--out, not --out=x) consumes the next word as its value."""
-    action = parser._option_string_actions.get(word)
+    """Whether option word (--out, not --out=x; or a prefix argparse accepts, --check) consumes the next word."""
+    actions = parser._option_string_actions
+    action = actions.get(word) or (next((a for o, a in actions.items() if o.startswith(word)), None)
+                                   if word.startswith("--") and len(word) > 2 else None)
     return action is not None and action.nargs != 0
 
 
@@ -173,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("caption", "caption image files or folders (batched, resumable, optional HTML attention gallery)",
                 "example: captioner caption --checkpoint best.pt photos/ --out captions.jsonl --html gallery.html\n"
+                "         captioner caption --checkpoint best.pt photos/ decode.max_len=12 compute.bf16=false\n"
                 "         torchrun --nproc_per_node=8 -m captioner caption --checkpoint best.pt photos/ --out c.jsonl\n"
                 "One record per image: {\"file\", \"caption\", \"score\"}, or {\"file\", \"error\"} for a file\n"
                 "that cannot be read (the run goes on). Rerunning the same command resumes: images already\n"
