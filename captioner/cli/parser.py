@@ -342,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "          captioner layers timm/convnext_tiny --image-size 224\n"
                 "          captioner layers open_clip/ViT-B-16 --image-size 224\n"
                 "Any name printed can be used as encoder.layer (unset: the last stage the library reports); the\n"
-                "last column is the (channels, height, width) grid hooking it gives (a transformer block's tokens without their class token, as the patch\n"
-                "grid), '-' where the output is no grid (pooled vectors, logits). Random weights: no download.")
+                "last column is the (channels, height, width) grid hooking it gives (a transformer block's\n"
+                "tokens without their class token, as the patch grid), '-' where the output is no grid (pooled\n"
+                "vectors, logits). Random weights: no download.")
     p.add_argument("arch", help="torchvision name (resnet152), timm/NAME (timm/convnext_tiny) or open_clip/NAME "
                                 "(open_clip/ViT-B-16)")
     p.add_argument("--image-size", type=int, default=224, help="input size (default: 224)")

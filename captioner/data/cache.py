@@ -82,7 +82,8 @@ def default_cache_dir(cfg: Config, layer: str | None = None) -> Path:
     if cfg.cache.dir:
         return Path(cfg.cache.dir)
     e = cfg.encoder
-    name = f"{e.arch.replace('/', '-')}-{e.layer or layer or 'default'}-{e.image_size}"  # timm/convnext_tiny -> timm-convnext_tiny
+    # timm/convnext_tiny -> timm-convnext_tiny
+    name = f"{e.arch.replace('/', '-')}-{e.layer or layer or 'default'}-{e.image_size}"
     if cfg.dataset.annotations and cfg.dataset.format != "synthetic":
         from captioner.data.datasets import annotations_path  # imported on use: the readers pull in pycocotools
         annotations = annotations_path(cfg.dataset)
