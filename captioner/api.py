@@ -159,11 +159,13 @@ class Captioner(ModelHandling):
     def __repr__(self) -> str:
         return f"Captioner({Path(self.predictor.source).name!r}: {self.predictor.description()}, on {self.device})"
 
+    # A str (and an array) is also an Iterable: the first overload that matches wins, as in typeshed.
     @overload
-    def caption(self, images: OneImage, *, attention: bool = False, errors: str = "raise") -> Caption: ...
+    def caption(self, images: OneImage, *, attention: bool = False,  # type: ignore[overload-overlap]
+                errors: str = "raise") -> Caption: ...
 
     @overload  # an array or a tensor is one image (HxW[xC], (3, H, W)) or a 4-D batch of them
-    def caption(self, images: np.ndarray | torch.Tensor, *, attention: bool = False,
+    def caption(self, images: np.ndarray | torch.Tensor, *, attention: bool = False,  # type: ignore[overload-overlap]
                 errors: str = "raise") -> Caption | list[Caption]: ...
 
     @overload

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float32": "float32", "fp32": "float32", "float": "float32"}
 T = TypeVar("T")
+Self = TypeVar("Self", bound="ModelHandling")
 _DONE = object()
 
 
@@ -84,7 +85,7 @@ class ModelHandling:
     max_pixels: int
     _lock: threading.Lock  # one batch at a time through the model (Captioner's docstring: thread safety)
 
-    def to(self: T, device_or_dtype: str | torch.device | torch.dtype) -> T:
+    def to(self: Self, device_or_dtype: str | torch.device | torch.dtype) -> Self:
         """Run on another device ("cuda", "cpu", torch.device) or in another precision (torch.bfloat16, "bf16",
         torch.float32); returns self, so calls chain. The PyTorch runtime only."""
         with self._lock:
