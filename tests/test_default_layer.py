@@ -47,6 +47,12 @@ def test_each_library_reports_its_last_stage(arch, layer, grid, caplog):
     assert "encoder.layer not set" not in caplog.text
 
 
+def test_layers_marks_the_default(capsys):
+    assert main(["layers", "resnet18", "--image-size", "64"]) == 0
+    marked = [line for line in capsys.readouterr().out.splitlines() if "<- default" in line]
+    assert len(marked) == 1 and marked[0].startswith("layer4 ") and "512x2x2" in marked[0]
+
+
 def test_a_config_without_a_layer_continues_a_run_that_recorded_one():
     # An old checkpoint (or this version's) records layer4; a config leaving the layer unset inherits it, so
     # --resume/--init-from see no architecture change; a config naming another layer still differs.

@@ -290,6 +290,7 @@ class LayerInfo:
     kind: str  # the module's class name
     shape: tuple  # its output shape without the batch dimension, as the module emits it
     grid: tuple | None  # (C, H, W) that hooking it gives (tokens reshaped), None when it is not a grid
+    default: bool = False  # the layer hooked when encoder.layer is unset (the library's last feature stage)
 
 
 def list_layers(arch: str, image_size: int = 224, in_channels: int = 3) -> list[LayerInfo]:
@@ -314,10 +315,14 @@ def list_layers(arch: str, image_size: int = 224, in_channels: int = 3) -> list[
     finally:
         for h in handles:
             h.remove()
+    try:
+        default = source.default_layer(model)
+    except CaptionerError:  # no stage the library reports: every layer is still listed
+        default = None
     infos = []
     for name, module in model.named_modules():
         if name in outputs:
             grid = to_grid(outputs[name], source.token_layout(model, name), (image_size, image_size))
             infos.append(LayerInfo(name, type(module).__name__, tuple(outputs[name].shape[1:]),
-                                   tuple(grid.shape[1:]) if grid is not None else None))
+                                   tuple(grid.shape[1:]) if grid is not None else None, name == default))
     return infos
