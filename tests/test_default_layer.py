@@ -19,6 +19,8 @@ from helpers import SMALL
 DEFAULTS = [  # arch, the layer its library reports last, (C, H, W) at 64 px
     ("resnet18", "layer4", (512, 2, 2)),  # the design card's layer4 stays the ResNet default
     ("mobilenet_v3_small", "features", (576, 2, 2)),
+    # (B, H, W, C) stages, read channels last; seconds to build
+    pytest.param("swin_t", "features", (768, 2, 2), marks=pytest.mark.slow),
     pytest.param("timm/convnext_atto", "stages.3", (320, 2, 2), marks=pytest.mark.slow),
     ("timm/vit_tiny_patch16_224", "blocks.11", (192, 4, 4)),
     # open_clip builds its towers slowly on a CPU (seconds each): with the slow tests

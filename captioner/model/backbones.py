@@ -120,7 +120,9 @@ class Torchvision:
         return Preprocess()  # every torchvision classification weight is ImageNet-normalised
 
     def token_layout(self, model: nn.Module, layer: str) -> TokenLayout:
-        return TokenLayout(prefix_tokens=1 if hasattr(model, "class_token") else 0)  # vit_b_16's class token
+        # vit_b_16's class token; Swin's stages (features, its default layer) emit (B, H, W, C)
+        swin = type(model).__name__ == "SwinTransformer" and layer.split(".")[0] == "features"
+        return TokenLayout(prefix_tokens=1 if hasattr(model, "class_token") else 0, channels_last=swin)
 
     def default_layer(self, model: nn.Module) -> str:
         """The last feature stage: layer4 (ResNets, the design's default), trunk_output (RegNets), features (VGG,
