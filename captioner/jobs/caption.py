@@ -62,7 +62,7 @@ class CaptionJob:
     sample: bool = False  # draw each word from the model's distribution instead of greedy/beam
     temperature: float | None = None  # sampling only; None: the checkpoint's decode.temperature
     runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
-    overrides: list[str] = field(default_factory=list)  # --set section.key=value on the checkpoint's config
+    overrides: list[str] = field(default_factory=list)  # section.key=value (or --set) on the checkpoint's config
 
     def __post_init__(self):
         require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),
