@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -110,3 +111,10 @@ def test_completion_script_names_commands_options_and_config_keys(shell, capsys)
     script = capsys.readouterr().out
     for word in ("caption", "evaluate", "--checkpoint", "--max-wait-ms", "decode.max_len=", "train.epochs="):
         assert word in script, word
+
+
+def test_completion_without_shtab_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "shtab", None)  # import fails as when it is not installed
+    assert main(["completion", "bash"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'pip install "captioner[completion]"' in err and len(err.splitlines()) == 1
