@@ -15,7 +15,8 @@ from helpers import ROOT, noise_pngs, read_records
 REQUIRED = {"caption": ["--checkpoint", "x.pt", "p.png"], "serve": ["--checkpoint", "x.pt"],
             "evaluate": ["--checkpoint", "x.pt"], "extract": ["--config", "c.yaml"], "prepare": ["--config", "c.yaml"],
             "train": ["--config", "c.yaml"], "layers": ["resnet18"], "plot": ["run"],  # parse level only
-            "score": ["--results", "r.json", "--annotations", "a.json"], "export": ["--checkpoint", "x.pt", "--out", "m"]}
+            "score": ["--results", "r.json", "--annotations", "a.json"],
+            "export": ["--checkpoint", "x.pt", "--out", "m"]}
 CONFIG_COMMANDS = {"demo", "train", "evaluate", "caption", "serve", "extract", "prepare"}
 
 
