@@ -8,6 +8,7 @@
     cap.caption("photo.jpg", attention=True).attention          # (len(words), grid_h, grid_w)
     cap.caption("photo.jpg", beam_size=5, max_len=8, num_return_sequences=3).sequences   # [(text, score)] x 3
     cap.caption("photo.jpg", sample=True, top_p=0.9)            # per-call generation (engine/infer/generation.py)
+    # the model itself (api_model.py): dtype=/.to(), .model, .transform, save_pretrained, push_to_hub
 
 A caption here equals the command's for the same image: the checkpoint is set up by Predictor.load (compute,
 decode settings), images are decoded by data/images.py (EXIF orientation, alpha onto white, reduced-scale JPEG
@@ -18,14 +19,16 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Union, cast
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Union, cast, overload
 
 import numpy as np
 import torch
 from PIL import Image
 
+from captioner.api_model import ModelHandling, compute_for_dtype
 from captioner.config import ComputeConfig
 from captioner.data.images import MAX_PIXELS
 from captioner.engine.infer.predict import Captioned
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 # One image: a file path, a file's bytes or an open binary file, a PIL image, an HxW / HxWx3 / HxWx4 array (uint8,
 # or float in [0, 1]), or a (3, H, W) tensor (uint8, or float in [0, 1]).
 ImageInput = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray, torch.Tensor]
+OneImage = Union[str, os.PathLike, bytes, BinaryIO, Image.Image]  # always one image (arrays: one or a batch)
 ERROR_MODES = ("raise", "keep")
 
 
@@ -85,12 +89,19 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-class Captioner:
+class Captioner(ModelHandling):
     """A trained captioning model, ready to caption images from Python.
 
     Build it with `Captioner.from_pretrained(...)`; `caption()` takes one image or many and returns Caption
     objects, `stream()` yields them lazily for inputs too many to hold. Images are batched internally
-    (batch_size), decoded in num_workers processes (0: in this process; paths benefit from workers)."""
+    (batch_size), decoded in num_workers processes (0: in this process; paths benefit from workers).
+    The model itself: dtype= and .to(), .model (the nn.Module), .transform (its preprocessing),
+    save_pretrained(), push_to_hub() (api_model.py).
+
+    Thread safety: threads may share one Captioner. Batches go through the model one at a time (a lock: the
+    hooked encoder holds its captured activation on itself), so every thread gets the captions a serial run
+    gives; threads overlap only outside the model (decoding images in num_workers processes, their own work).
+    For parallel model throughput, batch (caption a list), or run `captioner serve`, which batches across requests."""
 
     def __init__(self, predictor: Predictor, *, batch_size: int | None = None, num_workers: int = 0,
                  max_pixels: int = MAX_PIXELS):
@@ -101,13 +112,15 @@ class Captioner:
         self.predictor = predictor
         self.batch_size = batch_size or predictor.cfg.decode.batch_size
         self.num_workers, self.max_pixels = num_workers, max_pixels
+        self._lock = threading.Lock()  # one batch at a time through the model (thread safety, above)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, device: str | torch.device | None = None, *,
                         beam_size: int | None = None, batch_size: int | None = None, num_workers: int = 0,
                         max_pixels: int = MAX_PIXELS, sample: bool = False, temperature: float | None = None,
                         compute: ComputeConfig | None = None, runtime: str = "torch",
-                        revision: str | None = None) -> "Captioner":
+                        revision: str | None = None, dtype: str | torch.dtype | None = None,
+                        torch_dtype: str | torch.dtype | None = None) -> "Captioner":
         """Load a model the way every captioner command does (engine/infer/predictor.py Predictor.load).
 
         Args:
@@ -123,7 +136,12 @@ class Captioner:
             compute: this machine's precision and memory-format switches (default: auto).
             runtime: what runs the model: "torch" (PyTorch) or "onnxruntime" (a folder of `captioner export
                 --format onnx`, the [onnx] extra).
+            dtype (or torch_dtype, transformers' name): torch.bfloat16 / "bf16" runs in bf16 autocast,
+                torch.float32 / "float32" in float32; None: compute's choice (auto: bf16 on CUDA and bf16 CPUs).
         """
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise CaptionerError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: give one")
+        compute = compute_for_dtype(dtype if dtype is not None else torch_dtype, compute)
         if beam_size is not None and (not isinstance(beam_size, int) or beam_size < 1):
             raise CaptionerError(f"beam_size must be an integer >= 1, got {beam_size!r}")
         if temperature is not None and not temperature > 0:
@@ -147,6 +165,19 @@ class Captioner:
 
     def __repr__(self) -> str:
         return f"Captioner({Path(self.predictor.source).name!r}: {self.predictor.description()}, on {self.device})"
+
+    # A str (and an array) is also an Iterable: the first overload that matches wins, as in typeshed.
+    @overload
+    def caption(self, images: OneImage, *, attention: bool = False,  # type: ignore[overload-overlap]
+                errors: str = "raise", **generation: Unpack[GenerationOptions]) -> Caption: ...
+
+    @overload  # an array or a tensor is one image (HxW[xC], (3, H, W)) or a 4-D batch of them
+    def caption(self, images: np.ndarray | torch.Tensor, *, attention: bool = False,  # type: ignore[overload-overlap]
+                errors: str = "raise", **generation: Unpack[GenerationOptions]) -> Caption | list[Caption]: ...
+
+    @overload
+    def caption(self, images: Iterable[ImageInput], *, attention: bool = False,
+                errors: str = "raise", **generation: Unpack[GenerationOptions]) -> list[Caption]: ...
 
     def caption(self, images: ImageInput | Iterable[ImageInput], *, attention: bool = False,
                 errors: str = "raise", **generation: Unpack[GenerationOptions]) -> Caption | list[Caption]:
@@ -189,7 +220,7 @@ class Captioner:
                      for j, x in enumerate(items)]
             batches = self.predictor.image_batches(items, self.batch_size, min(self.num_workers, len(items)),
                                                    self.max_pixels, names)
-            for _, captioned in self.predictor.caption_batches(batches, attention, settings):
+            for _, captioned in self._one_at_a_time(self.predictor.caption_batches(batches, attention, settings)):
                 for c in captioned:
                     if c.error and errors == "raise":
                         raise CaptionerError(c.error)

@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         print("captioner: error: give a command (start with `captioner demo`; `captioner --help` lists them)",
               file=sys.stderr)
         return 2
+    if args.command == "completion":  # about the parser itself, no job: see cli/completion.py
+        from captioner.cli.completion import completion_script
+        return with_exit_path(args.command, lambda: print(completion_script(parser, args.shell)) or 0)
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     # Also on our own logger: basicConfig does nothing where logging is already set up (a notebook, pytest).

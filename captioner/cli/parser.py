@@ -2,16 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import sys
 
 from captioner import __version__
 
 CHECKPOINT_HELP = ("a best.pt/last.pt written by `captioner train`, a model folder written by `captioner export`, or "
                    "a Hugging Face Hub repo id owner/name (the [hub] extra)")
-OVERRIDES_HELP = "config overrides as section.key=value, e.g. train.epochs=3 encoder.layer=layer3"
+OVERRIDES_HELP = ("config overrides as section.key=value, e.g. train.epochs=3 decode.max_len=5, anywhere after the "
+                  "command (before or after options; --set KEY=VALUE says the same). A word like a.b=c is read as an "
+                  "override unless a file of that name exists")
+# A config override on the command line: section.key=value (compute.bf16=false, decode.max_len=5). Any word of this
+# form is one, wherever it stands among a command's arguments, unless a file or folder of that name exists.
+OVERRIDE = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+=")
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available; default)")
+    # SUPPRESS: a sub-command's default must not hide a --device given before it (parse_known_args fills "auto").
+    p.add_argument("--device", default=argparse.SUPPRESS,
+                   help="cpu, cuda, cuda:N or auto (CUDA when available; default)")
+
+
+def _add_overrides(p: argparse.ArgumentParser, help: str = OVERRIDES_HELP) -> None:
+    """The positional KEY=VALUE config overrides and their --set alias (CaptionerParser gathers both, in order)."""
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=help)
+    p.add_argument("--set", dest="set_overrides", action="append", metavar="KEY=VALUE",
+                   help="the same as a positional KEY=VALUE (kept for older scripts); repeatable")
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -45,24 +62,106 @@ def _add_generation(p: argparse.ArgumentParser, n_best: bool = True) -> None:
                        "records list them as sequences, CSV keeps the best (decode.num_return_sequences)")
 
 
+class CaptionerParser(argparse.ArgumentParser):
+    """The top-level parser: before argparse sees the words, config overrides (OVERRIDE words and --set KEY=VALUE)
+    are taken out of the sub-command's arguments wherever they stand, so that one after an option is no
+    "unrecognized argument" and `caption ... decode.max_len=5` is no image path; they come back as args.overrides,
+    in the order given. -q and --device are accepted before and after the sub-command."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = list(sys.argv[1:] if args is None else args)
+        command, argv, overrides = split_overrides(self, argv)
+        namespace, extras = super().parse_known_args(argv, namespace)
+        if command is None:
+            return namespace, extras
+        sub = subcommands(self)[command]
+        if overrides and not takes_overrides(sub):
+            self.error(f"{command} reads no config, so {overrides[0]} cannot apply; config overrides go to "
+                       f"{', '.join(n for n, p in subcommands(self).items() if takes_overrides(p))}")
+        if takes_overrides(sub):
+            namespace.overrides = overrides + list(getattr(namespace, "overrides", None) or [])
+            namespace.__dict__.pop("set_overrides", None)
+        if any(a.dest == "device" for a in sub._actions):
+            namespace.device = getattr(namespace, "device", "auto")
+        elif hasattr(namespace, "device"):
+            self.error(f"--device does not apply to {command}")
+        return namespace, extras
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def takes_overrides(sub: argparse.ArgumentParser) -> bool:
+    return any(a.dest == "set_overrides" for a in sub._actions)
+
+
+def _takes_value(parser: argparse.ArgumentParser, word: str) -> bool:
+    """Whether option word (--out, not --out=x; or a prefix argparse accepts, --check) consumes the next word."""
+    actions = parser._option_string_actions
+    action = actions.get(word) or (next((a for o, a in actions.items() if o.startswith(word)), None)
+                                   if word.startswith("--") and len(word) > 2 else None)
+    return action is not None and action.nargs != 0
+
+
+def split_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """(the sub-command, argv without its config overrides, the overrides in order). Option values are left alone
+    (--out a.b=c.txt stays the value of --out), as is everything after '--'."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":  # top-level options before the command
+        i += 2 if _takes_value(parser, argv[i]) else 1
+    commands = subcommands(parser)
+    if i >= len(argv) or argv[i] not in commands:
+        return None, argv, []
+    command, sub = argv[i], commands[argv[i]]
+    kept, overrides, j = argv[:i + 1], [], i + 1
+    while j < len(argv):
+        word = argv[j]
+        if word == "--":
+            kept += argv[j:]
+            break
+        if word == "--set" and j + 1 < len(argv) and takes_overrides(sub):
+            overrides.append(argv[j + 1])
+            j += 2
+            continue
+        if word.startswith("--set=") and takes_overrides(sub):
+            overrides.append(word[len("--set="):])
+        elif OVERRIDE.match(word) and not os.path.exists(word):
+            overrides.append(word)
+        elif word.startswith("-") and "=" not in word and _takes_value(sub, word) and j + 1 < len(argv):
+            kept += [word, argv[j + 1]]
+            j += 2
+            continue
+        else:
+            kept.append(word)
+        j += 1
+    return command, kept, overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CaptionerParser(
         prog="captioner", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Attention LSTM image captioning on a frozen, hooked backbone (torchvision, timm or open_clip).",
         epilog="start with `captioner demo`; every command has --help")
     parser.add_argument("--version", action="version", version=f"captioner {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--device", default=argparse.SUPPRESS,
+                        help="cpu, cuda, cuda:N or auto, for the commands that take it (also accepted after them)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=argparse.ArgumentParser)
 
     def command(name, help, doc):
-        return sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        # SUPPRESS: without -q here, the one given before the sub-command (or False) stays.
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="only warnings and errors on stderr")
+        return p
 
     p = command("demo", "generate synthetic data, train, evaluate and caption in a few CPU minutes",
                 "Runs the whole pipeline on synthetic shapes (configs/tiny.yaml, ResNet-18 for speed).\n"
                 "The last line printed is a JSON summary with bleu4, checkpoint and output_dir.")
     p.add_argument("--out", default="demo", help="folder for everything the demo writes (default: ./demo)")
     _add_device(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    _add_overrides(p)
 
     p = command("train", "train a captioner from a YAML config, or resume a run",
                 "example: captioner train --config configs/tiny.yaml --run-dir runs/tiny train.epochs=3\n"
@@ -82,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "optimizer and schedule): SCST after cross-entropy, or fine-tuning on another dataset")
     p.add_argument("--overwrite", action="store_true", help="start over in a --run-dir that holds another run")
     _add_device(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    _add_overrides(p)
 
     p = command("evaluate", "caption a dataset split with a checkpoint and score it",
                 "example: captioner evaluate --checkpoint runs/tiny/best.pt --split test --beam 3\n"
@@ -99,10 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for results and metrics (default: the checkpoint's)")
     _add_device(p)
     _add_runtime(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    _add_overrides(p)
 
     p = command("caption", "caption image files or folders (batched, resumable, optional HTML attention gallery)",
                 "example: captioner caption --checkpoint best.pt photos/ --out captions.jsonl --html gallery.html\n"
+                "         captioner caption --checkpoint best.pt photos/ decode.max_len=12 compute.bf16=false\n"
                 "         torchrun --nproc_per_node=8 -m captioner caption --checkpoint best.pt photos/ --out c.jsonl\n"
                 "One record per image: {\"file\", \"caption\", \"score\"}, or {\"file\", \"error\"} for a file\n"
                 "that cannot be read (the run goes on). Rerunning the same command resumes: images already\n"
@@ -125,10 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image decoding worker processes; 0 decodes in the main "
                    "process (default: 2)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any image could not be read")
-    # The positionals are paths (which may hold '='), so config overrides come as an option here.
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the checkpoint's decode.* or compute.* settings, e.g. --set compute.bf16=false "
-                   "(float32 on a CPU where auto means bf16) or --set decode.block_ngram=3; repeatable")
+    _add_overrides(p, "override the checkpoint's decode.* or compute.* settings, e.g. decode.max_len=5, "
+                   "compute.bf16=false (float32 on a CPU where auto means bf16) or decode.block_ngram=3, anywhere "
+                   "after the command; a path of this form is read as an override unless that file exists")
     p.add_argument("--overwrite", action="store_true", help="start the output (and gallery) again instead of resuming")
     p.add_argument("--retry-errors", action="store_true",
                    help="when resuming, try the images recorded as errors again instead of skipping them")
@@ -164,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads (default: 2)")
     _add_device(p)
     _add_runtime(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + " (compute.bf16=false)")
+    _add_overrides(p, OVERRIDES_HELP + "; decode.* and compute.* (compute.bf16=false)")
 
     p = command("export", "write a checkpoint as a model folder (safetensors, config.json, model card) to share",
                 "example: captioner export --checkpoint runs/coco/best.pt --out model/\n"
@@ -217,14 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", dest="num_workers", type=int, default=None,
                    help="image decoding processes (default: compute.num_workers)")
     _add_device(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    _add_overrides(p)
 
     p = command("bench", "measure encoder, extraction, training and captioning throughput on synthetic images",
                 "example: captioner bench --device cpu --json bench.json     (about a minute on 2 CPU cores)\n"
                 "         captioner bench --device cuda --full               (ResNet-152, 640x480 JPEGs, COCO sizes)\n"
                 "         captioner bench --device cpu --threads 1 --runtimes  (torch vs ONNX Runtime fp32 / int8)\n"
                 "Prints a table; --json also writes the numbers with the device, versions and settings.")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    _add_device(p)
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--full", dest="preset", action="store_const", const="full",
                        help="GPU sizes: ResNet-152 at 224, 640x480 JPEGs, COCO model, torch.compile, GPU decoding")
@@ -248,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "captions; writes vocab.json, splits.json, captions_{val,test}.json and summary.json to --out.")
     p.add_argument("--config", required=True, help="YAML config file (its dataset section is used)")
     p.add_argument("--out", dest="out_dir", default=None, help="output folder (default: DATASET_ROOT/prepared)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    _add_overrides(p)
 
     p = command("score", "score a COCO-format results file with coco-caption's metrics",
                 "example: captioner score --results runs/coco/results_test.json \\\n"
@@ -266,11 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
                 "examples: captioner layers resnet152 --image-size 448\n"
                 "          captioner layers timm/convnext_tiny --image-size 224\n"
                 "          captioner layers open_clip/ViT-B-16 --image-size 224\n"
-                "Any name printed can be used as encoder.layer; the last column is the (channels, height, width)\n"
-                "grid hooking it gives (a transformer block's tokens without their class token, as the patch\n"
-                "grid), '-' where the output is no grid (pooled vectors, logits). Random weights: no download.")
+                "Any name printed can be used as encoder.layer (unset: the last stage the library reports); the\n"
+                "last column is the (channels, height, width) grid hooking it gives (a transformer block's\n"
+                "tokens without their class token, as the patch grid), '-' where the output is no grid (pooled\n"
+                "vectors, logits). Random weights: no download.")
     p.add_argument("arch", help="torchvision name (resnet152), timm/NAME (timm/convnext_tiny) or open_clip/NAME "
                                 "(open_clip/ViT-B-16)")
     p.add_argument("--image-size", type=int, default=224, help="input size (default: 224)")
     p.add_argument("--in-channels", type=int, default=3, help="input channels (default: 3)")
+
+    p = command("completion", "print a shell completion script: commands, options, config keys ([completion] extra)",
+                "example: captioner completion bash > ~/.local/share/bash-completion/completions/captioner\n"
+                "         captioner completion zsh > ~/.zfunc/_captioner    (fpath=(~/.zfunc $fpath) in ~/.zshrc)\n"
+                "Generated by shtab from this parser, so it always matches this version's commands and options;\n"
+                "KEY=VALUE positions complete the config's keys (decode.max_len=, train.epochs=, ...).")
+    p.add_argument("shell", choices=["bash", "zsh", "tcsh"], help="the shell to complete in")
     return parser

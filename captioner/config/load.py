@@ -349,13 +349,15 @@ def to_dict(cfg: Config) -> dict:
 
 # Encoder keys that a config may leave to the weights (None or ""); a checkpoint records the values it trained with.
 PREPROCESS_KEYS = ("mean", "std", "interpolation")
+# ... and all the encoder keys a config may leave to the backbone: the hooked layer too (its last stage).
+RESOLVED_KEYS = ("layer", *PREPROCESS_KEYS)
 
 
 def inherit_preprocess(new: dict, saved: dict) -> dict:
-    """Config dict new with saved's encoder.mean, std and interpolation where new leaves them to the weights: a
+    """Config dict new with saved's encoder.layer, mean, std and interpolation where new leaves them to the backbone: a
     run that continues a checkpoint (or a run folder) normalises images as it was trained, whatever the weights'
     library says today, and a config that never set them matches one that recorded them."""
     encoder = new.get("encoder") if isinstance(new.get("encoder"), dict) else {}
     old = saved.get("encoder") if isinstance(saved, dict) and isinstance(saved.get("encoder"), dict) else {}
-    filled = {k: old[k] for k in PREPROCESS_KEYS if encoder.get(k) in (None, "") and old.get(k) not in (None, "")}
+    filled = {k: old[k] for k in RESOLVED_KEYS if encoder.get(k) in (None, "") and old.get(k) not in (None, "")}
     return {**new, "encoder": {**encoder, **filled}} if filled else new

@@ -20,7 +20,10 @@ class EncoderConfig:
     # a torchvision CNN (resnet18/50/101/152, ...), timm/NAME (any timm.list_models() name, pip install
     # "captioner[timm]") or open_clip/NAME (the model's visual tower, pip install "captioner[clip]")
     arch: str = "resnet152"
-    layer: str = "layer4"  # module whose output is taken by a forward hook; see `captioner layers ARCH`
+    # module whose output is taken by a forward hook (`captioner layers ARCH` lists them); "" (the default): the last
+    # feature stage the library reports (layer4 of a ResNet, stages.3 of a timm ConvNeXt, the last transformer
+    # block of a ViT); `train` records the resolved name in the checkpoint
+    layer: str = ""
     # None (random init), the library's weights name (torchvision IMAGENET1K_V2, a timm or open_clip tag) or a
     # local .safetensors / .pth / .bin file
     weights: str | None = None

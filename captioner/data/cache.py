@@ -74,13 +74,16 @@ def encoder_signature(encoder, weights_name: str | None = None) -> dict:
                            "mean": [float(v) for v in p.mean], "std": [float(v) for v in p.std]}}
 
 
-def default_cache_dir(cfg: Config) -> Path:
+def default_cache_dir(cfg: Config, layer: str | None = None) -> Path:
     """cache.dir, or a folder beside the data: ANNOTATIONS_FOLDER/features/STEM-ARCH-LAYER-SIZE for a captions
-    file (two annotation files never share one), DATASET_ROOT/features/ARCH-LAYER-SIZE for synthetic data."""
+    file (two annotation files never share one), DATASET_ROOT/features/ARCH-LAYER-SIZE for synthetic data. layer:
+    the encoder's resolved one, where the config leaves it to the backbone (a config naming layer4 and one
+    naming none share ResNet's cache)."""
     if cfg.cache.dir:
         return Path(cfg.cache.dir)
     e = cfg.encoder
-    name = f"{e.arch.replace('/', '-')}-{e.layer}-{e.image_size}"  # timm/convnext_tiny -> timm-convnext_tiny
+    # timm/convnext_tiny -> timm-convnext_tiny
+    name = f"{e.arch.replace('/', '-')}-{e.layer or layer or 'default'}-{e.image_size}"
     if cfg.dataset.annotations and cfg.dataset.format != "synthetic":
         from captioner.data.datasets import annotations_path  # imported on use: the readers pull in pycocotools
         annotations = annotations_path(cfg.dataset)
@@ -332,7 +335,7 @@ class FeatureCache:
 
 def open_valid_cache(cfg: Config, encoder, purpose: str) -> FeatureCache | None:
     """The configured cache when it exists and was built by this very encoder; else None, saying why."""
-    folder = default_cache_dir(cfg)
+    folder = default_cache_dir(cfg, encoder.layer)
     if not cfg.cache.use or cfg.encoder.finetune_from:  # a fine-tuned encoder's features change every step
         return None
     cache = FeatureCache.load(folder)

@@ -72,7 +72,7 @@ class CaptionJob:
     top_p: float | None = None
     num_return_sequences: int | None = None  # > 1: JSONL records list every caption as "sequences"
     runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
-    overrides: list[str] = field(default_factory=list)  # --set section.key=value on the checkpoint's config
+    overrides: list[str] = field(default_factory=list)  # section.key=value (or --set) on the checkpoint's config
 
     def __post_init__(self):
         require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),

@@ -45,7 +45,7 @@ def main(job: DemoJob) -> dict:
     out = Path(job.out).resolve()
     check_writable(out, "demo folder", folder=True)  # before minutes of training
     cfg = load_config(TINY_CONFIG, [f"dataset.root={out / 'data'}", "train.epochs=15", *job.overrides])
-    log.info("demo: training %s %s on synthetic shapes under %s", cfg.encoder.arch, cfg.encoder.layer, out)
+    log.info("demo: training %s %s on synthetic shapes under %s", cfg.encoder.arch, cfg.encoder.layer or "(last stage)", out)
     # overwrite: a rerun, maybe with other overrides, retrains
     summary = train.main(train.TrainJob(cfg, out / "run", device, overwrite=True))
     # compute.* overrides (compute.bf16=false) hold for all three steps, not only training.

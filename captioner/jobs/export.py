@@ -101,12 +101,40 @@ def _load(source: Path):
     """(model, vocab, cfg, provenance) from a checkpoint file or a model folder."""
     if is_model_folder(source):
         model, vocab, cfg = load_model_folder(source)
-        return model, vocab, cfg, read_folder_config(source).get("source", {})
+        return model, vocab, cfg, provenance(source)
     state = load_checkpoint(source)
     model, vocab, cfg = model_from_checkpoint(state, source)
-    provenance = {"checkpoint": source.name, "sha256": model_hash(source, digits=64),
-                  "epoch": state.get("epoch"), "step": state.get("step"), "val_scores": state.get("val_scores")}
-    return model.eval(), vocab, cfg, provenance
+    return model.eval(), vocab, cfg, provenance(source, state)
+
+
+def provenance(source: Path, state: dict | None = None) -> dict:
+    """Where a model folder's weights came from (config.json's `source`): a model folder's own record, or the
+    checkpoint's name, hash and progress (state: the checkpoint already read; None reads it, memory-mapped)."""
+    if is_model_folder(source):
+        return read_folder_config(source).get("source", {})
+    state = state if state is not None else load_checkpoint(source, mmap=True)
+    return {"checkpoint": source.name, "sha256": model_hash(source, digits=64),
+            "epoch": state.get("epoch"), "step": state.get("step"), "val_scores": state.get("val_scores")}
+
+
+def check_out(out: Path, overwrite: bool, names: tuple[str, str] = ("--out", "--overwrite")) -> None:
+    """Refuse an out folder that cannot be written, or that holds something and overwrite is off. names: how the
+    caller's user spells the folder and the switch (Captioner.save_pretrained says folder and overwrite=True)."""
+    check_writable(out, "model folder", folder=True)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "a model folder" if (out / CONFIG_FILE).is_file() else "a non-empty folder"
+        raise CaptionerError(f"{names[0]} {out} is {what} already; add {names[1]} to replace a model folder, or give "
+                             f"another {names[0]}")
+
+
+def write_export(out: Path, model, vocab, cfg, source: dict, *, dtype: str = "float32", metrics: dict | None = None,
+                 push: str | None = None, overwrite: bool = False, extra_files: tuple = ()) -> dict[str, int]:
+    """The model folder `captioner export` writes (Captioner.save_pretrained writes it through here too): weights,
+    config.json, vocab.json and the model card (its scores from metrics, its usage naming push). Returns
+    {file name: bytes}."""
+    write_model_folder(out, model, vocab, cfg, dtype=dtype, source=source, overwrite=overwrite,
+                       card=lambda meta: model_card(meta, cfg, metrics, push), extra_files=extra_files)
+    return {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
 
 
 def _calibration_paths(job: ExportJob, cfg) -> list[str]:
@@ -159,11 +187,7 @@ def main(job: ExportJob) -> dict:
     refuse_overlap({"--out": out}, {"--checkpoint": Path(job.checkpoint).expanduser(), "--metrics": job.metrics,
                                     "--calibrate": None if image_folder else job.calibrate},
                    folders={"--calibrate": image_folder})
-    check_writable(out, "model folder", folder=True)
-    if out.is_dir() and any(out.iterdir()) and not job.overwrite:
-        what = "a model folder" if (out / CONFIG_FILE).is_file() else "a non-empty folder"
-        raise CaptionerError(f"--out {out} is {what} already; add --overwrite to replace a model folder, or give "
-                             f"another --out")
+    check_out(out, job.overwrite)
     source = resolve_model(job.checkpoint)
     refuse_overlap({"--out": out}, {"--checkpoint": source})  # a Hub model's downloaded copy too
     if not source.exists():
@@ -172,11 +196,9 @@ def main(job: ExportJob) -> dict:
     if metrics is None and (source.parent / "metrics_test.json").is_file():
         log.info("%s lies beside the checkpoint: add --metrics %s to put its scores in the model card",
                  source.parent / "metrics_test.json", source.parent / "metrics_test.json")
-    model, vocab, cfg, provenance = _load(source)
-    write_model_folder(out, model, vocab, cfg, dtype=job.dtype, source=provenance, overwrite=job.overwrite,
-                       card=lambda meta: model_card(meta, cfg, metrics, job.push),
-                       extra_files=_extra_writers(job, cfg, model))
-    files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
+    model, vocab, cfg, made_from = _load(source)
+    files = write_export(out, model, vocab, cfg, made_from, dtype=job.dtype, metrics=metrics, push=job.push,
+                         overwrite=job.overwrite, extra_files=_extra_writers(job, cfg, model))
     if job.push:
         log.info("pushing %s to the Hugging Face Hub as %s", out, job.push)
     pushed = hub.upload(out, job.push, job.private) if job.push else None

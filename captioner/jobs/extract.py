@@ -96,7 +96,7 @@ def _extract(cfg: Config, splits: list[str], process: Process, rebuild: bool, ba
         log.warning("%d of %d images are missing and skipped (first: %s)", len(missing), len(records), missing[0].path)
         records = [r for r in records if Path(r.path).is_file()]
 
-    folder = default_cache_dir(cfg)
+    folder = default_cache_dir(cfg, encoder.layer)
     signature = encoder_signature(encoder, cfg.encoder.weights)
     cache, todo = None, None
     try:

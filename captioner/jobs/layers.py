@@ -33,4 +33,5 @@ def format_rows(rows: list[LayerInfo]) -> list[str]:
     def dims(shape) -> str:
         return "x".join(map(str, shape)) if shape is not None else "-"
     header = f"{'module':<32} {'type':<22} {'output':<14} grid (encoder.layer gives)"
-    return [header, *(f"{r.name:<32} {r.kind:<22} {dims(r.shape):<14} {dims(r.grid)}" for r in rows)]
+    return [header, *(f"{r.name:<32} {r.kind:<22} {dims(r.shape):<14} {dims(r.grid)}"
+                      f"{'   <- default (encoder.layer unset)' if r.default else ''}" for r in rows)]

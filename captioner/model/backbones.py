@@ -6,6 +6,7 @@ HookedEncoder (encoder.py) does the rest the same way for all three.
     model = source.build(name, weights=None, image_size=224)  # random init; a tag or a file loads weights
     source.preprocess(model)                                  # Preprocess(mean, std, interpolation) of the weights
     source.token_layout(model, "blocks.11")                   # TokenLayout(prefix_tokens=1, ...)
+    source.default_layer(model)                               # "blocks.11": hooked when encoder.layer is unset
 
 encoder.weights is the library's own weights name (torchvision enum IMAGENET1K_V2, timm tag fb_in22k_ft_in1k,
 open_clip tag laion2b_s34b_b88k; downloaded by the library into its own cache where the network allows) or a
@@ -99,7 +100,28 @@ class Torchvision:
         return Preprocess()  # every torchvision classification weight is ImageNet-normalised
 
     def token_layout(self, model: nn.Module, layer: str) -> TokenLayout:
-        return TokenLayout(prefix_tokens=1 if hasattr(model, "class_token") else 0)  # vit_b_16's class token
+        # vit_b_16's class token; Swin's stages (features, its default layer) emit (B, H, W, C)
+        swin = type(model).__name__ == "SwinTransformer" and layer.split(".")[0] == "features"
+        return TokenLayout(prefix_tokens=1 if hasattr(model, "class_token") else 0, channels_last=swin)
+
+    def default_layer(self, model: nn.Module) -> str:
+        """The last feature stage: layer4 (ResNets, the design's default), trunk_output (RegNets), features (VGG,
+        MobileNet, EfficientNet, DenseNet, ConvNeXt), a ViT's last encoder block; else the last top-level module
+        before the pooling head (GoogLeNet's inception5b)."""
+        children = dict(model.named_children())
+        for name in ("layer4", "trunk_output", "features"):
+            if name in children:
+                return name
+        blocks = getattr(getattr(model, "encoder", None), "layers", None)
+        if isinstance(blocks, nn.Sequential) and len(blocks):  # vit_b_16: encoder.layers.encoder_layer_11
+            return f"encoder.layers.{list(dict(blocks.named_children()))[-1]}"
+        stage = None
+        for name, child in children.items():
+            if isinstance(child, (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d)):
+                return stage or _no_default(self.name, model)
+            if not name.startswith("aux") and not isinstance(child, nn.Dropout):  # auxiliary heads: training only
+                stage = name
+        return _no_default(self.name, model)
 
 
 class Timm:
@@ -179,6 +201,13 @@ class Timm:
         return TokenLayout(prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
                            channels_last=getattr(model, "output_fmt", "NCHW") == "NHWC")
 
+    def default_layer(self, model: nn.Module) -> str:
+        """The module of the last entry of timm's own feature_info (what features_only=True would return last):
+        layer4 of a ResNet, stages.3 of a ConvNeXt, blocks.11 of a ViT-B."""
+        info = getattr(model, "feature_info", None) or []
+        module = info[-1].get("module") if isinstance(info, list) and isinstance(info[-1], dict) else None
+        return module or _no_default(self.name, model)
+
 
 class OpenClip:
     name, extra = "open_clip", "clip"
@@ -247,6 +276,24 @@ class OpenClip:
         transformer = getattr(model, "transformer", None)
         sequence_first = not getattr(transformer, "batch_first", True) and layer.startswith("transformer.")
         return TokenLayout(prefix_tokens=1 if hasattr(model, "class_embedding") else 0, sequence_first=sequence_first)
+
+    def default_layer(self, model: nn.Module) -> str:
+        """A ViT tower's last transformer block (transformer.resblocks.N-1), a ModifiedResNet's layer4, or the
+        last feature_info stage of a tower wrapping a timm model (trunk.stages.3)."""
+        blocks = getattr(getattr(model, "transformer", None), "resblocks", None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks):
+            return f"transformer.resblocks.{len(blocks) - 1}"
+        if hasattr(model, "layer4"):
+            return "layer4"
+        trunk = getattr(model, "trunk", None)
+        if trunk is not None:
+            return "trunk." + Timm().default_layer(trunk)
+        return _no_default(self.name, model)
+
+
+def _no_default(library: str, model: nn.Module) -> str:
+    raise CaptionerError(f"{library} reports no last feature stage for {type(model).__name__}: set encoder.layer to "
+                         f"the module to hook; run `captioner layers ARCH` to list them")
 
 
 def _interpolation(value) -> str:

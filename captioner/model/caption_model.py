@@ -26,15 +26,17 @@ def build_encoder(cfg: EncoderConfig) -> HookedEncoder:
     state, so `extract` and `train` build the same random encoder whatever train.seed says."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return HookedEncoder(cfg.arch, cfg.layer, cfg.weights, cfg.in_channels, cfg.image_size, cfg.finetune_from,
-                             cfg.mean, cfg.std, cfg.interpolation or None)
+        return HookedEncoder(cfg.arch, cfg.layer or None, cfg.weights, cfg.in_channels, cfg.image_size,
+                             cfg.finetune_from, cfg.mean, cfg.std, cfg.interpolation or None)
 
 
 def recorded_encoder_config(cfg: EncoderConfig, encoder: HookedEncoder) -> EncoderConfig:
-    """cfg with the preprocessing the encoder resolved (the weights' own where cfg left it unset): what a
-    checkpoint records, so the model it holds is rebuilt with the same normalisation without its weights' tag."""
+    """cfg with the hooked layer and the preprocessing the encoder resolved (the backbone's last stage, the weights'
+    own normalisation, where cfg left them unset): what a checkpoint records, so the model it holds is rebuilt
+    the same way without its weights' tag, whatever a later library version reports."""
     p = encoder.preprocess
-    return dataclasses.replace(cfg, mean=list(p.mean), std=list(p.std), interpolation=p.interpolation)
+    return dataclasses.replace(cfg, layer=encoder.layer, mean=list(p.mean), std=list(p.std),
+                               interpolation=p.interpolation)
 
 
 def build_projector(kind: str, channels: int, embed_dim: int) -> tuple[nn.Module, int]:

@@ -1,6 +1,6 @@
 """A frozen backbone whose chosen module's output is taken through a forward hook, as a (C, H, W) grid.
 
-    enc = HookedEncoder("resnet152", "layer4", weights=None, image_size=224)
+    enc = HookedEncoder("resnet152", "layer4", weights=None, image_size=224)   # layer None: the last stage
     feats = enc(images_uint8)          # (B, 3, 224, 224) uint8 -> (B, 2048, 7, 7) float
     enc.channels, enc.grid, enc.reduction   # 2048, (7, 7), 32
     HookedEncoder("timm/vit_tiny_patch16_224", "blocks.11")          # (B, 197, 192) tokens -> (B, 192, 14, 14)
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ import torch.nn as nn
 from captioner.errors import CaptionerError
 from captioner.model.backbones import INTERPOLATIONS, Preprocess, TokenLayout, parse_arch
 from captioner.model.backbone_weights import after_layer, remap_onto, strip_wrapper_prefixes  # noqa: F401
+
+log = logging.getLogger("captioner")
 
 __all__ = ["HookedEncoder", "build_backbone", "list_layers", "remap_by_order", "strip_wrapper_prefixes", "to_grid"]
 
@@ -184,14 +187,18 @@ def _resolve_preprocess(own: Preprocess, in_channels: int, mean, std, interpolat
 class HookedEncoder(nn.Module):
     """Frozen backbone returning the hooked module's activation as (B, C, H, W) for uint8 or [0, 1] float images."""
 
-    def __init__(self, arch: str = "resnet152", layer: str = "layer4", weights: str | None = None,
+    def __init__(self, arch: str = "resnet152", layer: str | None = None, weights: str | None = None,
                  in_channels: int = 3, image_size: int = 224, finetune_from: str | None = None,
                  mean: list[float] | None = None, std: list[float] | None = None, interpolation: str | None = None):
         super().__init__()
-        self.arch, self.layer, self.in_channels, self.image_size = arch, layer, in_channels, image_size
         source, _ = parse_arch(arch)
         self.source = source.name
-        self.backbone = build_backbone(arch, weights, in_channels, layer, image_size)
+        self.backbone = build_backbone(arch, weights, in_channels, layer or None, image_size)
+        # No layer given (None or ""): the last feature stage the library reports (backbones.py default_layer);
+        # checkpoints record the name resolved here, so a later library version cannot move an old model's hook.
+        defaulted = not layer
+        layer = layer or source.default_layer(self.backbone)
+        self.arch, self.layer, self.in_channels, self.image_size = arch, layer, in_channels, image_size
         target = _check_layer(self.backbone, arch, layer)
         self.layout = source.token_layout(self.backbone, layer)
         # Preprocessing travels with the model: the weights' own unless the config (a checkpoint's) says otherwise.
@@ -213,6 +220,10 @@ class HookedEncoder(nn.Module):
         out = _dry_run(self, arch, image_size, in_channels)
         self.channels, self.grid = out.shape[1], (out.shape[2], out.shape[3])
         self.reduction = image_size // out.shape[2]
+        if defaulted:
+            log.info("encoder.layer not set: hooking %s of %s, the last feature stage %s reports (a %dx%dx%d grid "
+                     "at %dx%d; set encoder.layer to choose another: `captioner layers %s`)", layer, arch, self.source,
+                     self.channels, *self.grid, image_size, image_size, arch)
 
     @property
     def interpolation(self) -> str:
@@ -309,6 +320,7 @@ class LayerInfo:
     kind: str  # the module's class name
     shape: tuple  # its output shape without the batch dimension, as the module emits it
     grid: tuple | None  # (C, H, W) that hooking it gives (tokens reshaped), None when it is not a grid
+    default: bool = False  # the layer hooked when encoder.layer is unset (the library's last feature stage)
 
 
 def list_layers(arch: str, image_size: int = 224, in_channels: int = 3) -> list[LayerInfo]:
@@ -333,10 +345,14 @@ def list_layers(arch: str, image_size: int = 224, in_channels: int = 3) -> list[
     finally:
         for h in handles:
             h.remove()
+    try:
+        default = source.default_layer(model)
+    except CaptionerError:  # no stage the library reports: every layer is still listed
+        default = None
     infos = []
     for name, module in model.named_modules():
         if name in outputs:
             grid = to_grid(outputs[name], source.token_layout(model, name), (image_size, image_size))
             infos.append(LayerInfo(name, type(module).__name__, tuple(outputs[name].shape[1:]),
-                                   tuple(grid.shape[1:]) if grid is not None else None))
+                                   tuple(grid.shape[1:]) if grid is not None else None, name == default))
     return infos

@@ -14,6 +14,7 @@ What computes it is the backend (backend.py): the PyTorch model, or ONNX Runtime
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -89,6 +90,20 @@ class Predictor:
             resolved.prepare_encoder(model.encoder)
         return cls(model, vocab, cfg, resolved, DecodeSettings.of(cfg, beam_size, compute=resolved), str(source),
                    backend)
+
+    def move(self, device: str | torch.device | None = None, compute: ComputeConfig | None = None) -> None:
+        """Run on another device and/or with other compute switches (bf16), resolved as load() resolves them: the
+        model moves, the decode settings take the new precision. The PyTorch runtime only (an ONNX Runtime
+        session is made for its device: load the folder again)."""
+        if self.model is None:
+            raise CaptionerError(f"a model run by {self.runtime} stays on the device it was loaded for: load it again "
+                                 f"with the device wanted")
+        device = self.device if device is None else resolve_device(str(device))
+        self.cfg.compute = compute or self.cfg.compute
+        resolved = setup_compute(self.cfg.compute, device)
+        self.model.to(device)
+        resolved.prepare_encoder(self.model.encoder)
+        self.compute, self.settings = resolved, dataclasses.replace(self.settings, bf16=resolved.bf16)
 
     def model_hash(self) -> str:
         """16 hex digits identifying the model and what runs it (what outputs record as the model that made
