@@ -119,11 +119,10 @@ class ModelHandling:
         vocab.json and README.md (a model card); from_pretrained(folder) loads it back and captions the same.
         The decode settings recorded are this Captioner's (its beam size included). dtype: the stored weights,
         float32 or bf16 (half the size). Returns the folder."""
+        from captioner.io_paths import refuse_overlap
         from captioner.jobs.export import check_out, provenance, write_export  # the export job's writer
         out, source = Path(folder), Path(self.predictor.source)
-        if out.resolve() == source.resolve():
-            raise CaptionerError(f"save_pretrained: {out} is the model this Captioner was loaded from: give another "
-                                 f"folder")
+        refuse_overlap({"save_pretrained folder": out}, {"the model this Captioner was loaded from": source})
         check_out(out, overwrite, ("save_pretrained folder", "overwrite=True"))
         cfg = copy.deepcopy(self.predictor.cfg)
         cfg.decode.beam_size = self.predictor.settings.beam_size
