@@ -170,7 +170,7 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.train.label_smoothing < 1.0,
          f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}"),
         (all(name in LOGGERS for name in cfg.train.log_to) and len(set(cfg.train.log_to)) == len(cfg.train.log_to),
-         f"train.log_to takes each of {', '.join(LOGGERS)} at most once, e.g. [jsonl, tensorboard]; got "
+         f"train.log_to takes each of {', '.join(LOGGERS)} at most once, e.g. [jsonl, mlflow]; got "
          f"[{', '.join(cfg.train.log_to)}]"),
         (cfg.decode.beam_size >= 1, f"decode.beam_size must be >= 1, got {cfg.decode.beam_size}"),
         (cfg.decode.max_len >= 1, "decode.max_len must be >= 1"),
