@@ -22,11 +22,16 @@ from __future__ import annotations
 import base64
 import binascii
 
-import mlflow
-import pandas as pd
-from mlflow.pyfunc import PythonModel
-
 from captioner.engine.train.loggers.mlflow_log import MODEL_ARTIFACT
+from captioner.errors import CaptionerError
+
+try:
+    import mlflow
+    import pandas as pd
+    from mlflow.pyfunc import PythonModel
+except ImportError:
+    raise CaptionerError('captioner.mlflow_model is the MLflow model of a captioner and needs MLflow: pip install '
+                         '"captioner[mlflow]"') from None
 
 INPUT_COLUMNS = ("image", "path")  # base64 file bytes, or a path on the serving machine
 OUTPUT_COLUMNS = ("caption", "score", "error")  # as mlflow_log.model_signature declares them

@@ -10,9 +10,8 @@
 RUN_DIR gets last.pt (every train.checkpoint_every steps, at each epoch end, on SIGINT/SIGTERM), best.pt (when
 the validation train.select_metric improves), metrics.jsonl, config.yaml and vocab.json (see rundir.py), and what
 train.log_to adds: tb/ (TensorBoard), an MLflow or a W&B run (engine/train/loggers/; each validation logs 8 sample
-captions, samples.py). Each
-checkpoint holds the whole training state (engine/train/run_state.py), so a resumed run repeats an uninterrupted one
-exactly on CPU. This file assembles a run and holds the epoch loop; the step is engine/train/step.py (the one `bench`
+captions, samples.py). Each checkpoint holds the whole training state (engine/train/run_state.py), so a resumed run
+repeats an uninterrupted one exactly on CPU. This file assembles a run and holds the epoch loop; the step is engine/train/step.py (the one `bench`
 times), validation engine/train/validation.py, the choice of inputs engine/train/inputs.py.
 
 Under torchrun each process trains on train.batch_size captions of every step with DistributedDataParallel
