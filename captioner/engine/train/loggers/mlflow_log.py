@@ -7,8 +7,8 @@ sqlite:///RUN_DIR/mlflow.db` shows it). The experiment is train.experiment, else
 What: the config as params ("train.lr", ...); the scalars of metrics.jsonl under TensorBoard's names
 ("train/loss", "epoch/val_cider") at the same steps, with the same float64 values; tags captioner.version,
 captioner.git_commit (when captioner runs from a git checkout), captioner.device, captioner.dtype; per validation
-a table artifact samples/step_NNNNNN.json (step, file, caption, references) and the attention strips as images
-"attention_I" at the validation's step; at the end best.pt as a model folder inside an mlflow.pyfunc model
+a table artifact samples/step_NNNNNN.json (step, file, caption, references) and the attention strips as
+attention/step_NNNNNN/I.jpg (sample I); at the end best.pt as a model folder inside an mlflow.pyfunc model
 "model" (captioner/mlflow_model.py: `mlflow models serve -m runs:/RUN_ID/model` captions images), registered
 as train.register_as when set.
 
@@ -21,7 +21,6 @@ kill between a checkpoint and its sending, or a run that turns mlflow on at --re
 from __future__ import annotations
 
 import importlib.util
-import io
 import logging
 import os
 import tempfile
@@ -29,7 +28,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from PIL import Image
 
 from captioner.config import Config, to_dict
 from captioner.engine.train.loggers.base import Logger, attention_jpeg, export_best, flat_config, sample_rows, scalars
@@ -42,6 +40,7 @@ LOCAL_ARTIFACTS = "mlartifacts"  # RUN_DIR/mlartifacts/: that store's artifacts
 MODEL_NAME = "model"  # runs:/RUN_ID/model
 MODEL_ARTIFACT = "model_folder"  # the pyfunc model's artifact: the folder `captioner export` writes
 SAMPLES_FOLDER = "samples"  # samples/step_NNNNNN.json
+ATTENTION_FOLDER = "attention"  # attention/step_NNNNNN/I.jpg
 BATCH = {"metrics": 1000, "params": 100}  # MLflow's log_batch limits
 PARAM_LENGTH = 6000  # MLflow's longest param value
 
@@ -171,11 +170,14 @@ class MlflowLogger(Logger):
         rows = sample_rows(step, samples)
         table = {column: [row[column] for row in rows] for column in ("step", "file", "caption", "references")}
         self.client.log_table(self.run_id, table, f"{SAMPLES_FOLDER}/step_{step:06d}.json")
-        for i, sample in enumerate(samples):
-            jpeg = attention_jpeg(sample)
-            if jpeg is not None:
-                import io
-                self.client.log_image(self.run_id, Image.open(io.BytesIO(jpeg[0])), key=f"attention_{i}", step=step)
+        with tempfile.TemporaryDirectory(prefix="captioner-mlflow-") as tmp:
+            for i, sample in enumerate(samples):
+                jpeg = attention_jpeg(sample)
+                if jpeg is not None:
+                    (Path(tmp) / f"{i}.jpg").write_bytes(jpeg[0])
+            if any(Path(tmp).iterdir()):
+                # JPEG files in one call: log_image's PNG and thumbnail took 30x as long (0.24 s per strip)
+                self.client.log_artifacts(self.run_id, tmp, f"{ATTENTION_FOLDER}/step_{step:06d}")
 
     def finish(self, run_dir: Path) -> None:
         """best.pt as a model folder inside the pyfunc model "model" (registered as train.register_as)."""

@@ -16,13 +16,11 @@ checkpoint, with the step it was sent up to) from there.
 from __future__ import annotations
 
 import importlib.util
-import io
 import logging
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from PIL import Image
 
 from captioner.config import Config, to_dict
 from captioner.engine.train.loggers.base import Logger, attention_jpeg, export_best, flat_config, sample_rows, scalars
@@ -74,23 +72,19 @@ class WandbLogger(Logger):
     def write(self, record: dict) -> None:
         values = scalars(record)
         if values:
-            self.pending.append((record["step"], values))
+            self.pending.append((record["step"], values))  # scalars, or a validation's samples (a list)
             self.last_step = max(self.last_step, record["step"])
 
     def samples(self, step: int, epoch: int, samples: list) -> None:
-        import wandb
-        table = wandb.Table(columns=list(TABLE_COLUMNS), allow_mixed_types=True)
-        for row, sample in zip(sample_rows(step, samples), samples):
-            jpeg = attention_jpeg(sample)
-            picture = wandb.Image(Image.open(io.BytesIO(jpeg[0])), caption=sample.caption) if jpeg else None
-            table.add_data(*(row[c] for c in TABLE_COLUMNS[:-1]), picture)
-        self.pending.append((step, {SAMPLES_KEY: table}))
+        self.pending.append((step, samples))  # a table is made when sent: its pictures are files until then
         self.last_step = max(self.last_step, step)
 
     def checkpointed(self) -> None:
         pending, self.pending = self.pending, []
-        for step, values in pending:  # in step order: W&B takes the values of one step until a later one comes
-            self.run.log(values, step=step)
+        with tempfile.TemporaryDirectory(prefix="captioner-wandb-") as tmp:
+            for step, values in pending:  # in step order: W&B takes the values of one step until a later one comes
+                self.run.log(values if isinstance(values, dict) else {SAMPLES_KEY: _table(step, values, Path(tmp))},
+                             step=step)
 
     def finish(self, run_dir: Path) -> None:
         import wandb
@@ -114,3 +108,18 @@ class WandbLogger(Logger):
         continues it). Records past the last checkpoint are dropped: the resumed run sends them again."""
         self.pending = []
         self.run.finish(exit_code=0 if self.finished else 1)
+
+
+def _table(step: int, samples: list, folder: Path):
+    """A validation's samples as a wandb.Table, the attention strips as JPEG files written in folder (W&B copies
+    them when the table is logged; PIL images would be encoded again as PNG, 3x the time)."""
+    import wandb
+    table = wandb.Table(columns=list(TABLE_COLUMNS), allow_mixed_types=True)
+    for i, (row, sample) in enumerate(zip(sample_rows(step, samples), samples)):
+        jpeg, picture = attention_jpeg(sample), None
+        if jpeg is not None:
+            path = folder / f"attention_{step}_{i}.jpg"
+            path.write_bytes(jpeg[0])
+            picture = wandb.Image(str(path), caption=sample.caption)
+        table.add_data(*(row[c] for c in TABLE_COLUMNS[:-1]), picture)
+    return table
