@@ -20,7 +20,8 @@ from captioner.engine.train.loggers.base import COORDINATES, Logger, scalars
 from captioner.engine.train.loggers.jsonl import MetricsLog, read_metrics
 from captioner.engine.train.loggers.run_log import RunLog, check_log_to, open_run_log
 from captioner.engine.train.loggers.tensorboard_log import (TB_FOLDER, TensorBoardLogger, check_tensorboard,
-                                                            drop_events_after)
+                                                            drop_events_after, wait_for_a_later_file_name)
 
 __all__ = ["COORDINATES", "Logger", "scalars", "MetricsLog", "read_metrics", "RunLog", "check_log_to",
-           "open_run_log", "TB_FOLDER", "TensorBoardLogger", "check_tensorboard", "drop_events_after"]
+           "open_run_log", "TB_FOLDER", "TensorBoardLogger", "check_tensorboard", "drop_events_after",
+           "wait_for_a_later_file_name"]

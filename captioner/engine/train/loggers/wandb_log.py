@@ -46,8 +46,10 @@ class WandbLogger(Logger):
 
     def __init__(self, cfg: Config, run_dir: Path, tags: dict, saved: dict | None = None, history: list[dict] = ()):
         import wandb
-        self.finished, self.pending, self.last_step = False, [], -1
         through = saved.get("through", -1) if saved else -1
+        # the last step given to W&B (sent by the next checkpoint): what a checkpoint records as `through`
+        self.finished, self.pending = False, []
+        self.last_step = max([through] + [r["step"] for r in history if isinstance(r.get("step"), int)])
         try:
             self.run = wandb.init(project=cfg.train.experiment or run_dir.resolve().parent.name or "captioner",
                                   name=run_dir.resolve().name, id=saved["run_id"] if saved else None,
