@@ -239,7 +239,11 @@ def _wandb_records(run_dir) -> list[dict]:
 @pytest.mark.slow
 def test_an_offline_wandb_run_holds_every_scalar_and_the_sample_tables_and_resume_keeps_its_id(
         small_root, tmp_path, monkeypatch):
+    """Also: MLflow turned on at the resume, without MLFLOW_TRACKING_URI, gets the run's whole history in a
+    store inside the run dir."""
     pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for name in ("DIR", "DATA_DIR", "CACHE_DIR", "CONFIG_DIR", "ARTIFACT_DIR"):  # nothing outside tmp_path
         monkeypatch.setenv(f"WANDB_{name}", str(tmp_path / f"wandb-{name.lower()}"))
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -248,7 +252,8 @@ def test_an_offline_wandb_run_holds_every_scalar_and_the_sample_tables_and_resum
     overrides = small_overrides(small_root, *TRACKED, "train.log_to=[jsonl,wandb]", "train.epochs=1")
     assert cli(["-q", "train", "--config", str(TINY), "--run-dir", str(run_dir), "--device", "cpu", *overrides]) == 0
     first = torch.load(run_dir / "last.pt", weights_only=True)["trackers"]["wandb"]["run_id"]
-    assert cli(["-q", "train", "--resume", str(run_dir), "--device", "cpu", "train.epochs=2"]) == 0
+    assert cli(["-q", "train", "--resume", str(run_dir), "--device", "cpu", "train.epochs=2",
+                "train.log_to=[jsonl,wandb,mlflow]"]) == 0
     assert torch.load(run_dir / "last.pt", weights_only=True)["trackers"]["wandb"]["run_id"] == first
 
     folders = sorted((run_dir / "wandb").glob("offline-run-*"))
@@ -279,3 +284,13 @@ def test_an_offline_wandb_run_holds_every_scalar_and_the_sample_tables_and_resum
     models = [r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["type"] == "model"]
     assert models and {c["path"] for c in models[-1]["manifest"]["contents"]} >= {"config.json", "model.safetensors",
                                                                                    "vocab.json", "README.md"}
+
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    [experiment] = [e for e in client.search_experiments() if e.name == tmp_path.name]  # the run dir's parent
+    [run] = client.search_runs([experiment.experiment_id])
+    for key, points in expected.items():  # steps 1-7 from metrics.jsonl at the resume, then 8-14 live
+        assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)) == points, key
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "samples")] == [
+        "samples/step_000007.json", "samples/step_000014.json"]
+    assert (run_dir / "mlartifacts").is_dir()  # the artifacts beside the store, not in the working folder
