@@ -7,8 +7,8 @@ sqlite:///RUN_DIR/mlflow.db` shows it). The experiment is train.experiment, else
 What: the config as params ("train.lr", ...); the scalars of metrics.jsonl under TensorBoard's names
 ("train/loss", "epoch/val_cider") at the same steps, with the same float64 values; tags captioner.version,
 captioner.git_commit (when captioner runs from a git checkout), captioner.device, captioner.dtype; per validation
-a table artifact samples/step_NNNNNN.json (step, file, caption, references) and the attention strips as
-attention/step_NNNNNN/I.jpg (sample I); at the end best.pt as a model folder inside an mlflow.pyfunc model
+a table samples/step_NNNNNN.json (columns step, file, caption, references, as mlflow.log_table writes one)
+and the attention strips as attention/step_NNNNNN/I.jpg (sample I), uploaded together; at the end best.pt as a model folder inside an mlflow.pyfunc model
 "model" (captioner/mlflow_model.py: `mlflow models serve -m runs:/RUN_ID/model` captions images), registered
 as train.register_as when set.
 
@@ -21,6 +21,7 @@ kill between a checkpoint and its sending, or a run that turns mlflow on at --re
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import tempfile
@@ -166,18 +167,22 @@ class MlflowLogger(Logger):
             raise _failure(f"log to run {self.run_id}", self.uri, e) from None
 
     def _log_samples(self, step: int, samples: list) -> None:
+        """samples/step_N.json (log_table's format: {"columns", "data"}) and attention/step_N/I.jpg, in one upload:
+        log_table and log_image took 2 s and 0.24 s per strip against a tracking server (README)."""
         samples = [SimpleNamespace(**s, image=None) if isinstance(s, dict) else s for s in samples]  # replayed
         rows = sample_rows(step, samples)
-        table = {column: [row[column] for row in rows] for column in ("step", "file", "caption", "references")}
-        self.client.log_table(self.run_id, table, f"{SAMPLES_FOLDER}/step_{step:06d}.json")
+        columns = ["step", "file", "caption", "references"]
         with tempfile.TemporaryDirectory(prefix="captioner-mlflow-") as tmp:
+            table = Path(tmp) / SAMPLES_FOLDER / f"step_{step:06d}.json"
+            table.parent.mkdir()
+            table.write_text(json.dumps({"columns": columns, "data": [[row[c] for c in columns] for row in rows]}))
+            strips = Path(tmp) / ATTENTION_FOLDER / f"step_{step:06d}"
             for i, sample in enumerate(samples):
                 jpeg = attention_jpeg(sample)
                 if jpeg is not None:
-                    (Path(tmp) / f"{i}.jpg").write_bytes(jpeg[0])
-            if any(Path(tmp).iterdir()):
-                # JPEG files in one call: log_image's PNG and thumbnail took 30x as long (0.24 s per strip)
-                self.client.log_artifacts(self.run_id, tmp, f"{ATTENTION_FOLDER}/step_{step:06d}")
+                    strips.mkdir(parents=True, exist_ok=True)
+                    (strips / f"{i}.jpg").write_bytes(jpeg[0])
+            self.client.log_artifacts(self.run_id, tmp)
 
     def finish(self, run_dir: Path) -> None:
         """best.pt as a model folder inside the pyfunc model "model" (registered as train.register_as)."""
