@@ -195,8 +195,10 @@ def test_tensorboard_missing_is_one_line_before_training(small_root, tmp_path, m
 def test_log_to_is_checked_when_the_config_is_read(small_root):
     assert small_config(small_root).train.log_to == ["jsonl"]
     assert small_config(small_root, "train.log_to=jsonl,tensorboard").train.log_to == ["jsonl", "tensorboard"]
-    with pytest.raises(Exception, match="train.log_to takes each of jsonl, tensorboard"):
-        small_config(small_root, "train.log_to=[jsonl,wandb]")
+    with pytest.raises(Exception, match="train.log_to takes each of jsonl, tensorboard, mlflow, wandb"):
+        small_config(small_root, "train.log_to=[jsonl,comet]")
+    with pytest.raises(Exception, match="at most once"):
+        small_config(small_root, "train.log_to=[jsonl,mlflow,mlflow]")
 
 
 def test_attention_strip_shades_as_the_gallery_page_does():

@@ -129,8 +129,11 @@ class TrainConfig:
     scst_temperature: float = 1.0  # scst: samples drawn from softmax(logits / this); < 1 keeps them near the beam's
     label_smoothing: float = 0.0  # xe: probability of the target spread over the other words (0: off)
     # Where training's metrics go (LOGGERS): RUN_DIR/metrics.jsonl is always written (resume and `captioner plot`
-    # read it); tensorboard adds RUN_DIR/tb/: the same scalars, sample captions (pip install "captioner[tensorboard]")
+    # read it); tensorboard adds RUN_DIR/tb/, mlflow an MLflow run (MLFLOW_TRACKING_URI, else RUN_DIR/mlflow.db),
+    # wandb a Weights & Biases run (WANDB_MODE): the same scalars, sample captions; each behind its extra
     log_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    experiment: str = ""  # mlflow: experiment, wandb: project ("": the run dir's parent folder's name)
+    register_as: str = ""  # mlflow: register the run's final model under this name in the model registry ("": not)
 
 
 @dataclass
@@ -201,7 +204,7 @@ SELECT_METRICS = ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l")
 OBJECTIVES = ("xe", "scst")
 
 
-LOGGERS = ("jsonl", "tensorboard")
+LOGGERS = ("jsonl", "tensorboard", "mlflow", "wandb")
 
 
 SCST_BASELINES = ("mean", "greedy")

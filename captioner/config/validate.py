@@ -183,7 +183,7 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.train.label_smoothing < 1.0,
          f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}"),
         (all(name in LOGGERS for name in cfg.train.log_to) and len(set(cfg.train.log_to)) == len(cfg.train.log_to),
-         f"train.log_to takes each of {', '.join(LOGGERS)} at most once, e.g. [jsonl, tensorboard]; got "
+         f"train.log_to takes each of {', '.join(LOGGERS)} at most once, e.g. [jsonl, mlflow]; got "
          f"[{', '.join(cfg.train.log_to)}]"),
         (low <= cfg.decode.temperature <= high,
          f"decode.temperature must be in [{low:g}, {high:g}], got {cfg.decode.temperature}"),

@@ -8,10 +8,10 @@
     torchrun --nproc_per_node=2 -m captioner train --config configs/tiny.yaml --run-dir runs/ddp
 
 RUN_DIR gets last.pt (every train.checkpoint_every steps, at each epoch end, on SIGINT/SIGTERM), best.pt (when
-the validation train.select_metric improves), metrics.jsonl, config.yaml and vocab.json (see rundir.py), and tb/
-with train.log_to=[jsonl,tensorboard] (loggers.py; each validation logs 8 sample captions, samples.py). Each
-checkpoint holds the whole training state (engine/train/run_state.py), so a resumed run repeats an uninterrupted one
-exactly on CPU. This file assembles a run and holds the epoch loop; the step is engine/train/step.py (the one `bench`
+the validation train.select_metric improves), metrics.jsonl, config.yaml and vocab.json (see rundir.py), and what
+train.log_to adds: tb/ (TensorBoard), an MLflow or a W&B run (engine/train/loggers/; each validation logs 8 sample
+captions, samples.py). Each checkpoint holds the whole training state (engine/train/run_state.py), so a resumed run
+repeats an uninterrupted one exactly on CPU. This file assembles a run and holds the epoch loop; the step is engine/train/step.py (the one `bench`
 times), validation engine/train/validation.py, the choice of inputs engine/train/inputs.py.
 
 Under torchrun each process trains on train.batch_size captions of every step with DistributedDataParallel
@@ -42,7 +42,7 @@ from captioner.engine.runtime.signals import StopRequest, Stopped
 from captioner.engine.train.resume import (check_vocabulary, init_checkpoint, resume_checkpoint, resume_config,
                                           vocabulary_coverage)
 from captioner.engine.train.run_state import Progress, TrainingRun, restore, save_checkpoints
-from captioner.engine.train.loggers import check_tensorboard, open_run_log
+from captioner.engine.train.loggers import check_log_to, open_run_log
 from captioner.engine.train.rundir import lock_run_dir, plan_run, write_run_files
 from captioner.engine.train.samples import SampleImages
 from captioner.engine.train.telemetry import RunClock, Window, peak_memory
@@ -186,8 +186,7 @@ class TrainJob:
             self.cfg = resume_config(self.run_dir, self.config, self.overrides)
         else:
             self.cfg = config_of(self.cfg, self.config, self.overrides, "train")
-        if "tensorboard" in self.cfg.train.log_to:
-            check_tensorboard()
+        check_log_to(self.cfg.train.log_to)  # a missing tracker package, in one line before anything runs
         files, folders = dataset_inputs(self.cfg.dataset)  # --overwrite clears the run dir: never an input in it
         refuse_overlap({"--run-dir": self.run_dir}, {"--config": self.config, "--init-from": self.init_from, **files,
                                                      "cache.dir": default_cache_dir(self.cfg),
@@ -260,7 +259,8 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
     if process.is_main:  # one training process per run dir, from its first write until main returns or it dies
         held.enter_context(lock_run_dir(run_dir))
         write_run_files(run_dir, cfg, vocab, clear=mode == "new")
-    metrics = open_run_log(cfg, run_dir, process.is_main, checkpoint)
+    metrics = open_run_log(cfg, run_dir, process.is_main, checkpoint, device=str(process.device),
+                           dtype="bfloat16" if compute.bf16 else "float32")
 
     inputs = training_inputs(cfg, model, train_records, val_records, process, compute)
     loader, sampler = build_train_loader(cfg, vocab, inputs, process)
@@ -337,6 +337,8 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
                 if _stop_requested(run):  # a signal during validation under torchrun: last.pt was just written
                     stopped = _agreed_signal(run)
                     break
+        if stopped in (None, "early stopping"):
+            metrics.finish(run_dir)  # the trackers get best.pt as a model folder
     finally:
         metrics.close()
     if stopped == "early stopping":

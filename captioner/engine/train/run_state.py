@@ -94,10 +94,11 @@ def save_checkpoints(run: TrainingRun, best: bool = False) -> None:
              "progress": dataclasses.asdict(progress), "rng": rng, "world_size": run.process.world_size,
              "metrics_offset": run.metrics.offset, "config": to_dict(recorded_config(run)), "vocab": run.vocab.tokens,
              "epoch": progress.epoch, "step": progress.step, "val_scores": progress.scores,
-             "init_from": run.init_from}
+             "init_from": run.init_from, "trackers": run.metrics.trackers}
     save_checkpoint(run.run_dir / "last.pt", state)
     if best:
         save_checkpoint(run.run_dir / "best.pt", state)
+    run.metrics.checkpointed()  # MLflow and W&B get the records last.pt covers, never more (loggers/)
 
 def restore(run: TrainingRun, state: dict) -> None:
     """Optimizer, schedule, scaler, progress and random generators from a checkpoint."""

@@ -5,6 +5,8 @@
     RUN_DIR/best.pt                   when the validation score improves
     RUN_DIR/metrics.jsonl             one JSON object per logged step and per validation (loggers.py)
     RUN_DIR/tb/                       TensorBoard event files, with train.log_to: [jsonl, tensorboard]
+    RUN_DIR/mlflow.db, mlartifacts/   the MLflow store, with train.log_to: [jsonl, mlflow] and no MLFLOW_TRACKING_URI
+    RUN_DIR/wandb/                    W&B's files, with train.log_to: [jsonl, wandb]
     RUN_DIR/curves.png                `captioner plot RUN_DIR`
 
     RUN_DIR/.lock                     held by the training process (lock_run_dir): one run per folder
