@@ -1,6 +1,9 @@
 """The errors a command turns into one line instead of a traceback, and which exit status each gives.
 
-    CaptionerError       the input is wrong (a file, a config value, a checkpoint, an argument): exit status 2
+    CaptionerError       the input is wrong (a file, a config value, a checkpoint, an argument): exit status 2;
+                         a ValueError, so that `except ValueError` around library calls catches it
+    CaptionerFileError   the input is a file that cannot be read (missing, a folder, closed, not permitted):
+                         a CaptionerError that is also an OSError (`except OSError` catches it too)
     EnvironmentFailure   the machine failed the command (a full disk, a read-only file system, a closed
                          output, an I/O error): exit status 1; rerunning once the machine is fixed resumes
 
@@ -12,13 +15,19 @@ from __future__ import annotations
 import errno
 
 
-class CaptionerError(Exception):
-    """A problem with the user's input (file, config, checkpoint) that deserves one clear line."""
+class CaptionerError(ValueError):
+    """A problem with the user's input (file, config, checkpoint, argument) that deserves one clear line."""
     exit_status = 2
 
     def with_context(self, prefix: str) -> "CaptionerError":
         """The same kind of error with prefix before its message (e.g. the config file it came from)."""
         return type(self)(f"{prefix}{self}")
+
+
+class CaptionerFileError(CaptionerError, OSError):
+    """A file given as input that cannot be read: missing, a folder or a FIFO, closed, not permitted. Exit status 2
+    as every CaptionerError (the exit path tests CaptionerError before OSError); errno stays None: the message
+    says what is wrong."""
 
 
 class EnvironmentFailure(CaptionerError):
