@@ -31,7 +31,7 @@ from captioner.config import ComputeConfig
 from captioner.data.images import MAX_PIXELS
 from captioner.engine.infer.predict import Captioned
 from captioner.engine.infer.predictor import RUNTIMES, Predictor
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, ErrorText
 
 if TYPE_CHECKING:
     from captioner.text import Vocabulary
@@ -209,7 +209,7 @@ class Captioner:
             for _, captioned in self.predictor.caption_batches(batches, attention):
                 for c in captioned:
                     if c.error and errors == "raise":
-                        raise CaptionerError(c.error)
+                        raise ErrorText.raised(c.error)  # a file problem stays an OSError too
                     yield self._caption(c, names[c.index])
 
     def _caption(self, c: Captioned, source: str) -> Caption:

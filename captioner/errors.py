@@ -48,3 +48,20 @@ def os_failure(what: str, error: OSError, then: str = "") -> CaptionerError:
     reason = error.strerror or str(error) or type(error).__name__
     kind = EnvironmentFailure if error.errno in ENVIRONMENT_ERRNOS else CaptionerError
     return kind(f"{what}: {reason}{then}")
+
+
+class ErrorText(str):
+    """An unreadable item's message as it travels (from a decoding worker process, in a Captioned record): a str
+    that remembers whether a file was the problem, so that the Python API raises it as the same type."""
+    file_problem = False
+
+    @classmethod
+    def of(cls, error: CaptionerError) -> "ErrorText":
+        text = cls(str(error))
+        text.file_problem = isinstance(error, OSError)
+        return text
+
+    @staticmethod
+    def raised(text: str) -> CaptionerError:
+        """The error to raise for a message: CaptionerFileError (an OSError too) for a file problem."""
+        return (CaptionerFileError if getattr(text, "file_problem", False) else CaptionerError)(str(text))

@@ -48,7 +48,7 @@ from torch.utils.data import Dataset
 
 from captioner.data.pixels import pil_to_rgb, pixels_of, rgb_image
 from captioner.data.records import ImageRecord
-from captioner.errors import CaptionerError, CaptionerFileError
+from captioner.errors import CaptionerError, CaptionerFileError, ErrorText
 from captioner.text import Vocabulary
 
 MAX_PIXELS = 100_000_000  # larger images are refused as likely decompression bombs
@@ -300,10 +300,12 @@ class ImageFiles(Dataset):
             (image, size), message = read_any(path, self.name(i), self.image_size, self.max_pixels,
                                               self.interpolation), ""
         except CaptionerError as e:
-            image, size, message = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), (0, 0), str(e)
+            image, size, message = (torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), (0, 0),
+                                    ErrorText.of(e))
         except OSError as e:  # the file went away between the header check and the read
             image, size, message = (torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), (0, 0),
-                                    f"{self.name(i)}: cannot read ({e.strerror or e})")
+                                    ErrorText.of(CaptionerFileError(f"{self.name(i)}: cannot read "
+                                                                    f"({e.strerror or e})")))
         return image, i, message, torch.tensor(size)
 
 
