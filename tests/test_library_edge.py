@@ -156,7 +156,7 @@ ITEMS = st.one_of(SCALARS, ARRAYS, TENSORS, PIL_IMAGES, FILES, st.lists(SCALARS,
 INPUTS = st.one_of(ITEMS, st.lists(ITEMS, max_size=4), st.tuples(ITEMS, ITEMS))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(images=INPUTS, errors=st.sampled_from(["raise", "keep", "ignore", 1]), attention=st.one_of(st.booleans(),
                                                                                                  st.none()))
@@ -181,7 +181,7 @@ ARGUMENTS = st.dictionaries(st.sampled_from(["device", "beam_size", "batch_size"
                             ARGUMENT_VALUES, max_size=3)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(kwargs=ARGUMENTS, model=st.one_of(st.just("checkpoint"), SCALARS))
 def test_from_pretrained_gives_a_captioner_or_one_captioner_error(checkpoint, kwargs, model):
