@@ -96,11 +96,14 @@ def check_model_name(model) -> None:
 
 
 def check_device(device) -> str | torch.device | None:
-    """device=: None, "auto", a device name ("cpu", "cuda:1") or a torch.device; the name is resolved later."""
+    """device=: None, "auto", a device name ("cpu", "cuda:1"), a torch.device or a GPU index (0: "cuda:0", as
+    torch takes it); the name is resolved (and refused when this machine lacks it) later."""
     if device is None or isinstance(device, torch.device):
         return device
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        return f"cuda:{device}"
     if not isinstance(device, str):
-        raise CaptionerError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device, got "
+        raise CaptionerError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', a GPU index or a torch.device, got "
                              f"{type(device).__name__} {str(device)[:40]!r}")
     return check_text("device", device)
 

@@ -81,7 +81,8 @@ def test_issue_cases_are_one_line_naming_the_item(cap, item, message):
     ({"num_workers": -1}, r"argument num_workers must be between 0 and"),
     ({"sample": "yes"}, r"argument sample expects bool"),
     ({"max_pixels": 0}, r"max_pixels must be >= 1"),
-    ({"device": 5}, r"device must be 'auto', 'cpu'"),
+    ({"device": 5.0}, r"device must be 'auto', 'cpu'"),
+    ({"device": -1}, r"device must be 'auto', 'cpu'"),
     ({"revision": 3}, r"revision must be text"),
 ])
 def test_from_pretrained_arguments_follow_their_config_keys_rules(checkpoint, kwargs, message):

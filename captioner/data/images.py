@@ -209,8 +209,9 @@ def _check_is_regular_file(path: str) -> None:
         raise CaptionerFileError(f"{path}: no such file") from None
     except OSError as e:  # a symbolic link loop, a folder on the way that cannot be entered, ...
         raise CaptionerFileError(f"{path}: cannot access ({e.strerror or e})") from None
-    except ValueError:  # a NUL character: no file can have that name
-        raise CaptionerFileError(f"{path!r}: not a file name (it holds a NUL character)") from None
+    except ValueError:  # a NUL character, or text this file system's encoding cannot hold: no file has that name
+        why = "it holds a NUL character" if "\x00" in path else "it cannot be encoded as a file name here"
+        raise CaptionerFileError(f"{path!r}: not a file name ({why})") from None
     if stat.S_ISDIR(info.st_mode):
         raise CaptionerFileError(f"{path}: is a folder, not an image file")
     if not stat.S_ISREG(info.st_mode):
