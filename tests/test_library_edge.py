@@ -99,8 +99,10 @@ def test_from_pretrained_takes_numpy_numbers_and_a_compute_dict(checkpoint):
             Captioner.from_pretrained(model)
 
 
-def test_decoding_workers_leave_no_traceback(cap, capfd):
+def test_decoding_workers_leave_no_traceback(cap, capfd, tmp_path):
     workers = Captioner(cap.predictor, batch_size=2, num_workers=2)
+    with pytest.raises(OSError, match="missing.jpg: no such file"):  # the kind survives the worker process
+        workers.caption([np.zeros((8, 8, 3), np.uint8), tmp_path / "missing.jpg"])
     bad = [np.zeros((8, 8, 3), np.uint8), torch.zeros(3, 8, 8, device="meta"), None, np.full((4, 4), np.nan)]
     with pytest.raises(CaptionerError, match=r"images\[1\]: a tensor on the meta device"):
         workers.caption(bad)
