@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, CaptionerFileError
 
 __version__ = "0.2.0"
-__all__ = ["Caption", "Captioner", "CaptionerError", "__version__"]
+__all__ = ["Caption", "Captioner", "CaptionerError", "CaptionerFileError", "__version__"]
 
 if TYPE_CHECKING:  # type checkers see the names; at run time __getattr__ imports them on first use
     from captioner.api import Caption, Captioner

@@ -20,20 +20,23 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Union, cast, overload
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Union, cast, overload
 
 import numpy as np
 import torch
 from PIL import Image
 
 from captioner.api_model import ModelHandling, compute_for_dtype
+from captioner.arguments import (check_arguments, check_choice, check_compute, check_count, check_device, check_flag,
+                                 check_model_name, check_optional_text)
 from captioner.config import ComputeConfig
 from captioner.data.images import MAX_PIXELS
 from captioner.engine.infer.predict import Captioned
-from captioner.engine.infer.predictor import Predictor
-from captioner.errors import CaptionerError
+from captioner.engine.infer.predictor import RUNTIMES, Predictor
+from captioner.errors import CaptionerError, ErrorText
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
@@ -41,8 +44,9 @@ if TYPE_CHECKING:
     from captioner.engine.infer.generation import GenerationOptions
     from captioner.text import Vocabulary
 
-# One image: a file path, a file's bytes or an open binary file, a PIL image, an HxW / HxWx3 / HxWx4 array (uint8,
-# or float in [0, 1]), or a (3, H, W) tensor (uint8, or float in [0, 1]).
+# One image: a file path, a file's bytes or an open binary file, a PIL image, an HxW / HxWx3 / HxWx4 array or a
+# (3, H, W) tensor; which dtypes and values are pixels: data/pixels.py (uint8 0-255, 16-bit, float in [0, 1]).
+# Bad input of any kind is a CaptionerError (a ValueError) naming the argument or the item (errors.py).
 ImageInput = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray, torch.Tensor]
 OneImage = Union[str, os.PathLike, bytes, BinaryIO, Image.Image]  # always one image (arrays: one or a batch)
 ERROR_MODES = ("raise", "keep")
@@ -75,12 +79,26 @@ class Caption:
 
 
 def _single(images) -> bool:
-    """Whether images is one image rather than a collection of them."""
+    """Whether images is one image rather than a collection of them. Anything that is not a collection (None,
+    a number, a mapping) is one item, which is then refused with its index like any bad image."""
     if isinstance(images, (str, os.PathLike, Image.Image, bytes, bytearray, memoryview)) or hasattr(images, "read"):
         return True
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        return images.ndim <= 3  # 4-D: a batch, one image per first index
-    return False
+    if isinstance(images, torch.Tensor):  # 4-D: a batch, one image per first index (sparse: refused as one)
+        return images.ndim != 4 or images.layout != torch.strided
+    if isinstance(images, np.ndarray):
+        return images.ndim != 4
+    return not isinstance(images, Iterable) or isinstance(images, Mapping)
+
+
+def _name(item, index: int) -> str:
+    """How errors and Caption.source call an item: a path by itself, anything else images[index]."""
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            name = os.fspath(item)
+            return name if isinstance(name, str) else f"images[{index}]"
+        except TypeError:  # a PathLike whose __fspath__ gives no path: read_any refuses it with this name
+            pass
+    return f"images[{index}]"
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -105,13 +123,14 @@ class Captioner(ModelHandling):
 
     def __init__(self, predictor: Predictor, *, batch_size: int | None = None, num_workers: int = 0,
                  max_pixels: int = MAX_PIXELS):
-        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                 ("max_pixels", max_pixels, 1)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-                raise CaptionerError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(predictor, Predictor):
+            raise CaptionerError(f"Captioner takes a loaded Predictor, got {type(predictor).__name__}: build one "
+                                 f"with Captioner.from_pretrained(path)")
+        # decode.batch_size's and compute.num_workers's rules, as in a config file (arguments.py)
+        checked = check_arguments(batch_size=batch_size, num_workers=num_workers)
         self.predictor = predictor
-        self.batch_size = batch_size or predictor.cfg.decode.batch_size
-        self.num_workers, self.max_pixels = num_workers, max_pixels
+        self.batch_size = checked["batch_size"] or predictor.cfg.decode.batch_size
+        self.num_workers, self.max_pixels = checked["num_workers"], check_count("max_pixels", max_pixels, 1)
         self._lock = threading.Lock()  # one batch at a time through the model (thread safety, above)
 
     @classmethod
@@ -133,22 +152,32 @@ class Captioner(ModelHandling):
             num_workers: image decoding processes (0: decode in this process).
             max_pixels: larger images are refused as likely decompression bombs.
             sample, temperature: draw each word from the model's distribution (seed with torch.manual_seed).
-            compute: this machine's precision and memory-format switches (default: auto).
+            compute: this machine's precision and memory-format switches (default: auto): a ComputeConfig or a
+                dict of compute keys ({"bf16": "false"}), checked as a config file's compute: section.
             runtime: what runs the model: "torch" (PyTorch) or "onnxruntime" (a folder of `captioner export
                 --format onnx`, the [onnx] extra).
             dtype (or torch_dtype, transformers' name): torch.bfloat16 / "bf16" runs in bf16 autocast,
                 torch.float32 / "float32" in float32; None: compute's choice (auto: bf16 on CUDA and bf16 CPUs).
+
+        Every argument follows the rules of the config key it stands for (beam_size: decode.beam_size, ...);
+        a bad one, a missing or broken model: CaptionerError (a ValueError) naming it.
         """
+        # Every argument before any file is read, by its config key's rules (arguments.py): one line naming it.
+        check_model_name(model)
+        checked = check_arguments(beam_size=beam_size, batch_size=batch_size, num_workers=num_workers,
+                                  sample=sample, temperature=temperature)
+        max_pixels = check_count("max_pixels", max_pixels, 1)
+        if not isinstance(runtime, str):  # a str is named by Predictor.load, with the runtimes there are
+            check_choice("runtime", runtime, RUNTIMES)
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise CaptionerError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: give one")
-        compute = compute_for_dtype(dtype if dtype is not None else torch_dtype, compute)
-        if beam_size is not None and (not isinstance(beam_size, int) or beam_size < 1):
-            raise CaptionerError(f"beam_size must be an integer >= 1, got {beam_size!r}")
-        if temperature is not None and not temperature > 0:
-            raise CaptionerError(f"temperature must be > 0, got {temperature!r}")
-        predictor = Predictor.load(model, device, beam_size=beam_size, compute=compute, sample=sample,
-                                   temperature=temperature, runtime=runtime, revision=revision)
-        return cls(predictor, batch_size=batch_size, num_workers=num_workers, max_pixels=max_pixels)
+        compute = compute_for_dtype(dtype if dtype is not None else torch_dtype, check_compute(compute))
+        predictor = Predictor.load(model, check_device(device), beam_size=checked["beam_size"],
+                                   compute=compute, sample=checked["sample"],
+                                   temperature=checked["temperature"], runtime=runtime,
+                                   revision=check_optional_text("revision", revision))
+        return cls(predictor, batch_size=checked["batch_size"], num_workers=checked["num_workers"],
+                   max_pixels=max_pixels)
 
     @property
     def device(self) -> torch.device:
@@ -198,6 +227,10 @@ class Captioner(ModelHandling):
                 first), groups, diversity; transformers' num_beams, max_new_tokens and do_sample are accepted
                 for beam_size, max_len and sample. Sampling draws from torch's generator: torch.manual_seed(s)
                 first gives the same captions again.
+
+        Anything that is not an image (None, a number, a closed file, a meta or sparse tensor, NaN pixels) is
+        such an image that cannot be read: CaptionerError "images[3]: ..." (a path names itself), or with
+        errors="keep" its Caption's .error. Never another exception type for bad input.
         """
         captions = self.stream(images, attention=attention, errors=errors, **generation)
         return next(captions) if _single(images) else list(captions)
@@ -208,22 +241,21 @@ class Captioner(ModelHandling):
                errors: str = "raise", **generation: Unpack[GenerationOptions]) -> Iterator[Caption]:
         """Yield one Caption per image, in order, reading images only a few batches ahead of the model (so a
         generator of millions of paths or frames never sits in memory). Arguments as caption()."""
-        if errors not in ERROR_MODES:
-            raise CaptionerError(f"errors must be one of {', '.join(ERROR_MODES)}, got {errors!r}")
+        check_choice("errors", errors, ERROR_MODES)
+        attention = check_flag("attention", attention)
         settings = self.predictor.settings_for(generation)  # self.predictor.settings when none are given
         if _single(images):
             images = [cast(ImageInput, images)]
         # Enough items per chunk to keep every worker busy, few enough to hold in-memory inputs cheaply.
         chunk_size = self.batch_size * max(1, self.num_workers) * 2
         for start, items in zip(itertools.count(0, chunk_size), _chunks(cast(Iterable, images), chunk_size)):
-            names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"images[{start + j}]"
-                     for j, x in enumerate(items)]
+            names = [_name(x, start + j) for j, x in enumerate(items)]
             batches = self.predictor.image_batches(items, self.batch_size, min(self.num_workers, len(items)),
                                                    self.max_pixels, names)
             for _, captioned in self._one_at_a_time(self.predictor.caption_batches(batches, attention, settings)):
                 for c in captioned:
                     if c.error and errors == "raise":
-                        raise CaptionerError(c.error)
+                        raise ErrorText.raised(c.error)  # a file problem stays an OSError too
                     yield self._caption(c, names[c.index])
 
     def _caption(self, c: Captioned, source: str) -> Caption:

@@ -1,6 +1,9 @@
 """The errors a command turns into one line instead of a traceback, and which exit status each gives.
 
-    CaptionerError       the input is wrong (a file, a config value, a checkpoint, an argument): exit status 2
+    CaptionerError       the input is wrong (a file, a config value, a checkpoint, an argument): exit status 2;
+                         a ValueError, so that `except ValueError` around library calls catches it
+    CaptionerFileError   the input is a file that cannot be read (missing, a folder, closed, not permitted):
+                         a CaptionerError that is also an OSError (`except OSError` catches it too)
     EnvironmentFailure   the machine failed the command (a full disk, a read-only file system, a closed
                          output, an I/O error): exit status 1; rerunning once the machine is fixed resumes
 
@@ -12,13 +15,19 @@ from __future__ import annotations
 import errno
 
 
-class CaptionerError(Exception):
-    """A problem with the user's input (file, config, checkpoint) that deserves one clear line."""
+class CaptionerError(ValueError):
+    """A problem with the user's input (file, config, checkpoint, argument) that deserves one clear line."""
     exit_status = 2
 
     def with_context(self, prefix: str) -> "CaptionerError":
         """The same kind of error with prefix before its message (e.g. the config file it came from)."""
         return type(self)(f"{prefix}{self}")
+
+
+class CaptionerFileError(CaptionerError, OSError):
+    """A file given as input that cannot be read: missing, a folder or a FIFO, closed, not permitted. Exit status 2
+    as every CaptionerError (the exit path tests CaptionerError before OSError); errno stays None: the message
+    says what is wrong."""
 
 
 class EnvironmentFailure(CaptionerError):
@@ -39,3 +48,20 @@ def os_failure(what: str, error: OSError, then: str = "") -> CaptionerError:
     reason = error.strerror or str(error) or type(error).__name__
     kind = EnvironmentFailure if error.errno in ENVIRONMENT_ERRNOS else CaptionerError
     return kind(f"{what}: {reason}{then}")
+
+
+class ErrorText(str):
+    """An unreadable item's message as it travels (from a decoding worker process, in a Captioned record): a str
+    that remembers whether a file was the problem, so that the Python API raises it as the same type."""
+    file_problem = False
+
+    @classmethod
+    def of(cls, error: CaptionerError) -> "ErrorText":
+        text = cls(str(error))
+        text.file_problem = isinstance(error, OSError)
+        return text
+
+    @staticmethod
+    def raised(text: str) -> CaptionerError:
+        """The error to raise for a message: CaptionerFileError (an OSError too) for a file problem."""
+        return (CaptionerFileError if getattr(text, "file_problem", False) else CaptionerError)(str(text))

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 from captioner.cli.parser import build_parser
 from captioner.config.validate import check_fields
@@ -163,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     # Also on our own logger: basicConfig does nothing where logging is already set up (a notebook, pytest).
     logging.getLogger("captioner").setLevel(level)
+    # Pillow's warnings about one odd file (corrupt EXIF, a large image below our --max-pixels) are not news: the
+    # file is captioned or refused with one line. Set here, where the command owns the process (and its forked
+    # decoding workers inherit it); the library never changes warnings filters, which are process-wide.
+    warnings.filterwarnings("ignore", module=r"PIL\.")
     return with_exit_path(args.command, lambda: run_command(args))
 
 

@@ -11,14 +11,20 @@ Every Dataset here is a plain picklable object, so spawn-started DataLoader work
     image, (width, height) = read_any(pil_image_or_array_or_tensor, "images[3]", 224)  # the Python API's inputs
 
 Every input becomes a PIL image, then goes through one function (`_prepare`: pixel limit, EXIF orientation,
-alpha onto white, resize), so the same pixels give the same model input whichever way they come in. A
+data/pixels.py's one conversion rule to 8-bit RGB, alpha onto white, resize), so the same pixels give the same
+model input whichever way they come in. A
 file (a path, its bytes, an open binary file, or a PIL image opened lazily from a file, read again from it) is
 decoded at reduced scale when it is a JPEG at least four times the input size on both sides (JPEG draft mode:
 1/2, 1/4 or 1/8 scale, still at least twice the input size); pixels already decoded (a numpy array, a tensor, a
 loaded PIL image) can only be resized from full size, so for such large JPEGs they differ from the file's
-input by a few intensity levels. Arrays: HxW, HxWx3 or HxWx4 (channels last), uint8, HxW uint16 (as a 16-bit
-PNG) or float in [0, 1]; tensors: (3, H, W), (1, H, W), (4, H, W) or (H, W), uint8 or float in [0, 1]. Floats
-are rounded to 0-255 first, which recovers a uint8 image divided by 255 exactly.
+input by a few intensity levels. Which arrays, tensors and PIL modes are images, and how their values map to
+0-255 (uint8 as is, 16-bit / 257, floats in [0, 1] x 255; NaN, infinity and out-of-range values refused): see
+data/pixels.py.
+
+Every decoding setting travels with the call, never through a process-wide switch (two Captioners with
+different limits may decode in two threads at once): the pixel limit is checked on the header's size after
+Image.open and before any pixel is decoded; Pillow's own globals (Image.MAX_IMAGE_PIXELS,
+ImageFile.LOAD_TRUNCATED_IMAGES) and the warnings filters are read by Pillow, never set here.
 
 Any file is either decoded or refused with a CaptionerError naming it and saying what is wrong: empty,
 truncated, not an image (an HTML page saved as .jpg, ...), above the pixel limit (decompression bomb), a
@@ -32,16 +38,17 @@ import contextlib
 import errno
 import io
 import os
+import re
 import stat
-import warnings
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 
+from captioner.data.pixels import pil_to_rgb, pixels_of, rgb_image
 from captioner.data.records import ImageRecord
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, CaptionerFileError, ErrorText
 from captioner.text import Vocabulary
 
 MAX_PIXELS = 100_000_000  # larger images are refused as likely decompression bombs
@@ -75,7 +82,7 @@ def read_image_bytes(data: bytes, name: str, image_size: int, max_pixels: int = 
                      interpolation: str = "bicubic") -> tuple[torch.Tensor, tuple[int, int]]:
     """read_image for an upload's bytes (the server never opens a path a client names); errors start with name."""
     if not data:
-        raise CaptionerError(f"{name}: empty file (0 bytes)")
+        raise CaptionerFileError(f"{name}: empty file (0 bytes)")
     return _decode(io.BytesIO(data), name, image_size, max_pixels, interpolation)
 
 
@@ -90,16 +97,33 @@ def read_any(item, name: str, image_size: int, max_pixels: int = MAX_PIXELS,
     if isinstance(item, (bytes, bytearray, memoryview)):  # a file's bytes, as serve's uploads
         return read_image_bytes(bytes(item), name, image_size, max_pixels, interpolation)
     if hasattr(item, "read") and not isinstance(item, Image.Image):  # an open binary file, io.BytesIO
-        data = item.read()
-        if not isinstance(data, bytes):
-            raise CaptionerError(f"{name}: a file opened in text mode: open it with 'rb'")
-        return read_image_bytes(data, name, image_size, max_pixels, interpolation)
+        return read_image_bytes(_read_file_object(item, name), name, image_size, max_pixels, interpolation)
     if isinstance(item, Image.Image):
         filename = _lazy_file(item)
         if filename:  # not decoded yet: read from its file, as a path is (reduced-scale JPEG decoding included)
             return read_image(filename, image_size, max_pixels, interpolation)
         return _decode_loaded(item, name, image_size, max_pixels, interpolation)
-    return _decode_loaded(array_image(item, name), name, image_size, max_pixels, interpolation)
+    with _failures_named(name, None, max_pixels):  # numpy and torch raise many types on odd arrays: one line
+        pixels = pixels_of(item, name)
+        _check_pixel_count(name, pixels.shape[1], pixels.shape[0], max_pixels)  # before converting any value
+        return _prepare(rgb_image(pixels, name), name, image_size, max_pixels, interpolation, reduce=False)
+
+
+def _read_file_object(item, name: str) -> bytes:
+    """The bytes of an open binary file (from where it stands), or one line: closed, not readable, text mode."""
+    try:
+        data = item.read()
+    except ValueError as e:  # io raises ValueError on a closed file; io.UnsupportedOperation (write-only) is both
+        closed = getattr(item, "closed", False) is True or "closed" in str(e)
+        raise CaptionerFileError(f"{name}: {'the file is closed' if closed else 'not open for reading'}: give an "
+                                 f"open binary file (open(path, 'rb'))") from None
+    except OSError as e:
+        raise CaptionerFileError(f"{name}: cannot read the file ({e.strerror or e})") from None
+    if isinstance(data, str):
+        raise CaptionerError(f"{name}: a file opened in text mode: open it with 'rb'")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CaptionerError(f"{name}: its read() gave {type(data).__name__}, not bytes: give an open binary file")
+    return bytes(data)
 
 
 def _lazy_file(img: Image.Image) -> str:
@@ -107,44 +131,6 @@ def _lazy_file(img: Image.Image) -> str:
     filename = getattr(img, "filename", "") or ""
     undecoded = isinstance(img, ImageFile.ImageFile) and bool(img.tile) and not getattr(img, "decoderconfig", ())
     return filename if undecoded and isinstance(filename, str) and os.path.isfile(filename) else ""
-
-
-def array_image(item, name: str) -> Image.Image:
-    """A numpy array or a torch tensor -> the PIL image of its pixels; one line naming the item when it cannot be
-    an image (wrong shape, dtype or value range)."""
-    if isinstance(item, torch.Tensor):
-        t = item.detach().cpu()
-        t = t.float() if t.is_floating_point() else t  # numpy has no bfloat16
-        if t.dim() == 3 and t.shape[0] in (1, 3, 4):
-            t = t.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
-        elif t.dim() != 2:
-            raise CaptionerError(f"{name}: tensor of shape {tuple(item.shape)} is not an image: expected (3, H, W) "
-                                 f"(channels first), (1, H, W) or (H, W)")
-        array = t.numpy()
-    elif isinstance(item, np.ndarray):
-        array = item
-    else:
-        raise CaptionerError(f"{name}: {type(item).__name__} is not an image type: give a path, bytes, a PIL "
-                             f"image, a numpy array or a torch tensor")
-    shape = tuple(array.shape)
-    if array.ndim == 3 and shape[2] == 1:
-        array = array[:, :, 0]
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-        hint = "; for (3, H, W) use array.transpose(1, 2, 0)" if array.ndim == 3 and shape[0] in (1, 3, 4) else ""
-        raise CaptionerError(f"{name}: array of shape {shape} is not an image: expected HxW, HxWx3 or HxWx4 "
-                             f"(channels last){hint}")
-    if 0 in array.shape[:2]:
-        raise CaptionerError(f"{name}: array of shape {shape} holds no pixels")
-    if np.issubdtype(array.dtype, np.floating):
-        low, high = (float(array.min()), float(array.max())) if np.isfinite(array).all() else (np.nan, np.nan)
-        if not (0 <= low and high <= 1):
-            raise CaptionerError(f"{name}: float values must lie in [0, 1], got {low:g}..{high:g} (uint8 arrays "
-                                 f"hold 0-255)")
-        array = np.round(array.astype(np.float64) * 255).astype(np.uint8)
-    elif not (array.dtype == np.uint8 or (array.dtype == np.uint16 and array.ndim == 2)):
-        raise CaptionerError(f"{name}: {array.dtype} pixels: expected uint8 (0-255), float in [0, 1], or a 2-D "
-                             f"uint16 array")
-    return Image.fromarray(np.ascontiguousarray(array))
 
 
 def _decode(source, name: str, image_size: int, max_pixels: int,
@@ -163,17 +149,16 @@ def _decode_loaded(img: Image.Image, name: str, image_size: int, max_pixels: int
 
 @contextlib.contextmanager
 def _failures_named(name: str, source, max_pixels: int):
-    """Pillow's settings for one decode, and every failure in it as one CaptionerError starting with name."""
+    """Every failure of one decode as one CaptionerError starting with name."""
     try:
-        with _strict_pil(max_pixels):
-            yield
+        yield
     except CaptionerError:
         raise
-    except Image.DecompressionBombError:  # Pillow's own check, at twice ours, fired while opening
-        raise CaptionerError(f"{name}: image size is above the limit of {max_pixels} pixels "
-                             f"(a decompression bomb?)") from None
+    except Image.DecompressionBombError as e:  # Pillow's own check (twice Image.MAX_IMAGE_PIXELS), at open
+        raise CaptionerError(f"{name}: {_pillow_bomb(e, max_pixels)}") from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many types on bad data (OSError, SyntaxError, ...)
-        raise CaptionerError(f"{name}: {_describe_failure(source, e)}") from None
+        reason = _describe_failure(source, e)
+        raise (CaptionerFileError if reason == "permission denied" else CaptionerError)(f"{name}: {reason}") from None
 
 
 def _prepare(img: Image.Image, name: str, image_size: int, max_pixels: int, interpolation: str,
@@ -182,18 +167,36 @@ def _prepare(img: Image.Image, name: str, image_size: int, max_pixels: int, inte
     reduced-scale decoding), EXIF orientation, alpha onto white, resize with the encoder's filter -> ((3, S, S)
     uint8, the (width, height) as displayed)."""
     width, height = img.size
-    if width * height > max_pixels:
-        raise CaptionerError(f"{name}: {width}x{height} is above the limit of {max_pixels} pixels "
-                             f"(a decompression bomb?)")
+    _check_pixel_count(name, width, height, max_pixels)  # from the header: nothing is decoded yet
+    if 0 in img.size:
+        raise CaptionerError(f"{name}: a {width}x{height} image holds no pixels")
     if reduce:
         # JPEG only (a no-op elsewhere): decode at 1/2, 1/4 or 1/8 scale while that still leaves twice the
         # target size, so a 12-megapixel photo is not fully decoded to make a 224x224 input.
         img.draft("RGB", (2 * image_size, 2 * image_size))
     img.load()  # decode now, inside the caller's try: truncated or corrupt data fails here, never half-decoded
     img, swapped = _apply_exif_orientation(img)
-    img = _to_rgb(img).resize((image_size, image_size), PIL_FILTERS[interpolation])
+    img = pil_to_rgb(img, name).resize((image_size, image_size), PIL_FILTERS[interpolation])
     size = (height, width) if swapped else (width, height)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), size  # (S, S, 3) -> (3, S, S)
+
+
+def _pillow_bomb(error: Exception, max_pixels: int) -> str:
+    """Pillow refused the image at open: above our limit too (the usual case), or only above Pillow's own,
+    which stays the program's to set (captioner never changes it: it is process-wide)."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    if found is None or int(found[1]) > max_pixels:
+        return f"image size is above the limit of {max_pixels} pixels (a decompression bomb?)"
+    return (f"{found[1]} pixels is above Pillow's own limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)} (twice "
+            f"PIL.Image.MAX_IMAGE_PIXELS, which captioner never changes: raise it in your program to read such "
+            f"images)")
+
+
+def _check_pixel_count(name: str, width: int, height: int, max_pixels: int) -> None:
+    """The pixel limit, this call's own (never Pillow's global), checked before anything is decoded."""
+    if width * height > max_pixels:
+        raise CaptionerError(f"{name}: {width}x{height} is above the limit of {max_pixels} pixels "
+                             f"(a decompression bomb?)")
 
 
 def _check_is_regular_file(path: str) -> None:
@@ -202,36 +205,20 @@ def _check_is_regular_file(path: str) -> None:
         info = os.stat(path)  # follows symbolic links
     except FileNotFoundError:
         if os.path.islink(path):
-            raise CaptionerError(f"{path}: broken symbolic link to {os.readlink(path)}") from None
-        raise CaptionerError(f"{path}: no such file") from None
+            raise CaptionerFileError(f"{path}: broken symbolic link to {os.readlink(path)}") from None
+        raise CaptionerFileError(f"{path}: no such file") from None
     except OSError as e:  # a symbolic link loop, a folder on the way that cannot be entered, ...
-        raise CaptionerError(f"{path}: cannot access ({e.strerror or e})") from None
-    except ValueError:  # a NUL character: no file can have that name
-        raise CaptionerError(f"{path!r}: not a file name (it holds a NUL character)") from None
+        raise CaptionerFileError(f"{path}: cannot access ({e.strerror or e})") from None
+    except ValueError:  # a NUL character, or text this file system's encoding cannot hold: no file has that name
+        why = "it holds a NUL character" if "\x00" in path else "it cannot be encoded as a file name here"
+        raise CaptionerFileError(f"{path!r}: not a file name ({why})") from None
     if stat.S_ISDIR(info.st_mode):
-        raise CaptionerError(f"{path}: is a folder, not an image file")
+        raise CaptionerFileError(f"{path}: is a folder, not an image file")
     if not stat.S_ISREG(info.st_mode):
         kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
-        raise CaptionerError(f"{path}: is {kind}, not a regular file; not read")
+        raise CaptionerFileError(f"{path}: is {kind}, not a regular file; not read")
     if info.st_size == 0:
-        raise CaptionerError(f"{path}: empty file (0 bytes)")
-
-
-@contextlib.contextmanager
-def _strict_pil(max_pixels: int):
-    """Pillow's process-wide switches, set for one decode (DataLoader workers are processes, not threads).
-
-    Our max_pixels check replaces Pillow's bomb warning (Pillow still errors at twice its own limit before
-    anything is decoded); truncated data stays an error even where other code set LOAD_TRUNCATED_IMAGES.
-    """
-    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # odd metadata ("Corrupt EXIF data") warns; real failures raise
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+        raise CaptionerFileError(f"{path}: empty file (0 bytes)")
 
 
 def _describe_failure(source, e: Exception) -> str:
@@ -264,29 +251,6 @@ def _apply_exif_orientation(img: Image.Image) -> tuple[Image.Image, bool]:
         return ImageOps.exif_transpose(img), orientation in (5, 6, 7, 8)
     except Exception:  # noqa: BLE001 - corrupt EXIF: the pixels are fine, keep them as stored
         return img, False
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):  # 16-bit, 32-bit integer or float greyscale
-        img = Image.fromarray(_to_uint8(np.asarray(img), sixteen_bit=img.mode != "F"))
-    if img.mode == "P" or "transparency" in img.info:  # palette or a transparent colour key: make alpha explicit
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return img.convert("RGB")
-
-
-def _to_uint8(array: np.ndarray, sixteen_bit: bool) -> np.ndarray:
-    """16-bit data maps to 8 bits as viewers show it (/257); float or wider integer data is stretched to 0-255."""
-    array = array.astype(np.float64)
-    low, high = float(array.min()), float(array.max())
-    if sixteen_bit and low >= 0 and high <= 65535:
-        return np.round(array / 257).astype(np.uint8)
-    span = (high - low) or 1.0
-    return np.round((array - low) / span * 255).astype(np.uint8)
 
 
 def _plain_jpeg(path: str, max_pixels: int) -> tuple[int, int] | None:
@@ -337,10 +301,12 @@ class ImageFiles(Dataset):
             (image, size), message = read_any(path, self.name(i), self.image_size, self.max_pixels,
                                               self.interpolation), ""
         except CaptionerError as e:
-            image, size, message = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), (0, 0), str(e)
+            image, size, message = (torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), (0, 0),
+                                    ErrorText.of(e))
         except OSError as e:  # the file went away between the header check and the read
             image, size, message = (torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), (0, 0),
-                                    f"{self.name(i)}: cannot read ({e.strerror or e})")
+                                    ErrorText.of(CaptionerFileError(f"{self.name(i)}: cannot read "
+                                                                    f"({e.strerror or e})")))
         return image, i, message, torch.tensor(size)
 
 

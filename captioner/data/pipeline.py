@@ -26,7 +26,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 import weakref
 from typing import NamedTuple
 
@@ -136,9 +135,9 @@ def collate(items):
 
 
 def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
-        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+    # torchvision 0.29's DeprecationWarning (pointing to torchcodec) is hidden by Python's default filters; no
+    # catch_warnings here: it swaps the process-wide filter list, which loses filters when two threads decode.
+    return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
 
 
 def resize_batch(images: list[torch.Tensor], image_size: int, interpolation: str = "bicubic") -> torch.Tensor:

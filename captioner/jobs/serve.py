@@ -24,7 +24,6 @@ from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from captioner.config import check_checkpoint_overrides, require_min
 from captioner.engine.serve.batcher import DynamicBatcher
@@ -149,9 +148,6 @@ def build(opts: ServeJob):
     served = ServedModel(opts.checkpoint, opts.device, opts.beam_size, opts.runtime, opts.overrides)
     size = served.predictor.image_size
     served.predict([(torch.zeros(3, size, size, dtype=torch.uint8), (size, size))])  # warm-up before serving
-    # Decoding threads run data/images.py's per-decode Pillow settings; starting from the same values
-    # makes their save-and-restore harmless when two threads overlap.
-    Image.MAX_IMAGE_PIXELS = opts.limits.max_pixels
     batcher = DynamicBatcher(served.predict, opts.max_batch, opts.max_wait_ms / 1000, opts.queue)
     token = _token(opts)
     info = {**served.info, "token_required": token is not None}
