@@ -78,7 +78,7 @@ def test_issue_cases_are_one_line_naming_the_item(cap, item, message):
     ({"compute": "false"}, r"compute must be a ComputeConfig or a dict of compute keys"),
     ({"compute": {"bf16": "maybe"}}, r"compute: config key 'compute.bf16' must be one of auto, true, false"),
     ({"beam_size": 2.0}, r"argument beam_size expects int"),
-    ({"num_workers": -1}, r"argument num_workers must be between 0 and"),
+    ({"num_workers": -1}, r"argument num_workers must be >= 0, got -1"),
     ({"sample": "yes"}, r"argument sample expects bool"),
     ({"max_pixels": 0}, r"max_pixels must be >= 1"),
     ({"device": 5.0}, r"device must be 'auto', 'cpu'"),
