@@ -82,10 +82,17 @@ class DecoderStep(nn.Module):
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
     batch = {name: {0: "batch"} for name in inputs + outputs}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes are not news here
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), dynamo=False, input_names=inputs, output_names=outputs,
-                          dynamic_axes=batch, opset_version=OPSET, do_constant_folding=True)
+        # nn.MultiheadAttention (open_clip's towers) takes a fused fast path in eval mode that has no ONNX
+        # symbolic (aten::_native_multi_head_attention); its plain path computes the same attention.
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            torch.onnx.export(module, args, str(path), dynamo=False, input_names=inputs, output_names=outputs,
+                              dynamic_axes=batch, opset_version=OPSET, do_constant_folding=True)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def check_truncated(model, truncated: TruncatedEncoder, images: torch.Tensor) -> float:
