@@ -303,3 +303,39 @@ def test_int8_export_calibrated_on_a_folder(onnx_folder, tmp_path, capsys):
     assert int8.runtime == "onnxruntime int8"
     records = int8.caption_batch(next(iter(int8.image_batches([str(p) for p in PHOTOS[:4]], 4))).inputs)
     assert all(r.caption for r in records)
+
+
+# ---------------------------------------------------------------- every backbone family exports
+
+
+# Each 6-25 s on a shared CPU (int8 calibration included): slow; the fast subset's `small` fixture covers ResNet.
+FAMILIES = [  # (arch, hooked layer, smallest image size that gives a grid of at least 2x2)
+    pytest.param("resnet18", "layer4", 64, id="torchvision-resnet", marks=pytest.mark.slow),
+    pytest.param("timm/convnext_atto", "stages.2", 32, id="timm-convnext", marks=pytest.mark.slow),
+    pytest.param("timm/vit_tiny_patch16_224", "blocks.2", 32, id="timm-vit", marks=pytest.mark.slow),
+    pytest.param("open_clip/ViT-B-32", "transformer.resblocks.1", 64, id="open_clip-vit", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("arch, layer, size", FAMILIES)
+def test_every_backbone_family_exports_float32_and_int8(arch, layer, size, tmp_path):
+    """Each family the product trains (random weights) exports; ORT float32 greedy captions equal PyTorch's,
+    and its int8 graphs run and caption."""
+    if arch.startswith(("timm/", "open_clip/")):
+        pytest.importorskip(arch.split("/")[0])
+    torch.manual_seed(0)
+    model = CaptionModel(EncoderConfig(arch=arch, layer=layer, image_size=size), ModelConfig(32, 32, 48), 30).eval()
+    export_graphs(model, tmp_path / "fp32")
+    backend = _backend(tmp_path / "fp32", model)
+    images = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        raw = model.encode(images)
+    features = backend.encode(images)
+    assert features.shape == raw.shape and features.shape[2] * features.shape[3] >= 2
+    assert _relative(raw, features) < 1e-4
+    eight = SearchOptions(max_len=8)
+    assert torch.equal(greedy_decode(model, raw, eight).tokens, greedy_decode(backend, features, eight).tokens)
+    quantize_graphs(tmp_path / "fp32", tmp_path / "int8", torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8))
+    int8 = _backend(tmp_path / "int8", model, "int8")
+    out = greedy_decode(int8, int8.encode(images), eight)
+    assert (out.lengths >= 1).all() and torch.isfinite(out.scores).all()
