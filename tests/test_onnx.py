@@ -299,6 +299,11 @@ def test_int8_export_calibrated_on_a_folder(onnx_folder, tmp_path, capsys):
                 "int8", "--calibrate", str(PHOTOS[0].parent), "--calibration-images", "8"]) == 0
     manifest = json.loads((out / "onnx.json").read_text())
     assert manifest["precision"] == "int8" and manifest["quantization"]["calibration_images"] == 8
+    record = json.loads((out / "quantization.json").read_text())
+    assert record["calibration"] == {"count": 8, "source": f"--calibrate {PHOTOS[0].parent.name}",
+                                     "image_size": [manifest["encoder"]["image_size"]] * 2}
+    assert record["encoder"]["per_channel"] and len(record["encoder"]["excluded_nodes"]) == 2
+    assert json.loads((out / "config.json").read_text())["files"]["quantization"] == "quantization.json"
     int8 = Predictor.load(out, "cpu", runtime="onnxruntime")
     assert int8.runtime == "onnxruntime int8"
     records = int8.caption_batch(next(iter(int8.image_batches([str(p) for p in PHOTOS[:4]], 4))).inputs)
@@ -339,3 +344,26 @@ def test_every_backbone_family_exports_float32_and_int8(arch, layer, size, tmp_p
     int8 = _backend(tmp_path / "int8", model, "int8")
     out = greedy_decode(int8, int8.encode(images), eight)
     assert (out.lengths >= 1).all() and torch.isfinite(out.scores).all()
+
+
+def test_onnx_only_folder_runs_without_the_pytorch_weights(onnx_folder, tmp_path, capsys):
+    checkpoint, full = onnx_folder
+    out = tmp_path / "deploy"
+    assert cli(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--format", "onnx", "--onnx-only"]) == 0
+    assert "no PyTorch weights" in capsys.readouterr().out
+    assert not (out / "model.safetensors").exists() and (out / "encoder.onnx").is_file()
+    meta = json.loads((out / "config.json").read_text())
+    assert "weights" not in meta["files"]
+    # config.json, onnx.json and the card say how the graphs were made and that the image size is fixed
+    manifest = json.loads((out / "onnx.json").read_text())
+    assert meta["onnx"]["opset"] == manifest["opset"] == 17 and manifest["exporter"]["dynamo"] is False
+    assert manifest["axes"]["fixed"]["image_size"] == meta["preprocessing"]["image_size"]
+    card = (out / "README.md").read_text()
+    assert "opset 17" in card and "dynamo=False" in card and "fixed in the graph" in card
+    ort_full, ort_deploy = (Predictor.load(f, "cpu", runtime="onnxruntime") for f in (full, out))
+    images = torch.randint(0, 256, (3, 3, ort_full.image_size, ort_full.image_size), dtype=torch.uint8)
+    assert [c.caption for c in ort_full.caption_batch(images)] == [c.caption for c in ort_deploy.caption_batch(images)]
+    with pytest.raises(CaptionerError, match="ONNX graphs only.*--runtime onnxruntime"):
+        Predictor.load(out, "cpu")
+    with pytest.raises(CaptionerError, match="--onnx-only .* add --format onnx"):
+        ExportJob(str(checkpoint), str(tmp_path / "x"), onnx_only=True)

@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --quantize: images to calibrate on (default: the checkpoint's training split)")
     p.add_argument("--calibration-images", type=int, default=64, metavar="N",
                    help="with --quantize: how many images calibrate (default: 64)")
+    p.add_argument("--onnx-only", action="store_true",
+                   help="with --format onnx: leave model.safetensors out (a deployment folder that onnxruntime alone "
+                   "runs: examples/onnx_caption.py, or --runtime onnxruntime)")
     p.add_argument("--metrics", default=None, metavar="FILE",
                    help="a metrics_SPLIT.json written by `captioner evaluate`: its scores go into the model card")
     p.add_argument("--push", default=None, metavar="OWNER/NAME",

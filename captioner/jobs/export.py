@@ -5,6 +5,7 @@
     captioner export --checkpoint runs/coco/best.pt --out model/ --push alice/captioner-coco     # the [hub] extra
     captioner export --checkpoint best.pt --out model-onnx/ --format onnx                     # + ONNX graphs
     captioner export --checkpoint best.pt --out model-int8/ --format onnx --quantize int8 --calibrate photos/
+    captioner export --checkpoint best.pt --out deploy/ --format onnx --onnx-only            # no model.safetensors
     captioner caption --checkpoint model/ photos/          # caption, evaluate and serve take the folder as they take a .pt
 
 The folder (engine/infer/model_folder.py): model.safetensors (every weight the model computes with, backbone
@@ -15,7 +16,8 @@ also be a model folder (to re-export it in bf16, say) or a Hub repo id.
 
 --format onnx adds encoder.onnx, decoder_init.onnx, decoder_step.onnx and onnx.json (engine/infer/onnx_export.py)
 to the same folder, which `--runtime onnxruntime` runs (the PyTorch runtime still reads model.safetensors).
---quantize int8 makes those graphs int8, the encoder's activation ranges calibrated on --calibration-images
+--onnx-only leaves model.safetensors out: a deployment folder that onnxruntime alone runs (examples/onnx_caption.py,
+no captioner or torch needed; `--runtime onnxruntime` in captioner). --quantize int8 makes those graphs int8, the encoder's activation ranges calibrated on --calibration-images
 images (64) spread over --calibrate DIR, or over the training split of the checkpoint's own dataset.
 """
 from __future__ import annotations
@@ -56,6 +58,7 @@ class ExportJob:
     quantize: str | None = None  # int8: --format onnx graphs quantized (static QDQ encoder, dynamic decoder)
     calibrate: str | None = None  # images to calibrate int8 on (a folder or a list); None: the training split
     calibration_images: int = 64  # how many of them
+    onnx_only: bool = False  # --format onnx: leave model.safetensors out (a deployment folder for onnxruntime)
 
     def __post_init__(self):
         require_min(("--calibration-images", self.calibration_images, 1))
@@ -64,6 +67,8 @@ class ExportJob:
         if (self.quantize or self.calibrate) and self.format != "onnx":
             raise CaptionerError(f"--{'quantize' if self.quantize else 'calibrate'} applies to the ONNX graphs: add "
                                  f"--format onnx")
+        if self.onnx_only and self.format != "onnx":
+            raise CaptionerError("--onnx-only leaves the PyTorch weights out of an ONNX folder: add --format onnx")
         if self.calibrate and not self.quantize:
             raise CaptionerError("--calibrate applies to --quantize int8 (float32 graphs need no calibration)")
         if self.format == "onnx":
@@ -108,15 +113,16 @@ def _load(source: Path):
     return model.eval(), vocab, cfg, provenance
 
 
-def _calibration_paths(job: ExportJob, cfg) -> list[str]:
-    """job.calibration_images image files spread evenly over --calibrate, or over the dataset's train split."""
+def _calibration_paths(job: ExportJob, cfg) -> tuple[list[str], str]:
+    """job.calibration_images image files spread evenly over --calibrate, or over the dataset's train split, and
+    where they come from in words without this machine's paths (quantization.json)."""
     from captioner.data.inputs import find_images
     if job.calibrate:
         if not Path(job.calibrate).exists():
             raise CaptionerError(f"--calibrate {job.calibrate} not found: give a folder (or .txt list) of images like "
                                  f"those the model will caption")
         paths = find_images([job.calibrate], recursive=True)
-        where = job.calibrate
+        where, source = job.calibrate, f"--calibrate {Path(job.calibrate).name}"
     else:
         from captioner.data.datasets import by_split, load_records
         try:
@@ -126,11 +132,12 @@ def _calibration_paths(job: ExportJob, cfg) -> list[str]:
                                  f"here ({e}); give --calibrate DIR, a folder of images like those the model will "
                                  f"caption") from None
         where = f"the train split of {cfg.dataset.annotations or cfg.dataset.root}"
+        source = f"the train split of the model's {cfg.dataset.format} dataset"
     if not paths:
         raise CaptionerError(f"no images to calibrate int8 on in {where}: give --calibrate DIR")
     step = max(len(paths) // job.calibration_images, 1)
     log.info("calibrating int8 on %d images of %s", min(len(paths), job.calibration_images), where)
-    return paths[::step][: job.calibration_images]
+    return paths[::step][: job.calibration_images], source
 
 
 def _extra_writers(job: ExportJob, cfg, model) -> tuple:
@@ -138,10 +145,11 @@ def _extra_writers(job: ExportJob, cfg, model) -> tuple:
     if job.format != "onnx":
         return ()
     from captioner.engine.infer.onnx_export import calibration_images, write_onnx_files
-    images = None
+    images = source = None
     if job.quantize:
-        images = calibration_images(_calibration_paths(job, cfg), model.encoder.image_size, job.calibration_images)
-    return (lambda folder, model, dtype: write_onnx_files(folder, model, job.quantize or "float32", images),)
+        paths, source = _calibration_paths(job, cfg)
+        images = calibration_images(paths, model.encoder.image_size, job.calibration_images)
+    return (lambda folder, model, dtype: write_onnx_files(folder, model, job.quantize or "float32", images, source),)
 
 
 def _size(path: Path) -> int:
@@ -171,7 +179,7 @@ def main(job: ExportJob) -> dict:
     model, vocab, cfg, provenance = _load(source)
     write_model_folder(out, model, vocab, cfg, dtype=job.dtype, source=provenance, overwrite=job.overwrite,
                        card=lambda meta: model_card(meta, cfg, metrics, job.push),
-                       extra_files=_extra_writers(job, cfg, model))
+                       extra_files=_extra_writers(job, cfg, model), weights=not job.onnx_only)
     files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
     if job.push:
         log.info("pushing %s to the Hugging Face Hub as %s", out, job.push)
@@ -185,8 +193,9 @@ def summary_lines(result: dict) -> list[str]:
     """What `captioner export` prints above its JSON line."""
     mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
     graphs = f", {result['quantize'] or 'float32'} ONNX graphs" if result["format"] == "onnx" else ""
+    weights = "no PyTorch weights" if "model.safetensors" not in result["files"] else f"{result['dtype']} weights"
     lines = [f"exported {result['checkpoint']} ({mb(result['checkpoint_bytes'])}) -> {result['out']}/ "
-             f"({mb(result['bytes'])}, {result['dtype']} weights{graphs})"]
+             f"({mb(result['bytes'])}, {weights}{graphs})"]
     lines += [f"  {name:<20} {mb(size):>10}" for name, size in result["files"].items()]
     if result["pushed"]:
         lines.append(f"  pushed to {result['pushed']}")

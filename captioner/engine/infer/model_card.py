@@ -94,8 +94,12 @@ def model_card(meta: dict, cfg: Config, metrics: dict | None = None, repo_id: st
         f"- Encoder: torchvision `{arch['encoder']}`, hooked at `{arch['layer']}`, {frozen}; weights: {weights}.",
         f"- Decoder: embedding {m.embed_dim}, attention {m.attention_dim} ({m.attention}), LSTM {m.decoder_dim}, "
         f"features `{m.features}`, initial state `{m.init_state}`, context gate {'on' if m.gate else 'off'}.",
-        f"- {arch['parameters']:,} parameters; weights stored as {meta['dtype']} in `{meta['files']['weights']}`; "
-        f"vocabulary of {meta['vocab_size']} tokens in `{meta['files']['vocab']}`.",
+        (f"- {arch['parameters']:,} parameters; weights stored as {meta['dtype']} in `{meta['files']['weights']}`; "
+         if "weights" in meta["files"] else f"- {arch['parameters']:,} parameters, in the ONNX graphs only; ")
+        + f"vocabulary of {meta['vocab_size']} tokens in `{meta['files']['vocab']}`.",
+        *([f"- ONNX graphs ({meta['onnx']['precision']}): opset {meta['onnx']['opset']}, exported by "
+           f"{meta['onnx']['exporter']}; batch axis dynamic, {meta['onnx']['axes']['fixed']['note']}."]
+          if isinstance(meta.get("onnx"), dict) else []),
         f"- Input: RGB resized to {pre['image_size']}x{pre['image_size']} (bicubic), EXIF orientation applied, "
         f"transparency composited onto white, ImageNet mean/std; captioner does this itself.", "",
         "## Training data", "",

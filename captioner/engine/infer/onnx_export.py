@@ -43,6 +43,10 @@ ONNX_EXTRA = 'pip install "captioner[onnx]"'
 # another version is refused in one line (export it again).
 ONNX_FORMAT_VERSION = 1
 MANIFEST = "onnx.json"
+QUANTIZATION_FILE = "quantization.json"  # int8 folders: the quantization settings used, machine-readable
+# How the graphs were made and which axes vary, as onnx.json and config.json state them.
+EXPORTER = {"name": "torch.onnx.export", "dynamo": False, "torch_version": torch.__version__,
+            "note": "the TorchScript-based exporter; its deprecation and tracer warnings are silenced"}
 PRECISIONS = ("float32", "int8")
 
 
@@ -175,10 +179,12 @@ class _Calibration:
 
 
 
-def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.Tensor) -> list[str]:
+def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.Tensor,
+                    calibration_source: str | None = None) -> list[str]:
     """source's float32 graphs -> target's int8 graphs: static QDQ for the encoder's convolutions, calibrated
-    on calibration ((N, 3, S, S) uint8 images of the training data), dynamic int8 for the decoder's matrix
-    products. Returns the file names."""
+    on calibration ((N, 3, S, S) uint8 images of the training data, from calibration_source), dynamic int8 for
+    the decoder's matrix products, and target/quantization.json recording the settings used. Returns the graphs'
+    file names."""
     onnx, _ = require_onnx("int8 quantization")
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
@@ -194,13 +200,14 @@ def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.T
         # Shape inference and graph folding (BatchNorm into Conv) first: onnxruntime's recommended preparation.
         quant_pre_process(str(source / "encoder.onnx"), str(prepared), skip_symbolic_shape=True)
         convs = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Conv"]
+        excluded = [convs[0], convs[-1]] if len(convs) > 2 else []
         # The first and last convolutions stay float32: the most sensitive to rounding (the image itself, the
         # features the decoder reads), under 2% of ResNet-152's operations; on the demo model this halves the
         # int8 features' error (tests/test_onnx.py, README "Export and deploy").
         quantize_static(str(prepared), str(target / "encoder.onnx"), _Calibration(calibration),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=[convs[0], convs[-1]] if len(convs) > 2 else [],
+                        nodes_to_exclude=excluded,
                         # 7-bit weights: x86 CPUs without VNNI (AVX2, AVX-512F) multiply uint8 by int8 in pairs
                         # summed into int16 (VPMADDUBSW), which saturates with full 8-bit weights: MobileNetV2's
                         # int8 features then correlate 0.6 with float32's, and real-photo CIDEr-D drops 15%.
@@ -212,13 +219,39 @@ def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.T
             quantize_dynamic(str(source / f"{name}.onnx"), str(target / f"{name}.onnx"),
                              op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
                              per_channel=True, reduce_range=True)
+    write_json(target / QUANTIZATION_FILE, _quantization_record(calibration, excluded, calibration_source),
+               "quantization record", indent=1)
     return [f"{name}.onnx" for name in GRAPHS]
 
 
+def axes(image_size: int) -> dict:
+    """The graphs' fixed and dynamic axes, in words and numbers (onnx.json, config.json, the model card)."""
+    return {"dynamic": {"batch": "axis 0 of every input and output (B images, or B * beam rows in the step)"},
+            "fixed": {"image_size": image_size, "note": f"the image size is fixed in the graph: encoder.onnx takes "
+                      f"{image_size}x{image_size} images only (resize before), so the grid and N are fixed too"}}
+
+
+def _quantization_record(calibration: torch.Tensor, excluded: list[str], source: str | None) -> dict:
+    """quantization.json: the settings quantize_graphs used, as data."""
+    return {
+        "encoder": {"method": "static", "format": "QDQ", "op_types": ["Conv"], "per_channel": True,
+                    "weight_type": "int8", "activation_type": "uint8", "reduce_range": True,
+                    "calibration_method": "MinMax", "excluded_nodes": excluded,
+                    "excluded_why": "the first and the last convolutions stay float32 (the most sensitive)"},
+        "decoder": {"method": "dynamic", "op_types": ["MatMul", "Gemm"], "per_channel": True,
+                    "weight_type": "int8", "reduce_range": True, "graphs": ["decoder_init", "decoder_step"]},
+        "calibration": {"count": len(calibration), "source": source,
+                        "image_size": list(calibration.shape[2:])},
+        "feature_error": None,  # not measured by the export (tests and scripts/bench_onnx_accuracy.py measure it)
+    }
+
+
 def write_onnx_files(folder: str | Path, model, precision: str = "float32",
-                     calibration: torch.Tensor | None = None) -> dict[str, str]:
-    """The three graphs (float32, or int8 calibrated on calibration's (N, 3, S, S) uint8 images) and onnx.json
-    into folder; returns {role: file name} for the model folder's config.json."""
+                     calibration: torch.Tensor | None = None, calibration_source: str | None = None
+                     ) -> tuple[dict[str, str], dict]:
+    """The three graphs (float32, or int8 calibrated on calibration's (N, 3, S, S) uint8 images, with
+    quantization.json) and onnx.json into folder; returns ({role: file name}, {"onnx": how they were made}) for
+    the model folder's config.json (model_folder.ExtraWriter)."""
     if precision not in PRECISIONS:
         raise CaptionerError(f"--quantize must be one of {', '.join(p for p in PRECISIONS if p != 'float32')}, "
                              f"got {precision!r}")
@@ -230,10 +263,11 @@ def write_onnx_files(folder: str | Path, model, precision: str = "float32",
     else:
         with tempfile.TemporaryDirectory(prefix="captioner-onnx-") as tmp:
             export_graphs(model, tmp)
-            quantize_graphs(tmp, folder, calibration)
+            quantize_graphs(tmp, folder, calibration, calibration_source)
     enc = model.encoder
     manifest = {
-        "format_version": ONNX_FORMAT_VERSION, "opset": OPSET, "precision": precision,
+        "format_version": ONNX_FORMAT_VERSION, "opset": OPSET, "exporter": EXPORTER, "precision": precision,
+        "axes": axes(enc.image_size),
         "graphs": {name: f"{name}.onnx" for name in GRAPHS},
         "encoder": {"arch": enc.arch, "layer": enc.layer, "image_size": enc.image_size,
                     "in_channels": enc.in_channels, "channels": enc.channels, "grid": list(enc.grid),
@@ -254,4 +288,9 @@ def write_onnx_files(folder: str | Path, model, precision: str = "float32",
             "calibration_images": len(calibration)},
     }
     write_json(folder / MANIFEST, manifest, "ONNX manifest", indent=1)
-    return {"onnx": MANIFEST, **{f"onnx_{name}": f"{name}.onnx" for name in GRAPHS}}
+    files = {"onnx": MANIFEST, **{f"onnx_{name}": f"{name}.onnx" for name in GRAPHS}}
+    if precision == "int8":
+        files["quantization"] = QUANTIZATION_FILE
+    described = {"opset": OPSET, "exporter": f"{EXPORTER['name']} (dynamo=False, torch {torch.__version__})",
+                 "precision": precision, "axes": manifest["axes"]}
+    return files, {"onnx": described}
