@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,11 +347,18 @@ def test_every_backbone_family_exports_float32_and_int8(arch, layer, size, tmp_p
     assert (out.lengths >= 1).all() and torch.isfinite(out.scores).all()
 
 
-def test_onnx_only_folder_runs_without_the_pytorch_weights(onnx_folder, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def deploy_folder(onnx_folder, tmp_path_factory):
+    """onnx_folder's checkpoint exported with --onnx-only (no model.safetensors)."""
+    out = tmp_path_factory.mktemp("deploy") / "model"
+    assert cli(["export", "--checkpoint", str(onnx_folder[0]), "--out", str(out), "--format", "onnx",
+                "--onnx-only"]) == 0
+    return out
+
+
+def test_onnx_only_folder_runs_without_the_pytorch_weights(onnx_folder, deploy_folder, tmp_path):
     checkpoint, full = onnx_folder
-    out = tmp_path / "deploy"
-    assert cli(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--format", "onnx", "--onnx-only"]) == 0
-    assert "no PyTorch weights" in capsys.readouterr().out
+    out = deploy_folder
     assert not (out / "model.safetensors").exists() and (out / "encoder.onnx").is_file()
     meta = json.loads((out / "config.json").read_text())
     assert "weights" not in meta["files"]
@@ -367,3 +375,56 @@ def test_onnx_only_folder_runs_without_the_pytorch_weights(onnx_folder, tmp_path
         Predictor.load(out, "cpu")
     with pytest.raises(CaptionerError, match="--onnx-only .* add --format onnx"):
         ExportJob(str(checkpoint), str(tmp_path / "x"), onnx_only=True)
+
+
+# ---------------------------------------------------------------- examples/onnx_caption.py: numpy + onnxruntime only
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "onnx_caption.py"
+# Run in a fresh interpreter where importing torch or captioner fails, as on a machine without them.
+BLOCKED = ("import sys, runpy\n"
+           "class Block:\n"
+           "    def find_spec(self, name, path=None, target=None):\n"
+           "        if name.split('.')[0] in ('torch', 'captioner'):\n"
+           "            raise ImportError(f'{name} is blocked')\n"
+           "sys.meta_path.insert(0, Block())\n")
+RUN_EXAMPLE = "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+
+
+def _demo_images(folder: Path) -> list[str]:
+    """A few demo-like images: real photos when coco-mini is here, noise PNGs of two sizes always."""
+    noise = sorted(str(p) for p in noise_pngs(folder, 3, 80).glob("*.png"))
+    return [str(p) for p in PHOTOS[:3]] + noise
+
+
+def _captioner_captions(folder, images, tmp_path, *options) -> list[str]:
+    out = tmp_path / f"c{len(list(tmp_path.glob('c*.jsonl')))}.jsonl"
+    assert cli(["caption", "--checkpoint", str(folder), *images, "--out", str(out), "--workers", "0", "--device",
+                "cpu", "--runtime", "onnxruntime", *options]) == 0
+    return [r["caption"] for r in read_records(out)]
+
+
+def test_example_equals_captioner_in_process(deploy_folder, tmp_path):
+    import runpy
+    example = runpy.run_path(str(EXAMPLE))
+    images = _demo_images(tmp_path / "images")
+    model = example["Model"](str(deploy_folder), ["CPUExecutionProvider"])
+    greedy = example["caption"](model, images, 1, 12, 0.0, False)
+    assert greedy == _captioner_captions(deploy_folder, images, tmp_path, "--beam", "1")
+    beam = example["caption"](model, images, 3, 12, 0.5, False)
+    assert beam == _captioner_captions(deploy_folder, images, tmp_path, "--beam", "3", "--length-penalty", "0.5")
+    assert beam != greedy or len(set(beam)) > 1  # varied captions: the comparison says something
+
+
+@pytest.mark.slow  # spawns an interpreter
+def test_example_runs_with_torch_and_captioner_unimportable(deploy_folder, tmp_path):
+    import subprocess
+    images = _demo_images(tmp_path / "images")
+    blocked = subprocess.run([sys.executable, "-c", BLOCKED + "import torch"], capture_output=True, text=True)
+    assert blocked.returncode != 0 and "torch is blocked" in blocked.stderr
+    for options in (["--beam-size", "1"], ["--beam-size", "3", "--length-penalty", "0.5"]):
+        run = subprocess.run([sys.executable, "-c", BLOCKED + RUN_EXAMPLE, str(EXAMPLE), str(deploy_folder), *images, "--json",
+                              *options], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        got = [json.loads(line)["caption"] for line in run.stdout.splitlines()]
+        beam = ["--beam", options[1]] + (["--length-penalty", "0.5"] if len(options) > 2 else [])
+        assert got == _captioner_captions(deploy_folder, images, tmp_path, *beam)
