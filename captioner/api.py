@@ -107,7 +107,8 @@ class Captioner:
                         beam_size: int | None = None, batch_size: int | None = None, num_workers: int = 0,
                         max_pixels: int = MAX_PIXELS, sample: bool = False, temperature: float | None = None,
                         compute: ComputeConfig | None = None, runtime: str = "torch",
-                        revision: str | None = None) -> "Captioner":
+                        revision: str | None = None, providers: list[str] | None = None,
+                        session_options: dict | None = None) -> "Captioner":
         """Load a model the way every captioner command does (engine/infer/predictor.py Predictor.load).
 
         Args:
@@ -123,13 +124,18 @@ class Captioner:
             compute: this machine's precision and memory-format switches (default: auto).
             runtime: what runs the model: "torch" (PyTorch) or "onnxruntime" (a folder of `captioner export
                 --format onnx`, the [onnx] extra).
+            providers: with runtime="onnxruntime", its execution providers in order, e.g.
+                ["CUDAExecutionProvider", "CPUExecutionProvider"] (default: from device).
+            session_options: with runtime="onnxruntime", {"intra_op_threads": 1, "graph_optimization": "all"}
+                (graph_optimization: disable, basic, extended or all).
         """
         if beam_size is not None and (not isinstance(beam_size, int) or beam_size < 1):
             raise CaptionerError(f"beam_size must be an integer >= 1, got {beam_size!r}")
         if temperature is not None and not temperature > 0:
             raise CaptionerError(f"temperature must be > 0, got {temperature!r}")
         predictor = Predictor.load(model, device, beam_size=beam_size, compute=compute, sample=sample,
-                                   temperature=temperature, runtime=runtime, revision=revision)
+                                   temperature=temperature, runtime=runtime, revision=revision,
+                                   providers=providers, session_options=session_options)
         return cls(predictor, batch_size=batch_size, num_workers=num_workers, max_pixels=max_pixels)
 
     @property

@@ -428,3 +428,42 @@ def test_example_runs_with_torch_and_captioner_unimportable(deploy_folder, tmp_p
         got = [json.loads(line)["caption"] for line in run.stdout.splitlines()]
         beam = ["--beam", options[1]] + (["--length-penalty", "0.5"] if len(options) > 2 else [])
         assert got == _captioner_captions(deploy_folder, images, tmp_path, *beam)
+
+
+# ---------------------------------------------------------------- providers and session options
+
+
+def test_providers_and_session_options_on_caption_evaluate_serve_and_the_api(deploy_folder, tmp_path, capsys):
+    from captioner import Captioner
+    from captioner.cli import build_job, build_parser
+    images = sorted(str(p) for p in noise_pngs(tmp_path / "images", 2, 48).glob("*.png"))
+    default = _captioner_captions(deploy_folder, images, tmp_path)
+    tuned = _captioner_captions(deploy_folder, images, tmp_path, "--providers", "CPUExecutionProvider",
+                                "--ort-threads", "1", "--ort-optimization", "basic")
+    assert tuned == default
+    cap = Captioner.from_pretrained(deploy_folder, device="cpu", runtime="onnxruntime",
+                                    providers=["CPUExecutionProvider"],
+                                    session_options={"intra_op_threads": 1, "graph_optimization": "disable"})
+    assert cap.predictor.backend.providers == ["CPUExecutionProvider"]
+    assert [c.text for c in cap.caption(images)] == default
+    for command in ("evaluate", "serve"):
+        args = ["--checkpoint", str(deploy_folder), "--runtime", "onnxruntime", "--providers",
+                "CPUExecutionProvider", "--ort-threads", "2", "--ort-optimization", "extended"]
+        _, job = build_job(build_parser().parse_args([command, *args]))
+        assert (job.providers, job.ort_threads, job.ort_optimization) == (["CPUExecutionProvider"], 2, "extended")
+    from captioner.jobs.serve import ServedModel
+    served = ServedModel(str(deploy_folder), "cpu", runtime="onnxruntime", providers=["CPUExecutionProvider"],
+                         session_options={"intra_op_threads": 1})
+    assert served.predictor.backend.providers == ["CPUExecutionProvider"]
+    # refusals: one line each, the available providers listed
+    assert cli(["caption", "--checkpoint", str(deploy_folder), *images, "--runtime", "onnxruntime", "--device", "cpu",
+                "--providers", "NoSuchExecutionProvider", "--out", str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'NoSuchExecutionProvider' is not available here" in err and "CPUExecutionProvider" in err
+    assert len(err.splitlines()) == 1
+    with pytest.raises(CaptionerError, match="session option 'threads' is not supported; valid: intra_op_threads"):
+        Predictor.load(deploy_folder, "cpu", runtime="onnxruntime", session_options={"threads": 1})
+    with pytest.raises(CaptionerError, match="must be an integer >= 1"):
+        Predictor.load(deploy_folder, "cpu", runtime="onnxruntime", session_options={"intra_op_threads": 0})
+    with pytest.raises(CaptionerError, match="apply to --runtime onnxruntime"):
+        Predictor.load(deploy_folder, "cpu", providers=["CPUExecutionProvider"])  # before any weights are read

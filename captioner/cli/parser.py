@@ -20,6 +20,21 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    "written by `captioner export --format onnx` (the [onnx] extra)")
 
 
+def _providers(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _add_ort_options(p: argparse.ArgumentParser) -> None:
+    """How ONNX Runtime runs the graphs (with --runtime onnxruntime)."""
+    p.add_argument("--providers", type=_providers, default=None, metavar="P1,P2",
+                   help="with --runtime onnxruntime: execution providers, best first, comma-separated (e.g. "
+                   "CUDAExecutionProvider,CPUExecutionProvider; default: from --device)")
+    p.add_argument("--ort-threads", type=int, default=None, metavar="N",
+                   help="with --runtime onnxruntime: intra-op threads (default: torch's thread count)")
+    p.add_argument("--ort-optimization", choices=["disable", "basic", "extended", "all"], default=None,
+                   help="with --runtime onnxruntime: graph optimization level (default: all)")
+
+
 def _add_generation(p: argparse.ArgumentParser, n_best: bool = True) -> None:
     """How captions are chosen: the decode.* keys as options (each also decode.KEY=VALUE), named as the Python
     API's keywords (Captioner.caption(beam_size=..., top_p=...)); default: the checkpoint's."""
@@ -99,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for results and metrics (default: the checkpoint's)")
     _add_device(p)
     _add_runtime(p)
+    _add_ort_options(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
     p = command("caption", "caption image files or folders (batched, resumable, optional HTML attention gallery)",
@@ -137,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse larger images as likely decompression bombs (default: 100000000)")
     _add_device(p)
     _add_runtime(p)
+    _add_ort_options(p)
 
     p = command("serve", "serve a checkpoint over HTTP: JSON API and a web page, batched across requests",
                 "example: captioner serve --checkpoint demo/run/best.pt     (then open http://127.0.0.1:8000)\n"
@@ -164,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads (default: 2)")
     _add_device(p)
     _add_runtime(p)
+    _add_ort_options(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + " (compute.bf16=false)")
 
     p = command("export", "write a checkpoint as a model folder (safetensors, config.json, model card) to share",
