@@ -20,6 +20,7 @@ with activation ranges calibrated on real images (per-channel weights).
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import warnings
@@ -242,8 +243,27 @@ def _quantization_record(calibration: torch.Tensor, excluded: list[str], source:
                     "weight_type": "int8", "reduce_range": True, "graphs": ["decoder_init", "decoder_step"]},
         "calibration": {"count": len(calibration), "source": source,
                         "image_size": list(calibration.shape[2:])},
-        "feature_error": None,  # not measured by the export (tests and scripts/bench_onnx_accuracy.py measure it)
+        "feature_error": None,  # filled by write_onnx_files (measure_feature_error)
     }
+
+
+FEATURE_ERROR_IMAGES = 16  # calibration images the export compares int8 features with float32's on
+
+
+def measure_feature_error(float_encoder: Path, int8_encoder: Path, images: torch.Tensor) -> dict:
+    """int8 against float32 encoder.onnx on images ((N, 3, S, S) uint8): the largest error relative to the
+    largest float32 value, and the correlation of the two feature sets (1.0: the same up to scale)."""
+    _, ort = require_onnx("int8 quantization")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    feed = {"images": images.contiguous().numpy()}
+    ref, q = (torch.from_numpy(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                               .run(None, feed)[0]).double().flatten() for path in (float_encoder, int8_encoder))
+    error = float((ref - q).abs().max() / ref.abs().max().clamp_min(1e-12))
+    correlation = float(torch.corrcoef(torch.stack([ref, q]))[0, 1]) if ref.std() > 0 and q.std() > 0 else None
+    return {"images": len(images), "measured_on": "the first calibration images (seen while calibrating)",
+            "max_error_over_max_value": round(error, 6),
+            "correlation": None if correlation is None else round(correlation, 6)}
 
 
 def write_onnx_files(folder: str | Path, model, precision: str = "float32",
@@ -264,6 +284,11 @@ def write_onnx_files(folder: str | Path, model, precision: str = "float32",
         with tempfile.TemporaryDirectory(prefix="captioner-onnx-") as tmp:
             export_graphs(model, tmp)
             quantize_graphs(tmp, folder, calibration, calibration_source)
+            record_path = folder / QUANTIZATION_FILE
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            record["feature_error"] = measure_feature_error(Path(tmp) / "encoder.onnx", folder / "encoder.onnx",
+                                                            calibration[:FEATURE_ERROR_IMAGES])
+            write_json(record_path, record, "quantization record", indent=1)
     enc = model.encoder
     manifest = {
         "format_version": ONNX_FORMAT_VERSION, "opset": OPSET, "exporter": EXPORTER, "precision": precision,
@@ -285,7 +310,7 @@ def write_onnx_files(folder: str | Path, model, precision: str = "float32",
                        f"weights (reduce_range), uint8 activations (MinMax ranges from {len(calibration)} "
                        f"calibration images)",
             "decoder": "dynamic int8 of MatMul/Gemm (per-channel 7-bit weights, activations quantized per call)",
-            "calibration_images": len(calibration)},
+            "calibration_images": len(calibration), "record": QUANTIZATION_FILE},
     }
     write_json(folder / MANIFEST, manifest, "ONNX manifest", indent=1)
     files = {"onnx": MANIFEST, **{f"onnx_{name}": f"{name}.onnx" for name in GRAPHS}}
