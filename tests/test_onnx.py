@@ -370,6 +370,7 @@ def test_onnx_only_folder_runs_without_the_pytorch_weights(onnx_folder, deploy_f
     assert manifest["axes"]["fixed"]["image_size"] == meta["preprocessing"]["image_size"]
     card = (out / "README.md").read_text()
     assert "opset 17" in card and "dynamo=False" in card and "fixed in the graph" in card
+    assert 'runtime="onnxruntime"' in card and "--runtime onnxruntime" in card and "model.safetensors" not in card
     ort_full, ort_deploy = (Predictor.load(f, "cpu", runtime="onnxruntime") for f in (full, out))
     images = torch.randint(0, 256, (3, 3, ort_full.image_size, ort_full.image_size), dtype=torch.uint8)
     assert [c.caption for c in ort_full.caption_batch(images)] == [c.caption for c in ort_deploy.caption_batch(images)]
@@ -424,8 +425,8 @@ def test_example_runs_with_torch_and_captioner_unimportable(deploy_folder, tmp_p
     blocked = subprocess.run([sys.executable, "-c", BLOCKED + "import torch"], capture_output=True, text=True)
     assert blocked.returncode != 0 and "torch is blocked" in blocked.stderr
     for options in (["--beam-size", "1"], ["--beam-size", "3", "--length-penalty", "0.5"]):
-        run = subprocess.run([sys.executable, "-c", BLOCKED + RUN_EXAMPLE, str(EXAMPLE), str(deploy_folder), *images, "--json",
-                              *options], capture_output=True, text=True, timeout=120)
+        run = subprocess.run([sys.executable, "-c", BLOCKED + RUN_EXAMPLE, str(EXAMPLE), str(deploy_folder), *images,
+                              "--json", *options], capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         got = [json.loads(line)["caption"] for line in run.stdout.splitlines()]
         beam = ["--beam", options[1]] + (["--length-penalty", "0.5"] if len(options) > 2 else [])

@@ -78,7 +78,8 @@ class CaptionJob:
 
     def __post_init__(self):
         require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),
-                    ("--workers", self.num_workers, 0), ("--max-pixels", self.max_pixels, 1), ("--ort-threads", self.ort_threads, 1))
+                    ("--workers", self.num_workers, 0), ("--max-pixels", self.max_pixels, 1),
+                    ("--ort-threads", self.ort_threads, 1))
         check_checkpoint_overrides(list(self.overrides))  # decode.* and compute.*, never the model's shape
         low, high = TEMPERATURES
         if self.temperature is not None and not low <= self.temperature <= high:  # NaN fails too

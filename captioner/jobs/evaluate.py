@@ -57,7 +57,8 @@ class EvaluateJob:
     top_p: float | None = None
 
     def __post_init__(self):
-        require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1), ("--ort-threads", self.ort_threads, 1))
+        require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),
+                    ("--ort-threads", self.ort_threads, 1))
         check_checkpoint_overrides(list(self.overrides))
 
 

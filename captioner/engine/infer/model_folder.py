@@ -121,7 +121,8 @@ def read_folder_config(folder: str | Path) -> dict:
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise CaptionerError(f"{path}: 'files' must map roles to file names, got {files!r}")
     # A deployment folder (`export --format onnx --onnx-only`) holds the ONNX graphs instead of the weights.
-    for role in ("weights", "vocab") if "weights" in files or "onnx" not in files else ("vocab",):
+    required = ("vocab",) if "onnx" in files and "weights" not in files else ("weights", "vocab")
+    for role in required:
         if role not in files:
             raise CaptionerError(f"{path}: 'files' names no {role} file")
         if Path(files[role]).name != files[role]:  # a name inside the folder, never a path elsewhere
