@@ -139,7 +139,8 @@ class Captioner(ModelHandling):
                         max_pixels: int = MAX_PIXELS, sample: bool = False, temperature: float | None = None,
                         compute: ComputeConfig | None = None, runtime: str = "torch",
                         revision: str | None = None, dtype: str | torch.dtype | None = None,
-                        torch_dtype: str | torch.dtype | None = None) -> "Captioner":
+                        torch_dtype: str | torch.dtype | None = None, providers: list[str] | None = None,
+                        session_options: dict | None = None) -> "Captioner":
         """Load a model the way every captioner command does (engine/infer/predictor.py Predictor.load).
 
         Args:
@@ -158,6 +159,10 @@ class Captioner(ModelHandling):
                 --format onnx`, the [onnx] extra).
             dtype (or torch_dtype, transformers' name): torch.bfloat16 / "bf16" runs in bf16 autocast,
                 torch.float32 / "float32" in float32; None: compute's choice (auto: bf16 on CUDA and bf16 CPUs).
+            providers: with runtime="onnxruntime", its execution providers in order, e.g.
+                ["CUDAExecutionProvider", "CPUExecutionProvider"] (default: from device).
+            session_options: with runtime="onnxruntime", {"intra_op_threads": 1, "graph_optimization": "all"}
+                (graph_optimization: disable, basic, extended or all).
 
         Every argument follows the rules of the config key it stands for (beam_size: decode.beam_size, ...);
         a bad one, a missing or broken model: CaptionerError (a ValueError) naming it.
@@ -175,7 +180,8 @@ class Captioner(ModelHandling):
         predictor = Predictor.load(model, check_device(device), beam_size=checked["beam_size"],
                                    compute=compute, sample=checked["sample"],
                                    temperature=checked["temperature"], runtime=runtime,
-                                   revision=check_optional_text("revision", revision))
+                                   revision=check_optional_text("revision", revision),
+                                   providers=providers, session_options=session_options)
         return cls(predictor, batch_size=checked["batch_size"], num_workers=checked["num_workers"],
                    max_pixels=max_pixels)
 

@@ -299,6 +299,13 @@ def test_int8_export_calibrated_on_a_folder(onnx_folder, tmp_path, capsys):
                 "int8", "--calibrate", str(PHOTOS[0].parent), "--calibration-images", "8"]) == 0
     manifest = json.loads((out / "onnx.json").read_text())
     assert manifest["precision"] == "int8" and manifest["quantization"]["calibration_images"] == 8
+    record = json.loads((out / "quantization.json").read_text())
+    assert record["calibration"] == {"count": 8, "source": f"--calibrate {PHOTOS[0].parent.name}",
+                                     "image_size": [manifest["encoder"]["image_size"]] * 2}
+    assert record["encoder"]["per_channel"] and len(record["encoder"]["excluded_nodes"]) == 2
+    error = record["feature_error"]
+    assert error["images"] == 8 and 0 < error["max_error_over_max_value"] < 1 and 0.5 < error["correlation"] <= 1
+    assert json.loads((out / "config.json").read_text())["files"]["quantization"] == "quantization.json"
     int8 = Predictor.load(out, "cpu", runtime="onnxruntime")
     assert int8.runtime == "onnxruntime int8"
     records = int8.caption_batch(next(iter(int8.image_batches([str(p) for p in PHOTOS[:4]], 4))).inputs)

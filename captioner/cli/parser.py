@@ -37,6 +37,21 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    "written by `captioner export --format onnx` (the [onnx] extra)")
 
 
+def _providers(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _add_ort_options(p: argparse.ArgumentParser) -> None:
+    """How ONNX Runtime runs the graphs (with --runtime onnxruntime)."""
+    p.add_argument("--providers", type=_providers, default=None, metavar="P1,P2",
+                   help="with --runtime onnxruntime: execution providers, best first, comma-separated (e.g. "
+                   "CUDAExecutionProvider,CPUExecutionProvider; default: from --device)")
+    p.add_argument("--ort-threads", type=int, default=None, metavar="N",
+                   help="with --runtime onnxruntime: intra-op threads (default: torch's thread count)")
+    p.add_argument("--ort-optimization", choices=["disable", "basic", "extended", "all"], default=None,
+                   help="with --runtime onnxruntime: graph optimization level (default: all)")
+
+
 def _add_generation(p: argparse.ArgumentParser, n_best: bool = True) -> None:
     """How captions are chosen: the decode.* keys as options (each also decode.KEY=VALUE), named as the Python
     API's keywords (Captioner.caption(beam_size=..., top_p=...)); default: the checkpoint's."""
@@ -198,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for results and metrics (default: the checkpoint's)")
     _add_device(p)
     _add_runtime(p)
+    _add_ort_options(p)
     _add_overrides(p)
 
     p = command("caption", "caption image files or folders (batched, resumable, optional HTML attention gallery)",
@@ -236,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse larger images as likely decompression bombs (default: 100000000)")
     _add_device(p)
     _add_runtime(p)
+    _add_ort_options(p)
 
     p = command("serve", "serve a checkpoint over HTTP: JSON API and a web page, batched across requests",
                 "example: captioner serve --checkpoint demo/run/best.pt     (then open http://127.0.0.1:8000)\n"
@@ -263,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads (default: 2)")
     _add_device(p)
     _add_runtime(p)
+    _add_ort_options(p)
     _add_overrides(p, OVERRIDES_HELP + "; decode.* and compute.* (compute.bf16=false)")
 
     p = command("export", "write a checkpoint as a model folder (safetensors, config.json, model card) to share",
@@ -287,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --quantize: images to calibrate on (default: the checkpoint's training split)")
     p.add_argument("--calibration-images", type=int, default=64, metavar="N",
                    help="with --quantize: how many images calibrate (default: 64)")
+    p.add_argument("--onnx-only", action="store_true",
+                   help="with --format onnx: leave model.safetensors out (a deployment folder that onnxruntime alone "
+                   "runs: examples/onnx_caption.py, or --runtime onnxruntime)")
     p.add_argument("--metrics", default=None, metavar="FILE",
                    help="a metrics_SPLIT.json written by `captioner evaluate`: its scores go into the model card")
     p.add_argument("--push", default=None, metavar="OWNER/NAME",

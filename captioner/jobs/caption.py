@@ -31,7 +31,7 @@ from captioner.config.sections import TEMPERATURES
 from captioner.data.images import MAX_PIXELS
 from captioner.engine.infer.generation import given_options
 from captioner.engine.infer.predict import DecodeSettings
-from captioner.engine.infer.predictor import Predictor
+from captioner.engine.infer.predictor import Predictor, ort_session_options
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
 from captioner.files import check_writable
@@ -72,11 +72,15 @@ class CaptionJob:
     top_p: float | None = None
     num_return_sequences: int | None = None  # > 1: JSONL records list every caption as "sequences"
     runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
+    providers: list[str] | None = None  # onnxruntime: execution providers, best first (None: from the device)
+    ort_threads: int | None = None  # onnxruntime: intra-op threads (None: torch's count)
+    ort_optimization: str | None = None  # onnxruntime: graph optimization level (None: all)
     overrides: list[str] = field(default_factory=list)  # section.key=value (or --set) on the checkpoint's config
 
     def __post_init__(self):
         require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),
-                    ("--workers", self.num_workers, 0), ("--max-pixels", self.max_pixels, 1))
+                    ("--workers", self.num_workers, 0), ("--max-pixels", self.max_pixels, 1),
+                    ("--ort-threads", self.ort_threads, 1))
         check_checkpoint_overrides(list(self.overrides))  # decode.* and compute.*, never the model's shape
         low, high = TEMPERATURES
         if self.temperature is not None and not low <= self.temperature <= high:  # NaN fails too
@@ -126,7 +130,8 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
     # compute describes this machine, not the checkpoint: auto unless the caller says otherwise.
     predictor = Predictor.load(job.checkpoint, process.device, beam_size=job.beam_size, compute=job.compute,
                                sample=job.sample, temperature=job.temperature, runtime=job.runtime,
-                               overrides=job.overrides)
+                               overrides=job.overrides, providers=job.providers,
+                               session_options=ort_session_options(job.ort_threads, job.ort_optimization))
     predictor.settings = predictor.settings_for(given_options(job))  # checked as decode.* would be
     settings, batch_size = predictor.settings, job.batch_size or predictor.cfg.decode.batch_size
     if settings.sample:

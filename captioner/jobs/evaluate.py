@@ -20,7 +20,7 @@ import torch
 from captioner.config import ComputeConfig, check_checkpoint_overrides, require_min
 from captioner.engine.infer.generation import given_options
 from captioner.engine.infer.predict import predict
-from captioner.engine.infer.predictor import Predictor
+from captioner.engine.infer.predictor import Predictor, ort_session_options
 from captioner.data.datasets import by_split, dataset_inputs, load_records
 from captioner.data.cache import cached_source, default_cache_dir
 from captioner.errors import CaptionerError
@@ -44,6 +44,9 @@ class EvaluateJob:
     batch_size: int | None = None  # None: decode.batch_size
     compute: ComputeConfig | None = None  # this machine's switches (default: auto, then any compute.* override)
     runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
+    providers: list[str] | None = None  # onnxruntime: execution providers, best first (None: from the device)
+    ort_threads: int | None = None  # onnxruntime: intra-op threads (None: torch's count)
+    ort_optimization: str | None = None  # onnxruntime: graph optimization level (None: all)
     # decode.* for this run (engine/infer/generation.py); None / False: the checkpoint's
     sample: bool = False
     temperature: float | None = None
@@ -55,7 +58,8 @@ class EvaluateJob:
     top_p: float | None = None
 
     def __post_init__(self):
-        require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1))
+        require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),
+                    ("--ort-threads", self.ort_threads, 1))
         check_checkpoint_overrides(list(self.overrides))
 
 
@@ -68,7 +72,8 @@ def main(job: EvaluateJob) -> dict:
     check_writable(out, "evaluation output folder", folder=True)
     predictor = Predictor.load(job.checkpoint, job.device, beam_size=job.beam_size, compute=job.compute,
                                overrides=job.overrides, runtime=job.runtime, sample=job.sample,
-                               temperature=job.temperature)
+                               temperature=job.temperature, providers=job.providers,
+                               session_options=ort_session_options(job.ort_threads, job.ort_optimization))
     # One caption per image is scored, whatever decode.num_return_sequences the checkpoint carries.
     predictor.settings = predictor.settings_for({**given_options(job), "num_return_sequences": 1})
     if predictor.settings.sample:

@@ -5,6 +5,7 @@
     captioner export --checkpoint runs/coco/best.pt --out model/ --push alice/captioner-coco     # the [hub] extra
     captioner export --checkpoint best.pt --out model-onnx/ --format onnx                     # + ONNX graphs
     captioner export --checkpoint best.pt --out model-int8/ --format onnx --quantize int8 --calibrate photos/
+    captioner export --checkpoint best.pt --out deploy/ --format onnx --onnx-only            # no model.safetensors
     captioner caption --checkpoint model/ photos/          # caption, evaluate and serve take the folder as they take a .pt
 
 The folder (engine/infer/model_folder.py): model.safetensors (every weight the model computes with, backbone
@@ -15,8 +16,11 @@ also be a model folder (to re-export it in bf16, say) or a Hub repo id.
 
 --format onnx adds encoder.onnx, decoder_init.onnx, decoder_step.onnx and onnx.json (engine/infer/onnx_export.py)
 to the same folder, which `--runtime onnxruntime` runs (the PyTorch runtime still reads model.safetensors).
+--onnx-only leaves model.safetensors out: a deployment folder that onnxruntime alone runs (examples/onnx_caption.py,
+no captioner or torch needed; `--runtime onnxruntime` in captioner).
 --quantize int8 makes those graphs int8, the encoder's activation ranges calibrated on --calibration-images
-images (64) spread over --calibrate DIR, or over the training split of the checkpoint's own dataset.
+images (64) spread over --calibrate DIR, or over the training split of the checkpoint's own dataset; the settings
+used and the int8 features' measured error go into quantization.json.
 """
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ class ExportJob:
     quantize: str | None = None  # int8: --format onnx graphs quantized (static QDQ encoder, dynamic decoder)
     calibrate: str | None = None  # images to calibrate int8 on (a folder or a list); None: the training split
     calibration_images: int = 64  # how many of them
+    onnx_only: bool = False  # --format onnx: leave model.safetensors out (a deployment folder for onnxruntime)
 
     def __post_init__(self):
         require_min(("--calibration-images", self.calibration_images, 1))
@@ -65,6 +70,8 @@ class ExportJob:
         if (self.quantize or self.calibrate) and self.format != "onnx":
             raise CaptionerError(f"--{'quantize' if self.quantize else 'calibrate'} applies to the ONNX graphs: add "
                                  f"--format onnx")
+        if self.onnx_only and self.format != "onnx":
+            raise CaptionerError("--onnx-only leaves the PyTorch weights out of an ONNX folder: add --format onnx")
         if self.calibrate and not self.quantize:
             raise CaptionerError("--calibrate applies to --quantize int8 (float32 graphs need no calibration)")
         if self.format == "onnx":
@@ -128,24 +135,27 @@ def check_out(out: Path, overwrite: bool, names: tuple[str, str] = ("--out", "--
 
 
 def write_export(out: Path, model, vocab, cfg, source: dict, *, dtype: str = "float32", metrics: dict | None = None,
-                 push: str | None = None, overwrite: bool = False, extra_files: tuple = ()) -> dict[str, int]:
+                 push: str | None = None, overwrite: bool = False, extra_files: tuple = (),
+                 weights: bool = True) -> dict[str, int]:
     """The model folder `captioner export` writes (Captioner.save_pretrained writes it through here too): weights,
     config.json, vocab.json and the model card (its scores from metrics, its usage naming push). Returns
-    {file name: bytes}."""
+    {file name: bytes}. weights=False leaves model.safetensors out (an ONNX-only folder)."""
     write_model_folder(out, model, vocab, cfg, dtype=dtype, source=source, overwrite=overwrite,
-                       card=lambda meta: model_card(meta, cfg, metrics, push), extra_files=extra_files)
+                       card=lambda meta: model_card(meta, cfg, metrics, push), extra_files=extra_files,
+                       weights=weights)
     return {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
 
 
-def _calibration_paths(job: ExportJob, cfg) -> list[str]:
-    """job.calibration_images image files spread evenly over --calibrate, or over the dataset's train split."""
+def _calibration_paths(job: ExportJob, cfg) -> tuple[list[str], str]:
+    """job.calibration_images image files spread evenly over --calibrate, or over the dataset's train split, and
+    where they come from in words without this machine's paths (quantization.json)."""
     from captioner.data.inputs import find_images
     if job.calibrate:
         if not Path(job.calibrate).exists():
             raise CaptionerError(f"--calibrate {job.calibrate} not found: give a folder (or .txt list) of images like "
                                  f"those the model will caption")
         paths = find_images([job.calibrate], recursive=True)
-        where = job.calibrate
+        where, source = job.calibrate, f"--calibrate {Path(job.calibrate).name}"
     else:
         from captioner.data.datasets import by_split, load_records
         try:
@@ -155,11 +165,12 @@ def _calibration_paths(job: ExportJob, cfg) -> list[str]:
                                  f"here ({e}); give --calibrate DIR, a folder of images like those the model will "
                                  f"caption") from None
         where = f"the train split of {cfg.dataset.annotations or cfg.dataset.root}"
+        source = f"the train split of the model's {cfg.dataset.format} dataset"
     if not paths:
         raise CaptionerError(f"no images to calibrate int8 on in {where}: give --calibrate DIR")
     step = max(len(paths) // job.calibration_images, 1)
     log.info("calibrating int8 on %d images of %s", min(len(paths), job.calibration_images), where)
-    return paths[::step][: job.calibration_images]
+    return paths[::step][: job.calibration_images], source
 
 
 def _extra_writers(job: ExportJob, cfg, model) -> tuple:
@@ -167,10 +178,11 @@ def _extra_writers(job: ExportJob, cfg, model) -> tuple:
     if job.format != "onnx":
         return ()
     from captioner.engine.infer.onnx_export import calibration_images, write_onnx_files
-    images = None
+    images = source = None
     if job.quantize:
-        images = calibration_images(_calibration_paths(job, cfg), model.encoder.image_size, job.calibration_images)
-    return (lambda folder, model, dtype: write_onnx_files(folder, model, job.quantize or "float32", images),)
+        paths, source = _calibration_paths(job, cfg)
+        images = calibration_images(paths, model.encoder.image_size, job.calibration_images)
+    return (lambda folder, model, dtype: write_onnx_files(folder, model, job.quantize or "float32", images, source),)
 
 
 def _size(path: Path) -> int:
@@ -198,7 +210,8 @@ def main(job: ExportJob) -> dict:
                  source.parent / "metrics_test.json", source.parent / "metrics_test.json")
     model, vocab, cfg, made_from = _load(source)
     files = write_export(out, model, vocab, cfg, made_from, dtype=job.dtype, metrics=metrics, push=job.push,
-                         overwrite=job.overwrite, extra_files=_extra_writers(job, cfg, model))
+                         overwrite=job.overwrite, extra_files=_extra_writers(job, cfg, model),
+                         weights=not job.onnx_only)
     if job.push:
         log.info("pushing %s to the Hugging Face Hub as %s", out, job.push)
     pushed = hub.upload(out, job.push, job.private) if job.push else None
@@ -211,8 +224,9 @@ def summary_lines(result: dict) -> list[str]:
     """What `captioner export` prints above its JSON line."""
     mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
     graphs = f", {result['quantize'] or 'float32'} ONNX graphs" if result["format"] == "onnx" else ""
+    weights = "no PyTorch weights" if "model.safetensors" not in result["files"] else f"{result['dtype']} weights"
     lines = [f"exported {result['checkpoint']} ({mb(result['checkpoint_bytes'])}) -> {result['out']}/ "
-             f"({mb(result['bytes'])}, {result['dtype']} weights{graphs})"]
+             f"({mb(result['bytes'])}, {weights}{graphs})"]
     lines += [f"  {name:<20} {mb(size):>10}" for name, size in result["files"].items()]
     if result["pushed"]:
         lines.append(f"  pushed to {result['pushed']}")

@@ -30,7 +30,7 @@ from captioner.engine.serve.batcher import DynamicBatcher
 from captioner.engine.runtime.signals import STOP_SIGNALS
 from captioner.engine.serve.limits import Limits
 from captioner.engine.infer.predict import DecodeSettings
-from captioner.engine.infer.predictor import Predictor
+from captioner.engine.infer.predictor import Predictor, ort_session_options
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -58,6 +58,9 @@ class ServeJob:
     max_pixels: int = 40_000_000  # per image, checked before decoding (decompression bombs)
     timeout: float = 60.0  # seconds a request may wait for its captions
     runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
+    providers: list[str] | None = None  # onnxruntime: execution providers, best first (None: from the device)
+    ort_threads: int | None = None  # onnxruntime: intra-op threads (None: torch's count)
+    ort_optimization: str | None = None  # onnxruntime: graph optimization level (None: all)
     overrides: list[str] = field(default_factory=list)  # section.key=value on the checkpoint config: compute.bf16=false
 
     def __post_init__(self):
@@ -66,7 +69,7 @@ class ServeJob:
                     ("--queue", self.queue, 1), ("--beam", self.beam_size, 1),
                     ("--decode-threads", self.decode_threads, 1), ("--max-images", self.max_images, 1),
                     ("--max-upload-mb", self.max_upload_mb, 1 / 2**20), ("--max-pixels", self.max_pixels, 1),
-                    ("--timeout", self.timeout, 0.001))
+                    ("--timeout", self.timeout, 0.001), ("--ort-threads", self.ort_threads, 1))
         check_checkpoint_overrides(list(self.overrides))
         if self.port > 65535:
             raise CaptionerError(f"--port must be <= 65535, got {self.port}")
@@ -86,10 +89,11 @@ class ServedModel:
     """The model behind the server: a Predictor loaded once, then predict(batch) from the batcher's thread."""
 
     def __init__(self, checkpoint: str, device: str = "auto", beam_size: int | None = None, runtime: str = "torch",
-                 overrides: list[str] = ()):
+                 overrides: list[str] = (), providers: list[str] | None = None,
+                 session_options: dict | None = None):
         # as `captioner caption` does
         self.predictor = Predictor.load(checkpoint, device, beam_size=beam_size, runtime=runtime,
-                                        overrides=overrides)
+                                        overrides=overrides, providers=providers, session_options=session_options)
         p, enc = self.predictor, self.predictor.encoder
         self.info = {"checkpoint": Path(checkpoint).name, "arch": enc.arch, "layer": enc.layer,
                      "grid": list(enc.grid), "image_size": enc.image_size, "vocab_size": len(p.vocab),
@@ -145,7 +149,8 @@ def is_loopback(host: str) -> bool:
 def build(opts: ServeJob):
     """(app, served): the model loaded and warmed up, the batcher started, the FastAPI app around them."""
     from captioner.engine.serve.webapp import create_app  # FastAPI is an optional extra: imported on use
-    served = ServedModel(opts.checkpoint, opts.device, opts.beam_size, opts.runtime, opts.overrides)
+    served = ServedModel(opts.checkpoint, opts.device, opts.beam_size, opts.runtime, opts.overrides, opts.providers,
+                         ort_session_options(opts.ort_threads, opts.ort_optimization))
     size = served.predictor.image_size
     served.predict([(torch.zeros(3, size, size, dtype=torch.uint8), (size, size))])  # warm-up before serving
     batcher = DynamicBatcher(served.predict, opts.max_batch, opts.max_wait_ms / 1000, opts.queue)

@@ -157,6 +157,9 @@ def to_grid(out: torch.Tensor, layout: TokenLayout, image_hw: tuple[int, int]) -
     if layout.sequence_first:
         out = out.transpose(0, 1)  # (N, B, C) -> (B, N, C)
     batch, tokens, channels = out.shape
+    # Under torch.onnx's tracer sizes are 0-d tensors; the token count and width are fixed by the image size
+    # (fixed in an exported graph), so they become plain ints; batch stays traced (the graph's dynamic axis).
+    tokens, channels = int(tokens), int(channels)
     for prefix in dict.fromkeys((layout.prefix_tokens, 0)):  # a block's output, then a patch embedding's
         grid = _patch_grid(tokens - prefix, *image_hw)
         if grid is not None:

@@ -54,6 +54,8 @@ class TruncatedEncoder(nn.Module):
         self.register_buffer("std", encoder.std.detach().clone(), persistent=False)
         # Token outputs (transformer backbones) become the grid the hooked encoder gives: its own rule.
         self._to_grid = getattr(encoder, "grid_of", None)
+        # The image size as static ints, not the traced input's shape: an exported graph fixes it anyway.
+        self.image_hw = (encoder.image_size, encoder.image_size)
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -61,5 +63,5 @@ class TruncatedEncoder(nn.Module):
         x = (x - self.mean) / self.std  # as HookedEncoder.normalize
         out = self.trunk(x)["out"]
         if self._to_grid is not None:
-            out = self._to_grid(out, (images.shape[2], images.shape[3]))
+            out = self._to_grid(out, self.image_hw)
         return out  # (B, C, H, W)

@@ -93,7 +93,8 @@ _INT, _STR, _LIST, _DICT = "an integer", "a string", "a list", "a mapping"
 # onnx.json as onnx_export.write_onnx_files writes it: key -> (what it must be, required)
 MANIFEST_KEYS = {"format_version": (_INT, True), "opset": (_INT, True), "precision": (_STR, True),
                  "graphs": (_DICT, True), "encoder": (_DICT, True), "vocab_size": (_INT, True),
-                 "interface": (_DICT, False), "quantization": ("a mapping or null", False)}
+                 "interface": (_DICT, False), "quantization": ("a mapping or null", False),
+                 "exporter": (_DICT, False), "axes": (_DICT, False)}  # folders exported before they were stated
 ENCODER_KEYS = {"arch": (_STR, True), "layer": (_STR, True), "image_size": (_INT, True),
                 "in_channels": (_INT, True), "channels": (_INT, True), "grid": ("a list of two integers", True),
                 "preprocess": (_DICT, False)}  # folders exported before preprocessing travelled lack it

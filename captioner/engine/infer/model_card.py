@@ -69,12 +69,18 @@ def _metrics_section(metrics: dict | None) -> list[str]:
     return lines
 
 
+def _onnx_only(meta: dict, text: str) -> str:
+    """text for a folder without PyTorch weights (export --onnx-only), else ""."""
+    return text if "weights" not in meta["files"] else ""
+
+
 def model_card(meta: dict, cfg: Config, metrics: dict | None = None, repo_id: str | None = None) -> str:
     """README.md text for the model folder whose config.json content is meta."""
     arch, pre, dec = meta["architecture"], meta["preprocessing"], cfg.decode
     m, t = cfg.model, cfg.train
     name = repo_id or f"captioner {arch['encoder']} {arch['layer']}"
     load_from = repo_id or "path/to/this/folder"
+    onnx_keyword, onnx_flag = _onnx_only(meta, ', runtime="onnxruntime"'), _onnx_only(meta, " --runtime onnxruntime")
     grid = "x".join(map(str, arch["grid"]))
     weights = cfg.encoder.weights or f"random initialisation (encoder.seed {cfg.encoder.seed})"
     frozen = (f"frozen except from `{cfg.encoder.finetune_from}` on" if cfg.encoder.finetune_from else "frozen")
@@ -94,8 +100,12 @@ def model_card(meta: dict, cfg: Config, metrics: dict | None = None, repo_id: st
         f"- Encoder: torchvision `{arch['encoder']}`, hooked at `{arch['layer']}`, {frozen}; weights: {weights}.",
         f"- Decoder: embedding {m.embed_dim}, attention {m.attention_dim} ({m.attention}), LSTM {m.decoder_dim}, "
         f"features `{m.features}`, initial state `{m.init_state}`, context gate {'on' if m.gate else 'off'}.",
-        f"- {arch['parameters']:,} parameters; weights stored as {meta['dtype']} in `{meta['files']['weights']}`; "
-        f"vocabulary of {meta['vocab_size']} tokens in `{meta['files']['vocab']}`.",
+        (f"- {arch['parameters']:,} parameters; weights stored as {meta['dtype']} in `{meta['files']['weights']}`; "
+         if "weights" in meta["files"] else f"- {arch['parameters']:,} parameters, in the ONNX graphs only; ")
+        + f"vocabulary of {meta['vocab_size']} tokens in `{meta['files']['vocab']}`.",
+        *([f"- ONNX graphs ({meta['onnx']['precision']}): opset {meta['onnx']['opset']}, exported by "
+           f"{meta['onnx']['exporter']}; batch axis dynamic, {meta['onnx']['axes']['fixed']['note']}."]
+          if isinstance(meta.get("onnx"), dict) else []),
         f"- Input: RGB resized to {pre['image_size']}x{pre['image_size']} (bicubic), EXIF orientation applied, "
         f"transparency composited onto white, ImageNet mean/std; captioner does this itself.", "",
         "## Training data", "",
@@ -111,14 +121,16 @@ def model_card(meta: dict, cfg: Config, metrics: dict | None = None, repo_id: st
         "```python",
         "from captioner import Captioner",
         "",
-        f'cap = Captioner.from_pretrained("{load_from}")',
+        f'cap = Captioner.from_pretrained("{load_from}"{onnx_keyword})',
         'print(cap.caption("photo.jpg").text)      # a path, a PIL image, an HxWx3 uint8 array or a (3, H, W) tensor',
         "```", "",
         "```bash",
-        f"captioner caption --checkpoint {load_from} photos/ --out captions.jsonl",
-        f"captioner serve --checkpoint {load_from}",
+        f"captioner caption --checkpoint {load_from} photos/ --out captions.jsonl{onnx_flag}",
+        f"captioner serve --checkpoint {load_from}{onnx_flag}",
         "```", "",
-        "Loading reads `config.json`, `vocab.json` and `model.safetensors` only: no pickle, no code runs.", "",
+        _onnx_only(meta, "This folder holds ONNX graphs only (`--onnx-only`): run it with `--runtime onnxruntime`, "
+                         "or without captioner by `examples/onnx_caption.py` (numpy, onnxruntime, Pillow).")
+        or "Loading reads `config.json`, `vocab.json` and `model.safetensors` only: no pickle, no code runs.", "",
         "## Intended use and limits", "",
         "For captioning images like the ones it was trained on, and for research on attention captioning. It "
         "describes what it has seen in its training captions only: images unlike them get fluent but wrong "

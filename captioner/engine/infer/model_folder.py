@@ -122,7 +122,9 @@ def read_folder_config(folder: str | Path) -> dict:
     files = meta.get("files")
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise CaptionerError(f"{path}: 'files' must map roles to file names, got {files!r}")
-    for role in ("weights", "vocab"):
+    # A deployment folder (`export --format onnx --onnx-only`) holds the ONNX graphs instead of the weights.
+    required = ("vocab",) if "onnx" in files and "weights" not in files else ("weights", "vocab")
+    for role in required:
         if role not in files:
             raise CaptionerError(f"{path}: 'files' names no {role} file")
         if Path(files[role]).name != files[role]:  # a name inside the folder, never a path elsewhere
@@ -161,6 +163,9 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu"
     bfloat16 weights load into the float32 model (the compute section decides the precision it runs in)."""
     folder = Path(folder)
     meta = read_folder_config(folder)
+    if "weights" not in meta["files"]:
+        raise CaptionerError(f"model folder {folder} holds ONNX graphs only, no PyTorch weights (exported with "
+                             f"--onnx-only): run it with --runtime onnxruntime (Python: runtime=\"onnxruntime\")")
     weights_file = folder / meta["files"]["weights"]
     weights = read_state_dict(weights_file, "model weights file")
     vocab = read_folder_vocab(folder, meta)
@@ -201,30 +206,39 @@ def folder_config(model: CaptionModel, vocab: Vocabulary, cfg: Config, dtype: st
             "decode": config["decode"], "source": source or {}, "config": config}
 
 
-# extra_files: writers that add other formats' files to the folder (folder, model, dtype) -> {role: file name}
-ExtraWriter = Callable[[Path, CaptionModel, str], dict]
+# extra_files: writers that add other formats' files to the folder (folder, model, dtype) -> {role: file name},
+# or ({role: file name}, {config.json key: what it says of those files}) to describe them in config.json too.
+ExtraWriter = Callable[[Path, CaptionModel, str], "dict | tuple[dict, dict]"]
 
 
 def write_model_folder(out: str | Path, model: CaptionModel, vocab: Vocabulary, cfg: Config, *,
                        dtype: str = "float32", card: Callable[[dict], str] | None = None, source: dict | None = None,
-                       extra_files: tuple[ExtraWriter, ...] = (), overwrite: bool = False) -> dict:
+                       extra_files: tuple[ExtraWriter, ...] = (), overwrite: bool = False,
+                       weights: bool = True) -> dict:
     """Write the model folder at out, all files at once (files.atomic_folder); returns config.json's content.
 
     card(meta) gives the README.md text; extra_files add other formats' files (their roles go into `files`).
-    overwrite replaces an existing model folder (never another non-empty folder)."""
+    overwrite replaces an existing model folder (never another non-empty folder). weights=False leaves
+    model.safetensors out (a deployment folder of ONNX graphs: extra_files must then write them)."""
     out = Path(out)
     if overwrite and out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
         raise CaptionerError(f"--out {out} is a non-empty folder that is not a model folder: not replaced")
     with atomic_folder(out, "model folder", replace=overwrite) as tmp:
-        files = dict(FILES)
-        write_safetensors(tmp / files["weights"], exported_state(model, dtype),
-                          {"format": "pt", "captioner_format_version": str(FORMAT_VERSION)}, "model weights file")
+        files, described = dict(FILES), {}
+        if weights:
+            write_safetensors(tmp / files["weights"], exported_state(model, dtype),
+                              {"format": "pt", "captioner_format_version": str(FORMAT_VERSION)}, "model weights file")
+        else:
+            files.pop("weights")
         vocab.save(tmp / files["vocab"])
         for writer in extra_files:
-            files.update(writer(tmp, model, dtype))
+            written = writer(tmp, model, dtype)
+            written, said = written if isinstance(written, tuple) else (written, {})
+            files.update(written)
+            described.update(said)
         if card is None:
             files.pop("card")
-        meta = folder_config(model, vocab, cfg, dtype, files, source)
+        meta = {**folder_config(model, vocab, cfg, dtype, files, source), **described}
         write_json(tmp / CONFIG_FILE, meta, "model config")
         if card is not None:
             write_text(tmp / files["card"], card(meta), "model card")

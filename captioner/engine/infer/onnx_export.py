@@ -20,6 +20,7 @@ with activation ranges calibrated on real images (per-channel weights).
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import warnings
@@ -43,6 +44,10 @@ ONNX_EXTRA = 'pip install "captioner[onnx]"'
 # another version is refused in one line (export it again).
 ONNX_FORMAT_VERSION = 1
 MANIFEST = "onnx.json"
+QUANTIZATION_FILE = "quantization.json"  # int8 folders: the quantization settings used, machine-readable
+# How the graphs were made and which axes vary, as onnx.json and config.json state them.
+EXPORTER = {"name": "torch.onnx.export", "dynamo": False, "torch_version": torch.__version__,
+            "note": "the TorchScript-based exporter; its deprecation and tracer warnings are silenced"}
 PRECISIONS = ("float32", "int8")
 
 
@@ -82,10 +87,17 @@ class DecoderStep(nn.Module):
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
     batch = {name: {0: "batch"} for name in inputs + outputs}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes are not news here
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), dynamo=False, input_names=inputs, output_names=outputs,
-                          dynamic_axes=batch, opset_version=OPSET, do_constant_folding=True)
+        # nn.MultiheadAttention (open_clip's towers) takes a fused fast path in eval mode that has no ONNX
+        # symbolic (aten::_native_multi_head_attention); its plain path computes the same attention.
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            torch.onnx.export(module, args, str(path), dynamo=False, input_names=inputs, output_names=outputs,
+                              dynamic_axes=batch, opset_version=OPSET, do_constant_folding=True)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def check_truncated(model, truncated: TruncatedEncoder, images: torch.Tensor) -> float:
@@ -168,10 +180,12 @@ class _Calibration:
 
 
 
-def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.Tensor) -> list[str]:
+def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.Tensor,
+                    calibration_source: str | None = None) -> list[str]:
     """source's float32 graphs -> target's int8 graphs: static QDQ for the encoder's convolutions, calibrated
-    on calibration ((N, 3, S, S) uint8 images of the training data), dynamic int8 for the decoder's matrix
-    products. Returns the file names."""
+    on calibration ((N, 3, S, S) uint8 images of the training data, from calibration_source), dynamic int8 for
+    the decoder's matrix products, and target/quantization.json recording the settings used. Returns the graphs'
+    file names."""
     onnx, _ = require_onnx("int8 quantization")
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
@@ -187,13 +201,14 @@ def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.T
         # Shape inference and graph folding (BatchNorm into Conv) first: onnxruntime's recommended preparation.
         quant_pre_process(str(source / "encoder.onnx"), str(prepared), skip_symbolic_shape=True)
         convs = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Conv"]
+        excluded = [convs[0], convs[-1]] if len(convs) > 2 else []
         # The first and last convolutions stay float32: the most sensitive to rounding (the image itself, the
         # features the decoder reads), under 2% of ResNet-152's operations; on the demo model this halves the
         # int8 features' error (tests/test_onnx.py, README "Export and deploy").
         quantize_static(str(prepared), str(target / "encoder.onnx"), _Calibration(calibration),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=[convs[0], convs[-1]] if len(convs) > 2 else [],
+                        nodes_to_exclude=excluded,
                         # 7-bit weights: x86 CPUs without VNNI (AVX2, AVX-512F) multiply uint8 by int8 in pairs
                         # summed into int16 (VPMADDUBSW), which saturates with full 8-bit weights: MobileNetV2's
                         # int8 features then correlate 0.6 with float32's, and real-photo CIDEr-D drops 15%.
@@ -205,13 +220,58 @@ def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.T
             quantize_dynamic(str(source / f"{name}.onnx"), str(target / f"{name}.onnx"),
                              op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
                              per_channel=True, reduce_range=True)
+    write_json(target / QUANTIZATION_FILE, _quantization_record(calibration, excluded, calibration_source),
+               "quantization record", indent=1)
     return [f"{name}.onnx" for name in GRAPHS]
 
 
+def axes(image_size: int) -> dict:
+    """The graphs' fixed and dynamic axes, in words and numbers (onnx.json, config.json, the model card)."""
+    return {"dynamic": {"batch": "axis 0 of every input and output (B images, or B * beam rows in the step)"},
+            "fixed": {"image_size": image_size, "note": f"the image size is fixed in the graph: encoder.onnx takes "
+                      f"{image_size}x{image_size} images only (resize before), so the grid and N are fixed too"}}
+
+
+def _quantization_record(calibration: torch.Tensor, excluded: list[str], source: str | None) -> dict:
+    """quantization.json: the settings quantize_graphs used, as data."""
+    return {
+        "encoder": {"method": "static", "format": "QDQ", "op_types": ["Conv"], "per_channel": True,
+                    "weight_type": "int8", "activation_type": "uint8", "reduce_range": True,
+                    "calibration_method": "MinMax", "excluded_nodes": excluded,
+                    "excluded_why": "the first and the last convolutions stay float32 (the most sensitive)"},
+        "decoder": {"method": "dynamic", "op_types": ["MatMul", "Gemm"], "per_channel": True,
+                    "weight_type": "int8", "reduce_range": True, "graphs": ["decoder_init", "decoder_step"]},
+        "calibration": {"count": len(calibration), "source": source,
+                        "image_size": list(calibration.shape[2:])},
+        "feature_error": None,  # filled by write_onnx_files (measure_feature_error)
+    }
+
+
+FEATURE_ERROR_IMAGES = 16  # calibration images the export compares int8 features with float32's on
+
+
+def measure_feature_error(float_encoder: Path, int8_encoder: Path, images: torch.Tensor) -> dict:
+    """int8 against float32 encoder.onnx on images ((N, 3, S, S) uint8): the largest error relative to the
+    largest float32 value, and the correlation of the two feature sets (1.0: the same up to scale)."""
+    _, ort = require_onnx("int8 quantization")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    feed = {"images": images.contiguous().numpy()}
+    ref, q = (torch.from_numpy(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                               .run(None, feed)[0]).double().flatten() for path in (float_encoder, int8_encoder))
+    error = float((ref - q).abs().max() / ref.abs().max().clamp_min(1e-12))
+    correlation = float(torch.corrcoef(torch.stack([ref, q]))[0, 1]) if ref.std() > 0 and q.std() > 0 else None
+    return {"images": len(images), "measured_on": "the first calibration images (seen while calibrating)",
+            "max_error_over_max_value": round(error, 6),
+            "correlation": None if correlation is None else round(correlation, 6)}
+
+
 def write_onnx_files(folder: str | Path, model, precision: str = "float32",
-                     calibration: torch.Tensor | None = None) -> dict[str, str]:
-    """The three graphs (float32, or int8 calibrated on calibration's (N, 3, S, S) uint8 images) and onnx.json
-    into folder; returns {role: file name} for the model folder's config.json."""
+                     calibration: torch.Tensor | None = None, calibration_source: str | None = None
+                     ) -> tuple[dict[str, str], dict]:
+    """The three graphs (float32, or int8 calibrated on calibration's (N, 3, S, S) uint8 images, with
+    quantization.json) and onnx.json into folder; returns ({role: file name}, {"onnx": how they were made}) for
+    the model folder's config.json (model_folder.ExtraWriter)."""
     if precision not in PRECISIONS:
         raise CaptionerError(f"--quantize must be one of {', '.join(p for p in PRECISIONS if p != 'float32')}, "
                              f"got {precision!r}")
@@ -223,10 +283,16 @@ def write_onnx_files(folder: str | Path, model, precision: str = "float32",
     else:
         with tempfile.TemporaryDirectory(prefix="captioner-onnx-") as tmp:
             export_graphs(model, tmp)
-            quantize_graphs(tmp, folder, calibration)
+            quantize_graphs(tmp, folder, calibration, calibration_source)
+            record_path = folder / QUANTIZATION_FILE
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            record["feature_error"] = measure_feature_error(Path(tmp) / "encoder.onnx", folder / "encoder.onnx",
+                                                            calibration[:FEATURE_ERROR_IMAGES])
+            write_json(record_path, record, "quantization record", indent=1)
     enc = model.encoder
     manifest = {
-        "format_version": ONNX_FORMAT_VERSION, "opset": OPSET, "precision": precision,
+        "format_version": ONNX_FORMAT_VERSION, "opset": OPSET, "exporter": EXPORTER, "precision": precision,
+        "axes": axes(enc.image_size),
         "graphs": {name: f"{name}.onnx" for name in GRAPHS},
         "encoder": {"arch": enc.arch, "layer": enc.layer, "image_size": enc.image_size,
                     "in_channels": enc.in_channels, "channels": enc.channels, "grid": list(enc.grid),
@@ -244,7 +310,12 @@ def write_onnx_files(folder: str | Path, model, precision: str = "float32",
                        f"weights (reduce_range), uint8 activations (MinMax ranges from {len(calibration)} "
                        f"calibration images)",
             "decoder": "dynamic int8 of MatMul/Gemm (per-channel 7-bit weights, activations quantized per call)",
-            "calibration_images": len(calibration)},
+            "calibration_images": len(calibration), "record": QUANTIZATION_FILE},
     }
     write_json(folder / MANIFEST, manifest, "ONNX manifest", indent=1)
-    return {"onnx": MANIFEST, **{f"onnx_{name}": f"{name}.onnx" for name in GRAPHS}}
+    files = {"onnx": MANIFEST, **{f"onnx_{name}": f"{name}.onnx" for name in GRAPHS}}
+    if precision == "int8":
+        files["quantization"] = QUANTIZATION_FILE
+    described = {"opset": OPSET, "exporter": f"{EXPORTER['name']} (dynamo=False, torch {torch.__version__})",
+                 "precision": precision, "axes": manifest["axes"]}
+    return files, {"onnx": described}

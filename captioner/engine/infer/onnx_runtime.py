@@ -10,8 +10,10 @@ decoder_step.onnx through the same step interface (model/steps.py) as the PyTorc
 decoding algorithm, with every search option: top-k / top-p sampling and n-best returns (num_return_sequences)
 included. Tensors cross into the sessions as NumPy views of CPU tensors (no copy).
 
-Providers: CUDAExecutionProvider first when the device is CUDA and onnxruntime-gpu offers it, else the CPU's.
-Threads: torch's count (torch.set_num_threads, OMP_NUM_THREADS), so both runtimes are pinned alike.
+Providers: CUDAExecutionProvider first when the device is CUDA and onnxruntime-gpu offers it, else the CPU's;
+or the caller's ordered list (--providers, checked against onnxruntime.get_available_providers()).
+Threads: torch's count (torch.set_num_threads, OMP_NUM_THREADS), so both runtimes are pinned alike, unless
+session_options say otherwise (SESSION_OPTIONS: intra_op_threads, graph_optimization).
 """
 from __future__ import annotations
 
@@ -60,8 +62,47 @@ class EncoderSpec:
                    tuple(encoder.grid), encoder.preprocess)
 
 
-def providers_for(device: torch.device) -> list[str]:
-    """ONNX Runtime execution providers for device, best first; the CPU's always last."""
+# ONNX Runtime session options a caller may set (--ort-threads, --ort-optimization; session_options={...}).
+OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+                       "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+SESSION_OPTIONS = {"intra_op_threads": "threads per operator (default: torch's thread count)",
+                   "graph_optimization": f"graph optimization level: {', '.join(OPTIMIZATION_LEVELS)} (default: all)"}
+
+
+def check_session_options(options: dict | None) -> dict:
+    """options checked: known keys, intra_op_threads an int >= 1, graph_optimization a level; one line otherwise."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(SESSION_OPTIONS))
+    if unknown:
+        raise CaptionerError(f"ONNX Runtime session option {unknown[0]!r} is not supported; valid: "
+                             f"{', '.join(SESSION_OPTIONS)}")
+    threads = options.get("intra_op_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise CaptionerError(f"intra_op_threads (--ort-threads) must be an integer >= 1, got {threads!r}")
+    level = options.get("graph_optimization")
+    if level is not None and level not in OPTIMIZATION_LEVELS:
+        raise CaptionerError(f"graph_optimization (--ort-optimization) must be one of "
+                             f"{', '.join(OPTIMIZATION_LEVELS)}, got {level!r}")
+    return options
+
+
+def check_providers(providers) -> list[str]:
+    """The caller's ordered providers, each one onnxruntime offers here; one line listing those it offers."""
+    _, ort = require_onnx("--runtime onnxruntime")
+    available = ort.get_available_providers()
+    providers = [providers] if isinstance(providers, str) else list(providers)
+    missing = [p for p in providers if p not in available]
+    if not providers or missing:
+        given = f"{missing[0]!r} is not available here" if missing else "the list is empty"
+        raise CaptionerError(f"--providers: {given}; onnxruntime {ort.__version__} offers: {', '.join(available)}")
+    return providers
+
+
+def providers_for(device: torch.device, wanted=None) -> list[str]:
+    """ONNX Runtime execution providers for device, best first; the CPU's always last. wanted: the caller's
+    ordered list instead (checked against what onnxruntime offers)."""
+    if wanted is not None:
+        return check_providers(wanted)
     _, ort = require_onnx("--runtime onnxruntime")
     available = ort.get_available_providers()
     wanted = (["CUDAExecutionProvider"] if device.type == "cuda" else []) + ["CPUExecutionProvider"]
@@ -72,10 +113,10 @@ def providers_for(device: torch.device) -> list[str]:
     return chosen
 
 
-def _session(path: Path, providers: list[str], threads: int):
+def _session(path: Path, providers: list[str], threads: int, optimization: str = "all"):
     _, ort = require_onnx("--runtime onnxruntime")
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization])
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -103,17 +144,21 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, graphs: dict[str, Path], encoder: EncoderSpec, vocab_size: int,
-                 device: torch.device = torch.device("cpu"), threads: int | None = None, precision: str = "float32"):
+                 device: torch.device = torch.device("cpu"), threads: int | None = None, precision: str = "float32",
+                 providers: list[str] | None = None, session_options: dict | None = None):
         missing = [name for name in GRAPHS if name not in graphs or not Path(graphs[name]).is_file()]
         if missing:
             raise CaptionerError(f"ONNX graphs missing: {', '.join(f'{m}.onnx' for m in missing)}; export the model "
                                  f"with `captioner export --format onnx`")
         self.encoder, self.vocab_size, self.precision = encoder, vocab_size, precision
         self.graphs = {name: Path(graphs[name]) for name in GRAPHS}  # the files, for the model's id (model_id.py)
-        self.providers = providers_for(device)
+        options = check_session_options(session_options)
+        self.providers = providers_for(device, providers)
         self.device = device if "CUDAExecutionProvider" in self.providers else torch.device("cpu")
-        threads = threads or torch.get_num_threads()
-        self.sessions = {name: _session(Path(graphs[name]), self.providers, threads) for name in GRAPHS}
+        threads = options.get("intra_op_threads") or threads or torch.get_num_threads()
+        optimization = options.get("graph_optimization", "all")
+        self.sessions = {name: _session(Path(graphs[name]), self.providers, threads, optimization)
+                         for name in GRAPHS}
         self.steps = self
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -179,10 +224,12 @@ def declared_shapes(sessions: dict) -> GraphShapes:
                    {o.name: list(o.shape) for o in session.get_outputs()}) for name, session in sessions.items()}
 
 
-def load_onnx_folder(folder: str | Path, device: torch.device, threads: int | None = None
+def load_onnx_folder(folder: str | Path, device: torch.device, threads: int | None = None,
+                     providers: list[str] | None = None, session_options: dict | None = None
                      ) -> tuple[OnnxBackend, Vocabulary, Config]:
     """(ONNX Runtime backend, vocabulary, config) of a model folder written by `captioner export --format onnx`;
-    no PyTorch weights are read."""
+    no PyTorch weights are read. providers: ordered execution providers (default: from device);
+    session_options: SESSION_OPTIONS."""
     from captioner.engine.infer.model_folder import is_model_folder, read_folder_config, read_folder_vocab
     folder = Path(folder)
     if not is_model_folder(folder):
@@ -205,6 +252,7 @@ def load_onnx_folder(folder: str | Path, device: torch.device, threads: int | No
     spec = EncoderSpec(enc["arch"], enc["layer"], enc["image_size"], enc["in_channels"], enc["channels"],
                        tuple(enc["grid"]), preprocess)
     graphs = {name: folder / Path(meta["files"].get(f"onnx_{name}", f"{name}.onnx")).name for name in GRAPHS}
-    backend = OnnxBackend(graphs, spec, len(vocab), device, threads, manifest["precision"])
+    backend = OnnxBackend(graphs, spec, len(vocab), device, threads, manifest["precision"], providers,
+                          session_options)
     check_graphs(declared_shapes(backend.sessions), enc, len(vocab), folder, meta["files"]["vocab"])
     return backend, vocab, cfg

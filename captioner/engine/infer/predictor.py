@@ -41,6 +41,12 @@ from captioner.text import Vocabulary
 RUNTIMES = ("torch", "onnxruntime")
 
 
+def ort_session_options(threads: int | None, optimization: str | None) -> dict:
+    """--ort-threads and --ort-optimization as Predictor.load's session_options (only those given)."""
+    given = {"intra_op_threads": threads, "graph_optimization": optimization}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 @dataclass
 class Predictor:
     model: CaptionModel | None  # in eval mode, on device, encoder prepared (channels_last / compile) as compute
@@ -60,7 +66,8 @@ class Predictor:
     def load(cls, checkpoint: str | os.PathLike, device: str | torch.device | None = "auto", *,
              beam_size: int | None = None, compute: ComputeConfig | None = None, overrides=(),
              sample: bool = False, temperature: float | None = None, runtime: str = "torch",
-             revision: str | None = None) -> "Predictor":
+             revision: str | None = None, providers: list[str] | None = None,
+             session_options: dict | None = None) -> "Predictor":
         """Load a checkpoint file, a model folder (`captioner export`) or a Hugging Face Hub repo id ("owner/model",
         at revision) onto device ('auto': CUDA when present) and resolve how it decodes.
 
@@ -68,14 +75,20 @@ class Predictor:
         since it described the training machine); overrides: `section.key=value` applied to the checkpoint's
         config before anything is resolved (evaluate passes dataset.*, decode.*, compute.*, cache.*);
         beam_size, sample, temperature: override decode.beam_size / decode.sample / decode.temperature;
-        runtime: what runs the model (RUNTIMES)."""
+        runtime: what runs the model (RUNTIMES); with onnxruntime, providers: its execution providers in order
+        (default: from device) and session_options: {"intra_op_threads": n, "graph_optimization": "all"}
+        (onnx_runtime.SESSION_OPTIONS)."""
         if runtime not in RUNTIMES:
             raise CaptionerError(f"runtime {runtime!r} is not available; valid: {', '.join(RUNTIMES)}")
         device = resolve_device(str(device) if isinstance(device, torch.device) else device or "auto")  # one rule
         source = resolve_model(checkpoint, revision)
+        if runtime != "onnxruntime" and (providers is not None or session_options):
+            raise CaptionerError("--providers and the ONNX Runtime session options (--ort-threads, "
+                                 "--ort-optimization) apply to --runtime onnxruntime")
         if runtime == "onnxruntime":
             from captioner.engine.infer.onnx_runtime import load_onnx_folder  # the [onnx] extra, on use
-            backend, vocab, cfg = load_onnx_folder(source, device)
+            backend, vocab, cfg = load_onnx_folder(source, device, providers=providers,
+                                                   session_options=session_options)
             model = None
         else:
             model, vocab, cfg = load_model_source(source, device)
