@@ -145,7 +145,7 @@ def test_bad_inputs_raise_one_error_naming_the_item(cap, small_zoo, tmp_path):
             cap.caption(good, **kwargs)
     with pytest.raises(CaptionerError, match="argument batch_size must be >= 1, got 0"):
         Captioner(cap.predictor, batch_size=0)
-    with pytest.raises(CaptionerError, match="beam_size=0: decode.beam_size must be >= 1"):
+    with pytest.raises(CaptionerError, match="argument beam_size must be >= 1, got 0"):
         Captioner.from_pretrained(cap.predictor.source, "cpu", beam_size=0)
     with pytest.raises(CaptionerError, match="runtime 'onnx' is not available"):
         Captioner.from_pretrained(cap.predictor.source, "cpu", runtime="onnx")
