@@ -134,6 +134,7 @@ class Captioner:
 
     @property
     def device(self) -> torch.device:
+        """The device the model runs on."""
         return self.predictor.device
 
     @property
@@ -143,6 +144,7 @@ class Captioner:
 
     @property
     def vocab(self) -> "Vocabulary":
+        """The model's vocabulary (the words it can write)."""
         return self.predictor.vocab
 
     def __repr__(self) -> str:
