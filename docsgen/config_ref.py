@@ -79,7 +79,9 @@ def _default(spec: dataclasses.Field) -> str:
         value = spec.default_factory()
     else:
         return ""
-    return "null" if value is None else repr(value) if isinstance(value, (str, list)) else str(value).lower() \
+    if isinstance(value, str):
+        return value or '""'
+    return "null" if value is None else repr(value) if isinstance(value, list) else str(value).lower() \
         if isinstance(value, bool) else str(value)
 
 
@@ -148,15 +150,19 @@ def validation_rules() -> dict[str, list[str]]:
     return rules
 
 
+# Rules longer than this (several keys, generator expressions) are left to validate.py and its error messages.
+RULE_WIDTH = 70
+
+
 def _range(spec: dataclasses.Field, hint, rules: list[str]) -> str:
     from captioner.config.validate import INT_RANGE
+    rules = [rule for rule in rules if len(rule) <= RULE_WIDTH]  # longer ones read better in validate.py
     declared = spec.metadata.get("range")
-    if declared is None and hint is int:
+    if declared is None and hint is int and not rules:
         declared = INT_RANGE
     parts = [f">= {declared[0]}" if declared[1] == INT_RANGE[1] else f"{declared[0]} .. {declared[1]}"] \
         if declared else []
-    parts += [f"`{rule}`" for rule in rules if len(rule) <= 120]
-    return "; ".join(parts)
+    return "; ".join(parts + [f"`{rule}`" for rule in rules])
 
 
 def key_docs(root=None) -> list[KeyDoc]:

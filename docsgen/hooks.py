@@ -7,10 +7,18 @@ import os
 import re
 import sys
 
-# mkdocs loads this file by path: the checkout (captioner, docsgen) must be importable from it
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# mkdocs loads this file by path and restores sys.path afterwards: the checkout (captioner, docsgen) is put
+# first while this file loads, and captioner imported then, so the references describe this checkout's code,
+# never another installed copy.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
+import captioner.cli.parser  # noqa: E402,F401
+import captioner.config.validate  # noqa: E402,F401
 from docsgen import blocks, cli_ref, config_ref  # noqa: E402
+
+if not os.path.abspath(captioner.__file__).startswith(os.path.join(ROOT, "")):
+    raise ImportError(f"docsgen/hooks.py: captioner was imported from {captioner.__file__}, not from {ROOT}")
 
 GENERATED = {"config-reference": config_ref.render, "cli-reference": cli_ref.render}
 _GENERATED = re.compile(r"<!-- generated: ([\w-]+) -->")
