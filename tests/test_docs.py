@@ -211,3 +211,14 @@ def test_shell_blocks_run(block, sandbox, tmp_path):
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=folder, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, f"{block.where}:\n{script}\n{done.stderr[-2000:]}"
+
+
+def test_build_hook_fills_generated_sections_and_shows_skip_reasons():
+    from docsgen import hooks
+    page = "<!-- generated: config-reference -->\n\n<!-- skip: needs COCO -->\n```bash\ncaptioner train\n```\n"
+    built = hooks.on_page_markdown(page)
+    assert "| `train.epochs` |" in built and "<!-- generated" not in built
+    assert '!!! note "Not run by the docs tests: needs COCO"\n\n```bash' in built
+    assert "### `captioner caption`" in hooks.on_page_markdown("<!-- generated: cli-reference -->")
+    with pytest.raises(ValueError, match="no such generated section"):
+        hooks.on_page_markdown("<!-- generated: nothing -->")
