@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib
 import io
 import os
@@ -20,10 +19,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.cli import parser as cli_parser
-from docsgen import blocks, cli_ref, config_ref
-
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # docsgen/ sits beside captioner/, outside the package; plain `pytest` may not see it
+    sys.path.insert(0, str(ROOT))
+
+from captioner.cli import parser as cli_parser  # noqa: E402
+from docsgen import blocks, cli_ref, config_ref  # noqa: E402
 # What an unmarked shell block may hold: commands the sandbox below can run (pip lines are not run: CI has
 # installed the [test] extra, which holds every optional dependency).
 SANDBOX_COMMANDS = ("captioner", "find", "pip", "ls", "cat", "head")
