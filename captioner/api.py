@@ -187,6 +187,7 @@ class Captioner(ModelHandling):
 
     @property
     def device(self) -> torch.device:
+        """The device the model runs on."""
         return self.predictor.device
 
     @property
@@ -196,6 +197,7 @@ class Captioner(ModelHandling):
 
     @property
     def vocab(self) -> "Vocabulary":
+        """The model's vocabulary (the words it can write)."""
         return self.predictor.vocab
 
     def __repr__(self) -> str:

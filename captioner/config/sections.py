@@ -37,16 +37,16 @@ class EncoderConfig:
     # pretrained config, open_clip's preprocess config, ImageNet and bicubic for torchvision); `train` records
     # the values it used in the checkpoint, so caption, serve and evaluate preprocess exactly as training did.
     mean: list[float] | None = None
-    std: list[float] | None = None
+    std: list[float] | None = None  # per-channel std of the normalisation above; None: the weights' own
     interpolation: str = ""  # "" (the weights' own), bicubic or bilinear
 
 
 @dataclass
 class ModelConfig:
     embed_dim: int = at_least(1, 512)  # word embedding size, also the size features are projected to
-    attention_dim: int = at_least(1, 512)
+    attention_dim: int = at_least(1, 512)  # size of the additive attention's hidden layer
     decoder_dim: int = at_least(1, 512)  # LSTM hidden size
-    dropout: float = 0.5
+    dropout: float = 0.5  # dropout before the word classifier, in training only
     alpha_c: float = 1.0  # weight of the doubly stochastic attention regulariser (Show, Attend and Tell eq. 14)
     # What the decoder attends over (docs/quality.md): norm, a LayerNorm over all C encoder channels (unit scale
     # even for random-init weights); project, Linear to embed_dim + LayerNorm (the first default: fewer distinct
@@ -76,32 +76,32 @@ class DatasetConfig:
     splits: str = ""  # optional JSON {"train": [image ids], "val": [...], "test": [...]}; overrides the file's own
     train_list: str = ""  # optional image-name lists, one per line (Flickr_8k.trainImages.txt); Flickr8k's three
     val_list: str = ""  # lists are found next to the token file without these; images in no list are unused
-    test_list: str = ""
+    test_list: str = ""  # the test split's image-name list (as train_list)
     restval: str = "train"  # Karpathy 'restval' images: train (Karpathy's recipe, 113k train images) or drop
     max_missing_fraction: float = 0.05  # missing image files are skipped with a warning; more than this is an error
     val_fraction: float = 0.1  # data without splits: share of images held out for val, and again for test
     min_freq: int = at_least(1, 1)  # words seen fewer times in the training captions become <unk>
     max_len: int = at_least(1, 30)  # captions are cut to this many words
     synthetic_images: int = at_least(1, 2000)  # synthetic only: how many images to generate
-    synthetic_seed: int = 0
+    synthetic_seed: int = 0  # synthetic only: the seed its images and captions are drawn with
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = at_least(1, 10)
-    batch_size: int = at_least(1, 64)
-    lr: float = 4e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 5.0
-    seed: int = 0
-    num_workers: int = 2
+    epochs: int = at_least(1, 10)  # passes over the training captions
+    batch_size: int = at_least(1, 64)  # captions per training step (scst: images)
+    lr: float = 4e-4  # AdamW learning rate of the decoder (encoder.finetune_from stages: train.encoder_lr)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (0: off)
+    grad_clip: float = 5.0  # gradients are clipped to this total norm (0: no clipping)
+    seed: int = 0  # seeds initialisation, shuffling and dropout: a run repeats exactly on a CPU
+    num_workers: int = 2  # DataLoader processes of the training loader (and validation)
     log_every: int = at_least(1, 50)  # steps between metrics.jsonl lines
     precompute_features: bool = True  # run the frozen encoder once per image instead of once per caption per epoch
     val_images: int = 0  # cap on validation images per epoch (0 = all)
     checkpoint_every: int = 500  # steps between last.pt saves (0: only at the end of each epoch)
     max_bad_steps: int = at_least(1, 5)  # a non-finite loss skips its step; this many in a row stop the run
     lr_schedule: str = "none"  # none | cosine | step | plateau (after warmup_steps of linear warmup)
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # steps of linear warmup from 0 to train.lr before the schedule (0: none)
     min_lr_ratio: float = 0.0  # cosine: the final lr as a fraction of the initial one
     lr_decay_epochs: int = at_least(1, 1)  # step: the lr is multiplied by lr_gamma every this many epochs
     lr_gamma: float = 0.1  # step and plateau: the factor of each decay
@@ -138,10 +138,10 @@ class TrainConfig:
 
 @dataclass
 class DecodeConfig:
-    beam_size: int = at_least(1, 3)
+    beam_size: int = at_least(1, 3)  # beams of the beam search; 1 is greedy decoding
     max_len: int = at_least(1, 30)  # longest caption produced, in words
     length_penalty: float = 0.0  # 0 ranks beams by total log-probability; 1 by mean per word
-    batch_size: int = at_least(1, 32)
+    batch_size: int = at_least(1, 32)  # images per batch when captioning (evaluate, caption, validation)
     sample: bool = False  # draw each word from the model's distribution (varied captions) instead of greedy/beam
     temperature: float = 1.0  # sampling only: < 1 sharper (closer to greedy), > 1 more varied; see TEMPERATURES
     block_ngram: int = 0  # > 0: no caption repeats one of its n-grams of this length (greedy and beam; 0: off)
