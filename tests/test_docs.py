@@ -131,8 +131,13 @@ def _captioner_argvs(line: str) -> list[list[str]]:
     """The argument lists given to captioner on a shell line (plain, python -m or torchrun -m)."""
     words = shlex.split(line, comments=True)
     commands, current = [], []
+    redirect = False  # the word after `>`, `>>`, `<`, `2>` is a file, not an argument
     for word in words + ["|"]:
-        if word in ("|", "&&", ";", "||"):
+        if redirect:
+            redirect = False
+        elif word in (">", ">>", "<", "2>"):
+            redirect = True
+        elif word in ("|", "&&", ";", "||"):
             commands.append(current)
             current = []
         else:
