@@ -154,14 +154,14 @@ def test_threads_sharing_one_captioner_get_the_serial_captions(checkpoint, tmp_p
 
 def test_readme_model_handling_example_runs(checkpoint, tmp_path, monkeypatch, capsys):
     from test_api import ROOT
-    section = (ROOT / "README.md").read_text().split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
-    code = re.findall(r"```python\n(.*?)```", section, re.S)[1]  # the second block: the model itself
+    page = (ROOT / "docs/reference/python-api.md").read_text()  # the README's Python API section moved here
+    code = re.findall(r"```python\n(.*?)```", page, re.S)[1]  # the second block: the model itself
     assert "save_pretrained" in code and "transform" in code
     (tmp_path / "demo" / "run").mkdir(parents=True)
     (tmp_path / "demo" / "run" / "best.pt").write_bytes(checkpoint.read_bytes())
     next(noise_pngs(tmp_path / "noise", 1, 48).iterdir()).rename(tmp_path / "photo.jpg")
     monkeypatch.chdir(tmp_path)
-    exec(compile("from captioner import Captioner\nfrom PIL import Image\n" + code, "README.md", "exec"), {})
+    exec(compile(code, "docs/reference/python-api.md", "exec"), {})
     printed = capsys.readouterr().out.strip()
     assert printed and printed == Captioner.from_pretrained(checkpoint, "cpu").caption(tmp_path / "photo.jpg").text
     assert (tmp_path / "my-model" / "config.json").is_file()
