@@ -204,7 +204,7 @@ def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.T
         excluded = [convs[0], convs[-1]] if len(convs) > 2 else []
         # The first and last convolutions stay float32: the most sensitive to rounding (the image itself, the
         # features the decoder reads), under 2% of ResNet-152's operations; on the demo model this halves the
-        # int8 features' error (tests/test_onnx.py, README "Export and deploy").
+        # int8 features' error (tests/test_onnx.py, docs/guides/export.md).
         quantize_static(str(prepared), str(target / "encoder.onnx"), _Calibration(calibration),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

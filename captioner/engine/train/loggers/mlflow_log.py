@@ -168,7 +168,8 @@ class MlflowLogger(Logger):
 
     def _log_samples(self, step: int, samples: list) -> None:
         """samples/step_N.json (log_table's format: {"columns", "data"}) and attention/step_N/I.jpg, in one upload:
-        log_table and log_image took 2 s and 0.24 s per strip against a tracking server (README)."""
+        log_table and log_image took 2 s and 0.24 s per strip against a tracking server
+        (docs/guides/watching-training.md)."""
         samples = [SimpleNamespace(**s, image=None) if isinstance(s, dict) else s for s in samples]  # replayed
         rows = sample_rows(step, samples)
         columns = ["step", "file", "caption", "references"]
