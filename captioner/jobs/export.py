@@ -27,7 +27,7 @@ from pathlib import Path
 
 from captioner.engine.infer import hub
 from captioner.engine.infer.checkpoint import load_checkpoint, model_from_checkpoint
-from captioner.engine.infer.model_card import METRIC_NAMES, model_card
+from captioner.engine.infer.model_card import METRIC_NAMES, check_metrics, model_card
 from captioner.engine.infer.model_folder import (CONFIG_FILE, DTYPES, is_model_folder, load_model_folder, model_hash,
                                                  read_folder_config, resolve_model, write_model_folder)
 from captioner.config import require_min
@@ -56,6 +56,7 @@ class ExportJob:
     quantize: str | None = None  # int8: --format onnx graphs quantized (static QDQ encoder, dynamic decoder)
     calibrate: str | None = None  # images to calibrate int8 on (a folder or a list); None: the training split
     calibration_images: int = 64  # how many of them
+    license: str = "unknown"  # the model card's licence (a Hub licence id such as mit or apache-2.0)
 
     def __post_init__(self):
         require_min(("--calibration-images", self.calibration_images, 1))
@@ -76,6 +77,9 @@ class ExportJob:
         if self.push is not None and not hub.looks_like_repo_id(self.push):
             raise CaptionerError(f"--push {self.push!r} is not a Hub repo id: give owner/name "
                                  f"(e.g. alice/captioner-coco)")
+        if not self.license.strip() or any(c.isspace() for c in self.license):
+            raise CaptionerError(f"--license {self.license!r} must be one licence id without spaces (e.g. mit, "
+                                 f"apache-2.0, cc-by-4.0, other), or unknown")
         if self.private and self.push is None:
             raise CaptionerError("--private applies to --push: give the repo to push to")
 
@@ -90,6 +94,7 @@ def read_metrics(path: str | Path, checkpoint: Path) -> dict:
     if not isinstance(metrics, dict) or not any(isinstance(metrics.get(k), (int, float)) for k in METRIC_NAMES):
         raise CaptionerError(f"metrics file {path} holds no caption scores ({', '.join(METRIC_NAMES)}): give the "
                              f"metrics_SPLIT.json that `captioner evaluate` wrote")
+    check_metrics(metrics, f"metrics file {path}")
     scored = metrics.get("checkpoint")
     if isinstance(scored, str) and Path(scored).name != checkpoint.name and Path(scored).resolve() != checkpoint.resolve():
         log.warning("%s scored %s, not %s: the model card will show its numbers anyway", path, scored, checkpoint)
@@ -169,8 +174,9 @@ def main(job: ExportJob) -> dict:
         log.info("%s lies beside the checkpoint: add --metrics %s to put its scores in the model card",
                  source.parent / "metrics_test.json", source.parent / "metrics_test.json")
     model, vocab, cfg, provenance = _load(source)
+    onnx_precision = (job.quantize or "float32") if job.format == "onnx" else None
     write_model_folder(out, model, vocab, cfg, dtype=job.dtype, source=provenance, overwrite=job.overwrite,
-                       card=lambda meta: model_card(meta, cfg, metrics, job.push),
+                       card=lambda meta: model_card(meta, metrics, job.push, job.license, onnx_precision),
                        extra_files=_extra_writers(job, cfg, model))
     files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
     if job.push:
