@@ -48,12 +48,15 @@ def load() -> list[float] | None:
         return None
 
 
-def time_demo(out: Path) -> dict:
+def time_demo(out: Path, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     before = load()
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "captioner", "demo", "--out", str(out)], env=env,
-                            capture_output=True, text=True)
+    try:  # on timeout the demo process is killed, not left running
+        result = subprocess.run([sys.executable, "-m", "captioner", "demo", "--out", str(out)], env=env,
+                                capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        sys.exit(f"captioner demo took more than {timeout:g} s (load average {load()}): stopped")
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"captioner demo failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}")
@@ -66,12 +69,13 @@ def time_demo(out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="demo folder to keep (default: a temporary one, deleted)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds before the demo is stopped")
     args = parser.parse_args()
     if args.out:
-        report = time_demo(Path(args.out))
+        report = time_demo(Path(args.out), args.timeout)
     else:
         with tempfile.TemporaryDirectory(prefix="captioner-time-demo-") as tmp:
-            report = time_demo(Path(tmp) / "demo")
+            report = time_demo(Path(tmp) / "demo", args.timeout)
     print(json.dumps(report, indent=1))
 
 
