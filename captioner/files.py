@@ -29,6 +29,43 @@ from captioner.errors import CaptionerError, EnvironmentFailure, os_failure
 TEMP_SUFFIX = ".tmp"
 
 
+def _umask_from_proc() -> int | None:
+    """The umask as Linux (4.7+) reports it in /proc/self/status, read without changing it; None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_by_setting() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+# os.umask can only be read by setting it, and the umask is process-wide: a thread creating a file between the
+# two calls would get the temporary value. So it is read that way once, here at import (before captioner starts
+# any thread), and otherwise taken from /proc, which a later os.umask (a test, a user's code) updates too.
+_UMASK_AT_IMPORT = _umask_from_proc()
+if _UMASK_AT_IMPORT is None:
+    _UMASK_AT_IMPORT = _umask_by_setting()
+
+
+def current_umask() -> int:
+    """The process's umask: what open() and mkdir() apply, and what the files written here must get too."""
+    umask = _umask_from_proc()
+    return _UMASK_AT_IMPORT if umask is None else umask
+
+
+def file_mode() -> int:
+    """The mode a file created with open() gets (0644 under umask 022, 0600 under 077)."""
+    return 0o666 & ~current_umask()
+
+
 def fsync_dir(folder: str | Path) -> None:
     """Make a rename in folder durable (POSIX); a no-op where folders cannot be opened (Windows)."""
     try:
@@ -167,6 +204,7 @@ def atomic_write(path: str | Path, what: str = "file", durable: bool = True) -> 
             f.flush()
             if durable:
                 os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp's 0600 would hide the file from the user's group
         move_into_place(tmp, path, durable)
     except (OSError, RuntimeError) as e:  # a full disk shows up as either (torch.save raises RuntimeError)
         Path(tmp).unlink(missing_ok=True)
@@ -230,11 +268,11 @@ def remove_stale_temporaries(folder: str | Path, pattern: str = "*") -> list[str
 def _shareable(folder: Path) -> None:
     """Give a finished temporary folder and its files the permissions of a folder made with mkdir (mkdtemp and
     mkstemp make them private to their owner), so that a model folder can be shared."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     folder.chmod(0o777 & ~umask)
     for item in folder.rglob("*"):
-        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+        if not item.is_symlink():  # chmod would follow a link out of the folder
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 @contextmanager

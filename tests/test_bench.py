@@ -4,6 +4,7 @@ Benchmarks print numbers: nothing here asserts on a speed.
 """
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -58,6 +59,12 @@ def test_bench_smoke_writes_json_with_every_key_timing_the_products_own_step_and
     # smoke: 2 cached + 1 image + 1 SCST training steps, each after a warm-up step; greedy and beam 3 over 4
     # images in batches of 4, each after a warm-up batch
     assert calls == {"step": (2 + 1) + (1 + 1) + (1 + 1), "caption": 2 * (1 + 1)}
+    # shared as it is: no path of this machine (the temporary JPEGs, caches, model folders) in the results
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        return [s for v in value for s in strings(v)] if isinstance(value, list) else [value]
+    assert not [v for v in strings(results) if isinstance(v, str) and os.path.isabs(v)]
 
 
 def test_bench_rejects_unknown_sizes(capsys):

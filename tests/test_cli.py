@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,9 @@ def test_evaluate_and_caption_from_cli(trained, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_entry_point_and_script_help():
-    for cmd in (["captioner", "--help"], [sys.executable, "scripts/train.py", "--help"]):
+    # The entry point installed beside this interpreter (a venv's bin/ need not be on PATH: not activated).
+    entry_point = Path(sysconfig.get_path("scripts")) / "captioner"
+    for cmd in ([entry_point, "--help"], [sys.executable, "scripts/train.py", "--help"]):
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=str(TINY.parent.parent))
         assert done.returncode == 0 and "usage" in done.stdout
 

@@ -58,6 +58,16 @@ def _environment() -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
 
 
+def _reuse_packages(python: Path) -> None:
+    """Put the running interpreter's site-packages folders on the new venv's path, after its own: a .pth file's
+    plain lines are appended to sys.path, and the .pth files inside them (the editable captioner's) are not
+    run, so the venv's own captioner comes first and the checkout's never enters."""
+    own = _run([python, "-c", "import site; print(site.getsitepackages()[0])"], env=_environment()).stdout.strip()
+    reused = [p for p in sys.path if p and Path(p).is_dir() and Path(p).name in ("site-packages", "dist-packages")
+              and Path(p) != Path(own)]
+    (Path(own) / "captioner-test-reuse.pth").write_text("".join(p + "\n" for p in reused))
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """(wheel, sdist, venv's python, a folder outside the checkout): built and installed once for this module."""
@@ -72,8 +82,11 @@ def built(tmp_path_factory):
           dist], cwd=source, env=env, timeout=600)
     (wheel,), (sdist,) = dist.glob("captioner-*.whl"), dist.glob("captioner-*.tar.gz")
     # The venv sees the installed torch, numpy, ... (and pip) but gets its own captioner, not the editable one.
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], env=env, timeout=300)
+    # Not `venv --system-site-packages`: run from inside a venv, that shows the base Python's packages, not the
+    # running environment's (where torch may be the only one there is).
+    _run([sys.executable, "-m", "venv", "--without-pip", venv], env=env, timeout=300)
     python = venv / "bin" / "python"
+    _reuse_packages(python)
     _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q", wheel], cwd=work,
          env=env, timeout=600)
     outside.mkdir()

@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs: examples/onnx_caption.py, or --runtime onnxruntime)")
     p.add_argument("--metrics", default=None, metavar="FILE",
                    help="a metrics_SPLIT.json written by `captioner evaluate`: its scores go into the model card")
+    p.add_argument("--license", default="unknown", metavar="ID",
+                   help="the model's licence in the card, a Hub licence id such as mit or apache-2.0 (default: "
+                   "unknown); the backbone weights' own licence is named where their library records it")
     p.add_argument("--push", default=None, metavar="OWNER/NAME",
                    help="also upload the folder to this Hugging Face Hub repo (needs the [hub] extra and a login)")
     p.add_argument("--private", action="store_true", help="with --push: create the repo as private")

@@ -54,7 +54,7 @@ def main(job: DemoJob) -> dict:
     folder = out / "images"  # a plain folder of held-out images, as a user would have
     folder.mkdir(parents=True, exist_ok=True)
     for record in by_split(load_records(cfg.dataset), "test")[:16]:
-        shutil.copy(record.path, folder / Path(record.path).name)
+        shutil.copyfile(record.path, folder / Path(record.path).name)  # a new file: the umask's mode, not the source's
     captions = caption.main(caption.CaptionJob(summary["best_checkpoint"], [str(folder)],
                                                out=str(out / "captions.jsonl"), device=device,
                                                html=str(out / "gallery.html"), overwrite=True,  # a new model: no resume

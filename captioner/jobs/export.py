@@ -31,7 +31,7 @@ from pathlib import Path
 
 from captioner.engine.infer import hub
 from captioner.engine.infer.checkpoint import load_checkpoint, model_from_checkpoint
-from captioner.engine.infer.model_card import METRIC_NAMES, model_card
+from captioner.engine.infer.model_card import METRIC_NAMES, check_metrics, model_card
 from captioner.engine.infer.model_folder import (CONFIG_FILE, DTYPES, is_model_folder, load_model_folder, model_hash,
                                                  read_folder_config, resolve_model, write_model_folder)
 from captioner.config import require_min
@@ -62,6 +62,7 @@ class ExportJob:
     calibrate: str | None = None  # images to calibrate int8 on (a folder or a list); None: the training split
     calibration_images: int = 64  # how many of them
     onnx_only: bool = False  # --format onnx: leave model.safetensors out (a deployment folder for onnxruntime)
+    license: str = "unknown"  # the model card's licence (a Hub licence id such as mit or apache-2.0)
 
     def __post_init__(self):
         require_min(("--calibration-images", self.calibration_images, 1))
@@ -84,6 +85,9 @@ class ExportJob:
         if self.push is not None and not hub.looks_like_repo_id(self.push):
             raise CaptionerError(f"--push {self.push!r} is not a Hub repo id: give owner/name "
                                  f"(e.g. alice/captioner-coco)")
+        if not self.license.strip() or any(c.isspace() for c in self.license):
+            raise CaptionerError(f"--license {self.license!r} must be one licence id without spaces (e.g. mit, "
+                                 f"apache-2.0, cc-by-4.0, other), or unknown")
         if self.private and self.push is None:
             raise CaptionerError("--private applies to --push: give the repo to push to")
 
@@ -98,6 +102,7 @@ def read_metrics(path: str | Path, checkpoint: Path) -> dict:
     if not isinstance(metrics, dict) or not any(isinstance(metrics.get(k), (int, float)) for k in METRIC_NAMES):
         raise CaptionerError(f"metrics file {path} holds no caption scores ({', '.join(METRIC_NAMES)}): give the "
                              f"metrics_SPLIT.json that `captioner evaluate` wrote")
+    check_metrics(metrics, f"metrics file {path}")
     scored = metrics.get("checkpoint")
     if isinstance(scored, str) and Path(scored).name != checkpoint.name and Path(scored).resolve() != checkpoint.resolve():
         log.warning("%s scored %s, not %s: the model card will show its numbers anyway", path, scored, checkpoint)
@@ -136,13 +141,14 @@ def check_out(out: Path, overwrite: bool, names: tuple[str, str] = ("--out", "--
 
 def write_export(out: Path, model, vocab, cfg, source: dict, *, dtype: str = "float32", metrics: dict | None = None,
                  push: str | None = None, overwrite: bool = False, extra_files: tuple = (),
-                 weights: bool = True) -> dict[str, int]:
+                 weights: bool = True, license: str = "unknown", onnx_precision: str | None = None
+                 ) -> dict[str, int]:
     """The model folder `captioner export` writes (Captioner.save_pretrained writes it through here too): weights,
     config.json, vocab.json and the model card (its scores from metrics, its usage naming push). Returns
     {file name: bytes}. weights=False leaves model.safetensors out (an ONNX-only folder)."""
     write_model_folder(out, model, vocab, cfg, dtype=dtype, source=source, overwrite=overwrite,
-                       card=lambda meta: model_card(meta, cfg, metrics, push), extra_files=extra_files,
-                       weights=weights)
+                       card=lambda meta: model_card(meta, metrics, push, license, onnx_precision),
+                       extra_files=extra_files, weights=weights)
     return {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
 
 
@@ -211,7 +217,8 @@ def main(job: ExportJob) -> dict:
     model, vocab, cfg, made_from = _load(source)
     files = write_export(out, model, vocab, cfg, made_from, dtype=job.dtype, metrics=metrics, push=job.push,
                          overwrite=job.overwrite, extra_files=_extra_writers(job, cfg, model),
-                         weights=not job.onnx_only)
+                         weights=not job.onnx_only, license=job.license,
+                         onnx_precision=(job.quantize or "float32") if job.format == "onnx" else None)
     if job.push:
         log.info("pushing %s to the Hugging Face Hub as %s", out, job.push)
     pushed = hub.upload(out, job.push, job.private) if job.push else None

@@ -33,6 +33,7 @@ from captioner.engine.infer.checkpoint import load_model, model_from_checkpoint
 from captioner.engine.infer.integrity import WeightSource, check_vocab, vocab_sha256
 from captioner.errors import CaptionerError, os_failure
 from captioner.files import atomic_folder, write_json, write_text
+from captioner.model.backbones import SOURCES, parse_arch
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary
 from captioner.weights import read_state_dict, write_safetensors
@@ -186,24 +187,59 @@ def exported_state(model: CaptionModel, dtype: str = "float32") -> dict[str, tor
             for name, t in model.state_dict().items() if name not in skip}
 
 
+def backbone_library(arch: str) -> str:
+    """The library a backbone comes from: torchvision, timm or open_clip."""
+    source = parse_arch(arch)[0]
+    return next(name for name, s in SOURCES.items() if s is source)
+
+
 def folder_config(model: CaptionModel, vocab: Vocabulary, cfg: Config, dtype: str, files: dict[str, str],
                   source: dict | None = None) -> dict:
-    """config.json's content: the format, the files, the config (this machine's compute section left out), and
-    what other tools need to run the model without captioner's code (preprocessing, sizes)."""
+    """config.json's content: the format, the files, the config (this machine's compute section left out, its
+    paths cut to names: shareable_config), and what other tools need to run the model without captioner's code
+    (preprocessing, sizes)."""
     enc = model.encoder
-    config = {k: v for k, v in to_dict(cfg).items() if k != "compute"}
+    config = shareable_config({k: v for k, v in to_dict(cfg).items() if k != "compute"})
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "library_name": "captioner",
             "captioner_version": __version__, "files": dict(files), "dtype": DTYPE_NAMES[dtype],
             "vocab_size": len(vocab), "vocab_sha256": vocab_sha256(vocab.tokens),
-            "architecture": {"encoder": enc.arch, "layer": enc.layer, "channels": enc.channels,
+            "architecture": {"library": backbone_library(enc.arch), "encoder": enc.arch,
+                             "layer": enc.layer, "channels": enc.channels,
                              "grid": list(enc.grid), "decoder": "soft-attention LSTM (Show, Attend and Tell)",
                              "parameters": sum(p.numel() for p in model.parameters())},
-            "preprocessing": {"image_size": enc.image_size,
+            "preprocessing": {"image_size": enc.image_size, "interpolation": enc.interpolation,
                               "resize": f"{enc.interpolation}, to image_size x image_size (squashed, not cropped)",
                               "exif_orientation": True, "alpha": "composited onto white",
                               "mean": list(enc.preprocess.mean), "std": list(enc.preprocess.std),
                               "input": "RGB uint8 / 255"},
             "decode": config["decode"], "source": source or {}, "config": config}
+
+
+# Config keys that name places on the training machine: a model folder keeps only their last component (a name
+# that still says which dataset, cache or weights file), since loading never reads them and a folder passed on
+# must not carry its maker's home folder. Any other absolute path string is cut to its name too.
+MACHINE_PATHS = {"dataset": ("root", "annotations", "images", "splits", "train_list", "val_list", "test_list"),
+                 "cache": ("dir",), "encoder": ("weights",)}
+
+
+def _name_only(value):
+    return os.path.basename(os.path.normpath(value)) if isinstance(value, str) and value else value
+
+
+def shareable_config(config: dict) -> dict:
+    """A copy of a config dict for a folder that leaves this machine: paths cut to their names."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return _name_only(value) if isinstance(value, str) and os.path.isabs(value) else value
+    config = strip(config)
+    for section, keys in MACHINE_PATHS.items():
+        for key in keys:
+            if isinstance(config.get(section), dict) and key in config[section]:
+                config[section][key] = _name_only(config[section][key])
+    return config
 
 
 # extra_files: writers that add other formats' files to the folder (folder, model, dtype) -> {role: file name},

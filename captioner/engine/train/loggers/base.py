@@ -109,4 +109,4 @@ def export_best(run_dir: Path, out: Path) -> dict:
     provenance = {"checkpoint": source.name, "sha256": model_hash(source, digits=64), "epoch": state.get("epoch"),
                   "step": state.get("step"), "val_scores": state.get("val_scores")}
     return write_model_folder(out, model.eval(), vocab, cfg, source=provenance,
-                              card=lambda meta: model_card(meta, cfg))
+                              card=model_card)
