@@ -165,3 +165,35 @@ def test_readme_model_handling_example_runs(checkpoint, tmp_path, monkeypatch, c
     printed = capsys.readouterr().out.strip()
     assert printed and printed == Captioner.from_pretrained(checkpoint, "cpu").caption(tmp_path / "photo.jpg").text
     assert (tmp_path / "my-model" / "config.json").is_file()
+
+
+def test_a_notebook_session_end_to_end(checkpoint, photos, tmp_path, monkeypatch):
+    """Issue 34's notebook, in one session: load, per-call generation (beam 5, max_len 8, top-p 0.9 sampling, 3
+    returned sequences), bf16, .transform + .model by hand, save_pretrained -> from_pretrained, push_to_hub."""
+    cap = Captioner.from_pretrained(checkpoint, device="cpu", dtype="float32")
+    beams = cap.caption(photos[0], beam_size=5, max_len=8, num_return_sequences=3)
+    assert len(beams.sequences) == 3 and len({text for text, _ in beams.sequences}) == 3
+    assert beams.sequences[0] == (beams.text, beams.score) and all(len(t.split()) <= 8 for t, _ in beams.sequences)
+    scores = [score for _, score in beams.sequences]
+    assert scores == sorted(scores, reverse=True)
+    torch.manual_seed(0)
+    drawn = cap.caption(photos, sample=True, top_p=0.9, num_return_sequences=3)
+    torch.manual_seed(0)
+    assert [c.sequences for c in cap.caption(photos, sample=True, top_p=0.9, num_return_sequences=3)] == \
+        [c.sequences for c in drawn]  # seeded sampling repeats
+    assert all(len(c.sequences) == 3 for c in drawn)
+    assert cap.caption(photos[0]).text == cap.caption(photos[0], beam_size=cap.predictor.settings.beam_size).text
+    bf16 = Captioner.from_pretrained(checkpoint, device="cpu", dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and all(c.text for c in bf16.caption(photos))
+    options = SearchOptions(beam_size=cap.predictor.settings.beam_size, max_len=cap.predictor.settings.max_len)
+    with torch.inference_mode():
+        out = decode(cap.model, cap.model.encode(cap.transform(Image.open(photos[1]))[None]), options)
+    assert cap.vocab.decode(out.tokens[0].tolist()) == cap.caption(photos[1]).text
+    again = Captioner.from_pretrained(cap.save_pretrained(tmp_path / "mine"), device="cpu")
+    assert [c.text for c in again.caption(photos)] == [c.text for c in cap.caption(photos)]
+    local = LocalHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "client", lambda: local)
+    monkeypatch.chdir(tmp_path)
+    cap.push_to_hub("alice/notebook")
+    assert [c.text for c in Captioner.from_pretrained("alice/notebook", "cpu").caption(photos)] == \
+        [c.text for c in cap.caption(photos)]
