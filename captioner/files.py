@@ -244,6 +244,17 @@ def _disk_note(path: Path) -> str:
     return f" (the disk mounted at {mount} has {free / 1e6:.1f} MB free)"
 
 
+def update_digest(digest, path: str | Path, what: str = "file") -> None:
+    """Feed a file's bytes to a hashlib digest, a block at a time (a 230 MB checkpoint never sits in memory); an
+    unreadable file is one line naming it."""
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    except OSError as e:
+        raise os_failure(f"{what} {path}: cannot read", e) from None
+
+
 def write_bytes(path: str | Path, data: bytes, what: str = "file", durable: bool = True) -> None:
     with atomic_write(path, what, durable) as f:
         f.write(data)

@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 import torch
 
 from captioner.errors import CaptionerError
+from captioner.files import update_digest
 from captioner.model.backbone_weights import looks_like_file
 from captioner.progress import show_progress
 
@@ -53,9 +54,7 @@ def _first_line(e: BaseException) -> str:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    update_digest(digest, path, "weights file")
     return digest.hexdigest()
 
 

@@ -32,7 +32,7 @@ from captioner.engine.infer import hub
 from captioner.engine.infer.checkpoint import load_model, model_from_checkpoint
 from captioner.engine.infer.integrity import WeightSource, check_vocab, vocab_sha256
 from captioner.errors import CaptionerError, os_failure
-from captioner.files import atomic_folder, write_json, write_text
+from captioner.files import atomic_folder, update_digest, write_json, write_text
 from captioner.model.backbones import SOURCES, parse_arch
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary
@@ -80,12 +80,7 @@ def model_hash(path: str | Path, digits: int = 16) -> str:
         files = [path / CONFIG_FILE] + [path / f for role, f in sorted(meta["files"].items()) if role != "card"]
     digest = hashlib.sha256()
     for file in files:
-        try:
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-        except OSError as e:
-            raise os_failure(f"{'model file' if file != path else 'checkpoint'} {file}: cannot read", e) from None
+        update_digest(digest, file, "model file" if file != path else "checkpoint")
     return digest.hexdigest()[:digits]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from captioner.config import Config, to_dict
-from captioner.errors import os_failure
+from captioner.files import update_digest
 from captioner.text import Vocabulary
 
 DIGITS = 16
@@ -60,11 +60,6 @@ def graphs_id(graphs: list[Path], precision: str, vocab: Vocabulary, cfg: Config
     vocabulary and the config; another runtime than PyTorch's, so never equal to model_id."""
     digest = hashlib.sha256(f"onnxruntime {precision}".encode())
     for path in graphs:
-        try:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-        except OSError as e:
-            raise os_failure(f"ONNX graph {path}: cannot read", e) from None
+        update_digest(digest, path, "ONNX graph")
     digest.update(_described(vocab, cfg))
     return digest.hexdigest()[:DIGITS]
