@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from captioner.cli import COMMANDS, build_job, build_parser, main
-from captioner.cli.parser import subcommands, takes_overrides
+from captioner.cli.overrides import subcommands, takes_overrides
 from helpers import ROOT, noise_pngs, read_records
 
 # The fewest arguments each command parses with (nothing is read at parse level).

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from captioner.cli.parser import subcommands, takes_overrides
+from captioner.cli.overrides import subcommands, takes_overrides
 from captioner.config import valid_keys
 from captioner.errors import CaptionerError
 
