@@ -18,23 +18,14 @@ from captioner.model.decoding import SearchOptions, greedy_decode
 pytest.importorskip("onnxruntime")
 
 from captioner.cli import main as cli  # noqa: E402
-from captioner.engine.infer.onnx_export import GRAPHS, export_graphs, quantize_graphs  # noqa: E402
-from captioner.engine.infer.onnx_runtime import EncoderSpec, OnnxBackend  # noqa: E402
+from captioner.engine.infer.onnx_export import export_graphs, quantize_graphs  # noqa: E402
 from captioner.engine.infer.predictor import Predictor  # noqa: E402
 from captioner.jobs.export import ExportJob  # noqa: E402
 
 from helpers import COCO_MINI, noise_pngs, read_records, varied_checkpoint  # noqa: E402
+from test_onnx import _backend, _relative  # noqa: E402 (one copy of the backend and error helpers)
 
 PHOTOS = sorted((COCO_MINI / "train2017").glob("*.jpg"))[:3]
-
-
-def _backend(folder, model, precision="float32"):
-    return OnnxBackend({name: folder / f"{name}.onnx" for name in GRAPHS}, EncoderSpec.of(model.encoder),
-                       model.decoder.vocab_size, precision=precision)
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / a.abs().max())
 
 
 # ---------------------------------------------------------------- every backbone family exports
