@@ -28,7 +28,7 @@ def test_unknown_key_lists_valid_ones(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.epochs=many", "expects int"), ("train.lr=-1", "train.lr must be > 0"),
     ("decode.beam_size=0", "beam_size' must be >= 1"), ("novalue", "section.key=value"),
-    ("train.val_beam_size=0", r"train.val_beam_size' must be >= 1 \(1: greedy\), got 0"),
+    ("train.val_beam_size=-1", r"train.val_beam_size' must be >= 0 \(0: decode.beam_size, 1: greedy\), got -1"),
     ("train.validate_init=maybe", "validate_init"),
     ("train.scst_max_len=-1", r"train.scst_max_len' must be >= 0, got -1")])
 def test_bad_values_rejected(override, message):

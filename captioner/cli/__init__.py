@@ -146,6 +146,10 @@ def build_job(args: argparse.Namespace):
 
 def run_command(args: argparse.Namespace) -> int:
     module, job = build_job(args)
+    if getattr(args, "print_config", False):  # the job checked and resolved its config; it runs nothing more
+        from captioner.config import to_yaml
+        print(to_yaml(job.cfg), end="", flush=True)
+        return 0
     return COMMANDS[args.command][2](args, module.main(job))
 
 

@@ -26,6 +26,12 @@ def _add_overrides(p: argparse.ArgumentParser, help: str = OVERRIDES_HELP) -> No
                    help="the same as a positional KEY=VALUE (kept for older scripts); repeatable")
 
 
+def _add_print_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML (every key: the file's values, then the KEY=VALUE "
+                   "overrides, then the defaults) and exit without doing any work or writing any file")
+
+
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
                    help="what runs the model: torch (default), or onnxruntime: the ONNX graphs of a model folder "
@@ -105,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "         torchrun --nproc_per_node=2 -m captioner train --config FILE --run-dir DIR\n"
                 "         captioner train --resume runs/tiny 'train.log_to=[jsonl,tensorboard]'   "
                 "(then: tensorboard --logdir runs)\n"
+                "         captioner train --config FILE train.epochs=3 --print-config   (the resolved config; no run)\n"
                 "RUN_DIR receives best.pt, last.pt, metrics.jsonl, config.yaml and vocab.json (and tb/ with\n"
                 "train.log_to=[jsonl,tensorboard]). On a terminal one progress line covers the run, with its ETA.\n"
                 "SIGINT/SIGTERM save last.pt and exit with 130/143; --resume continues at the exact sample.")
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="CKPT", help="start a new run from CKPT's weights and vocabulary (fresh "
                    "optimizer and schedule): SCST after cross-entropy, or fine-tuning on another dataset")
     p.add_argument("--overwrite", action="store_true", help="start over in a --run-dir that holds another run")
+    _add_print_config(p)
     _add_device(p)
     _add_overrides(p)
 
@@ -258,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per batch (default: compute.encode_batch_size)")
     p.add_argument("--workers", dest="num_workers", type=int, default=None,
                    help="image decoding processes (default: compute.num_workers)")
+    _add_print_config(p)
     _add_device(p)
     _add_overrides(p)
 

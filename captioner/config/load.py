@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from captioner.config.defaults import resolve_defaults
 from captioner.config.sections import LEGACY_DEFAULTS, Config
 from captioner.config.validate import check_number, check_text, validate
 from captioner.errors import CaptionerError
@@ -229,7 +230,7 @@ def from_saved_dict(data: dict) -> Config:
     for section, legacy in LEGACY_DEFAULTS.items():
         if isinstance(filled.get(section, {}), dict):
             filled[section] = {**legacy, **filled.get(section, {})}
-    return from_dict(filled)
+    return resolve_defaults(from_dict(filled))
 
 
 def _kind(value) -> str:
@@ -327,24 +328,46 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """The config in YAML file path (a bare name such as tiny.yaml also finds the shipped one), with overrides."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file() and path.parent == Path(".") and shipped_config(path.name):
-            path = shipped_config(path.name)
-        if not path.is_file():
-            raise CaptionerError(f"config file {path} not found")
-        data = parse_yaml(read_text(path, "config file", setting=""), f"config file {path}")
-        if data is None:
-            raise CaptionerError(f"config file {path} is empty (or only comments): give at least one section, "
-                                 f"e.g. start from configs/tiny.yaml")
+        path, data = _read_config(path)
         try:
             from_dict(_relative_to(data, path.parent), cfg)
         except CaptionerError as e:
             raise e.with_context(f"{path}: ") from None
-    return apply_overrides(cfg, list(overrides))
+    return resolve_defaults(apply_overrides(cfg, list(overrides)))
+
+
+def _read_config(path: str | Path) -> tuple[Path, object]:
+    """(the config file's path, a bare name found among the shipped ones, its parsed YAML), or a one-line error."""
+    path = Path(path)
+    if not path.is_file() and path.parent == Path(".") and shipped_config(path.name):
+        path = shipped_config(path.name)
+    if not path.is_file():
+        raise CaptionerError(f"config file {path} not found")
+    data = parse_yaml(read_text(path, "config file", setting=""), f"config file {path}")
+    if data is None:
+        raise CaptionerError(f"config file {path} is empty (or only comments): give at least one section, "
+                             f"e.g. start from configs/tiny.yaml")
+    return path, data
+
+
+def stated_keys(path: str | Path | None, overrides=()) -> set[str]:
+    """The "section.key" names that the YAML file at path and the overrides give a value to (the rest are
+    defaults), for a config load_config(path, overrides) already read without error."""
+    keys = {override.partition("=")[0].strip() for override in overrides}
+    if path is not None:
+        data = _read_config(path)[1]
+        keys |= {f"{section}.{name}" for section, values in data.items() if isinstance(values, dict)
+                 for name in values}
+    return keys
 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    """cfg as YAML, every key in its section's order: a run's config.yaml, `--print-config`."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 # Encoder keys that a config may leave to the weights (None or ""); a checkpoint records the values it trained with.

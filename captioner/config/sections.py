@@ -57,9 +57,17 @@ class ModelConfig:
     gate: bool = True  # sigmoid gate on the attention context ("beta", Show, Attend and Tell 4.2.1)
 
 
+# Defaults the real-photo benchmark measured best (docs/quality.md, k-fold table), before which a run got these
+# values: a saved config without the key, and a run continuing one (--init-from, --resume --config) that does not
+# state the key, keep the value its checkpoint was trained with (train.py inherit_settings). Each new default
+# itself is in its dataclass field below (one line to change).
+DEFAULTS_BEFORE_MEASURED = {"train": {"label_smoothing": 0.0, "val_beam_size": 1}, "decode": {"suppress_unk": False}}
+
+
 # The value a key added after a checkpoint was written takes when that checkpoint is loaded: the behaviour
 # it was trained with, whatever today's default is.
-LEGACY_DEFAULTS = {"model": {"features": "project", "attention": "tanh", "init_state": "tanh", "gate": True}}
+LEGACY_DEFAULTS = {"model": {"features": "project", "attention": "tanh", "init_state": "tanh", "gate": True},
+                   **DEFAULTS_BEFORE_MEASURED}
 
 
 DATASET_FORMATS = ("auto", "synthetic", "coco", "karpathy", "flickr8k", "flickr30k", "csv", "jsonl")
@@ -109,9 +117,9 @@ class TrainConfig:
     select_metric: str = "cider"  # validation score (coco-caption's, as evaluate's) that picks best.pt, drives plateau
     # and early stopping: cider (CIDEr-D), bleu1..bleu4 or rouge_l
     early_stop_patience: int = 0  # stop after this many validations without improvement (0: never)
-    # validation's captions: 1 greedy (fast); decode.beam_size's value picks best.pt on the captions `evaluate`
-    # and `caption` will write (the quality benchmark does)
-    val_beam_size: int = at_least(1, 1, "1: greedy")
+    # validation's beam: 0 (the default) decode.beam_size's, so best.pt is picked on the captions `evaluate` and
+    # `caption` write (measured best, docs/quality.md); 1 greedy (faster). A run records the number it used.
+    val_beam_size: int = at_least(0, 0, "0: decode.beam_size, 1: greedy")
     validate_init: bool = True  # --init-from: score the starting weights first (epoch 0; best.pt until an epoch beats
     # them), so fine-tuning, self-critical training above all, never leaves a best.pt worse on val than its start
     encoder_lr: float = 1e-4  # learning rate of the fine-tuned encoder stages (encoder.finetune_from)
@@ -127,7 +135,8 @@ class TrainConfig:
     # mixed objective; 0: off; 0.1 did not help on 545 photos, docs/quality.md)
     scst_xe_weight: float = 0.0
     scst_temperature: float = 1.0  # scst: samples drawn from softmax(logits / this); < 1 keeps them near the beam's
-    label_smoothing: float = 0.0  # xe: probability of the target spread over the other words (0: off)
+    # xe: probability of the target spread over the other words (0: off; 0.1 measured best, docs/quality.md)
+    label_smoothing: float = 0.1
     # Where training's metrics go (LOGGERS): RUN_DIR/metrics.jsonl is always written (resume and `captioner plot`
     # read it); tensorboard adds RUN_DIR/tb/, mlflow an MLflow run (MLFLOW_TRACKING_URI, else RUN_DIR/mlflow.db),
     # wandb a Weights & Biases run (WANDB_MODE): the same scalars, sample captions; each behind its extra
@@ -146,7 +155,8 @@ class DecodeConfig:
     temperature: float = 1.0  # sampling only: < 1 sharper (closer to greedy), > 1 more varied; see TEMPERATURES
     block_ngram: int = 0  # > 0: no caption repeats one of its n-grams of this length (greedy and beam; 0: off)
     # captions never hold <unk> (rare words): greedy, beam, sampling, SCST's samples; as self-critical.pytorch
-    suppress_unk: bool = False
+    # (measured best, docs/quality.md; checkpoints from before keep false)
+    suppress_unk: bool = True
     groups: int = at_least(1, 1)  # beam search in this many diverse groups (Vijayakumar 2018); beam_size a multiple
     diversity: float = 0.0  # diverse groups: log-probability penalty per earlier group that chose the same word
     top_k: int = at_least(0, 0)  # sampling only: draw from the k most likely words (0: off; 1: greedy)

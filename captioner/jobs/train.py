@@ -5,6 +5,7 @@
     captioner train --resume runs/tiny                    # after kill -9, Ctrl-C or pre-emption
     captioner train --resume runs/tiny train.epochs=20    # or to train longer
     captioner train --config configs/tiny.yaml --run-dir runs/scst --init-from runs/tiny/best.pt train.objective=scst
+    captioner train --config configs/tiny.yaml train.epochs=3 --print-config   # the resolved config; no work
     torchrun --nproc_per_node=2 -m captioner train --config configs/tiny.yaml --run-dir runs/ddp
 
 RUN_DIR gets last.pt (every train.checkpoint_every steps, at each epoch end, on SIGINT/SIGTERM), best.pt (when
@@ -31,10 +32,12 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from captioner.config import Config, from_dict, inherit_preprocess, to_dict
+from captioner.config import (Config, from_dict, inherit_old_defaults, inherit_preprocess, resolve_defaults,
+                               stated_keys, to_dict)
 from captioner.data.cache import default_cache_dir
 from captioner.data.datasets import by_split, dataset_inputs, load_records
 from captioner.data.pipeline import Batches
+from captioner.engine.infer.checkpoint import load_checkpoint
 from captioner.engine.runtime import distributed
 from captioner.engine.runtime.compute import setup_compute
 from captioner.engine.runtime.distributed import Process
@@ -176,16 +179,24 @@ class TrainJob:
     init_from: str | Path | None = None  # a checkpoint whose weights and vocabulary a new run starts from
     config: str | Path | None = None  # a YAML config file
     overrides: list[str] = field(default_factory=list)  # section.key=value on top of the config
+    print_config: bool = False  # only the resolved config is wanted (--print-config): run_dir may be left out
 
     def __post_init__(self):
         if self.resume and self.init_from:
             raise CaptionerError("--init-from starts a new run; --resume continues one (it already holds its weights)")
-        if not self.run_dir or (self.cfg is None and not self.config and not self.resume):
+        if (not self.run_dir and not self.print_config) or (self.cfg is None and not self.config and not self.resume):
             raise CaptionerError("train needs --config FILE and --run-dir DIR, or --resume RUN_DIR")
+        # the keys the file and overrides give: the others may keep a continued checkpoint's (inherit_old_defaults)
+        stated = stated_keys(self.config, self.overrides) if self.cfg is None and self.config else None
         if self.cfg is None and self.resume:
             self.cfg = resume_config(self.run_dir, self.config, self.overrides)
         else:
             self.cfg = config_of(self.cfg, self.config, self.overrides, "train")
+        continued = Path(self.init_from) if self.init_from else Path(self.run_dir) / "last.pt" if self.resume else None
+        if stated is not None and continued is not None and continued.is_file():  # else the run's checks refuse it
+            saved = load_checkpoint(continued, mmap=True)["config"]
+            self.cfg = from_dict(inherit_old_defaults(to_dict(self.cfg), saved, stated))
+        self.cfg = resolve_defaults(self.cfg)  # a Config built in code too: the run records the numbers it used
         check_log_to(self.cfg.train.log_to)  # a missing tracker package, in one line before anything runs
         files, folders = dataset_inputs(self.cfg.dataset)  # --overwrite clears the run dir: never an input in it
         refuse_overlap({"--run-dir": self.run_dir}, {"--config": self.config, "--init-from": self.init_from, **files,

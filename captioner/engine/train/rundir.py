@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from captioner.config import Config, from_saved_dict, inherit_preprocess, parse_yaml, to_dict
+from captioner.config import Config, from_saved_dict, inherit_preprocess, parse_yaml, to_dict, to_yaml
 from captioner.engine.infer.checkpoint import remove_stale_temporaries
 from captioner.errors import CaptionerError
 from captioner.files import make_parent, write_text
@@ -118,7 +118,7 @@ def write_run_files(run_dir: Path, cfg: Config, vocab: Vocabulary, clear: bool) 
         stale = remove_stale_temporaries(run_dir)
         if stale:
             log.info("removed %d temporary files of interrupted saves (%s)", len(stale), ", ".join(stale[:3]))
-        write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False), "run config")
+        write_text(run_dir / "config.yaml", to_yaml(cfg), "run config")
         vocab.save(run_dir / "vocab.json")
     except OSError as e:
         raise CaptionerError(f"cannot write to run dir {run_dir}: {e.strerror or e}") from None
