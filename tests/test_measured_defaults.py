@@ -1,0 +1,99 @@
+"""The measured-best defaults (docs/quality.md, k-fold table) apply to new runs only; old checkpoints and runs
+continuing them keep the settings they were trained with; --print-config shows the resolved config."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from captioner.cli import main
+from captioner.config import (DEFAULTS_BEFORE_MEASURED, Config, from_saved_dict, load_config, to_dict)
+from captioner.engine.infer.checkpoint import save_checkpoint
+from captioner.engine.infer.model_folder import load_model_source
+from captioner.engine.train.rundir import write_run_files
+from captioner.jobs.train import TrainJob
+from captioner.text import Vocabulary
+from helpers import SHAPE_CAPTIONS, TINY, untrained_state
+
+MEASURED = {"train.label_smoothing": 0.1, "decode.suppress_unk": True}
+OLD = {"train.label_smoothing": 0.0, "decode.suppress_unk": False, "train.val_beam_size": 1}
+
+
+def _values(cfg: Config, keys) -> dict:
+    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in keys}
+
+
+def _old_style(config: dict) -> dict:
+    """config as an older captioner saved it: without the keys whose defaults were measured since."""
+    return {section: {k: v for k, v in values.items() if k not in DEFAULTS_BEFORE_MEASURED.get(section, {})}
+            for section, values in config.items()}
+
+
+def test_a_new_config_gets_the_measured_defaults_and_validates_on_the_decoding_beam():
+    cfg = load_config(TINY)
+    assert _values(cfg, MEASURED) == MEASURED
+    assert cfg.train.val_beam_size == cfg.decode.beam_size == 3
+    assert load_config(TINY, ["decode.beam_size=5"]).train.val_beam_size == 5  # resolved after the overrides
+    assert load_config(None).train.val_beam_size == Config().decode.beam_size
+
+
+def test_a_command_line_override_wins_over_every_measured_default():
+    cfg = load_config(TINY, ["train.label_smoothing=0", "decode.suppress_unk=false", "train.val_beam_size=1",
+                             "decode.beam_size=5"])
+    assert _values(cfg, OLD) == OLD
+
+
+def test_an_old_saved_config_without_the_keys_keeps_the_old_defaults():
+    saved = _old_style(to_dict(load_config(TINY)))
+    assert "label_smoothing" not in saved["train"] and "suppress_unk" not in saved["decode"]
+    assert _values(from_saved_dict(saved), OLD) == OLD
+    kept = to_dict(load_config(TINY, ["train.label_smoothing=0.2"]))  # a saved config's own values stay
+    assert from_saved_dict(kept).train.label_smoothing == 0.2
+    assert from_saved_dict({**kept, "train": {**kept["train"], "val_beam_size": 0}}).train.val_beam_size == 3
+
+
+def test_an_old_checkpoint_decodes_as_it_was_saved(tmp_path):
+    state = untrained_state("decode.max_len=4")
+    save_checkpoint(tmp_path / "old.pt", {**state, "config": _old_style(state["config"])})
+    save_checkpoint(tmp_path / "new.pt", state)
+    assert load_model_source(tmp_path / "old.pt")[2].decode.suppress_unk is False
+    assert load_model_source(tmp_path / "new.pt")[2].decode.suppress_unk is True
+
+
+def test_a_new_run_records_the_measured_defaults_in_its_config_yaml(tmp_path):
+    job = TrainJob(config=str(TINY), run_dir=str(tmp_path / "run"), overrides=["decode.beam_size=2"])
+    write_run_files(tmp_path / "run", job.cfg, Vocabulary.build(SHAPE_CAPTIONS), clear=False)
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (written["train"]["label_smoothing"], written["decode"]["suppress_unk"]) == (0.1, True)
+    assert written["train"]["val_beam_size"] == 2  # resolved: the number validation used
+
+
+def test_init_from_an_old_checkpoint_keeps_its_settings_unless_stated(tmp_path):
+    state = untrained_state()
+    save_checkpoint(tmp_path / "old.pt", {**state, "config": _old_style(state["config"])})
+    save_checkpoint(tmp_path / "new.pt", state)
+    old = TrainJob(config=str(TINY), run_dir=str(tmp_path / "a"), init_from=str(tmp_path / "old.pt"))
+    assert _values(old.cfg, OLD) == OLD
+    stated = TrainJob(config=str(TINY), run_dir=str(tmp_path / "b"), init_from=str(tmp_path / "old.pt"),
+                      overrides=["train.label_smoothing=0.2", "decode.suppress_unk=true"])
+    assert (stated.cfg.train.label_smoothing, stated.cfg.decode.suppress_unk) == (0.2, True)
+    new = TrainJob(config=str(TINY), run_dir=str(tmp_path / "c"), init_from=str(tmp_path / "new.pt"))
+    assert _values(new.cfg, MEASURED) == MEASURED and new.cfg.train.val_beam_size == 3
+
+
+@pytest.mark.parametrize("command", [["train", "--run-dir", "runs/x"], ["train"], ["extract"]])
+def test_print_config_prints_the_resolved_config_and_touches_nothing(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = [*command, "--config", str(TINY), "train.epochs=3", "--print-config", "decode.beam_size=4"]
+    assert main(args) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == to_dict(load_config(TINY, ["train.epochs=3", "decode.beam_size=4"]))
+    assert (printed["train"]["epochs"], printed["train"]["val_beam_size"]) == (3, 4)
+    assert printed["train"]["label_smoothing"] == 0.1 and printed["decode"]["suppress_unk"] is True
+    assert list(tmp_path.iterdir()) == []  # no run dir, no data, no cache
+
+
+def test_print_config_is_in_the_help(capsys):
+    for command in ("train", "extract"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--print-config" in capsys.readouterr().out
