@@ -80,6 +80,15 @@ def test_init_from_an_old_checkpoint_keeps_its_settings_unless_stated(tmp_path):
     assert _values(new.cfg, MEASURED) == MEASURED and new.cfg.train.val_beam_size == 3
 
 
+def test_resuming_an_old_run_keeps_its_settings_with_or_without_its_config_file(tmp_path):
+    state = untrained_state()
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run" / "last.pt", {**state, "config": _old_style(state["config"])})
+    for config in (None, str(TINY)):
+        job = TrainJob(config=config, run_dir=str(tmp_path / "run"), resume=True, print_config=True)
+        assert _values(job.cfg, OLD) == OLD
+
+
 @pytest.mark.parametrize("command", [["train", "--run-dir", "runs/x"], ["train"], ["extract"]])
 def test_print_config_prints_the_resolved_config_and_touches_nothing(command, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
