@@ -352,7 +352,7 @@ def _read_config(path: str | Path) -> tuple[Path, object]:
 
 def stated_keys(path: str | Path | None, overrides=()) -> set[str]:
     """The "section.key" names that the YAML file at path and the overrides give a value to (the rest are
-    defaults), for a config load_config(path, overrides) already read without error."""
+    defaults), for a config that load_config(path, overrides) read without error."""
     keys = {override.partition("=")[0].strip() for override in overrides}
     if path is not None:
         data = _read_config(path)[1]

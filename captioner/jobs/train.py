@@ -186,12 +186,13 @@ class TrainJob:
             raise CaptionerError("--init-from starts a new run; --resume continues one (it already holds its weights)")
         if (not self.run_dir and not self.print_config) or (self.cfg is None and not self.config and not self.resume):
             raise CaptionerError("train needs --config FILE and --run-dir DIR, or --resume RUN_DIR")
-        # the keys the file and overrides give: the others may keep a continued checkpoint's (inherit_old_defaults)
-        stated = stated_keys(self.config, self.overrides) if self.cfg is None and self.config else None
+        from_file = self.cfg is None and bool(self.config)
         if self.cfg is None and self.resume:
             self.cfg = resume_config(self.run_dir, self.config, self.overrides)
         else:
             self.cfg = config_of(self.cfg, self.config, self.overrides, "train")
+        # the keys the file and overrides give: the others may keep a continued checkpoint's (inherit_old_defaults)
+        stated = stated_keys(self.config, self.overrides) if from_file else None
         continued = Path(self.init_from) if self.init_from else Path(self.run_dir) / "last.pt" if self.resume else None
         if stated is not None and continued is not None and continued.is_file():  # else the run's checks refuse it
             saved = load_checkpoint(continued, mmap=True)["config"]
