@@ -119,7 +119,7 @@ def test_reuse_takes_a_finished_run_of_the_same_training_config(tmp_path):
     (run / "best.pt").write_bytes(b"")
     assert bench_quality.finished_run(run, cfg) == 22.5
     scoring = load_config(None, ["train.epochs=2", "train.seed=1", "decode.beam_size=5", "decode.block_ngram=3",
-                                 "compute.num_workers=0"])
+                                 "compute.num_workers=0", "train.val_beam_size=3"])  # else validation follows the beam
     assert bench_quality.finished_run(run, scoring) == 22.5  # scoring keys only: the same training
     for other in (["train.seed=2"], ["decode.max_len=16"], ["train.epochs=3"]):  # another run, or unfinished
         assert bench_quality.finished_run(run, load_config(None, ["train.epochs=2", "train.seed=1", *other])) is None
