@@ -118,7 +118,7 @@ class TrainConfig:
     # and early stopping: cider (CIDEr-D), bleu1..bleu4 or rouge_l
     early_stop_patience: int = 0  # stop after this many validations without improvement (0: never)
     # validation's beam: 0 (the default) decode.beam_size's, so best.pt is picked on the captions `evaluate` and
-    # `caption` write (measured best, docs/quality.md); 1 greedy (faster). A run records the number it used.
+    # `caption` write (measured best, docs/quality.md); 1 greedy (faster); a run records the number it used
     val_beam_size: int = at_least(0, 0, "0: decode.beam_size, 1: greedy")
     validate_init: bool = True  # --init-from: score the starting weights first (epoch 0; best.pt until an epoch beats
     # them), so fine-tuning, self-critical training above all, never leaves a best.pt worse on val than its start
