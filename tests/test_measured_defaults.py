@@ -101,8 +101,29 @@ def test_print_config_prints_the_resolved_config_and_touches_nothing(command, tm
     assert list(tmp_path.iterdir()) == []  # no run dir, no data, no cache
 
 
+def test_print_config_of_evaluate_and_caption_is_the_checkpoints_as_they_decode(tmp_path, monkeypatch, capsys):
+    state = untrained_state("decode.max_len=4")
+    save_checkpoint(tmp_path / "old.pt", {**state, "config": _old_style(state["config"])})
+    save_checkpoint(tmp_path / "new.pt", state)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "old.pt"), "--print-config", "--beam", "5",
+                 "--max-len", "9", "decode.block_ngram=2"]) == 0
+    decode = yaml.safe_load(capsys.readouterr().out)["decode"]
+    assert (decode["beam_size"], decode["max_len"], decode["block_ngram"], decode["suppress_unk"]) == (5, 9, 2, False)
+    assert main(["caption", "--checkpoint", str(tmp_path / "new.pt"), "photo.jpg", "--print-config", "--sample",
+                 "--temperature", "0.5"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["decode"]["sample"], printed["decode"]["temperature"], printed["decode"]["suppress_unk"]) == (
+        True, 0.5, True)
+    assert printed["model"] == state["config"]["model"] and printed["compute"] == to_dict(Config())["compute"]
+    assert list((tmp_path / "work").iterdir()) == []  # no results, metrics or captions files
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--print-config"]) == 2
+    assert "--print-config reads a local checkpoint" in capsys.readouterr().err
+
+
 def test_print_config_is_in_the_help(capsys):
-    for command in ("train", "extract"):
+    for command in ("train", "extract", "evaluate", "caption"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--print-config" in capsys.readouterr().out

@@ -146,10 +146,9 @@ def build_job(args: argparse.Namespace):
 
 def run_command(args: argparse.Namespace) -> int:
     module, job = build_job(args)
-    if getattr(args, "print_config", False):  # the job checked and resolved its config; it runs nothing more
-        from captioner.config import to_yaml
-        print(to_yaml(job.cfg), end="", flush=True)
-        return 0
+    if getattr(args, "print_config", False):  # the job checked its options; it runs nothing more
+        from captioner.cli.print_config import print_config
+        return print_config(args.command, job)
     return COMMANDS[args.command][2](args, module.main(job))
 
 

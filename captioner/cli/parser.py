@@ -28,8 +28,9 @@ def _add_overrides(p: argparse.ArgumentParser, help: str = OVERRIDES_HELP) -> No
 
 def _add_print_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config as YAML (every key: the file's values, then the KEY=VALUE "
-                   "overrides, then the defaults) and exit without doing any work or writing any file")
+                   help="print the resolved config as YAML (every key: the config file's or the checkpoint's "
+                   "values, then the KEY=VALUE overrides and options, then the defaults) and exit without doing "
+                   "any work or writing any file")
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation(p, n_best=False)
     p.add_argument("--out", dest="out_dir", default=None,
                    help="folder for results and metrics (default: the checkpoint's)")
+    _add_print_config(p)
     _add_device(p)
     _add_runtime(p)
     _add_ort_options(p)
@@ -177,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation(p)
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse larger images as likely decompression bombs (default: 100000000)")
+    _add_print_config(p)
     _add_device(p)
     _add_runtime(p)
     _add_ort_options(p)
