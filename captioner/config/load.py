@@ -223,7 +223,8 @@ def from_dict(data: dict, cfg: Config | None = None) -> Config:
 
 
 def from_saved_dict(data: dict) -> Config:
-    """A config saved in a checkpoint: keys it lacks (added since) take LEGACY_DEFAULTS, not today's defaults."""
+    """A config saved in a checkpoint (or a run's config.yaml): keys it lacks (added since, or written before
+    their default changed) take LEGACY_DEFAULTS, not today's defaults; FOLLOWING_KEYS at 0 are resolved."""
     if not isinstance(data, dict):
         return from_dict(data)
     filled = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}

@@ -57,10 +57,10 @@ class ModelConfig:
     gate: bool = True  # sigmoid gate on the attention context ("beta", Show, Attend and Tell 4.2.1)
 
 
-# Defaults the real-photo benchmark measured best (docs/quality.md, k-fold table), before which a run got these
-# values: a saved config without the key, and a run continuing one (--init-from, --resume --config) that does not
-# state the key, keep the value its checkpoint was trained with (train.py inherit_settings). Each new default
-# itself is in its dataclass field below (one line to change).
+# The values these keys had before the real-photo benchmark measured better defaults (docs/quality.md, k-fold
+# table): a saved config without the key takes it (LEGACY_DEFAULTS), and a run continuing a checkpoint trained
+# with it (--init-from, --resume --config) keeps it unless its file or overrides state the key
+# (defaults.inherit_old_defaults). Each new default is its dataclass field's (one line to change).
 DEFAULTS_BEFORE_MEASURED = {"train": {"label_smoothing": 0.0, "val_beam_size": 1}, "decode": {"suppress_unk": False}}
 
 
