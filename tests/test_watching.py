@@ -85,7 +85,7 @@ def _check_tensorboard_equals_metrics(run_dir, validations: int):
         assert [s for s, _ in shown] == validation_steps
         for (_, text), record in zip(shown, sampled):
             sample = record["samples"][i]
-            assert f"**{sample['caption'] or '(empty)'}** (greedy)" in text and sample["file"] in text
+            assert f"**{sample['caption'] or '(empty)'}** (beam 3)" in text and sample["file"] in text
             assert all(reference in text for reference in sample["references"])
         strips = acc.Images(f"attention/{i}")
         assert [e.step for e in strips] == validation_steps
@@ -161,7 +161,9 @@ def test_scst_run_turning_tensorboard_on_at_resume_gets_its_whole_history(small_
     assert scalars == _expected_scalars(run_dir) and [s for s, _ in scalars["train/loss"]] == list(range(1, 11))
     for tag in ("train/reward", "train/baseline", "train/sample_words", "train/images_per_s", "epoch/train_reward"):
         assert tag in scalars
-    assert [e.step for e in acc.Tensors("samples/0/text_summary")] == [5, 10]  # the first one replayed as text
+    texts = acc.Tensors("samples/0/text_summary")
+    assert [e.step for e in texts] == [5, 10]  # the first one replayed as text
+    assert all("** (beam 3)" in e.tensor_proto.string_val[0].decode() for e in texts)  # how it was decoded, too
     assert [e.step for e in acc.Images("attention/0")] == [10]  # its strip could not be redrawn
 
 
@@ -213,6 +215,44 @@ def test_attention_strip_shades_as_the_gallery_page_does():
     assert abs(left[10, 10].mean() - 200) < 3  # the attended region is lit
     assert abs(left[-10, -10].mean() - 200 * (1 - DIMMING)) < 3  # the others shaded by DIMMING
     assert np.abs(even - 200).max() < 3  # even attention: every region lit, as on the page
+
+
+def test_sample_captions_are_the_ones_validation_scored_with_its_beam_and_their_attention(tmp_path):
+    """The samples decode with validation's settings (train.val_beam_size, following decode.beam_size=2 here):
+    each sample's caption is validation's caption of that image, and beam search still gives each word its
+    attention over the grid."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+    from captioner.data.pipeline import Unreadable
+    from captioner.data.records import ImageRecord
+    from captioner.engine.infer.checkpoint import load_checkpoint, model_from_checkpoint
+    from captioner.engine.infer.predict import predict
+    from captioner.engine.runtime.compute import setup_compute
+    from captioner.engine.train.inputs import TrainingInputs
+    from captioner.engine.train.loggers.tensorboard_log import _sample_text
+    from captioner.engine.train.samples import SampleImages
+    from captioner.engine.train.validation import validation_settings
+    from helpers import noise_pngs, varied_checkpoint
+
+    model, vocab, cfg = model_from_checkpoint(load_checkpoint(varied_checkpoint(tmp_path / "m.pt")))
+    assert cfg.train.val_beam_size == 2  # 0 in the config: decode.beam_size's
+    device = torch.device("cpu")
+    run = SimpleNamespace(cfg=cfg, model=model, vocab=vocab, process=SimpleNamespace(device=device),
+                          compute=setup_compute(cfg.compute, device))
+    folder = noise_pngs(tmp_path / "images", 5, 64)
+    records = [ImageRecord(i, str(folder / f"img{i:03d}.png"), ["a caption"], "val") for i in range(5)]
+    inputs = TrainingInputs(None, [], None, records, 0, Unreadable())
+    samples = SampleImages(inputs, {r.image_id: r.captions for r in records}, count=4).caption(run)
+
+    scored = predict(model, vocab, records, validation_settings(run), 4, device, progress_bar=False)
+    assert [s.caption for s in samples] == [scored[i] for i in range(4)]
+    greedy = predict(model, vocab, records, replace(validation_settings(run), beam_size=1), 4, device,
+                     progress_bar=False)
+    assert [greedy[i] for i in range(4)] != [scored[i] for i in range(4)]  # the beam decides here: a real check
+    assert all(s.decoding == "beam 2" and "** (beam 2)" in _sample_text(s) for s in samples)
+    for s in samples:
+        assert s.words and s.caption == " ".join(s.words)
+        assert s.alphas.shape == (len(s.words), 9) and np.allclose(s.alphas.sum(axis=1), 1, atol=1e-4)
 
 
 class _Progress:

@@ -6,8 +6,10 @@ references and where it looked (for the loggers: metrics.jsonl text, TensorBoard
 
 The images are the first `count` of rank 0's validation share, the same ones at every validation. Their captions
 come from what validation decodes (the cached or precomputed features when there are some, else the image files)
-through the one decode path (engine/infer/predict.py), greedy as validation is, so a sample's caption is the one
-validation scored. The pictures shown are read from the image files once, here, whatever validation reads.
+through the one decode path (engine/infer/predict.py) with validation's own settings (validation_settings: its
+beam, suppress_unk, ...), so a sample's caption is the one validation scored; the attention shown is that
+caption's (beam search keeps each beam's attention). The pictures shown are read from the image files once, here,
+whatever validation reads.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from captioner.data.pipeline import feature_batches, image_batches
 from captioner.engine.infer.predict import DecodeSettings, caption_batches
 from captioner.engine.outputs.gallery import THUMBNAIL
 from captioner.engine.train.inputs import TrainingInputs
+from captioner.engine.train.validation import validation_settings
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -39,6 +42,7 @@ class Sample:
     grid: tuple[int, int]  # (H, W)
     image: np.ndarray | None  # (S, S, 3) uint8 picture to show; None when the file can no longer be read
     size: tuple[int, int]  # the file's (width, height), for its aspect ratio
+    decoding: str = "greedy"  # how the caption was decoded: "greedy" or "beam N" (validation's)
 
 
 class SampleImages:
@@ -50,11 +54,12 @@ class SampleImages:
         self.pictures = [_picture(r.path) for r in self.records]
 
     def caption(self, run) -> list[Sample]:
-        """The samples' greedy captions by run.model now (run: the TrainingRun), with their attention."""
+        """The samples' captions by run.model now (run: the TrainingRun), decoded as validation decodes, with
+        their attention."""
         if not self.records:
             return []
-        cfg, device, count = run.cfg, run.process.device, len(self.records)
-        settings = DecodeSettings(1, cfg.decode.max_len, bf16=run.compute.bf16)  # as validation decodes
+        device, count = run.process.device, len(self.records)
+        settings = validation_settings(run)
         if self.features is not None:
             batches = feature_batches(self.features, count, count, device)
         else:
@@ -67,8 +72,13 @@ class SampleImages:
                     continue
                 image, size = self.pictures[c.index]
                 samples.append(Sample(self.records[c.index].path, c.caption, self.references[c.index], c.words,
-                                      c.alphas.numpy(), run.model.grid, image, size))
+                                      c.alphas.numpy(), run.model.grid, image, size, _decoding(settings)))
         return samples
+
+
+def _decoding(settings: DecodeSettings) -> str:
+    """How the samples were decoded, in words: "greedy" or "beam N"."""
+    return f"beam {settings.beam_size}" if settings.beam_size > 1 else "greedy"
 
 
 def _picture(path: str) -> tuple[np.ndarray | None, tuple[int, int]]:

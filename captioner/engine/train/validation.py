@@ -26,11 +26,7 @@ def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict
     With one process, a stop signal ends validation at the next batch (Stopped); under torchrun every process
     finishes it, since the others would wait for the one that left."""
     cfg = run.cfg
-    # train.val_beam_size with the decode keys that apply to it, so best.pt is picked on the captions users get.
-    # Never sampled: a validation must be repeatable.
-    # One caption per image: decode.num_return_sequences is what `caption` returns, not what validation scores.
-    one = replace(cfg, decode=replace(cfg.decode, sample=False, num_return_sequences=1))
-    settings = DecodeSettings.of(one, cfg.train.val_beam_size, compute=run.compute)
+    settings = validation_settings(run)
     hypotheses = predict(run.model, run.vocab, inputs.val_records, settings, cfg.decode.batch_size,
                          run.process.device, features=inputs.val_features, num_workers=cfg.train.num_workers,
                          unreadable=inputs.unreadable, progress_bar=run.process.is_main,
@@ -43,6 +39,16 @@ def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict
         merged = {image_id: caption for part in parts for image_id, caption in part.items()}
         scores = {**validation_scores(merged, references), "images": len(merged)}
     return distributed.broadcast_from_main(scores, run.process)
+
+
+def validation_settings(run: TrainingRun) -> DecodeSettings:
+    """How validation decodes (and the sample captions, samples.py, so a sample's caption is the one scored):
+    train.val_beam_size with the decode keys that apply to it, so best.pt is picked on the captions users get.
+    Never sampled: a validation must be repeatable. One caption per image: decode.num_return_sequences is what
+    `caption` returns, not what validation scores."""
+    cfg = run.cfg
+    one = replace(cfg, decode=replace(cfg.decode, sample=False, num_return_sequences=1))
+    return DecodeSettings.of(one, cfg.train.val_beam_size, compute=run.compute)
 
 
 def selection_score(run: TrainingRun, scores: dict) -> tuple[str, float]:

@@ -76,7 +76,7 @@ def attention_jpeg(sample) -> tuple[bytes, int, int] | None:
 
 def sample_rows(step: int, samples: list) -> list[dict]:
     """A validation's sample captions as table rows: step, file (its name only: no path of this machine leaves
-    it), greedy caption, references (one per line)."""
+    it), caption (decoded as validation decodes), references (one per line)."""
     return [{"step": step, "file": Path(s.file).name, "caption": s.caption, "references": "\n".join(s.references)}
             for s in samples]
 

@@ -49,7 +49,8 @@ class MetricsLog(Logger):
 
     def samples(self, step: int, epoch: int, samples: list) -> None:
         self.write({"step": step, "epoch": epoch, "samples": [
-            {"file": s.file, "caption": s.caption, "references": s.references} for s in samples]})
+            {"file": s.file, "caption": s.caption, "decoding": s.decoding, "references": s.references}
+            for s in samples]})
 
     def close(self) -> None:
         if self.file:

@@ -4,8 +4,9 @@ Every number of a record becomes a scalar at the record's step, named as in metr
 (base.scalars): "train/loss", "train/captions_per_s" for step lines, "epoch/val_cider", "epoch/train_loss" for
 validation lines (a step line and a validation line may share a step and a key, such as lr). Values are
 metrics.jsonl's rounded to float32 (TensorBoard's data server shows no float64 scalars). Each validation adds, per
-sample image, a text "samples/I" (greedy caption, references, file) and an image "attention/I" (the gallery's
-attention strip); the resolved config is logged as hparams, with the validation scores as its metrics.
+sample image, a text "samples/I" (the caption as validation decodes it, references, file) and an image
+"attention/I" (the gallery's attention strip); the resolved config is logged as hparams, with the validation
+scores as its metrics.
 
 Resuming removes every event after the checkpoint's step from the tb/ event files (the files are rewritten;
 TensorBoard's purge_step is set as well), so that no step appears twice.
@@ -30,9 +31,10 @@ HPARAMS_TAG = "_hparams_/"  # TensorBoard's hparams plugin summaries
 
 
 def _sample_text(sample) -> str:
-    """A sample's TensorBoard text (markdown): the greedy caption, its references, the file."""
+    """A sample's TensorBoard text (markdown): the caption and how it was decoded, its references, the file."""
     references = "\n".join(f"{i}. {r}" for i, r in enumerate(sample.references, 1))
-    return f"**{sample.caption or '(empty)'}** (greedy)\n\nreferences:\n\n{references}\n\n`{sample.file}`"
+    caption = sample.caption or "(empty)"
+    return f"**{caption}** ({sample.decoding})\n\nreferences:\n\n{references}\n\n`{sample.file}`"
 
 
 def check_tensorboard() -> None:
@@ -107,8 +109,9 @@ class TensorBoardLogger(Logger):
             self.writer.file_writer.add_summary(summary)
         for record in history:
             if "samples" in record:
-                self.samples(record["step"], record["epoch"], [SimpleNamespace(**s, image=None)
-                                                               for s in record["samples"]])
+                # lines written before "decoding" was logged hold greedy captions: samples were greedy then
+                replayed = [SimpleNamespace(**{"decoding": "greedy", **s}, image=None) for s in record["samples"]]
+                self.samples(record["step"], record["epoch"], replayed)
             else:
                 self.write(record)
         if history:
