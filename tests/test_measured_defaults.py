@@ -122,8 +122,41 @@ def test_print_config_of_evaluate_and_caption_is_the_checkpoints_as_they_decode(
     assert "--print-config reads a local checkpoint" in capsys.readouterr().err
 
 
+def test_print_config_of_serve_is_the_checkpoints_with_its_overrides_and_starts_nothing(tmp_path, monkeypatch,
+                                                                                          capsys):
+    from captioner.jobs import serve
+    monkeypatch.setattr(serve, "main", lambda job: pytest.fail("serve --print-config started the server"))
+    state = untrained_state("decode.max_len=4", "decode.groups=2", "decode.beam_size=4")
+    save_checkpoint(tmp_path / "new.pt", state)
+    save_checkpoint(tmp_path / "old.pt", {**state, "config": _old_style(state["config"])})
+    assert main(["serve", "--checkpoint", str(tmp_path / "new.pt"), "--print-config", "--beam", "5",
+                 "decode.block_ngram=2", "compute.bf16=false"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    decode = printed["decode"]
+    # a beam its groups do not divide searches without groups, as the server decodes
+    assert (decode["beam_size"], decode["groups"], decode["max_len"], decode["block_ngram"]) == (5, 1, 4, 2)
+    assert printed["compute"] == {**to_dict(Config())["compute"], "bf16": "false"}
+    assert printed["model"] == state["config"]["model"]
+    assert main(["serve", "--checkpoint", str(tmp_path / "old.pt"), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["decode"]["suppress_unk"] is False  # what it was trained with
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--print-config"]) == 2
+    assert "--print-config reads a local checkpoint" in capsys.readouterr().err
+
+
+def test_print_config_of_demo_is_its_training_config_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from captioner.jobs import demo
+    monkeypatch.setattr(demo, "main", lambda job: pytest.fail("demo --print-config ran the demo"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", "d", "--print-config", "train.lr=0.002"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    root = str(tmp_path.resolve() / "d" / "data")
+    assert printed == to_dict(load_config(TINY, [f"dataset.root={root}", "train.epochs=15", "train.lr=0.002"]))
+    assert printed == to_dict(demo.demo_config(demo.DemoJob(out="d", overrides=["train.lr=0.002"])))
+    assert list(tmp_path.iterdir()) == []  # no data, no run
+
+
 def test_print_config_is_in_the_help(capsys):
-    for command in ("train", "extract", "evaluate", "caption"):
+    for command in ("train", "extract", "evaluate", "caption", "serve", "demo"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--print-config" in capsys.readouterr().out

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Runs the whole pipeline on synthetic shapes (configs/tiny.yaml, ResNet-18 for speed).\n"
                 "The last line printed is a JSON summary with bleu4, checkpoint and output_dir.")
     p.add_argument("--out", default="demo", help="folder for everything the demo writes (default: ./demo)")
+    _add_print_config(p)
     _add_device(p)
     _add_overrides(p)
 
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse larger images as likely decompression bombs (default: 40000000)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait for captions (default: 60)")
     p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads (default: 2)")
+    _add_print_config(p)
     _add_device(p)
     _add_runtime(p)
     _add_ort_options(p)

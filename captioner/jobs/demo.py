@@ -2,6 +2,7 @@
 
     captioner demo                 # everything under ./demo
     captioner demo --out /tmp/d    # or elsewhere
+    captioner demo --print-config  # the config its training would use, as YAML; nothing run or written
 
 generates the synthetic dataset, trains configs/tiny.yaml (ResNet-18 backbone for speed), evaluates the
 best checkpoint on the held-out test split with beam search, and captions a folder of held-out images
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from captioner.jobs import caption, evaluate, train
-from captioner.config import load_config, shipped_config
+from captioner.config import Config, load_config, shipped_config
 from captioner.data.datasets import by_split, load_records
 from captioner.errors import CaptionerError
 from captioner.files import check_writable
@@ -40,11 +41,18 @@ class DemoJob:
         resolve_device(self.device)  # a device the machine lacks is refused before anything is announced
 
 
+def demo_config(job: DemoJob) -> Config:
+    """The config the demo trains with (and `captioner demo --print-config` prints): configs/tiny.yaml on the
+    synthetic data under --out, 15 epochs, then the KEY=VALUE overrides."""
+    out = Path(job.out).resolve()
+    return load_config(TINY_CONFIG, [f"dataset.root={out / 'data'}", "train.epochs=15", *job.overrides])
+
+
 def main(job: DemoJob) -> dict:
     start, device = time.perf_counter(), job.device
     out = Path(job.out).resolve()
     check_writable(out, "demo folder", folder=True)  # before minutes of training
-    cfg = load_config(TINY_CONFIG, [f"dataset.root={out / 'data'}", "train.epochs=15", *job.overrides])
+    cfg = demo_config(job)
     log.info("demo: training %s %s on synthetic shapes under %s", cfg.encoder.arch, cfg.encoder.layer or "(last stage)", out)
     # overwrite: a rerun, maybe with other overrides, retrains
     summary = train.main(train.TrainJob(cfg, out / "run", device, overwrite=True))

@@ -6,6 +6,7 @@
     curl http://127.0.0.1:8000/v1/model                               # checkpoint, decoding, limits, batch stats
     CAPTIONER_TOKEN=secret captioner serve --checkpoint best.pt --host 0.0.0.0 --allow-remote
     captioner serve --checkpoint model/ compute.bf16=false           # float32 on a CPU where auto means bf16
+    captioner serve --checkpoint model/ --beam 5 --print-config      # the config it would serve with; nothing started
 
 Images are decoded by the same function and error rules as `captioner caption` and captioned by the same
 decode path (engine/infer/predict.py caption_batch), so a served caption equals the command's. Requests that
