@@ -3,12 +3,17 @@ attention strip of a sample as JPEG, and the best checkpoint exported as a model
 from __future__ import annotations
 
 import io
+import logging
 import subprocess
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
 import captioner
+
+log = logging.getLogger("captioner")
 
 COORDINATES = ("step", "epoch")  # where a record is, not what it measured: no scalars of their own
 
@@ -110,3 +115,17 @@ def export_best(run_dir: Path, out: Path) -> dict:
                   "step": state.get("step"), "val_scores": state.get("val_scores")}
     return write_model_folder(out, model.eval(), vocab, cfg, source=provenance,
                               card=model_card)
+
+
+def log_best_model(run_dir: Path, tracker: str, folder_name: str, upload: Callable[[Path], None]) -> bool:
+    """A tracker's finish(): RUN_DIR/best.pt exported as a model folder named folder_name (export_best) in a
+    temporary folder, handed to upload(folder), then removed. False, with a warning naming the tracker, when the
+    run has no best.pt (no validation ran): nothing is uploaded."""
+    if not (run_dir / "best.pt").is_file():
+        log.warning("%s has no best.pt (no validation ran): no model logged to %s", run_dir, tracker)
+        return False
+    with tempfile.TemporaryDirectory(prefix="captioner-model-") as tmp:
+        folder = Path(tmp) / folder_name
+        export_best(run_dir, folder)
+        upload(folder)
+    return True

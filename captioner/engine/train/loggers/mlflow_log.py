@@ -31,7 +31,8 @@ from types import SimpleNamespace
 
 
 from captioner.config import Config, to_dict
-from captioner.engine.train.loggers.base import Logger, attention_jpeg, export_best, flat_config, sample_rows, scalars
+from captioner.engine.train.loggers.base import (Logger, attention_jpeg, flat_config, log_best_model, sample_rows,
+                                                 scalars)
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -187,19 +188,16 @@ class MlflowLogger(Logger):
 
     def finish(self, run_dir: Path) -> None:
         """best.pt as a model folder inside the pyfunc model "model" (registered as train.register_as)."""
-        if not (run_dir / "best.pt").is_file():
-            log.warning("%s has no best.pt (no validation ran): no model logged to MLflow", run_dir)
-            return
-        with tempfile.TemporaryDirectory(prefix="captioner-mlflow-") as tmp:
-            folder = Path(tmp) / "model_folder"
-            export_best(run_dir, folder)
-            try:
-                log_pyfunc_model(self.uri, self.run_id, folder, self.cfg.train.register_as or None)
-            except CaptionerError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                raise _failure(f"log the model to run {self.run_id}", self.uri, e) from None
-        self.finished = True
+        if log_best_model(run_dir, "MLflow", MODEL_ARTIFACT, self._log_model):
+            self.finished = True
+
+    def _log_model(self, folder: Path) -> None:
+        try:
+            log_pyfunc_model(self.uri, self.run_id, folder, self.cfg.train.register_as or None)
+        except CaptionerError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise _failure(f"log the model to run {self.run_id}", self.uri, e) from None
 
     def state(self) -> dict:
         return {"run_id": self.run_id}

@@ -23,7 +23,8 @@ from types import SimpleNamespace
 
 
 from captioner.config import Config, to_dict
-from captioner.engine.train.loggers.base import Logger, attention_jpeg, export_best, flat_config, sample_rows, scalars
+from captioner.engine.train.loggers.base import (Logger, attention_jpeg, flat_config, log_best_model, sample_rows,
+                                                 scalars)
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -90,17 +91,14 @@ class WandbLogger(Logger):
 
     def finish(self, run_dir: Path) -> None:
         import wandb
-        if not (run_dir / "best.pt").is_file():
-            log.warning("%s has no best.pt (no validation ran): no model logged to W&B", run_dir)
-            return
-        with tempfile.TemporaryDirectory(prefix="captioner-wandb-") as tmp:
-            folder = Path(tmp) / "model"
-            export_best(run_dir, folder)
+
+        def upload(folder: Path) -> None:
             artifact = wandb.Artifact(f"model-{self.run.id}", type="model",
                                       description=f"best.pt of {run_dir.resolve().name} as a captioner model folder")
             artifact.add_dir(str(folder))  # copied to W&B's staging area here: the folder may go
             self.run.log_artifact(artifact)
-        self.finished = True
+        if log_best_model(run_dir, "W&B", "model", upload):
+            self.finished = True
 
     def state(self) -> dict:
         return {"run_id": self.run.id, "through": self.last_step}
