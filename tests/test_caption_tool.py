@@ -251,13 +251,13 @@ def test_sampled_captions_are_varied_and_reproducible(mixed, tiny_checkpoint, tm
 def test_set_overrides_the_checkpoints_decode_and_compute_only(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     images = noise_pngs(tmp_path / "images", 2, 32)
     seen = {}
-    real_load = caption.Predictor.load
+    real_load = caption.load_for_job
 
     def load(*args, **kwargs):
         seen["predictor"] = real_load(*args, **kwargs)
         return seen["predictor"]
 
-    monkeypatch.setattr(caption.Predictor, "load", load)
+    monkeypatch.setattr(caption, "load_for_job", load)
     out = tmp_path / "c.jsonl"
     assert main(["caption", "--checkpoint", tiny_checkpoint, str(images), "--out", str(out), "--workers", "0",
                  "--device", "cpu", "--set", "compute.bf16=false", "--set", "decode.max_len=3"]) == 0

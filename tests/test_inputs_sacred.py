@@ -90,18 +90,18 @@ ROWS = {
     "caption --out is an input image": (
         lambda w: ["caption", "--checkpoint", str(w / "ok.pt"), str(w / "photos"), "--out",
                    str(w / "photos" / "a.png"), "--device", "cpu", "--workers", "0", "--format", "jsonl"],
-        "captioner.jobs.caption.Predictor.load", "photos/a.png", "photos/a.png"),
+        "captioner.jobs.caption.load_for_job", "photos/a.png", "photos/a.png"),
     "caption --out is the list of images": (
         lambda w: ["caption", "--checkpoint", str(w / "ok.pt"), str(w / "list.txt"), "--out",
                    str(w / "list.txt"), "--device", "cpu", "--workers", "0", "--format", "jsonl"],
-        "captioner.jobs.caption.Predictor.load", "list.txt", "list.txt"),
+        "captioner.jobs.caption.load_for_job", "list.txt", "list.txt"),
     "caption --html is the checkpoint": (
         lambda w: ["caption", "--checkpoint", str(w / "ok.pt"), str(w / "photos"), "--out",
                    str(w / "captions.jsonl"), "--html", str(w / "ok.pt"), "--device", "cpu", "--workers", "0"],
-        "captioner.jobs.caption.Predictor.load", "ok.pt", "ok.pt"),
+        "captioner.jobs.caption.load_for_job", "ok.pt", "ok.pt"),
     "evaluate --out inside the model folder": (
         lambda w: ["evaluate", "--checkpoint", str(w / "M"), "--out", str(w / "M"), "--device", "cpu"],
-        "captioner.jobs.evaluate.Predictor.load", "M/best.pt", "M"),
+        "captioner.jobs.evaluate.load_for_job", "M/best.pt", "M"),
     "evaluate results file is the dataset's annotations": (
         lambda w: ["evaluate", "--checkpoint", str(w / "ok.pt"), "--out", str(w / "evalout"), "--split", "test",
                    "--device", "cpu", f"dataset.annotations={w / 'evalout' / 'results_test.json'}",

@@ -75,13 +75,13 @@ def _rows(w: Path, ro: Path) -> dict:
     data = [f"dataset.root={w / 'data'}", *SMALL]
     rows = [
         ("evaluate --out", ["evaluate", "--checkpoint", str(w / "ok.pt"), "--out", str(ro / "eval"), "--device",
-                            "cpu", f"dataset.root={w / 'data'}"], "captioner.jobs.evaluate.Predictor.load"),
+                            "cpu", f"dataset.root={w / 'data'}"], "captioner.jobs.evaluate.load_for_job"),
         ("caption --out", ["caption", "--checkpoint", str(w / "ok.pt"), str(w / "photos"), "--out",
                            str(ro / "c.jsonl"), "--device", "cpu", "--workers", "0"],
-         "captioner.jobs.caption.Predictor.load"),
+         "captioner.jobs.caption.load_for_job"),
         ("caption --html", ["caption", "--checkpoint", str(w / "ok.pt"), str(w / "photos"), "--out",
                             str(w / "c.jsonl"), "--html", str(ro / "g.html"), "--device", "cpu", "--workers", "0"],
-         "captioner.jobs.caption.Predictor.load"),
+         "captioner.jobs.caption.load_for_job"),
         ("train --run-dir", ["train", "--config", str(TINY), "--run-dir", str(ro / "run"), "--device", "cpu", *data],
          "captioner.jobs.train.load_records"),
         ("extract cache.dir", ["extract", "--config", str(TINY), "--device", "cpu", *data,

@@ -29,9 +29,9 @@ import torch
 from captioner.config import ComputeConfig, check_checkpoint_overrides, require_min
 from captioner.config.sections import TEMPERATURES
 from captioner.data.images import MAX_PIXELS
-from captioner.engine.infer.generation import given_options
+from captioner.engine.infer.generation import GenerationFields, given_options
 from captioner.engine.infer.predict import DecodeSettings
-from captioner.engine.infer.predictor import Predictor, ort_session_options
+from captioner.engine.infer.predictor import load_for_job
 from captioner.data.inputs import find_images
 from captioner.errors import CaptionerError
 from captioner.files import check_writable
@@ -45,8 +45,8 @@ log = logging.getLogger("captioner")
 
 
 @dataclass
-class CaptionJob:
-    """`captioner caption`'s options."""
+class CaptionJob(GenerationFields):
+    """`captioner caption`'s options (and the generation options of GenerationFields, keyword-only)."""
     checkpoint: str
     paths: list[str]  # image files, folders, .txt/.lst lists, or "-" for standard input
     out: str | None = None  # None: captions.jsonl (or captions.csv with fmt csv)
@@ -61,15 +61,7 @@ class CaptionJob:
     retry_errors: bool = False
     max_pixels: int | None = None  # None: MAX_PIXELS
     compute: ComputeConfig | None = None  # this machine's switches; None: the checkpoint's (auto by default)
-    sample: bool = False  # draw each word from the model's distribution instead of greedy/beam
-    temperature: float | None = None  # sampling only; None: the checkpoint's decode.temperature
-    # decode.* for this run (engine/infer/generation.py); None: the checkpoint's
-    max_len: int | None = None
-    length_penalty: float | None = None
-    block_ngram: int | None = None
-    suppress_unk: bool | None = None
-    top_k: int | None = None
-    top_p: float | None = None
+    # sample, temperature, max_len, ... (decode.* for this run; None: the checkpoint's): GenerationFields
     num_return_sequences: int | None = None  # > 1: JSONL records list every caption as "sequences"
     runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
     providers: list[str] | None = None  # onnxruntime: execution providers, best first (None: from the device)
@@ -127,11 +119,7 @@ def _caption(job: CaptionJob, out_path: Path, fmt: str, process: Process) -> dic
         refuse_overlap({"--out": out_path, "--html": html},
                        {"--checkpoint": job.checkpoint, "input": [p for p in job.paths if p not in folders],
                         "image": files}, folders={"folder": folders})
-    # compute describes this machine, not the checkpoint: auto unless the caller says otherwise.
-    predictor = Predictor.load(job.checkpoint, process.device, beam_size=job.beam_size, compute=job.compute,
-                               sample=job.sample, temperature=job.temperature, runtime=job.runtime,
-                               overrides=job.overrides, providers=job.providers,
-                               session_options=ort_session_options(job.ort_threads, job.ort_optimization))
+    predictor = load_for_job(job, process.device)
     predictor.settings = predictor.settings_for(given_options(job))  # checked as decode.* would be
     settings, batch_size = predictor.settings, job.batch_size or predictor.cfg.decode.batch_size
     if settings.sample:

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from captioner.config import ComputeConfig, check_checkpoint_overrides, require_min
-from captioner.engine.infer.generation import given_options
+from captioner.engine.infer.generation import GenerationFields, given_options
 from captioner.engine.infer.predict import predict
-from captioner.engine.infer.predictor import Predictor, ort_session_options
+from captioner.engine.infer.predictor import load_for_job
 from captioner.data.datasets import by_split, dataset_inputs, load_records
 from captioner.data.cache import cached_source, default_cache_dir
 from captioner.errors import CaptionerError
@@ -33,8 +33,8 @@ log = logging.getLogger("captioner")
 
 
 @dataclass
-class EvaluateJob:
-    """`captioner evaluate`'s options."""
+class EvaluateJob(GenerationFields):
+    """`captioner evaluate`'s options (and the generation options of GenerationFields, keyword-only)."""
     checkpoint: str
     split: str = "test"
     beam_size: int | None = None  # None: the checkpoint's decode.beam_size
@@ -47,15 +47,7 @@ class EvaluateJob:
     providers: list[str] | None = None  # onnxruntime: execution providers, best first (None: from the device)
     ort_threads: int | None = None  # onnxruntime: intra-op threads (None: torch's count)
     ort_optimization: str | None = None  # onnxruntime: graph optimization level (None: all)
-    # decode.* for this run (engine/infer/generation.py); None / False: the checkpoint's
-    sample: bool = False
-    temperature: float | None = None
-    max_len: int | None = None
-    length_penalty: float | None = None
-    block_ngram: int | None = None
-    suppress_unk: bool | None = None
-    top_k: int | None = None
-    top_p: float | None = None
+    # sample, temperature, max_len, ... (decode.* for this run; None / False: the checkpoint's): GenerationFields
 
     def __post_init__(self):
         require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),
@@ -70,10 +62,7 @@ def main(job: EvaluateJob) -> dict:
     outputs = {"--out": [results_path, metrics_path]}  # the folder's other files are never touched
     refuse_overlap(outputs, {"--checkpoint": job.checkpoint})
     check_writable(out, "evaluation output folder", folder=True)
-    predictor = Predictor.load(job.checkpoint, job.device, beam_size=job.beam_size, compute=job.compute,
-                               overrides=job.overrides, runtime=job.runtime, sample=job.sample,
-                               temperature=job.temperature, providers=job.providers,
-                               session_options=ort_session_options(job.ort_threads, job.ort_optimization))
+    predictor = load_for_job(job, job.device)
     # One caption per image is scored, whatever decode.num_return_sequences the checkpoint carries.
     predictor.settings = predictor.settings_for({**given_options(job), "num_return_sequences": 1})
     if predictor.settings.sample:

@@ -45,6 +45,21 @@ class GenerationOptions(TypedDict, total=False):
     do_sample: bool  # = sample
 
 
+@dataclasses.dataclass(kw_only=True)
+class GenerationFields:
+    """The decode.* options the caption and evaluate jobs take for one run (their XJob inherits these; caption
+    adds num_return_sequences); None / False: the checkpoint's. Keyword-only, so they never move a job's positional
+    fields. sample and temperature go to Predictor.load (load_for_job), the others through given_options."""
+    sample: bool = False  # draw each word from the model's distribution instead of greedy/beam
+    temperature: float | None = None  # sampling only; None: the checkpoint's decode.temperature
+    max_len: int | None = None
+    length_penalty: float | None = None
+    block_ngram: int | None = None
+    suppress_unk: bool | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+
+
 # What the caption and evaluate jobs take as options beyond --beam, --sample and --temperature (which
 # Predictor.load applies); None: not given.
 JOB_KEYS = ("max_len", "length_penalty", "block_ngram", "suppress_unk", "top_k", "top_p", "num_return_sequences")

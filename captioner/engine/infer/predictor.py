@@ -47,6 +47,16 @@ def ort_session_options(threads: int | None, optimization: str | None) -> dict:
     return {key: value for key, value in given.items() if value is not None}
 
 
+def load_for_job(job, device) -> "Predictor":
+    """Predictor.load with a caption or evaluate job's options: its checkpoint, --beam, compute, --sample,
+    --temperature, --runtime, the KEY=VALUE overrides and the ONNX Runtime options (compute describes this
+    machine, not the checkpoint: auto unless the job says otherwise)."""
+    return Predictor.load(job.checkpoint, device, beam_size=job.beam_size, compute=job.compute, sample=job.sample,
+                          temperature=job.temperature, runtime=job.runtime, overrides=job.overrides,
+                          providers=job.providers,
+                          session_options=ort_session_options(job.ort_threads, job.ort_optimization))
+
+
 @dataclass
 class Predictor:
     model: CaptionModel | None  # in eval mode, on device, encoder prepared (channels_last / compile) as compute
