@@ -1,6 +1,7 @@
 """The configuration reference, generated from captioner/config: every key's type and default from the
 dataclasses (sections.py), its meaning from the field's own comment (or metadata "help"), its range from the
-field's metadata "range" (sections.at_least) or the int default INT_RANGE, and the rules validate() checks.
+field's metadata "range" (sections.at_least) or the int default INT_RANGE, and the rules validate() checks,
+written as a user writes a range ("[0, 1)", "> 0", "one of: tanh, relu"; plain_rule).
 
 The comments in sections.py are the single source of each key's meaning: a field's trailing comment, or the
 comment block right above it. A comment block above a field that has its own trailing comment continues the
@@ -86,15 +87,15 @@ def _default(spec: dataclasses.Field) -> str:
 
 
 class _Constants(ast.NodeTransformer):
-    """Names of the config's closed sets (DATASET_FORMATS) and ranges (TEMPERATURES) -> their values, and
-    `cfg.section.key` -> `key`, so a rule reads as it is checked."""
+    """Names of the config's closed sets (DATASET_FORMATS) and ranges (TEMPERATURES, and validate()'s own
+    `low, high = TEMPERATURES`) -> their values, and `cfg.section.key` -> `key`, so a rule reads as it is checked."""
 
-    def __init__(self, namespace: dict):
-        self.namespace = namespace
+    def __init__(self, namespace: dict, local: dict):
+        self.namespace, self.local = namespace, local
 
     def visit_Name(self, node):
-        value = self.namespace.get(node.id)
-        if isinstance(value, (tuple, int, float, str)) and node.id.isupper():
+        value = self.local[node.id] if node.id in self.local else self.namespace.get(node.id)
+        if isinstance(value, (tuple, int, float, str)) and (node.id.isupper() or node.id in self.local):
             return ast.copy_location(ast.Constant(value), node)
         return node
 
@@ -126,6 +127,18 @@ class _Constants(ast.NodeTransformer):
         return self.generic_visit(node)
 
 
+def _unpacked_constants(func: ast.FunctionDef, namespace: dict) -> dict:
+    """validate()'s `low, high = TEMPERATURES`: each name unpacked from a constant tuple -> its value."""
+    local = {}
+    for node in ast.walk(func):
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Tuple)
+                and isinstance(node.value, ast.Name) and isinstance(namespace.get(node.value.id), tuple)):
+            names, values = node.targets[0].elts, namespace[node.value.id]
+            if len(names) == len(values) and all(isinstance(n, ast.Name) for n in names):
+                local.update({n.id: v for n, v in zip(names, values)})
+    return local
+
+
 def validation_rules() -> dict[str, list[str]]:
     """section.key -> the conditions validate() checks on it, as source (`0.0 <= model.dropout < 1.0`)."""
     from captioner.config import sections, validate as validate_module
@@ -133,6 +146,7 @@ def validation_rules() -> dict[str, list[str]]:
     namespace = {**vars(sections), **vars(validate_module)}
     rules: dict[str, list[str]] = {}
     for func in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "validate"):
+        local = _unpacked_constants(func, namespace)
         lists = [n.value for n in ast.walk(func) if isinstance(n, ast.Assign) and isinstance(n.value, ast.List)
                  and any(isinstance(t, ast.Name) and t.id == "checks" for t in n.targets)]
         for node in (elt for checks in lists for elt in checks.elts):
@@ -144,25 +158,79 @@ def validation_rules() -> dict[str, list[str]]:
                     and a.value.value.id == "cfg"}
             if not keys:
                 continue
-            text = ast.unparse(_Constants(namespace).visit(ast.parse(ast.unparse(condition), mode="eval")))
+            text = ast.unparse(_Constants(namespace, local).visit(ast.parse(ast.unparse(condition), mode="eval")))
             for key in keys:
                 rules.setdefault(key, []).append(text)
     return rules
 
 
-# Rules longer than this (several keys, generator expressions) are left to validate.py and its error messages.
+# Rules that are no plain comparison, in words (the rule's source as validation_rules gives it -> the range).
+# A new such rule shows as its source (or, when long, not at all) until it is worded here: test_docs checks that
+# every rule reads as words.
+RULE_WORDS = {
+    "encoder.std is None or all((v > 0 for v in encoder.std))": "null, or every value > 0",
+    "not (dataset.format == 'synthetic' and dataset.annotations)":
+        "no dataset.annotations with dataset.format synthetic",
+    "_known_encoding(dataset.encoding)": "a text encoding Python knows (utf-8, latin-1, cp1252, ...)",
+    "train.scst_samples >= (2 if train.scst_baseline == 'mean' else 1)":
+        "train.scst_samples >= 2 with the mean baseline (>= 1 with greedy)",
+    "decode.groups < 1 or decode.beam_size % decode.groups == 0": "decode.beam_size a multiple of decode.groups",
+    "all((values is None or len(values) == encoder.in_channels for values in (encoder.mean, encoder.std)))":
+        "encoder.mean and encoder.std: null, or one value per input channel (encoder.in_channels)",
+    "all((name in ('jsonl', 'tensorboard', 'mlflow', 'wandb') for name in train.log_to)) and "
+    "len(set(train.log_to)) == len(train.log_to)": "each of: jsonl, tensorboard, mlflow, wandb, at most once",
+}
+
+# Unworded rules longer than this (several keys, generator expressions) are left to validate.py and its errors.
 RULE_WIDTH = 70
 
+_SYMBOLS = {ast.Gt: ">", ast.GtE: ">=", ast.Lt: "<", ast.LtE: "<="}
 
-def _range(spec: dataclasses.Field, hint, rules: list[str]) -> str:
+
+def _number(value) -> str:
+    return f"{value:g}"  # 0.0 -> 0, 1e-04 -> 0.0001
+
+
+def _is_number(node) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
+        and not isinstance(node.value, bool)
+
+
+def plain_rule(rule: str, key: str) -> str | None:
+    """A validate() condition on key as a user writes a range: `0.0 <= k < 1.0` -> "[0, 1)", `k > 0` -> "> 0",
+    `k in ('tanh', 'relu')` -> "one of: tanh, relu"; then RULE_WORDS; None when it is neither."""
+    if rule in RULE_WORDS:
+        return RULE_WORDS[rule]
+    node = ast.parse(rule, mode="eval").body
+    if not isinstance(node, ast.Compare):
+        return None
+    terms = [node.left, *node.comparators]
+    if len(node.ops) == 1 and ast.unparse(node.left) == key:
+        op, right = node.ops[0], node.comparators[0]
+        if isinstance(op, ast.In) and isinstance(right, ast.Tuple) and all(isinstance(e, ast.Constant)
+                                                                          for e in right.elts):
+            return "one of: " + ", ".join(str(e.value) if e.value != "" else '""' for e in right.elts)
+        if type(op) in _SYMBOLS and _is_number(right):
+            return f"{_SYMBOLS[type(op)]} {_number(right.value)}"
+    if (len(node.ops) == 2 and ast.unparse(terms[1]) == key and _is_number(terms[0]) and _is_number(terms[2])
+            and all(isinstance(op, (ast.Lt, ast.LtE)) for op in node.ops)):
+        opening, closing = ("[" if isinstance(node.ops[0], ast.LtE) else "("), \
+            ("]" if isinstance(node.ops[1], ast.LtE) else ")")
+        return f"{opening}{_number(terms[0].value)}, {_number(terms[2].value)}{closing}"
+    return None
+
+
+def _range(spec: dataclasses.Field, hint, rules: list[str], key: str) -> str:
     from captioner.config.validate import INT_RANGE
-    rules = [rule for rule in rules if len(rule) <= RULE_WIDTH]  # longer ones read better in validate.py
+    worded = [(rule, plain_rule(rule, key)) for rule in rules]
+    # unworded rules longer than RULE_WIDTH read better in validate.py
+    rules = [words or f"`{rule}`" for rule, words in worded if words or len(rule) <= RULE_WIDTH]
     declared = spec.metadata.get("range")
     if declared is None and hint is int and not rules:
         declared = INT_RANGE
-    parts = [f">= {declared[0]}" if declared[1] == INT_RANGE[1] else f"{declared[0]} .. {declared[1]}"] \
+    parts = [f">= {declared[0]}" if declared[1] == INT_RANGE[1] else f"[{declared[0]}, {declared[1]}]"] \
         if declared else []
-    return "; ".join(parts + [f"`{rule}`" for rule in rules])
+    return "; ".join(dict.fromkeys(parts + rules))  # each once, in order
 
 
 def key_docs(root=None) -> list[KeyDoc]:
@@ -178,7 +246,7 @@ def key_docs(root=None) -> list[KeyDoc]:
         for spec in dataclasses.fields(cls):
             key = f"{section.name}.{spec.name}"
             docs.append(KeyDoc(key, _type_name(hints[spec.name]), _default(spec),
-                               _range(spec, hints[spec.name], rules.get(key, [])),
+                               _range(spec, hints[spec.name], rules.get(key, []), key),
                                _meaning(spec, comments.get(spec.name, ""))))
     return docs
 

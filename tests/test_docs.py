@@ -71,8 +71,26 @@ def test_config_reference_lists_every_key_with_type_default_and_rules():
     for section, values in to_dict(Config()).items():
         for key in values:
             assert f"| `{section}.{key}` |" in text
-    assert "| `decode.top_p` | float | `1.0` | `0.0 < decode.top_p <= 1.0` |" in text
-    assert "`model.features in ('project', 'norm', 'raw')`" in text  # closed sets written out
+    assert "| `decode.top_p` | float | `1.0` | (0, 1] |" in text
+    assert "| one of: project, norm, raw |" in text  # closed sets written out
+    assert "| `decode.temperature` | float | `1.0` | [0.0001, 10000] |" in text  # validate()'s low, high
+
+
+def test_every_range_reads_as_a_user_writes_it():
+    """Each of validate()'s rules is a plain range ("[0, 1)", "> 0", "one of: ...") or worded in RULE_WORDS:
+    no Python source in the reference's range column."""
+    unworded = [(key, rule) for key, rules in config_ref.validation_rules().items() for rule in rules
+                if config_ref.plain_rule(rule, key) is None]
+    assert unworded == [], "word these rules in docsgen/config_ref.py RULE_WORDS"
+    assert [doc.key for doc in config_ref.key_docs() if "`" in doc.range or "cfg" in doc.range] == []
+    ranges = {doc.key: doc.range for doc in config_ref.key_docs()}
+    assert (ranges["model.dropout"], ranges["dataset.val_fraction"], ranges["train.lr_gamma"]) == (
+        "[0, 1)", "[0, 0.5)", "(0, 1]")
+    assert (ranges["train.lr"], ranges["model.alpha_c"], ranges["train.epochs"]) == ("> 0", ">= 0", ">= 1")
+    assert ranges["encoder.interpolation"] == 'one of: "", bicubic, bilinear'
+    assert config_ref.plain_rule("a.b in ('x', 'y')", "a.b") == "one of: x, y"
+    assert config_ref.plain_rule("0.5 < a.b < 2", "a.b") == "(0.5, 2)"
+    assert config_ref.plain_rule("a.b > c.d", "a.b") is None  # another key: no plain range
 
 
 def test_every_command_and_option_has_help():
