@@ -1,5 +1,9 @@
 """Shared fixtures: a small synthetic dataset, one tiny trained model (built once per test session), one
-untrained checkpoint and one folder of every kind of input. Plain builders live in helpers.py."""
+untrained checkpoint and one folder of every kind of input. Plain builders live in helpers.py.
+
+Run in parallel with pytest-xdist as `python -m pytest -n auto --dist loadgroup`: each test file then goes to one
+worker whole (its module fixtures are built once), and the tests that use `trained` go to one worker together,
+first, so that the model is trained once (see pytest_xdist_make_scheduler below)."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +17,35 @@ from helpers import make_input_folder, tiny_config, untrained_checkpoint
 
 # One thread: on 2 cores shared with anything else, two threads per process oversubscribe and run 10x slower.
 torch.set_num_threads(1)
+
+SHARED_TRAINED = "trained"  # the xdist group of the tests that use the `trained` fixture
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
+def pytest_collection_modifyitems(items):
+    """The tests that use `trained` form one xdist group and run first: the group is the longest unit of work
+    (a minute of training, then those tests), so it must not be the last one handed out."""
+    uses_trained = [item for item in items if SHARED_TRAINED in getattr(item, "fixturenames", ())]
+    for item in uses_trained:
+        item.add_marker(pytest.mark.xdist_group(SHARED_TRAINED))
+    items[:] = uses_trained + [item for item in items if item not in uses_trained]
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # optional: the hook exists only where xdist is installed
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadgroup here: an xdist_group goes to one worker whole, and so does every test file (like
+    --dist loadfile), in collection order (the `trained` group first, see above)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class FilesAndGroups(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            group = super()._split_scope(nodeid)
+            return group if group != nodeid else nodeid.split("::", 1)[0]
+
+    config.option.loadscopereorder = False  # xdist would hand out the units with the most tests first
+    return FilesAndGroups(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ recorded in the checkpoint and reused; a resumed run keeps it."""
 import html
 import json
 import logging
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
@@ -21,8 +22,9 @@ from captioner.model.caption_model import CaptionModel, recorded_encoder_config
 
 from helpers import TINY, small_config
 
-pytest.importorskip("timm")
-pytest.importorskip("open_clip")
+# Found, not imported: timm and open_clip take seconds to import, and every pytest-xdist worker collects this file.
+pytestmark = pytest.mark.skipif(not (find_spec("timm") and find_spec("open_clip")),
+                                reason='the [timm] and [clip] extras are not installed: pip install -e ".[timm,clip]"')
 
 BACKBONES = [  # arch, layer, grid at 64 px, the library's own mean
     ("timm/convnext_atto", "stages.2", (160, 4, 4), (0.485, 0.456, 0.406)),

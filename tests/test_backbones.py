@@ -1,5 +1,6 @@
 """timm and open_clip backbones behind the one HookedEncoder: random weights, small inputs, no network."""
 import sys
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ from captioner.errors import CaptionerError
 from captioner.model.backbones import TokenLayout
 from captioner.model.encoder import HookedEncoder, list_layers, remap_by_order, to_grid
 
-timm = pytest.importorskip("timm")
-open_clip = pytest.importorskip("open_clip")
+# Found, not imported: timm and open_clip take seconds to import, and every pytest-xdist worker collects this file.
+pytestmark = pytest.mark.skipif(not (find_spec("timm") and find_spec("open_clip")),
+                                reason='the [timm] and [clip] extras are not installed: pip install -e ".[timm,clip]"')
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
@@ -154,6 +156,7 @@ def test_four_band_vit_adapts_its_patch_embedding():
 
 def test_timm_weights_file_safetensors_with_head(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
+    import timm
     torch.manual_seed(1)
     full = timm.create_model("convnext_atto", num_classes=10)  # a file with its classifier: dropped on load
     path = tmp_path / "convnext_atto.safetensors"
