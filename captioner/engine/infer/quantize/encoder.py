@@ -1,0 +1,87 @@
+"""The encoder's int8 recipe, found by measurement: calibration method, then the nodes kept in float.
+
+    plan = quantize_encoder_measured(float_encoder, out, images, work)   # out: encoder.onnx in int8
+
+1. quant_pre_process (shape inference, BatchNorm folded into Conv).
+2. Every Conv but the first and the last quantized (those two stay float: the image itself and the features the
+   decoder reads), once per calibration method (calibrate.METHODS), calibrated on 3/4 of the images; the
+   method whose features on the other 1/4 are closest to float32's is kept.
+3. Sensitivity: each quantized Conv's own rounding error (sensitivity.node_errors), and the worst ones kept in
+   float in doubling batches until the mean cosine similarity of int8 to float32 features on the held-out
+   images reaches FEATURE_BUDGET, with at most MAX_EXCLUDED_FRACTION of the convolutions and SEARCH_SECONDS.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from captioner.engine.infer.quantize.calibrate import choose_method, quantize_encoder, split_held_out
+from captioner.engine.infer.quantize.measure import FeatureProbe
+from captioner.engine.infer.quantize.sensitivity import SearchResult, node_errors, search_exclusions
+
+log = logging.getLogger("captioner")
+
+# The budget: mean per-image cosine similarity of the int8 encoder's features to float32's, on held-out
+# calibration images. 0.99 is where a pretrained MobileNetV2's beam captions stop changing measurably (the
+# decoder's attention reads directions more than magnitudes); below ~0.97 real-photo CIDEr-D dropped ~10%.
+FEATURE_BUDGET = 0.99
+# At most this fraction of the convolutions kept in float: int8 must stay faster than float32 (issue 35: >= 1.5x
+# ORT float32 for MobileNetV2), and a budget that needs more says the calibration, not the nodes, is wrong.
+MAX_EXCLUDED_FRACTION = 0.25
+SEARCH_SECONDS = 300.0  # the sensitivity pass's time limit, beyond calibration (then the best graph so far)
+RANKING_IMAGES = 16  # calibration images the per-node errors are measured on
+
+
+@dataclass
+class EncoderPlan:
+    method: str
+    method_errors: dict  # {method: compare() on the held-out images}
+    fixed_excluded: list[str]  # the first and the last Conv
+    search: SearchResult
+    convs: int
+    fit_images: int
+    held_images: int
+    seconds: float
+    budget: float
+    max_excluded: int
+
+
+def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tensor, work: Path,
+                              budget: float = FEATURE_BUDGET, max_excluded_fraction: float = MAX_EXCLUDED_FRACTION,
+                              search_seconds: float = SEARCH_SECONDS) -> EncoderPlan:
+    """float_encoder (encoder.onnx, float32) -> out (int8), calibrated on images ((N, 3, S, S) uint8); work: a
+    scratch folder. Returns what was chosen and measured (quantization.json's encoder section)."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    start = time.monotonic()
+    prepared = work / "encoder.prepared.onnx"
+    # Shape inference and graph folding (BatchNorm into Conv) first: onnxruntime's recommended preparation.
+    quant_pre_process(str(float_encoder), str(prepared), skip_symbolic_shape=True)
+    convs = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Conv"]
+    fixed = [convs[0], convs[-1]] if len(convs) > 2 else []
+    fit, held = split_held_out(images)
+    probe = FeatureProbe(prepared, held)
+    choice = choose_method(prepared, work, fit, probe, fixed)
+    chosen = work / f"encoder-{choice.method}.onnx"
+    errors = {name: e for name, e in node_errors(prepared, chosen, fit[:RANKING_IMAGES]).items() if name not in fixed}
+    made = {(): chosen}  # {nodes in float: the graph}
+
+    def requantize(names: list[str]) -> dict:
+        made[tuple(names)] = work / f"encoder-try{len(made)}.onnx"
+        quantize_encoder(prepared, made[tuple(names)], fit, choice.method, fixed + names, choice.cache)
+        return probe.error(made[tuple(names)])
+
+    limit = int(max_excluded_fraction * len(convs))
+    search = search_exclusions(errors, requantize, choice.errors[choice.method], budget, limit,
+                               time.monotonic() + search_seconds)
+    shutil.copyfile(made[tuple(search.excluded)], out)
+    if not search.met:
+        log.warning("int8: the encoder's features reach cosine %.4f of float32's, under the budget %.2f: %s; "
+                    "quantization.json records it", search.error["cosine_mean"], budget, search.why_stopped)
+    return EncoderPlan(choice.method, choice.errors, fixed, search, len(convs), len(fit), len(held),
+                       round(time.monotonic() - start, 1), budget, limit)
