@@ -80,8 +80,8 @@ def node_errors(prepared: Path, quantized: Path, images: torch.Tensor, batch: in
         w = init[node.input[1]]
         scale, zero, w_int, w_scale = qdq[name]
         w_scale = np.reshape(w_scale, (-1, 1, 1, 1)) if np.ndim(w_scale) else w_scale
-        bias = torch.from_numpy(init[node.input[2]]).double() if len(node.input) > 2 else None
-        params[name] = (torch.from_numpy(w).double(), torch.from_numpy(w_int.astype(np.float64) * w_scale), bias,
+        bias = torch.tensor(init[node.input[2]], dtype=torch.float64) if len(node.input) > 2 else None
+        params[name] = (torch.tensor(w, dtype=torch.float64), torch.from_numpy(w_int.astype(np.float64) * w_scale), bias,
                         float(scale), float(zero))
     # Every quantized Conv's input becomes a graph output of the float graph, to read it directly.
     inputs = {node.input[0] for node in convs.values()}
