@@ -86,7 +86,7 @@ def test_sensitivity_pass_in_a_real_graph(resnet18, tmp_path, budget):
     work = tmp_path / "work"
     work.mkdir()
     plan = quantize_encoder_measured(resnet18 / "encoder.onnx", tmp_path / "encoder.onnx", _photos(64, 8), work,
-                                     budget=budget, search_seconds=60)
+                                     budget=budget, time_limit=120)
     assert set(plan.method_errors) == {"MinMax", "Percentile", "Entropy"}
     assert plan.method_errors[plan.method]["cosine_mean"] == max(e["cosine_mean"] for e in plan.method_errors.values())
     if budget == 0.0:

@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import io
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,15 +92,21 @@ class MethodChoice:
     errors: dict = field(default_factory=dict)  # {method: compare() of its int8 features on the held-out images}
 
 
-def choose_method(prepared: Path, work: Path, fit: torch.Tensor, probe, excluded: list[str]) -> MethodChoice:
+def choose_method(prepared: Path, work: Path, fit: torch.Tensor, probe, excluded: list[str],
+                  deadline: float = float("inf")) -> MethodChoice:
     """Quantizes prepared with each of METHODS (calibrated on fit, excluded kept in float) and keeps the one
-    whose features on probe's held-out images are closest to float32's (highest mean cosine similarity)."""
+    whose features on probe's held-out images are closest to float32's (highest mean cosine similarity). The
+    methods after the first are skipped once time.monotonic() passes deadline (recorded as skipped)."""
     errors, caches = {}, {}
     for method in METHODS:
+        if errors and time.monotonic() > deadline:
+            errors[method] = {"skipped": "the time allowed for quantization ran out"}
+            continue
         caches[method] = work / f"ranges-{method}.json"
         candidate = work / f"encoder-{method}.onnx"
         quantize_encoder(prepared, candidate, fit, method, excluded, caches[method])
         errors[method] = probe.error(candidate)
         log.debug("int8 calibration %s: %s", method, errors[method])
-    best = max(METHODS, key=lambda m: (errors[m]["cosine_mean"], -errors[m]["relative_error"]))
+    measured = [m for m in METHODS if "cosine_mean" in errors[m]]
+    best = max(measured, key=lambda m: (errors[m]["cosine_mean"], -errors[m]["relative_error"]))
     return MethodChoice(best, caches[best] if caches[best].is_file() else None, errors)

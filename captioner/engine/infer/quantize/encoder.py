@@ -8,7 +8,8 @@
    method whose features on the other 1/4 are closest to float32's is kept.
 3. Sensitivity: each quantized Conv's own rounding error (sensitivity.node_errors), and the worst ones kept in
    float in doubling batches until the mean cosine similarity of int8 to float32 features on the held-out
-   images reaches FEATURE_BUDGET, with at most MAX_EXCLUDED_FRACTION of the convolutions and SEARCH_SECONDS.
+   images reaches FEATURE_BUDGET, with at most MAX_EXCLUDED_FRACTION of the convolutions, all within
+   TIME_LIMIT_SECONDS.
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ FEATURE_BUDGET = 0.99
 # At most this fraction of the convolutions kept in float: int8 must stay faster than float32 (issue 35: >= 1.5x
 # ORT float32 for MobileNetV2), and a budget that needs more says the calibration, not the nodes, is wrong.
 MAX_EXCLUDED_FRACTION = 0.25
-SEARCH_SECONDS = 300.0  # the sensitivity pass's time limit, beyond calibration (then the best graph so far)
-RANKING_IMAGES = 16  # calibration images the per-node errors are measured on
+# The encoder's quantization time limit, all of it: the methods not started by then are skipped, the sensitivity
+# pass stops with the best graph so far (ResNet-152 at 224 px with 64 images otherwise takes ~10 minutes on 2 cores).
+TIME_LIMIT_SECONDS = 300.0
+RANKING_IMAGES = 8  # calibration images the per-node errors are measured on
 
 
 @dataclass
@@ -53,7 +56,7 @@ class EncoderPlan:
 
 def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tensor, work: Path,
                               budget: float = FEATURE_BUDGET, max_excluded_fraction: float = MAX_EXCLUDED_FRACTION,
-                              search_seconds: float = SEARCH_SECONDS) -> EncoderPlan:
+                              time_limit: float = TIME_LIMIT_SECONDS) -> EncoderPlan:
     """float_encoder (encoder.onnx, float32) -> out (int8), calibrated on images ((N, 3, S, S) uint8); work: a
     scratch folder. Returns what was chosen and measured (quantization.json's encoder section)."""
     import onnx
@@ -66,7 +69,8 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
     fixed = [convs[0], convs[-1]] if len(convs) > 2 else []
     fit, held = split_held_out(images)
     probe = FeatureProbe(prepared, held)
-    choice = choose_method(prepared, work, fit, probe, fixed)
+    deadline = start + time_limit
+    choice = choose_method(prepared, work, fit, probe, fixed, deadline)
     chosen = work / f"encoder-{choice.method}.onnx"
     errors = {name: e for name, e in node_errors(prepared, chosen, fit[:RANKING_IMAGES]).items() if name not in fixed}
     made = {(): chosen}  # {nodes in float: the graph}
@@ -77,8 +81,7 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
         return probe.error(made[tuple(names)])
 
     limit = int(max_excluded_fraction * len(convs))
-    search = search_exclusions(errors, requantize, choice.errors[choice.method], budget, limit,
-                               time.monotonic() + search_seconds)
+    search = search_exclusions(errors, requantize, choice.errors[choice.method], budget, limit, deadline)
     shutil.copyfile(made[tuple(search.excluded)], out)
     if not search.met:
         log.warning("int8: the encoder's features reach cosine %.4f of float32's, under the budget %.2f: %s; "

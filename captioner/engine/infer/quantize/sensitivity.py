@@ -80,8 +80,8 @@ def node_errors(prepared: Path, quantized: Path, images: torch.Tensor, batch: in
         w = init[node.input[1]]
         scale, zero, w_int, w_scale = qdq[name]
         w_scale = np.reshape(w_scale, (-1, 1, 1, 1)) if np.ndim(w_scale) else w_scale
-        bias = torch.tensor(init[node.input[2]], dtype=torch.float64) if len(node.input) > 2 else None
-        params[name] = (torch.tensor(w, dtype=torch.float64), torch.from_numpy(w_int.astype(np.float64) * w_scale), bias,
+        bias = torch.tensor(init[node.input[2]]) if len(node.input) > 2 else None
+        params[name] = (torch.tensor(w), torch.from_numpy((w_int * w_scale).astype(np.float32)), bias,
                         float(scale), float(zero))
     # Every quantized Conv's input becomes a graph output of the float graph, to read it directly.
     inputs = {node.input[0] for node in convs.values()}
@@ -97,11 +97,11 @@ def node_errors(prepared: Path, quantized: Path, images: torch.Tensor, batch: in
             values = dict(zip(names, run.run(None, {"images": part.contiguous().numpy()})))
             for name, node in convs.items():
                 w, w_q, bias, scale, zero = params[name]
-                x = torch.from_numpy(values[node.input[0]]).double()
+                x = torch.from_numpy(values[node.input[0]])
                 x_q = ((x / scale).round() + zero).clamp(0, 255).sub(zero).mul(scale)  # uint8 activations
                 y, y_q = _conv(node, x, w, bias), _conv(node, x_q, w_q, bias)
-                squared[name][0] += float((y_q - y).square().sum())
-                squared[name][1] += float(y.square().sum())
+                squared[name][0] += float((y_q - y).double().square().sum())
+                squared[name][1] += float(y.double().square().sum())
     del run
     with_inputs.unlink()
     errors = {name: float(np.sqrt(num / max(den, 1e-30))) for name, (num, den) in squared.items()}
