@@ -34,22 +34,26 @@ def _requantize(names):
     return _error(0.9 + sum(NODES[n] / 10 for n in names if n != "harmful") - 0.3 * ("harmful" in names))
 
 
+COSTS = {name: 0.1 for name in NODES}  # each node 10% of the multiply-adds
+
+
 def test_search_keeps_nothing_when_the_budget_holds():
-    result = search_exclusions(NODES, _requantize, _error(0.9), 0.85, 10, time.monotonic() + 60)
+    result = search_exclusions(NODES, _requantize, _error(0.9), 0.85, COSTS, 1.0, time.monotonic() + 60)
     assert result.excluded == {} and result.met and len(result.rounds) == 1
 
 
 def test_search_excludes_the_worst_nodes_until_the_budget_holds_and_drops_a_harmful_one():
-    result = search_exclusions(NODES, _requantize, _error(0.9), 0.995, 10, time.monotonic() + 60)
+    result = search_exclusions(NODES, _requantize, _error(0.9), 0.995, COSTS, 1.0, time.monotonic() + 60)
     assert result.met and list(result.excluded) == ["a", "b"]  # 0.9 + 0.09 < 0.995 <= 0.9 + 0.09 + 0.03; harmful rejected
     assert [r["added"] for r in result.rounds] == [[], ["a"], ["harmful", "b"], ["harmful"], ["b"]]
     assert [r["kept"] for r in result.rounds] == [True, True, False, False, True]
 
 
-def test_search_stops_at_the_most_allowed_and_says_so():
-    result = search_exclusions(NODES, _requantize, _error(0.9), 1.5, 2, time.monotonic() + 60)
-    assert not result.met and len(result.excluded) <= 2 and "most allowed: 2" in result.why_stopped
-    late = search_exclusions(NODES, _requantize, _error(0.9), 1.5, 10, time.monotonic() - 1)
+def test_search_stops_at_the_cost_limit_and_says_so():
+    result = search_exclusions(NODES, _requantize, _error(0.9), 1.5, COSTS, 0.2, time.monotonic() + 60)
+    assert not result.met and list(result.excluded) == ["a", "b"]  # 20% of the multiply-adds at most
+    assert "(2 in float, 2 passed by: float multiply-adds at most 20%)" in result.why_stopped  # c, d
+    late = search_exclusions(NODES, _requantize, _error(0.9), 1.5, COSTS, 1.0, time.monotonic() - 1)
     assert late.excluded == {} and "time allowed ran out" in late.why_stopped
 
 
@@ -92,7 +96,7 @@ def test_sensitivity_pass_in_a_real_graph(resnet18, tmp_path, budget):
     if budget == 0.0:
         assert plan.search.met and plan.search.excluded == {}
     else:
-        assert not plan.search.met and plan.search.excluded and len(plan.search.excluded) <= plan.max_excluded
+        assert not plan.search.met and plan.search.excluded and 0 < plan.float_macs <= plan.max_float_macs
         assert plan.search.error["cosine_mean"] > plan.method_errors[plan.method]["cosine_mean"]
         kept = [name for r in plan.search.rounds if r["kept"] for name in r["added"]]
         assert kept == list(plan.search.excluded)  # exactly the tries that helped

@@ -32,7 +32,8 @@ def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> 
             "sensitivity": {
                 "node_error": "relative L2 error of the node's output with int8 input and weights, float input",
                 "excluded_errors": {name: round(error, 6) for name, error in search.excluded.items()},
-                "max_excluded": plan.max_excluded, "convolutions": plan.convs,
+                "max_float_macs": plan.max_float_macs, "float_macs": plan.float_macs,
+                "convolutions": plan.convs,
                 "budget_met": search.met, "stopped": search.why_stopped, "tries": search.rounds,
                 "seconds": plan.seconds},
         },

@@ -117,31 +117,37 @@ class SearchResult:
     why_stopped: str = ""
 
 
-def search_exclusions(errors: dict[str, float], requantize, first: dict, budget: float, max_excluded: int,
-                      deadline: float) -> SearchResult:
+def search_exclusions(errors: dict[str, float], requantize, first: dict, budget: float, costs: dict[str, float],
+                      max_cost: float, deadline: float) -> SearchResult:
     """Keeps errors' worst nodes in float, in batches of doubling size (1, 2, 4, …), until requantize's features
-    have mean cosine similarity >= budget, max_excluded nodes are out, every node was tried, or time.monotonic()
-    passes deadline. A batch is kept only when it brings the features closer to float32's (measured, not
-    assumed: onnxruntime's graph optimizations can make a float node amid int8 ones worse); a rejected batch
-    is retried by halves, so a single harmful node is dropped and its neighbours still tried.
+    have mean cosine similarity >= budget, every node was tried, or time.monotonic() passes deadline; the nodes
+    in float cost at most max_cost in all (costs: {node: its share of the encoder's multiply-adds}; a node that
+    would go over is passed by). A batch is kept only when it brings the features closer to float32's
+    (measured, not assumed: onnxruntime's graph optimizations can make a float node amid int8 ones worse); a
+    rejected batch is retried by halves, so a single harmful node is dropped and its neighbours still tried.
     first: compare() of the graph with none of them excluded; requantize(names) -> compare() with names in
     float."""
     ranked, kept, best = list(errors), [], first
     rounds = [{"added": [], "kept": True, "cosine_mean": first["cosine_mean"],
                "relative_error": first["relative_error"]}]
-    position, size = 0, 1
-    limit = min(max_excluded, len(ranked))
+    position, size, passed = 0, 1, []
     while best["cosine_mean"] < budget:
-        if len(kept) >= limit:
-            why = f"the budget does not hold with {len(kept)} nodes in float (the most allowed: {limit})"
-            break
         if position >= len(ranked):
-            why = f"the budget does not hold with every one of the {len(ranked)} nodes tried"
+            why = (f"the budget does not hold with every one of the {len(ranked)} nodes tried or over the cost "
+                   f"limit ({len(kept)} in float, {len(passed)} passed by: float multiply-adds at most "
+                   f"{max_cost:.0%})")
             break
         if time.monotonic() > deadline:
             why = f"the time allowed ran out after {len(rounds)} tries ({len(kept)} nodes in float)"
             break
-        batch = ranked[position:position + min(size, limit - len(kept))]
+        spent = sum(costs[n] for n in kept)
+        batch = ranked[position:position + size]
+        while batch and spent + sum(costs[n] for n in batch) > max_cost:
+            batch = batch[:-1]
+        if not batch:  # the next node alone would cost too much in float
+            passed.append(ranked[position])
+            position, size = position + 1, 1
+            continue
         error = requantize(kept + batch)
         better = error["cosine_mean"] > best["cosine_mean"]
         rounds.append({"added": batch, "kept": better, "cosine_mean": error["cosine_mean"],
