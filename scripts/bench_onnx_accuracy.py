@@ -1,24 +1,29 @@
-"""How close ONNX Runtime (float32 and int8) comes to PyTorch float32: features, captions, BLEU-4; printed as JSON.
+"""Does int8 keep the accuracy of ORT float32, model by model? Per checkpoint: CIDEr-D, distinct captions, speed.
 
-    captioner demo --out demo                                             # a trained checkpoint
-    python scripts/bench_onnx_accuracy.py --checkpoint demo/run/best.pt --photos ../shared/data/coco-mini/train2017
-    python scripts/bench_onnx_accuracy.py --checkpoint demo/run/best.pt --photos DIR --resnet152 --threads 1
+    python scripts/bench_quality.py --stages xe --seeds 3          # real-photo MobileNetV2 checkpoints
+    python scripts/bench_onnx_accuracy.py --checkpoint ~/.cache/captioner/quality/runs/default/seed0/xe/best.pt \
+        --checkpoint ~/.cache/captioner/quality/runs/default/seed1/xe/best.pt --json onnx_accuracy.json
+    python scripts/bench_onnx_accuracy.py --checkpoint demo/run/best.pt --photos DIR --resnet152   # + features
 
-The checkpoint is exported twice (`captioner export --format onnx`, then with `--quantize int8`, calibrated on
-its own training split) into --work. Then:
-- features: the largest difference of the ORT encoder's features from PyTorch's on --photos (16 real photos),
-  relative to the features' scale; with --resnet152 also for a random ResNet-152 layer4 encoder at 224 px.
-- captions: `captioner evaluate` on the checkpoint's test split with each runtime, greedy and beam 3: BLEU-4 and
-  CIDEr-D, and the fraction of images whose caption equals PyTorch's.
-PyTorch runs float32 (compute.bf16=false compute.channels_last=false) and reads no feature cache (the demo's
-is bfloat16): float32 is compared with float32 on any CPU.
+Each --checkpoint (repeatable) is exported twice (`captioner export --format onnx`, then with `--quantize int8`,
+calibrated on its own TRAINING split only: the export's default) into --work, and `captioner evaluate --runtime
+onnxruntime` scores both on the checkpoint's --split (default test) with the checkpoint's own decoding. Printed
+per model: CIDEr-D and distinct captions per 100 photos for ORT fp32 and int8, int8's relative difference on each,
+`pass` when both are within 3% (not on average: every model), and int8's captioning speed relative to ORT fp32
+at one thread (the split's photos end to end, decode + resize + encoder + the checkpoint's search, --rounds
+rounds in alternating order, median ratio), and what quantization.json measured. Then one JSON document.
+
+With --photos also the ORT encoders' feature error against PyTorch float32 on those photos (and with --resnet152
+a random ResNet-152 layer4 encoder's). PyTorch runs float32 (compute.bf16=false compute.channels_last=false).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from captioner.config import EncoderConfig, ModelConfig  # noqa: E402
+from captioner.data.datasets import load_records  # noqa: E402
+from captioner.data.records import by_split  # noqa: E402
 from captioner.engine.infer.onnx_export import GRAPHS, export_graphs  # noqa: E402
 from captioner.engine.infer.onnx_runtime import EncoderSpec, OnnxBackend  # noqa: E402
 from captioner.engine.infer.predictor import Predictor  # noqa: E402
@@ -34,7 +41,8 @@ from captioner.jobs.export import ExportJob, main as export  # noqa: E402
 from captioner.model.caption_model import CaptionModel  # noqa: E402
 
 FLOAT32 = ["compute.bf16=false", "compute.channels_last=false", "cache.use=false"]
-RUNS = {"torch_fp32": ("fp32", "torch"), "ort_fp32": ("fp32", "onnxruntime"), "ort_int8": ("int8", "onnxruntime")}
+TOLERANCE = 0.03  # int8 passes when CIDEr-D and distinct captions are each within 3% of ORT float32's
+DATASET_PATHS = ("root", "annotations", "images", "splits", "train_list", "val_list", "test_list")
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,49 +77,106 @@ def resnet152_error(files: list[str], work: Path) -> float:
     return round(relative(raw, backend.encode(images)), 7)
 
 
-def captions(folders: dict[str, Path], work: Path, split: str) -> dict:
-    """{beam: {runtime: {bleu4, cider, same_as_torch}}} from `captioner evaluate` with each runtime."""
-    out = {}
-    for beam in (1, 3):
-        rows, results = {}, {}
-        for name, (precision, runtime) in RUNS.items():
-            metrics = evaluate(EvaluateJob(str(folders[precision]), split, beam, str(work / f"eval-{name}-b{beam}"),
-                                           list(FLOAT32), "cpu", runtime=runtime))
-            results[name] = {r["image_id"]: r["caption"] for r in json.loads(Path(metrics["results_file"]).read_text())}
-            rows[name] = {"bleu4": round(metrics["bleu4"], 4), "cider": round(metrics["cider"], 4),
-                          "images": len(results[name])}
-        for name, row in rows.items():
-            same = sum(results[name][i] == c for i, c in results["torch_fp32"].items())
-            row["same_as_torch"] = round(same / len(results["torch_fp32"]), 4)
-            row["bleu4_minus_torch"] = round(row["bleu4"] - rows["torch_fp32"]["bleu4"], 4)
-        out["greedy" if beam == 1 else f"beam{beam}"] = rows
-    return out
+def dataset_overrides(checkpoint: str) -> tuple[list[str], list[str]]:
+    """(dataset.* overrides that point a model folder at the checkpoint's own dataset, the split's image files
+    is filled by split_files): a model folder keeps no path of the machine that trained it."""
+    cfg = Predictor.load(checkpoint, "cpu").cfg.dataset
+    return [f"dataset.{key}={getattr(cfg, key)}" for key in DATASET_PATHS if getattr(cfg, key)], cfg
+
+
+def scores(folder: Path, split: str, overrides: list[str], out: Path) -> dict:
+    """ORT evaluation of folder on split with the checkpoint's decoding, one thread: CIDEr-D, distinct/100."""
+    metrics = evaluate(EvaluateJob(str(folder), split, None, str(out), FLOAT32 + overrides, "cpu",
+                                   runtime="onnxruntime", ort_threads=1))
+    return {"cider": round(metrics["cider"], 4), "distinct_per_100": round(100 * metrics["distinct_fraction"], 1),
+            "images": metrics["split_images"]}
+
+
+def speed(folders: dict[str, Path], files: list[str], rounds: int, batch: int) -> dict:
+    """{precision: photos/s} captioning files end to end at one thread, and int8's median ratio to fp32."""
+    predictors = {p: Predictor.load(f, "cpu", runtime="onnxruntime", session_options={"intra_op_threads": 1})
+                  for p, f in folders.items()}
+    rates, ratios = {p: [] for p in predictors}, []
+    for r in range(rounds):
+        order = list(predictors) if r % 2 == 0 else list(reversed(predictors))  # a passing load falls on both
+        this = {}
+        for precision in order:
+            predictor = predictors[precision]
+            start = time.perf_counter()
+            for images in predictor.image_batches(files, batch):
+                predictor.caption_batch(images.inputs)
+            this[precision] = len(files) / (time.perf_counter() - start)
+            rates[precision].append(this[precision])
+        ratios.append(this["int8"] / this["fp32"])
+    return {**{f"{p}_photos_per_s": round(statistics.median(v), 2) for p, v in rates.items()},
+            "int8_over_fp32": round(statistics.median(ratios), 3), "threads": 1, "photos": len(files),
+            "rounds": rounds}
+
+
+def one_model(checkpoint: str, work: Path, args) -> dict:
+    folders = {"fp32": work / "model-fp32", "int8": work / "model-int8"}
+    export(ExportJob(checkpoint, str(folders["fp32"]), format="onnx", overwrite=True))
+    export(ExportJob(checkpoint, str(folders["int8"]), format="onnx", quantize="int8", overwrite=True))
+    overrides, dataset = dataset_overrides(checkpoint)
+    result = {"checkpoint": checkpoint, "split": args.split}
+    runs = {p: scores(f, args.split, overrides, work / f"eval-{p}") for p, f in folders.items()}
+    result.update({f"ort_{p}": r for p, r in runs.items()})
+    diff = {key: round((runs["int8"][key] - runs["fp32"][key]) / max(abs(runs["fp32"][key]), 1e-12), 4)
+            for key in ("cider", "distinct_per_100")}
+    result["int8_relative_difference"] = diff
+    result["pass"] = all(abs(d) <= TOLERANCE for d in diff.values())
+    files = [r.path for r in by_split(load_records(dataset), args.split)][:args.speed_photos]
+    result["speed"] = speed(folders, files, args.rounds, args.batch)
+    record = json.loads((folders["int8"] / "quantization.json").read_text())
+    result["quantization"] = {"calibration_method": record["encoder"]["calibration_method"],
+                              "excluded_nodes": len(record["encoder"]["excluded_nodes"]),
+                              "feature_cosine": record["feature_error"]["cosine_mean"],
+                              "budget_met": record["feature_error"]["budget_met"],
+                              "calibration": record["calibration"]["source"]}
+    if args.photos:
+        files = photos(args.photos, args.count)
+        result["feature_relative_error"] = feature_errors(folders, files)
+        if args.resnet152:
+            result["feature_relative_error"]["resnet152_224_ort_fp32"] = resnet152_error(files, work / "resnet152")
+    return result
+
+
+def line(r: dict) -> str:
+    f, q, d = r["ort_fp32"], r["ort_int8"], r["int8_relative_difference"]
+    return (f"{r['checkpoint']}: CIDEr-D fp32 {f['cider']:.4f} int8 {q['cider']:.4f} ({100 * d['cider']:+.1f}%), "
+            f"distinct/100 fp32 {f['distinct_per_100']:.1f} int8 {q['distinct_per_100']:.1f} "
+            f"({100 * d['distinct_per_100']:+.1f}%), {'PASS' if r['pass'] else 'FAIL'} (within "
+            f"{TOLERANCE:.0%} on both), int8 {r['speed']['int8_over_fp32']:.2f}x ORT fp32 at 1 thread, "
+            f"{r['ort_fp32']['images']} photos")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a trained checkpoint (demo/run/best.pt)")
-    parser.add_argument("--photos", required=True, help="a folder of real photos for the feature check")
-    parser.add_argument("--count", type=int, default=16, help="photos compared (default: 16)")
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="a trained checkpoint (repeatable: each is exported, scored and timed)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--work", default=None, help="folder for the exports and evaluations (default: temporary)")
+    parser.add_argument("--rounds", type=int, default=3, help="speed rounds (default 3)")
+    parser.add_argument("--speed-photos", type=int, default=32, help="split photos the speed is timed on (32)")
+    parser.add_argument("--batch", type=int, default=8, help="captioning batch for the speed (default 8)")
+    parser.add_argument("--photos", default=None, help="also: a folder of photos for the feature check")
+    parser.add_argument("--count", type=int, default=16, help="photos compared in the feature check (16)")
     parser.add_argument("--resnet152", action="store_true", help="also a random ResNet-152 encoder's features")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # the speeds are at one thread; so are exports and evaluations (a shared CPU)
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.work or tmp)
-        folders = {"fp32": work / "model-fp32", "int8": work / "model-int8"}
-        export(ExportJob(args.checkpoint, str(folders["fp32"]), format="onnx", overwrite=True))
-        export(ExportJob(args.checkpoint, str(folders["int8"]), format="onnx", quantize="int8", overwrite=True))
-        files = photos(args.photos, args.count)
-        result = {"checkpoint": args.checkpoint, "threads": torch.get_num_threads(), "photos": len(files),
-                  "feature_relative_error": feature_errors(folders, files)}
-        if args.resnet152:
-            result["feature_relative_error"]["resnet152_224_ort_fp32"] = resnet152_error(files, work / "resnet152")
-        result["captions"] = captions(folders, work, args.split)
-        print(json.dumps(result, indent=1))
+        for i, checkpoint in enumerate(args.checkpoint):
+            work = Path(args.work or tmp) / f"model{i}"
+            results.append(one_model(checkpoint, work, args))
+            print(line(results[-1]), flush=True)
+    summary = {"models": results, "all_pass": all(r["pass"] for r in results), "tolerance": TOLERANCE}
+    print(f"int8 within {TOLERANCE:.0%} of ORT fp32 on CIDEr-D and distinct captions: "
+          f"{sum(r['pass'] for r in results)}/{len(results)} models")
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -300,11 +300,20 @@ def test_int8_export_calibrated_on_a_folder(onnx_folder, tmp_path, capsys):
     manifest = json.loads((out / "onnx.json").read_text())
     assert manifest["precision"] == "int8" and manifest["quantization"]["calibration_images"] == 8
     record = json.loads((out / "quantization.json").read_text())
-    assert record["calibration"] == {"count": 8, "source": f"--calibrate {PHOTOS[0].parent.name}",
-                                     "image_size": [manifest["encoder"]["image_size"]] * 2}
-    assert record["encoder"]["per_channel"] and len(record["encoder"]["excluded_nodes"]) == 2
+    calibration = record["calibration"]
+    assert {k: calibration[k] for k in ("count", "source", "image_size", "fit_images", "held_out_images")} == {
+        "count": 8, "source": f"--calibrate {PHOTOS[0].parent.name}",
+        "image_size": [manifest["encoder"]["image_size"]] * 2, "fit_images": 6, "held_out_images": 2}
+    encoder = record["encoder"]
+    assert encoder["per_channel"] and len(encoder["excluded_nodes"]) >= 2  # the first and last, and measured ones
+    assert set(encoder["calibration_candidates"]) == {"MinMax", "Percentile", "Entropy"}
+    chosen = encoder["calibration_candidates"][encoder["calibration_method"]]["cosine_mean"]
+    assert chosen == max(c["cosine_mean"] for c in encoder["calibration_candidates"].values())
     error = record["feature_error"]
-    assert error["images"] == 8 and 0 < error["max_error_over_max_value"] < 1 and 0.5 < error["correlation"] <= 1
+    assert error["images"] == 2 and 0 < error["relative_error"] < 1 and 0.5 < error["cosine_mean"] <= 1
+    assert error["cosine_mean"] >= chosen  # the sensitivity pass keeps only what brings it closer
+    assert error["budget_met"] == (error["cosine_mean"] >= record["budget"]["min"])
+    assert manifest["quantization"]["feature_cosine"] == error["cosine_mean"]
     assert json.loads((out / "config.json").read_text())["files"]["quantization"] == "quantization.json"
     int8 = Predictor.load(out, "cpu", runtime="onnxruntime")
     assert int8.runtime == "onnxruntime int8"

@@ -18,9 +18,10 @@ also be a model folder (to re-export it in bf16, say) or a Hub repo id.
 to the same folder, which `--runtime onnxruntime` runs (the PyTorch runtime still reads model.safetensors).
 --onnx-only leaves model.safetensors out: a deployment folder that onnxruntime alone runs (examples/onnx_caption.py,
 no captioner or torch needed; `--runtime onnxruntime` in captioner).
---quantize int8 makes those graphs int8, the encoder's activation ranges calibrated on --calibration-images
-images (64) spread over --calibrate DIR, or over the training split of the checkpoint's own dataset; the settings
-used and the int8 features' measured error go into quantization.json.
+--quantize int8 makes those graphs int8, the encoder calibrated on --calibration-images images (64) spread over
+--calibrate DIR, or over the training split of the checkpoint's own dataset: the calibration method and the
+convolutions kept in float are chosen by measurement on a held-out quarter of them (engine/infer/quantize/, up to
+5 minutes); the recipe, every candidate's error and the final features' measured error go into quantization.json.
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ model/decoding.py's loops (greedy, beam, sampling: the same code as for PyTorch,
 and the image pipeline (decode, resize).
 
 int8: the decoder graphs get dynamic quantization of their matrix products (weights int8, activations
-quantized per call); the encoder gets static QDQ quantization of its convolutions but the first and the last,
-with activation ranges calibrated on real images (per-channel weights).
+quantized per call); the encoder gets static QDQ quantization of its convolutions (per-channel weights), with
+the calibration method and the nodes kept in float chosen by measurement on real images (quantize/).
 """
 from __future__ import annotations
 
@@ -168,28 +168,17 @@ def calibration_images(paths: list[str], image_size: int, count: int) -> torch.T
     return images
 
 
-class _Calibration:
-    """onnxruntime's CalibrationDataReader over (N, 3, S, S) uint8 images, a few at a time."""
-
-    def __init__(self, images: torch.Tensor, batch: int = 8):
-        self.batches = iter(images.split(batch))
-
-    def get_next(self):
-        batch = next(self.batches, None)
-        return None if batch is None else {"images": batch.contiguous().numpy()}
-
-
-
 def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.Tensor,
                     calibration_source: str | None = None) -> list[str]:
-    """source's float32 graphs -> target's int8 graphs: static QDQ for the encoder's convolutions, calibrated
-    on calibration ((N, 3, S, S) uint8 images of the training data, from calibration_source), dynamic int8 for
-    the decoder's matrix products, and target/quantization.json recording the settings used. Returns the graphs'
-    file names."""
-    onnx, _ = require_onnx("int8 quantization")
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """source's float32 graphs -> target's int8 graphs: static QDQ for the encoder, its calibration method and
+    the nodes it keeps in float chosen by measurement on calibration ((N, 3, S, S) uint8 images of the training
+    data, from calibration_source; quantize/encoder.py), dynamic int8 for the decoder's matrix products, and
+    target/quantization.json recording what was chosen and measured. Returns the graphs' file names."""
+    require_onnx("int8 quantization")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from captioner.engine.infer.quantize.encoder import quantize_encoder_measured
+    from captioner.engine.infer.quantize.record import quantization_record
     source, target = Path(source), Path(target)
     target.mkdir(parents=True, exist_ok=True)
     if calibration.dtype != torch.uint8 or calibration.dim() != 4 or len(calibration) == 0:
@@ -197,30 +186,15 @@ def quantize_graphs(source: str | Path, target: str | Path, calibration: torch.T
                              f"{tuple(calibration.shape)} {calibration.dtype}")
     with tempfile.TemporaryDirectory(prefix="captioner-quantize-") as tmp, warnings.catch_warnings(), quiet_library_logs():
         warnings.simplefilter("ignore")
-        prepared = Path(tmp) / "encoder.prepared.onnx"
-        # Shape inference and graph folding (BatchNorm into Conv) first: onnxruntime's recommended preparation.
-        quant_pre_process(str(source / "encoder.onnx"), str(prepared), skip_symbolic_shape=True)
-        convs = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Conv"]
-        excluded = [convs[0], convs[-1]] if len(convs) > 2 else []
-        # The first and last convolutions stay float32: the most sensitive to rounding (the image itself, the
-        # features the decoder reads), under 2% of ResNet-152's operations; on the demo model this halves the
-        # int8 features' error (tests/test_onnx.py, docs/guides/export.md).
-        quantize_static(str(prepared), str(target / "encoder.onnx"), _Calibration(calibration),
-                        quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=excluded,
-                        # 7-bit weights: x86 CPUs without VNNI (AVX2, AVX-512F) multiply uint8 by int8 in pairs
-                        # summed into int16 (VPMADDUBSW), which saturates with full 8-bit weights: MobileNetV2's
-                        # int8 features then correlate 0.6 with float32's, and real-photo CIDEr-D drops 15%.
-                        reduce_range=True,
-                        calibrate_method=CalibrationMethod.MinMax)  # min/max reduced in-graph: little memory
+        plan = quantize_encoder_measured(source / "encoder.onnx", target / "encoder.onnx", calibration, Path(tmp))
         for name in ("decoder_init", "decoder_step"):
-            # Per-channel 7-bit weights, for the same saturation: with the int8 decoder alone, the demo's beam-3
-            # captions equal float32's on 97% of its test images this way, 90% with per-tensor 8-bit weights.
+            # Per-channel 7-bit weights (the VPMADDUBSW saturation, calibrate.py): measured on a real-photo
+            # MobileNetV2 model (beam 3, 100 test photos), the int8 decoder with the float32 encoder writes the
+            # float32 captions on 91% of the photos, CIDEr-D 0.3458 both; the int8 encoder is what loses accuracy.
             quantize_dynamic(str(source / f"{name}.onnx"), str(target / f"{name}.onnx"),
                              op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
                              per_channel=True, reduce_range=True)
-    write_json(target / QUANTIZATION_FILE, _quantization_record(calibration, excluded, calibration_source),
+    write_json(target / QUANTIZATION_FILE, quantization_record(plan, calibration, calibration_source),
                "quantization record", indent=1)
     return [f"{name}.onnx" for name in GRAPHS]
 
@@ -230,40 +204,6 @@ def axes(image_size: int) -> dict:
     return {"dynamic": {"batch": "axis 0 of every input and output (B images, or B * beam rows in the step)"},
             "fixed": {"image_size": image_size, "note": f"the image size is fixed in the graph: encoder.onnx takes "
                       f"{image_size}x{image_size} images only (resize before), so the grid and N are fixed too"}}
-
-
-def _quantization_record(calibration: torch.Tensor, excluded: list[str], source: str | None) -> dict:
-    """quantization.json: the settings quantize_graphs used, as data."""
-    return {
-        "encoder": {"method": "static", "format": "QDQ", "op_types": ["Conv"], "per_channel": True,
-                    "weight_type": "int8", "activation_type": "uint8", "reduce_range": True,
-                    "calibration_method": "MinMax", "excluded_nodes": excluded,
-                    "excluded_why": "the first and the last convolutions stay float32 (the most sensitive)"},
-        "decoder": {"method": "dynamic", "op_types": ["MatMul", "Gemm"], "per_channel": True,
-                    "weight_type": "int8", "reduce_range": True, "graphs": ["decoder_init", "decoder_step"]},
-        "calibration": {"count": len(calibration), "source": source,
-                        "image_size": list(calibration.shape[2:])},
-        "feature_error": None,  # filled by write_onnx_files (measure_feature_error)
-    }
-
-
-FEATURE_ERROR_IMAGES = 16  # calibration images the export compares int8 features with float32's on
-
-
-def measure_feature_error(float_encoder: Path, int8_encoder: Path, images: torch.Tensor) -> dict:
-    """int8 against float32 encoder.onnx on images ((N, 3, S, S) uint8): the largest error relative to the
-    largest float32 value, and the correlation of the two feature sets (1.0: the same up to scale)."""
-    _, ort = require_onnx("int8 quantization")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    feed = {"images": images.contiguous().numpy()}
-    ref, q = (torch.from_numpy(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                               .run(None, feed)[0]).double().flatten() for path in (float_encoder, int8_encoder))
-    error = float((ref - q).abs().max() / ref.abs().max().clamp_min(1e-12))
-    correlation = float(torch.corrcoef(torch.stack([ref, q]))[0, 1]) if ref.std() > 0 and q.std() > 0 else None
-    return {"images": len(images), "measured_on": "the first calibration images (seen while calibrating)",
-            "max_error_over_max_value": round(error, 6),
-            "correlation": None if correlation is None else round(correlation, 6)}
 
 
 def write_onnx_files(folder: str | Path, model, precision: str = "float32",
@@ -284,11 +224,7 @@ def write_onnx_files(folder: str | Path, model, precision: str = "float32",
         with tempfile.TemporaryDirectory(prefix="captioner-onnx-") as tmp:
             export_graphs(model, tmp)
             quantize_graphs(tmp, folder, calibration, calibration_source)
-            record_path = folder / QUANTIZATION_FILE
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-            record["feature_error"] = measure_feature_error(Path(tmp) / "encoder.onnx", folder / "encoder.onnx",
-                                                            calibration[:FEATURE_ERROR_IMAGES])
-            write_json(record_path, record, "quantization record", indent=1)
+        record = json.loads((folder / QUANTIZATION_FILE).read_text(encoding="utf-8"))
     enc = model.encoder
     manifest = {
         "format_version": ONNX_FORMAT_VERSION, "opset": OPSET, "exporter": EXPORTER, "precision": precision,
@@ -306,9 +242,12 @@ def write_onnx_files(folder: str | Path, model, precision: str = "float32",
                             "alpha (B, N)",
             "host": "greedy / beam / sampling loops (captioner.model.decoding) and image decoding + resize"},
         "quantization": None if precision == "float32" else {
-            "encoder": f"static QDQ int8 of the Conv layers but the first and the last: per-channel 7-bit "
-                       f"weights (reduce_range), uint8 activations (MinMax ranges from {len(calibration)} "
-                       f"calibration images)",
+            "encoder": f"static QDQ int8 of the Conv layers but the first, the last and "
+                       f"{len(record['encoder']['sensitivity']['excluded_errors'])} kept in float by the "
+                       f"sensitivity pass: per-channel 7-bit weights (reduce_range), uint8 activations "
+                       f"({record['encoder']['calibration_method']} ranges from {len(calibration)} calibration "
+                       f"images, the method chosen by measurement)",
+            "feature_cosine": record["feature_error"]["cosine_mean"],
             "decoder": "dynamic int8 of MatMul/Gemm (per-channel 7-bit weights, activations quantized per call)",
             "calibration_images": len(calibration), "record": QUANTIZATION_FILE},
     }

@@ -1,0 +1,110 @@
+"""The encoder's int8 recipe, found by measurement: calibration method, then the nodes kept in float.
+
+    plan = quantize_encoder_measured(float_encoder, out, images, work)   # out: encoder.onnx in int8
+
+1. quant_pre_process (shape inference, BatchNorm folded into Conv).
+2. Every Conv but the first and the last quantized (those two stay float: the image itself and the features the
+   decoder reads), once per calibration method (calibrate.METHODS), calibrated on 3/4 of the images; the
+   method whose features on the other 1/4 are closest to float32's is kept.
+3. Sensitivity: each quantized Conv's own rounding error (sensitivity.node_errors), and the worst ones kept in
+   float in doubling batches until the mean cosine similarity of int8 to float32 features on the held-out
+   images reaches FEATURE_BUDGET, with at most MAX_FLOAT_MACS of the multiply-adds in float, all within
+   TIME_LIMIT_SECONDS.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from captioner.engine.infer.quantize.calibrate import choose_method, quantize_encoder, split_held_out
+from captioner.engine.infer.quantize.measure import FeatureProbe
+from captioner.engine.infer.quantize.sensitivity import SearchResult, node_errors, search_exclusions
+
+log = logging.getLogger("captioner")
+
+# The budget: mean per-image cosine similarity of the int8 encoder's features to float32's, on held-out
+# calibration images. 0.99 is where a pretrained MobileNetV2's beam captions stop changing measurably (the
+# decoder's attention reads directions more than magnitudes); below ~0.97 real-photo CIDEr-D dropped ~10%.
+FEATURE_BUDGET = 0.99
+# The convolutions the sensitivity pass keeps in float do at most this share of the encoder's multiply-adds:
+# int8 must stay faster than float32 (issue 35: >= 1.5x ORT float32 for MobileNetV2, ResNet-152 >= 2x PyTorch),
+# and a quarter of MobileNetV2's convolutions in float measured no faster than float32 itself.
+MAX_FLOAT_MACS = 0.10
+# The encoder's quantization time limit, all of it: the methods not started by then are skipped, the sensitivity
+# pass stops with the best graph so far (ResNet-152 at 224 px with 64 images otherwise takes ~10 minutes on 2 cores).
+TIME_LIMIT_SECONDS = 300.0
+RANKING_IMAGES = 8  # calibration images the per-node errors are measured on
+
+
+def conv_costs(model) -> dict[str, float]:
+    """{Conv node: its share of all the Conv nodes' multiply-adds}, from the weights' shapes and the inferred
+    output sizes (quant_pre_process ran shape inference; a size it could not infer counts as 1x1)."""
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(model.graph.value_info) + list(model.graph.output)}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    macs = {}
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            grid = [d for d in shapes.get(node.output[0], [])[2:] if d > 0]
+            macs[node.name] = math.prod(weights.get(node.input[1], [1])) * math.prod(grid)
+    total = sum(macs.values()) or 1
+    return {name: m / total for name, m in macs.items()}
+
+
+@dataclass
+class EncoderPlan:
+    method: str
+    method_errors: dict  # {method: compare() on the held-out images}
+    fixed_excluded: list[str]  # the first and the last Conv
+    search: SearchResult
+    convs: int
+    fit_images: int
+    held_images: int
+    seconds: float
+    budget: float
+    max_float_macs: float  # the most the sensitivity pass may keep in float, as a share of multiply-adds
+    float_macs: float  # the share it kept
+
+
+def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tensor, work: Path,
+                              budget: float = FEATURE_BUDGET, max_float_macs: float = MAX_FLOAT_MACS,
+                              time_limit: float = TIME_LIMIT_SECONDS) -> EncoderPlan:
+    """float_encoder (encoder.onnx, float32) -> out (int8), calibrated on images ((N, 3, S, S) uint8); work: a
+    scratch folder. Returns what was chosen and measured (quantization.json's encoder section)."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    start = time.monotonic()
+    prepared = work / "encoder.prepared.onnx"
+    # Shape inference and graph folding (BatchNorm into Conv) first: onnxruntime's recommended preparation.
+    quant_pre_process(str(float_encoder), str(prepared), skip_symbolic_shape=True)
+    convs = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Conv"]
+    fixed = [convs[0], convs[-1]] if len(convs) > 2 else []
+    fit, held = split_held_out(images)
+    probe = FeatureProbe(prepared, held)
+    deadline = start + time_limit
+    choice = choose_method(prepared, work, fit, probe, fixed, deadline)
+    chosen = work / f"encoder-{choice.method}.onnx"
+    errors = {name: e for name, e in node_errors(prepared, chosen, fit[:RANKING_IMAGES]).items() if name not in fixed}
+    made = {(): chosen}  # {nodes in float: the graph}
+
+    def requantize(names: list[str]) -> dict:
+        made[tuple(names)] = work / f"encoder-try{len(made)}.onnx"
+        quantize_encoder(prepared, made[tuple(names)], fit, choice.method, fixed + names, choice.cache)
+        return probe.error(made[tuple(names)])
+
+    costs = conv_costs(onnx.load(str(prepared)))
+    search = search_exclusions(errors, requantize, choice.errors[choice.method], budget, costs, max_float_macs,
+                               deadline)
+    shutil.copyfile(made[tuple(search.excluded)], out)
+    if not search.met:
+        log.warning("int8: the encoder's features reach cosine %.4f of float32's, under the budget %.2f: %s; "
+                    "quantization.json records it", search.error["cosine_mean"], budget, search.why_stopped)
+    return EncoderPlan(choice.method, choice.errors, fixed, search, len(convs), len(fit), len(held),
+                       round(time.monotonic() - start, 1), budget, max_float_macs,
+                       round(sum(costs[n] for n in search.excluded), 4))

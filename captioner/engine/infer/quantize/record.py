@@ -1,0 +1,51 @@
+"""quantization.json: how an int8 folder's graphs were made and how close they measured, as data.
+
+    write_json(folder / "quantization.json", quantization_record(plan, calibration, source))
+"""
+from __future__ import annotations
+
+import torch
+
+from captioner.engine.infer.quantize.calibrate import METHODS, OP_TYPES, PERCENTILE
+
+
+def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> dict:
+    """plan: encoder.EncoderPlan; calibration: the (N, 3, S, S) uint8 images; source: where they came from, in
+    words without this machine's paths."""
+    search = plan.search
+    why = {name: "fixed: the first convolution (reads the image itself)" for name in plan.fixed_excluded[:1]}
+    why.update({name: "fixed: the last convolution (writes the features the decoder reads)"
+                for name in plan.fixed_excluded[1:]})
+    why.update({name: f"sensitivity: its own int8 output error {error:.4f} (relative L2) is among the largest"
+                for name, error in search.excluded.items()})
+    held_out = plan.held_images < len(calibration)
+    return {
+        "encoder": {
+            "method": "static", "format": "QDQ", "op_types": list(OP_TYPES), "per_channel": True,
+            "weight_type": "int8", "activation_type": "uint8", "reduce_range": True,
+            "calibration_method": plan.method,
+            "calibration_candidates": plan.method_errors,
+            "calibration_chosen_by": "the highest mean cosine similarity of int8 to float32 features on the "
+                                     "held-out calibration images",
+            "percentile": PERCENTILE if plan.method == "Percentile" else None,
+            "excluded_nodes": list(why), "excluded_why": why,
+            "sensitivity": {
+                "node_error": "relative L2 error of the node's output with int8 input and weights, float input",
+                "excluded_errors": {name: round(error, 6) for name, error in search.excluded.items()},
+                "max_float_macs": plan.max_float_macs, "float_macs": plan.float_macs,
+                "convolutions": plan.convs,
+                "budget_met": search.met, "stopped": search.why_stopped, "tries": search.rounds,
+                "seconds": plan.seconds},
+        },
+        "decoder": {"method": "dynamic", "op_types": ["MatMul", "Gemm"], "per_channel": True,
+                    "weight_type": "int8", "reduce_range": True, "graphs": ["decoder_init", "decoder_step"]},
+        "calibration": {"count": len(calibration), "source": source, "image_size": list(calibration.shape[2:]),
+                        "fit_images": plan.fit_images, "held_out_images": plan.held_images,
+                        "methods_tried": list(METHODS)},
+        "budget": {"metric": "cosine_mean", "min": plan.budget,
+                   "what": "mean over held-out calibration images of the cosine similarity of the int8 encoder's "
+                           "features to float32's (each image's features flattened)"},
+        "feature_error": {**search.error, "budget_met": search.met,
+                          "measured_on": "held-out calibration images (not used to calibrate)" if held_out else
+                                         "the calibration image itself (one image: nothing to hold out)"},
+    }

@@ -1,0 +1,118 @@
+"""The int8 recipe by measurement (engine/infer/quantize/): the calibration method is the one measured closest,
+the sensitivity pass keeps nodes in float only while they help and only as many as the budget needs, and
+quantization.json says what was chosen and measured."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from captioner.config import EncoderConfig, ModelConfig  # noqa: E402
+from captioner.engine.infer.onnx_export import export_graphs, quantize_graphs  # noqa: E402
+from captioner.engine.infer.quantize.calibrate import split_held_out  # noqa: E402
+from captioner.engine.infer.quantize.encoder import FEATURE_BUDGET, quantize_encoder_measured  # noqa: E402
+from captioner.engine.infer.quantize.measure import compare  # noqa: E402
+from captioner.engine.infer.quantize.sensitivity import search_exclusions  # noqa: E402
+from captioner.model.caption_model import CaptionModel  # noqa: E402
+
+from helpers import COCO_MINI  # noqa: E402
+
+
+def _error(cosine: float) -> dict:
+    return {"images": 4, "cosine_mean": cosine, "cosine_min": cosine, "relative_error": 1 - cosine}
+
+
+NODES = {"a": 0.9, "harmful": 0.5, "b": 0.3, "c": 0.2, "d": 0.1}  # local errors, worst first
+
+
+def _requantize(names):
+    """A made-up graph: each node in float adds its local error / 10 to the cosine, 'harmful' costs 0.3."""
+    return _error(0.9 + sum(NODES[n] / 10 for n in names if n != "harmful") - 0.3 * ("harmful" in names))
+
+
+COSTS = {name: 0.1 for name in NODES}  # each node 10% of the multiply-adds
+
+
+def test_search_keeps_nothing_when_the_budget_holds():
+    result = search_exclusions(NODES, _requantize, _error(0.9), 0.85, COSTS, 1.0, time.monotonic() + 60)
+    assert result.excluded == {} and result.met and len(result.rounds) == 1
+
+
+def test_search_excludes_the_worst_nodes_until_the_budget_holds_and_drops_a_harmful_one():
+    result = search_exclusions(NODES, _requantize, _error(0.9), 0.995, COSTS, 1.0, time.monotonic() + 60)
+    assert result.met and list(result.excluded) == ["a", "b"]  # 0.9 + 0.09 < 0.995 <= 0.9 + 0.09 + 0.03; harmful rejected
+    assert [r["added"] for r in result.rounds] == [[], ["a"], ["harmful", "b"], ["harmful"], ["b"]]
+    assert [r["kept"] for r in result.rounds] == [True, True, False, False, True]
+
+
+def test_search_stops_at_the_cost_limit_and_says_so():
+    result = search_exclusions(NODES, _requantize, _error(0.9), 1.5, COSTS, 0.2, time.monotonic() + 60)
+    assert not result.met and list(result.excluded) == ["a", "b"]  # 20% of the multiply-adds at most
+    assert "(2 in float, 2 passed by: float multiply-adds at most 20%)" in result.why_stopped  # c, d
+    late = search_exclusions(NODES, _requantize, _error(0.9), 1.5, COSTS, 1.0, time.monotonic() - 1)
+    assert late.excluded == {} and "time allowed ran out" in late.why_stopped
+
+
+def test_held_out_split_and_compare():
+    images = torch.arange(8).view(8, 1, 1, 1).to(torch.uint8)
+    fit, held = split_held_out(images)
+    assert held.flatten().tolist() == [3, 7] and fit.flatten().tolist() == [0, 1, 2, 4, 5, 6]
+    one = images[:1]
+    assert split_held_out(one)[1].equal(one)
+    ref = torch.randn(3, 5).double().numpy()
+    assert compare(ref, ref)["cosine_mean"] == 1.0 and compare(ref, -ref)["cosine_min"] == -1.0
+
+
+def _photos(size: int, count: int) -> torch.Tensor:
+    from captioner.engine.infer.onnx_export import calibration_images
+    paths = sorted(str(p) for p in (COCO_MINI / "train2017").glob("*.jpg"))
+    return calibration_images(paths, size, count)
+
+
+@pytest.fixture(scope="module")
+def resnet18(tmp_path_factory):
+    torch.manual_seed(0)
+    model = CaptionModel(EncoderConfig(arch="resnet18", image_size=64), ModelConfig(32, 32, 48), 40).eval()
+    folder = tmp_path_factory.mktemp("fp32")
+    export_graphs(model, folder)
+    return folder
+
+
+@pytest.mark.slow  # quantizes a ResNet-18 three ways and again per try (about 20 s each on 2 busy cores)
+@pytest.mark.parametrize("budget", [0.0, 1.01])
+def test_sensitivity_pass_in_a_real_graph(resnet18, tmp_path, budget):
+    """A loose budget keeps no node in float; an unreachable one keeps some (each measured to help), stops at
+    the most allowed or when nothing more helps, and says the budget does not hold."""
+    work = tmp_path / "work"
+    work.mkdir()
+    plan = quantize_encoder_measured(resnet18 / "encoder.onnx", tmp_path / "encoder.onnx", _photos(64, 8), work,
+                                     budget=budget, time_limit=120)
+    assert set(plan.method_errors) == {"MinMax", "Percentile", "Entropy"}
+    assert plan.method_errors[plan.method]["cosine_mean"] == max(e["cosine_mean"] for e in plan.method_errors.values())
+    if budget == 0.0:
+        assert plan.search.met and plan.search.excluded == {}
+    else:
+        assert not plan.search.met and plan.search.excluded and 0 < plan.float_macs <= plan.max_float_macs
+        assert plan.search.error["cosine_mean"] > plan.method_errors[plan.method]["cosine_mean"]
+        kept = [name for r in plan.search.rounds if r["kept"] for name in r["added"]]
+        assert kept == list(plan.search.excluded)  # exactly the tries that helped
+
+
+@pytest.mark.slow  # quantizes a full-size MobileNetV2 (3 calibration methods, the sensitivity pass)
+def test_int8_mobilenet_v2_meets_the_budget_it_records(tmp_path):
+    torch.manual_seed(0)
+    model = CaptionModel(EncoderConfig(arch="mobilenet_v2", layer="features", image_size=224),
+                         ModelConfig(32, 32, 48), 40).eval()
+    export_graphs(model, tmp_path / "fp32")
+    quantize_graphs(tmp_path / "fp32", tmp_path / "int8", _photos(224, 16), "coco-mini train2017")
+    record = json.loads((tmp_path / "int8" / "quantization.json").read_text())
+    error, budget = record["feature_error"], record["budget"]
+    assert budget == {**budget, "metric": "cosine_mean", "min": FEATURE_BUDGET}
+    assert error["budget_met"] and error["cosine_mean"] >= FEATURE_BUDGET and error["images"] == 4
+    assert record["calibration"]["source"] == "coco-mini train2017" and record["calibration"]["count"] == 16
+    excluded = record["encoder"]["excluded_nodes"]
+    assert set(excluded) == set(record["encoder"]["excluded_why"]) and len(excluded) >= 2
