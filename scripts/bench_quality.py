@@ -1,26 +1,33 @@
 #!/usr/bin/env python
 """The real-photo quality benchmark: the whole recipe (cross-entropy, then self-critical training from the
-checkpoint cross-entropy selected) on Flickr8k-705 with pretrained MobileNetV2 features, N seeds; prints JSON.
+checkpoint cross-entropy selected) on Flickr8k-705 with pretrained MobileNetV2 features, K folds x N seeds;
+prints JSON.
 
-    python scripts/bench_quality.py --threads 1                      # 3 seeds, both stages
+    python scripts/bench_quality.py --folds 5                        # 5 folds x 3 seeds, both stages
+    python scripts/bench_quality.py --folds 5 --only-folds 0,1,2 --threads 1 &   # spread folds over processes,
+    python scripts/bench_quality.py --folds 5 --only-folds 3,4 --threads 1       # then summarise them all:
+    python scripts/bench_quality.py --folds 5 --reuse                # (rescoring only, no training)
     python scripts/bench_quality.py --seeds 1 --stages xe model.dropout=0.5   # key=value: both stages' configs
     python scripts/bench_quality.py --seeds 1 --scst train.scst_samples=10    # the SCST stage only
     python scripts/bench_quality.py --tag t --reuse decode.beam_size=5  # rescore tag t's runs, no training
-    python scripts/bench_quality.py encoder.weights=IMAGENET1K_V2    # torchvision's own MobileNetV2 weights
+    python scripts/bench_quality.py --folds 0                        # the earlier fixed split (last 100 test)
 
-Stage xe trains configs/bench_quality.yaml; stage scst trains configs/bench_quality_scst.yaml (the same model,
-data and decoding) from xe's best.pt (--init-from). Each stage's best.pt is the epoch with the highest
-CIDEr-D on the 60 validation photos (train.select_metric=cider) of the captions the stage is scored with
-(train.val_beam_size=3, decode.suppress_unk); SCST's start counts as its epoch 0 (train.validate_init), so
-SCST's best.pt is its start when no SCST epoch beats it. That checkpoint is what is scored: its captions
-(beam search, decode.* of the config) of the 60 val photos and of the 100 held-out test photos, with
-coco-caption's BLEU-1/4, METEOR, ROUGE-L and CIDEr-D, distinct captions per 100 photos, words used and mean
-length. Choose variants on val; test is for reporting. Per stage and seed: the selected epoch, training and
-scoring seconds; then mean and std over seeds, and SCST's relative CIDEr-D gain over its cross-entropy start.
+Protocol (--folds K, default 5): the 705 photos in a fixed shuffled order are dealt into K folds; in fold k the
+k-th fold's photos (141) are test, 60 photos drawn from the others val, the rest (504) train; every photo is a
+test photo exactly once. Stage xe trains configs/bench_quality.yaml; stage scst trains
+configs/bench_quality_scst.yaml (the same model, data and decoding) from xe's best.pt (--init-from). Each stage's
+best.pt is the epoch with the highest val CIDEr-D (train.select_metric) of the captions the stage is scored with
+(train.val_beam_size); SCST's start counts as its epoch 0 (train.validate_init). That checkpoint is scored on its
+fold's val and test photos: coco-caption's BLEU-1/4, METEOR, ROUGE-L and CIDEr-D, distinct captions per 100
+photos, words used and mean length, and each photo's own CIDEr-D, BLEU-4 and METEOR (RUN/photos_SPLIT.json).
+"kfold" in the JSON pools the folds' test photos: per stage the mean and a 95% bootstrap interval over photos of
+each score and of distinct captions per 100 (with the lowest run's), val means (what variants are chosen on),
+each run's numbers, and SCST's CIDEr-D gain over its start, paired by photo and seed, with the runs that lose.
+Choose variants on val; test is for reporting.
 
-Weights and split: scripts/quality_data.py (the last 100 photos in file-name order are test, the 60 before them
-val, the other 545 train). Features are extracted once into CACHE/features-*/ and every run trains from them (run
-parallel copies of the benchmark with separate --cache folders: they would race on the one feature index).
+Weights and splits: scripts/quality_data.py; intervals: scripts/quality_stats.py. Features are extracted once
+into CACHE/features-*/ and every run trains from them (start parallel processes after the first has extracted
+them: they would race on the one feature index).
 """
 from __future__ import annotations
 
