@@ -116,6 +116,10 @@ def finished_run(run_dir: Path, cfg: Config) -> float | None:
     return sum(e["epoch_s"] for e in epochs)
 
 
+class StoppedBenchmark(CaptionerError):
+    """A signal ended a stage's training early: its best.pt is not the stage's, so nothing after it runs."""
+
+
 def run_stage(cfg: Config, run_dir: Path, device: str | None, init_from: str | None, splits: list[str],
               reuse: bool = False) -> dict:
     """Train one stage into run_dir (reuse: keep a finished run of the same config there), score its best.pt on
@@ -124,8 +128,11 @@ def run_stage(cfg: Config, run_dir: Path, device: str | None, init_from: str | N
     reused = finished_run(run_dir, cfg) if reuse else None
     if reused is None:
         tick = time.perf_counter()
-        train.main(train.TrainJob(cfg, run_dir, device, overwrite=True, init_from=init_from))
+        trained = train.main(train.TrainJob(cfg, run_dir, device, overwrite=True, init_from=init_from))
         train_s = time.perf_counter() - tick
+        if trained["stopped"] not in (None, "early stopping"):  # Ctrl-C or kill stops the benchmark, not one stage
+            raise StoppedBenchmark(f"{trained['stopped']} stopped training in {run_dir}; rerun with --reuse to "
+                                   f"keep the stages already done")
     best = str(run_dir / "best.pt")
     result = {"checkpoint": best, "epoch": selected_epoch(run_dir), "reused": reused is not None,
               "train_s": round(reused if reused is not None else train_s, 1)}  # reused: its epochs' seconds
