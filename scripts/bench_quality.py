@@ -294,6 +294,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only-folds", default=None, metavar="I,J",
                    help="run only these folds (0-based; to spread folds over processes), no k-fold summary: rerun "
                         "with --reuse and no --only-folds to summarise")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="no training or scoring: the k-fold summary of the runs in these --json files of earlier "
+                        "--only-folds processes (together every fold once per seed)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per fold (default 3)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
@@ -307,6 +310,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def merge(files: list[str]) -> dict:
+    """The k-fold summary of the runs of several --only-folds results files (one per process)."""
+    try:
+        parts = [json.loads(Path(f).read_text()) for f in files]
+    except (OSError, ValueError) as e:
+        raise CaptionerError(f"--merge: {e}") from None
+    runs = [run for part in parts for run in part["runs"]]
+    stages = parts[0]["stages"]
+    seen = [(r["fold"], r["seed"]) for r in runs]
+    if len(set(seen)) != len(seen) or any(p["stages"] != stages for p in parts):
+        raise CaptionerError("--merge: the files repeat a fold and seed, or ran different stages")
+    folds = {r["fold"] for r in runs}
+    if any({r["fold"] for r in runs if r["seed"] == seed} != folds for seed in {r["seed"] for r in runs}):
+        raise CaptionerError("--merge: every seed needs every fold (each photo a test photo once per seed)")
+    keep = ("benchmark", "data", "features", "overrides", "scst_overrides", "stages", "checkpoint", "split")
+    return {**{k: parts[0][k] for k in keep if k in parts[0]}, "merged": list(files),
+            "protocol": f"{len(folds)}-fold (merged from {len(files)} processes)",
+            **aggregate(runs, stages, ["val", "test"]), "kfold": quality_stats.kfold_summary(runs, stages),
+            "runs": runs}
+
+
 def parse_folds(text: str) -> list[int]:
     try:
         return [int(f) for f in text.split(",") if f.strip()]
@@ -318,7 +342,7 @@ def cli(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        results = main(args.data, args.cache, args.seeds, args.overrides, args.scst,
+        results = merge(args.merge) if args.merge else main(args.data, args.cache, args.seeds, args.overrides, args.scst,
                        [s for s in args.stages.split(",") if s], args.device, args.tag, args.threads, args.first_seed,
                        reuse=args.reuse, folds=args.folds,
                        only_folds=None if args.only_folds is None else parse_folds(args.only_folds))

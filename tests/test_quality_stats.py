@@ -87,7 +87,7 @@ def _fake_run(tmp_path: Path, fold: int, seed: int, photos: list[str], lift: flo
                 {n: {"caption": f"{stage} {n}", "cider": factor * (1 + i % 3), "bleu4": 0.2} for i, n in
                  enumerate(names)}))
         scores = {"cider": factor * 2.0, "distinct_per_100": 100.0}
-        run[stage] = {"checkpoint": str(folder / "best.pt"), "epoch": 1, "train_s": 1.0, "test": scores,
+        run[stage] = {"checkpoint": str(folder / "best.pt"), "epoch": 1, "train_s": 1.0, "score_s": 1.0, "test": scores,
                       "val": scores}
     return run
 
@@ -102,3 +102,20 @@ def test_the_kfold_summary_pools_folds_and_pairs_stages(tmp_path):
     assert gain["test"]["mean"] == pytest.approx((0.1 * 2 - 0.05) / 3, abs=1e-4)
     assert gain["runs_losing_test"] == 2 and len(gain["per_run_test"]) == 6
     assert [r["fold"] for r in summary["scst"]["runs"]] == ["fold0"] * 2 + ["fold1"] * 2 + ["fold2"] * 2
+
+
+def test_merge_summarises_the_folds_of_several_processes_and_refuses_a_gap(tmp_path):
+    import bench_quality
+
+    runs = [_fake_run(tmp_path, f, 0, [f"f{f}p{i}" for i in range(10)], 0.1) for f in range(3)]
+    files = []
+    for name, part in (("a", runs[:2]), ("b", runs[2:])):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps({"benchmark": "b", "stages": ["xe", "scst"], "runs": part}))
+    merged = bench_quality.merge([str(f) for f in files])
+    assert merged["kfold"]["scst"]["gain_over_xe"]["test"]["mean"] == pytest.approx(0.1, abs=1e-4)
+    assert merged["kfold"]["xe"]["test"]["photos"] == 30
+    files[1].write_text(json.dumps({"benchmark": "b", "stages": ["xe", "scst"],
+                                    "runs": [_fake_run(tmp_path / "s1", 2, 1, ["x"], 0.1)]}))
+    with pytest.raises(CaptionerError, match="every seed needs every fold"):
+        bench_quality.merge([str(f) for f in files])
