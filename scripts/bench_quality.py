@@ -342,10 +342,13 @@ def cli(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        results = merge(args.merge) if args.merge else main(args.data, args.cache, args.seeds, args.overrides, args.scst,
-                       [s for s in args.stages.split(",") if s], args.device, args.tag, args.threads, args.first_seed,
-                       reuse=args.reuse, folds=args.folds,
-                       only_folds=None if args.only_folds is None else parse_folds(args.only_folds))
+        if args.merge:
+            results = merge(args.merge)
+        else:
+            results = main(args.data, args.cache, args.seeds, args.overrides, args.scst,
+                           [s for s in args.stages.split(",") if s], args.device, args.tag, args.threads,
+                           args.first_seed, reuse=args.reuse, folds=args.folds,
+                           only_folds=None if args.only_folds is None else parse_folds(args.only_folds))
     except CaptionerError as e:
         print(f"bench_quality: error: {e}", file=sys.stderr)
         return 2
