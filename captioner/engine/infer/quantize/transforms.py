@@ -148,3 +148,4 @@ def choose_centering(prepared, work, fit, probe, quantize) -> tuple:
                   cosine_with=errors["with"]["cosine_mean"], measured_with="MinMax, the fixed convolutions in float",
                   chosen_by="the higher mean cosine of int8 to float32 features on the held-out calibration images")
     return (centered if applied else prepared), record
+
