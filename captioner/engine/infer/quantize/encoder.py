@@ -2,7 +2,8 @@
 
     plan = quantize_encoder_measured(float_encoder, out, images, work)   # out: encoder.onnx in int8
 
-1. quant_pre_process (shape inference, BatchNorm folded into Conv).
+1. quant_pre_process (shape inference, BatchNorm folded into Conv); then offset centering (transforms.py), kept
+   when its int8 features measure closer to float32's on the held-out images.
 2. Every Conv but the first and the last quantized (those two stay float: the image itself and the features the
    decoder reads), once per calibration method (calibrate.METHODS), calibrated on 3/4 of the images; the
    method whose features on the other 1/4 are closest to float32's is kept.
@@ -17,7 +18,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ import torch
 from captioner.engine.infer.quantize.calibrate import choose_method, quantize_encoder, split_held_out
 from captioner.engine.infer.quantize.measure import FeatureProbe
 from captioner.engine.infer.quantize.sensitivity import SearchResult, node_errors, search_exclusions
+from captioner.engine.infer.quantize.transforms import choose_centering
 
 log = logging.getLogger("captioner")
 
@@ -70,6 +72,7 @@ class EncoderPlan:
     budget: float
     max_float_macs: float  # the most the sensitivity pass may keep in float, as a share of multiply-adds
     float_macs: float  # the share it kept
+    transforms: list = field(default_factory=list)  # float rewrites tried before int8 (transforms.py records)
 
 
 def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tensor, work: Path,
@@ -88,6 +91,9 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
     fit, held = split_held_out(images)
     probe = FeatureProbe(prepared, held)
     deadline = start + time_limit
+    # Offset centering is exact in float, so the probe's float32 reference stays the prepared graph's.
+    prepared, centering = choose_centering(prepared, work, fit, probe,
+                                           lambda graph, out_: quantize_encoder(graph, out_, fit, "MinMax", fixed))
     choice = choose_method(prepared, work, fit, probe, fixed, deadline)
     chosen = work / f"encoder-{choice.method}.onnx"
     errors = {name: e for name, e in node_errors(prepared, chosen, fit[:RANKING_IMAGES]).items() if name not in fixed}
@@ -107,4 +113,4 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
                     "quantization.json records it", search.error["cosine_mean"], budget, search.why_stopped)
     return EncoderPlan(choice.method, choice.errors, fixed, search, len(convs), len(fit), len(held),
                        round(time.monotonic() - start, 1), budget, max_float_macs,
-                       round(sum(costs[n] for n in search.excluded), 4))
+                       round(sum(costs[n] for n in search.excluded), 4), [centering])
