@@ -73,23 +73,15 @@ def distinct_per_100(captions: dict[str, str]) -> float:
     return round(100 * len({normalize_text(c) for c in captions.values()}) / max(len(captions), 1), 1)
 
 
-def distinct_interval(fold_captions: list[list[dict[str, str]]]) -> dict:
-    """[[{photo: caption} per seed] per fold] -> {"mean", "ci95", "min"} of distinct captions per 100 photos.
-    A resample draws photos within each fold (a fold is what one run captions); a photo drawn twice counts once,
-    since its one caption repeated is not a repeat of the model's. The mean is over folds and seeds."""
-    rng = np.random.default_rng(1)
-    runs = [run for fold in fold_captions for run in fold]
-    values = [distinct_per_100(run) for run in runs]
-    boot = np.zeros(BOOTSTRAP)
-    for run in runs:
-        photos = sorted(run)
-        captions = np.array([normalize_text(run[p]) for p in photos], dtype=object)
-        for b in range(BOOTSTRAP):
-            drawn = np.unique(rng.integers(0, len(photos), len(photos)))
-            boot[b] += 100 * len(set(captions[drawn])) / len(drawn)
-    boot /= len(runs)
-    return {"mean": round(float(np.mean(values)), 1), "ci95": [round(float(v), 1) for v in _interval(boot)],
-            "min": min(values)}
+def distinct_shares(captions: dict[str, str]) -> dict[str, float]:
+    """{photo: caption} of one run -> {photo: 100 / how many of the run's photos got that caption}: their mean is
+    the run's distinct captions per 100 photos exactly, and as a per-photo value it bootstraps like a score (a
+    resample that draws a photo twice does not make its caption a repeat)."""
+    texts = {p: normalize_text(c) for p, c in captions.items()}
+    counts: dict[str, int] = {}
+    for text in texts.values():
+        counts[text] = counts.get(text, 0) + 1
+    return {p: 100.0 / counts[t] for p, t in texts.items()}
 
 
 def _photos(run: dict, stage: str, split: str) -> dict[str, dict]:
@@ -101,21 +93,21 @@ def kfold_summary(runs: list[dict], stages: list[str]) -> dict:
     pooled test photos' mean and 95% interval of each per-photo score and of distinct captions per 100, the val
     numbers variants are chosen on (mean over runs and the lowest run), each run's own; SCST's paired gain."""
     seeds = sorted({r["seed"] for r in runs})
-    folds = sorted({r["fold"] for r in runs})
+    folds = {r["fold"] for r in runs}
     out: dict = {"folds": len(folds), "seeds": seeds, "bootstrap": f"{BOOTSTRAP} resamples of the photos, "
                  "percentile interval"}
     per_seed: dict = {}
     for stage in stages:
-        tables = {seed: {} for seed in seeds}
-        by_fold: dict = {fold: [] for fold in folds}
+        tables: dict = {seed: {} for seed in seeds}
         for run in runs:
             photos = _photos(run, stage, "test")
-            tables[run["seed"]].update(photos)
-            by_fold[run["fold"]].append({n: p["caption"] for n, p in photos.items()})
+            shares = distinct_shares({n: p["caption"] for n, p in photos.items()})
+            tables[run["seed"]].update({n: {**p, "distinct_per_100": shares[n]} for n, p in photos.items()})
         per_seed[stage] = tables
-        metrics = [m for m in PER_PHOTO if all(m in p for t in tables.values() for p in t.values())]
+        metrics = [m for m in (*PER_PHOTO, "distinct_per_100")
+                   if all(m in p for t in tables.values() for p in t.values())]
         test = {m: mean_interval([{n: p[m] for n, p in tables[s].items()} for s in seeds]) for m in metrics}
-        test["distinct_per_100"] = distinct_interval(list(by_fold.values()))
+        test["distinct_per_100"]["min"] = min(r[stage]["test"]["distinct_per_100"] for r in runs)
         test["photos"] = len(tables[seeds[0]])
         val = {k: {"mean": round(statistics.fmean(r[stage]["val"][k] for r in runs), 4),
                    "min": min(r[stage]["val"][k] for r in runs)} for k in ("cider", "distinct_per_100")}

@@ -68,13 +68,16 @@ def test_the_paired_gain_sees_a_small_lift_that_unpaired_noise_would_hide():
     assert none["ci95"][0] < 0 < none["ci95"][1]
 
 
-def test_distinct_captions_count_a_photo_drawn_twice_once():
+def test_distinct_shares_average_to_distinct_captions_per_100_photos():
     unique = {f"p{i}": f"caption {i}" for i in range(100)}
     assert quality_stats.distinct_per_100(unique) == 100.0
-    result = quality_stats.distinct_interval([[unique]])
-    assert result == {"mean": 100.0, "ci95": [100.0, 100.0], "min": 100.0}
-    half = {f"p{i}": f"caption {i % 50}" for i in range(100)}
-    assert quality_stats.distinct_interval([[unique], [half]])["min"] == 50.0
+    assert set(quality_stats.distinct_shares(unique).values()) == {100.0}
+    runs = [{f"p{i}": f"caption {i % k}" for i in range(141)} for k in (141, 100, 7)]
+    for run in runs:  # a per-photo share whose mean is the run's own number, so an interval holds its mean
+        shares = quality_stats.distinct_shares(run)
+        assert np.mean(list(shares.values())) == pytest.approx(100 * len(set(run.values())) / 141)
+        result = quality_stats.mean_interval([shares])
+        assert result["ci95"][0] <= result["mean"] <= result["ci95"][1]
 
 
 def _fake_run(tmp_path: Path, fold: int, seed: int, photos: list[str], lift: float) -> dict:
@@ -98,6 +101,7 @@ def test_the_kfold_summary_pools_folds_and_pairs_stages(tmp_path):
     summary = quality_stats.kfold_summary(runs, ["xe", "scst"])
     assert summary["xe"]["test"]["photos"] == 30 and summary["xe"]["test"]["cider"]["mean"] == pytest.approx(1.9)
     assert summary["xe"]["test"]["distinct_per_100"]["min"] == 100.0
+    assert summary["xe"]["test"]["distinct_per_100"]["mean"] == pytest.approx(100.0)
     gain = summary["scst"]["gain_over_xe"]
     assert gain["test"]["mean"] == pytest.approx((0.1 * 2 - 0.05) / 3, abs=1e-4)
     assert gain["runs_losing_test"] == 2 and len(gain["per_run_test"]) == 6
