@@ -260,6 +260,8 @@ def main(data: str | Path | None = None, cache: str | Path = "~/.cache/captioner
                              f"{xe_cfg.train.select_metric} (train.select_metric) of captions decoded with beam "
                              f"{xe_cfg.train.val_beam_size} (train.val_beam_size); SCST's start is its epoch 0, "
                              "kept when no SCST epoch beats it (train.validate_init)",
+               "decoding": {s: {"beam_size": c.decode.beam_size, "max_len": c.decode.max_len,
+                                "suppress_unk": c.decode.suppress_unk} for s, c in configs.items()},
                "seeds": seeds, **aggregate(runs, list(stages), splits)}
     if folds and only_folds is None:
         results["kfold"] = quality_stats.kfold_summary(runs, list(stages))

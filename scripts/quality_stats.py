@@ -117,12 +117,15 @@ def kfold_summary(runs: list[dict], stages: list[str]) -> dict:
                                 **{f"{split}_{k}": r[stage][split][k] for split in ("val", "test")
                                    for k in ("cider", "distinct_per_100")}} for r in runs]}
     if "scst" in stages:
-        gains = {split: [r["scst"][split]["cider"] / r["xe"][split]["cider"] - 1 for r in runs]
+        pairs = {split: [(r["xe"][split]["cider"], r["scst"][split]["cider"]) for r in runs]
                  for split in ("val", "test")}
+        # A start that scores 0 (tiny data) has no relative gain: None, but it still counts as losing or not.
+        gains = {split: [round(end / start - 1, 4) if start > 0 else None for start, end in pairs[split]]
+                 for split in pairs}
         out["scst"]["gain_over_xe"] = {
             "test": paired_gain(*[[{n: p["cider"] for n, p in per_seed[s][seed].items()} for seed in seeds]
                                   for s in ("xe", "scst")]),
-            "per_run_test": [round(g, 4) for g in gains["test"]], "per_run_val": [round(g, 4) for g in gains["val"]],
-            "runs_losing_test": sum(g < 0 for g in gains["test"]), "runs_losing_val": sum(g < 0 for g in gains["val"]),
+            "per_run_test": gains["test"], "per_run_val": gains["val"],
+            **{f"runs_losing_{split}": sum(end < start for start, end in pairs[split]) for split in pairs},
             "kept_start": sum(r["scst"]["epoch"] == 0 for r in runs)}
     return out

@@ -158,10 +158,11 @@ def _tiny(tmp_path: Path) -> list[str]:
 @pytest.mark.slow
 def test_benchmark_runs_both_stages_and_scores_the_selected_checkpoints(tmp_path):
     data = _photos(tmp_path / "photos", 12)
-    results = bench_quality.main(data, tmp_path / "cache", 2, _tiny(tmp_path), ["train.scst_samples=2"],
-                                 test_images=2, val_images=2, min_train=4, threads=1)
-    json.dumps(results)  # printable
-    assert results["split"] == {"train": 8, "val": 2, "test": 2} and results["stages"] == ["xe", "scst"]
+    results = bench_quality.main(data, tmp_path / "cache", 1, _tiny(tmp_path), ["train.scst_samples=2"],
+                                 val_images=2, min_train=4, threads=1, folds=2)
+    json.dumps(results, allow_nan=False)  # printable
+    assert results["split"] == {"train": 4, "val": 2, "test": 6} and results["stages"] == ["xe", "scst"]
+    assert results["folds"] == ["fold0", "fold1"]
     assert "best.pt" in results["checkpoint"] and "val cider" in results["checkpoint"]
     for stage in ("xe", "scst"):
         for split in ("val", "test"):
@@ -171,15 +172,24 @@ def test_benchmark_runs_both_stages_and_scores_the_selected_checkpoints(tmp_path
     # One epoch each; SCST's best.pt is its epoch 1 or, where that lost on val, its starting weights (epoch 0)
     assert results["xe"]["epochs_selected"] == [1, 1] and set(results["scst"]["epochs_selected"]) <= {0, 1}
     assert "cider_gain_over_xe" in results["scst"]["test"]  # None when cross-entropy scored 0 (untrained)
+    # k-fold: every photo is a test photo exactly once, pooled with an interval per stage
+    kfold = results["kfold"]
+    assert kfold["folds"] == 2 and kfold["xe"]["test"]["photos"] == 12
+    tested = [set(json.loads((Path(r["xe"]["checkpoint"]).parent / "photos_test.json").read_text()))
+              for r in results["runs"]]
+    assert not tested[0] & tested[1] and len(tested[0] | tested[1]) == 12
+    low, high = kfold["xe"]["test"]["cider"]["ci95"]
+    assert low <= kfold["xe"]["test"]["cider"]["mean"] <= high
+    assert len(kfold["scst"]["gain_over_xe"]["per_run_test"]) == 2
     first = results["runs"][0]
-    assert first["seed"] == 0 and results["runs"][1]["seed"] == 1
+    assert first["fold"] == "fold0" and first["seed"] == 0 and results["runs"][1]["fold"] == "fold1"
     scst_dir = Path(first["scst"]["checkpoint"]).parent
     init = json.loads((scst_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert init["event"] == "init_from" and init["checkpoint"] == first["xe"]["checkpoint"]
     assert init["objective"] == "scst" and (scst_dir / "results_test.json").is_file()
     # --reuse: the same runs rescored with other decoding, nothing trained again
-    again = bench_quality.main(data, tmp_path / "cache", 2, [*_tiny(tmp_path), "decode.beam_size=1"],
-                               ["train.scst_samples=2"], test_images=2, val_images=2, min_train=4, reuse=True)
-    assert again["reused"] == ["seed0 xe", "seed0 scst", "seed1 xe", "seed1 scst"]
+    again = bench_quality.main(data, tmp_path / "cache", 1, [*_tiny(tmp_path), "decode.beam_size=1"],
+                               ["train.scst_samples=2"], val_images=2, min_train=4, reuse=True, folds=2)
+    assert again["reused"] == ["fold0 seed0 xe", "fold0 seed0 scst", "fold1 seed0 xe", "fold1 seed0 scst"]
     assert again["runs"][0]["xe"]["train_s"] <= first["xe"]["train_s"] and again["decoding"]["xe"]["beam_size"] == 1
     assert json.loads((scst_dir / "metrics_test.json").read_text())["beam_size"] == 1

@@ -108,6 +108,17 @@ def test_the_kfold_summary_pools_folds_and_pairs_stages(tmp_path):
     assert [r["fold"] for r in summary["scst"]["runs"]] == ["fold0"] * 2 + ["fold1"] * 2 + ["fold2"] * 2
 
 
+def test_a_start_that_scores_zero_has_no_relative_gain_but_still_counts_as_losing_or_not(tmp_path):
+    runs = [_fake_run(tmp_path, f, 0, [f"f{f}p{i}" for i in range(5)], 0.1) for f in range(2)]
+    runs[0]["xe"]["val"] = {**runs[0]["xe"]["val"], "cider": 0.0}
+    runs[0]["scst"]["val"] = {**runs[0]["scst"]["val"], "cider": 0.0}
+    runs[1]["xe"]["val"] = {**runs[1]["xe"]["val"], "cider": 0.5}
+    runs[1]["scst"]["val"] = {**runs[1]["scst"]["val"], "cider": 0.4}
+    gain = quality_stats.kfold_summary(runs, ["xe", "scst"])["scst"]["gain_over_xe"]
+    assert gain["per_run_val"] == [None, -0.2] and gain["runs_losing_val"] == 1
+    json.dumps(gain, allow_nan=False)
+
+
 def test_merge_summarises_the_folds_of_several_processes_and_refuses_a_gap(tmp_path):
     import bench_quality
 
