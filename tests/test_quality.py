@@ -156,7 +156,13 @@ def _tiny(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_benchmark_runs_both_stages_and_scores_the_selected_checkpoints(tmp_path):
+def test_benchmark_runs_both_stages_and_scores_the_selected_checkpoints(tmp_path, monkeypatch):
+    from captioner.metrics import coco
+
+    # No java: the Python tokenizer and no METEOR, whose per-photo java scoring takes seconds for every stage
+    # scored (64 of this test's 85 s); tests/test_metrics.py and test_quality_stats.py cover the java path.
+    for module in (coco, bench_quality.quality_stats):
+        monkeypatch.setattr(module, "java_available", lambda: False)
     data = _photos(tmp_path / "photos", 12)
     results = bench_quality.main(data, tmp_path / "cache", 1, _tiny(tmp_path), ["train.scst_samples=2"],
                                  val_images=2, min_train=4, threads=1, folds=2)

@@ -134,3 +134,23 @@ def test_merge_summarises_the_folds_of_several_processes_and_refuses_a_gap(tmp_p
                                     "runs": [_fake_run(tmp_path / "s1", 2, 1, ["x"], 0.1)]}))
     with pytest.raises(CaptionerError, match="every seed needs every fold"):
         bench_quality.merge([str(f) for f in files])
+
+
+@pytest.mark.slow  # java: the PTB tokenizer and METEOR
+def test_per_photo_scores_average_to_coco_captions_corpus_cider_and_meteor():
+    from captioner.metrics.coco import coco_caption_scores, java_available
+
+    references = {"a": ["a dog runs on the grass", "a brown dog running", "dog in a field"],
+                  "b": ["a man rides a bike", "a cyclist on a road", "a man on a bicycle"],
+                  "c": ["two children play in the sand", "kids at the beach", "children digging sand"]}
+    hypotheses = {"a": "a dog runs in a field", "b": "a man rides a red bike", "c": "a dog on the beach"}
+    scores = quality_stats.photo_scores(hypotheses, references)
+    corpus = coco_caption_scores(hypotheses, references)
+    assert set(scores["cider"]) == set(hypotheses) and scores["cider"]["a"] > scores["cider"]["c"]
+    assert np.mean(list(scores["cider"].values())) == pytest.approx(corpus["cider"], rel=1e-6)
+    assert all(0 <= s <= 1 for s in scores["bleu4"].values())
+    if java_available():  # METEOR's corpus score is not the per-photo mean, but close to it
+        assert set(scores["meteor"]) == set(hypotheses)
+        assert np.mean(list(scores["meteor"].values())) == pytest.approx(corpus["meteor"], abs=0.05)
+    else:
+        assert "meteor" not in scores
