@@ -193,6 +193,10 @@ def test_benchmark_runs_both_stages_and_scores_the_selected_checkpoints(tmp_path
     init = json.loads((scst_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert init["event"] == "init_from" and init["checkpoint"] == first["xe"]["checkpoint"]
     assert init["objective"] == "scst" and (scst_dir / "results_test.json").is_file()
+    # every validation logs its distinct captions, so a run collapsing shows per epoch
+    epochs = [json.loads(line) for line in (Path(first["xe"]["checkpoint"]).parent / "metrics.jsonl").read_text()
+              .splitlines() if "val_cider" in line]
+    assert epochs and all(0 < e["val_distinct_fraction"] <= 1 for e in epochs)
     # --reuse: the same runs rescored with other decoding, nothing trained again
     again = bench_quality.main(data, tmp_path / "cache", 1, [*_tiny(tmp_path), "decode.beam_size=1"],
                                ["train.scst_samples=2"], val_images=2, min_train=4, reuse=True, folds=2)

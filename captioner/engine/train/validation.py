@@ -14,6 +14,7 @@ from captioner.engine.infer.predict import DecodeSettings, predict
 from captioner.engine.train.run_state import TrainingRun, save_checkpoints
 from captioner.engine.train.inputs import TrainingInputs
 from captioner.metrics.coco import validation_scores
+from captioner.metrics.diversity import caption_diversity
 
 log = logging.getLogger("captioner")
 
@@ -37,7 +38,9 @@ def validate(run: TrainingRun, inputs: TrainingInputs, references: dict) -> dict
     scores = None
     if run.process.is_main:
         merged = {image_id: caption for part in parts for image_id, caption in part.items()}
-        scores = {**validation_scores(merged, references), "images": len(merged)}
+        # distinct_fraction: a run collapsing to a few generic captions shows per epoch, not only at evaluate
+        scores = {**validation_scores(merged, references),
+                  "distinct_fraction": caption_diversity(merged)["distinct_fraction"], "images": len(merged)}
     return distributed.broadcast_from_main(scores, run.process)
 
 
