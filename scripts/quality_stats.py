@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from captioner.metrics.coco import _meteor, fallback_tokenize, java_available, ptb_tokenize
+from captioner.metrics import coco
+from captioner.metrics.coco import _meteor, fallback_tokenize, ptb_tokenize
 from captioner.text import normalize_text
 
 BOOTSTRAP = 2000  # resamples: the interval's ends move by < 0.002 CIDEr-D between seeds of the resampling
@@ -30,12 +31,13 @@ def photo_scores(hypotheses: dict[str, str], references: dict[str, list[str]]) -
     names = sorted(hypotheses)
     gts = {n: [normalize_text(r) for r in references[n]] for n in names}
     res = {n: [normalize_text(hypotheses[n])] for n in names}
-    tokenize = ptb_tokenize if java_available() else fallback_tokenize
+    java = coco.java_available()  # the one check captioner.metrics.coco makes too: both switch together
+    tokenize = ptb_tokenize if java else fallback_tokenize
     gts, res = tokenize(gts), tokenize(res)
     keys = list(gts)  # pycocoevalcap returns per-image scores in the order of gts' keys
     out = {"cider": dict(zip(keys, Cider().compute_score(gts, res)[1].tolist())),
            "bleu4": dict(zip(keys, Bleu(4).compute_score(gts, res, verbose=0)[1][3]))}
-    if java_available():
+    if java:
         out["meteor"] = dict(zip(keys, _meteor().compute_score(gts, res)[1]))
     return {metric: {n: float(s) for n, s in scores.items()} for metric, scores in out.items()}
 

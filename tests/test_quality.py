@@ -161,8 +161,7 @@ def test_benchmark_runs_both_stages_and_scores_the_selected_checkpoints(tmp_path
 
     # No java: the Python tokenizer and no METEOR, whose per-photo java scoring takes seconds for every stage
     # scored (64 of this test's 85 s); tests/test_metrics.py and test_quality_stats.py cover the java path.
-    for module in (coco, bench_quality.quality_stats):
-        monkeypatch.setattr(module, "java_available", lambda: False)
+    monkeypatch.setattr(coco, "java_available", lambda: False)
     data = _photos(tmp_path / "photos", 12)
     results = bench_quality.main(data, tmp_path / "cache", 1, _tiny(tmp_path), ["train.scst_samples=2"],
                                  val_images=2, min_train=4, threads=1, folds=2)
