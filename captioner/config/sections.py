@@ -137,6 +137,9 @@ class TrainConfig:
     scst_temperature: float = 1.0  # scst: samples drawn from softmax(logits / this); < 1 keeps them near the beam's
     # xe: probability of the target spread over the other words (0: off; 0.1 measured best, docs/quality.md)
     label_smoothing: float = 0.1
+    # exponential moving average of the trained weights (0: off): validation, best.pt and checkpoints' "model" hold the
+    # average, training steps the raw weights; its decay warms up as min(this, (1 + n) / (10 + n)) over steps n
+    ema_decay: float = 0.0
     # Where training's metrics go (LOGGERS): RUN_DIR/metrics.jsonl is always written (resume and `captioner plot`
     # read it); tensorboard adds RUN_DIR/tb/, mlflow an MLflow run (MLFLOW_TRACKING_URI, else RUN_DIR/mlflow.db),
     # wandb a Weights & Biases run (WANDB_MODE): the same scalars, sample captions; each behind its extra

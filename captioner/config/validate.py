@@ -182,6 +182,9 @@ def validate(cfg: Config) -> None:
          f"greedy to float precision, far below it they overflow to -inf), got {cfg.train.scst_temperature}"),
         (0.0 <= cfg.train.label_smoothing < 1.0,
          f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}"),
+        (0.0 <= cfg.train.ema_decay < 1.0,
+         f"train.ema_decay must be in [0, 1) (0: no weight averaging; 0.99 averages about the last 100 steps), "
+         f"got {cfg.train.ema_decay}"),
         (all(name in LOGGERS for name in cfg.train.log_to) and len(set(cfg.train.log_to)) == len(cfg.train.log_to),
          f"train.log_to takes each of {', '.join(LOGGERS)} at most once, e.g. [jsonl, mlflow]; got "
          f"[{', '.join(cfg.train.log_to)}]"),

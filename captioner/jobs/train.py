@@ -42,6 +42,7 @@ from captioner.engine.runtime import distributed
 from captioner.engine.runtime.compute import setup_compute
 from captioner.engine.runtime.distributed import Process
 from captioner.engine.runtime.signals import StopRequest, Stopped
+from captioner.engine.train.averaging import WeightAverage
 from captioner.engine.train.resume import (check_vocabulary, init_checkpoint, resume_checkpoint, resume_config,
                                           vocabulary_coverage)
 from captioner.engine.train.run_state import Progress, TrainingRun, restore, save_checkpoints
@@ -136,6 +137,8 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
             _skip_step(run, epoch, "non-finite loss" if not math.isfinite(global_loss) else "non-finite gradient")
         else:
             progress.bad_steps = 0
+            if run.average:
+                run.average.update(run.model)
             progress.loss_sum, progress.loss_count = progress.loss_sum + global_loss, progress.loss_count + 1
             window.steps, window.loss = window.steps + 1, window.loss + global_loss
             stats = _scst_stats(run)
@@ -165,6 +168,19 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
             return False
         tick = time.perf_counter()
     return True
+
+
+def _weight_average(cfg: Config, model: CaptionModel, checkpoint: dict | None, path: Path) -> WeightAverage | None:
+    """train.ema_decay's average of the weights, for a resumed run with the raw weights back in the model."""
+    if not cfg.train.ema_decay:
+        if checkpoint and "raw_weights" in checkpoint:
+            log.warning("%s was trained with train.ema_decay=%s: training continues from its averaged weights, "
+                        "without averaging", path, checkpoint.get("weight_average", {}).get("decay"))
+        return None
+    average = WeightAverage(model, cfg.train.ema_decay)
+    if checkpoint:
+        average.resume(model, checkpoint, path)
+    return average
 
 
 @dataclass
@@ -295,7 +311,7 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
         loss = DistributedDataParallel(loss, device_ids=[process.device] if process.device.type == "cuda" else None)
     step = TrainingStep(loss, optimizer, cfg.train.grad_clip, process.device, compute.bf16, process)
     run = TrainingRun(cfg, run_dir, vocab, model, step, schedule, Progress(), metrics, process, stop, compute,
-                      init_from)
+                      init_from, average=_weight_average(cfg, model, checkpoint, run_dir / "last.pt"))
     resumed = bool(checkpoint)
     if resumed:
         restore(run, checkpoint)
@@ -337,13 +353,14 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
                 run.progress.reward_sum = _mean_over_processes(run, {"r": run.progress.reward_sum}).get("r", 0.0)
                 validation_start = time.perf_counter()
                 try:
-                    scores = validate(run, inputs, references)
+                    with run.validated_weights():  # train.ema_decay: the average is what is scored and kept
+                        scores = validate(run, inputs, references)
+                        if samples:
+                            metrics.samples(run.progress.step, epoch, samples.caption(run))
                 except Stopped:  # one process only: the epoch's steps are done, its validation is not
                     save_checkpoints(run)  # a resumed run validates this epoch first (it has no steps left)
                     stopped = run.stop.signal
                     break
-                if samples:
-                    metrics.samples(run.progress.step, epoch, samples.caption(run))
                 run.clock.validated(time.perf_counter() - validation_start)
                 finish_epoch(run, epoch, scores, time.perf_counter() - start)
                 if _stop_requested(run):  # a signal during validation under torchrun: last.pt was just written

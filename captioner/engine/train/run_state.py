@@ -10,6 +10,7 @@ Which checkpoint a run resumes or starts from is resume.py's business.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -26,6 +27,7 @@ from captioner.engine.runtime.compute import Compute
 from captioner.engine.runtime.distributed import Process
 from captioner.engine.runtime.rng import restore_rng_state, rng_state
 from captioner.engine.runtime.signals import StopRequest
+from captioner.engine.train.averaging import WeightAverage
 from captioner.engine.train.loggers import RunLog
 from captioner.engine.train.schedule import LRSchedule
 from captioner.engine.train.step import TrainingStep
@@ -69,6 +71,11 @@ class TrainingRun:
     compute: Compute  # the resolved precision and memory format (engine/runtime/compute.py)
     init_from: str | None = None  # the checkpoint the run's weights started from (--init-from)
     clock: RunClock | None = None  # the whole run's progress line and ETA, set once progress is restored
+    average: WeightAverage | None = None  # train.ema_decay: the averaged weights that validation and checkpoints hold
+
+    def validated_weights(self):
+        """A context in which self.model holds the weights that validation scores (the average, when there is one)."""
+        return self.average.applied(self.model) if self.average else contextlib.nullcontext(self.model)
 
 def _weights_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
@@ -89,7 +96,8 @@ def save_checkpoints(run: TrainingRun, best: bool = False) -> None:
     if not _weights_finite(run.model):
         log.warning("step %d: the model holds non-finite weights; last.pt is kept as it was", progress.step)
         return
-    state = {"model": run.model.state_dict(), "optimizer": run.step.optimizer.state_dict(),
+    weights = run.average.checkpoint_fields(run.model) if run.average else {"model": run.model.state_dict()}
+    state = {**weights, "optimizer": run.step.optimizer.state_dict(),
              "schedule": run.schedule.state_dict(), "scaler": run.step.scaler.state_dict(),
              "progress": dataclasses.asdict(progress), "rng": rng, "world_size": run.process.world_size,
              "metrics_offset": run.metrics.offset, "config": to_dict(recorded_config(run)), "vocab": run.vocab.tokens,
