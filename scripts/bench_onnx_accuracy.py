@@ -128,8 +128,7 @@ def one_model(checkpoint: str, work: Path, args) -> dict:
     files = [r.path for r in by_split(load_records(dataset), args.split)][:args.speed_photos]
     result["speed"] = speed(folders, files, args.rounds, args.batch)
     record = json.loads((folders["int8"] / "quantization.json").read_text())
-    result["quantization"] = {"calibration_method": record["encoder"].get("calibration_choice",
-                                                                          record["encoder"]["calibration_method"]),
+    result["quantization"] = {"calibration_method": record["encoder"]["calibration_method"],
                               "excluded_nodes": len(record["encoder"]["excluded_nodes"]),
                               "feature_cosine": record["feature_error"]["cosine_mean"],
                               "budget_met": record["feature_error"]["budget_met"],

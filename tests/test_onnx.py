@@ -306,12 +306,8 @@ def test_int8_export_calibrated_on_a_folder(onnx_folder, tmp_path, capsys):
         "image_size": [manifest["encoder"]["image_size"]] * 2, "fit_images": 6, "held_out_images": 2}
     encoder = record["encoder"]
     assert encoder["per_channel"] and len(encoder["excluded_nodes"]) >= 2  # the first and last, and measured ones
-    assert set(encoder["calibration_candidates"]) == {f"{m}/{w}" for m in ("MinMax", "Percentile", "Entropy")
-                                                      for w in ("int8-7bit", "uint8")}
-    assert encoder["calibration_choice"].split("/")[0] == encoder["calibration_method"]
-    assert (encoder["weight_type"], encoder["reduce_range"]) == {"int8-7bit": ("int8", True), "uint8": ("uint8", False)}[
-        encoder["calibration_choice"].split("/")[1]]
-    chosen = encoder["calibration_candidates"][encoder["calibration_choice"]]["cosine_mean"]
+    assert set(encoder["calibration_candidates"]) == {"MinMax", "Percentile", "Entropy"}
+    chosen = encoder["calibration_candidates"][encoder["calibration_method"]]["cosine_mean"]
     assert chosen == max(c["cosine_mean"] for c in encoder["calibration_candidates"].values())
     error = record["feature_error"]
     assert error["images"] == 2 and 0 < error["relative_error"] < 1 and 0.5 < error["cosine_mean"] <= 1

@@ -244,10 +244,9 @@ def write_onnx_files(folder: str | Path, model, precision: str = "float32",
         "quantization": None if precision == "float32" else {
             "encoder": f"static QDQ int8 of the Conv layers but the first, the last and "
                        f"{len(record['encoder']['sensitivity']['excluded_errors'])} kept in float by the "
-                       f"sensitivity pass: per-channel {record['encoder']['weight_type']} weights"
-                       f"{' (7-bit, reduce_range)' if record['encoder']['reduce_range'] else ''}, uint8 activations "
+                       f"sensitivity pass: per-channel 7-bit weights (reduce_range), uint8 activations "
                        f"({record['encoder']['calibration_method']} ranges from {len(calibration)} calibration "
-                       f"images; method and weight format chosen by measurement)",
+                       f"images, the method chosen by measurement)",
             "feature_cosine": record["feature_error"]["cosine_mean"],
             "decoder": "dynamic int8 of MatMul/Gemm (per-channel 7-bit weights, activations quantized per call)",
             "calibration_images": len(calibration), "record": QUANTIZATION_FILE},

@@ -1,8 +1,8 @@
 """Static int8 of the encoder's convolutions with a calibration method chosen by measurement.
 
     fit, held = split_held_out(images)                       # calibrate on fit, measure on held
-    choice = choose_method(prepared, workdir, fit, probe)    # MinMax, Percentile, Entropy x weight formats
-    quantize_encoder(prepared, out, fit, choice.method, excluded, choice.cache, choice.weights)   # other exclusions
+    choice = choose_method(prepared, workdir, fit, probe)    # MinMax, Percentile, Entropy: each measured
+    quantize_encoder(prepared, out, fit, choice.method, excluded, choice.cache)   # again, other exclusions
 
 Each method's activation ranges are computed once and reused (onnxruntime's calibration cache, where the
 installed onnxruntime has one) when the sensitivity pass re-quantizes with other nodes kept in float.
@@ -32,13 +32,6 @@ PERCENTILE = 99.999
 # convolution's output range ([0, 6], not the pre-activation's [-16, 20]), one rounding instead of two: on a
 # pretrained MobileNetV2 the int8 features' cosine to float32's goes 0.899 -> 0.919 (Percentile).
 OP_TYPES = ["Conv", "Clip", "Relu"]
-# The weights' formats tried with each method: {name: (onnxruntime QuantType name, reduce_range)}.
-# x86 CPUs without VNNI (AVX2, AVX-512F) multiply uint8 activations by int8 weights in pairs summed into int16
-# (VPMADDUBSW), which saturates with full 8-bit weights (MobileNetV2's features then correlate 0.6 with float32's):
-# "int8-7bit" avoids it with 7-bit weights (reduce_range), "uint8" with uint8 weights, which onnxruntime multiplies
-# without that instruction, keeping all 8 bits. On a real-photo MobileNetV2 (fold 2 of the 5-fold benchmark, 20
-# held-out photos, Percentile, no centering) uint8 measured cosine 0.937 against 0.926, and ran no slower.
-WEIGHT_FORMATS = {"int8-7bit": ("QInt8", True), "uint8": ("QUInt8", False)}
 
 
 class ImageReader:
@@ -70,63 +63,52 @@ def _supports_cache() -> bool:
 
 
 def quantize_encoder(prepared: Path, out: Path, fit: torch.Tensor, method: str, excluded: list[str],
-                     cache: Path | None = None, weights: str = "int8-7bit") -> None:
+                     cache: Path | None = None) -> None:
     """prepared (a float32 encoder.onnx after quant_pre_process) -> out: QDQ int8 of its Conv nodes but
-    excluded, per-channel weights in WEIGHT_FORMATS[weights], uint8 activations with method's ranges on fit's
-    images (read from cache when it exists and onnxruntime can, else computed and written there)."""
+    excluded, per-channel 7-bit weights, uint8 activations with method's ranges on fit's images (read from
+    cache when it exists and onnxruntime can, else computed and written there)."""
     extra = {"CalibPercentile": PERCENTILE} if method == "Percentile" else {}
     cached = {"calibration_cache_path": str(cache)} if cache is not None and _supports_cache() else {}
     # The histogram methods stack every batch's activations: they need batches of one shape, so one image each.
     reader = ImageReader(fit, batch=8 if method == "MinMax" else 1)
     with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
-        _quantize_static(prepared, out, reader, method, excluded, extra, cached, weights)
+        _quantize_static(prepared, out, reader, method, excluded, extra, cached)
 
 
-def _quantize_static(prepared, out, reader, method, excluded, extra, cached, weights) -> None:
+def _quantize_static(prepared, out, reader, method, excluded, extra, cached) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    weight_type, reduce_range = WEIGHT_FORMATS[weights]
     quantize_static(str(prepared), str(out), reader,
                     quant_format=QuantFormat.QDQ, op_types_to_quantize=OP_TYPES, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=getattr(QuantType, weight_type),
-                    nodes_to_exclude=list(excluded), reduce_range=reduce_range,
-                    calibrate_method=getattr(CalibrationMethod, method), extra_options=extra, **cached)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(excluded),
+                    # 7-bit weights: x86 CPUs without VNNI (AVX2, AVX-512F) multiply uint8 by int8 in pairs
+                    # summed into int16 (VPMADDUBSW), which saturates with full 8-bit weights: MobileNetV2's
+                    # int8 features then correlate 0.6 with float32's, and real-photo CIDEr-D drops 15%.
+                    reduce_range=True, calibrate_method=getattr(CalibrationMethod, method),
+                    extra_options=extra, **cached)
 
 
 @dataclass
 class MethodChoice:
     method: str
     cache: Path | None
-    errors: dict = field(default_factory=dict)  # {"method/weights": compare() of its int8 features, held-out images}
-    weights: str = "int8-7bit"  # the WEIGHT_FORMATS entry chosen with the method
-    path: Path | None = None  # the chosen candidate's graph
-
-    @property
-    def name(self) -> str:
-        return candidate_name(self.method, self.weights)
-
-
-def candidate_name(method: str, weights: str) -> str:
-    return f"{method}/{weights}"
+    errors: dict = field(default_factory=dict)  # {method: compare() of its int8 features on the held-out images}
 
 
 def choose_method(prepared: Path, work: Path, fit: torch.Tensor, probe, excluded: list[str],
                   deadline: float = float("inf")) -> MethodChoice:
-    """Quantizes prepared with each of METHODS and each of WEIGHT_FORMATS (calibrated on fit, excluded kept in
-    float) and keeps the pair whose features on probe's held-out images are closest to float32's (highest mean
-    cosine similarity). The candidates after the first are skipped once time.monotonic() passes deadline
-    (recorded as skipped). A method's activation ranges are computed once, for both weight formats."""
-    errors, caches, made = {}, {}, {}
+    """Quantizes prepared with each of METHODS (calibrated on fit, excluded kept in float) and keeps the one
+    whose features on probe's held-out images are closest to float32's (highest mean cosine similarity). The
+    methods after the first are skipped once time.monotonic() passes deadline (recorded as skipped)."""
+    errors, caches = {}, {}
     for method in METHODS:
+        if errors and time.monotonic() > deadline:
+            errors[method] = {"skipped": "the time allowed for quantization ran out"}
+            continue
         caches[method] = work / f"ranges-{method}.json"
-        for weights in WEIGHT_FORMATS:
-            name = candidate_name(method, weights)
-            if errors and time.monotonic() > deadline:
-                errors[name] = {"skipped": "the time allowed for quantization ran out"}
-                continue
-            made[name] = work / f"encoder-{method}-{weights}.onnx"
-            quantize_encoder(prepared, made[name], fit, method, excluded, caches[method], weights)
-            errors[name] = probe.error(made[name])
-            log.debug("int8 calibration %s: %s", name, errors[name])
-    best = max(made, key=lambda n: (errors[n]["cosine_mean"], -errors[n]["relative_error"]))
-    method, weights = best.split("/")
-    return MethodChoice(method, caches[method] if caches[method].is_file() else None, errors, weights, made[best])
+        candidate = work / f"encoder-{method}.onnx"
+        quantize_encoder(prepared, candidate, fit, method, excluded, caches[method])
+        errors[method] = probe.error(candidate)
+        log.debug("int8 calibration %s: %s", method, errors[method])
+    measured = [m for m in METHODS if "cosine_mean" in errors[m]]
+    best = max(measured, key=lambda m: (errors[m]["cosine_mean"], -errors[m]["relative_error"]))
+    return MethodChoice(best, caches[best] if caches[best].is_file() else None, errors)

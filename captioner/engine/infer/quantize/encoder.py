@@ -5,8 +5,8 @@
 1. quant_pre_process (shape inference, BatchNorm folded into Conv); then offset centering (transforms.py), kept
    when its int8 features measure closer to float32's on the held-out images.
 2. Every Conv but the first and the last quantized (those two stay float: the image itself and the features the
-   decoder reads), once per calibration method (calibrate.METHODS) and weight format (calibrate.WEIGHT_FORMATS),
-   calibrated on 3/4 of the images; the pair whose features on the other 1/4 are closest to float32's is kept.
+   decoder reads), once per calibration method (calibrate.METHODS), calibrated on 3/4 of the images; the
+   method whose features on the other 1/4 are closest to float32's is kept.
 3. Sensitivity: each quantized Conv's own rounding error (sensitivity.node_errors), and the worst ones kept in
    float in doubling batches until the mean cosine similarity of int8 to float32 features on the held-out
    images reaches FEATURE_BUDGET, with at most MAX_FLOAT_MACS of the multiply-adds in float, all within
@@ -62,7 +62,6 @@ def conv_costs(model) -> dict[str, float]:
 @dataclass
 class EncoderPlan:
     method: str
-    weights: str  # calibrate.WEIGHT_FORMATS entry
     method_errors: dict  # {method: compare() on the held-out images}
     fixed_excluded: list[str]  # the first and the last Conv
     search: SearchResult
@@ -96,22 +95,22 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
     prepared, centering = choose_centering(prepared, work, fit, probe,
                                            lambda graph, out_: quantize_encoder(graph, out_, fit, "MinMax", fixed))
     choice = choose_method(prepared, work, fit, probe, fixed, deadline)
-    chosen = choice.path
+    chosen = work / f"encoder-{choice.method}.onnx"
     errors = {name: e for name, e in node_errors(prepared, chosen, fit[:RANKING_IMAGES]).items() if name not in fixed}
     made = {(): chosen}  # {nodes in float: the graph}
 
     def requantize(names: list[str]) -> dict:
         made[tuple(names)] = work / f"encoder-try{len(made)}.onnx"
-        quantize_encoder(prepared, made[tuple(names)], fit, choice.method, fixed + names, choice.cache, choice.weights)
+        quantize_encoder(prepared, made[tuple(names)], fit, choice.method, fixed + names, choice.cache)
         return probe.error(made[tuple(names)])
 
     costs = conv_costs(onnx.load(str(prepared)))
-    search = search_exclusions(errors, requantize, choice.errors[choice.name], budget, costs, max_float_macs,
+    search = search_exclusions(errors, requantize, choice.errors[choice.method], budget, costs, max_float_macs,
                                deadline)
     shutil.copyfile(made[tuple(search.excluded)], out)
     if not search.met:
         log.warning("int8: the encoder's features reach cosine %.4f of float32's, under the budget %.2f: %s; "
                     "quantization.json records it", search.error["cosine_mean"], budget, search.why_stopped)
-    return EncoderPlan(choice.method, choice.weights, choice.errors, fixed, search, len(convs), len(fit), len(held),
+    return EncoderPlan(choice.method, choice.errors, fixed, search, len(convs), len(fit), len(held),
                        round(time.monotonic() - start, 1), budget, max_float_macs,
                        round(sum(costs[n] for n in search.excluded), 4), [centering])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from captioner.engine.infer.quantize.calibrate import METHODS, OP_TYPES, PERCENTILE, WEIGHT_FORMATS
+from captioner.engine.infer.quantize.calibrate import METHODS, OP_TYPES, PERCENTILE
 
 
 def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> dict:
@@ -22,13 +22,10 @@ def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> 
     return {
         "encoder": {
             "method": "static", "format": "QDQ", "op_types": list(OP_TYPES), "per_channel": True,
-            "weight_type": WEIGHT_FORMATS[plan.weights][0][1:].lower(), "activation_type": "uint8",
-            "reduce_range": WEIGHT_FORMATS[plan.weights][1],
+            "weight_type": "int8", "activation_type": "uint8", "reduce_range": True,
             "transforms": plan.transforms,
             "calibration_method": plan.method,
-            "calibration_choice": f"{plan.method}/{plan.weights}",  # the calibration_candidates key chosen
             "calibration_candidates": plan.method_errors,
-            "weight_formats_tried": list(WEIGHT_FORMATS),
             "calibration_chosen_by": "the highest mean cosine similarity of int8 to float32 features on the "
                                      "held-out calibration images",
             "percentile": PERCENTILE if plan.method == "Percentile" else None,
