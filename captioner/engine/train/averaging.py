@@ -73,9 +73,9 @@ class WeightAverage:
 
     @torch.no_grad()
     def resume(self, model: nn.Module, checkpoint: dict, path) -> None:
-        """The model holds the checkpoint's "model" (the average): that is the shadow; its "raw_weights" go back
-        into the model to train on. A checkpoint written without averaging starts the average from its weights."""
-        self.shadow = {name: p.detach().clone() for name, p in _trainable(model).items()}
+        """Called right after construction on a model holding the checkpoint's "model" (the average, which the
+        constructor took as the shadow): its "raw_weights" go back into the model to train on. A checkpoint
+        written without averaging starts the average from its weights."""
         raw, recorded = checkpoint.get("raw_weights"), checkpoint.get("weight_average")
         if raw is None or not isinstance(recorded, dict):
             return
