@@ -91,10 +91,17 @@ def test_ema_decay_out_of_range_is_refused_with_what_is_valid():
 
 @pytest.mark.slow
 def test_averaged_run_validates_the_average_and_resumes_exactly_after_kill(small_root, tmp_path):
+    """With train.select_best false too (the real-photo recipe): best.pt is the last epoch's averaged weights."""
     uninterrupted = tmp_path / "whole"
-    summary = train.main(train.TrainJob(small_config(small_root, "train.ema_decay=0.9"), uninterrupted, "cpu"))
+    summary = train.main(train.TrainJob(small_config(small_root, "train.ema_decay=0.9", "train.select_best=false"),
+                                        uninterrupted, "cpu"))
     assert summary["steps"] == 18 and summary["stopped"] is None
     state = torch.load(uninterrupted / "last.pt", weights_only=True)
+    best = torch.load(uninterrupted / "best.pt", weights_only=True)
+    assert best["epoch"] == 2 and all(torch.equal(best["model"][k], state["model"][k]) for k in state["model"])
+    epochs = [x for x in metric_lines(uninterrupted) if "val_cider" in x]
+    assert [x["improved"] for x in epochs] == [True, True]  # best.pt written at every epoch
+    assert summary["best_score"] == epochs[-1]["val_cider"]  # the summary speaks of best.pt's weights
     assert state["weight_average"] == {"decay": 0.9, "updates": 18}
     trained = [k for k in state["raw_weights"]]
     assert trained and any(not torch.equal(state["model"][k], state["raw_weights"][k]) for k in trained)
@@ -107,7 +114,7 @@ def test_averaged_run_validates_the_average_and_resumes_exactly_after_kill(small
 
     run_dir = tmp_path / "killed"
     args = ["-q", "train", "--config", str(TINY), "--run-dir", str(run_dir), "--device", "cpu",
-            *small_overrides(small_root), "train.ema_decay=0.9"]
+            *small_overrides(small_root), "train.ema_decay=0.9", "train.select_best=false"]
     done = subprocess.run([sys.executable, "-c", killed_child(8), str(torch.get_num_threads()), *args],
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT), capture_output=True,
                           text=True, timeout=300)

@@ -114,6 +114,9 @@ class TrainConfig:
     lr_decay_epochs: int = at_least(1, 1)  # step: the lr is multiplied by lr_gamma every this many epochs
     lr_gamma: float = 0.1  # step and plateau: the factor of each decay
     lr_patience: int = 2  # plateau: validations without improvement before the lr decays
+    # false: best.pt is the latest validated weights, not the best-scoring epoch's (with train.ema_decay, the average):
+    # on a small val set the best of many noisy scores is often a lucky, undertrained early epoch (docs/quality.md)
+    select_best: bool = True
     select_metric: str = "cider"  # validation score (coco-caption's, as evaluate's) that picks best.pt, drives plateau
     # and early stopping: cider (CIDEr-D), bleu1..bleu4 or rouge_l
     early_stop_patience: int = 0  # stop after this many validations without improvement (0: never)

@@ -375,6 +375,7 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
                  run.progress.evals_without_gain)
     progress = run.progress
     return {"best_checkpoint": str(run_dir / "best.pt"), "last_checkpoint": str(run_dir / "last.pt"),
-            "best_bleu4": progress.best_scores.get("bleu4", -math.inf), "best_score": progress.best_score,
+            "best_bleu4": progress.best_scores.get("bleu4", -math.inf),
+            "best_score": progress.best_scores.get(cfg.train.select_metric, progress.best_score),  # best.pt's
             "select_metric": cfg.train.select_metric, "epochs": progress.epoch, "steps": progress.step,
             "stopped": stopped, "unreadable_images": len(inputs.unreadable)}

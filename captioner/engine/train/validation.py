@@ -62,10 +62,12 @@ def selection_score(run: TrainingRun, scores: dict) -> tuple[str, float]:
 
 
 def finish_epoch(run: TrainingRun, epoch: int, scores: dict, seconds: float) -> None:
-    """Log the validation, update best/early-stopping/plateau state, then write last.pt (and best.pt)."""
+    """Log the validation, update best/early-stopping/plateau state, then write last.pt (and best.pt: when the
+    score is the best so far, or every epoch with train.select_best false; "improved" in the log says it was)."""
     progress = run.progress
     metric, score = selection_score(run, scores)
-    improved = score > progress.best_score
+    gained = score > progress.best_score  # early stopping counts from the best score, whichever weights best.pt keeps
+    improved = gained or not run.cfg.train.select_best
     run.metrics.write({"epoch": epoch, "step": progress.step,
                        "train_loss": progress.loss_sum / max(progress.loss_count, 1),
                        **({"train_reward": progress.reward_sum / max(progress.loss_count, 1)}
@@ -74,15 +76,17 @@ def finish_epoch(run: TrainingRun, epoch: int, scores: dict, seconds: float) -> 
                        "lr": run.step.optimizer.param_groups[0]["lr"], "epoch_s": seconds,
                        **({"elapsed_s": round(run.clock.elapsed(), 3)} if run.clock else {})})
     log.info("epoch %d/%d: train loss %.3f, val %s %.3f%s (%.0fs)%s", epoch, run.cfg.train.epochs,
-             progress.loss_sum / max(progress.loss_count, 1), metric, score, " (best)" if improved else "", seconds,
+             progress.loss_sum / max(progress.loss_count, 1), metric, score, " (best)" if gained else "", seconds,
              f" · {run.clock.eta_text(epoch)}" if run.clock else "")
     progress.epoch, progress.sample, progress.loss_sum, progress.loss_count = epoch, 0, 0.0, 0
     progress.reward_sum = 0.0
     progress.scores = scores
-    if improved:
-        progress.best_score, progress.best_scores, progress.evals_without_gain = score, scores, 0
+    if gained:
+        progress.best_score, progress.evals_without_gain = score, 0
     else:
         progress.evals_without_gain += 1
+    if improved:
+        progress.best_scores = scores  # best.pt's
     run.schedule.observe(score)
     save_checkpoints(run, best=improved)
 
