@@ -305,8 +305,9 @@ def test_int8_export_calibrated_on_a_folder(onnx_folder, tmp_path, capsys):
         "count": 8, "source": f"--calibrate {PHOTOS[0].parent.name}",
         "image_size": [manifest["encoder"]["image_size"]] * 2, "fit_images": 6, "held_out_images": 2}
     encoder = record["encoder"]
-    assert encoder["per_channel"] and len(encoder["excluded_nodes"]) >= 2  # the first and last, and measured ones
-    assert set(encoder["calibration_candidates"]) == {"MinMax", "Percentile", "Entropy"}
+    assert encoder["per_channel"] and set(encoder["excluded_nodes"]) == set(encoder["excluded_why"])
+    assert encoder["sensitivity"]["nodes_ranked_by_feature_loss"] > 0  # measured at the features, not by rule
+    assert set(encoder["calibration_candidates"]) == {"MinMax", "Percentile", "Percentile-99.99", "Entropy"}
     chosen = encoder["calibration_candidates"][encoder["calibration_method"]]["cosine_mean"]
     assert chosen == max(c["cosine_mean"] for c in encoder["calibration_candidates"].values())
     error = record["feature_error"]

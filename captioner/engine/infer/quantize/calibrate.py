@@ -1,7 +1,7 @@
 """Static int8 of the encoder's convolutions with a calibration method chosen by measurement.
 
     fit, held = split_held_out(images)                       # calibrate on fit, measure on held
-    choice = choose_method(prepared, workdir, fit, probe)    # MinMax, Percentile, Entropy: each measured
+    choice = choose_method(prepared, workdir, fit, probe)    # MinMax, Percentiles, Entropy: each measured
     quantize_encoder(prepared, out, fit, choice.method, excluded, choice.cache)   # again, other exclusions
 
 Each method's activation ranges are computed once and reused (onnxruntime's calibration cache, where the
@@ -21,13 +21,17 @@ import torch
 
 log = logging.getLogger("captioner")
 
-METHODS = ("MinMax", "Percentile", "Entropy")  # onnxruntime.quantization.CalibrationMethod names, all tried
+# The calibration candidates, each measured: {name: (onnxruntime.quantization.CalibrationMethod name, the
+# percentile it keeps or None)}. Percentile clips at 99.999% of the calibration activations (onnxruntime's
+# default) and at 99.99%: MobileNetV2's linear-bottleneck outputs and residual sums have long tails, and their
+# quantization error is spread over ~20 tensors, no single one worth keeping in float (pretrained MobileNetV2,
+# first depthwise conv in float: held-out feature cosine 0.976 at 99.999%, 0.982 at 99.99%, 0.968 at 99.9%).
+# Entropy uses onnxruntime's defaults (128 quantized bins). Note: onnxruntime (1.32) histograms Entropy into 128
+# bins too and quantize_static has no option to change that, so its threshold search has a single candidate,
+# the whole range: Entropy measures exactly as MinMax (pretrained MobileNetV2: 0.959751 both).
+METHODS = {"MinMax": ("MinMax", None), "Percentile": ("Percentile", 99.999),
+           "Percentile-99.99": ("Percentile", 99.99), "Entropy": ("Entropy", None)}
 HELD_OUT_EVERY = 4  # every 4th calibration image is held out: the methods are compared on images they never saw
-# Percentile's clipping point: 99.999% of the calibration activations keep their exact range (onnxruntime's
-# default); Entropy uses onnxruntime's defaults (128 quantized bins). Note: onnxruntime (1.32) histograms Entropy
-# into 128 bins too and quantize_static has no option to change that, so its threshold search has a single
-# candidate, the whole range: Entropy measures exactly as MinMax (pretrained MobileNetV2: 0.959751 both).
-PERCENTILE = 99.999
 # Conv, and the activations after it: with Clip (ReLU6) and Relu quantized too, onnxruntime folds them into the
 # convolution's output range ([0, 6], not the pre-activation's [-16, 20]), one rounding instead of two: on a
 # pretrained MobileNetV2 the int8 features' cosine to float32's goes 0.899 -> 0.919 (Percentile).
@@ -67,12 +71,64 @@ def quantize_encoder(prepared: Path, out: Path, fit: torch.Tensor, method: str, 
     """prepared (a float32 encoder.onnx after quant_pre_process) -> out: QDQ int8 of its Conv nodes but
     excluded, per-channel 7-bit weights, uint8 activations with method's ranges on fit's images (read from
     cache when it exists and onnxruntime can, else computed and written there)."""
-    extra = {"CalibPercentile": PERCENTILE} if method == "Percentile" else {}
+    calibrator, percentile = METHODS[method]
+    extra = {"CalibPercentile": percentile} if percentile is not None else {}
     cached = {"calibration_cache_path": str(cache)} if cache is not None and _supports_cache() else {}
     # The histogram methods stack every batch's activations: they need batches of one shape, so one image each.
-    reader = ImageReader(fit, batch=8 if method == "MinMax" else 1)
+    reader = ImageReader(fit, batch=8 if calibrator == "MinMax" else 1)
     with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
-        _quantize_static(prepared, out, reader, method, excluded, extra, cached)
+        _quantize_static(prepared, out, reader, calibrator, excluded, extra, cached)
+    if excluded:
+        keep_float(out, excluded)
+
+
+def keep_float(path: Path, excluded: list[str]) -> int:
+    """Rewrites the QDQ graph at path so onnxruntime runs the excluded Conv nodes in float, as asked; returns
+    how many inputs it changed.
+
+    onnxruntime's WeightBiasQuantization optimizer (level 1, on by default since ~1.20) quantizes a float Conv
+    whose input comes from a DequantizeLinear with a scalar scale: its weights become per-tensor symmetric int8.
+    A node kept in float because it is sensitive then runs in the worst int8 there is: MobileNetV2's first
+    depthwise convolution kept in float behind an int8 one measured 0.61 feature cosine instead of 0.97. The
+    optimizer only matches a scalar input scale, so each such node reads its own copy of the DequantizeLinear
+    with the same scale and zero point repeated per channel (axis 1): the same values, and no match."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    made_by = {out: node for node in graph.node for out in node.output}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
+    nodes, changed = list(graph.node), 0
+    for node in [n for n in nodes if n.op_type == "Conv" and n.name in set(excluded)]:
+        dq = made_by.get(node.input[0])
+        weight = inits.get(node.input[1])
+        if (dq is None or dq.op_type != "DequantizeLinear" or weight is None
+                or dq.input[1] not in inits or numpy_helper.to_array(inits[dq.input[1]]).size != 1):
+            continue
+        channels = shapes.get(dq.output[0], [0, 0])[1] or (weight.dims[1] * _group(node))
+        name = node.name + "_float_input"
+        scale = numpy_helper.to_array(inits[dq.input[1]]).reshape(1)
+        graph.initializer.append(numpy_helper.from_array(np.repeat(scale, channels), name + "_scale"))
+        params = [name + "_scale"]
+        if len(dq.input) > 2 and dq.input[2] in inits:
+            zero = numpy_helper.to_array(inits[dq.input[2]]).reshape(1)
+            graph.initializer.append(numpy_helper.from_array(np.repeat(zero, channels), name + "_zero_point"))
+            params.append(name + "_zero_point")
+        copy = helper.make_node("DequantizeLinear", [dq.input[0]] + params, [name], name=name + "_DQ", axis=1)
+        nodes.insert(nodes.index(node), copy)
+        node.input[0] = name
+        changed += 1
+    if changed:
+        graph.ClearField("node")
+        graph.node.extend(nodes)
+        onnx.save(model, str(path))
+    return changed
+
+
+def _group(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
 
 
 def _quantize_static(prepared, out, reader, method, excluded, extra, cached) -> None:

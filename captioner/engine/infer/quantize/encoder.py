@@ -4,10 +4,13 @@
 
 1. quant_pre_process (shape inference, BatchNorm folded into Conv); then offset centering (transforms.py), kept
    when its int8 features measure closer to float32's on the held-out images.
-2. Every Conv but the first and the last quantized (those two stay float: the image itself and the features the
-   decoder reads), once per calibration method (calibrate.METHODS), calibrated on 3/4 of the images; the
-   method whose features on the other 1/4 are closest to float32's is kept.
-3. Sensitivity: each quantized Conv's own rounding error (sensitivity.node_errors), and the worst ones kept in
+2. Every Conv quantized, once per calibration method (calibrate.METHODS), calibrated on 3/4 of the images;
+   the method whose features on the other 1/4 are closest to float32's is kept. No node is kept in float by
+   rule: on MobileNetV2 the first convolution (reading the image) costs the features 0.004 of cosine in int8,
+   the last (writing the features the decoder reads) 0.0001 for 6.7% of the multiply-adds, the first
+   depthwise one 0.021; only measurement tells them apart.
+3. Sensitivity: each quantized Conv ranked by what it alone costs the features in int8 (ranking.py; by its
+   own rounding error, sensitivity.node_errors, where time runs short), and the worst ones kept in
    float in doubling batches until the mean cosine similarity of int8 to float32 features on the held-out
    images reaches FEATURE_BUDGET, with at most MAX_FLOAT_MACS of the multiply-adds in float, all within
    TIME_LIMIT_SECONDS.
@@ -25,6 +28,7 @@ import torch
 
 from captioner.engine.infer.quantize.calibrate import choose_method, quantize_encoder, split_held_out
 from captioner.engine.infer.quantize.measure import FeatureProbe
+from captioner.engine.infer.quantize.ranking import feature_losses, rank
 from captioner.engine.infer.quantize.sensitivity import SearchResult, node_errors, search_exclusions
 from captioner.engine.infer.quantize.transforms import choose_centering
 
@@ -63,7 +67,6 @@ def conv_costs(model) -> dict[str, float]:
 class EncoderPlan:
     method: str
     method_errors: dict  # {method: compare() on the held-out images}
-    fixed_excluded: list[str]  # the first and the last Conv
     search: SearchResult
     convs: int
     fit_images: int
@@ -73,6 +76,9 @@ class EncoderPlan:
     max_float_macs: float  # the most the sensitivity pass may keep in float, as a share of multiply-adds
     float_macs: float  # the share it kept
     transforms: list = field(default_factory=list)  # float rewrites tried before int8 (transforms.py records)
+    feature_losses: dict = field(default_factory=dict)  # {excluded node: ranking.feature_losses}, measured ones
+    local_errors: dict = field(default_factory=dict)  # {excluded node: sensitivity.node_errors}
+    nodes_measured: int = 0  # nodes ranked by feature loss before the ranking's share of the time ran out
 
 
 def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tensor, work: Path,
@@ -87,21 +93,24 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
     # Shape inference and graph folding (BatchNorm into Conv) first: onnxruntime's recommended preparation.
     quant_pre_process(str(float_encoder), str(prepared), skip_symbolic_shape=True)
     convs = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Conv"]
-    fixed = [convs[0], convs[-1]] if len(convs) > 2 else []
     fit, held = split_held_out(images)
     probe = FeatureProbe(prepared, held)
     deadline = start + time_limit
     # Offset centering is exact in float, so the probe's float32 reference stays the prepared graph's.
     prepared, centering = choose_centering(prepared, work, fit, probe,
-                                           lambda graph, out_: quantize_encoder(graph, out_, fit, "MinMax", fixed))
-    choice = choose_method(prepared, work, fit, probe, fixed, deadline)
+                                           lambda graph, out_: quantize_encoder(graph, out_, fit, "MinMax", []))
+    choice = choose_method(prepared, work, fit, probe, [], deadline)
     chosen = work / f"encoder-{choice.method}.onnx"
-    errors = {name: e for name, e in node_errors(prepared, chosen, fit[:RANKING_IMAGES]).items() if name not in fixed}
+    local = node_errors(prepared, chosen, fit[:RANKING_IMAGES])
+    # Measuring each node at the features takes a session per node: at most a third of the time left.
+    ranking_deadline = time.monotonic() + (deadline - time.monotonic()) / 3
+    losses = feature_losses(prepared, chosen, fit[:RANKING_IMAGES], list(local), ranking_deadline)
+    errors = {name: losses.get(name, local[name]) for name in rank(local, losses)}
     made = {(): chosen}  # {nodes in float: the graph}
 
     def requantize(names: list[str]) -> dict:
         made[tuple(names)] = work / f"encoder-try{len(made)}.onnx"
-        quantize_encoder(prepared, made[tuple(names)], fit, choice.method, fixed + names, choice.cache)
+        quantize_encoder(prepared, made[tuple(names)], fit, choice.method, names, choice.cache)
         return probe.error(made[tuple(names)])
 
     costs = conv_costs(onnx.load(str(prepared)))
@@ -111,6 +120,8 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
     if not search.met:
         log.warning("int8: the encoder's features reach cosine %.4f of float32's, under the budget %.2f: %s; "
                     "quantization.json records it", search.error["cosine_mean"], budget, search.why_stopped)
-    return EncoderPlan(choice.method, choice.errors, fixed, search, len(convs), len(fit), len(held),
+    return EncoderPlan(choice.method, choice.errors, search, len(convs), len(fit), len(held),
                        round(time.monotonic() - start, 1), budget, max_float_macs,
-                       round(sum(costs[n] for n in search.excluded), 4), [centering])
+                       round(sum(costs[n] for n in search.excluded), 4), [centering],
+                       {name: round(losses[name], 6) for name in search.excluded if name in losses},
+                       {name: round(local[name], 6) for name in search.excluded}, len(losses))

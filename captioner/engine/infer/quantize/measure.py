@@ -12,17 +12,19 @@ import numpy as np
 import torch
 
 
-def session(path: str | Path):
-    """A one-thread CPU onnxruntime session of path, logging only errors (the measurements run many)."""
+def session(path: str | Path | bytes):
+    """A one-thread CPU onnxruntime session of path (or a serialized model), logging only errors (the
+    measurements run many)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 1  # small batches: threads cost more than they give, and the CPU is shared
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def run_encoder(path: str | Path, images: torch.Tensor, batch: int = 8) -> np.ndarray:
-    """(N, C, H, W) float64 features of encoder.onnx at path on images ((N, 3, S, S) uint8)."""
+def run_encoder(path: str | Path | bytes, images: torch.Tensor, batch: int = 8) -> np.ndarray:
+    """(N, C, H, W) float64 features of encoder.onnx at path (or serialized) on images ((N, 3, S, S) uint8)."""
     encoder = session(path)
     return np.concatenate([encoder.run(None, {"images": part.contiguous().numpy()})[0]
                            for part in images.split(batch)]).astype(np.float64)

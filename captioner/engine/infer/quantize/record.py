@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import torch
 
-from captioner.engine.infer.quantize.calibrate import METHODS, OP_TYPES, PERCENTILE
+from captioner.engine.infer.quantize.calibrate import METHODS, OP_TYPES
 
 
 def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> dict:
     """plan: encoder.EncoderPlan; calibration: the (N, 3, S, S) uint8 images; source: where they came from, in
     words without this machine's paths."""
     search = plan.search
-    why = {name: "fixed: the first convolution (reads the image itself)" for name in plan.fixed_excluded[:1]}
-    why.update({name: "fixed: the last convolution (writes the features the decoder reads)"
-                for name in plan.fixed_excluded[1:]})
-    why.update({name: f"sensitivity: its own int8 output error {error:.4f} (relative L2) is among the largest"
-                for name, error in search.excluded.items()})
+    why = {name: (f"sensitivity: int8 alone it lowers the features' cosine to float32's by "
+                  f"{plan.feature_losses[name]:.4f}, among the most" if name in plan.feature_losses else
+                  f"sensitivity: its own int8 output error {plan.local_errors.get(name, 0.0):.4f} (relative L2) "
+                  "is among the largest (not reached by the feature ranking in time)")
+           for name in search.excluded}
     held_out = plan.held_images < len(calibration)
     return {
         "encoder": {
@@ -28,11 +28,16 @@ def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> 
             "calibration_candidates": plan.method_errors,
             "calibration_chosen_by": "the highest mean cosine similarity of int8 to float32 features on the "
                                      "held-out calibration images",
-            "percentile": PERCENTILE if plan.method == "Percentile" else None,
+            "percentile": METHODS[plan.method][1],
             "excluded_nodes": list(why), "excluded_why": why,
             "sensitivity": {
+                "ranked_by": "feature loss: 1 - mean cosine similarity of the features to float32's with only "
+                             "the node int8 (its input quantize-dequantized, its weights int8), on calibration "
+                             "images; nodes not reached in time after, by local error",
+                "nodes_ranked_by_feature_loss": plan.nodes_measured,
+                "excluded_feature_losses": plan.feature_losses,
                 "node_error": "relative L2 error of the node's output with int8 input and weights, float input",
-                "excluded_errors": {name: round(error, 6) for name, error in search.excluded.items()},
+                "excluded_errors": plan.local_errors,
                 "max_float_macs": plan.max_float_macs, "float_macs": plan.float_macs,
                 "convolutions": plan.convs,
                 "budget_met": search.met, "stopped": search.why_stopped, "tries": search.rounds,

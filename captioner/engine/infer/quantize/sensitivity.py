@@ -110,7 +110,7 @@ def node_errors(prepared: Path, quantized: Path, images: torch.Tensor, batch: in
 
 @dataclass
 class SearchResult:
-    excluded: dict[str, float]  # {node: its local error}, the nodes the sensitivity pass kept in float
+    excluded: dict[str, float]  # {node: its ranking score}, the nodes the sensitivity pass kept in float
     error: dict  # compare() of the final graph's features
     met: bool  # the budget holds on the final graph
     rounds: list = field(default_factory=list)  # each try, in order: the nodes added, kept or not, the error
