@@ -92,6 +92,21 @@ def scores(folder: Path, split: str, overrides: list[str], out: Path) -> dict:
             "images": metrics["split_images"]}
 
 
+def paired(work: Path, records) -> dict:
+    """How far the int8 captions are from fp32's, photo by photo: the share of photos whose caption changed, and
+    int8's relative CIDEr-D difference with its 95% bootstrap interval over photos (scripts/quality_stats.py).
+    A model can miss the 3% tolerance by chance when many captions change; the interval says how likely."""
+    from quality_stats import paired_gain, photo_scores
+    captions = {p: {str(r["image_id"]): r["caption"]
+                    for r in json.loads((work / f"eval-{p}" / f"results_{records[0].split}.json").read_text())}
+                for p in ("fp32", "int8")}
+    references = {str(r.image_id): r.captions for r in records if str(r.image_id) in captions["fp32"]}
+    scores = {p: photo_scores({k: c[k] for k in references}, references)["cider"] for p, c in captions.items()}
+    changed = sum(captions["fp32"][k] != captions["int8"][k] for k in references)
+    return {"photos": len(references), "captions_changed": round(changed / max(len(references), 1), 3),
+            "cider_relative_difference": paired_gain([scores["fp32"]], [scores["int8"]])}
+
+
 def speed(folders: dict[str, Path], files: list[str], rounds: int, batch: int) -> dict:
     """{precision: photos/s} captioning files end to end at one thread, and int8's median ratio to fp32."""
     predictors = {p: Predictor.load(f, "cpu", runtime="onnxruntime", session_options={"intra_op_threads": 1})
@@ -125,6 +140,7 @@ def one_model(checkpoint: str, work: Path, args) -> dict:
             for key in ("cider", "distinct_per_100")}
     result["int8_relative_difference"] = diff
     result["pass"] = all(abs(d) <= TOLERANCE for d in diff.values())
+    result["paired"] = paired(work, by_split(load_records(dataset), args.split))
     files = [r.path for r in by_split(load_records(dataset), args.split)][:args.speed_photos]
     result["speed"] = speed(folders, files, args.rounds, args.batch)
     record = json.loads((folders["int8"] / "quantization.json").read_text())
@@ -143,11 +159,13 @@ def one_model(checkpoint: str, work: Path, args) -> dict:
 
 def line(r: dict) -> str:
     f, q, d = r["ort_fp32"], r["ort_int8"], r["int8_relative_difference"]
+    ci = r["paired"]["cider_relative_difference"]["ci95"]
     return (f"{r['checkpoint']}: CIDEr-D fp32 {f['cider']:.4f} int8 {q['cider']:.4f} ({100 * d['cider']:+.1f}%), "
             f"distinct/100 fp32 {f['distinct_per_100']:.1f} int8 {q['distinct_per_100']:.1f} "
             f"({100 * d['distinct_per_100']:+.1f}%), {'PASS' if r['pass'] else 'FAIL'} (within "
             f"{TOLERANCE:.0%} on both), int8 {r['speed']['int8_over_fp32']:.2f}x ORT fp32 at 1 thread, "
-            f"{r['ort_fp32']['images']} photos")
+            f"{r['ort_fp32']['images']} photos, {100 * r['paired']['captions_changed']:.0f}% of captions changed, "
+            f"CIDEr-D change 95% interval {[f'{100 * v:+.1f}%' for v in ci]}")
 
 
 def main() -> None:
