@@ -24,6 +24,7 @@ def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> 
             "method": "static", "format": "QDQ", "op_types": list(OP_TYPES), "per_channel": True,
             "weight_type": "int8", "activation_type": "uint8", "reduce_range": True,
             "transforms": plan.transforms,
+            "weight_rounding": plan.rounding,
             "calibration_method": plan.method,
             "calibration_candidates": plan.method_errors,
             "calibration_chosen_by": "the highest mean cosine similarity of int8 to float32 features on the "
@@ -51,7 +52,7 @@ def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> 
         "budget": {"metric": "cosine_mean", "min": plan.budget,
                    "what": "mean over held-out calibration images of the cosine similarity of the int8 encoder's "
                            "features to float32's (each image's features flattened)"},
-        "feature_error": {**search.error, "budget_met": search.met,
+        "feature_error": {**plan.error, "budget_met": plan.error["cosine_mean"] >= plan.budget,
                           "measured_on": "held-out calibration images (not used to calibrate)" if held_out else
                                          "the calibration image itself (one image: nothing to hold out)"},
     }
