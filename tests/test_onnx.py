@@ -315,6 +315,11 @@ def test_int8_export_calibrated_on_a_folder(onnx_folder, tmp_path, capsys):
     assert error["cosine_mean"] >= chosen  # the sensitivity pass keeps only what brings it closer
     assert error["budget_met"] == (error["cosine_mean"] >= record["budget"]["min"])
     assert manifest["quantization"]["feature_cosine"] == error["cosine_mean"]
+    # onnx.json's words agree with the record: the nodes in float and whether GPTQ rounded the weights.
+    words = manifest["quantization"]["encoder"]
+    assert f"but {len(encoder['excluded_nodes'])} kept in float" in words
+    assert ("rounded by GPTQ" in words) == encoder["weight_rounding"]["applied"]
+    assert encoder["weight_rounding"]["cosine_after"] > 0 and encoder["weight_rounding"]["rounded"] > 0
     assert json.loads((out / "config.json").read_text())["files"]["quantization"] == "quantization.json"
     int8 = Predictor.load(out, "cpu", runtime="onnxruntime")
     assert int8.runtime == "onnxruntime int8"

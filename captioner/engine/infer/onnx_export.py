@@ -242,11 +242,11 @@ def write_onnx_files(folder: str | Path, model, precision: str = "float32",
                             "alpha (B, N)",
             "host": "greedy / beam / sampling loops (captioner.model.decoding) and image decoding + resize"},
         "quantization": None if precision == "float32" else {
-            "encoder": f"static QDQ int8 of the Conv layers but the first, the last and "
-                       f"{len(record['encoder']['sensitivity']['excluded_errors'])} kept in float by the "
-                       f"sensitivity pass: per-channel 7-bit weights (reduce_range), uint8 activations "
-                       f"({record['encoder']['calibration_method']} ranges from {len(calibration)} calibration "
-                       f"images, the method chosen by measurement)",
+            "encoder": f"static QDQ int8 of the Conv layers but {len(record['encoder']['excluded_nodes'])} kept "
+                       f"in float by the sensitivity pass: per-channel 7-bit weights (reduce_range"
+                       f"{', rounded by GPTQ' if record['encoder']['weight_rounding'].get('applied') else ''}), "
+                       f"uint8 activations ({record['encoder']['calibration_method']} ranges from "
+                       f"{len(calibration)} calibration images, the method chosen by measurement)",
             "feature_cosine": record["feature_error"]["cosine_mean"],
             "decoder": "dynamic int8 of MatMul/Gemm (per-channel 7-bit weights, activations quantized per call)",
             "calibration_images": len(calibration), "record": QUANTIZATION_FILE},
