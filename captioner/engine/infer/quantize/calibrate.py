@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from captioner.engine.infer.quantize.graph import attribute
+
 log = logging.getLogger("captioner")
 
 # The calibration candidates, each measured: {name: (onnxruntime.quantization.CalibrationMethod name, the
@@ -107,7 +109,7 @@ def keep_float(path: Path, excluded: list[str]) -> int:
         if (dq is None or dq.op_type != "DequantizeLinear" or weight is None
                 or dq.input[1] not in inits or numpy_helper.to_array(inits[dq.input[1]]).size != 1):
             continue
-        channels = shapes.get(dq.output[0], [0, 0])[1] or (weight.dims[1] * _group(node))
+        channels = shapes.get(dq.output[0], [0, 0])[1] or (weight.dims[1] * attribute(node, "group", 1))
         name = node.name + "_float_input"
         scale = numpy_helper.to_array(inits[dq.input[1]]).reshape(1)
         graph.initializer.append(numpy_helper.from_array(np.repeat(scale, channels), name + "_scale"))
@@ -125,10 +127,6 @@ def keep_float(path: Path, excluded: list[str]) -> int:
         graph.node.extend(nodes)
         onnx.save(model, str(path))
     return changed
-
-
-def _group(node) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
 
 
 def _quantize_static(prepared, out, reader, method, excluded, extra, cached) -> None:

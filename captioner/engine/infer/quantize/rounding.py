@@ -25,31 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from captioner.engine.infer.quantize.graph import attribute, int8_convs
+
 MAX_COLUMNS = 1152  # inputs per output value (in channels / group x kernel area); MobileNetV2's largest is 960
 DAMPING = 0.01  # of H's mean diagonal, added to its diagonal (GPTQ's default): stable where inputs are rare
 PASS_BYTES = 512 * 2 ** 20  # activations and H held at once while measuring H
-
-
-def _attrs(node) -> dict:
-    from onnx import helper
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _int8_convs(model) -> dict:
-    """{Conv name: (node, weight DequantizeLinear)} of the Convs whose weights are int8 initializers with zero
-    points of 0 (onnxruntime's symmetric per-channel weights)."""
-    from onnx import numpy_helper
-    inits = {t.name: t for t in model.graph.initializer}
-    made_by = {out: node for node in model.graph.node for out in node.output}
-    found = {}
-    for node in model.graph.node:
-        dq = made_by.get(node.input[1]) if node.op_type == "Conv" else None
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
-            continue
-        if len(dq.input) > 2 and dq.input[2] in inits and numpy_helper.to_array(inits[dq.input[2]]).any():
-            continue
-        found[node.name] = (node, dq)
-    return found
 
 
 def _columns(node, weight_shape) -> int:
@@ -58,10 +38,10 @@ def _columns(node, weight_shape) -> int:
 
 def _unfold(node, x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) input -> (N, C * kh * kw, L) patches as the Conv node reads them."""
-    a = _attrs(node)
-    pads = list(a.get("pads", [0, 0, 0, 0]))
-    return F.unfold(x, list(a.get("kernel_shape", [1, 1])), dilation=list(a.get("dilations", [1, 1])),
-                    padding=pads[:2], stride=list(a.get("strides", [1, 1])))
+    pads = list(attribute(node, "pads", [0, 0, 0, 0]))
+    return F.unfold(x, list(attribute(node, "kernel_shape", [1, 1])), padding=pads[:2],
+                    dilation=list(attribute(node, "dilations", [1, 1])),
+                    stride=list(attribute(node, "strides", [1, 1])))
 
 
 def input_hessians(model, convs: dict, images: torch.Tensor, sizes: dict, deadline: float, batch: int = 4):
@@ -96,7 +76,7 @@ def input_hessians(model, convs: dict, images: torch.Tensor, sizes: dict, deadli
                 node = convs[name][0]
                 x = torch.from_numpy(values[node.input[0]]).double()
                 patches = _unfold(node, x)  # (N, C*kk, L)
-                group_count = int(_attrs(node).get("group", 1))
+                group_count = int(attribute(node, "group", 1))
                 if group_count == 1:
                     h = torch.einsum("nil,njl->ij", patches, patches)
                 else:  # depthwise: each channel reads its own kh*kw patch
@@ -140,7 +120,7 @@ def round_weights(quantized: Path, float_graph: Path, out: Path, images: torch.T
     floats = {t.name: t for t in float_model.graph.initializer}
     float_nodes = {n.name: n for n in float_model.graph.node if n.op_type == "Conv"}
     inits = {t.name: t for t in model.graph.initializer}
-    convs = {name: c for name, c in _int8_convs(model).items() if name in float_nodes
+    convs = {name: c for name, c in int8_convs(model).items() if name in float_nodes
              and _columns(c[0], list(floats[float_nodes[name].input[1]].dims)) <= MAX_COLUMNS}
     shapes = {v.name: [max(d.dim_value, 1) for d in v.type.tensor_type.shape.dim]
               for v in float_model.graph.value_info}  # quant_pre_process inferred them
@@ -161,5 +141,5 @@ def round_weights(quantized: Path, float_graph: Path, out: Path, images: torch.T
     onnx.save(model, str(out))
     return {"method": "GPTQ (Frantar et al. 2022): weights rounded column by column against each convolution's "
                       "input second moment on the calibration images; onnxruntime's scales kept",
-            "rounded": len(rounded), "left_as_rounded": sorted(set(_int8_convs(model)) - set(rounded)),
+            "rounded": len(rounded), "left_as_rounded": sorted(set(int8_convs(model)) - set(rounded)),
             "max_columns": MAX_COLUMNS, "seconds": round(time.monotonic() - start, 1)}

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from captioner.engine.infer.quantize.graph import attribute, int8_convs
+
 log = logging.getLogger("captioner")
 
 
@@ -31,31 +33,25 @@ def _initializers(model) -> dict:
 
 def _qdq_inputs(quantized) -> dict[str, tuple]:
     """{conv name: (activation scale, zero point, weight int8, weight scales)} of a QDQ graph's quantized Conv
-    nodes, read from the Q/DQ nodes onnxruntime put before them."""
-    graph = quantized.graph
+    nodes (int8 weights and an input through DequantizeLinear), read from the Q/DQ nodes onnxruntime put
+    before them."""
     init = _initializers(quantized)
-    made_by = {out: node for node in graph.node for out in node.output}
+    made_by = {out: node for node in quantized.graph.node for out in node.output}
     found = {}
-    for node in graph.node:
-        if node.op_type != "Conv":
+    for name, (node, w_dq) in int8_convs(quantized).items():
+        x_dq = made_by.get(node.input[0])
+        if x_dq is None or x_dq.op_type != "DequantizeLinear":
             continue
-        x_dq, w_dq = made_by.get(node.input[0]), made_by.get(node.input[1])
-        if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
-            continue  # kept in float
-        if w_dq.input[0] not in init:
-            continue
-        found[node.name] = (init[x_dq.input[1]], init[x_dq.input[2]] if len(x_dq.input) > 2 else 0,
-                            init[w_dq.input[0]], init[w_dq.input[1]])
+        found[name] = (init[x_dq.input[1]], init[x_dq.input[2]] if len(x_dq.input) > 2 else 0,
+                       init[w_dq.input[0]], init[w_dq.input[1]])
     return found
 
 
 def _conv(node, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """An ONNX Conv node (2-D, symmetric pads) in PyTorch."""
-    from onnx import helper
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    pads = list(attrs.get("pads", [0, 0, 0, 0]))
-    return F.conv2d(x, w, b, stride=list(attrs.get("strides", [1, 1])), padding=pads[:2],
-                    dilation=list(attrs.get("dilations", [1, 1])), groups=int(attrs.get("group", 1)))
+    pads = list(attribute(node, "pads", [0, 0, 0, 0]))
+    return F.conv2d(x, w, b, stride=list(attribute(node, "strides", [1, 1])), padding=pads[:2],
+                    dilation=list(attribute(node, "dilations", [1, 1])), groups=int(attribute(node, "group", 1)))
 
 
 def node_errors(prepared: Path, quantized: Path, images: torch.Tensor, batch: int = 4) -> dict[str, float]:

@@ -15,13 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _attr(node, name, default):
-    from onnx import helper
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+from captioner.engine.infer.quantize.graph import attribute
 
 
 def _absorbs(node, inits) -> bool:
@@ -29,8 +23,8 @@ def _absorbs(node, inits) -> bool:
     if node.op_type != "Conv" or node.input[1] not in inits:
         return False
     w = inits[node.input[1]]
-    return (w.ndim == 4 and w.shape[2:] == (1, 1) and not any(_attr(node, "pads", [0]))
-            and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", b"VALID", "NOTSET", "VALID"))
+    return (w.ndim == 4 and w.shape[2:] == (1, 1) and not any(attribute(node, "pads", [0]))
+            and attribute(node, "auto_pad", b"NOTSET") in (b"NOTSET", b"VALID", "NOTSET", "VALID"))
 
 
 def candidates(model) -> list[str]:
@@ -79,7 +73,7 @@ def center_offsets(model, means: dict[str, np.ndarray]) -> int:
     for node in model.graph.node:
         if node.op_type == "Conv" and node.input[0] in shift:
             w = arrays[node.input[1]].astype(np.float64)[:, :, 0, 0]  # (out, in / group)
-            group = int(_attr(node, "group", 1))
+            group = int(attribute(node, "group", 1))
             s = shift[node.input[0]].reshape(group, -1)  # (group, in / group)
             per_out = w.shape[0] // group
             folded = np.concatenate([w[g * per_out:(g + 1) * per_out] @ s[g] for g in range(group)])
