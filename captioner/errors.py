@@ -15,9 +15,19 @@ from __future__ import annotations
 import errno
 
 
+def one_line(text: str) -> str:
+    """text with its line breaks and other control characters written as escapes (\\n, \\x0c, \\u2028), so
+    that a message quoting a user's value (a path with a newline in it) is still one line."""
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in text)
+
+
 class CaptionerError(ValueError):
-    """A problem with the user's input (file, config, checkpoint, argument) that deserves one clear line."""
+    """A problem with the user's input (file, config, checkpoint, argument) that deserves one clear line: its
+    str() is always one line, whatever the values it quotes hold (the CLI and the Python API both show it)."""
     exit_status = 2
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
     def with_context(self, prefix: str) -> "CaptionerError":
         """The same kind of error with prefix before its message (e.g. the config file it came from)."""

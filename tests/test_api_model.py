@@ -104,7 +104,8 @@ def test_push_to_hub_through_the_stand_in(cap, photos, tmp_path, monkeypatch):
     assert sorted(p.name for p in repo.iterdir()) == ["README.md", "config.json", "model.safetensors", "vocab.json"]
     assert 'Captioner.from_pretrained("alice/pushed")' in (repo / "README.md").read_text()
     monkeypatch.chdir(tmp_path)
-    assert [c.text for c in Captioner.from_pretrained("alice/pushed", "cpu").caption(photos)] == \
+    # float32 as cap: on a CPU with native bf16, the default (auto) would run bf16
+    assert [c.text for c in Captioner.from_pretrained("alice/pushed", "cpu", dtype="float32").caption(photos)] == \
         [c.text for c in cap.caption(photos)]
     with pytest.raises(CaptionerError, match="owner/name"):
         cap.push_to_hub("no-owner")
@@ -189,11 +190,11 @@ def test_a_notebook_session_end_to_end(checkpoint, photos, tmp_path, monkeypatch
     with torch.inference_mode():
         out = decode(cap.model, cap.model.encode(cap.transform(Image.open(photos[1]))[None]), options)
     assert cap.vocab.decode(out.tokens[0].tolist()) == cap.caption(photos[1]).text
-    again = Captioner.from_pretrained(cap.save_pretrained(tmp_path / "mine"), device="cpu")
+    again = Captioner.from_pretrained(cap.save_pretrained(tmp_path / "mine"), device="cpu", dtype="float32")
     assert [c.text for c in again.caption(photos)] == [c.text for c in cap.caption(photos)]
     local = LocalHub(tmp_path / "hub")
     monkeypatch.setattr(hub, "client", lambda: local)
     monkeypatch.chdir(tmp_path)
     cap.push_to_hub("alice/notebook")
-    assert [c.text for c in Captioner.from_pretrained("alice/notebook", "cpu").caption(photos)] == \
+    assert [c.text for c in Captioner.from_pretrained("alice/notebook", "cpu", dtype="float32").caption(photos)] == \
         [c.text for c in cap.caption(photos)]

@@ -34,7 +34,8 @@ class Attention(nn.Module):
     def weights(self, projected: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """projected (B, N, A), query (B, A) = hidden_proj(h) -> alpha (B, N), summing to 1 over the regions."""
         energy = self.activation(projected + query.unsqueeze(1))  # (B, N, A)
-        return F.softmax(self.score(energy).squeeze(2), dim=1)  # (B, N, A) -> (B, N)
+        # float32 even under bf16 autocast: the weights sum to 1 (to 1e-7, not 1e-3), for the context and the maps
+        return F.softmax(self.score(energy).squeeze(2).float(), dim=1)  # (B, N, A) -> (B, N)
 
     def forward(self, features, projected, hidden):
         """features (B, N, D), projected (B, N, A), hidden (B, H) -> context (B, D), alpha (B, N)."""

@@ -26,7 +26,7 @@ import traceback
 from typing import Callable
 
 from captioner.engine.runtime.signals import StopRequest, Stopped, exit_status
-from captioner.errors import CaptionerError, EnvironmentFailure, os_failure
+from captioner.errors import CaptionerError, EnvironmentFailure, one_line, os_failure
 
 TRACEBACK_VARIABLE = "CAPTIONER_TRACEBACK"
 
@@ -123,12 +123,6 @@ def describe(error: BaseException) -> tuple[int, str]:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return (text.splitlines()[0] if text else "")[:300]
-
-
-def one_line(text: str) -> str:
-    """text with its line breaks and other control characters written as escapes (\\n, \\x0c, \\u2028), so
-    that a message quoting a user's value is still one line."""
-    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in text)
 
 
 def _say(line: str) -> None:
