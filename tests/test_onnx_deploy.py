@@ -120,7 +120,8 @@ RUN_EXAMPLE = "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__
 
 def _demo_images(folder: Path) -> list[str]:
     """A few demo-like images: real photos when coco-mini is here, noise PNGs of two sizes always."""
-    noise = sorted(str(p) for p in noise_pngs(folder, 3, 80).glob("*.png"))
+    noise = [str(p) for p in sorted(noise_pngs(folder / "small", 3, 80).glob("*.png"))
+             + sorted(noise_pngs(folder / "large", 3, 160).glob("*.png"))]
     return [str(p) for p in PHOTOS[:3]] + noise
 
 
@@ -136,9 +137,10 @@ def test_example_equals_captioner_in_process(deploy_folder, tmp_path):
     example = runpy.run_path(str(EXAMPLE))
     images = _demo_images(tmp_path / "images")
     model = example["Model"](str(deploy_folder), ["CPUExecutionProvider"])
-    greedy = example["caption"](model, images, 1, 12, 0.0, False)
+    suppress_unk = model.config["decode"]["suppress_unk"]  # as captioner reads it from config.json
+    greedy = example["caption"](model, images, 1, 12, 0.0, suppress_unk)
     assert greedy == _captioner_captions(deploy_folder, images, tmp_path, "--beam", "1")
-    beam = example["caption"](model, images, 3, 12, 0.5, False)
+    beam = example["caption"](model, images, 3, 12, 0.5, suppress_unk)
     assert beam == _captioner_captions(deploy_folder, images, tmp_path, "--beam", "3", "--length-penalty", "0.5")
     assert beam != greedy or len(set(beam)) > 1  # varied captions: the comparison says something
 

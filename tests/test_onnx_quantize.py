@@ -70,6 +70,8 @@ def test_held_out_split_and_compare():
 def _photos(size: int, count: int) -> torch.Tensor:
     from captioner.engine.infer.onnx_export import calibration_images
     paths = sorted(str(p) for p in (COCO_MINI / "train2017").glob("*.jpg"))
+    if not paths:  # a checkout without ../shared beside it: skip, never a failure
+        pytest.skip(f"needs the real photos of {COCO_MINI / 'train2017'}")
     return calibration_images(paths, size, count)
 
 
