@@ -7,8 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from captioner.config import EncoderConfig, ModelConfig
 from captioner.errors import CaptionerError
@@ -119,10 +121,18 @@ RUN_EXAMPLE = "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__
 
 
 def _demo_images(folder: Path) -> list[str]:
-    """A few demo-like images: real photos when coco-mini is here, noise PNGs of two sizes always."""
+    """A few demo-like images: real photos when coco-mini is here; always noise PNGs of two sizes and colour
+    blocks (which the varied model captions differently from each other, as noise it does not)."""
     noise = [str(p) for p in sorted(noise_pngs(folder / "small", 3, 80).glob("*.png"))
              + sorted(noise_pngs(folder / "large", 3, 160).glob("*.png"))]
-    return [str(p) for p in PHOTOS[:3]] + noise
+    blocks = []
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0)]):
+        pixels = np.zeros((96, 96, 3), np.uint8)
+        pixels[:] = colour
+        pixels[20:60, 30:70] = 255 - np.array(colour, np.uint8)
+        blocks.append(str(folder / f"block{i}.png"))
+        Image.fromarray(pixels).save(blocks[-1])
+    return [str(p) for p in PHOTOS[:3]] + noise + blocks
 
 
 def _captioner_captions(folder, images, tmp_path, *options) -> list[str]:
