@@ -183,16 +183,32 @@ def test_bench_runtimes_smoke_writes_the_three_rows(tmp_path, capsys):
 
     from captioner.cli import main
     out = tmp_path / "bench.json"
-    assert main(["bench", "--smoke", "--runtimes", "--device", "cpu", "--threads", "1", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["runtimes"]["resnet18"]
+    # each arch hooks its own last stage (layer4 of ResNet-18, features of MobileNetV2)
+    assert main(["bench", "--smoke", "--runtimes", "--device", "cpu", "--threads", "1", "--json", str(out),
+                 "runtime_archs=resnet18,mobilenet_v2"]) == 0
     table = capsys.readouterr().out
-    for name in ("torch_fp32", "ort_fp32", "ort_int8"):
-        for key in ("caption_images_per_s", "encoder_images_per_s", "caption_speedup", "encoder_speedup"):
-            assert rows[name][key] > 0
-        assert name in table
-    assert rows["torch_fp32"]["caption_speedup"] == 1.0
+    for arch in ("resnet18", "mobilenet_v2"):
+        rows = json.loads(out.read_text())["runtimes"][arch]
+        for name in ("torch_fp32", "ort_fp32", "ort_int8"):
+            for key in ("caption_images_per_s", "encoder_images_per_s", "caption_speedup", "encoder_speedup"):
+                assert rows[name][key] > 0
+            assert name in table
+        assert rows["torch_fp32"]["caption_speedup"] == 1.0
+    assert "last stage at 64" in table
     # the baseline is float32 also where auto means bf16, and the header says so
     assert "torch_fp32 in float32" in table and not json.loads(out.read_text())["settings"]["bf16_active"]
+
+
+def test_bench_runtimes_checks_every_arch_before_measuring_any(monkeypatch, capsys):
+    from captioner.cli import main
+    from captioner.jobs.bench import runtimes
+
+    def measured(*args, **kwargs):
+        raise AssertionError("exported before every arch was checked")
+    monkeypatch.setattr(runtimes, "export_graphs", measured)
+    assert main(["bench", "--smoke", "--runtimes", "--device", "cpu", "runtime_archs=resnet18,mobilenet_v2",
+                 "layer=layer4"]) == 2
+    assert "layer 'layer4' not in mobilenet_v2" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- model folders: export, --runtime onnxruntime

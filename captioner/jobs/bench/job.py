@@ -115,14 +115,15 @@ def _runtimes(sizes: BenchSizes, compute, workdir: Path) -> dict:
 
 def format_table(results: dict) -> str:
     s = results["settings"]
+    layer = s["layer"] or "last stage"  # "" hooks each arch's last feature stage, as encoder.layer does
     if "runtimes" in results:
         from captioner.jobs.bench.runtimes import format_runtimes
         return "\n".join([f"captioner bench --runtimes on {results['device']} ({s['preset']}: {s['runtime_archs']} "
-                          f"{s['layer']} at {s['image_size']}, {s['jpeg_width']}x{s['jpeg_height']} JPEGs, decoder "
+                          f"{layer} at {s['image_size']}, {s['jpeg_width']}x{s['jpeg_height']} JPEGs, decoder "
                           f"{s['decoder_dim']}, vocabulary {s['vocab_size']}; torch_fp32 in {s['compute']})",
                           *_cpu_lines(results), *format_runtimes(results["runtimes"], s),
                           f"  ({results['seconds']} s in all)"])
-    lines = [f"captioner bench on {results['device']} ({s['preset']}: {s['arch']} {s['layer']} at {s['image_size']}, "
+    lines = [f"captioner bench on {results['device']} ({s['preset']}: {s['arch']} {layer} at {s['image_size']}, "
              f"{s['jpeg_width']}x{s['jpeg_height']} JPEGs, decoder {s['decoder_dim']}, vocabulary {s['vocab_size']}, "
              f"bf16 {'on' if s['bf16_active'] else 'off'}, channels_last "
              f"{'on' if s['channels_last_active'] else 'off'}, compile {'on' if s['compile_active'] else 'off'})"]

@@ -24,7 +24,7 @@ from captioner.engine.infer.predict import DecodeSettings
 from captioner.engine.infer.predictor import Predictor
 from captioner.engine.runtime.compute import Compute
 from captioner.jobs.bench.sizes import BenchSizes
-from captioner.model.caption_model import CaptionModel, build_encoder
+from captioner.model.caption_model import CaptionModel, build_encoder, recorded_encoder_config
 from captioner.text import SPECIALS, Vocabulary
 
 log = logging.getLogger("captioner")
@@ -32,13 +32,26 @@ log = logging.getLogger("captioner")
 RUNTIMES = ("torch_fp32", "ort_fp32", "ort_int8")
 
 
-def _predictors(sizes: BenchSizes, arch: str, compute: Compute, workdir: Path, calibration: list[str]) -> dict:
-    """{runtime: Predictor} of one random captioner: PyTorch float32, its ONNX export, and that in int8."""
+def _encoders(sizes: BenchSizes) -> dict:
+    """{arch: (its EncoderConfig, the random encoder)} for every arch of sizes.runtime_archs, all built before
+    anything is measured: an unknown arch or a layer it lacks fails in seconds, not after the first arch's
+    minutes of quantization."""
+    built = {}
+    for arch in [a.strip() for a in sizes.runtime_archs.split(",") if a.strip()]:
+        cfg = EncoderConfig(arch=arch, layer=sizes.layer, image_size=sizes.image_size)
+        encoder = build_encoder(cfg)
+        built[arch] = (recorded_encoder_config(cfg, encoder), encoder)
+    return built
+
+
+def _predictors(sizes: BenchSizes, arch: str, built: tuple, workdir: Path, calibration: list[str]) -> dict:
+    """{runtime: Predictor} of one random captioner on built (_encoders): PyTorch float32, its ONNX export, and
+    that in int8."""
+    encoder_cfg, encoder = built
     torch.manual_seed(0)
-    encoder_cfg = EncoderConfig(arch=arch, layer=sizes.layer, image_size=sizes.image_size)
     vocab = Vocabulary(SPECIALS + [f"w{i}" for i in range(sizes.vocab_size - len(SPECIALS))])
     model = CaptionModel(encoder_cfg, ModelConfig(sizes.embed_dim, sizes.attention_dim, sizes.decoder_dim),
-                         len(vocab), encoder=build_encoder(encoder_cfg)).eval()
+                         len(vocab), encoder=encoder).eval()
     fp32, int8 = workdir / f"{arch}-fp32", workdir / f"{arch}-int8"
     tick = time.perf_counter()
     export_graphs(model, fp32)
@@ -81,8 +94,9 @@ def measure_runtimes(sizes: BenchSizes, compute: Compute, workdir: Path, paths: 
         log.warning("bench --runtimes compares CPU runtimes: CUDAExecutionProvider rows are not measured here")
     results = {}
     files = paths[: sizes.runtime_images]
-    for arch in [a.strip() for a in sizes.runtime_archs.split(",") if a.strip()]:
-        predictors = _predictors(sizes, arch, compute, workdir, paths)
+    encoders = _encoders(sizes)
+    for arch in list(encoders):
+        predictors = _predictors(sizes, arch, encoders.pop(arch), workdir, paths)
         images = calibration_images(files, sizes.image_size, len(files)).split(sizes.runtime_batch)
         for p in predictors.values():  # warm-up: one batch each (ORT plans its memory on the first run)
             _caption_rate(p, files[: sizes.runtime_batch], sizes.runtime_batch, 0)

@@ -18,7 +18,7 @@ KEYS = ("encoder_images_per_s", "extract_images_per_s", "train_captions_per_s_ca
 @dataclass
 class BenchSizes:
     arch: str = "resnet18"
-    layer: str = "layer4"
+    layer: str = ""  # as encoder.layer: "" is the arch's last feature stage (layer4 of a ResNet, features of MobileNetV2)
     image_size: int = 224
     jpeg_width: int = 640  # synthetic JPEGs are COCO-sized photos
     jpeg_height: int = 480
