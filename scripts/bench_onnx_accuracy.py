@@ -11,7 +11,8 @@ onnxruntime` scores both on the checkpoint's --split (default test) with the che
 per model: CIDEr-D and distinct captions per 100 photos for ORT fp32 and int8, int8's relative difference on each,
 `pass` when both are within 3% (not on average: every model), and int8's captioning speed relative to ORT fp32
 at one thread (the split's photos end to end, decode + resize + encoder + the checkpoint's search, --rounds
-rounds in alternating order, median ratio), and what quantization.json measured. Then one JSON document.
+rounds in alternating order, median ratio), and what quantization.json measured. Then all the models' photos
+pooled (captions changed, the paired CIDEr-D difference with its interval: "pooled"), and one JSON document.
 
 With --photos also the ORT encoders' feature error against PyTorch float32 on those photos (and with --resnet152
 a random ResNet-152 layer4 encoder's). PyTorch runs float32 (compute.bf16=false compute.channels_last=false).
@@ -92,19 +93,36 @@ def scores(folder: Path, split: str, overrides: list[str], out: Path) -> dict:
             "images": metrics["split_images"]}
 
 
-def paired(work: Path, records) -> dict:
-    """How far the int8 captions are from fp32's, photo by photo: the share of photos whose caption changed, and
-    int8's relative CIDEr-D difference with its 95% bootstrap interval over photos (scripts/quality_stats.py).
-    A model can miss the 3% tolerance by chance when many captions change; the interval says how likely."""
-    from quality_stats import paired_gain, photo_scores
+def photo_cider(work: Path, records) -> dict[str, dict[str, tuple[str, float]]]:
+    """{"fp32" / "int8": {photo: (its caption, its CIDEr-D against its references)}} of one model's evaluations
+    (work/eval-fp32, work/eval-int8) on records' split."""
+    from quality_stats import photo_scores
     captions = {p: {str(r["image_id"]): r["caption"]
                     for r in json.loads((work / f"eval-{p}" / f"results_{records[0].split}.json").read_text())}
                 for p in ("fp32", "int8")}
     references = {str(r.image_id): r.captions for r in records if str(r.image_id) in captions["fp32"]}
-    scores = {p: photo_scores({k: c[k] for k in references}, references)["cider"] for p, c in captions.items()}
-    changed = sum(captions["fp32"][k] != captions["int8"][k] for k in references)
-    return {"photos": len(references), "captions_changed": round(changed / max(len(references), 1), 3),
-            "cider_relative_difference": paired_gain([scores["fp32"]], [scores["int8"]])}
+    return {p: {k: (c[k], score) for k, score in photo_scores({k: c[k] for k in references}, references)["cider"]
+                .items()} for p, c in captions.items()}
+
+
+def paired(photos: dict[str, dict[str, tuple[str, float]]]) -> dict:
+    """How far the int8 captions are from fp32's, photo by photo (photo_cider's, of one model or of several
+    pooled): the share of photos whose caption changed, and int8's relative CIDEr-D difference with its 95%
+    bootstrap interval over photos (scripts/quality_stats.py). A model can miss the 3% tolerance by chance
+    when many captions change; the interval says how likely."""
+    from quality_stats import paired_gain
+    fp32, int8 = photos["fp32"], photos["int8"]
+    changed = sum(fp32[k][0] != int8[k][0] for k in fp32)
+    return {"photos": len(fp32), "captions_changed": round(changed / max(len(fp32), 1), 3),
+            "cider_relative_difference": paired_gain([{k: v[1] for k, v in fp32.items()}],
+                                                     [{k: v[1] for k, v in int8.items()}])}
+
+
+def pooled(per_model: list[dict]) -> dict:
+    """paired() over every model's photos together (photo keys made unique per model): what int8 does to the
+    captions of all the split photos, where one model's 141 photos are too few to say."""
+    return paired({p: {f"{i}:{k}": v for i, photos in enumerate(per_model) for k, v in photos[p].items()}
+                   for p in ("fp32", "int8")})
 
 
 def speed(folders: dict[str, Path], files: list[str], rounds: int, batch: int) -> dict:
@@ -140,7 +158,8 @@ def one_model(checkpoint: str, work: Path, args) -> dict:
             for key in ("cider", "distinct_per_100")}
     result["int8_relative_difference"] = diff
     result["pass"] = all(abs(d) <= TOLERANCE for d in diff.values())
-    result["paired"] = paired(work, by_split(load_records(dataset), args.split))
+    result["photos"] = photo_cider(work, by_split(load_records(dataset), args.split))  # main() pools, then drops
+    result["paired"] = paired(result["photos"])
     files = [r.path for r in by_split(load_records(dataset), args.split)][:args.speed_photos]
     result["speed"] = speed(folders, files, args.rounds, args.batch)
     record = json.loads((folders["int8"] / "quantization.json").read_text())
@@ -189,9 +208,14 @@ def main() -> None:
             work = Path(args.work or tmp) / f"model{i}"
             results.append(one_model(checkpoint, work, args))
             print(line(results[-1]), flush=True)
-    summary = {"models": results, "all_pass": all(r["pass"] for r in results), "tolerance": TOLERANCE}
+    together = pooled([r.pop("photos") for r in results])
+    summary = {"models": results, "all_pass": all(r["pass"] for r in results), "tolerance": TOLERANCE,
+               "pooled": together}
+    ci = together["cider_relative_difference"]
     print(f"int8 within {TOLERANCE:.0%} of ORT fp32 on CIDEr-D and distinct captions: "
-          f"{sum(r['pass'] for r in results)}/{len(results)} models")
+          f"{sum(r['pass'] for r in results)}/{len(results)} models; all {together['photos']} photos pooled: "
+          f"{100 * together['captions_changed']:.1f}% of captions changed, CIDEr-D "
+          f"{100 * ci['mean']:+.1f}% [{100 * ci['ci95'][0]:+.1f}, {100 * ci['ci95'][1]:+.1f}]")
     print(json.dumps(summary, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
