@@ -52,3 +52,17 @@ def test_old_checkpoint_loads_with_its_projector(tmp_path):
     vocab = ["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(6)]
     loaded, _, loaded_cfg = model_from_checkpoint({"model": model.state_dict(), "config": saved, "vocab": vocab})
     assert loaded_cfg.model.features == "project" and isinstance(loaded.projector, torch.nn.Sequential)
+
+
+def test_attention_weights_sum_to_one_in_float32_under_bf16_autocast():
+    # bf16 autocast (CUDA, CPUs with native bf16) would round the softmax to ~1e-3; the maps and the context
+    # vector read float32 weights. CPU autocast runs on any CPU (emulated where the units are missing).
+    torch.manual_seed(0)
+    model = CaptionModel(None, ModelConfig(16, 16, 20, dropout=0.0), 30, encoder=GridStub()).eval()
+    raw, captions = torch.rand(2, 24, 3, 3), torch.randint(4, 30, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        logits, alphas = model(raw, captions)
+        out = beam_search(model, raw, SearchOptions(beam_size=2, max_len=5))
+    assert logits.dtype == torch.bfloat16  # the autocast really ran
+    assert alphas.dtype == torch.float32 and torch.allclose(alphas.sum(-1), torch.ones(2, 5), atol=1e-6)
+    assert out.alphas.dtype == torch.float32

@@ -87,6 +87,9 @@ def test_a_message_quoting_line_breaks_stays_one_line(capsys):
     assert with_exit_path("train", fail) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a\\nb\\u2028c" in err
+    # the same one line where no CLI prints it: the Python API's caller reads str(error)
+    error = CaptionerError("checkpoint 0\n not found").with_context("model.pt: ")
+    assert str(error) == "model.pt: checkpoint 0\\n not found" and isinstance(error, ValueError)
 
 
 def test_status_of_a_closed_pipe_is_quiet():
