@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image, ImageFile
@@ -166,8 +166,10 @@ ITEMS = st.one_of(SCALARS, ARRAYS, TENSORS, PIL_IMAGES, ARRAYS.map(_pil_of), FIL
 INPUTS = st.one_of(ITEMS, st.lists(ITEMS, max_size=4), st.tuples(ITEMS, ITEMS))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run (as tests/test_fuzz_readers.py), so CI never fails by the luck of
+# the draw; what a random search found once is kept as an @example.
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(images=INPUTS, errors=st.sampled_from(["raise", "keep", "ignore", 1]), attention=st.one_of(st.booleans(),
                                                                                                  st.none()))
 def test_caption_gives_captions_or_one_captioner_error(cap, images, errors, attention):
@@ -191,8 +193,9 @@ ARGUMENTS = st.dictionaries(st.sampled_from(["device", "beam_size", "batch_size"
                             ARGUMENT_VALUES, max_size=3)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@example(kwargs={}, model="0\n")  # found by a random run: the message quoted the newline ("checkpoint 0\n not found")
 # No "owner/name" text: a name that looks like a Hub repo id would be looked up on the network.
 @given(kwargs=ARGUMENTS, model=st.one_of(st.just("checkpoint"),
                                          SCALARS.filter(lambda v: not (isinstance(v, str) and "/" in v))))
