@@ -14,6 +14,11 @@ at one thread (the split's photos end to end, decode + resize + encoder + the ch
 rounds in alternating order, median ratio), and what quantization.json measured. Then all the models' photos
 pooled (captions changed, the paired CIDEr-D difference with its interval: "pooled"), and one JSON document.
 
+The noise floor beside it ("int8_against_itself", "pooled_int8_against_itself"): the same int8 folder evaluated
+again with onnxruntime's graph optimizations off (the QDQ graphs run as written instead of fused integer kernels).
+Every 8-bit rounding resolved differently cascades through the encoder, so two executions of one int8 model
+change about as many captions against each other as int8 does against float32 (docs/quality.md).
+
 With --photos also the ORT encoders' feature error against PyTorch float32 on those photos (and with --resnet152
 a random ResNet-152 layer4 encoder's). PyTorch runs float32 (compute.bf16=false compute.channels_last=false).
 """
@@ -85,21 +90,22 @@ def dataset_overrides(checkpoint: str) -> tuple[list[str], list[str]]:
     return [f"dataset.{key}={getattr(cfg, key)}" for key in DATASET_PATHS if getattr(cfg, key)], cfg
 
 
-def scores(folder: Path, split: str, overrides: list[str], out: Path) -> dict:
-    """ORT evaluation of folder on split with the checkpoint's decoding, one thread: CIDEr-D, distinct/100."""
+def scores(folder: Path, split: str, overrides: list[str], out: Path, optimization: str | None = None) -> dict:
+    """ORT evaluation of folder on split with the checkpoint's decoding, one thread (onnxruntime's graph
+    optimizations at optimization, None: all): CIDEr-D, distinct/100."""
     metrics = evaluate(EvaluateJob(str(folder), split, None, str(out), FLOAT32 + overrides, "cpu",
-                                   runtime="onnxruntime", ort_threads=1))
+                                   runtime="onnxruntime", ort_threads=1, ort_optimization=optimization))
     return {"cider": round(metrics["cider"], 4), "distinct_per_100": round(100 * metrics["distinct_fraction"], 1),
             "images": metrics["split_images"]}
 
 
-def photo_cider(work: Path, records) -> dict[str, dict[str, tuple[str, float]]]:
+def photo_cider(work: Path, records, runs: tuple[str, str] = ("fp32", "int8")) -> dict:
     """{"fp32" / "int8": {photo: (its caption, its CIDEr-D against its references)}} of one model's evaluations
-    (work/eval-fp32, work/eval-int8) on records' split."""
+    work/eval-RUN (RUN: runs, named "fp32" and "int8" in the result) on records' split."""
     from quality_stats import photo_scores
     captions = {p: {str(r["image_id"]): r["caption"]
-                    for r in json.loads((work / f"eval-{p}" / f"results_{records[0].split}.json").read_text())}
-                for p in ("fp32", "int8")}
+                    for r in json.loads((work / f"eval-{run}" / f"results_{records[0].split}.json").read_text())}
+                for p, run in zip(("fp32", "int8"), runs)}
     references = {str(r.image_id): r.captions for r in records if str(r.image_id) in captions["fp32"]}
     return {p: {k: (c[k], score) for k, score in photo_scores({k: c[k] for k in references}, references)["cider"]
                 .items()} for p, c in captions.items()}
@@ -158,8 +164,15 @@ def one_model(checkpoint: str, work: Path, args) -> dict:
             for key in ("cider", "distinct_per_100")}
     result["int8_relative_difference"] = diff
     result["pass"] = all(abs(d) <= TOLERANCE for d in diff.values())
-    result["photos"] = photo_cider(work, by_split(load_records(dataset), args.split))  # main() pools, then drops
+    split_records = by_split(load_records(dataset), args.split)
+    result["photos"] = photo_cider(work, split_records)  # main() pools, then drops
     result["paired"] = paired(result["photos"])
+    # The noise floor: the same int8 graphs run as written (onnxruntime's optimizations off) against the usual
+    # fused kernels. Every 8-bit rounding resolved differently cascades through the encoder, so this changes
+    # about as many captions as int8 against float32 does (docs/quality.md, "int8 against itself").
+    scores(folders["int8"], args.split, overrides, work / "eval-int8-unoptimized", "disable")
+    result["photos_itself"] = photo_cider(work, split_records, ("int8", "int8-unoptimized"))
+    result["int8_against_itself"] = paired(result["photos_itself"])
     files = [r.path for r in by_split(load_records(dataset), args.split)][:args.speed_photos]
     result["speed"] = speed(folders, files, args.rounds, args.batch)
     record = json.loads((folders["int8"] / "quantization.json").read_text())
@@ -184,7 +197,9 @@ def line(r: dict) -> str:
             f"({100 * d['distinct_per_100']:+.1f}%), {'PASS' if r['pass'] else 'FAIL'} (within "
             f"{TOLERANCE:.0%} on both), int8 {r['speed']['int8_over_fp32']:.2f}x ORT fp32 at 1 thread, "
             f"{r['ort_fp32']['images']} photos, {100 * r['paired']['captions_changed']:.0f}% of captions changed, "
-            f"CIDEr-D change 95% interval {[f'{100 * v:+.1f}%' for v in ci]}")
+            f"CIDEr-D change 95% interval {[f'{100 * v:+.1f}%' for v in ci]}; int8 against itself (onnxruntime's "
+            f"optimizations off): {100 * r['int8_against_itself']['captions_changed']:.0f}% changed, "
+            f"CIDEr-D {100 * r['int8_against_itself']['cider_relative_difference']['mean']:+.1f}%")
 
 
 def main() -> None:
@@ -209,13 +224,16 @@ def main() -> None:
             results.append(one_model(checkpoint, work, args))
             print(line(results[-1]), flush=True)
     together = pooled([r.pop("photos") for r in results])
+    itself = pooled([r.pop("photos_itself") for r in results])
     summary = {"models": results, "all_pass": all(r["pass"] for r in results), "tolerance": TOLERANCE,
-               "pooled": together}
+               "pooled": together, "pooled_int8_against_itself": itself}
     ci = together["cider_relative_difference"]
     print(f"int8 within {TOLERANCE:.0%} of ORT fp32 on CIDEr-D and distinct captions: "
           f"{sum(r['pass'] for r in results)}/{len(results)} models; all {together['photos']} photos pooled: "
           f"{100 * together['captions_changed']:.1f}% of captions changed, CIDEr-D "
-          f"{100 * ci['mean']:+.1f}% [{100 * ci['ci95'][0]:+.1f}, {100 * ci['ci95'][1]:+.1f}]")
+          f"{100 * ci['mean']:+.1f}% [{100 * ci['ci95'][0]:+.1f}, {100 * ci['ci95'][1]:+.1f}]; the noise floor, "
+          f"int8 against itself with onnxruntime's optimizations off: {100 * itself['captions_changed']:.1f}% "
+          f"changed, CIDEr-D {100 * itself['cider_relative_difference']['mean']:+.1f}%")
     print(json.dumps(summary, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
