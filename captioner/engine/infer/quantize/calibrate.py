@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.engine.infer.quantize.graph import attribute
+from captioner.engine.infer.quantize.graph import attribute, producers
 
 log = logging.getLogger("captioner")
 
@@ -100,7 +100,7 @@ def keep_float(path: Path, excluded: list[str]) -> int:
     model = onnx.load(str(path))
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    made_by = {out: node for node in graph.node for out in node.output}
+    made_by = producers(graph)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
     nodes, changed = list(graph.node), 0
     for node in [n for n in nodes if n.op_type == "Conv" and n.name in set(excluded)]:

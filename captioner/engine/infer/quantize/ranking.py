@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from captioner.engine.infer.quantize.graph import qdq_inputs
 from captioner.engine.infer.quantize.measure import compare, run_encoder
 
 
@@ -54,10 +55,8 @@ def feature_losses(prepared: Path, quantized: Path, images: torch.Tensor, order:
     first, for the nodes of order (quantized in quantized, a QDQ graph made from prepared) measured on images
     ((N, 3, S, S) uint8) before time.monotonic() passes deadline."""
     import onnx
-
-    from captioner.engine.infer.quantize.sensitivity import _qdq_inputs
     float_model = onnx.load(str(prepared))
-    qdq = _qdq_inputs(onnx.load(str(quantized)))
+    qdq = qdq_inputs(onnx.load(str(quantized)))
     reference = run_encoder(prepared, images)
     losses = {}
     for name in order:

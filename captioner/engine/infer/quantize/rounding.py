@@ -32,10 +32,6 @@ DAMPING = 0.01  # of H's mean diagonal, added to its diagonal (GPTQ's default): 
 PASS_BYTES = 512 * 2 ** 20  # activations and H held at once while measuring H
 
 
-def _columns(node, weight_shape) -> int:
-    return int(np.prod(weight_shape[1:]))
-
-
 def _unfold(node, x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) input -> (N, C * kh * kw, L) patches as the Conv node reads them."""
     pads = list(attribute(node, "pads", [0, 0, 0, 0]))
@@ -121,7 +117,7 @@ def round_weights(quantized: Path, float_graph: Path, out: Path, images: torch.T
     float_nodes = {n.name: n for n in float_model.graph.node if n.op_type == "Conv"}
     inits = {t.name: t for t in model.graph.initializer}
     convs = {name: c for name, c in int8_convs(model).items() if name in float_nodes
-             and _columns(c[0], list(floats[float_nodes[name].input[1]].dims)) <= MAX_COLUMNS}
+             and int(np.prod(floats[float_nodes[name].input[1]].dims[1:])) <= MAX_COLUMNS}  # inputs per output
     shapes = {v.name: [max(d.dim_value, 1) for d in v.type.tensor_type.shape.dim]
               for v in float_model.graph.value_info}  # quant_pre_process inferred them
     sizes = {name: int(np.prod(shapes[float_nodes[name].input[0]][1:])) for name in convs

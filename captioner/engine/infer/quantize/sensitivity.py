@@ -21,30 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from captioner.engine.infer.quantize.graph import attribute, int8_convs
+from captioner.engine.infer.quantize.graph import attribute, initializer_arrays, qdq_inputs
 
 log = logging.getLogger("captioner")
-
-
-def _initializers(model) -> dict:
-    from onnx import numpy_helper
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-
-
-def _qdq_inputs(quantized) -> dict[str, tuple]:
-    """{conv name: (activation scale, zero point, weight int8, weight scales)} of a QDQ graph's quantized Conv
-    nodes (int8 weights and an input through DequantizeLinear), read from the Q/DQ nodes onnxruntime put
-    before them."""
-    init = _initializers(quantized)
-    made_by = {out: node for node in quantized.graph.node for out in node.output}
-    found = {}
-    for name, (node, w_dq) in int8_convs(quantized).items():
-        x_dq = made_by.get(node.input[0])
-        if x_dq is None or x_dq.op_type != "DequantizeLinear":
-            continue
-        found[name] = (init[x_dq.input[1]], init[x_dq.input[2]] if len(x_dq.input) > 2 else 0,
-                       init[w_dq.input[0]], init[w_dq.input[1]])
-    return found
 
 
 def _conv(node, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -67,8 +46,8 @@ def node_errors(prepared: Path, quantized: Path, images: torch.Tensor, batch: in
 
     from captioner.engine.infer.quantize.measure import session
     float_model, q_model = onnx.load(str(prepared)), onnx.load(str(quantized))
-    qdq = _qdq_inputs(q_model)
-    init = _initializers(float_model)
+    qdq = qdq_inputs(q_model)
+    init = initializer_arrays(float_model)
     convs = {n.name: n for n in float_model.graph.node
              if n.op_type == "Conv" and n.name in qdq and len(init[n.input[1]].shape) == 4}
     params = {}
