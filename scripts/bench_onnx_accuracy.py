@@ -173,7 +173,7 @@ def one_model(checkpoint: str, work: Path, args) -> dict:
     scores(folders["int8"], args.split, overrides, work / "eval-int8-unoptimized", "disable")
     result["photos_itself"] = photo_cider(work, split_records, ("int8", "int8-unoptimized"))
     result["int8_against_itself"] = paired(result["photos_itself"])
-    files = [r.path for r in by_split(load_records(dataset), args.split)][:args.speed_photos]
+    files = [r.path for r in split_records][:args.speed_photos]
     result["speed"] = speed(folders, files, args.rounds, args.batch)
     record = json.loads((folders["int8"] / "quantization.json").read_text())
     result["quantization"] = {"calibration_method": record["encoder"]["calibration_method"],
