@@ -126,6 +126,28 @@ def test_bf16_card_leaves_out_metrics_measured_in_float32():
     assert "measured on the float32 PyTorch model this folder was exported from, not on this folder's bfloat16" in card
 
 
+def test_int8_card_says_how_the_graphs_were_made_and_what_changes():
+    card, meta = card_of("squeezenet1_1", "features", metrics=METRICS)
+    assert "## int8 quantization" not in card  # float32 weights: nothing to say
+    summary = {"encoder": "static QDQ int8 of the Conv layers", "feature_cosine": 0.98765, "feature_budget": 0.99,
+               "budget_met": False, "decoder": "dynamic int8 of MatMul/Gemm", "calibration_images": 64,
+               "calibration_source": "the train split of the model's csv dataset", "record": "quantization.json"}
+    meta["files"]["onnx"] = "onnx.json"
+    meta["onnx"] = {"opset": 17, "exporter": "torch.onnx.export", "precision": "int8",
+                    "axes": {"fixed": {"note": "224 only"}}, "quantization": summary}
+    card = model_card(meta, METRICS)
+    assert_card_matches(card, meta, onnx_precision="int8")
+    section = card.split("## int8 quantization")[1].split("\n## ")[0]
+    assert "- Encoder: static QDQ int8 of the Conv layers. Its features measured cosine 0.9877 to float32's" in section
+    assert "under the budget 0.99" in section and "Calibrated on 64 images from the train split" in section
+    assert "int8 captions are not float32's" in section and "--runtime onnxruntime" in section
+    assert "0.400" not in card  # float32's metrics stay out of an int8 folder's card
+    # A folder exported before config.json recorded the summary still warns that captions change.
+    del meta["onnx"]["quantization"]
+    section = model_card(meta).split("## int8 quantization")[1]
+    assert "Its features measured" not in section and section.lstrip().startswith("int8 captions are not")
+
+
 def test_license_must_be_one_id(tmp_path):
     with pytest.raises(CaptionerError, match="--license 'MIT License' must be one licence id"):
         ExportJob(str(tmp_path / "best.pt"), str(tmp_path / "model"), license="MIT License")
@@ -148,4 +170,9 @@ def test_int8_onnx_card_says_int8_and_shows_no_float32_metrics(checkpoint, tmp_p
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["license"] == "mit" and "onnx" in front["tags"] and "model-index" not in front
     assert "0.400" not in card and "not on this folder's int8 ONNX graphs" in card and "--runtime onnxruntime" in card
+    # The int8 section states the folder's own measurement, as quantization.json records it.
+    record = json.loads((out / "quantization.json").read_text())
+    assert f"Its features measured cosine {record['feature_error']['cosine_mean']:.4f} to float32's" in card
+    assert f"Calibrated on 4 images from --calibrate {photos.name}" in card
+    assert "int8 captions are not float32's" in card
     assert str(tmp_path) not in card and str(Path(checkpoint).parent) not in (out / "config.json").read_text()

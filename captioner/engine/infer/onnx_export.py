@@ -226,6 +226,19 @@ def write_onnx_files(folder: str | Path, model, precision: str = "float32",
             quantize_graphs(tmp, folder, calibration, calibration_source)
         record = json.loads((folder / QUANTIZATION_FILE).read_text(encoding="utf-8"))
     enc = model.encoder
+    # How the int8 graphs were made and how close they came, in short: onnx.json and config.json (the card) hold
+    # it; quantization.json holds every choice and measurement.
+    summary = None if precision == "float32" else {
+        "encoder": f"static QDQ int8 of the Conv layers but {len(record['encoder']['excluded_nodes'])} kept "
+                   f"in float by the sensitivity pass: per-channel 7-bit weights (reduce_range"
+                   f"{', rounded by GPTQ' if record['encoder']['weight_rounding'].get('applied') else ''}), "
+                   f"uint8 activations ({record['encoder']['calibration_method']} ranges from "
+                   f"{len(calibration)} calibration images, the method chosen by measurement)",
+        "feature_cosine": record["feature_error"]["cosine_mean"],
+        "feature_budget": record["budget"]["min"], "budget_met": record["feature_error"]["budget_met"],
+        "decoder": "dynamic int8 of MatMul/Gemm (per-channel 7-bit weights, activations quantized per call)",
+        "calibration_images": len(calibration), "calibration_source": record["calibration"]["source"],
+        "record": QUANTIZATION_FILE}
     manifest = {
         "format_version": ONNX_FORMAT_VERSION, "opset": OPSET, "exporter": EXPORTER, "precision": precision,
         "axes": axes(enc.image_size),
@@ -241,20 +254,12 @@ def write_onnx_files(folder: str | Path, model, precision: str = "float32",
             "decoder_step": "tokens (B,) int64, h, c, regions, projected -> log_probs (B, V), h_next, c_next, "
                             "alpha (B, N)",
             "host": "greedy / beam / sampling loops (captioner.model.decoding) and image decoding + resize"},
-        "quantization": None if precision == "float32" else {
-            "encoder": f"static QDQ int8 of the Conv layers but {len(record['encoder']['excluded_nodes'])} kept "
-                       f"in float by the sensitivity pass: per-channel 7-bit weights (reduce_range"
-                       f"{', rounded by GPTQ' if record['encoder']['weight_rounding'].get('applied') else ''}), "
-                       f"uint8 activations ({record['encoder']['calibration_method']} ranges from "
-                       f"{len(calibration)} calibration images, the method chosen by measurement)",
-            "feature_cosine": record["feature_error"]["cosine_mean"],
-            "decoder": "dynamic int8 of MatMul/Gemm (per-channel 7-bit weights, activations quantized per call)",
-            "calibration_images": len(calibration), "record": QUANTIZATION_FILE},
+        "quantization": summary,
     }
     write_json(folder / MANIFEST, manifest, "ONNX manifest", indent=1)
     files = {"onnx": MANIFEST, **{f"onnx_{name}": f"{name}.onnx" for name in GRAPHS}}
     if precision == "int8":
         files["quantization"] = QUANTIZATION_FILE
     described = {"opset": OPSET, "exporter": f"{EXPORTER['name']} (dynamo=False, torch {torch.__version__})",
-                 "precision": precision, "axes": manifest["axes"]}
+                 "precision": precision, "axes": manifest["axes"], "quantization": summary}
     return files, {"onnx": described}
