@@ -61,6 +61,10 @@ def test_every_backbone_family_exports_float32_and_int8(arch, layer, size, tmp_p
     eight = SearchOptions(max_len=8)
     assert torch.equal(greedy_decode(model, raw, eight).tokens, greedy_decode(backend, features, eight).tokens)
     quantize_graphs(tmp_path / "fp32", tmp_path / "int8", torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8))
+    # A ViT's linear layers (attention projections, MLPs) are int8 too, not only its patch convolution; the
+    # CNNs here have none (convnext_atto writes its MLPs as 1x1 convolutions).
+    linear = json.loads((tmp_path / "int8" / "quantization.json").read_text())["encoder"]["linear_layers"]
+    assert (linear["nodes"] > 0) == ("vit" in arch.lower()) and linear["applied"] == (linear["nodes"] > 0)
     int8 = _backend(tmp_path / "int8", model, "int8")
     out = greedy_decode(int8, int8.encode(images), eight)
     assert (out.lengths >= 1).all() and torch.isfinite(out.scores).all()

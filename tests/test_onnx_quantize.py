@@ -121,3 +121,58 @@ def test_int8_mobilenet_v2_meets_the_budget_it_records(tmp_path):
     # float is one the sensitivity pass measured to help, with its feature loss stated.
     assert set(excluded) == set(record["encoder"]["excluded_why"])
     assert all(why.startswith("sensitivity: ") for why in record["encoder"]["excluded_why"].values())
+
+
+# ---------------------------------------------------------------- the linear layers (linear.py)
+
+
+def _linear_encoder(path, seed: int = 0):
+    """images (B, 3, 4, 4) uint8 -> features (B, 3, 4, 8): a float Linear layer (MatMul by a constant, 16 -> 8
+    on the last axis) and one activation-by-activation MatMul (x by its own transpose), as a ViT's attention has."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    weight = np.random.default_rng(seed).standard_normal((4, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["x", "weight"], ["y"], name="linear"),
+         helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 1, 3, 2]),
+         helper.make_node("MatMul", ["xt", "x"], ["gram"], name="scores"),
+         helper.make_node("MatMul", ["gram", "y"], ["features"], name="mix")],
+        "encoder", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", 3, 4, 4])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["B", 3, 4, 8])],
+        [numpy_helper.from_array(weight, "weight")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("budget, applied", [(0.9, True), (1.0001, False)])
+def test_linear_layers_int8_only_within_the_budget(tmp_path, budget, applied):
+    import onnx
+    from captioner.engine.infer.quantize.linear import linear_nodes, quantize_linear
+    from captioner.engine.infer.quantize.measure import FeatureProbe
+    encoder = _linear_encoder(tmp_path / "encoder.onnx")
+    assert linear_nodes(onnx.load(str(encoder))) == ["linear"]  # constant weights only: not the two products
+    images = torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    probe = FeatureProbe(encoder, images)
+    before = probe.error(encoder)
+    record = quantize_linear(encoder, tmp_path / "out.onnx", probe, budget, before)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out.onnx")).graph.node]
+    assert record["nodes"] == 1 and record["applied"] is applied
+    assert ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops) is applied
+    assert ops.count("MatMul") == (2 if applied else 3)  # the activation products stay float either way
+    assert record["cosine_before"] == before["cosine_mean"] == 1.0 and 0.99 < record["cosine_after"] < 1.0
+    assert record["error"] == (probe.error(tmp_path / "out.onnx") if applied else before)
+    assert ("meeting the budget" if applied else "kept in float") in record["why"]
+    assert not (tmp_path / "encoder-linear.onnx").exists()  # the candidate does not linger
+
+
+def test_a_graph_without_linear_layers_is_copied(tmp_path):
+    from captioner.engine.infer.quantize.linear import quantize_linear
+    encoder = tmp_path / "encoder.onnx"
+    torch.manual_seed(0)
+    model = CaptionModel(EncoderConfig(arch="resnet18", image_size=32), ModelConfig(16, 16, 16), 10).eval()
+    export_graphs(model, tmp_path)
+    record = quantize_linear(encoder, tmp_path / "out.onnx", None, FEATURE_BUDGET, {})
+    assert record == {"nodes": 0, "applied": False, "why": "no MatMul or Gemm with constant weights"}
+    assert (tmp_path / "out.onnx").read_bytes() == encoder.read_bytes()

@@ -206,6 +206,21 @@ def axes(image_size: int) -> dict:
                       f"{image_size}x{image_size} images only (resize before), so the grid and N are fixed too"}}
 
 
+def _encoder_words(encoder: dict, images: int) -> str:
+    """quantization.json's encoder section in one phrase, for onnx.json and the card."""
+    words = (f"static QDQ int8 of the Conv layers but {len(encoder['excluded_nodes'])} kept in float by the "
+             f"sensitivity pass: per-channel 7-bit weights (reduce_range"
+             f"{', rounded by GPTQ' if encoder['weight_rounding'].get('applied') else ''}), uint8 activations "
+             f"({encoder['calibration_method']} ranges from {images} calibration images, the method chosen by "
+             f"measurement)")
+    linear = encoder.get("linear_layers") or {}
+    if linear.get("applied"):
+        return words + f", and its {linear['nodes']} linear layers (MatMul/Gemm) dynamic int8"
+    if linear.get("nodes"):
+        return words + f"; its {linear['nodes']} linear layers (MatMul/Gemm) float32 (as int8 they missed the budget)"
+    return words
+
+
 def write_onnx_files(folder: str | Path, model, precision: str = "float32",
                      calibration: torch.Tensor | None = None, calibration_source: str | None = None
                      ) -> tuple[dict[str, str], dict]:
@@ -229,11 +244,7 @@ def write_onnx_files(folder: str | Path, model, precision: str = "float32",
     # How the int8 graphs were made and how close they came, in short: onnx.json and config.json (the card) hold
     # it; quantization.json holds every choice and measurement.
     summary = None if precision == "float32" else {
-        "encoder": f"static QDQ int8 of the Conv layers but {len(record['encoder']['excluded_nodes'])} kept "
-                   f"in float by the sensitivity pass: per-channel 7-bit weights (reduce_range"
-                   f"{', rounded by GPTQ' if record['encoder']['weight_rounding'].get('applied') else ''}), "
-                   f"uint8 activations ({record['encoder']['calibration_method']} ranges from "
-                   f"{len(calibration)} calibration images, the method chosen by measurement)",
+        "encoder": _encoder_words(record["encoder"], len(calibration)),
         "feature_cosine": record["feature_error"]["cosine_mean"],
         "feature_budget": record["budget"]["min"], "budget_met": record["feature_error"]["budget_met"],
         "decoder": "dynamic int8 of MatMul/Gemm (per-channel 7-bit weights, activations quantized per call)",

@@ -16,12 +16,13 @@
    TIME_LIMIT_SECONDS.
 4. The int8 weights re-rounded by GPTQ against each convolution's input (rounding.py), kept when the held-out
    features measure closer.
+5. The linear layers (MatMul/Gemm with constant weights: a ViT's, ConvNeXt's MLPs) dynamically int8 (linear.py),
+   kept when the features still meet the budget.
 """
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from captioner.engine.infer.quantize.calibrate import choose_method, quantize_encoder, split_held_out
+from captioner.engine.infer.quantize.linear import quantize_linear
 from captioner.engine.infer.quantize.measure import FeatureProbe
 from captioner.engine.infer.quantize.ranking import feature_losses, rank
 from captioner.engine.infer.quantize.rounding import round_weights
@@ -84,6 +86,7 @@ class EncoderPlan:
     local_errors: dict = field(default_factory=dict)  # {excluded node: sensitivity.node_errors}
     nodes_measured: int = 0  # nodes ranked by feature loss before the ranking's share of the time ran out
     rounding: dict = field(default_factory=dict)  # rounding.round_weights' record, applied or not, both cosines
+    linear: dict = field(default_factory=dict)  # linear.quantize_linear's record, applied or not
     error: dict = field(default_factory=dict)  # compare() of the final graph's features on the held-out images
 
 
@@ -130,7 +133,11 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
     rounding.update(applied=applied, cosine_before=search.error["cosine_mean"],
                     cosine_after=rounded_error["cosine_mean"])
     final = rounded_error if applied else search.error
-    shutil.copyfile(work / "encoder-rounded.onnx" if applied else searched, out)
+    linear = quantize_linear(work / "encoder-rounded.onnx" if applied else searched, out, probe, budget, final)
+    final = linear.pop("error", final)
+    if linear["nodes"] and not linear["applied"]:
+        log.warning("int8: the encoder's %d linear layers stay float32 (%s); its int8 graph will run about as "
+                    "fast as float32", linear["nodes"], linear["why"])
     if final["cosine_mean"] < budget:
         log.warning("int8: the encoder's features reach cosine %.4f of float32's, under the budget %.2f: %s; "
                     "quantization.json records it", final["cosine_mean"], budget, search.why_stopped)
@@ -138,4 +145,4 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
                        round(time.monotonic() - start, 1), budget, max_float_macs,
                        round(sum(costs[n] for n in search.excluded), 4), [centering],
                        {name: round(losses[name], 6) for name in search.excluded if name in losses},
-                       {name: round(local[name], 6) for name in search.excluded}, len(losses), rounding, final)
+                       {name: round(local[name], 6) for name in search.excluded}, len(losses), rounding, linear, final)

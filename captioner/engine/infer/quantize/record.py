@@ -25,6 +25,7 @@ def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> 
             "weight_type": "int8", "activation_type": "uint8", "reduce_range": True,
             "transforms": plan.transforms,
             "weight_rounding": plan.rounding,
+            "linear_layers": plan.linear,
             "calibration_method": plan.method,
             "calibration_candidates": plan.method_errors,
             "calibration_chosen_by": "the highest mean cosine similarity of int8 to float32 features on the "
