@@ -208,11 +208,11 @@ def axes(image_size: int) -> dict:
 
 def _encoder_words(encoder: dict, images: int) -> str:
     """quantization.json's encoder section in one phrase, for onnx.json and the card."""
-    words = (f"static QDQ int8 of the Conv layers but {len(encoder['excluded_nodes'])} kept in float by the "
-             f"sensitivity pass: per-channel 7-bit weights (reduce_range"
-             f"{', rounded by GPTQ' if encoder['weight_rounding'].get('applied') else ''}), uint8 activations "
-             f"({encoder['calibration_method']} ranges from {images} calibration images, the method chosen by "
-             f"measurement)")
+    kept = len(encoder["excluded_nodes"]) or "none"
+    gptq = ", rounded by GPTQ" if encoder["weight_rounding"].get("applied") else ""
+    words = (f"static QDQ int8 of the Conv layers, {kept} kept in float by the sensitivity pass: per-channel "
+             f"7-bit weights (reduce_range{gptq}), uint8 activations ({encoder['calibration_method']} ranges from "
+             f"{images} calibration images, the method chosen by measurement)")
     linear = encoder.get("linear_layers") or {}
     if linear.get("applied"):
         return words + f", and its {linear['nodes']} linear layers (MatMul/Gemm) dynamic int8"
