@@ -159,6 +159,7 @@ class Captioner(ModelHandling):
                 --format onnx`, the [onnx] extra).
             dtype (or torch_dtype, transformers' name): torch.bfloat16 / "bf16" runs in bf16 autocast,
                 torch.float32 / "float32" in float32; None: compute's choice (auto: bf16 on CUDA and bf16 CPUs).
+                The PyTorch runtime only: ONNX Runtime runs its graphs as exported (dtype float32; bf16 refused).
             providers: with runtime="onnxruntime", its execution providers in order, e.g.
                 ["CUDAExecutionProvider", "CPUExecutionProvider"] (default: from device).
             session_options: with runtime="onnxruntime", {"intra_op_threads": 1, "graph_optimization": "all"}

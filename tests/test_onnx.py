@@ -297,6 +297,29 @@ def test_serve_takes_compute_overrides_for_a_float32_baseline(onnx_folder, monke
         build_job(build_parser().parse_args(["serve", "--checkpoint", str(folder), "model.embed_dim=8"]))
 
 
+def test_onnx_runtime_says_what_runs_and_refuses_pytorch_switches(onnx_folder, tmp_path, monkeypatch, capsys, caplog):
+    """On a CPU where auto means bf16, ONNX Runtime still runs the graphs as exported: the compute line, the API's
+    dtype and the predictor's switches say so (they said bf16 autocast, channels_last), and asking for bf16 with
+    ONNX Runtime is one line naming the key, from the CLI and the API."""
+    from captioner import Captioner
+    _, folder = onnx_folder
+    monkeypatch.setattr(compute, "cpu_capability", lambda: compute.CpuCapability("AVX512", True, False))
+    monkeypatch.setattr(compute, "_announced", set())
+    with caplog.at_level("INFO", logger="captioner"):
+        cap = Captioner.from_pretrained(str(folder), runtime="onnxruntime")
+    assert "compute: ONNX Runtime runs the float32 graphs on CPUExecutionProvider" in caplog.text
+    assert "bf16 autocast" not in caplog.text
+    assert cap.dtype == torch.float32 and not cap.predictor.compute.bf16 and not cap.predictor.compute.channels_last
+    assert Captioner.from_pretrained(str(folder)).dtype == torch.bfloat16  # PyTorch: auto is bf16 here
+    with pytest.raises(CaptionerError, match=r"compute.bf16=true \(or dtype=bfloat16\) applies to the PyTorch"):
+        Captioner.from_pretrained(str(folder), runtime="onnxruntime", dtype=torch.bfloat16)
+    images = noise_pngs(tmp_path / "images", 1, 32)
+    assert cli(["caption", "--checkpoint", str(folder), str(images), "--runtime", "onnxruntime", "--out",
+                str(tmp_path / "c.jsonl"), "compute.channels_last=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "compute.channels_last=true" in err and "float32 graphs" in err and len(err.splitlines()) == 1
+
+
 def test_export_onnx_without_the_extra_is_one_line(onnx_folder, tmp_path, monkeypatch, capsys):
     checkpoint, _ = onnx_folder
     monkeypatch.setitem(sys.modules, "onnx", None)

@@ -29,7 +29,7 @@ from captioner.engine.infer.generation import generation_settings
 from captioner.engine.infer.model_folder import load_model_source, model_hash, resolve_model
 from captioner.engine.infer.model_id import graphs_id, model_id
 from captioner.engine.infer.predict import Captioned, DecodeSettings, caption_batch, caption_batches
-from captioner.engine.runtime.compute import Compute, setup_compute
+from captioner.engine.runtime.compute import Compute, fixed_compute, setup_compute
 from captioner.engine.runtime.device import resolve_device
 from captioner.errors import CaptionerError
 from captioner.model.caption_model import CaptionModel
@@ -55,6 +55,19 @@ def load_for_job(job, device) -> "Predictor":
                           temperature=job.temperature, runtime=job.runtime, overrides=job.overrides,
                           providers=job.providers,
                           session_options=ort_session_options(job.ort_threads, job.ort_optimization))
+
+
+def _onnx_compute(cfg: ComputeConfig, device: torch.device, backend) -> Compute:
+    """ONNX Runtime's compute: the graphs' precision was fixed at export, so PyTorch's bf16 autocast,
+    channels_last and compile do not apply (auto leaves them off; asking for one is an error)."""
+    asked = [f"compute.{key}=true" for key in ("bf16", "channels_last", "compile")
+             if getattr(cfg, key) in ("true", True)]
+    if asked:
+        raise CaptionerError(f"{', '.join(asked)} (or dtype=bfloat16) applies to the PyTorch runtime (runtime torch): "
+                             f"ONNX Runtime runs this folder's {backend.precision} graphs at the precision they were "
+                             f"exported in")
+    return fixed_compute(cfg, device, f"ONNX Runtime runs the {backend.precision} graphs on "
+                                      f"{', '.join(backend.providers)}")
 
 
 @dataclass
@@ -108,8 +121,10 @@ class Predictor:
         cfg.decode.sample = sample or cfg.decode.sample
         if temperature is not None:
             cfg.decode.temperature = temperature
-        resolved = setup_compute(cfg.compute, device)
-        if model is not None:
+        if backend is not None:
+            resolved = _onnx_compute(cfg.compute, device, backend)
+        else:
+            resolved = setup_compute(cfg.compute, device)
             resolved.prepare_encoder(model.encoder)
         return cls(model, vocab, cfg, resolved, DecodeSettings.of(cfg, beam_size, compute=resolved), str(source),
                    backend)

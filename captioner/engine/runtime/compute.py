@@ -152,6 +152,20 @@ def _resolve(value: str, name: str, device: torch.device, reasons: list[str]) ->
     return False
 
 
+def _announce(message: str) -> None:
+    if message not in _announced:
+        _announced.add(message)
+        log.info(message)
+
+
+def fixed_compute(cfg: ComputeConfig, device: torch.device, what: str) -> Compute:
+    """The compute of a runtime whose precision was fixed when its graphs were made (ONNX Runtime): none of
+    PyTorch's switches (bf16 autocast, channels_last, compile) applies; logged once as what runs."""
+    compute = Compute(device, False, False, False, use_gpu_decode(cfg, device), what)
+    _announce(f"compute: {what}")
+    return compute
+
+
 def setup_compute(cfg: ComputeConfig, device: torch.device) -> Compute:
     """THE switch every command goes through: resolve compute.bf16 / channels_last (auto | true | false) for
     device, and log once per process which precision and memory format it uses and why."""
@@ -167,8 +181,5 @@ def setup_compute(cfg: ComputeConfig, device: torch.device) -> Compute:
         else:
             reasons.append(f"auto: off on {device.type}")
     compute = Compute(device, bf16, channels_last, cfg.compile, use_gpu_decode(cfg, device), "; ".join(reasons))
-    message = f"compute: {compute.describe()}"
-    if message not in _announced:
-        _announced.add(message)
-        log.info(message)
+    _announce(f"compute: {compute.describe()}")
     return compute
