@@ -167,8 +167,9 @@ def fixed_compute(cfg: ComputeConfig, device: torch.device, what: str) -> Comput
 
 
 def setup_compute(cfg: ComputeConfig, device: torch.device) -> Compute:
-    """THE switch every command goes through: resolve compute.bf16 / channels_last (auto | true | false) for
-    device, and log once per process which precision and memory format it uses and why."""
+    """THE switch every PyTorch run goes through (ONNX Runtime's graphs: fixed_compute): resolve compute.bf16 /
+    channels_last (auto | true | false) for device, and log once per process which precision and memory format
+    it uses and why."""
     reasons: list[str] = []
     bf16 = _resolve(cfg.bf16, "bf16", device, reasons)
     channels_last = _resolve(cfg.channels_last, "channels_last", device, reasons)
