@@ -152,7 +152,7 @@ def test_linear_layers_int8_only_within_the_budget(tmp_path, budget, applied):
     from captioner.engine.infer.quantize.linear import linear_nodes, quantize_linear
     from captioner.engine.infer.quantize.measure import FeatureProbe
     encoder = _linear_encoder(tmp_path / "encoder.onnx")
-    assert linear_nodes(onnx.load(str(encoder))) == ["linear"]  # constant weights only: not the two products
+    assert linear_nodes(onnx.load(str(encoder))) == {"linear": 32}  # constant weights only: not the products
     images = torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     probe = FeatureProbe(encoder, images)
     before = probe.error(encoder)
@@ -176,3 +176,48 @@ def test_a_graph_without_linear_layers_is_copied(tmp_path):
     record = quantize_linear(encoder, tmp_path / "out.onnx", None, FEATURE_BUDGET, {})
     assert record == {"nodes": 0, "applied": False, "why": "no MatMul or Gemm with constant weights"}
     assert (tmp_path / "out.onnx").read_bytes() == encoder.read_bytes()
+
+
+def _outlier_encoder(path):
+    """images (B, 3, 4, 4) uint8 -> features (B, 3, 4, 40): five Linear layers side by side, each a fifth of the
+    weights. "outlier" reads x with its last input channel 1000x larger (its weights 1000x smaller, so each channel
+    counts alike in float), as a transformer's outlier channel: one per-tensor int8 range for its input flattens
+    the other channels to zero. "plain0".."plain3" read x as it is."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    scale = np.array([1, 1, 1, 1000], np.float32)
+    plain = [f"plain{i}" for i in range(4)]
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["x", "scale"], ["wide"]),
+         helper.make_node("MatMul", ["wide", "w_outlier"], ["outlier_out"], name="outlier"),
+         *[helper.make_node("MatMul", ["x", f"w_{n}"], [f"{n}_out"], name=n) for n in plain],
+         helper.make_node("Concat", ["outlier_out"] + [f"{n}_out" for n in plain], ["features"], axis=-1)],
+        "encoder", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", 3, 4, 4])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["B", 3, 4, 40])],
+        [numpy_helper.from_array(scale, "scale"),
+         numpy_helper.from_array((rng.standard_normal((4, 8)) / scale[:, None]).astype(np.float32), "w_outlier"),
+         *[numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), f"w_{n}") for n in plain]])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_linear_sensitivity_keeps_the_outlier_layer_in_float(tmp_path):
+    """All linear layers int8 miss the budget; the pass keeps only the one whose input has an outlier channel in
+    float, and the others stay int8."""
+    import onnx
+    from captioner.engine.infer.quantize.linear import quantize_linear
+    from captioner.engine.infer.quantize.measure import FeatureProbe
+    encoder = _outlier_encoder(tmp_path / "encoder.onnx")
+    images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    probe = FeatureProbe(encoder, images)
+    record = quantize_linear(encoder, tmp_path / "out.onnx", probe, 0.99, probe.error(encoder))
+    tries = record["sensitivity"]["tries"]
+    assert tries[0]["cosine_mean"] < 0.99  # every layer int8: the outlier flattens the rest of its input
+    assert record["applied"] and record["in_float"] == ["outlier"] and record["cosine_after"] >= 0.99
+    assert record["why"].startswith("with 4 of the 5 linear layers int8")
+    nodes = {n.name: n.op_type for n in onnx.load(str(tmp_path / "out.onnx")).graph.node}
+    assert nodes["outlier"] == "MatMul" and not {"plain0", "plain3"} & set(nodes)  # the others: integer products
+    assert record["error"] == probe.error(tmp_path / "out.onnx")

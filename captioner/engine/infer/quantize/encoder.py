@@ -133,7 +133,8 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
     rounding.update(applied=applied, cosine_before=search.error["cosine_mean"],
                     cosine_after=rounded_error["cosine_mean"])
     final = rounded_error if applied else search.error
-    linear = quantize_linear(work / "encoder-rounded.onnx" if applied else searched, out, probe, budget, final)
+    linear = quantize_linear(work / "encoder-rounded.onnx" if applied else searched, out, probe, budget, final,
+                             deadline)
     final = linear.pop("error", final)
     if linear["nodes"] and not linear["applied"]:
         log.warning("int8: the encoder's %d linear layers stay float32 (%s); its int8 graph will run about as "
