@@ -20,7 +20,7 @@ from captioner.model.decoding import SearchOptions, greedy_decode
 pytest.importorskip("onnxruntime")
 
 from captioner.cli import main as cli  # noqa: E402
-from captioner.engine.infer.onnx_export import export_graphs, quantize_graphs  # noqa: E402
+from captioner.engine.infer.onnx_export import _encoder_words, export_graphs, quantize_graphs  # noqa: E402
 from captioner.engine.infer.predictor import Predictor  # noqa: E402
 from captioner.jobs.export import ExportJob  # noqa: E402
 
@@ -63,8 +63,12 @@ def test_every_backbone_family_exports_float32_and_int8(arch, layer, size, tmp_p
     quantize_graphs(tmp_path / "fp32", tmp_path / "int8", torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8))
     # A ViT's linear layers (attention projections, MLPs) are int8 too, not only its patch convolution; the
     # CNNs here have none (convnext_atto writes its MLPs as 1x1 convolutions).
-    linear = json.loads((tmp_path / "int8" / "quantization.json").read_text())["encoder"]["linear_layers"]
+    encoder = json.loads((tmp_path / "int8" / "quantization.json").read_text())["encoder"]
+    linear = encoder["linear_layers"]
     assert (linear["nodes"] > 0) == ("vit" in arch.lower()) and linear["applied"] == (linear["nodes"] > 0)
+    words = _encoder_words(encoder, 4)  # onnx.json's and the card's phrase
+    assert (f"and {linear['nodes']} of its {linear['nodes']} linear layers (MatMul/Gemm) dynamic int8" in words) == \
+        linear["applied"]
     int8 = _backend(tmp_path / "int8", model, "int8")
     out = greedy_decode(int8, int8.encode(images), eight)
     assert (out.lengths >= 1).all() and torch.isfinite(out.scores).all()

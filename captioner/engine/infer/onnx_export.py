@@ -215,7 +215,8 @@ def _encoder_words(encoder: dict, images: int) -> str:
              f"{images} calibration images, the method chosen by measurement)")
     linear = encoder.get("linear_layers") or {}
     if linear.get("applied"):
-        return words + f", and its {linear['nodes']} linear layers (MatMul/Gemm) dynamic int8"
+        int8 = linear["nodes"] - len(linear.get("in_float", []))
+        return words + f", and {int8} of its {linear['nodes']} linear layers (MatMul/Gemm) dynamic int8"
     if linear.get("nodes"):
         return words + f"; its {linear['nodes']} linear layers (MatMul/Gemm) float32 (as int8 they missed the budget)"
     return words
