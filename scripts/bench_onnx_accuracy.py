@@ -176,15 +176,14 @@ def error_scale_sweep(folders: dict[str, Path], work: Path, args, overrides: lis
     reference = run_encoder(folders["fp32"] / "encoder.onnx", images)
     results, photos_by_scale = {}, {}
     for scale in args.error_scales:
-        name = f"scaled{scale:g}"
+        key, name = f"{scale:g}", f"scaled{scale:g}"
         folder = error_scaled_folder(folders["fp32"], folders["int8"], scale, work / f"model-{name}")
         run = scores(folder, args.split, overrides, work / f"eval-{name}")
-        photos_by_scale[f"{scale:g}"] = photo_cider(work, records, ("fp32", name))
+        photos_by_scale[key] = photo_cider(work, records, ("fp32", name))
         diff = relative_difference(fp32, run)
-        results[f"{scale:g}"] = {"feature_cosine": compare(reference, run_encoder(folder / "encoder.onnx", images))
-                                 ["cosine_mean"], "ort": run, "relative_difference": diff,
-                                 "pass": all(abs(d) <= TOLERANCE for d in diff.values()),
-                                 "paired": paired(photos_by_scale[f"{scale:g}"])}
+        results[key] = {"feature_cosine": compare(reference, run_encoder(folder / "encoder.onnx", images))
+                        ["cosine_mean"], "ort": run, "relative_difference": diff,
+                        "pass": all(abs(d) <= TOLERANCE for d in diff.values()), "paired": paired(photos_by_scale[key])}
     return results, photos_by_scale
 
 

@@ -60,8 +60,9 @@ def quantize_linear(encoder: Path, out: Path, probe, budget: float, before: dict
     candidate = Path(encoder).with_name("encoder-linear.onnx")
 
     def requantize(in_float) -> dict:
+        skipped = set(in_float)
         quantize_dynamic(str(encoder), str(candidate), op_types_to_quantize=list(LINEAR_OPS),
-                         nodes_to_quantize=[n for n in names if n not in set(in_float)],
+                         nodes_to_quantize=[n for n in names if n not in skipped],
                          weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
         return probe.error(candidate)
 
