@@ -127,12 +127,12 @@ def test_int8_mobilenet_v2_meets_the_budget_it_records(tmp_path):
 
 
 def _linear_encoder(path, seed: int = 0):
-    """images (B, 3, 4, 4) uint8 -> features (B, 3, 4, 8): a float Linear layer (MatMul by a constant, 16 -> 8
+    """images (B, 3, 4, 4) uint8 -> features (B, 3, 4, 16): a float Linear layer (MatMul by a constant, 4 -> 16
     on the last axis) and one activation-by-activation MatMul (x by its own transpose), as a ViT's attention has."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    weight = np.random.default_rng(seed).standard_normal((4, 8)).astype(np.float32)
+    weight = np.random.default_rng(seed).standard_normal((4, 16)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
          helper.make_node("MatMul", ["x", "weight"], ["y"], name="linear"),
@@ -140,7 +140,7 @@ def _linear_encoder(path, seed: int = 0):
          helper.make_node("MatMul", ["xt", "x"], ["gram"], name="scores"),
          helper.make_node("MatMul", ["gram", "y"], ["features"], name="mix")],
         "encoder", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", 3, 4, 4])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["B", 3, 4, 8])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["B", 3, 4, 16])],
         [numpy_helper.from_array(weight, "weight")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
@@ -152,7 +152,7 @@ def test_linear_layers_int8_only_within_the_budget(tmp_path, budget, applied):
     from captioner.engine.infer.quantize.linear import linear_nodes, quantize_linear
     from captioner.engine.infer.quantize.measure import FeatureProbe
     encoder = _linear_encoder(tmp_path / "encoder.onnx")
-    assert linear_nodes(onnx.load(str(encoder))) == {"linear": 32}  # constant weights only: not the products
+    assert linear_nodes(onnx.load(str(encoder))) == {"linear": 64}  # constant weights only: not the products
     images = torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     probe = FeatureProbe(encoder, images)
     before = probe.error(encoder)
@@ -179,7 +179,7 @@ def test_a_graph_without_linear_layers_is_copied(tmp_path):
 
 
 def _outlier_encoder(path):
-    """images (B, 3, 4, 4) uint8 -> features (B, 3, 4, 40): five Linear layers side by side, each a fifth of the
+    """images (B, 3, 4, 4) uint8 -> features (B, 3, 4, 80): five Linear layers side by side, each a fifth of the
     weights. "outlier" reads x with its last input channel 1000x larger (its weights 1000x smaller, so each channel
     counts alike in float), as a transformer's outlier channel: one per-tensor int8 range for its input flattens
     the other channels to zero. "plain0".."plain3" read x as it is."""
@@ -196,10 +196,10 @@ def _outlier_encoder(path):
          *[helper.make_node("MatMul", ["x", f"w_{n}"], [f"{n}_out"], name=n) for n in plain],
          helper.make_node("Concat", ["outlier_out"] + [f"{n}_out" for n in plain], ["features"], axis=-1)],
         "encoder", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", 3, 4, 4])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["B", 3, 4, 40])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["B", 3, 4, 80])],
         [numpy_helper.from_array(scale, "scale"),
-         numpy_helper.from_array((rng.standard_normal((4, 8)) / scale[:, None]).astype(np.float32), "w_outlier"),
-         *[numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), f"w_{n}") for n in plain]])
+         numpy_helper.from_array((rng.standard_normal((4, 16)) / scale[:, None]).astype(np.float32), "w_outlier"),
+         *[numpy_helper.from_array(rng.standard_normal((4, 16)).astype(np.float32), f"w_{n}") for n in plain]])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 

@@ -6,8 +6,8 @@ A ViT or an open_clip tower does nearly all its work in MatMul/Gemm nodes with c
 projections, the MLPs), and so do ConvNeXt's MLPs (timm writes them as Linear layers). Static QDQ quantization of
 the convolutions alone left them float: a ViT-S/16's "int8" encoder ran no faster than float32 (57.7 ms against
 52.6 ms for 8 images at one thread), ConvNeXt-T's 1.1x. Here they are quantized dynamically, as the decoder's are
-and as transformers' CPU int8 usually is: weights int8 per output channel, activations quantized per call with
-their own range (no calibration: a transformer's activations carry outliers a fixed range clips). ViT-S/16 then
+and as transformers' CPU int8 usually is: weights int8 per output channel, activations quantized per call, each
+token's row with its own range (rowwise.py; no calibration: a transformer's activations carry outliers a fixed range clips). ViT-S/16 then
 runs 2.3x float32, ConvNeXt-T 2.3x (random weights). The attention's activation-by-activation products (queries
 by keys) stay float.
 
@@ -26,6 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
+from captioner.engine.infer.quantize.rowwise import ROWWISE, quantize_dynamic_rowwise, wide_products
 from captioner.engine.infer.quantize.sensitivity import search_exclusions
 
 LINEAR_OPS = ("MatMul", "Gemm")
@@ -35,12 +36,12 @@ MAX_FLOAT_SHARE = 0.25
 
 
 def linear_nodes(model) -> dict[str, int]:
-    """{name: weight element count} of model's MatMul/Gemm nodes whose second input (the weight) is a constant:
-    the linear layers, in graph order."""
+    """{name: weight element count} of model's MatMul/Gemm nodes whose second input (the weight) is a constant
+    with enough output columns to gain from int8 (rowwise.wide_products): the linear layers, in graph order."""
     sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
     sizes |= {n.output[0]: 1 for n in model.graph.node if n.op_type == "Constant"}
-    return {n.name: sizes[n.input[1]] for n in model.graph.node
-            if n.op_type in LINEAR_OPS and len(n.input) > 1 and n.input[1] in sizes}
+    wide = set(wide_products(model))
+    return {n.name: sizes[n.input[1]] for n in model.graph.node if n.name in wide}
 
 
 def quantize_linear(encoder: Path, out: Path, probe, budget: float, before: dict,
@@ -51,7 +52,6 @@ def quantize_linear(encoder: Path, out: Path, probe, budget: float, before: dict
     encoder (a scratch folder), one at a time. The ranking stops at time.monotonic() > deadline (the nodes not
     reached rank last). Returns the record (quantization.json's encoder.linear_layers), applied or not."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     sizes = linear_nodes(onnx.load(str(encoder)))
     names = list(sizes)
     if not names:
@@ -61,9 +61,7 @@ def quantize_linear(encoder: Path, out: Path, probe, budget: float, before: dict
 
     def requantize(in_float) -> dict:
         skipped = set(in_float)
-        quantize_dynamic(str(encoder), str(candidate), op_types_to_quantize=list(LINEAR_OPS),
-                         nodes_to_quantize=[n for n in names if n not in skipped],
-                         weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+        quantize_dynamic_rowwise(encoder, candidate, nodes=[n for n in names if n not in skipped])
         return probe.error(candidate)
 
     after, in_float, search = requantize([]), [], None
@@ -87,7 +85,8 @@ def quantize_linear(encoder: Path, out: Path, probe, budget: float, before: dict
            f"{after['cosine_mean']:.4f}, " + (f"meeting the budget {budget:g}" if applied
                                               else f"under the budget {budget:g}: all kept in float"))
     record = {"method": "dynamic", "op_types": list(LINEAR_OPS), "per_channel": True, "weight_type": "int8",
-              "reduce_range": True, "nodes": len(names), "applied": applied, "in_float": in_float if applied else [],
+              "reduce_range": True, "activations": ROWWISE, "nodes": len(names), "applied": applied,
+              "in_float": in_float if applied else [],
               "cosine_before": before["cosine_mean"], "cosine_after": after["cosine_mean"], "why": why,
               "error": after if applied else before}
     if search is not None:

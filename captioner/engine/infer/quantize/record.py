@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from captioner.engine.infer.quantize.calibrate import METHODS, OP_TYPES
+from captioner.engine.infer.quantize.rowwise import ROWWISE
 
 
 def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> dict:
@@ -46,7 +47,8 @@ def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> 
                 "seconds": plan.seconds},
         },
         "decoder": {"method": "dynamic", "op_types": ["MatMul", "Gemm"], "per_channel": True,
-                    "weight_type": "int8", "reduce_range": True, "graphs": ["decoder_init", "decoder_step"]},
+                    "weight_type": "int8", "reduce_range": True, "activations": ROWWISE,
+                    "graphs": ["decoder_init", "decoder_step"]},
         "calibration": {"count": len(calibration), "source": source, "image_size": list(calibration.shape[2:]),
                         "fit_images": plan.fit_images, "held_out_images": plan.held_images,
                         "methods_tried": list(METHODS)},
