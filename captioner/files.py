@@ -107,6 +107,9 @@ def check_writable(path: str | Path, what: str = "file", folder: bool = False, a
     path = write_target(path)
     if not folder and path.is_dir():
         raise CaptionerError(f"cannot write {what} {path}: it is a folder; give a file name")
+    if not folder and path.exists() and not path.is_file():  # /dev/zero would be read for resuming, forever
+        raise CaptionerError(f"cannot write {what} {path}: it is not a regular file (a device, pipe or socket); "
+                             f"give a file name")
     if folder and path.exists() and not path.is_dir():
         raise CaptionerError(f"cannot write {what} {path}: it is a file, not a folder")
     blocker = _blocking_file(path if folder else path.parent)

@@ -50,8 +50,15 @@ def test_truncated_and_foreign_checkpoints_are_refused(tmp_path):
     _, _, _, path = _small(tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CaptionerError, match="truncated or not a captioner checkpoint"):
+    with pytest.raises(CaptionerError, match=r"is truncated or corrupt \(its zip archive is incomplete\)"):
         load_checkpoint(path)
+    path.write_text("hello")
+    with pytest.raises(CaptionerError, match="is not a PyTorch checkpoint"):
+        load_checkpoint(path)
+    torch.save(torch.nn.Linear(2, 2), path)  # a pickled module: refused, and no advice to unpickle it
+    with pytest.raises(CaptionerError, match="holds Python objects") as refused:
+        load_checkpoint(path)
+    assert "weights_only" not in str(refused.value) and len(str(refused.value)) < 300
     torch.save({"weights": torch.zeros(1)}, path)
     with pytest.raises(CaptionerError, match="lacks model, config, vocab"):
         load_checkpoint(path)

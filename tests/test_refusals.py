@@ -46,7 +46,7 @@ def _refused(capsys, argv, folder, *expected):
 def test_truncated_checkpoint_is_refused(run_dir, capsys):
     data = (run_dir / "last.pt").read_bytes()
     (run_dir / "last.pt").write_bytes(data[: len(data) // 3])
-    _refused(capsys, ["train", "--resume", str(run_dir)], run_dir, "last.pt is truncated or not a captioner checkpoint")
+    _refused(capsys, ["train", "--resume", str(run_dir)], run_dir, "last.pt is truncated or corrupt")
 
 
 def test_mismatched_vocabulary_is_refused(run_dir, capsys):

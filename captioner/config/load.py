@@ -340,10 +340,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def _read_config(path: str | Path) -> tuple[Path, object]:
     """(the config file's path, a bare name found among the shipped ones, its parsed YAML), or a one-line error."""
     path = Path(path)
-    if not path.is_file() and path.parent == Path(".") and shipped_config(path.name):
+    # configs/tiny.yaml as the README writes it, outside a checkout (an installed wheel): the shipped one
+    if not path.is_file() and path.parent in (Path("."), Path("configs")) and shipped_config(path.name):
         path = shipped_config(path.name)
     if not path.is_file():
-        raise CaptionerError(f"config file {path} not found")
+        shipped = sorted(p.name for p in (shipped_config("tiny.yaml") or Path("-")).parent.glob("*.yaml"))
+        raise CaptionerError(f"config file {path} not found" + (f" (the shipped configs, by bare name: "
+                                                               f"{', '.join(shipped)})" if shipped else ""))
     data = parse_yaml(read_text(path, "config file", setting=""), f"config file {path}")
     if data is None:
         raise CaptionerError(f"config file {path} is empty (or only comments): give at least one section, "

@@ -47,8 +47,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     except OSError as e:  # permission denied, an I/O error: the file may be fine, reading it is not
         raise os_failure(f"cannot read checkpoint {path}", e) from None
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign files all get one line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptionerError(f"checkpoint {path} is truncated or not a captioner checkpoint: {reason[:200]}") from None
+        raise CaptionerError(f"checkpoint {path} {_unreadable_because(path, e)}") from None
     missing = [k for k in ("model", "config", "vocab") if not isinstance(state, dict) or k not in state]
     if missing:
         raise CaptionerError(f"checkpoint {path} lacks {', '.join(missing)}: not a captioner checkpoint")
@@ -56,6 +55,22 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
                                "vocab": "a list of words"})
     state["model"] = strip_wrapper_prefixes(state["model"])
     return state
+
+
+def _unreadable_because(path: Path, error: Exception) -> str:
+    """Why torch.load refused path, in words: its own message is long, cut mid-sentence, and for a pickled model
+    suggests weights_only=False, which would run the file's code."""
+    import zipfile
+    if type(error).__name__ == "UnpicklingError" and "weights_only" in str(error).lower():
+        return ("holds Python objects, not only tensors and plain data (a pickled model?); it is not loaded, "
+                "as loading it could run code: save a state_dict checkpoint (captioner train writes them)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK" and not zipfile.is_zipfile(path):
+        return "is truncated or corrupt (its zip archive is incomplete): copy or download it again"
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        return "is not a PyTorch checkpoint (neither a zip archive nor a pickle): is it the right file?"
+    return f"is truncated, corrupt or not a captioner checkpoint ({type(error).__name__})"
 
 
 def _well_typed(key: str, value) -> bool:
