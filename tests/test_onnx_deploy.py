@@ -156,9 +156,10 @@ def test_example_equals_captioner_in_process(deploy_folder, tmp_path):
     images = _demo_images(tmp_path / "images")
     model = example["Model"](str(deploy_folder), ["CPUExecutionProvider"])
     suppress_unk = model.config["decode"]["suppress_unk"]  # as captioner reads it from config.json
-    greedy = example["caption"](model, images, 1, 12, 0.0, suppress_unk)
+    pixels = np.stack([example["load_image"](p, model.image_size, model.interpolation) for p in images])
+    greedy = example["caption"](model, pixels, 1, 12, 0.0, suppress_unk)
     assert greedy == _captioner_captions(deploy_folder, images, tmp_path, "--beam", "1")
-    beam = example["caption"](model, images, 3, 12, 0.5, suppress_unk)
+    beam = example["caption"](model, pixels, 3, 12, 0.5, suppress_unk)
     assert beam == _captioner_captions(deploy_folder, images, tmp_path, "--beam", "3", "--length-penalty", "0.5")
     assert beam != greedy or len(set(beam)) > 1  # varied captions: the comparison says something
 
