@@ -2,8 +2,12 @@
 onnxruntime and Pillow: no captioner, no torch.
 
     python examples/onnx_caption.py deploy/ photo1.jpg photo2.png            # the folder's decode settings
-    python examples/onnx_caption.py deploy/ photos/*.jpg --beam-size 1       # greedy
+    python examples/onnx_caption.py deploy/ photos/ --beam-size 1            # greedy, every image in photos/
     python examples/onnx_caption.py deploy/ photo.jpg --beam-size 3 --length-penalty 0.5 --json
+
+Images: files, or folders (their image files, sorted; hidden files and sub-folders left out), captioned
+--batch-size at a time. One that cannot be read is named in one line on stderr and skipped. Exit status, as
+`captioner caption`'s: 0 (also with images skipped; 1 with --strict), 2 bad arguments or model folder (one line).
 
 What it reads from the folder:
   config.json  preprocessing.image_size (S), the decode settings (beam_size, max_len, length_penalty,
@@ -25,15 +29,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 PAD, START, END, UNK = 0, 1, 2, 3
 FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif",
+                    ".tiff", ".avif", ".heic", ".heif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"}  # as captioner's
+EXPORT = "export it with `captioner export --format onnx`"
+AGAIN = "export the folder again with `captioner export --format onnx`"
+GRAPHS = {"encoder": (["images"], ["features"]),  # name: (its inputs, its outputs)
+          "decoder_init": (["features"], ["h", "c", "regions", "projected"]),
+          "decoder_step": (["tokens", "h", "c", "regions", "projected"], ["log_probs", "h_next", "c_next", "alpha"])}
+
+
+class Refused(Exception):
+    """Bad arguments or a bad model folder: main prints the message in one line and exits with status 2."""
+
+
+def find_images(paths: list[str]) -> list[str]:
+    """Image arguments -> image files: a folder gives its image files (as `captioner caption` without
+    --recursive), a file is taken whatever its extension, a path that does not exist is a typo."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            try:
+                names = sorted(os.listdir(path))
+            except OSError as e:
+                raise Refused(f"{path}: cannot list the folder ({e.strerror})") from None
+            found += [os.path.join(path, name) for name in names if not name.startswith(".")  # "._IMG_1.jpg"
+                      and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                      and not os.path.isdir(os.path.join(path, name))]
+        elif os.path.lexists(path):
+            found.append(path)  # if it cannot be read, it is skipped later, in one line
+        else:
+            raise Refused(f"{path}: no such file or folder")
+    if not found:
+        raise Refused(f"no images in {' '.join(paths)}")
+    return found
 
 
 def load_image(path: str, size: int, interpolation: str) -> np.ndarray:
@@ -53,22 +91,70 @@ def load_image(path: str, size: int, interpolation: str) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S)
 
 
+def read_json(folder: Path, name: str, hint: str = EXPORT):
+    try:
+        return json.loads((folder / name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Refused(f"{folder} has no {name}: {hint}") from None
+    except (OSError, ValueError) as e:
+        raise Refused(f"{folder / name}: cannot read it ({e})") from None
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class Model:
     """The folder's three sessions and what decoding needs of its config."""
 
     def __init__(self, folder: str, providers: list[str] | None = None, threads: int = 0):
-        folder = Path(folder)
-        self.config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        manifest = json.loads((folder / self.config["files"]["onnx"]).read_text(encoding="utf-8"))
-        self.tokens = json.loads((folder / self.config["files"]["vocab"]).read_text(encoding="utf-8"))["tokens"]
+        self.folder = folder = Path(folder)
+        if not folder.is_dir():
+            raise Refused(f"{folder}: no such model folder" if not folder.exists() else f"{folder} is not a folder")
+        self.config = read_json(folder, "config.json", f"not a model folder; {EXPORT}")
+        files = self.config.get("files", {})
+        if "onnx" not in files:  # e.g. a folder from a plain `captioner export` (model.safetensors)
+            raise Refused(f"{folder} has no onnx.json: {EXPORT}")
+        manifest = read_json(folder, files["onnx"])
+        self.tokens = read_json(folder, files.get("vocab", "vocab.json"))["tokens"]
         self.image_size = self.config["preprocessing"]["image_size"]
         self.interpolation = manifest["encoder"].get("preprocess", {}).get("interpolation", "bicubic")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        providers = providers or ["CPUExecutionProvider"]
-        self.sessions = {name: ort.InferenceSession(str(folder / self.config["files"][f"onnx_{name}"]), options,
-                                                    providers=providers)
-                         for name in ("encoder", "decoder_init", "decoder_step")}
+        self.sessions = {}
+        for name in GRAPHS:
+            path = folder / files.get(f"onnx_{name}", f"{name}.onnx")
+            if not path.is_file():
+                raise Refused(f"{folder} has no {path.name}: {EXPORT}")
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path), options,
+                                                           providers=providers or ["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime's errors are plain Exceptions
+                raise Refused(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
+        self.check()
+
+    def check(self):
+        """Catch at load a graph from another export (swapped or copied over): the graphs' input and output
+        names, and their fixed dims (all but the batch axis), must fit each other, config.json and vocab.json."""
+        dims = {}  # (graph, "in" or "out", name) -> dims, None where dynamic
+        for graph, (inputs, outputs) in GRAPHS.items():
+            session = self.sessions[graph]
+            for io, args, want in (("in", session.get_inputs(), inputs), ("out", session.get_outputs(), outputs)):
+                if [a.name for a in args] != want:
+                    raise Refused(f"{self.folder}: {graph}.onnx's {io}puts are {', '.join(a.name for a in args)}, "
+                                  f"not {', '.join(want)}: a wrong or swapped graph; {AGAIN}")
+                dims.update({(graph, io, a.name): [d if isinstance(d, int) else None for d in a.shape] for a in args})
+        size, vocab = self.image_size, len(self.tokens)
+        pairs = [(("encoder", "in", "images"), [None, 3, size, size], f"config.json's image size {size}"),
+                 (("decoder_init", "in", "features"), dims["encoder", "out", "features"], "encoder.onnx's"),
+                 (("decoder_step", "out", "log_probs"), [None, vocab], f"vocab.json's {vocab} words")]
+        pairs += [(("decoder_step", "in", k), dims["decoder_init", "out", k], "decoder_init.onnx's")
+                  for k in ("h", "c", "regions", "projected")]
+        for key, want, source in pairs:
+            got = dims[key]
+            if len(got) != len(want) or any(None not in (g, w) and g != w for g, w in zip(got, want)):
+                raise Refused(f"{self.folder}: {key[0]}.onnx's {key[2]} has dims {got}, not {want} as {source}: "
+                              f"the files come from different exports; {AGAIN}")
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         return self.sessions["encoder"].run(None, {"images": images})[0]
@@ -163,9 +249,9 @@ def to_text(ids: list[int], tokens: list[str]) -> str:
     return " ".join(words)
 
 
-def caption(model: Model, paths: list[str], beam_size: int, max_len: int, length_penalty: float,
+def caption(model: Model, images: np.ndarray, beam_size: int, max_len: int, length_penalty: float,
             suppress_unk: bool) -> list[str]:
-    images = np.stack([load_image(p, model.image_size, model.interpolation) for p in paths])  # (B, 3, S, S)
+    """images (B, 3, S, S) uint8, from load_image -> B captions."""
     features = model.encode(images)
     if beam_size == 1:
         ids = greedy(model, features, max_len, suppress_unk)
@@ -174,17 +260,26 @@ def caption(model: Model, paths: list[str], beam_size: int, max_len: int, length
     return [to_text(row, model.tokens) for row in ids]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", help="a model folder written by `captioner export --format onnx`")
-    parser.add_argument("images", nargs="+")
-    parser.add_argument("--beam-size", type=int, default=None, help="1: greedy (default: the folder's)")
-    parser.add_argument("--max-len", type=int, default=None, help="longest caption in words (default: the folder's)")
-    parser.add_argument("--length-penalty", type=float, default=None, help="beam ranking (default: the folder's)")
-    parser.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers, best first")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's choice)")
-    parser.add_argument("--json", action="store_true", help="one JSON line per image")
-    args = parser.parse_args(argv)
+def batches(model: Model, paths: list[str], batch_size: int):
+    """Yield (paths, images (B, 3, S, S)) of up to batch_size images that open; each that does not is named on
+    stderr and skipped. Only one batch is in memory at a time."""
+    for first in range(0, len(paths), batch_size):
+        good, images = [], []
+        for path in paths[first:first + batch_size]:
+            try:
+                images.append(load_image(path, model.image_size, model.interpolation))
+                good.append(path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                why = getattr(e, "strerror", None) or first_line(e)  # e.g. "Is a directory", "Permission denied"
+                if isinstance(e, UnidentifiedImageError):
+                    why = "not an image Pillow can read (corrupt, or another kind of file)"
+                print(f"skipped {path}: {why}", file=sys.stderr, flush=True)
+        if good:
+            yield good, np.stack(images)
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = find_images(args.images)
     model = Model(args.folder, args.providers, args.threads)
     decode = model.config.get("decode", {})
     for key in ("block_ngram", "groups", "sample"):
@@ -194,10 +289,42 @@ def main(argv: list[str] | None = None) -> int:
     beam_size = args.beam_size or decode.get("beam_size", 1)
     max_len = args.max_len or decode.get("max_len", 30)
     penalty = decode.get("length_penalty", 0.0) if args.length_penalty is None else args.length_penalty
-    texts = caption(model, args.images, beam_size, max_len, penalty, bool(decode.get("suppress_unk", False)))
-    for path, text in zip(args.images, texts):
-        print(json.dumps({"image": path, "caption": text}) if args.json else f"{path}\t{text}")
-    return 0
+    done = 0
+    for good, images in batches(model, paths, args.batch_size):
+        try:
+            texts = caption(model, images, beam_size, max_len, penalty, bool(decode.get("suppress_unk", False)))
+        except Exception as e:  # a graph that slipped past Model.check; onnxruntime's errors are plain Exceptions
+            raise Refused(f"{args.folder}: the graphs fail at run time ({first_line(e)}); {AGAIN}") from None
+        for path, text in zip(good, texts):
+            print(json.dumps({"image": path, "caption": text}) if args.json else f"{path}\t{text}")
+        sys.stdout.flush()  # each batch is written as it is done
+        done += len(good)
+    return 1 if args.strict and done < len(paths) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="a model folder written by `captioner export --format onnx`")
+    parser.add_argument("images", nargs="+", help="image files, or folders of images")
+    parser.add_argument("--beam-size", type=int, default=None, help="1: greedy (default: the folder's)")
+    parser.add_argument("--max-len", type=int, default=None, help="longest caption in words (default: the folder's)")
+    parser.add_argument("--length-penalty", type=float, default=None, help="beam ranking (default: the folder's)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
+    parser.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers, best first")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's choice)")
+    parser.add_argument("--json", action="store_true", help="one JSON line per image")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when some image was skipped")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        return run(args)
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:  # config.json, onnx.json or vocab.json lacks an entry this script reads
+        print(f"error: {args.folder}: an entry {e} is missing from its JSON files; {EXPORT}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -156,9 +156,10 @@ def test_example_equals_captioner_in_process(deploy_folder, tmp_path):
     images = _demo_images(tmp_path / "images")
     model = example["Model"](str(deploy_folder), ["CPUExecutionProvider"])
     suppress_unk = model.config["decode"]["suppress_unk"]  # as captioner reads it from config.json
-    greedy = example["caption"](model, images, 1, 12, 0.0, suppress_unk)
+    pixels = np.stack([example["load_image"](p, model.image_size, model.interpolation) for p in images])
+    greedy = example["caption"](model, pixels, 1, 12, 0.0, suppress_unk)
     assert greedy == _captioner_captions(deploy_folder, images, tmp_path, "--beam", "1")
-    beam = example["caption"](model, images, 3, 12, 0.5, suppress_unk)
+    beam = example["caption"](model, pixels, 3, 12, 0.5, suppress_unk)
     assert beam == _captioner_captions(deploy_folder, images, tmp_path, "--beam", "3", "--length-penalty", "0.5")
     assert beam != greedy or len(set(beam)) > 1  # varied captions: the comparison says something
 
@@ -176,6 +177,121 @@ def test_example_runs_with_torch_and_captioner_unimportable(deploy_folder, tmp_p
         got = [json.loads(line)["caption"] for line in run.stdout.splitlines()]
         beam = ["--beam", options[1]] + (["--length-penalty", "0.5"] if len(options) > 2 else [])
         assert got == _captioner_captions(deploy_folder, images, tmp_path, *beam)
+
+
+def _run_example(capsys, *args) -> tuple[int, list[str], list[str]]:
+    """examples/onnx_caption.py's main in this process: (exit status, stdout lines, stderr lines)."""
+    import runpy
+    status = runpy.run_path(str(EXAMPLE))["main"]([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out.splitlines(), err.splitlines()
+
+
+def _bad_images(folder: Path) -> list[str]:
+    """A truncated JPEG and an HTML page saved as .png."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    (folder / "page.png").write_text("<html><body>not an image</body></html>")
+    return [str(folder / "broken.jpg"), str(folder / "page.png")]
+
+
+def test_example_skips_an_unreadable_image_and_captions_the_others(deploy_folder, tmp_path, capsys):
+    good = _demo_images(tmp_path / "good")[-3:]  # colour blocks: captioned differently from each other
+    expected = _captioner_captions(deploy_folder, good, tmp_path, "--beam", "1")
+    capsys.readouterr()
+    broken, page = _bad_images(tmp_path / "bad")
+    status, out, err = _run_example(capsys, deploy_folder, good[0], broken, good[1], page, good[2], "--beam-size", "1")
+    assert status == 0  # as `captioner caption`: the run goes on, 1 only with --strict
+    assert [line.split("\t") for line in out] == [[path, text] for path, text in zip(good, expected)]
+    assert len(err) == 2 and broken in err[0] and page in err[1] and all("not an image" in line for line in err)
+    status, out, err = _run_example(capsys, deploy_folder, *good, broken, "--strict", "--beam-size", "1")
+    assert status == 1 and len(out) == 3 and len(err) == 1 and broken in err[0]
+
+
+def test_example_expands_a_folder_to_its_images(deploy_folder, tmp_path, capsys):
+    folder = noise_pngs(tmp_path / "photos", 3, 80)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "._img000.png").write_bytes(b"macOS resource fork")  # hidden: left out, as by captioner
+    (folder / "sub.jpg").mkdir()  # a folder with an image extension: left out
+    noise_pngs(folder / "sub", 1, 80)  # not recursive
+    extra = noise_pngs(tmp_path / "extra", 1, 64) / "img000.png"
+    status, out, err = _run_example(capsys, deploy_folder, folder, extra, "--json")
+    files = [str(folder / f"img{i:03d}.png") for i in range(3)] + [str(extra)]
+    assert status == 0 and err == [] and [json.loads(line)["image"] for line in out] == files
+    by_file = _run_example(capsys, deploy_folder, *files, "--json")[1]
+    assert out == by_file
+    _bad_images(tmp_path / "bad")
+    status, out, err = _run_example(capsys, deploy_folder, tmp_path / "bad")  # unreadable images only
+    assert status == 0 and out == [] and len(err) == 2
+    (tmp_path / "empty").mkdir()
+    assert _run_example(capsys, deploy_folder, tmp_path / "empty")[0::2] == \
+        (2, [f"error: no images in {tmp_path / 'empty'}"])
+
+
+def test_example_batches_give_the_same_captions(deploy_folder, tmp_path, capsys):
+    images = _demo_images(tmp_path / "images")[-5:]  # a noise PNG and four colour blocks
+    for beam in ("1", "3"):
+        whole = _run_example(capsys, deploy_folder, *images, "--beam-size", beam, "--batch-size", "16")
+        pairs = _run_example(capsys, deploy_folder, *images, "--beam-size", beam, "--batch-size", "2")
+        assert whole[0] == pairs[0] == 0 and len(whole[1]) == 5 and whole[1] == pairs[1]
+    import runpy
+    example = runpy.run_path(str(EXAMPLE))
+    model = example["Model"](str(deploy_folder))
+    sizes = [len(pixels) for _, pixels in example["batches"](model, images + _bad_images(tmp_path / "bad"), 2)]
+    assert sizes == [2, 2, 1]  # the last batch: one image and two unreadable ones; one batch in memory at a time
+    with pytest.raises(SystemExit):
+        example["main"]([str(deploy_folder), images[0], "--batch-size", "0"])
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
+
+
+def test_example_refuses_a_bad_model_folder_in_one_line(onnx_folder, deploy_folder, tmp_path, capsys):
+    import shutil
+    image = str(noise_pngs(tmp_path / "images", 1, 64) / "img000.png")
+    plain = tmp_path / "plain"  # `captioner export` without --format onnx: model.safetensors, config.json
+    assert cli(["export", "--checkpoint", str(onnx_folder[0]), "--out", str(plain)]) == 0
+    capsys.readouterr()
+    swapped, vocab, runtime = (tmp_path / name for name in ("swapped", "vocab", "runtime"))
+    for folder in (swapped, vocab, runtime):
+        shutil.copytree(deploy_folder, folder)
+    shutil.copy(deploy_folder / "decoder_init.onnx", swapped / "decoder_step.onnx")
+    for folder in (vocab, runtime):  # as a decoder_step.onnx from a model with another vocabulary
+        tokens = json.loads((folder / "vocab.json").read_text())["tokens"]
+        (folder / "vocab.json").write_text(json.dumps({"tokens": tokens + ["extra", "words"]}))
+    no_onnx_json = tmp_path / "no_onnx_json"
+    shutil.copytree(deploy_folder, no_onnx_json)
+    (no_onnx_json / "onnx.json").unlink()
+    expected = {plain: f"{plain} has no onnx.json: export it with `captioner export --format onnx`",
+                no_onnx_json: f"{no_onnx_json} has no onnx.json: export it with `captioner export --format onnx`",
+                tmp_path / "missing": "no such model folder",
+                tmp_path / "images": "has no config.json: not a model folder",
+                swapped: "decoder_step.onnx's inputs are features, not tokens, h, c, regions, projected",
+                vocab: "decoder_step.onnx's log_probs has dims [None, "}
+    for folder, words in expected.items():
+        status, out, err = _run_example(capsys, folder, image)
+        assert status == 2 and out == [] and len(err) == 1 and str(folder) in err[0] and words in err[0], err
+    assert _run_example(capsys, deploy_folder, tmp_path / "nope.png")[0::2] == \
+        (2, [f"error: {tmp_path / 'nope.png'}: no such file or folder"])
+    # a mismatch the load check misses is still one line at run time
+    import runpy
+    example = runpy.run_path(str(EXAMPLE))
+    example["Model"].check = lambda self: None
+    assert example["main"]([str(runtime), image, "--beam-size", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"{runtime}: the graphs fail at run time" in err[0]
+
+
+@pytest.mark.slow  # spawns an interpreter
+def test_example_bad_input_is_one_line_without_a_traceback(onnx_folder, deploy_folder, tmp_path):
+    import subprocess
+    image = str(noise_pngs(tmp_path / "images", 1, 64) / "img000.png")
+    broken = _bad_images(tmp_path / "bad")[0]
+    plain = tmp_path / "plain"
+    assert cli(["export", "--checkpoint", str(onnx_folder[0]), "--out", str(plain)]) == 0
+    for args, status, lines in (([plain, image], 2, 1), ([deploy_folder, image, broken, tmp_path / "images"], 0, 1)):
+        run = subprocess.run([sys.executable, "-c", BLOCKED + RUN_EXAMPLE, str(EXAMPLE), *map(str, args)],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == status and len(run.stderr.splitlines()) == lines, run.stderr
+        assert "Traceback" not in run.stderr and str(args[0] if status else broken) in run.stderr
 
 
 # ---------------------------------------------------------------- providers and session options
