@@ -170,6 +170,7 @@ def _table(w: Path, small_root: Path) -> dict[str, tuple[list[str], int]]:
                                                      str(w / "m")], 2),
         ("caption --out under a file", [*caption, *ok, "--out", str(w / "afile" / "c.jsonl")], 2),
         ("caption --out a folder", [*caption, *ok, "--out", str(w / "adir")], 2),
+        ("caption --out a device", [*caption, *ok, "--out", "/dev/zero"], 2),
         ("caption --html under a file", [*caption, *ok, "--out", str(w / "c1.jsonl"), "--html",
                                          str(w / "afile" / "g.html")], 2),
         ("caption --html a folder", [*caption, *ok, "--out", str(w / "c2.jsonl"), "--html", str(w / "adir")], 2),

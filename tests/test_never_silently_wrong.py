@@ -383,5 +383,10 @@ def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     assert cfg.cache.dir == str(Path("~/features").expanduser())
     assert cfg.dataset.images == "photos"  # command-line values stay relative to the working directory
     assert len(read_dataset(cfg.dataset)[1]) == 10
-    # A bare name finds the configs that ship with captioner, from any folder.
+    # A bare name finds the configs that ship with captioner, from any folder, and so does configs/NAME as the
+    # README writes it (outside a checkout: an installed wheel); a missing one lists the shipped names.
     assert load_config("tiny.yaml").encoder.arch == "resnet18"
+    assert load_config("configs/tiny.yaml").encoder.arch == "resnet18"
+    with pytest.raises(CaptionerError, match=r"config file configs/nope.yaml not found \(the shipped configs, by "
+                                             r"bare name: .*tiny.yaml"):
+        load_config("configs/nope.yaml")
