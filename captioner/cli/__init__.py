@@ -3,7 +3,7 @@ the job modules.
 
 Exit codes (engine/runtime/exit.py, the one exit path): 0 done, 2 bad input (one line on stderr: what is wrong
 and what to try), 1 the machine failed (a full disk, a read-only file system, a closed output; one line),
-130 / 143 stopped by SIGINT / SIGTERM (train: with last.pt saved); `caption --strict` exits 1 when some
+130 / 143 stopped by SIGINT / SIGTERM (train, demo: with last.pt saved); `caption --strict` exits 1 when some
 image could not be read.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import shlex
 import sys
 import warnings
 
@@ -48,6 +49,11 @@ def _report_train(args: argparse.Namespace, summary: dict) -> int:
 
 
 def _report_demo(args: argparse.Namespace, summary: dict) -> int:
+    if summary["stopped"] in ("SIGINT", "SIGTERM"):  # training stopped: nothing evaluated, not a finished demo
+        _print_json(summary)
+        print(f"captioner demo: stopped by {summary['stopped']} at step {summary['steps']}; last.pt saved; rerun "
+              f"the same `captioner demo --out {shlex.quote(args.out)}` to resume it", file=sys.stderr)
+        return exit_status(summary["stopped"])
     print(f"demo finished in {summary['seconds']}s: test BLEU-4 {summary['bleu4']:.3f} "
           f"(beam {summary['beam_size']}, {summary['test_images']} held-out images)")
     print(f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics_file']}\n"

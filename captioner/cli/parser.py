@@ -99,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", "generate synthetic data, train, evaluate and caption in a few CPU minutes",
                 "Runs the whole pipeline on synthetic shapes (configs/tiny.yaml, ResNet-18 for speed).\n"
-                "The last line printed is a JSON summary with bleu4, checkpoint and output_dir.")
+                "The last line printed is a JSON summary with bleu4, checkpoint and output_dir.\n"
+                "Ctrl-C/SIGTERM during training save OUT/run/last.pt and exit with 130/143; rerunning the same\n"
+                "command resumes it. A folder holding a finished demo is refused unless --overwrite.")
     p.add_argument("--out", default="demo", help="folder for everything the demo writes (default: ./demo)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out folder that holds a finished demo (deletes its run)")
     _add_print_config(p)
     _add_device(p)
     _add_overrides(p)
