@@ -28,11 +28,16 @@ def bar(iterable=None, disable: bool = False, **kwargs) -> tqdm:
 
 @contextlib.contextmanager
 def quiet_library_logs():
-    """Silence root-logger warnings of a library call that are not news here (open_clip's note on every
-    random-init build, onnxruntime.quantization's line per tensor it leaves in float); restored afterwards."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    """Silence the warnings libraries log during a call that are not news here (open_clip's note on every
+    random-init build, onnxruntime.quantization's line per tensor it leaves in float); restored afterwards.
+    captioner's own lines still pass (logging.disable, used before, hid the int8 steps' warnings too): its
+    logger keeps the level it had, the root logger, whose level the libraries' loggers inherit, goes to ERROR."""
+    root, ours = logging.getLogger(), logging.getLogger("captioner")
+    previous_root, previous_ours = root.level, ours.level
+    ours.setLevel(ours.getEffectiveLevel())
+    root.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logging.disable(previous)
+        root.setLevel(previous_root)
+        ours.setLevel(previous_ours)

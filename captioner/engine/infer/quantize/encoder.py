@@ -103,6 +103,9 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
     quant_pre_process(str(float_encoder), str(prepared), skip_symbolic_shape=True)
     convs = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Conv"]
     fit, held = split_held_out(images)
+    # Each step below is measured, which takes up to time_limit in all: a line per step says where it is.
+    log.info("int8 1/5: choosing the calibration method (%d images to calibrate, %d held out to measure; "
+             "at most %d s in all)", len(fit), len(held), time_limit)
     probe = FeatureProbe(prepared, held)
     deadline = start + time_limit
     # Offset centering is exact in float, so the probe's float32 reference stays the prepared graph's.
@@ -110,6 +113,8 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
                                            lambda graph, out_: quantize_encoder(graph, out_, fit, "MinMax", []))
     choice = choose_method(prepared, work, fit, probe, [], deadline)
     chosen = work / f"encoder-{choice.method}.onnx"
+    log.info("int8 2/5: %s ranges chosen (feature cosine %.4f); ranking the %d convolutions by their error",
+             choice.method, choice.errors[choice.method]["cosine_mean"], len(convs))
     local = node_errors(prepared, chosen, fit[:RANKING_IMAGES])
     # Measuring each node at the features takes a session per node: at most a third of the time left.
     ranking_deadline = time.monotonic() + (deadline - time.monotonic()) / 3
@@ -122,10 +127,13 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
         quantize_encoder(prepared, made[tuple(names)], fit, choice.method, names, choice.cache)
         return probe.error(made[tuple(names)])
 
+    log.info("int8 3/5: keeping the worst convolutions in float until the features reach cosine %.2f", budget)
     costs = conv_costs(onnx.load(str(prepared)))
     search = search_exclusions(errors, requantize, choice.errors[choice.method], budget, costs, max_float_macs,
                                deadline - ROUNDING_SHARE * time_limit)
     searched = made[tuple(search.excluded)]
+    log.info("int8 4/5: %d kept in float (cosine %.4f); rounding the int8 weights (GPTQ)", len(search.excluded),
+             search.error["cosine_mean"])
     rounding = round_weights(searched, prepared, work / "encoder-rounded.onnx", fit, deadline)
     rounded_error = probe.error(work / "encoder-rounded.onnx")
     # Kept only when measured closer on the held-out images, like every other step.
@@ -133,6 +141,7 @@ def quantize_encoder_measured(float_encoder: Path, out: Path, images: torch.Tens
     rounding.update(applied=applied, cosine_before=search.error["cosine_mean"],
                     cosine_after=rounded_error["cosine_mean"])
     final = rounded_error if applied else search.error
+    log.info("int8 5/5: cosine %.4f; the linear layers (MatMul/Gemm), if any", final["cosine_mean"])
     linear = quantize_linear(work / "encoder-rounded.onnx" if applied else searched, out, probe, budget, final,
                              deadline)
     final = linear.pop("error", final)
