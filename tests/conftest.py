@@ -82,3 +82,15 @@ def mixed(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mixed") / "photos"
     good, bad = make_input_folder(folder)
     return folder, good, bad
+
+
+@pytest.fixture
+def loopback_hub(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache under tmp_path (HF_HOME), online, and the Hub's address to be pointed at a
+    loopback server with downloads.serve_hub."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return cache

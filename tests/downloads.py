@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,17 +29,19 @@ class LoopbackServer:
     """An HTTP server on 127.0.0.1 (a free port, a background thread) serving fixed bytes per path and recording
     every request as "GET /path" or "HEAD /path". `headers` adds response headers per path (a Hub's ETag, ...).
     Paths in `truncate` announce their full Content-Length but send only half the bytes, then close the
-    connection: an interrupted download."""
+    connection: an interrupted download. With `drip` seconds, bodies go out in 1/8ths that far apart: a slow but
+    steady download. A path is matched without its query string."""
 
     def __init__(self, files: dict[str, bytes], truncate: set[str] = frozenset(),
-                 headers: dict[str, dict[str, str]] | None = None):
+                 headers: dict[str, dict[str, str]] | None = None, drip: float = 0.0):
         self.files, self.truncate, self.headers = dict(files), set(truncate), dict(headers or {})
+        self.drip = drip
         self.requests: list[str] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self, body: bool) -> None:
-                name = self.path.lstrip("/")
+                name = self.path.split("?", 1)[0].lstrip("/")
                 server.requests.append(f"{self.command} {self.path}")
                 if name not in server.files:
                     self.send_error(404)
@@ -49,7 +53,13 @@ class LoopbackServer:
                     self.send_header(key, value)
                 self.end_headers()
                 if body:
-                    self.wfile.write(data[: len(data) // 2] if name in server.truncate else data)
+                    data = data[: len(data) // 2] if name in server.truncate else data
+                    step = -(-len(data) // 8) if server.drip else len(data)
+                    for start in range(0, len(data), max(step, 1)):
+                        if start:
+                            time.sleep(server.drip)
+                        self.wfile.write(data[start:start + step])
+                        self.wfile.flush()
                 self.close_connection = True
 
             def do_GET(self):  # noqa: N802 - http.server's names
@@ -80,6 +90,38 @@ class LoopbackServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts every connection and never sends a byte: a stalled proxy or a
+    half-dead network. `url` is its address; `connections` counts what it accepted."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def connections(self) -> int:
+        return len(self.accepted)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.accepted.append(self.sock.accept()[0])  # kept open, never answered
+            except OSError:  # closed by __exit__
+                return
+
+    def __enter__(self) -> "SilentServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+        self.thread.join(5)
 
 
 def closed_port_url(name: str) -> str:
@@ -138,6 +180,17 @@ def fill_hub_cache(cache: str | Path, repo_id: str, files: dict[str, bytes]) -> 
     return snapshot
 
 
+def serve_hub(monkeypatch, endpoint: str) -> None:
+    """Point huggingface_hub at endpoint (http://127.0.0.1:PORT), as HF_ENDPOINT does: huggingface_hub reads
+    it at import, so its constants are patched, like it."""
+    from huggingface_hub import constants
+
+    endpoint = endpoint.rstrip("/")
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+
+
 def hub_files(repo_id: str, files: dict[str, bytes], etags: dict[str, str] | None = None,
               commit: str = "0" * 40) -> tuple[dict[str, bytes], set, dict[str, dict[str, str]]]:
     """LoopbackServer arguments that answer like the Hugging Face Hub for repo_id's files at revision main
@@ -148,4 +201,21 @@ def hub_files(repo_id: str, files: dict[str, bytes], etags: dict[str, str] | Non
     headers = {f"{repo_id}/resolve/main/{name}": {
         "X-Repo-Commit": commit, "ETag": f'"{etags.get(name) or hashlib.sha256(data).hexdigest()}"'}
         for name, data in files.items()}
+    return paths, set(), headers
+
+
+def hub_repo(repo_id: str, files: dict[str, bytes], commit: str = "1" * 40
+             ) -> tuple[dict[str, bytes], set, dict[str, dict[str, str]]]:
+    """LoopbackServer arguments that answer snapshot_download(repo_id) like the Hugging Face Hub: the revision
+    (api/models/REPO/revision/main), the file list (api/models/REPO/tree/COMMIT) and each file at that commit."""
+    tree = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+            for name, data in files.items()]
+    info = {"id": repo_id, "sha": commit, "siblings": [{"rfilename": name} for name in files]}
+    paths = {f"api/models/{repo_id}/revision/main": json.dumps(info).encode(),
+             f"api/models/{repo_id}/tree/{commit}": json.dumps(tree).encode()}
+    headers = {}
+    for name, data in files.items():
+        paths[f"{repo_id}/resolve/{commit}/{name}"] = data
+        headers[f"{repo_id}/resolve/{commit}/{name}"] = {"X-Repo-Commit": commit,
+                                                         "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
     return paths, set(), headers

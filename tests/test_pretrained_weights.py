@@ -20,7 +20,7 @@ from captioner.model.caption_model import build_encoder
 from captioner.model.encoder import HookedEncoder
 
 from downloads import (LoopbackServer, closed_port_url, fill_hub_cache, hashed_name, hub_files, saved_bytes,
-                       tiny_state_dict)
+                       serve_hub, tiny_state_dict)
 from helpers import ROOT, TINY, small_config, small_overrides
 
 WEIGHTS = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
@@ -187,30 +187,11 @@ def test_timm_tag_loads_from_a_filled_hugging_face_cache(offline_hub, timm_weigh
     assert "removed" in message and not blob.exists() and not (snapshot / "model.safetensors").exists()
 
 
-@pytest.fixture
-def loopback_hub(tmp_path, monkeypatch) -> Path:
-    """An empty Hugging Face cache under tmp_path and the Hub's address to be pointed at a LoopbackServer."""
-    constants = pytest.importorskip("huggingface_hub.constants")
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    return cache
-
-
-def _serve_hub(monkeypatch, server: LoopbackServer) -> None:
-    from huggingface_hub import constants
-
-    endpoint = server.url("").rstrip("/")  # read at import as HF_ENDPOINT: patched like it
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-
-
 def test_timm_tag_downloads_through_huggingface_hub_once(loopback_hub, timm_weights, monkeypatch):
     data, state = timm_weights
     path = f"/{TIMM_REPO}/resolve/main/model.safetensors"
     with LoopbackServer(*hub_files(TIMM_REPO, {"model.safetensors": data})) as server:
-        _serve_hub(monkeypatch, server)
+        serve_hub(monkeypatch, server.url(""))
         first = _timm_encoder()
         assert server.downloads == [path]
         second = _timm_encoder()  # the Hub client asks whether its copy is current (HEAD), downloads nothing
@@ -224,7 +205,7 @@ def test_corrupt_hub_download_is_refused_and_removed(loopback_hub, timm_weights,
     wrong = hashlib.sha256(b"other bytes").hexdigest()  # the ETag (the sha256 the Hub promises) of other content
     with LoopbackServer(*hub_files(TIMM_REPO, {"model.safetensors": data}, etags={"model.safetensors": wrong})) \
             as server:
-        _serve_hub(monkeypatch, server)
+        serve_hub(monkeypatch, server.url(""))
         with pytest.raises(CaptionerError) as e:
             _timm_encoder()
     assert "incomplete or corrupt" in _one_line(e) and "removed" in str(e.value)
