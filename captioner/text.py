@@ -135,6 +135,14 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
         try:
-            return cls(json.loads(Path(path).read_text())["tokens"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise CaptionerError(f"vocabulary file {path} is unreadable: {e}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("tokens"), list):  # e.g. a bare list of words
+            found = f"a JSON {type(data).__name__}" if not isinstance(data, dict) else "an object without a list there"
+            raise CaptionerError(f"vocabulary file {path} must be a JSON object {{\"tokens\": [word, ...]}}, "
+                                 f"got {found}")
+        try:
+            return cls(data["tokens"])
+        except (ValueError, KeyError, TypeError) as e:
             raise CaptionerError(f"vocabulary file {path} is unreadable: {e}") from None

@@ -47,3 +47,20 @@ def test_vocab_round_trip(tmp_path):
     vocab.save(tmp_path / "v.json")
     assert Vocabulary.load(tmp_path / "v.json") == vocab
     assert tokenize("Two dogs' toys, 3 balls.") == ["two", "dogs", "toys", "3", "balls"]
+
+
+def test_text_where_a_number_is_expected_is_refused_but_yaml_11_floats_read(tmp_path):
+    """PyYAML reads 1e-3 as text (YAML 1.1): that still becomes a float, in a file and in a key=value override;
+    "128" quoted is text, refused with the key and the expected type."""
+    good = tmp_path / "good.yaml"
+    good.write_text("train:\n  lr: 1e-3\n  weight_decay: 1.0e2\n")
+    cfg = load_config(good, ["model.dropout=5e-1", "model.embed_dim=64"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.model.dropout, cfg.model.embed_dim) == (1e-3, 100.0, 0.5, 64)
+    for text, message in (('model:\n  embed_dim: "128"\n', "'model.embed_dim' expects int"),
+                          ("train:\n  lr: '0.001'\n", "'train.lr' expects float")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(CaptionerError, match=message):
+            load_config(bad)
+    with pytest.raises(CaptionerError, match="'model.embed_dim' expects int"):
+        apply_overrides(Config(), ["model.embed_dim=abc"])

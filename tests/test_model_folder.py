@@ -180,3 +180,88 @@ def test_encoder_weights_read_safetensors(tmp_path):
 def test_runtime_is_checked_in_one_line(folder):
     with pytest.raises(CaptionerError, match="runtime 'tensorrt' is not available; valid: torch"):
         Predictor.load(folder, "cpu", runtime="tensorrt")
+
+
+def _tampered(folder, tmp_path, edit, name="tampered"):
+    """A copy of folder whose config.json edit(meta) changed (or whose vocab.json edit wrote, given "vocab")."""
+    out = tmp_path / name
+    out.mkdir()
+    for f in ("model.safetensors", "vocab.json", "config.json"):
+        (out / f).write_bytes((folder / f).read_bytes())
+    meta = json.loads((folder / "config.json").read_text())
+    edit(meta)
+    (out / "config.json").write_text(json.dumps(meta))
+    return out
+
+
+def _drop(*keys):
+    def edit(meta):
+        holder = meta
+        for k in keys[:-1]:
+            holder = holder[k]
+        del holder[keys[-1]]
+    return edit
+
+
+def _put(value, *keys):
+    def edit(meta):
+        holder = meta
+        for k in keys[:-1]:
+            holder = holder[k]
+        holder[keys[-1]] = value
+    return edit
+
+
+TAMPERING = [  # (edit of config.json, what the one-line error must say besides the file name)
+    (_drop("config", "encoder", "image_size"), "config.encoder.image_size is missing"),
+    (_drop("config", "encoder", "arch"), "config.encoder.arch is missing"),
+    (_drop("config", "decode"), "config.decode is missing"),
+    (_drop("config", "decode", "max_len"), "config.decode.max_len is missing"),
+    (_drop("config", "decode", "suppress_unk"), "config.decode.suppress_unk is missing"),  # decode block states it
+    (_drop("config", "model", "embed_dim"), "config.model.embed_dim is missing"),
+    (_put(224, "config", "encoder", "image_size"), r"preprocessing.image_size \(64\) disagrees with "
+                                                   r"config.encoder.image_size \(224\)"),
+    (_put([0.0, 0.0, 0.0], "config", "encoder", "mean"), "preprocessing.mean .* disagrees with config.encoder.mean"),
+    (_put(5, "config", "decode", "max_len"), r"decode.max_len \(12\) disagrees with config.decode.max_len \(5\)"),
+    (_put([0.5, 0.5, 0.5], "preprocessing", "std"), "preprocessing.std .* disagrees with the model's std"),
+    (_put("resnet18", "architecture", "encoder"), "architecture.encoder .* disagrees with config.encoder.arch"),
+    (_put("128", "config", "model", "embed_dim"), "config.model.embed_dim expects int"),
+    (_put("1e-3", "config", "model", "dropout"), "config.model.dropout expects float"),  # JSON: never text
+    (_put(1, "config", "encoder", "foo"), "unknown key config.encoder.foo"),
+]
+
+
+@pytest.mark.parametrize("edit, message", TAMPERING, ids=[m.split()[0] for _, m in TAMPERING])
+def test_a_tampered_config_json_is_one_line_naming_the_key(folder, tmp_path, edit, message, capsys):
+    bad = _tampered(folder, tmp_path, edit)
+    with pytest.raises(CaptionerError, match=message) as e:
+        load_model_folder(bad)
+    text = str(e.value)
+    assert text.startswith(f"{bad / 'config.json'}: ") and "\n" not in text and len(text) < 200 + len(str(bad))
+    from PIL import Image
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "photo.png")
+    code = cli(["caption", "--device", "cpu", "--checkpoint", str(bad), str(tmp_path / "photo.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "config.json" in err and "Traceback" not in err
+
+
+def test_older_folders_without_later_keys_still_load(folder, tmp_path):
+    """Keys added after format_version 1 began: a folder exported before them (and without the top-level block that
+    would state them) loads as it always did."""
+    def edit(meta):
+        for key in ("mean", "std", "interpolation"):
+            del meta["config"]["encoder"][key]
+        del meta["preprocessing"]["mean"], meta["preprocessing"]["std"], meta["preprocessing"]["interpolation"]
+        for key in ("block_ngram", "suppress_unk", "groups", "diversity", "top_k", "top_p", "num_return_sequences"):
+            del meta["config"]["decode"][key], meta["decode"][key]
+    _, _, cfg = load_model_folder(_tampered(folder, tmp_path, edit))
+    assert cfg.decode.suppress_unk is False and cfg.decode.max_len == 12  # the legacy default, the folder's value
+    _, _, cfg = load_model_folder(folder)  # untouched
+    assert cfg.decode.suppress_unk is True and cfg.encoder.image_size == 64
+
+
+def test_vocab_as_a_bare_list_says_the_shape(folder, tmp_path):
+    bad = _tampered(folder, tmp_path, lambda meta: None)
+    (bad / "vocab.json").write_text(json.dumps(json.loads((folder / "vocab.json").read_text())["tokens"]))
+    with pytest.raises(CaptionerError, match=r'must be a JSON object \{"tokens": \[word, ...\]\}, got a JSON list'):
+        load_model_folder(bad)

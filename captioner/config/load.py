@@ -9,6 +9,7 @@ import datetime
 import difflib
 import functools
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -151,11 +152,10 @@ def coerce(key: str, value, annotation, spec: dataclasses.Field | None = None, l
         if isinstance(value, (list, tuple)) and value:
             return [coerce(key, v, item, label=name) for v in value]
         raise CaptionerError(f"{name} expects a list of {item.__name__} such as [0.5, 0.5, 0.5], got {_shown(value)}")
-    if target in (int, float) and isinstance(value, str):
-        try:  # YAML reads "1e-3" (no dot) as a string
-            value = target(value.strip())
-        except ValueError:
-            pass
+    # PyYAML (YAML 1.1) reads 1e-3 and 1.0e3 (no dot, or no exponent sign) as strings, in files and `key=value`
+    # overrides alike: those become floats. Any other string where a number is expected ("128") is refused.
+    if target is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        value = float(value.strip())
     if target is bool and isinstance(value, bool):
         return value
     if target is int and isinstance(value, int) and not isinstance(value, bool):
@@ -176,6 +176,9 @@ def coerce(key: str, value, annotation, spec: dataclasses.Field | None = None, l
                 bool: "bool (true or false)"}.get(
         target, getattr(target, "__name__", str(target)))
     raise CaptionerError(f"{name} expects {expected}, got {_shown(value)}")
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+|[-+]?(inf|infinity)|nan", re.IGNORECASE)
 
 
 def _shown(value) -> str:

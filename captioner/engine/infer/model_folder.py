@@ -30,6 +30,7 @@ from captioner import __version__
 from captioner.config import Config, to_dict
 from captioner.engine.infer import hub
 from captioner.engine.infer.checkpoint import load_model, model_from_checkpoint
+from captioner.engine.infer.folder_config import check_folder_config, check_model_preprocessing
 from captioner.engine.infer.integrity import WeightSource, check_vocab, vocab_sha256
 from captioner.errors import CaptionerError, os_failure
 from captioner.files import atomic_folder, update_digest, write_json, write_text
@@ -137,6 +138,8 @@ def read_folder_config(folder: str | Path) -> dict:
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise CaptionerError(f"{path}: key 'vocab_size' must be the vocabulary's word count (an integer >= 1), got "
                              f"{size if 'vocab_size' in meta else 'nothing (missing)'!r}")
+    # export writes the config in full: a missing key is refused, never filled by today's default
+    check_folder_config(meta, path)
     return meta
 
 
@@ -169,6 +172,7 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu"
     dtype = {name: DTYPES[key] for key, name in DTYPE_NAMES.items()}[meta["dtype"]]
     model, vocab, cfg = model_from_checkpoint(state, folder, WeightSource(str(weights_file),
                                                                           str(folder / CONFIG_FILE), dtype))
+    check_model_preprocessing(meta, model.encoder, folder / CONFIG_FILE)
     return model.to(device).eval(), vocab, cfg
 
 
