@@ -77,10 +77,10 @@ def make_rowwise(model) -> int:
         row_scales.add(scale)
         name = (node.name or values) + "_rowwise"
 
-        def const(suffix, value, dtype=TensorProto.FLOAT, out=None):
+        def const(suffix, values, dtype=TensorProto.FLOAT, out=None, dims=()):
             out = out or f"{name}_{suffix}"
             nodes.append(helper.make_node("Constant", [], [out], name=out,
-                                          value=helper.make_tensor(out, dtype, [], [value])))
+                                          value=helper.make_tensor(out, dtype, list(dims), values)))
             return out
 
         def op(op_type, inputs, suffix=None, out=None, **attributes):
@@ -89,20 +89,29 @@ def make_rowwise(model) -> int:
                                           **attributes))
             return out
 
-        magnitude = op("Abs", [x], "abs")
+        # The rows as a matrix (R, K), so that QuantizeLinear's per-axis mode (axis 0: a scale per row) does
+        # divide, round, shift and cast in one pass: four elementwise ops did it before, 0.78 -> 1.16 ms for the
+        # decoder's init on 8 images (its (8, 49, 1280) regions) against 0.78 -> 0.9 this way.
+        rows = op("Flatten", [x], "rows", axis=-1)
+        magnitude = op("Abs", [rows], "abs")
         if opset >= 18:  # ReduceMax's axes moved from an attribute to an input
-            axes = f"{name}_axes"
-            nodes.append(helper.make_node("Constant", [], [axes], name=axes,
-                                          value=helper.make_tensor(axes, TensorProto.INT64, [1], [-1])))
-            largest = op("ReduceMax", [magnitude, axes], "max", keepdims=1)
+            largest = op("ReduceMax", [magnitude, const("axes", [1], TensorProto.INT64, dims=[1])], "max",
+                         keepdims=0)
         else:
-            largest = op("ReduceMax", [magnitude], "max", axes=[-1], keepdims=1)
-        largest = op("Max", [largest, const("tiny", TINY)], "max_safe")
-        op("Div", [largest, const("levels", float(LEVELS))], out=scale)
-        shifted = op("Add", [op("Round", [op("Div", [x, scale], "scaled")], "rounded"),
-                             const("zero_float", float(ZERO_POINT))], "shifted")
-        op("Cast", [shifted], out=values, to=TensorProto.UINT8)
-        const("zero", ZERO_POINT, TensorProto.UINT8, out=zero)
+            largest = op("ReduceMax", [magnitude], "max", axes=[1], keepdims=0)
+        row_scale = op("Div", [op("Max", [largest, const("tiny", [TINY])], "max_safe"),
+                               const("levels", [float(LEVELS)])], "row_scale")
+        zeros = op("ConstantOfShape", [op("Shape", [row_scale], "rows_shape")], "row_zero",
+                   value=helper.make_tensor("v", TensorProto.UINT8, [1], [ZERO_POINT]))
+        quantized = op("QuantizeLinear", [rows, row_scale, zeros], "quantized", axis=0)
+        shape = op("Shape", [x], "shape")
+        op("Reshape", [quantized, shape], out=values)
+        # The scale as (..., 1) for the Mul after the product (_scale_after_product)
+        leading = op("Slice", [shape, const("start", [0], TensorProto.INT64, dims=[1]),
+                               const("end", [-1], TensorProto.INT64, dims=[1])], "leading")
+        op("Reshape", [row_scale, op("Concat", [leading, const("one_axis", [1], TensorProto.INT64, dims=[1])],
+                                     "scale_shape", axis=0)], out=scale)
+        const("zero", [ZERO_POINT], TensorProto.UINT8, out=zero)
     if not row_scales:
         return 0
     del model.graph.node[:]
