@@ -31,6 +31,12 @@ class CaptionerParser(argparse.ArgumentParser):
         if takes_overrides(sub):
             namespace.overrides = overrides + list(getattr(namespace, "overrides", None) or [])
             namespace.__dict__.pop("set_overrides", None)
+            given = {}
+            for item in namespace.overrides:  # as a YAML file's key given twice is: the last would win silently
+                key = item.partition("=")[0].strip()
+                if key in given and given[key] != item:
+                    self.error(f"{key} is given twice ({given[key]} and {item}): give it once")
+                given[key] = item
         if any(a.dest == "device" for a in sub._actions):
             namespace.device = getattr(namespace, "device", "auto")
         elif hasattr(namespace, "device"):

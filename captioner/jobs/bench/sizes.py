@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from captioner.config import Switch, coerce
 from captioner.config.load import override_value
+from captioner.config.validate import INT_RANGE
 from captioner.errors import CaptionerError
 
 KEYS = ("encoder_images_per_s", "extract_images_per_s", "train_captions_per_s_cached",
@@ -74,14 +75,21 @@ def apply_overrides(sizes: BenchSizes, overrides: list[str]) -> BenchSizes:
     """`field=value` strings (arch=resnet152 train_batch=64) on top of sizes; unknown fields are errors."""
     types = typing.get_type_hints(BenchSizes)
     specs = {f.name: f for f in dataclasses.fields(BenchSizes)}
+    given = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or key not in types:
             raise CaptionerError(f"bench override '{item}' is not field=value with a field among: {', '.join(types)}")
+        if key in given and given[key] != item:  # the last would win silently
+            raise CaptionerError(f"bench override {key} is given twice ({given[key]} and {item}): give it once")
+        given[key] = item
         # The config's own coercion: whole numbers in range, text as typed, switches; never a silent conversion.
         value = override_value(raw, types[key])
-        setattr(sizes, key, coerce(key, value, types[key], specs[key], label=f"bench override {key}"))
+        spec = specs[key]
+        if types[key] is int and key != "num_workers":  # sizes and counts start at 1, as the check below says
+            spec = dataclasses.field(metadata={"range": (1, INT_RANGE[1])})
+        setattr(sizes, key, coerce(key, value, types[key], spec, label=f"bench override {key}"))
     positive = [f.name for f in dataclasses.fields(sizes) if types[f.name] is int and getattr(sizes, f.name) < 1
                 and f.name != "num_workers"]
     if positive or sizes.num_workers < 0:
