@@ -68,7 +68,13 @@ def read_references(path: str | Path) -> tuple[str, dict]:
     """(format, {image_id: [captions]}) from a COCO captions file (captions exactly as pycocotools indexes
     them, which is what coco-caption scores against) or any format the dataset readers know."""
     path = Path(path)
-    fmt, data = detect_format(path)
+    try:
+        fmt, data = detect_format(path)
+    except CaptionerError as e:  # score has no dataset.format to set: say what --annotations takes
+        if "set dataset.format" not in str(e):
+            raise
+        raise CaptionerError(f"--annotations {path}: not a captions file score can read (COCO captions JSON, "
+                             f"a Karpathy split, Flickr8k tokens, CSV or JSONL of image,caption rows)") from None
     if fmt == "coco":
         coco = coco_index(data, path)
         return fmt, {image_id: [a["caption"] for a in coco.imgToAnns.get(image_id, [])] for image_id in coco.imgs}

@@ -15,6 +15,7 @@ Ctrl-C stops accepting, lets the requests in flight finish, then exits.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import math
@@ -212,6 +213,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
+        if port and port < 1024 and e.errno == errno.EACCES:  # a privileged port; port + 1 would be one too
+            raise CaptionerError(f"cannot listen on {host}:{port}: ports below 1024 need root; try --port 8000 "
+                                 f"or --port 0 for any free port") from None
         raise CaptionerError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server there? "
                              f"try --port {port + 1} or --port 0 for any free port)") from None
     sock.listen(2048)
