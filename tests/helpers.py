@@ -52,8 +52,10 @@ def tiny_config(data_root, *overrides):
 
 
 def small_overrides(data_root, *extra) -> list[str]:
-    """The small training setup (SMALL) on synthetic images generated under data_root, then extra."""
-    return [f"dataset.root={data_root}", *SMALL, *extra]
+    """The small training setup (SMALL) on synthetic images generated under data_root, with extra's keys in place
+    of SMALL's (the command line refuses a key given twice)."""
+    keys = {item.partition("=")[0] for item in extra}
+    return [f"dataset.root={data_root}", *[s for s in SMALL if s.partition("=")[0] not in keys], *extra]
 
 
 def small_config(data_root, *extra):
