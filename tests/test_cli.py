@@ -1,5 +1,6 @@
 """The CLI: one-line errors with exit code 2, and the train -> evaluate -> caption path."""
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +22,20 @@ def test_bad_layer_is_one_line(capsys, tmp_path):
     assert main(["train", "--config", str(TINY), "--run-dir", str(tmp_path), "encoder.layer=layer9"]) == 2
     line = _error_line(capsys)
     assert "layer 'layer9' not in resnet18" in line and "layer4" in line and "Traceback" not in line
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["caption", "--checkpoint", "m.pt"], "captioner caption: error: missing PATH ("),
+    (["caption", "photo.jpg"], "captioner caption: error: missing --checkpoint ("),
+    (["caption", "--beam", "x", "--checkpoint", "m.pt", "p.jpg"], "argument --beam: invalid int value: 'x'"),
+    (["train", "--nope"], "captioner: error: unrecognized arguments: --nope ("),
+])
+def test_usage_errors_are_one_line_without_the_usage(capsys, argv, expected):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and expected in err[0], err
+    assert "usage:" not in err[0] and "KEY=VALUE" not in err[0] and "--help" in err[0]
 
 
 def test_bad_weights_and_config_are_one_line(capsys, tmp_path):
@@ -75,3 +90,17 @@ def test_evaluate_range_checks_and_checkpoint_overrides_are_one_line_errors(tiny
         assert main(["evaluate", "--checkpoint", checkpoint, "--device", "cpu", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0] and "Traceback" not in err[0], err
+
+
+def test_plot_without_a_writable_home_gives_matplotlib_a_folder(monkeypatch, tmp_path):
+    """A service account without a home: matplotlib would warn three lines while making a temporary folder."""
+    from captioner.jobs import plot
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "no-such-home"))
+    plot._pyplot()
+    folder = Path(os.environ["MPLCONFIGDIR"])
+    assert folder.is_dir() and folder.name.startswith("captioner-matplotlib-")
+    monkeypatch.setenv("HOME", str(tmp_path))  # a writable home: left to matplotlib
+    monkeypatch.delenv("MPLCONFIGDIR")
+    plot._pyplot()
+    assert "MPLCONFIGDIR" not in os.environ

@@ -12,11 +12,30 @@ import sys
 # form is one, wherever it stands among a command's arguments, unless a file or folder of that name exists.
 OVERRIDE = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+=")
 
+def _usage_error(parser: argparse.ArgumentParser, message: str, hint: str):
+    """A usage error in one line, as every other refusal is: argparse printed the whole usage (16 lines for
+    caption) above it, and listed the optional KEY=VALUE words among the missing arguments."""
+    if message.startswith("the following arguments are required:"):
+        names = [n.strip() for n in message.partition(":")[2].split(",") if n.strip() != "KEY=VALUE"]
+        message = f"missing {', '.join(names)}"
+    parser.exit(2, f"{parser.prog}: error: {message} ({hint})\n")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser (cli/parser.py makes them): one-line usage errors."""
+
+    def error(self, message: str):
+        _usage_error(self, message, f"`{self.prog} --help` explains every option")
+
+
 class CaptionerParser(argparse.ArgumentParser):
     """The top-level parser: before argparse sees the words, config overrides (OVERRIDE words and --set KEY=VALUE)
     are taken out of the sub-command's arguments wherever they stand, so that one after an option is no
     "unrecognized argument" and `caption ... decode.max_len=5` is no image path; they come back as args.overrides,
     in the order given. -q and --device are accepted before and after the sub-command."""
+
+    def error(self, message: str):
+        _usage_error(self, message, "`captioner --help` lists the commands, `captioner COMMAND --help` their options")
 
     def parse_known_args(self, args=None, namespace=None):
         argv = list(sys.argv[1:] if args is None else args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from captioner import __version__
-from captioner.cli.overrides import CaptionerParser
+from captioner.cli.overrides import CaptionerParser, CommandParser
 
 CHECKPOINT_HELP = ("a best.pt/last.pt written by `captioner train`, a model folder written by `captioner export`, or "
                    "a Hugging Face Hub repo id owner/name (the [hub] extra)")
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     parser.add_argument("--device", default=argparse.SUPPRESS,
                         help="cpu, cuda, cuda:N or auto, for the commands that take it (also accepted after them)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=argparse.ArgumentParser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
 
     def command(name, help, doc):
         p = sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,6 +13,8 @@ selection metric (train.select_metric, best marked), each against steps and agai
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,11 @@ def _curves(run_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def _pyplot():
+    home = Path(os.path.expanduser("~"))
+    if "MPLCONFIGDIR" not in os.environ and not (home.is_dir() and os.access(home, os.W_OK)):
+        # No writable home (a service account, a container user): matplotlib would make a temporary folder
+        # itself, with three warning lines about it; the same folder without them.
+        os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="captioner-matplotlib-")
     import matplotlib
     matplotlib.use("Agg")  # files only: works on headless machines
     import matplotlib.pyplot as plt
