@@ -13,7 +13,9 @@ selection metric (train.select_metric, best marked), each against steps and agai
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,7 @@ def _pyplot():
         # No writable home (a service account, a container user): matplotlib would make a temporary folder
         # itself, with three warning lines about it; the same folder without them.
         os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="captioner-matplotlib-")
+        atexit.register(shutil.rmtree, os.environ["MPLCONFIGDIR"], True)  # as matplotlib removes its own
     import matplotlib
     matplotlib.use("Agg")  # files only: works on headless machines
     import matplotlib.pyplot as plt
