@@ -321,11 +321,18 @@ def _relative_to(data, folder: Path):
 def shipped_config(name: str) -> Path | None:
     """A config that ships with captioner (tiny.yaml, ...): captioner/configs/ in an installed package,
     configs/ in a source checkout; None when there is none of that name."""
+    return next((folder / name for folder in _shipped_folders() if (folder / name).is_file()), None)
+
+
+def shipped_config_names() -> list[str]:
+    """The names of the configs that ship with captioner (what a bare name may be), sorted."""
+    return sorted({p.name for folder in _shipped_folders() for p in folder.glob("*.yaml")})
+
+
+def _shipped_folders() -> tuple[Path, Path]:
+    """captioner/configs/ in an installed package, then configs/ beside the package in a source checkout."""
     package = Path(__file__).resolve().parent.parent  # captioner/
-    for folder in (package / "configs", package.parent / "configs"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+    return package / "configs", package.parent / "configs"
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -347,7 +354,7 @@ def _read_config(path: str | Path) -> tuple[Path, object]:
     if not path.is_file() and path.parent in (Path("."), Path("configs")) and shipped_config(path.name):
         path = shipped_config(path.name)
     if not path.is_file():
-        shipped = sorted(p.name for p in (shipped_config("tiny.yaml") or Path("-")).parent.glob("*.yaml"))
+        shipped = shipped_config_names()
         raise CaptionerError(f"config file {path} not found" + (f" (the shipped configs, by bare name: "
                                                                f"{', '.join(shipped)})" if shipped else ""))
     data = parse_yaml(read_text(path, "config file", setting=""), f"config file {path}")

@@ -29,12 +29,13 @@ ROWWISE = ("uint8 per row (last axis), symmetric: scale max|row| / 127 around ze
 
 
 def quantize_dynamic_rowwise(source: str | Path, target: str | Path, nodes: list[str] | None = None) -> int:
-    """target: source's MatMul/Gemm nodes with constant weights (only those named in nodes, when given) in
-    dynamic int8, per-channel 7-bit weights (calibrate.py says why), each input row quantized with its own range.
-    Returns how many inputs were made per-row."""
+    """target: source's MatMul/Gemm nodes with constant weights in dynamic int8 (nodes: the names, chosen among
+    wide_products(source) by the caller; None: all of those), per-channel 7-bit weights (calibrate.py says why),
+    each input row quantized with its own range. Returns how many inputs were made per-row."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    chosen = [n for n in wide_products(onnx.load(str(source))) if nodes is None or n in nodes]
+    # linear.py's sensitivity pass calls this once per try with names it took from wide_products already
+    chosen = nodes if nodes is not None else wide_products(onnx.load(str(source)))
     quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Gemm"],
                      # quantize_dynamic rewrites a Gemm as a MatMul named NAME_MatMul before it picks the nodes
                      nodes_to_quantize=[name for n in chosen for name in (n, f"{n}_MatMul")],
