@@ -104,6 +104,9 @@ def check_writable(path: str | Path, what: str = "file", folder: bool = False, a
     the folder that will receive the output (or the nearest existing folder above it, where the missing ones
     would be made), since a permission check cannot see a read-only mount or what root may do. append: the
     output is appended to in place, so an existing file must open for writing too. Leaves nothing behind."""
+    if str(path) == "-":  # the Unix habit for standard output; outputs here are files that resume and replace
+        raise CaptionerError(f"cannot write {what} to '-': standard output is not an output here; give a file name"
+                             if not folder else f"cannot write {what} to '-': give a folder name")
     path = write_target(path)
     if not folder and path.is_dir():
         raise CaptionerError(f"cannot write {what} {path}: it is a folder; give a file name")
