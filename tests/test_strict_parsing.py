@@ -55,6 +55,18 @@ def test_a_config_that_is_not_a_mapping_of_sections_is_refused(tmp_path, text, s
     assert says in str(refused.value)
 
 
+@pytest.mark.parametrize("key, says", [
+    ("encoder.imagesize", "did you mean encoder.image_size? encoder keys: arch, layer,"),
+    ("trian.lr", "did you mean train.lr? sections: encoder, model, dataset, train,"),
+    ("train.lrr", "did you mean train.lr? train has"),  # a long section is named, not listed
+    ("model.nope", "(model keys: embed_dim,"),  # no loose guess
+])
+def test_an_unknown_key_says_what_is_valid_in_a_short_line(key, says):
+    with pytest.raises(CaptionerError) as refused:
+        apply_overrides(Config(), [f"{key}=1"])
+    assert says in str(refused.value) and len(str(refused.value)) < 200
+
+
 @pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=.nan", "train.lr=inf", "train.lr=-.inf",
                                       "train.lr=1e400", "model.dropout=NaN", "decode.length_penalty=inf",
                                       "decode.temperature=.inf", "train.grad_clip=nan", "train.lr=" + "9" * 400])

@@ -8,7 +8,7 @@ Unknown keys and values of the wrong type are CaptionerErrors that name the key 
 from captioner.config.defaults import FOLLOWING_KEYS, inherit_old_defaults, resolve_defaults
 from captioner.config.load import (PREPROCESS_KEYS, apply_overrides, coerce, from_dict, from_saved_dict,
                                    inherit_preprocess, load_config, override_value, parse_yaml, shipped_config,
-                                   stated_keys, to_dict, to_yaml, valid_keys)
+                                   stated_keys, to_dict, to_yaml, valid_keys, what_is_valid)
 from captioner.config.sections import (DATASET_FORMATS, DEFAULTS_BEFORE_MEASURED, INTERPOLATIONS, LEGACY_DEFAULTS,
                                        LOGGERS, LR_SCHEDULES, OBJECTIVES, SCST_BASELINES, SELECT_METRICS, CacheConfig,
                                        ComputeConfig, Config, DatasetConfig, DecodeConfig, EncoderConfig, ModelConfig,
@@ -23,4 +23,4 @@ __all__ = ["CHECKPOINT_SECTIONS", "DATASET_FORMATS", "DEFAULTS_BEFORE_MEASURED",
            "check_fields", "coerce", "from_dict", "from_saved_dict", "inherit_old_defaults", "inherit_preprocess",
            "load_config",
            "override_value", "parse_yaml", "require_min", "resolve_defaults", "return_sequences_problem",
-           "shipped_config", "stated_keys", "to_dict", "to_yaml", "valid_keys", "validate"]
+           "shipped_config", "stated_keys", "to_dict", "to_yaml", "valid_keys", "validate", "what_is_valid"]
