@@ -35,8 +35,9 @@ class StepState:
 
     def follow(self, rows: torch.Tensor) -> "StepState":
         """Row i continues row rows[i] (a beam and its parent, always of the same image): carried rows move,
-        memory rows stay (they are the same image's)."""
-        return StepState(tuple(t[rows] for t in self.carried), self.memory)
+        memory rows stay (they are the same image's). index_select, not t[rows]: advanced indexing of these
+        small tensors enters torch's thread pool, 40x slower when other processes hold the cores."""
+        return StepState(tuple(t.index_select(0, rows) for t in self.carried), self.memory)
 
 
 class DecoderSteps(Protocol):
