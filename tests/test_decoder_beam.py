@@ -105,3 +105,64 @@ def test_sampling_draws_from_the_model_and_returns_its_log_probs(model):
     cold = sample_captions(model, raw[:1].repeat(20, 1, 1, 1), max_len=10, temperature=1e-6).tokens
     greedy = greedy_decode(model, raw[:1], SearchOptions(max_len=10)).tokens
     assert (cold[:, : greedy.shape[1]] == greedy).all()
+
+
+class _Counted:
+    """DecoderSteps that count their steps."""
+
+    def __init__(self, model):
+        from captioner.model.steps import TorchSteps
+        self.inner, self.calls = TorchSteps(model), 0
+        self.vocab_size = self.inner.vocab_size
+
+    def start(self, raw):
+        return self.inner.start(raw)
+
+    def step(self, tokens, state):
+        self.calls += 1
+        return self.inner.step(tokens, state)
+
+    def evaluating(self):
+        return self.inner.evaluating()
+
+
+@pytest.fixture(scope="module")
+def spread_model():
+    """Decoder weights N(0, 0.5): captions of 7 to 23 words on these features, some beams wandering to max_len."""
+    torch.manual_seed(0)
+    m = CaptionModel(EncoderConfig(arch="resnet18", image_size=64), ModelConfig(64, 64, 96, dropout=0.3), 40).eval()
+    with torch.no_grad():
+        for p in m.decoder.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    torch.manual_seed(1)
+    return m, torch.randn(8, 512, 2, 2)[[3, 4, 6, 7]]
+
+
+@pytest.mark.parametrize("n, block_ngram", [(1, 0), (2, 0), (1, 2), (3, 0)])
+def test_beam_search_stops_once_results_are_final_and_returns_what_the_full_search_does(spread_model, monkeypatch,
+                                                                                         n, block_ngram):
+    """Ranked by log-probability alone, an image whose n best finished beams beat its open ones is decided:
+    the search stops there, with the tokens, scores and attention a search run to the end returns."""
+    import captioner.model.decoding as decoding
+    model, raw = spread_model
+    options = SearchOptions(beam_size=4, max_len=25, block_ngram=block_ngram, num_return_sequences=n)
+    early, full = _Counted(model), _Counted(model)
+    fast = beam_search(early, raw, options)
+    monkeypatch.setattr(decoding, "_decided", lambda log_probs, finished, n, exact: finished.all(dim=1))
+    slow = beam_search(full, raw, options)
+    assert early.calls < full.calls if (n, block_ngram) == (1, 0) else early.calls <= full.calls
+    assert torch.equal(fast.lengths, slow.lengths) and torch.equal(fast.scores, slow.scores)
+    for i, length in enumerate(fast.lengths.tolist()):
+        assert torch.equal(fast.tokens[i, :length], slow.tokens[i, :length])
+        assert torch.equal(fast.alphas[i, :length], slow.alphas[i, :length])
+
+
+def test_with_a_length_penalty_or_groups_the_search_runs_until_every_beam_finished(model):
+    """A length penalty or diverse groups can promote a longer beam later: no early decision there."""
+    from captioner.model.decoding import _decided
+    log_probs = torch.tensor([[-1.0, -5.0]])
+    finished = torch.tensor([[True, False]])
+    assert bool(_decided(log_probs, finished, 1, exact_stop=True)[0])
+    assert not bool(_decided(log_probs, finished, 1, exact_stop=False)[0])
+    assert not bool(_decided(torch.tensor([[-5.0, -1.0]]), finished, 1, exact_stop=True)[0])  # open beam ahead
+    assert not bool(_decided(torch.tensor([[-1.0, -1.0]]), finished, 1, exact_stop=True)[0])  # a tie: not yet

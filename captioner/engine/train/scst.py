@@ -105,7 +105,7 @@ def similarity_to_other_images(tokens: torch.Tensor, images: torch.Tensor, bucke
     bags = torch.nn.functional.normalize(bags, dim=1)
     similarity = bags @ bags.T  # (M, M)
     same = images.unsqueeze(0) == images.unsqueeze(1)
-    return similarity.masked_fill(same, 0.0).max(dim=1).values.clamp_min(0.0)
+    return similarity.masked_fill(same, 0.0).amax(dim=1).clamp_min(0.0)
 
 
 def advantages(rewards: torch.Tensor, baseline: str, greedy_rewards: torch.Tensor | None = None):
