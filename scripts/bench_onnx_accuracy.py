@@ -212,7 +212,10 @@ def one_model(checkpoint: str, work: Path, args) -> dict:
                                                                             split_records, runs["fp32"], files)
     result["speed"] = speed(folders, files, args.rounds, args.batch)
     record = json.loads((folders["int8"] / "quantization.json").read_text())
-    result["quantization"] = {"calibration_method": record["encoder"]["calibration_method"],
+    result["quantization"] = {"encoder_precision": record["encoder"]["precision"],
+                              "int8_feature_cosine": record["feature_error"].get("int8_tried",
+                                                                                 record["feature_error"])["cosine_mean"],
+                              "calibration_method": record["encoder"]["calibration_method"],
                               "excluded_nodes": len(record["encoder"]["excluded_nodes"]),
                               "feature_cosine": record["feature_error"]["cosine_mean"],
                               "budget_met": record["feature_error"]["budget_met"],

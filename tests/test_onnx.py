@@ -146,7 +146,7 @@ def test_corrupt_graph_is_one_line(small, tmp_path):
 def test_int8_graphs_are_quantized_and_close(small, tmp_path):
     model, _, folder = small
     calibration = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
-    quantize_graphs(folder, tmp_path, calibration)
+    quantize_graphs(folder, tmp_path, calibration, budget=0.0)  # the int8 encoder whatever it measures
     import onnx
     ops = {name: {n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node} for name in GRAPHS}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops["encoder"]  # QDQ around the convolutions
@@ -163,6 +163,30 @@ def test_int8_graphs_are_quantized_and_close(small, tmp_path):
         n = int(alone.lengths[0])  # the batch's tokens are padded to its longest caption
         assert torch.equal(alone.tokens[0, :n], out.tokens[i, :n]) and torch.equal(alone.scores[0], out.scores[i])
         assert int(out.lengths[i]) == n
+
+
+@pytest.mark.slow  # an unreachable budget: the sensitivity pass tries every convolution (40 s)
+def test_an_int8_encoder_under_the_budget_is_not_shipped(small, tmp_path, caplog):
+    """The budget is a promise: an int8 encoder whose features miss it leaves the float32 encoder in the folder
+    (byte for byte), the decoder int8, and the record, onnx.json's words and the card say so."""
+    import onnx
+    from captioner.engine.infer.model_card import _int8_section
+    from captioner.engine.infer.onnx_export import _encoder_words
+    _, _, folder = small
+    quantize_graphs(folder, tmp_path, torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8), budget=1.0)
+    assert (tmp_path / "encoder.onnx").read_bytes() == (folder / "encoder.onnx").read_bytes()
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(str(tmp_path / "decoder_step.onnx")).graph.node}
+    record = json.loads((tmp_path / "quantization.json").read_text())
+    encoder, error = record["encoder"], record["feature_error"]
+    assert encoder["precision"] == "float32" and "under the budget 1" in encoder["kept_float32_because"]
+    assert error["cosine_mean"] == 1.0 and error["budget_met"] and error["int8_tried"]["cosine_mean"] < 1.0
+    assert "the encoder stays float32" in caplog.text and "--feature-budget" in caplog.text
+    words = _encoder_words(encoder, 8)
+    assert words.startswith("float32, not int8: its int8 version reached cosine")
+    card = "\n".join(_int8_section({"quantization": {
+        "encoder": words, "encoder_precision": "float32", "decoder": "dynamic int8", "calibration_images": 8,
+        "calibration_source": "noise", "record": "quantization.json"}}, "m"))
+    assert "- Encoder: float32, not int8" in card and "43.5%" not in card  # the int8 encoder's numbers do not apply
 
 
 @pytest.mark.slow

@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --quantize: images to calibrate on (default: the checkpoint's training split)")
     p.add_argument("--calibration-images", type=int, default=64, metavar="N",
                    help="with --quantize: how many images calibrate (default: 64)")
+    p.add_argument("--feature-budget", type=float, default=None, metavar="COSINE",
+                   help="with --quantize: the int8 encoder is kept only if its features reach this mean cosine to "
+                   "float32's on held-out calibration images; else the encoder stays float32 and only the decoder "
+                   "is int8 (default: 0.99, where average quality holds; 0.999 keeps most captions float32's; 0: "
+                   "the int8 encoder whatever it measures)")
     p.add_argument("--onnx-only", action="store_true",
                    help="with --format onnx: leave model.safetensors out (a deployment folder that onnxruntime alone "
                    "runs: examples/onnx_caption.py, or --runtime onnxruntime)")

@@ -62,6 +62,7 @@ class ExportJob:
     quantize: str | None = None  # int8: --format onnx graphs quantized (static QDQ encoder, dynamic decoder)
     calibrate: str | None = None  # images to calibrate int8 on (a folder or a list); None: the training split
     calibration_images: int = 64  # how many of them
+    feature_budget: float | None = None  # int8 encoder kept only if its features reach this cosine (None: 0.99)
     onnx_only: bool = False  # --format onnx: leave model.safetensors out (a deployment folder for onnxruntime)
     license: str = "unknown"  # the model card's licence (a Hub licence id such as mit or apache-2.0)
 
@@ -76,6 +77,11 @@ class ExportJob:
             raise CaptionerError("--onnx-only leaves the PyTorch weights out of an ONNX folder: add --format onnx")
         if self.calibrate and not self.quantize:
             raise CaptionerError("--calibrate applies to --quantize int8 (float32 graphs need no calibration)")
+        if self.feature_budget is not None and not self.quantize:
+            raise CaptionerError("--feature-budget applies to --quantize int8 (float32 graphs are float32's)")
+        if self.feature_budget is not None and not 0 <= self.feature_budget <= 1:
+            raise CaptionerError(f"--feature-budget is a cosine similarity from 0 to 1 (0: the int8 encoder whatever "
+                                 f"it measures), got {self.feature_budget:g}")
         if self.format == "onnx":
             from captioner.engine.infer.onnx_export import require_onnx
             require_onnx("--format onnx")  # the missing extra in one line, before anything is loaded
@@ -189,7 +195,8 @@ def _extra_writers(job: ExportJob, cfg, model) -> tuple:
     if job.quantize:
         paths, source = _calibration_paths(job, cfg)
         images = calibration_images(paths, model.encoder.image_size, job.calibration_images)
-    return (lambda folder, model, dtype: write_onnx_files(folder, model, job.quantize or "float32", images, source),)
+    return (lambda folder, model, dtype: write_onnx_files(folder, model, job.quantize or "float32", images, source,
+                                                          job.feature_budget),)
 
 
 def _size(path: Path) -> int:

@@ -10,9 +10,10 @@ from captioner.engine.infer.quantize.calibrate import METHODS, OP_TYPES
 from captioner.engine.infer.quantize.rowwise import ROWWISE
 
 
-def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> dict:
+def quantization_record(plan, calibration: torch.Tensor, source: str | None, shipped: bool = True) -> dict:
     """plan: encoder.EncoderPlan; calibration: the (N, 3, S, S) uint8 images; source: where they came from, in
-    words without this machine's paths."""
+    words without this machine's paths; shipped: the int8 encoder is the folder's (else it missed the budget and
+    the folder holds the float32 encoder: "precision" says which, "feature_error" is the shipped encoder's)."""
     search = plan.search
     why = {name: (f"sensitivity: int8 alone it lowers the features' cosine to float32's by "
                   f"{plan.feature_losses[name]:.4f}, among the most" if name in plan.feature_losses else
@@ -22,6 +23,10 @@ def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> 
     held_out = plan.held_images < len(calibration)
     return {
         "encoder": {
+            "precision": "int8" if shipped else "float32",
+            "kept_float32_because": None if shipped else (
+                f"its int8 version reached cosine {plan.error['cosine_mean']:.4f} of float32's features, under the "
+                f"budget {plan.budget:g} ({search.why_stopped})"),
             "method": "static", "format": "QDQ", "op_types": list(OP_TYPES), "per_channel": True,
             "weight_type": "int8", "activation_type": "uint8", "reduce_range": True,
             "transforms": plan.transforms,
@@ -57,5 +62,8 @@ def quantization_record(plan, calibration: torch.Tensor, source: str | None) -> 
                            "features to float32's (each image's features flattened)"},
         "feature_error": {**plan.error, "budget_met": plan.error["cosine_mean"] >= plan.budget,
                           "measured_on": "held-out calibration images (not used to calibrate)" if held_out else
-                                         "the calibration image itself (one image: nothing to hold out)"},
+                                         "the calibration image itself (one image: nothing to hold out)"}
+        if shipped else {"images": plan.error["images"], "cosine_mean": 1.0, "cosine_min": 1.0, "relative_error": 0.0,
+                         "budget_met": True, "measured_on": "none needed: the float32 encoder graph itself",
+                         "int8_tried": plan.error},
     }
