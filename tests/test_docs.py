@@ -184,6 +184,19 @@ def test_every_option_named_in_a_captioner_line_of_the_prose_exists():
     assert wrong == []
 
 
+def test_every_file_named_in_the_docs_exists():
+    """`captioner/engine/runtime/exit.py`, `tests/test_resume.py`, `configs/tiny.yaml`, `quantize/ranking.py`: a
+    file moved or renamed leaves no page pointing at the old place. Short forms are relative to the package
+    (`model/decoding.py`) or to engine/infer (`quantize/...`), as the pages write them."""
+    folders = (ROOT, ROOT / "captioner", ROOT / "captioner/engine/infer")
+    pattern = re.compile(r"(?<![\w/.-])((?:captioner|scripts|tests|configs|examples|docsgen|engine|model|data|jobs"
+                         r"|quantize|docs)/[\w/.-]+\.(?:py|yaml|md))")
+    missing = [f"{path.relative_to(ROOT)}: {match.group(1)}" for path in blocks.doc_files()
+               for match in pattern.finditer(path.read_text(encoding="utf-8"))
+               if not any((folder / match.group(1)).exists() for folder in folders)]
+    assert missing == []
+
+
 # ---------------------------------------------------------------- code blocks
 
 BLOCKS = blocks.all_blocks()
