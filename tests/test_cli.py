@@ -104,3 +104,25 @@ def test_plot_without_a_writable_home_gives_matplotlib_a_folder(monkeypatch, tmp
     monkeypatch.delenv("MPLCONFIGDIR")
     plot._pyplot()
     assert "MPLCONFIGDIR" not in os.environ
+
+
+@pytest.mark.slow
+def test_other_libraries_info_lines_stay_out_of_a_command(tmp_path, tiny_checkpoint):
+    """A first `captioner plot` (an empty matplotlib cache, as a new user's) printed matplotlib's INFO line
+    "generated new fontManager": the CLI showed every library's INFO. Ours still show (caption's compute line)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "epoch": 1, "loss": 3.0 / s}) + "\n"
+                                               for s in range(1, 6)))
+    from PIL import Image
+    Image.new("RGB", (64, 48), (30, 120, 200)).save(tmp_path / "photo.png")
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "fresh-matplotlib-cache"), "OMP_NUM_THREADS": "1"}
+    plotted = subprocess.run([sys.executable, "-m", "captioner", "plot", str(run)], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert plotted.returncode == 0 and (run / "curves.png").is_file()
+    assert plotted.stderr == "", plotted.stderr
+    captioned = subprocess.run([sys.executable, "-m", "captioner", "caption", "--checkpoint", str(tiny_checkpoint),
+                                str(tmp_path / "photo.png"), "--out", str(tmp_path / "c.jsonl"), "--device", "cpu",
+                                "--workers", "0"], env=env, capture_output=True, text=True, timeout=300)
+    assert captioned.returncode == 0, captioned.stderr
+    assert "compute: " in captioned.stderr and "captioned 1 images" in captioned.stderr

@@ -240,3 +240,22 @@ def test_format_detection_and_config_errors(tmp_path):
     with pytest.raises(CaptionerError, match="needs dataset.annotations"):
         load_records(DatasetConfig(format="karpathy"))
     assert by_split([], "train") == []
+
+
+def test_tiny_config_takes_ones_own_captions(tmp_path):
+    """The README's first example: the shipped tiny.yaml with dataset.annotations and dataset.images given on the
+    command line reads that file (tiny.yaml said format: synthetic, which refused them); without them it is still
+    the demo's synthetic shapes."""
+    from captioner.config import load_config
+    images = _images(tmp_path / "my_photos", "a.jpg", "b.jpg", "c.jpg", "d.jpg")
+    (tmp_path / "my_captions.csv").write_text("image,caption\n" + "".join(f"{n},a red square number {i}\n"
+                                                                         for i, n in enumerate(sorted(
+                                                                             p.name for p in images.iterdir()))))
+    cfg = load_config("tiny.yaml", [f"dataset.annotations={tmp_path / 'my_captions.csv'}",
+                                    f"dataset.images={images}", "dataset.val_fraction=0.25"])
+    _, records = read_dataset(cfg.dataset)
+    assert sorted(r.path.rsplit("/", 1)[1] for r in records) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    assert Counter(r.split for r in records) == {"train": 2, "val": 1, "test": 1}
+    shapes = load_config("tiny.yaml", [f"dataset.root={tmp_path / 'shapes'}", "dataset.synthetic_images=20"])
+    fmt, records = read_dataset(shapes.dataset)
+    assert fmt == "synthetic" and len(records) == 20

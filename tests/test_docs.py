@@ -9,6 +9,7 @@ import contextlib
 import importlib
 import io
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -132,6 +133,68 @@ def test_every_public_name_is_in_the_api_reference():
             member = getattr(member, "__func__", member)  # classmethods
             if not name.startswith("_") and (callable(member) or isinstance(member, property)):
                 assert member.__doc__, f"{cls.__name__}.{name} has no docstring"
+
+
+# ---------------------------------------------------------------- prose: keys and options named in the text
+
+# Dotted names in the prose that are not config keys: JSON paths inside quantization.json / onnx.json, and a Python
+# attribute (`cap.model.encode`). File names (compute.py, model.safetensors, encoder.onnx) are told by their suffix.
+NOT_CONFIG_KEYS = {"encoder.transforms", "encoder.weight_rounding", "encoder.linear_layers", "encoder.preprocess",
+                   "model.encode"}
+_FILE_SUFFIXES = ("py", "onnx", "safetensors", "json", "yaml", "pt", "bin", "jsonl", "png", "md")
+
+
+def _prose(path: Path) -> str:
+    """The page without its fenced blocks (those are parsed and run by the tests below)."""
+    return re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+
+
+def test_every_config_key_named_in_the_docs_exists():
+    """A key renamed or removed in captioner/config leaves no page naming the old one (`train.max_bad_step`)."""
+    from captioner.config import Config, to_dict
+    sections = to_dict(Config())
+    keys = {f"{section}.{key}" for section, values in sections.items() for key in values}
+    pattern = re.compile(r"(?<![\w/.])(" + "|".join(sections) + r")\.([a-z_][a-z0-9_]*)\b(?!\.\w|/)")
+    unknown = []
+    for path in blocks.doc_files():
+        text = path.read_text(encoding="utf-8")
+        for match in pattern.finditer(text):
+            name = match.group(0)
+            if name not in keys and name not in NOT_CONFIG_KEYS and match.group(2) not in _FILE_SUFFIXES:
+                unknown.append(f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, match.start()) + 1}: {name}")
+    assert unknown == [], "not config keys (a typo, or a key renamed in captioner/config/sections.py)"
+
+
+def test_every_option_named_in_a_captioner_line_of_the_prose_exists():
+    """`captioner CMD ... --opt` written inline in the text: --opt is an option of CMD (code blocks are parsed
+    whole by test_captioner_lines_parse)."""
+    found = cli_ref.commands()
+    top = {flag for action in found[""]._actions for flag in action.option_strings}
+    wrong, spans = [], 0
+    for path in blocks.doc_files():
+        for match in re.finditer(r"`(captioner [^`]+)`", _prose(path).replace("\n", " ")):
+            words = match.group(1).split()
+            command = words[1] if words[1] in found else ""
+            options = top | {flag for action in found[command]._actions for flag in action.option_strings}
+            spans += 1
+            for word in (w.strip("[]()").split("=")[0] for w in words):
+                if word.startswith("--") and word != "--" and word not in options:
+                    wrong.append(f"{path.relative_to(ROOT)}: `{match.group(1)}`: {word}")
+    assert spans >= 30
+    assert wrong == []
+
+
+def test_every_file_named_in_the_docs_exists():
+    """`captioner/engine/runtime/exit.py`, `tests/test_resume.py`, `configs/tiny.yaml`, `quantize/ranking.py`: a
+    file moved or renamed leaves no page pointing at the old place. Short forms are relative to the package
+    (`model/decoding.py`) or to engine/infer (`quantize/...`), as the pages write them."""
+    folders = (ROOT, ROOT / "captioner", ROOT / "captioner/engine/infer")
+    pattern = re.compile(r"(?<![\w/.-])((?:captioner|scripts|tests|configs|examples|docsgen|engine|model|data|jobs"
+                         r"|quantize|docs)/[\w/.-]+\.(?:py|yaml|md))")
+    missing = [f"{path.relative_to(ROOT)}: {match.group(1)}" for path in blocks.doc_files()
+               for match in pattern.finditer(path.read_text(encoding="utf-8"))
+               if not any((folder / match.group(1)).exists() for folder in folders)]
+    assert missing == []
 
 
 # ---------------------------------------------------------------- code blocks

@@ -390,3 +390,14 @@ def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     with pytest.raises(CaptionerError, match=r"config file configs/nope.yaml not found \(the shipped configs, by "
                                              r"bare name: .*tiny.yaml"):
         load_config("configs/nope.yaml")
+
+
+def test_a_shipped_config_found_by_name_reads_the_data_of_the_working_folder(tmp_path, monkeypatch):
+    """The COCO and Flickr guides lay the data out in ./data/ and run `--config configs/flickr8k_resnet152.yaml`;
+    outside a checkout that finds the shipped config, whose ../data/flickr8k named site-packages/captioner/data/
+    flickr8k. It now starts from ./configs, as it would in a checkout: ./data/flickr8k."""
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    for name in ("configs/flickr8k_resnet152.yaml", "flickr8k_resnet152.yaml"):
+        dataset = load_config(name).dataset
+        assert Path(dataset.root) == tmp_path / "data" / "flickr8k"
+        assert Path(dataset.annotations) == tmp_path / "data/flickr8k/Flickr8k_text/Flickr8k.token.txt"

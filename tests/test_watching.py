@@ -311,6 +311,18 @@ def test_plot_one_run_keeps_its_figure_and_several_runs_overlay(tmp_path, capsys
     assert "nope" in capsys.readouterr().err
 
 
+def test_plot_names_how_validation_decoded():
+    """The validation panel said "(greedy)" on every run, also where validation ran beam 3 (the default,
+    train.val_beam_size 0 -> decode.beam_size); it now takes the decoding the run's sample captions record."""
+    from captioner.jobs.plot import validation_title
+    val = {"epoch": 1, "step": 10, "val_cider": 0.3}
+    samples = {"step": 10, "epoch": 1, "samples": [{"file": "a.jpg", "caption": "a dog", "decoding": "beam 3"}]}
+    assert validation_title([val, samples]) == "validation (beam 3)"
+    greedy = {**samples, "step": 20, "samples": [{"caption": "a cat", "decoding": "greedy"}]}
+    assert validation_title([val, samples, greedy]) == "validation (greedy)"  # the latest, as resumed with
+    assert validation_title([val]) == "validation"  # a run from before samples were logged: nothing claimed
+
+
 def test_a_resumed_run_waits_until_its_event_file_sorts_after_the_killed_runs(tmp_path):
     # A killed run's file opened this second, by a process whose pid sorts after ours: a file we open in the same
     # second would sort first, and TensorBoard would read our later steps before its earlier ones.

@@ -169,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "completion":  # about the parser itself, no job: see cli/completion.py
         from captioner.cli.completion import completion_script
         return with_exit_path(args.command, lambda: print(completion_script(parser, args.shell)) or 0)
-    level = logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    # Also on our own logger: basicConfig does nothing where logging is already set up (a notebook, pytest).
-    logging.getLogger("captioner").setLevel(level)
+    # Our lines at INFO; other libraries' at WARNING: their INFO is not news to a user (matplotlib's "generated new
+    # fontManager" on a first plot, httpx's line per Hub request). Set on our own logger too: basicConfig does
+    # nothing where logging is already set up (a notebook, pytest).
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("captioner").setLevel(logging.WARNING if args.quiet else logging.INFO)
     # Pillow's warnings about one odd file (corrupt EXIF, a large image below our --max-pixels) are not news: the
     # file is captioned or refused with one line. Set here, where the command owns the process (and its forked
     # decoding workers inherit it); the library never changes warnings filters, which are process-wide.

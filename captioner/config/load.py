@@ -195,8 +195,7 @@ def coerce(key: str, value, annotation, spec: dataclasses.Field | None = None, l
         raise CaptionerError(f"{name} expects str (text), got {type(value).__name__} {_shown(value)}: quote it "
                              f"('{value}') if it is meant as text")
     expected = {int: "int (a whole number)", float: "float (a number)", str: "str (text)",
-                bool: "bool (true or false)"}.get(
-        target, getattr(target, "__name__", str(target)))
+                bool: "bool (true or false)"}.get(target, getattr(target, "__name__", str(target)))
     raise CaptionerError(f"{name} expects {expected}, got {_shown(value)}")
 
 
@@ -361,20 +360,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """The config in YAML file path (a bare name such as tiny.yaml also finds the shipped one), with overrides."""
     cfg = Config()
     if path is not None:
-        path, data = _read_config(path)
+        path, data, folder = _read_config(path)
         try:
-            from_dict(_relative_to(data, path.parent), cfg)
+            from_dict(_relative_to(data, folder), cfg)
         except CaptionerError as e:
             raise e.with_context(f"{path}: ") from None
     return resolve_defaults(apply_overrides(cfg, list(overrides)))
 
 
-def _read_config(path: str | Path) -> tuple[Path, object]:
-    """(the config file's path, a bare name found among the shipped ones, its parsed YAML), or a one-line error."""
+def _read_config(path: str | Path) -> tuple[Path, object, Path]:
+    """(the config's path, a bare name found among the shipped ones; its YAML; where its relative paths start)."""
     path = Path(path)
-    # configs/tiny.yaml as the README writes it, outside a checkout (an installed wheel): the shipped one
+    folder = path.parent
+    # configs/X.yaml outside a checkout (a wheel): the shipped one, its ../data/... from ./configs as in a checkout
     if not path.is_file() and path.parent in (Path("."), Path("configs")) and shipped_config(path.name):
-        path = shipped_config(path.name)
+        path, folder = shipped_config(path.name), Path.cwd() / "configs"
     if not path.is_file():
         shipped = shipped_config_names()
         raise CaptionerError(f"config file {path} not found" + (f" (the shipped configs, by bare name: "
@@ -383,7 +383,7 @@ def _read_config(path: str | Path) -> tuple[Path, object]:
     if data is None:
         raise CaptionerError(f"config file {path} is empty (or only comments): give at least one section, "
                              f"e.g. start from configs/tiny.yaml")
-    return path, data
+    return path, data, folder
 
 
 def stated_keys(path: str | Path | None, overrides=()) -> set[str]:

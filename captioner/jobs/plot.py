@@ -56,6 +56,17 @@ def _curves(run_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
     return records, steps, validations
 
 
+def validation_title(records: list[dict]) -> str:
+    """The validation panel's title, with how validation decoded as its sample captions record it ("beam 3",
+    "greedy": train.val_beam_size, by default decode.beam_size); plain "validation" where no samples were logged
+    (runs from before they were). It said "(greedy)" whatever the run did."""
+    for record in reversed(records):
+        decoding = next((s.get("decoding") for s in record.get("samples") or [] if s.get("decoding")), None)
+        if decoding:
+            return f"validation ({decoding})"
+    return "validation"
+
+
 def _pyplot():
     home = Path(os.path.expanduser("~"))
     if "MPLCONFIGDIR" not in os.environ and not (home.is_dir() and os.access(home, os.W_OK)):
@@ -124,7 +135,7 @@ def main(job: PlotJob) -> dict:
             best, at = max(scored)
             ax_val.scatter([at], [best], s=120, facecolors="none", edgecolors="black", zorder=3,
                            label=f"best {metric[4:]} {best:.3f}")
-    ax_val.set(xlabel="step", ylabel="score (0-1)", title="validation (greedy)")
+    ax_val.set(xlabel="step", ylabel="score (0-1; CIDEr-D 0-10)", title=validation_title(records))
     if names:
         ax_val.legend(loc="lower right", fontsize="small")
     for ax in (ax_loss, ax_val):
