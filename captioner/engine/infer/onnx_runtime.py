@@ -151,6 +151,7 @@ class OnnxBackend:
             raise CaptionerError(f"ONNX graphs missing: {', '.join(f'{m}.onnx' for m in missing)}; export the model "
                                  f"with `captioner export --format onnx`")
         self.encoder, self.vocab_size, self.precision = encoder, vocab_size, precision
+        self.encoder_precision = precision  # an int8 folder's encoder may be float32 (quantize_graphs' budget)
         self.graphs = {name: Path(graphs[name]) for name in GRAPHS}  # the files, for the model's id (model_id.py)
         options = check_session_options(session_options)
         self.providers = providers_for(device, providers)
@@ -255,4 +256,6 @@ def load_onnx_folder(folder: str | Path, device: torch.device, threads: int | No
     backend = OnnxBackend(graphs, spec, len(vocab), device, threads, manifest["precision"], providers,
                           session_options)
     check_graphs(declared_shapes(backend.sessions), enc, len(vocab), folder, meta["files"]["vocab"])
+    quantization = manifest.get("quantization") or {}
+    backend.encoder_precision = quantization.get("encoder_precision", backend.precision)  # float32: under budget
     return backend, vocab, cfg
