@@ -25,6 +25,7 @@ from captioner.engine.runtime.compute import setup_compute
 from captioner.engine.infer.extraction import check_disk, extract_into, merge_parts, open_for_extraction, part_folder
 from captioner.config import Config, require_min
 from captioner.data.datasets import dataset_inputs, load_records
+from captioner.data.pipeline import Unreadable
 from captioner.data.cache import FeatureCache, default_cache_dir, describe_size, encoder_signature, lock_cache
 from captioner.errors import CaptionerError
 from captioner.files import check_writable
@@ -36,6 +37,7 @@ from captioner.engine.runtime import distributed
 from captioner.engine.runtime.distributed import Process
 
 log = logging.getLogger("captioner")
+NAMED_PER_PROCESS = 1000  # unreadable images each process sends rank 0 to name (the count covers them all)
 
 SPLITS = ("train", "val", "test")
 
@@ -119,14 +121,22 @@ def _extract(cfg: Config, splits: list[str], process: Process, rebuild: bool, ba
         writer = (FeatureCache.create(part_folder(folder, process.rank), signature, cfg.cache.dtype)
                   if process.distributed else cache)
         progress = distributed.GlobalProgress(len(todo), process, "extract")  # rank 0 shows all processes' images
+        unreadable = Unreadable()  # each warns as it goes; only rank 0's voice is heard (distributed.setup)
         try:
             result = extract_into(writer, encoder, mine, batch_size, num_workers, device, compute.bf16,
-                                  compute.gpu_decode, progress=progress)
+                                  compute.gpu_decode, unreadable=unreadable, progress=progress)
         finally:
             writer.close()
+        result["unreadable"] = list(unreadable.messages)[:NAMED_PER_PROCESS]
         everyone = distributed.gather_to_main(result, process)  # sent once this process's part is closed
         if not process.is_main:
             return {"cache": str(folder), "rank": process.rank, "added": result["added"], "failed": result["failed"]}
+        for rank, theirs in enumerate(everyone[1:], 1):  # the other processes' unreadable images, named here
+            for message in theirs["unreadable"]:
+                unreadable.add(message)
+            if theirs["failed"] > len(theirs["unreadable"]):
+                log.warning("... and %d more unreadable images in process %d's share",
+                            theirs["failed"] - len(theirs["unreadable"]), rank)
         if process.distributed:
             merge_parts(cache, all_records)
     finally:
