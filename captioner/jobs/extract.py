@@ -37,7 +37,6 @@ from captioner.engine.runtime import distributed
 from captioner.engine.runtime.distributed import Process
 
 log = logging.getLogger("captioner")
-NAMED_PER_PROCESS = 1000  # unreadable images each process sends rank 0 to name (the count covers them all)
 
 SPLITS = ("train", "val", "test")
 
@@ -127,16 +126,10 @@ def _extract(cfg: Config, splits: list[str], process: Process, rebuild: bool, ba
                                   compute.gpu_decode, unreadable=unreadable, progress=progress)
         finally:
             writer.close()
-        result["unreadable"] = list(unreadable.messages)[:NAMED_PER_PROCESS]
         everyone = distributed.gather_to_main(result, process)  # sent once this process's part is closed
+        distributed.name_on_main(unreadable, process)  # the summary's "failed" counts them all
         if not process.is_main:
             return {"cache": str(folder), "rank": process.rank, "added": result["added"], "failed": result["failed"]}
-        for rank, theirs in enumerate(everyone[1:], 1):  # the other processes' unreadable images, named here
-            for message in theirs["unreadable"]:
-                unreadable.add(message)
-            if theirs["failed"] > len(theirs["unreadable"]):
-                log.warning("... and %d more unreadable images in process %d's share",
-                            theirs["failed"] - len(theirs["unreadable"]), rank)
         if process.distributed:
             merge_parts(cache, all_records)
     finally:
