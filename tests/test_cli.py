@@ -104,3 +104,22 @@ def test_plot_without_a_writable_home_gives_matplotlib_a_folder(monkeypatch, tmp
     monkeypatch.delenv("MPLCONFIGDIR")
     plot._pyplot()
     assert "MPLCONFIGDIR" not in os.environ
+
+
+@pytest.mark.slow  # starts a process
+def test_other_libraries_info_lines_stay_out_of_a_commands_stderr():
+    """The command configures logging for the process: its own info lines, and only warnings from the rest
+    (a plot run with a fresh matplotlib folder logged "generated new fontManager")."""
+    code = ("import logging, sys\n"
+            "from captioner import cli\n"
+            "def run(args):\n"
+            "    logging.getLogger('matplotlib.font_manager').info('generated new fontManager')\n"
+            "    logging.getLogger('matplotlib.font_manager').warning('a font is missing')\n"
+            "    logging.getLogger('captioner').info('our progress')\n"
+            "    return 0\n"
+            "cli.run_command = run\n"
+            "sys.exit(cli.main(['layers', 'resnet18']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["a font is missing", "our progress"]

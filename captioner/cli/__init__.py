@@ -170,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         from captioner.cli.completion import completion_script
         return with_exit_path(args.command, lambda: print(completion_script(parser, args.shell)) or 0)
     level = logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    # Also on our own logger: basicConfig does nothing where logging is already set up (a notebook, pytest).
+    # Other libraries' loggers say only warnings (matplotlib's "generated new fontManager" is no news); ours says
+    # `level`, also where basicConfig does nothing because logging is already set up (a notebook, pytest).
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("captioner").setLevel(level)
     # Pillow's warnings about one odd file (corrupt EXIF, a large image below our --max-pixels) are not news: the
     # file is captioned or refused with one line. Set here, where the command owns the process (and its forked
