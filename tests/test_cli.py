@@ -123,3 +123,20 @@ def test_other_libraries_info_lines_stay_out_of_a_commands_stderr():
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == ["a font is missing", "our progress"]
+
+
+def test_max_pixels_above_pillows_own_limit_is_honoured_by_the_command(tiny_checkpoint, tmp_path, monkeypatch):
+    """Pillow refuses images above twice Image.MAX_IMAGE_PIXELS whatever --max-pixels says, and advises raising it
+    in one's program: the command raises it instead (scaled down here: a 900-pixel image, Pillow's limit 800)."""
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)
+    Image.new("RGB", (30, 30), (200, 10, 10)).save(tmp_path / "big.png")
+    out = tmp_path / "c.jsonl"
+    args = ["caption", "--checkpoint", tiny_checkpoint, str(tmp_path / "big.png"), "--out", str(out), "--device",
+            "cpu", "--workers", "0"]
+    assert main([*args, "--max-pixels", "2000"]) == 0
+    record = json.loads(out.read_text())
+    assert "caption" in record and "error" not in record, record
+    assert Image.MAX_IMAGE_PIXELS == 2000
+    assert main([*args, "--max-pixels", "800", "--out", str(tmp_path / "d.jsonl")]) == 0  # ours refuses first
+    assert "above the limit of 800 pixels" in json.loads((tmp_path / "d.jsonl").read_text())["error"]
