@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,19 @@ if TYPE_CHECKING:
 ImageInput = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray, torch.Tensor]
 OneImage = Union[str, os.PathLike, bytes, BinaryIO, Image.Image]  # always one image (arrays: one or a batch)
 ERROR_MODES = ("raise", "keep")
+
+# A lock that another thread holds when the process forks (a DataLoader worker started while a thread captions)
+# stays held forever in the child, whose first caption() would then hang: the child gets fresh locks.
+_live_captioners: "weakref.WeakSet[Captioner]" = weakref.WeakSet()
+
+
+def _fresh_locks_after_fork() -> None:
+    for captioner in list(_live_captioners):
+        captioner._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which never forks
+    os.register_at_fork(after_in_child=_fresh_locks_after_fork)
 
 
 @dataclass
@@ -132,6 +146,7 @@ class Captioner(ModelHandling):
         self.batch_size = checked["batch_size"] or predictor.cfg.decode.batch_size
         self.num_workers, self.max_pixels = checked["num_workers"], check_count("max_pixels", max_pixels, 1)
         self._lock = threading.Lock()  # one batch at a time through the model (thread safety, above)
+        _live_captioners.add(self)  # a forked child gets a fresh lock (_fresh_locks_after_fork)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, device: str | torch.device | None = None, *,

@@ -232,6 +232,20 @@ def test_output_that_is_not_ours_or_in_use_is_refused(tmp_path, tiny_checkpoint,
         held.close()
 
 
+@pytest.mark.parametrize("name", ["captions.json", "captions.jsonl.gz", "gallery.html", "captions.TSV"])
+def test_an_output_named_for_another_format_is_refused_unless_the_format_is_given(name, tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    out = tmp_path / name
+    args = ["caption", "--checkpoint", str(tmp_path / "missing.pt"), str(image), "--out", str(out), "--device", "cpu"]
+    assert main(args) == 2  # before the checkpoint is even looked for
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "name it captions.jsonl or captions.csv" in err.replace("gallery.", "captions.")
+    assert str(out) in err and not out.exists()
+    assert main([*args, "--format", "jsonl"]) == 2
+    assert "missing.pt" in capsys.readouterr().err  # the name was accepted; the missing checkpoint stops it
+
+
 def test_sampled_captions_are_varied_and_reproducible(mixed, tiny_checkpoint, tmp_path):
     folder, _, _ = mixed
     files = [str(folder / "photo.jpg"), str(folder / "cmyk.jpg")]

@@ -126,3 +126,39 @@ def test_other_libraries_info_lines_stay_out_of_a_command(tmp_path, tiny_checkpo
                                 "--workers", "0"], env=env, capture_output=True, text=True, timeout=300)
     assert captioned.returncode == 0, captioned.stderr
     assert "compute: " in captioned.stderr and "captioned 1 images" in captioned.stderr
+
+
+@pytest.mark.slow  # starts a process
+def test_other_libraries_info_lines_stay_out_of_a_commands_stderr():
+    """The command configures logging for the process: its own info lines, and only warnings from the rest
+    (a plot run with a fresh matplotlib folder logged "generated new fontManager")."""
+    code = ("import logging, sys\n"
+            "from captioner import cli\n"
+            "def run(args):\n"
+            "    logging.getLogger('matplotlib.font_manager').info('generated new fontManager')\n"
+            "    logging.getLogger('matplotlib.font_manager').warning('a font is missing')\n"
+            "    logging.getLogger('captioner').info('our progress')\n"
+            "    return 0\n"
+            "cli.run_command = run\n"
+            "sys.exit(cli.main(['layers', 'resnet18']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["a font is missing", "our progress"]
+
+
+def test_max_pixels_above_pillows_own_limit_is_honoured_by_the_command(tiny_checkpoint, tmp_path, monkeypatch):
+    """Pillow refuses images above twice Image.MAX_IMAGE_PIXELS whatever --max-pixels says, and advises raising it
+    in one's program: the command raises it instead (scaled down here: a 900-pixel image, Pillow's limit 800)."""
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)
+    Image.new("RGB", (30, 30), (200, 10, 10)).save(tmp_path / "big.png")
+    out = tmp_path / "c.jsonl"
+    args = ["caption", "--checkpoint", tiny_checkpoint, str(tmp_path / "big.png"), "--out", str(out), "--device",
+            "cpu", "--workers", "0"]
+    assert main([*args, "--max-pixels", "2000"]) == 0
+    record = json.loads(out.read_text())
+    assert "caption" in record and "error" not in record, record
+    assert Image.MAX_IMAGE_PIXELS == 2000
+    assert main([*args, "--max-pixels", "800", "--out", str(tmp_path / "d.jsonl")]) == 0  # ours refuses first
+    assert "above the limit of 800 pixels" in json.loads((tmp_path / "d.jsonl").read_text())["error"]

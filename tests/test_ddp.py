@@ -1,11 +1,14 @@
 """`torchrun --nproc_per_node=2` on CPU (gloo) trains like one process with the same global batch."""
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from captioner.data.datasets import by_split, load_records
 from captioner.jobs import train
 
 from helpers import ROOT, TINY, metric_lines, small_config, small_overrides, step_losses, weights
@@ -46,3 +49,23 @@ def test_two_process_gloo_run_matches_one_process_with_the_global_batch(tmp_path
     assert [len(x["samples"]) for x in metric_lines(ddp_dir) if "samples" in x] == [3, 3]
     state = torch.load(ddp_dir / "last.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and not any(k.startswith("module.") for k in state["model"])
+
+
+@pytest.mark.slow
+def test_unreadable_images_of_every_process_are_counted_and_named(tmp_path):
+    data, run_dir = tmp_path / "data", tmp_path / "ddp"
+    overrides = small_overrides(data, "train.epochs=1", "train.checkpoint_every=0")
+    val = by_split(load_records(small_config(data, "train.epochs=1").dataset), "val")  # generates the images
+    broken = [val[0].path, val[1].path]  # validation is split rank::2: one in each process's share
+    for path in broken:
+        Path(path).write_bytes(b"not an image")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "captioner", "-q",
+         "train", "--config", str(TINY), "--run-dir", str(run_dir), "--device", "cpu", *overrides],
+        env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["unreadable_images"] == 2
+    for path in broken:  # rank 1's own warnings are silenced: rank 0 names its images
+        assert f"skipped unreadable image: {path}" in done.stderr

@@ -81,6 +81,24 @@ def test_every_ending_is_one_line_and_its_status(error, status, says, capsys):
     assert line.startswith("captioner demo: ") and says in line, line
 
 
+GLOO_PEER_GONE = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                  "[127.0.0.1]:10404. This is typically caused by a remote worker crashing.")
+
+
+@pytest.mark.parametrize("error", [RuntimeError(GLOO_PEER_GONE), ConnectionResetError(104, "Connection reset by peer")])
+def test_a_process_whose_torchrun_peer_died_says_so_not_internal_error(error, capsys, monkeypatch):
+    def fail():
+        raise error
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert with_exit_path("train", fail) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "lost contact with another process of this torchrun run" in line and "rerun the same command" in line
+    assert "internal error" not in line and "bug" not in line
+    monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the same error is still this process's own
+    with_exit_path("train", fail)
+    assert "lost contact" not in capsys.readouterr().err
+
+
 def test_a_message_quoting_line_breaks_stays_one_line(capsys):
     def fail():
         raise CaptionerError("unknown config key 'a\nb\u2028c'")

@@ -187,6 +187,28 @@ def test_timm_tag_loads_from_a_filled_hugging_face_cache(offline_hub, timm_weigh
     assert "removed" in message and not blob.exists() and not (snapshot / "model.safetensors").exists()
 
 
+def test_a_corrupt_blob_another_user_owns_is_not_said_to_be_removed(offline_hub, timm_weights, monkeypatch):
+    """A shared HF_HOME: the corrupt blob belongs to another user, so removing it fails; the message must not send
+    this user to run again (which would fail the same way forever)."""
+    data, _ = timm_weights
+    snapshot = fill_hub_cache(offline_hub, TIMM_REPO, {"model.safetensors": data})
+    (snapshot / "model.safetensors").resolve().write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # no longer its name
+    real_unlink = Path.unlink
+
+    def not_ours(path, missing_ok=False):
+        if str(path).startswith(str(offline_hub)):
+            raise PermissionError(13, "Permission denied", str(path))
+        real_unlink(path, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", not_ours)
+    with pytest.raises(CaptionerError) as e:
+        _timm_encoder()
+    message = _one_line(e)
+    assert "incomplete or corrupt" in message and "could not be removed" in message and "run again" not in message
+    assert "Permission denied" in message and "set HF_HOME" in message
+    assert (snapshot / "model.safetensors").resolve().exists()
+
+
 def test_timm_tag_downloads_through_huggingface_hub_once(loopback_hub, timm_weights, monkeypatch):
     data, state = timm_weights
     path = f"/{TIMM_REPO}/resolve/main/model.safetensors"

@@ -92,6 +92,8 @@ def test_two_process_extract_equals_one_process(broken_synthetic, tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])  # rank 0 alone prints its summary
     assert done.stdout.count('"cache"') == 1
     assert summary["processes"] == 2 and summary["added"] == 29 and summary["failed"] == 1
+    # Image 7 is in process 1's share (items 1, 3, 5, ...), whose own warnings are silenced: rank 0 names it.
+    assert f"skipped unreadable image: {records[7].path}" in done.stderr
     single = extract.main(extract.ExtractJob(_extract_cfg(root, one), device="cpu", num_workers=0))
     assert single["added"] == 29 and single["failed"] == 1
     # The merge copies the parts in dataset order: the very same file and index as one process writes.

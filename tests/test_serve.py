@@ -41,11 +41,11 @@ PATH_KINDS = {"broken_link.jpg", "loop.jpg", "fifo.jpg", "unreadable.jpg"}  # no
 class Running:
     """A uvicorn server in a thread on a free loopback port (signals stay with the test process)."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -163,11 +163,14 @@ def test_every_bad_upload_is_a_4xx_json_error(server, mixed):
         (httpx.post(url, content=b"--xx\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=xx"}),
          400, "`image`"),
         (httpx.post(url, content=b"\xff\xd8", headers={"content-type": "image/jpeg"}), 415, "multipart"),
+        (httpx.post(url, content=b"abc", headers={"content-type": "multipart/form-data"}), 400,
+         "malformed form: Missing boundary"),  # not "(at most 32 images per request)", which is not what is wrong
         (httpx.get(url), 405, ""),
         (httpx.get(f"{server.url}/v2/nothing"), 404, ""),
     ]
     for response, status, words in malformed:
         assert response.status_code == status and words in response.json()["error"], response.text
+        assert "images per request" not in response.json()["error"], response.text
     assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
     assert _post(server.url, _upload(folder, ["photo.jpg"])).status_code == 200  # still serving
 
@@ -228,6 +231,23 @@ def test_limits_full_queue_and_timeout():
     finally:
         slow.set()
         running.stop()
+
+
+def test_an_upload_cut_off_by_a_stop_gives_no_traceback(capfd):
+    """SIGTERM lets requests finish for a grace period; an upload still arriving after it is cancelled, which
+    uvicorn would log as a 60-line "Exception in ASGI application" traceback."""
+    batcher = DynamicBatcher(_fake_predict(threading.Event()), 1, 0, 4)
+    running = Running(create_app(batcher, {}, 32, (2, 2), Limits()), timeout_graceful_shutdown=1)
+    port = int(running.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as slow:  # announces 10 kB, sends 10 bytes, then waits
+        slow.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 10000\r\n\r\n--b\r\nxxxxx")
+        time.sleep(0.5)
+        running.stop()
+    assert not running.thread.is_alive()
+    err = capfd.readouterr().err  # uvicorn's own loggers write to stderr, past logging's capture
+    assert "graceful shutdown exceeded" in err  # the cut-off did happen
+    assert "Exception in ASGI application" not in err and "Traceback" not in err
 
 
 def test_token_is_enforced_on_the_api(monkeypatch):

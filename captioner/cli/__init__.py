@@ -178,7 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     # file is captioned or refused with one line. Set here, where the command owns the process (and its forked
     # decoding workers inherit it); the library never changes warnings filters, which are process-wide.
     warnings.filterwarnings("ignore", module=r"PIL\.")
+    _let_pillow_read_up_to(getattr(args, "max_pixels", None))
     return with_exit_path(args.command, lambda: run_command(args))
+
+
+def _let_pillow_read_up_to(max_pixels: int | None) -> None:
+    """--max-pixels above Pillow's own process-wide limit (twice Image.MAX_IMAGE_PIXELS: 179 megapixels) would
+    still be refused by Pillow, with advice to raise it in one's program, which a command-line user has not.
+    The command owns the process, so it raises Pillow's limit to the one asked for (the library never does)."""
+    if not max_pixels:
+        return
+    from PIL import Image
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses above twice this; ours refuses above max_pixels
 
 
 if __name__ == "__main__":

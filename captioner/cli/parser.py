@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output file (default: captions.jsonl, or captions.csv with --format csv)")
     p.add_argument("--format", dest="fmt", choices=["jsonl", "csv"], default=None,
-                   help="output format (default: from the --out extension, else jsonl)")
+                   help="output format (default: .csv is csv, else jsonl; an --out named for another format, such as "
+                        ".json, .tsv, .gz or .html, is refused without --format)")
     p.add_argument("--html", default=None, metavar="FILE",
                    help="also write a self-contained HTML gallery with per-word attention maps")
     p.add_argument("--beam", dest="beam_size", type=int, default=None,

@@ -186,6 +186,20 @@ def decode_batch(items: list[torch.Tensor], paths: list[str], image_size: int, d
     return out
 
 
+def _in_this_process() -> int:
+    """Worker count 0, said once: a daemonic process (a DataLoader or multiprocessing.Pool worker running the
+    Python API) may not start processes, so its images are decoded where it runs; the captions are the same."""
+    global _said_in_this_process
+    if not _said_in_this_process:
+        log.warning("decoding images in this process: a daemonic process (a DataLoader or Pool worker) cannot "
+                    "start image-decoding workers")
+        _said_in_this_process = True
+    return 0
+
+
+_said_in_this_process = False
+
+
 class Batches:
     """Device batches of an ImageFiles or CaptionPairs dataset, decoded in DataLoader workers (or on the GPU
     when its ImageFiles has gpu_decode). Training batches (CaptionPairs) come without the rows of unreadable
@@ -199,6 +213,8 @@ class Batches:
         files = dataset.source if isinstance(dataset, CaptionPairs) else dataset
         self.files = files if isinstance(files, ImageFiles) else None  # None: features, nothing to decode
         num_workers = min(num_workers, -(-len(dataset) // batch_size))  # no idle worker processes
+        if num_workers and multiprocessing.current_process().daemon:
+            num_workers = _in_this_process()
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle,
                                  drop_last=drop_last, num_workers=num_workers, collate_fn=collate,
                                  pin_memory=device.type == "cuda", persistent_workers=persistent_workers and num_workers > 0,

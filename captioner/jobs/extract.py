@@ -25,6 +25,7 @@ from captioner.engine.runtime.compute import setup_compute
 from captioner.engine.infer.extraction import check_disk, extract_into, merge_parts, open_for_extraction, part_folder
 from captioner.config import Config, require_min
 from captioner.data.datasets import dataset_inputs, load_records
+from captioner.data.pipeline import Unreadable
 from captioner.data.cache import FeatureCache, default_cache_dir, describe_size, encoder_signature, lock_cache
 from captioner.errors import CaptionerError
 from captioner.files import check_writable
@@ -119,12 +120,14 @@ def _extract(cfg: Config, splits: list[str], process: Process, rebuild: bool, ba
         writer = (FeatureCache.create(part_folder(folder, process.rank), signature, cfg.cache.dtype)
                   if process.distributed else cache)
         progress = distributed.GlobalProgress(len(todo), process, "extract")  # rank 0 shows all processes' images
+        unreadable = Unreadable()  # each warns as it goes; only rank 0's voice is heard (distributed.setup)
         try:
             result = extract_into(writer, encoder, mine, batch_size, num_workers, device, compute.bf16,
-                                  compute.gpu_decode, progress=progress)
+                                  compute.gpu_decode, unreadable=unreadable, progress=progress)
         finally:
             writer.close()
         everyone = distributed.gather_to_main(result, process)  # sent once this process's part is closed
+        distributed.name_on_main(unreadable, process)  # the summary's "failed" counts them all
         if not process.is_main:
             return {"cache": str(folder), "rank": process.rank, "added": result["added"], "failed": result["failed"]}
         if process.distributed:

@@ -374,6 +374,7 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
         log.info("early stopping: no %s gain in %d validations", cfg.train.select_metric,
                  run.progress.evals_without_gain)
     progress = run.progress
+    distributed.name_on_main(inputs.unreadable, run.process)  # each process read its own share of the images
     return {"best_checkpoint": str(run_dir / "best.pt"), "last_checkpoint": str(run_dir / "last.pt"),
             "best_bleu4": progress.best_scores.get("bleu4", -math.inf),
             "best_score": progress.best_scores.get(cfg.train.select_metric, progress.best_score),  # best.pt's

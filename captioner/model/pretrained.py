@@ -155,12 +155,18 @@ def _verify_blob(entry: Path, what: str, place: str) -> None:
         return
     digest = _sha256(blob)
     if digest != blob.name:
+        kept = []  # a shared cache: another user's file may not be ours to remove
         for path in (entry, blob):
-            with contextlib.suppress(OSError):
-                path.unlink()
-        raise CaptionerError(f"{what} in the Hugging Face cache is incomplete or corrupt (sha256 {digest[:12]}..., "
-                             f"not the {blob.name[:12]}... it is kept under) and was removed: run again to download "
-                             f"it, or {place}")
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                kept.append(f"{path} ({e.strerror or e})")
+        bad = f"{what} in the Hugging Face cache is incomplete or corrupt (sha256 {digest[:12]}..., not the " \
+              f"{blob.name[:12]}... it is kept under)"
+        if kept:
+            raise CaptionerError(f"{bad} and could not be removed: {'; '.join(kept)}; have its owner or an "
+                                 f"administrator delete it, or set HF_HOME to a cache of your own")
+        raise CaptionerError(f"{bad} and was removed: run again to download it, or {place}")
 
 
 def _hub_cache() -> str:

@@ -40,13 +40,27 @@ CSV_FIELDS = ("file", "caption", "score", "error", "model", "decoding")
 PROVENANCE = ("model", "decoding")
 
 
+# Names that promise another format: JSONL written under them would be read wrongly (json.load fails on it, a
+# .gz is expected compressed, gallery.html is --html's), so without --format they are refused.
+OTHER_FORMATS = {".json": "one JSON document", ".tsv": "tab-separated values", ".html": "an HTML page (--html)",
+                 ".htm": "an HTML page (--html)", ".gz": "compressed data", ".bz2": "compressed data",
+                 ".xz": "compressed data", ".zst": "compressed data", ".zip": "an archive", ".parquet": "Parquet",
+                 ".xlsx": "a spreadsheet", ".yaml": "YAML", ".yml": "YAML"}
+
+
 def format_for(path: str | Path, fmt: str | None = None) -> str:
-    """The explicit format, else csv for a .csv file, else jsonl."""
+    """The explicit format, else csv for a .csv file, else jsonl; a name promising another format is refused."""
     if fmt is not None:
         if fmt not in FORMATS:
             raise CaptionerError(f"unknown output format '{fmt}'; use one of: {', '.join(FORMATS)}")
         return fmt
-    return "csv" if Path(path).suffix.lower() == ".csv" else "jsonl"
+    suffix = Path(path).suffix.lower()
+    if suffix in OTHER_FORMATS:
+        stem = re.sub(r"\.(jsonl|csv|json|tsv)$", "", Path(path).name[:-len(suffix)], flags=re.I)  # a.jsonl.gz: a
+        raise CaptionerError(f"{path}: a {suffix} name promises {OTHER_FORMATS[suffix]}, but captions are written as "
+                             f"JSONL (one JSON object per line) or CSV: name it {stem}.jsonl or {stem}.csv, or "
+                             f"pass --format jsonl or --format csv to keep this name")
+    return "csv" if suffix == ".csv" else "jsonl"
 
 
 def part_path(path: str | Path, rank: int) -> Path:

@@ -26,7 +26,7 @@ import os
 import re
 import time
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 import numpy as np
 from PIL import Image
@@ -41,7 +41,8 @@ MIN_SIDE = 12  # a 50:1 panorama still gets a visible strip
 DIMMING = 0.75  # opacity of the shade over regions that got no attention
 
 GENERATOR = '<meta name="generator" content="captioner gallery">'
-_ENTRY = re.compile(r'^<(?:figure|div) class="entry[^"]*" data-file="([^"]*)"')
+# data-name: the bytes of a file name that is not valid UTF-8, percent-encoded (data-file shows it with U+FFFD)
+_ENTRY = re.compile(r'^<(?:figure|div) class="entry[^"]*" data-file="([^"]*)"(?: data-name="([^"]*)")?')
 _MADE_BY = re.compile(r'<meta name="captioner-made-by" content="([^"]*)">')
 
 STYLE = """
@@ -88,7 +89,7 @@ class Gallery:
         if not self.log.lines:
             self.log.append(_header(title, stamp))
         entries = [(m.group(1), "entry error" in line) for line in self.log.lines if (m := _ENTRY.match(line))]
-        self.done = {file_key(html.unescape(file)) for file, _ in entries}  # as _shown() writes them
+        self.done = {_entry_key(match) for line in self.log.lines if (match := _ENTRY.match(line))}
         self.errors = sum(is_error for _, is_error in entries)
         self.images = len(entries) - self.errors
         self._pending: list[str] = []
@@ -104,7 +105,7 @@ class Gallery:
         self.errors += 1
 
     def has(self, file: str) -> bool:
-        return file_key(_shown(file)) in self.done
+        return file_key(file) in self.done
 
     def flush(self) -> None:
         """Write the entries added since the last flush (the caller flushes once per batch)."""
@@ -113,7 +114,7 @@ class Gallery:
 
     def _append(self, file: str, line: str) -> None:
         self._pending.append(line)
-        self.done.add(file_key(_shown(file)))
+        self.done.add(file_key(file))
 
     def absorb(self, parts: list[Path], order: dict[str, int] | None = None) -> int:
         """Move the entries of part pages that are not on this page yet here, in input order, then delete the
@@ -124,7 +125,7 @@ class Gallery:
             part.close()
             for line in part.lines:
                 match = _ENTRY.match(line)
-                key = match and file_key(html.unescape(match.group(1)))
+                key = match and _entry_key(match)
                 if key and key not in self.done:
                     new.setdefault(key, line)
         last = len(order or ())
@@ -168,14 +169,14 @@ def entry_html(file: str, image: np.ndarray, size: tuple[int, int], words: list[
     meta = f"log-probability {score:.2f}" if score is not None else ""
     picture = (f'<a class="pic main" href="{link}" title="open the original"></a>' if link is not None
                else '<div class="pic main"></div>')
-    return (f'<figure class="entry" data-file="{_attr(file)}" style="--img:url(data:image/jpeg;base64,'
+    return (f'<figure class="entry" {_file_attributes(file)} style="--img:url(data:image/jpeg;base64,'
             f'{thumbnail});--w:{width}px;--h:{height}px">{picture}<div><figcaption><span class="caption">'
             f'{_attr(join_words(words))}</span><span class="meta">{meta}</span><div class="file">{_attr(file)}</div>'
             f'</figcaption><div class="words">{"".join(panels)}</div></div></figure>')
 
 
 def error_html(file: str, message: str) -> str:
-    return (f'<div class="entry error" data-file="{_attr(file)}"><span class="file">{_attr(file)}</span>: '
+    return (f'<div class="entry error" {_file_attributes(file)}><span class="file">{_attr(file)}</span>: '
             f'{_attr(message)}</div>')
 
 
@@ -268,6 +269,19 @@ def _link(file: str, folder: Path) -> str:
 def _shown(text: str) -> str:
     """A file name that is not valid UTF-8 (surrogate escapes) shows U+FFFD, so the page stays valid UTF-8."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _file_attributes(file: str) -> str:
+    """data-file, the name as shown; a name that is not valid UTF-8 also gets data-name, its exact bytes, so that
+    two such names (caf\xe9.jpg, caf\xe8.jpg: both caf\ufffd.jpg when shown) stay two entries, in input order."""
+    shown = f'data-file="{_attr(file)}"'
+    return shown if _shown(file) == file else f'{shown} data-name="{quote(os.fsencode(file))}"'
+
+
+def _entry_key(match: re.Match) -> str:
+    """The file_key of the file an entry line (matched by _ENTRY) is about."""
+    name = os.fsdecode(unquote_to_bytes(match.group(2))) if match.group(2) else html.unescape(match.group(1))
+    return file_key(name)
 
 
 def _attr(text: str) -> str:

@@ -96,6 +96,17 @@ def gather_to_main(obj, process: Process) -> list | None:
     return gathered
 
 
+def name_on_main(unreadable, process: Process, limit: int = 1000) -> None:
+    """Every process calls it: rank 0 adds the other processes' unreadable images (the first `limit` of each)
+    to its own `unreadable` (data/pipeline.py Unreadable), which warns about each, since their warnings are
+    silenced (setup); its count then covers every process."""
+    everyone = gather_to_main(list(unreadable.messages)[:limit], process)
+    if process.distributed and process.is_main:
+        for theirs in everyone[1:]:
+            for message in theirs:
+                unreadable.add(message)
+
+
 def broadcast_from_main(obj, process: Process):
     """Rank 0's obj, on every rank."""
     if not process.distributed:

@@ -108,6 +108,11 @@ def describe(error: BaseException) -> tuple[int, str]:
         return exit_status("SIGINT"), "interrupted"
     if isinstance(error, CaptionerError):
         return error.exit_status, f"error: {error}"
+    if _lost_peer(error):
+        return EnvironmentFailure.exit_status, (f"error: lost contact with another process of this torchrun run "
+                                                f"({_first_line(error)[:120]}): it stopped, crashed or was killed, "
+                                                f"and its own message, if any, is above; rerun the same command "
+                                                f"to continue")
     if isinstance(error, OSError):
         failure = os_failure(f"cannot write {STDOUT}" if error.filename == STDOUT else
                              f"cannot read or write {error.filename}" if error.filename else "input/output failed",
@@ -118,6 +123,21 @@ def describe(error: BaseException) -> tuple[int, str]:
                                                 f"--batch-size or image size")
     return 1, (f"internal error: {type(error).__name__}: {_first_line(error)} (this is a bug in captioner; "
                f"set {TRACEBACK_VARIABLE}=1 to print where it happened, and please report it)")
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo's words for it
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """Under torchrun: a collective failed because another process is gone. torchrun then stops the others,
+    whose errors are no bug of theirs (and not this command's "internal error")."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
+        return False
+    if isinstance(error, ConnectionError) and not getattr(error, "filename", None):
+        return True
+    dist_error = getattr(sys.modules.get("torch.distributed"), "DistError", ())
+    return isinstance(error, dist_error) or (isinstance(error, RuntimeError)
+                                             and any(words in str(error) for words in PEER_GONE))
 
 
 def _first_line(error: BaseException) -> str:

@@ -155,6 +155,10 @@ async def _read_body(request: Request, limits: Limits, inflight: dict) -> bytes:
                 raise Refusal(503, "too many uploads in progress; retry shortly",
                               {"Retry-After": str(limits.retry_after)})
             chunks.append(chunk)
+    except asyncio.CancelledError:  # a stop's grace period ran out mid-upload: an answer, not uvicorn's traceback
+        inflight["bytes"] -= size
+        raise Refusal(503, "the server is stopping and this upload did not finish in time; retry shortly",
+                      {"Retry-After": str(limits.retry_after)}) from None
     except BaseException:
         inflight["bytes"] -= size
         raise
@@ -183,9 +187,12 @@ async def _image_parts(request: Request, body: bytes, limits: Limits) -> tuple[l
                                                          max_part_size=64 * 1024)
     except (MultiPartException, HTTPException) as e:  # Starlette turns the first into the second inside an app
         message = getattr(e, "message", None) or getattr(e, "detail", "")
-        status = 413 if "Too many files" in message else 400
-        raise Refusal(status, f"malformed or oversized form: {message} (at most {limits.max_images} images "
-                              f"per request)") from None
+        if "Too many files" in message:
+            raise Refusal(413, f"at most {limits.max_images} images per request ({message})") from None
+        if "Too many fields" in message or "maximum size" in message:
+            raise Refusal(400, f"oversized form: {message} (at most 16 text fields of 64 KB each)") from None
+        raise Refusal(400, f"malformed form: {message}; send the images as multipart/form-data file fields named "
+                           f"`image`, e.g. curl -F image=@photo.jpg URL") from None
     try:
         parts = form.getlist("image")
         if not parts:
