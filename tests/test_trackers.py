@@ -55,6 +55,52 @@ def test_a_missing_tracker_package_names_the_extra_to_install(sink, monkeypatch)
     check_log_to(["jsonl"])  # jsonl needs nothing
 
 
+def test_an_mlflow_server_that_does_not_answer_is_refused_at_once_in_one_line(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(CaptionerError) as e:
+        check_log_to(["jsonl", "mlflow"])
+    message = str(e.value)
+    assert time.monotonic() - start < 5  # MLflow's own client retried for about 4 minutes
+    assert "does not answer" in message and "Connection refused" in message and "\n" not in message
+
+
+def test_any_http_answer_lets_mlflow_itself_speak(monkeypatch):
+    import http.server
+    import threading
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # 501 to every GET
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
+        check_log_to(["jsonl", "mlflow"])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_mlflow_refusing_a_folder_store_gets_its_way_out_in_the_line():
+    from captioner.engine.train.loggers.mlflow_log import _failure
+    refusal = Exception("The filesystem tracking backend (e.g., './mlruns') is in maintenance mode ... " + "x" * 400
+                        + " set `MLFLOW_ALLOW_FILE_STORE=true` to opt out of this exception.")
+    message = str(_failure("start the run", "/data/mlruns", refusal))
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in message and "sqlite:///" in message  # was cut off at 300 characters
+
+
+def test_mlflow_failing_while_training_says_the_run_is_saved_and_how_to_continue(tmp_path):
+    from captioner.engine.train.loggers.mlflow_log import MlflowLogger
+
+    class DeadClient:
+        def log_batch(self, *args, **kwargs):
+            raise ConnectionError("Max retries exceeded")
+
+    logger = MlflowLogger.__new__(MlflowLogger)  # as left by __init__ once the server has gone away
+    logger.client, logger.uri, logger.run_id, logger.run_dir = DeadClient(), "http://mlflow:5000", "abc", tmp_path
+    logger.pending = [("metrics", ["a metric"])]
+    with pytest.raises(CaptionerError) as e:
+        logger.checkpointed()
+    assert f"last.pt saved: `captioner train --resume {tmp_path}`" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_the_config_takes_an_experiment_and_a_registered_name():
     cfg = load_config(TINY, ["train.log_to=[jsonl,mlflow,wandb]", "train.experiment=coco", "train.register_as=cap"])
     assert cfg.train.log_to == ["jsonl", "mlflow", "wandb"]
