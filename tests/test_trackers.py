@@ -340,3 +340,24 @@ def test_an_offline_wandb_run_holds_every_scalar_and_the_sample_tables_and_resum
     assert [f.path for f in client.list_artifacts(run.info.run_id, "samples")] == [
         "samples/step_000007.json", "samples/step_000014.json"]
     assert (run_dir / "mlartifacts").is_dir()  # the artifacts beside the store, not in the working folder
+
+
+@pytest.mark.slow
+def test_logging_the_mlflow_model_prints_no_mlflow_chatter(tmp_path, capfd, monkeypatch):
+    from mlflow import MlflowClient
+
+    from captioner.engine.train.loggers.mlflow_log import log_pyfunc_model
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    capfd.readouterr()
+    log_pyfunc_model(uri, run_id, folder, None)
+    printed = "".join(capfd.readouterr())
+    assert "input example" not in printed and "Downloading artifacts" not in printed, printed[-2000:]
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # given back
+    assert [m.name for m in client.search_logged_models([experiment])] == ["model"]

@@ -29,6 +29,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -253,13 +254,21 @@ def log_pyfunc_model(uri: str, run_id: str, folder: Path, register_as: str | Non
     code = importlib.util.find_spec("captioner.mlflow_model").origin  # the file, not imported here
     previous = mlflow.get_tracking_uri() if is_tracking_uri_set() else None
     mlflow.set_tracking_uri(uri)
+    # MLflow's own chatter at the end of a run: a coloured warning that the model has no input example (its
+    # signature says the columns) and progress bars of its artifact round trip; the user's setting wins.
+    quiet_bars = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+    if quiet_bars:
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
             mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=code, artifacts={MODEL_ARTIFACT: str(folder)},
                                     signature=model_signature(), pip_requirements=[f"captioner=={__version__}"],
                                     registered_model_name=register_as)
     finally:
         mlflow.set_tracking_uri(previous)
+        if quiet_bars:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
 
 
 def model_signature():
