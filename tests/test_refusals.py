@@ -64,6 +64,12 @@ def test_mismatched_architecture_is_refused(run_dir, small_root, capsys):
              run_dir, "does not match the config's architecture", "model.decoder_dim: 32 -> 48")
 
 
+def test_an_architecture_override_at_resume_is_named_as_the_thing_to_drop(run_dir, capsys):
+    line = _refused(capsys, ["train", "--resume", str(run_dir), "model.decoder_dim=48"],
+                    run_dir, "model.decoder_dim: 32 -> 48", "KEY=VALUE overrides")
+    assert "without --config" not in line  # there was no --config to leave out
+
+
 def test_weights_only_checkpoint_cannot_be_resumed(run_dir, capsys):
     state = torch.load(run_dir / "last.pt", weights_only=True)
     save_checkpoint(run_dir / "last.pt", {k: state[k] for k in ("model", "config", "vocab")})
