@@ -206,3 +206,18 @@ def test_a_repeated_row_is_counted_once_with_a_warning(photos, caplog, kind):
                                                                 "p1.png": ["a dog"]}
     assert "3 rows repeat an earlier row's image and caption and are counted once (first: p0.png, 'a red square')" \
         in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_image_names_written_on_windows_find_their_files(photos, kind):
+    (photos / "imgs").mkdir()
+    for name in ("p0.png", "p1.png"):
+        (photos / name).rename(photos / "imgs" / name)
+    path = photos / f"captions.{kind}"
+    rows = [("imgs\\p0.png", "a red square"), ("imgs\\p1.png", "a dark square")]
+    if kind == "csv":
+        path.write_text("image,caption\n" + "".join(f"{i},{c}\n" for i, c in rows))
+    else:
+        path.write_text("".join(json.dumps({"image": i, "caption": c}) + "\n" for i, c in rows))
+    _, records = _read(path)
+    assert sorted(r.path for r in records) == [str(photos / "imgs" / "p0.png"), str(photos / "imgs" / "p1.png")]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -85,6 +86,15 @@ class SkippedRows:
                         ", ..." if len(lines) > 5 else "", reason)
 
 
+def _local_name(name: str, images_dir: str | Path) -> str:
+    """A name written on Windows (`photos\\a.jpg`, backslashes) read on Linux or macOS: the file it means when no
+    file bears the literal name (a backslash is a legal, if rare, character there)."""
+    if "\\" not in name or os.sep == "\\" or (Path(images_dir) / name).exists():
+        return name
+    posix = name.replace("\\", "/")
+    return posix if (Path(images_dir) / posix).exists() else name
+
+
 def records_from_rows(rows, images_dir: str | Path, source: str = "") -> list[ImageRecord]:
     """rows: (image name, caption, split or None, image id or None) -> one record per image, by image id.
     A caption repeated for the same image (a file concatenated twice, a copied row) is kept once: twice, it
@@ -92,6 +102,7 @@ def records_from_rows(rows, images_dir: str | Path, source: str = "") -> list[Im
     captions, split_of, id_of, repeated = defaultdict(list), {}, {}, []
     seen = set()
     for name, caption, split, image_id in rows:
+        name = _local_name(name, images_dir)
         if (name, caption) in seen:
             repeated.append((name, caption))
             continue
