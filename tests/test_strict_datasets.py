@@ -221,3 +221,12 @@ def test_image_names_written_on_windows_find_their_files(photos, kind):
         path.write_text("".join(json.dumps({"image": i, "caption": c}) + "\n" for i, c in rows))
     _, records = _read(path)
     assert sorted(r.path for r in records) == [str(photos / "imgs" / "p0.png"), str(photos / "imgs" / "p1.png")]
+
+
+def test_a_quote_left_open_is_named_by_the_lines_it_joined(photos, caplog):
+    path = photos / "captions.csv"
+    path.write_text('image,caption\np0.png,"a red square\np1.png,a dog\np2.png,a cat\np3.png,"a bird"\np4.png,a fox\n')
+    with caplog.at_level(logging.WARNING, "captioner"):
+        _, records = _read(path)
+    assert "1 rows span several lines (lines 2-5): a quote left open" in caplog.text
+    assert sorted(Path(r.path).name for r in records) == ["p0.png", "p4.png"]  # p1..p3 went into p0's caption

@@ -152,15 +152,19 @@ def read_csv(path: str | Path, images_dir: str | Path, encoding: str = "") -> li
     split_col = header.index("split") if "split" in header else None
     id_col = header.index("image_id") if "image_id" in header else None
     needed = max(c for c in (image_col, caption_col, split_col, id_col) if c is not None)
-    rows, bad, joined, total, skipped = [], [], [], 0, SkippedRows()
+    rows, bad, joined, total, skipped, spanning = [], [], [], 0, SkippedRows(), []
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text)))  # a long caption is no reason to fail: the text is read already
     try:
+        first = 2  # the first physical line of the next row
         for row in reader:
             number = reader.line_num  # the last physical line of the row: a quoted caption may span lines
+            first, start = number + 1, first
             if not any(field.strip() for field in row):
                 continue
             total += 1
+            if number > start:
+                spanning.append(f"{start}-{number}")
             if len(row) > len(header):  # the caption held the delimiter without quotes
                 if caption_col != len(header) - 1:  # not the last column: which field belongs where is unknown
                     bad.append(number)
@@ -179,6 +183,10 @@ def read_csv(path: str | Path, images_dir: str | Path, encoding: str = "") -> li
         raise CaptionerError(f"CSV file {path}, line {reader.line_num}: {e}") from None
     finally:
         csv.field_size_limit(limit)
+    if spanning:  # legal when quoted on purpose; a quote left open silently joins every row up to the next quote
+        log.warning("%s: %d rows span several lines (lines %s%s): a quote left open joins the rows after it into "
+                    "one caption; check them", path, len(spanning), ", ".join(spanning[:5]),
+                    ", ..." if len(spanning) > 5 else "")
     if joined:
         log.warning("%s: %d rows have more %r-separated fields than the header (lines %s%s): their caption held the "
                     "delimiter unquoted, and the extra fields were kept as part of the caption (the last column); "
