@@ -230,3 +230,14 @@ def test_a_quote_left_open_is_named_by_the_lines_it_joined(photos, caplog):
         _, records = _read(path)
     assert "1 rows span several lines (lines 2-5): a quote left open" in caplog.text
     assert sorted(Path(r.path).name for r in records) == ["p0.png", "p4.png"]  # p1..p3 went into p0's caption
+
+
+def test_captions_without_a_word_are_dropped_with_a_warning(photos, caplog):
+    path = photos / "captions.csv"
+    path.write_text("image,caption\np0.png,a red square\np0.png,🐶🎉 !!\np1.png,...\np2.png,un café\n")
+    with caplog.at_level(logging.WARNING, "captioner"):
+        _, records = _read(path)
+    captions = {Path(r.path).name: r.captions for r in records}
+    assert captions == {"p0.png": ["a red square"], "p1.png": [], "p2.png": ["un café"]}
+    assert "2 captions hold no word (only symbols, emoji or punctuation) and are not used" in caplog.text
+    assert "1 of 3 images have no caption and are not used" in caplog.text

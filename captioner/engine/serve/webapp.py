@@ -155,6 +155,10 @@ async def _read_body(request: Request, limits: Limits, inflight: dict) -> bytes:
                 raise Refusal(503, "too many uploads in progress; retry shortly",
                               {"Retry-After": str(limits.retry_after)})
             chunks.append(chunk)
+    except asyncio.CancelledError:  # a stop's grace period ran out mid-upload: an answer, not uvicorn's traceback
+        inflight["bytes"] -= size
+        raise Refusal(503, "the server is stopping and this upload did not finish in time; retry shortly",
+                      {"Retry-After": str(limits.retry_after)}) from None
     except BaseException:
         inflight["bytes"] -= size
         raise
