@@ -36,10 +36,10 @@ def _read(path: Path, **settings):
     return read_dataset(DatasetConfig(annotations=str(path), **settings))
 
 
-def _prepare(config: Path, out: Path, *overrides: str) -> tuple[int, str, str]:
+def _prepare(config: Path, out: Path | None, *overrides: str) -> tuple[int, str, str]:
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(["prepare", "--config", str(config), "--out", str(out), *overrides])
+        code = main(["prepare", "--config", str(config), *(["--out", str(out)] if out else []), *overrides])
     return code, stdout.getvalue(), stderr.getvalue()
 
 
@@ -241,3 +241,17 @@ def test_captions_without_a_word_are_dropped_with_a_warning(photos, caplog):
     assert captions == {"p0.png": ["a red square"], "p1.png": [], "p2.png": ["un café"]}
     assert "2 captions hold no word (only symbols, emoji or punctuation) and are not used" in caplog.text
     assert "1 of 3 images have no caption and are not used" in caplog.text
+
+
+def test_prepare_writes_beside_ones_own_captions_file_when_no_root_is_set(photos, tmp_path, monkeypatch):
+    (photos / "captions.csv").write_text("image,caption\n" + "".join(f"p{i}.png,a square number {i}\n"
+                                                                        for i in range(10)))
+    config = photos / "mine.yaml"
+    config.write_text("dataset:\n  annotations: captions.csv\n  val_fraction: 0.2\n")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, out, err = _prepare(config, None)
+    assert code == 0, err
+    assert (photos / "prepared" / "summary.json").is_file()  # was ./data/synthetic/prepared of the working folder
+    assert not (work / "data").exists()
