@@ -158,7 +158,8 @@ def test_csv_kaggle_flickr8k_form(tmp_path, caplog):
     assert detect_format(path)[0] == "csv"
     with caplog.at_level(logging.WARNING, logger="captioner"):
         _, records = read_dataset(_dataset(path, images, val_fraction=0.25))
-    assert "2 malformed lines skipped (lines 4, 9)" in caplog.text
+    assert "1 malformed lines skipped (lines 9)" in caplog.text and "1 rows skipped (lines 4): an empty caption" \
+        in caplog.text
     captions = {r.path.rsplit("/", 1)[1]: r.captions for r in records}
     assert captions["1000268201_693b08cb0e.jpg"] == ["A child in a pink dress, climbing stairs .",
                                                      "A girl going into a wooden building ."]

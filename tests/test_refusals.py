@@ -64,6 +64,12 @@ def test_mismatched_architecture_is_refused(run_dir, small_root, capsys):
              run_dir, "does not match the config's architecture", "model.decoder_dim: 32 -> 48")
 
 
+def test_an_architecture_override_at_resume_is_named_as_the_thing_to_drop(run_dir, capsys):
+    line = _refused(capsys, ["train", "--resume", str(run_dir), "model.decoder_dim=48"],
+                    run_dir, "model.decoder_dim: 32 -> 48", "KEY=VALUE overrides")
+    assert "without --config" not in line  # there was no --config to leave out
+
+
 def test_weights_only_checkpoint_cannot_be_resumed(run_dir, capsys):
     state = torch.load(run_dir / "last.pt", weights_only=True)
     save_checkpoint(run_dir / "last.pt", {k: state[k] for k in ("model", "config", "vocab")})
@@ -119,3 +125,17 @@ def test_a_failed_save_keeps_the_previous_checkpoint(run_dir, monkeypatch):
         save_checkpoint(run_dir / "last.pt", {"model": {}})
     assert (run_dir / "last.pt").read_bytes() == before
     assert not list(run_dir.glob("*.tmp"))
+
+
+def test_a_run_dir_without_a_checkpoint_is_started_over_whatever_its_config(tmp_path):
+    # A run that stopped at its start (a tracker refused, a bad image folder) leaves config.yaml, vocab.json and
+    # metrics.jsonl: a new command with other settings was told to `--resume`, which refused for lack of last.pt.
+    from captioner.config import load_config, to_dict, to_yaml
+    from captioner.engine.train.rundir import plan_run
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(TINY, ["train.log_to=[jsonl,mlflow]"])))
+    (tmp_path / "vocab.json").write_text("[]")
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert plan_run(tmp_path, to_dict(load_config(TINY)), resume=False, overwrite=False) == "new"
+    (tmp_path / "last.pt").write_bytes(b"")  # a checkpoint to keep: refused as before
+    with pytest.raises(Exception, match="already holds a different run"):
+        plan_run(tmp_path, to_dict(load_config(TINY)), resume=False, overwrite=False)

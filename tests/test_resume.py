@@ -1,5 +1,6 @@
 """Exact resume: a run killed with SIGKILL mid-epoch (or stopped by SIGTERM) and resumed repeats an
 uninterrupted run: the same per-step losses in metrics.jsonl and the same final weights."""
+import json
 import os
 import shutil
 import signal
@@ -103,3 +104,23 @@ def test_plot_writes_a_png_of_the_curves(uninterrupted, tmp_path, capsys):
     assert '"steps": 18, "validations": 2' in capsys.readouterr().out
     assert cli(["plot", str(tmp_path / "nope")]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_a_run_stopped_before_its_first_validation_says_so_in_strict_json(small_root, tmp_path, monkeypatch,
+                                                                          capsys):
+    write = MetricsLog.write
+
+    def write_then_terminate(self, record):
+        write(self, record)
+        if record.get("step") == 2 and "loss" in record:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLog, "write", write_then_terminate)
+    run_dir = tmp_path / "early"
+    code = cli(["train", "--config", str(TINY), "--run-dir", str(run_dir), "--device", "cpu",
+                *small_overrides(small_root)])
+    assert code == 128 + signal.SIGTERM and not (run_dir / "best.pt").exists()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the summary: not JSON"))
+    assert summary["best_checkpoint"] is None and summary["best_score"] is None and summary["best_bleu4"] is None
+    assert summary["last_checkpoint"] == str(run_dir / "last.pt") and summary["stopped"] == "SIGTERM"

@@ -36,10 +36,10 @@ def _read(path: Path, **settings):
     return read_dataset(DatasetConfig(annotations=str(path), **settings))
 
 
-def _prepare(config: Path, out: Path, *overrides: str) -> tuple[int, str, str]:
+def _prepare(config: Path, out: Path | None, *overrides: str) -> tuple[int, str, str]:
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(["prepare", "--config", str(config), "--out", str(out), *overrides])
+        code = main(["prepare", "--config", str(config), *(["--out", str(out)] if out else []), *overrides])
     return code, stdout.getvalue(), stderr.getvalue()
 
 
@@ -158,3 +158,100 @@ def test_prepare_refuses_a_train_split_without_captions(photos, tmp_path):
     code, _, err = _prepare(config, tmp_path / "prepared")
     assert code == 2 and "the train split has 3 images and no captions" in err
     assert not (tmp_path / "prepared").exists()
+
+
+def test_a_caption_longer_than_the_csv_field_limit_is_read(photos):
+    path = photos / "captions.csv"
+    path.write_text("image,caption\np0.png,a red square\np1.png," + "dog " * 50_000 + "\n")  # 200,000 characters
+    _, records = _read(path)
+    assert len(records) == 2 and len(records[1].captions[0]) == 199_999
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_skipped_rows_name_their_reason(photos, caplog, kind):
+    rows = [("p0.png", "a red square", "train"), ("p1.png", "", "train"), ("p2.png", "a dog", "tst"),
+            ("p3.png", "a cat", "tst"), ("p4.png", "a bird", "test"), ("p5.png", "a fox", "val")]
+    path = photos / f"captions.{kind}"
+    if kind == "csv":
+        path.write_text("image,caption,split\n" + "".join(f"{i},{c},{s}\n" for i, c, s in rows))
+    else:
+        path.write_text("".join(json.dumps({"image": i, "caption": c, "split": s}) + "\n" for i, c, s in rows))
+    with caplog.at_level(logging.WARNING, "captioner"):
+        _, records = _read(path)
+    assert sorted(Path(r.path).name for r in records) == ["p0.png", "p4.png", "p5.png"]
+    first = 2 if kind == "csv" else 1  # the CSV's header is line 1
+    assert f"1 rows skipped (lines {first + 1}): an empty caption" in caplog.text
+    assert f"2 rows skipped (lines {first + 2}, {first + 3}): split 'tst', not one of train, val, test" in caplog.text
+    assert "malformed" not in caplog.text
+
+
+def test_a_file_whose_every_row_has_an_unknown_split_is_an_error_naming_it(photos):
+    path = photos / "captions.csv"
+    path.write_text("image,caption,split\np0.png,a red square,tst\np1.png,a dog,tst\n")
+    with pytest.raises(CaptionerError, match=r"no usable caption row; 2 rows have split 'tst', not one of train"):
+        _read(path)
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_a_repeated_row_is_counted_once_with_a_warning(photos, caplog, kind):
+    rows = [("p0.png", "a red square"), ("p0.png", "a dark square"), ("p1.png", "a dog")] * 2
+    path = photos / f"captions.{kind}"
+    if kind == "csv":
+        path.write_text("image,caption\n" + "".join(f"{i},{c}\n" for i, c in rows))
+    else:
+        path.write_text("".join(json.dumps({"image": i, "caption": c}) + "\n" for i, c in rows))
+    with caplog.at_level(logging.WARNING, "captioner"):
+        _, records = _read(path)
+    assert {Path(r.path).name: r.captions for r in records} == {"p0.png": ["a red square", "a dark square"],
+                                                                "p1.png": ["a dog"]}
+    assert "3 rows repeat an earlier row's image and caption and are counted once (first: p0.png, 'a red square')" \
+        in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_image_names_written_on_windows_find_their_files(photos, kind):
+    (photos / "imgs").mkdir()
+    for name in ("p0.png", "p1.png"):
+        (photos / name).rename(photos / "imgs" / name)
+    path = photos / f"captions.{kind}"
+    rows = [("imgs\\p0.png", "a red square"), ("imgs\\p1.png", "a dark square")]
+    if kind == "csv":
+        path.write_text("image,caption\n" + "".join(f"{i},{c}\n" for i, c in rows))
+    else:
+        path.write_text("".join(json.dumps({"image": i, "caption": c}) + "\n" for i, c in rows))
+    _, records = _read(path)
+    assert sorted(r.path for r in records) == [str(photos / "imgs" / "p0.png"), str(photos / "imgs" / "p1.png")]
+
+
+def test_a_quote_left_open_is_named_by_the_lines_it_joined(photos, caplog):
+    path = photos / "captions.csv"
+    path.write_text('image,caption\np0.png,"a red square\np1.png,a dog\np2.png,a cat\np3.png,"a bird"\np4.png,a fox\n')
+    with caplog.at_level(logging.WARNING, "captioner"):
+        _, records = _read(path)
+    assert "1 rows span several lines (lines 2-5): a quote left open" in caplog.text
+    assert sorted(Path(r.path).name for r in records) == ["p0.png", "p4.png"]  # p1..p3 went into p0's caption
+
+
+def test_captions_without_a_word_are_dropped_with_a_warning(photos, caplog):
+    path = photos / "captions.csv"
+    path.write_text("image,caption\np0.png,a red square\np0.png,🐶🎉 !!\np1.png,...\np2.png,un café\n")
+    with caplog.at_level(logging.WARNING, "captioner"):
+        _, records = _read(path)
+    captions = {Path(r.path).name: r.captions for r in records}
+    assert captions == {"p0.png": ["a red square"], "p1.png": [], "p2.png": ["un café"]}
+    assert "2 captions hold no word (only symbols, emoji or punctuation) and are not used" in caplog.text
+    assert "1 of 3 images have no caption and are not used" in caplog.text
+
+
+def test_prepare_writes_beside_ones_own_captions_file_when_no_root_is_set(photos, tmp_path, monkeypatch):
+    (photos / "captions.csv").write_text("image,caption\n" + "".join(f"p{i}.png,a square number {i}\n"
+                                                                        for i in range(10)))
+    config = photos / "mine.yaml"
+    config.write_text("dataset:\n  annotations: captions.csv\n  val_fraction: 0.2\n")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, out, err = _prepare(config, None)
+    assert code == 0, err
+    assert (photos / "prepared" / "summary.json").is_file()  # was ./data/synthetic/prepared of the working folder
+    assert not (work / "data").exists()

@@ -55,6 +55,52 @@ def test_a_missing_tracker_package_names_the_extra_to_install(sink, monkeypatch)
     check_log_to(["jsonl"])  # jsonl needs nothing
 
 
+def test_an_mlflow_server_that_does_not_answer_is_refused_at_once_in_one_line(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(CaptionerError) as e:
+        check_log_to(["jsonl", "mlflow"])
+    message = str(e.value)
+    assert time.monotonic() - start < 5  # MLflow's own client retried for about 4 minutes
+    assert "does not answer" in message and "Connection refused" in message and "\n" not in message
+
+
+def test_any_http_answer_lets_mlflow_itself_speak(monkeypatch):
+    import http.server
+    import threading
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # 501 to every GET
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
+        check_log_to(["jsonl", "mlflow"])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_mlflow_refusing_a_folder_store_gets_its_way_out_in_the_line():
+    from captioner.engine.train.loggers.mlflow_log import _failure
+    refusal = Exception("The filesystem tracking backend (e.g., './mlruns') is in maintenance mode ... " + "x" * 400
+                        + " set `MLFLOW_ALLOW_FILE_STORE=true` to opt out of this exception.")
+    message = str(_failure("start the run", "/data/mlruns", refusal))
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in message and "sqlite:///" in message  # was cut off at 300 characters
+
+
+def test_mlflow_failing_while_training_says_the_run_is_saved_and_how_to_continue(tmp_path):
+    from captioner.engine.train.loggers.mlflow_log import MlflowLogger
+
+    class DeadClient:
+        def log_batch(self, *args, **kwargs):
+            raise ConnectionError("Max retries exceeded")
+
+    logger = MlflowLogger.__new__(MlflowLogger)  # as left by __init__ once the server has gone away
+    logger.client, logger.uri, logger.run_id, logger.run_dir = DeadClient(), "http://mlflow:5000", "abc", tmp_path
+    logger.pending = [("metrics", ["a metric"])]
+    with pytest.raises(CaptionerError) as e:
+        logger.checkpointed()
+    assert f"last.pt saved: `captioner train --resume {tmp_path}`" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_the_config_takes_an_experiment_and_a_registered_name():
     cfg = load_config(TINY, ["train.log_to=[jsonl,mlflow,wandb]", "train.experiment=coco", "train.register_as=cap"])
     assert cfg.train.log_to == ["jsonl", "mlflow", "wandb"]
@@ -294,3 +340,24 @@ def test_an_offline_wandb_run_holds_every_scalar_and_the_sample_tables_and_resum
     assert [f.path for f in client.list_artifacts(run.info.run_id, "samples")] == [
         "samples/step_000007.json", "samples/step_000014.json"]
     assert (run_dir / "mlartifacts").is_dir()  # the artifacts beside the store, not in the working folder
+
+
+@pytest.mark.slow
+def test_logging_the_mlflow_model_prints_no_mlflow_chatter(tmp_path, capfd, monkeypatch):
+    from mlflow import MlflowClient
+
+    from captioner.engine.train.loggers.mlflow_log import log_pyfunc_model
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    capfd.readouterr()
+    log_pyfunc_model(uri, run_id, folder, None)
+    printed = "".join(capfd.readouterr())
+    assert "input example" not in printed and "Downloading artifacts" not in printed, printed[-2000:]
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # given back
+    assert [m.name for m in client.search_logged_models([experiment])] == ["model"]

@@ -313,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "Reports images and captions per split, missing images, vocabulary size, <unk> rate and long\n"
                 "captions; writes vocab.json, splits.json, captions_{val,test}.json and summary.json to --out.")
     p.add_argument("--config", required=True, help="YAML config file (its dataset section is used)")
-    p.add_argument("--out", dest="out_dir", default=None, help="output folder (default: DATASET_ROOT/prepared)")
+    p.add_argument("--out", dest="out_dir", default=None,
+                   help="output folder (default: DATASET_ROOT/prepared; with no dataset.root, beside the captions "
+                        "file)")
     _add_overrides(p)
 
     p = command("score", "score a COCO-format results file with coco-caption's metrics",

@@ -25,8 +25,9 @@ from captioner.data.csv import read_csv, table_columns
 from captioner.data.flickr import flickr8k_split_lists, is_flickr_tokens, read_flickr_tokens
 from captioner.data.jsonl import read_jsonl
 from captioner.data.karpathy import is_karpathy, read_karpathy
-from captioner.data.records import (SPLITS, ImageRecord, by_split, check_unique, drop_missing, file_lines, read_json,
-                                    read_text, split_by_fraction, split_from_ids_file, split_from_name_lists)
+from captioner.data.records import (SPLITS, ImageRecord, by_split, check_unique, drop_missing, drop_wordless,
+                                    file_lines, read_json, read_text, split_by_fraction, split_from_ids_file,
+                                    split_from_name_lists)
 from captioner.data.synthetic import generate
 from captioner.errors import CaptionerError
 
@@ -114,6 +115,7 @@ def read_dataset(cfg: DatasetConfig) -> tuple[str, list[ImageRecord]]:
         records = read_jsonl(annotations, images, enc)
     else:
         raise CaptionerError(f"unknown dataset.format '{fmt}'; valid: {', '.join(FORMATS)}")
+    drop_wordless(records, f"annotations file {annotations}")
     check_captioned(records, f"annotations file {annotations}")
     check_unique(records, f"annotations file {annotations}")
     _assign_splits(records, cfg, annotations, resolve)

@@ -4,14 +4,15 @@
     {"image": "photos/0002.jpg", "captions": ["two cats", "cats asleep"], "split": "test"}
 
 Keys are matched like the CSV reader's columns (image/file_name/path..., caption/text..., captions as a list);
-optional "split" and "image_id". A malformed line is skipped with a warning naming it.
+optional "split" and "image_id". A malformed line is skipped with a warning naming it; so is a line with an
+empty caption, an unknown split or a non-integer image_id, each with its own reason (csv.SkippedRows).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from captioner.data.csv import CAPTION_COLUMNS, IMAGE_COLUMNS, parse_id, parse_split, records_from_rows
+from captioner.data.csv import CAPTION_COLUMNS, IMAGE_COLUMNS, SkippedRows, records_from_rows
 from captioner.data.flickr import report_malformed
 from captioner.data.records import ImageRecord, file_lines, read_text
 from captioner.errors import CaptionerError
@@ -21,35 +22,33 @@ def _first(obj: dict, names: tuple[str, ...]):
     return next((obj[n] for n in names if n in obj), None)
 
 
-def _rows(obj) -> list[tuple] | None:
-    """One line's (image, caption, split, image_id) rows, or None when the line is malformed."""
+def _rows(obj, number: int, skipped: SkippedRows) -> list[tuple] | None:
+    """One line's (image, caption, split, image_id) rows; None when the line is malformed (not an object with
+    an image name and captions as text); [] when its values are not usable (skipped notes why)."""
     if not isinstance(obj, dict):
         return None
     obj = {str(k).lower(): v for k, v in obj.items()}
     image = _first(obj, IMAGE_COLUMNS)
     captions = obj.get("captions", _first(obj, CAPTION_COLUMNS))
     captions = [captions] if isinstance(captions, str) else captions
-    if not isinstance(image, str) or not image.strip() or not isinstance(captions, list) \
-            or not all(isinstance(c, str) for c in captions) or not any(c.strip() for c in captions):
+    if not isinstance(image, str) or not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         return None
-    split = parse_split(obj["split"]) if "split" in obj else None
-    image_id = parse_id(obj["image_id"]) if "image_id" in obj else None
-    if ("split" in obj and split is None) or ("image_id" in obj and image_id is None):
-        return None
-    return [(image.strip(), c.strip(), split, image_id) for c in captions if c.strip()]
+    given = [c for c in captions if c.strip()] or [""]  # an empty one among others is dropped; alone, it is noted
+    usable = [skipped.check(number, image, c, obj.get("split"), obj.get("image_id")) for c in given]
+    return [row for row in usable if row is not None]
 
 
 def read_jsonl(path: str | Path, images_dir: str | Path, encoding: str = "") -> list[ImageRecord]:
     path = Path(path)
     if not path.is_file():
         raise CaptionerError(f"JSONL file {path} not found")
-    rows, bad, total = [], [], 0
+    rows, bad, total, skipped = [], [], 0, SkippedRows()
     for number, line in enumerate(file_lines(read_text(path, "JSONL file", encoding)), start=1):
         if not line.strip():
             continue
         total += 1
         try:
-            line_rows = _rows(json.loads(line))
+            line_rows = _rows(json.loads(line), number, skipped)
         except ValueError:
             line_rows = None
         if line_rows is None:
@@ -57,7 +56,8 @@ def read_jsonl(path: str | Path, images_dir: str | Path, encoding: str = "") -> 
         else:
             rows.extend(line_rows)
     report_malformed(path, bad, total, '{"image": ..., "caption": ...}')
+    skipped.report(path, len(rows))
     try:
-        return records_from_rows(rows, images_dir)
+        return records_from_rows(rows, images_dir, str(path))
     except CaptionerError as e:
         raise CaptionerError(f"JSONL file {path}: {e}") from None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from captioner.errors import CaptionerError
 from captioner.files import read_text
+from captioner.text import tokenize
 
 log = logging.getLogger("captioner")
 
@@ -76,6 +77,24 @@ def check_unique(records: list[ImageRecord], source: str) -> None:
         raise CaptionerError(f"{source}: {len(shared_files)} image files are listed under more than one id (first: "
                              f"{a.path} is id {a.image_id} and id {b.image_id}), so one photo could be trained on "
                              f"and tested on; list each image once")
+
+
+_ASCII_WORD = re.compile(r"[A-Za-z0-9]")  # a caption holding one is never wordless: tokenize only the others
+
+
+def drop_wordless(records: list[ImageRecord], source: str) -> None:
+    """Drop captions that hold no word once tokenized (only emoji, punctuation or symbols: "🐶🎉 !!"), with a
+    warning: kept, each would teach the model to end a caption at once, and score as an empty reference."""
+    dropped, first = 0, None
+    for r in records:
+        kept = [c for c in r.captions if _ASCII_WORD.search(c) or tokenize(c)]
+        if len(kept) < len(r.captions):
+            dropped += len(r.captions) - len(kept)
+            first = first or (r.path, next(c for c in r.captions if c not in kept))
+            r.captions = kept
+    if dropped:
+        log.warning("%s: %d captions hold no word (only symbols, emoji or punctuation) and are not used (first: %s, "
+                    "%r)", source, dropped, *first)
 
 
 def split_by_fraction(records: list[ImageRecord], val_fraction: float) -> None:

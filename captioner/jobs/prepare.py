@@ -6,7 +6,8 @@
 Reads the dataset exactly as `captioner train` and `evaluate` do (the dataset.* keys) and reports images and
 captions per split, missing image files (count and first few; above dataset.max_missing_fraction an error),
 the vocabulary size, the share of words that become <unk> in each split, and how many captions are longer
-than dataset.max_len. Writes to OUT (default: DATASET_ROOT/prepared):
+than dataset.max_len. Writes to OUT (default: DATASET_ROOT/prepared; with dataset.root unset, prepared/ beside
+the captions file):
 
     vocab.json            the vocabulary, from the train split only (train builds the same one itself)
     splits.json           {"train": [image ids], "val": [...], "test": [...]}, usable as dataset.splits
@@ -73,7 +74,7 @@ def coco_captions(records: list[ImageRecord], description: str) -> dict:
 class PrepareJob:
     """`captioner prepare`'s options."""
     cfg: Config | None = None  # None: read from config (+ overrides)
-    out_dir: str | Path | None = None  # None: DATASET_ROOT/prepared
+    out_dir: str | Path | None = None  # None: default_out (DATASET_ROOT/prepared, or beside the captions file)
     config: str | None = None  # a YAML config file (its dataset section is used)
     overrides: list[str] = field(default_factory=list)
 
@@ -106,13 +107,21 @@ def split_warnings(splits: dict[str, list[ImageRecord]]) -> list[str]:
     return notes
 
 
+def default_out(dataset, annotations: Path | None) -> Path:
+    """DATASET_ROOT/prepared; for a captions file with dataset.root left at its default (the synthetic set's
+    folder, data/synthetic), the folder beside that file: one's own CSV's checks do not belong in 'synthetic'."""
+    if annotations is not None and dataset.root == DatasetConfig().root:
+        return annotations.parent / "prepared"
+    return Path(dataset.root) / "prepared"
+
+
 def main(job: PrepareJob) -> dict:
     """Check cfg.dataset and write vocab, splits, references and a summary into out_dir; returns the summary.
     Every warning the readers give (malformed lines, duplicates, missing files, empty splits) is in the summary
     with its count, so a silent problem shows in summary.json too."""
     cfg, out_dir = job.cfg, job.out_dir
-    out = Path(out_dir) if out_dir else Path(cfg.dataset.root) / "prepared"
     files, folders = dataset_inputs(cfg.dataset)  # e.g. dataset.splits=PREPARED/splits.json is never rewritten
+    out = Path(out_dir) if out_dir else default_out(cfg.dataset, files.get("dataset.annotations"))
     refuse_overlap({"--out": [out / name for name in OUTPUT_FILES]}, {"--config": job.config, **files}, folders)
     check_writable(out, "prepare output folder", folder=True)  # before reading a dataset of 600k captions
     warnings = _Warnings()

@@ -229,7 +229,8 @@ def main(job: TrainJob) -> dict:
     job.init_from: a checkpoint whose model weights and vocabulary a new run starts from (fresh optimizer and
     schedule): SCST after cross-entropy (train.objective=scst), or fine-tuning on another dataset.
     stopped is None, "early stopping", or the signal ("SIGINT", "SIGTERM") that interrupted the run (under
-    torchrun: the same one in every process)."""
+    torchrun: the same one in every process). best_checkpoint, best_bleu4 and best_score are None when the run
+    stopped before its first validation."""
     process = distributed.setup(job.device)
     try:
         with StopRequest() as stop, contextlib.ExitStack() as held:
@@ -375,8 +376,11 @@ def _train(cfg: Config, run_dir: Path, process: Process, resume: bool, overwrite
                  run.progress.evals_without_gain)
     progress = run.progress
     distributed.name_on_main(inputs.unreadable, run.process)  # each process read its own share of the images
-    return {"best_checkpoint": str(run_dir / "best.pt"), "last_checkpoint": str(run_dir / "last.pt"),
-            "best_bleu4": progress.best_scores.get("bleu4", -math.inf),
-            "best_score": progress.best_scores.get(cfg.train.select_metric, progress.best_score),  # best.pt's
+    best = progress.best_scores.get(cfg.train.select_metric, progress.best_score)  # best.pt's
+    # Stopped before the first validation: no best.pt and no score, said as null (-Infinity is not JSON)
+    return {"best_checkpoint": str(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None,
+            "last_checkpoint": str(run_dir / "last.pt"),
+            "best_bleu4": progress.best_scores.get("bleu4"),
+            "best_score": best if math.isfinite(best) else None,
             "select_metric": cfg.train.select_metric, "epochs": progress.epoch, "steps": progress.step,
             "stopped": stopped, "unreadable_images": len(inputs.unreadable)}

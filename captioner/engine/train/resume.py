@@ -48,7 +48,8 @@ def resume_checkpoint(run_dir: Path, cfg: Config) -> dict:
     clashes = [c for c in changes if c.split(":")[0] in ARCHITECTURE_KEYS]
     if clashes:
         raise CaptionerError(f"checkpoint {path} does not match the config's architecture ({'; '.join(clashes)}); "
-                             f"resume without --config to use the run's own, or start a new --run-dir")
+                             f"a run keeps its architecture: leave these keys out of --config and the KEY=VALUE overrides, or "
+                             f"start a new --run-dir")
     if changes:
         log.info("resuming with changed settings: %s", "; ".join(changes))
     return state

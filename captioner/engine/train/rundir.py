@@ -90,6 +90,9 @@ def plan_run(run_dir: str | Path, config: dict, resume: bool, overwrite: bool) -
     else:
         changes = config_differences(existing, config)
         why = f"config differs in {'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''}"
+        if not {"last.pt", "best.pt"} & set(present):  # --resume could not continue it: nothing to keep
+            log.info("%s holds a run stopped before its first checkpoint (%s): starting over", run_dir, why)
+            return "new"
     raise CaptionerError(f"run dir {run_dir} already holds a different run ({why}); resume it with "
                          f"`captioner train --resume {run_dir}`, pick another --run-dir, or pass --overwrite")
 

@@ -26,6 +26,10 @@ import logging
 import os
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,13 +49,33 @@ SAMPLES_FOLDER = "samples"  # samples/step_NNNNNN.json
 ATTENTION_FOLDER = "attention"  # attention/step_NNNNNN/I.jpg
 BATCH = {"metrics": 1000, "params": 100}  # MLflow's log_batch limits
 PARAM_LENGTH = 6000  # MLflow's longest param value
+SERVER_TIMEOUT_S = 10  # check_server's wait for a first answer
 
 
 def check_mlflow() -> None:
-    """One clear line before anything runs when train.log_to asks for MLflow and it is not installed."""
+    """One clear line before anything runs when train.log_to asks for MLflow and it is not installed, or names a
+    tracking server that does not answer."""
     if importlib.util.find_spec("mlflow") is None:
         raise CaptionerError('train.log_to includes mlflow, which is not installed: pip install "captioner[mlflow]" '
                              '(or leave mlflow out of train.log_to)')
+    check_server(os.environ.get("MLFLOW_TRACKING_URI", ""))
+
+
+def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
+    """An http(s) tracking URI must answer at all: MLflow's own client retries a refused connection with backoff
+    for about 4 minutes before it fails, printing a line per try. Any HTTP answer (even 401 or 404) will do:
+    MLflow itself then says what is wrong."""
+    if urllib.parse.urlsplit(uri).scheme not in ("http", "https"):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as e:
+        why = getattr(e, "reason", None) or e
+        raise CaptionerError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer: {why}; start it, "
+                             f"fix the URI, unset it to log to RUN_DIR/mlflow.db, or leave mlflow out of "
+                             f"train.log_to") from None
 
 
 def tracking_uri(run_dir: Path) -> str:
@@ -59,10 +83,14 @@ def tracking_uri(run_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / LOCAL_STORE).resolve()}"
 
 
-def _failure(what: str, uri: str, e: Exception) -> CaptionerError:
+def _failure(what: str, uri: str, e: Exception, after: str = "") -> CaptionerError:
+    """One line. after: what the run left behind (a failure while training comes after last.pt is saved)."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return CaptionerError(f"MLflow at {uri}: cannot {what}: {first[:300]} (check MLFLOW_TRACKING_URI, or leave "
-                          f"mlflow out of train.log_to)")
+    if "MLFLOW_ALLOW_FILE_STORE" in first:  # newer MLflow refuses a folder as store unless told: keep its way out
+        first = ("this MLflow refuses a folder as tracking store: set MLFLOW_TRACKING_URI=sqlite:///FOLDER/mlflow.db, "
+                 "or MLFLOW_ALLOW_FILE_STORE=true to keep the folder")
+    return CaptionerError(f"MLflow at {uri}: cannot {what}: {first[:300]} ({after}check MLFLOW_TRACKING_URI, or "
+                          f"leave mlflow out of train.log_to)")
 
 
 class MlflowLogger(Logger):
@@ -165,7 +193,9 @@ class MlflowLogger(Logger):
             for _, step, samples in (entry for entry in pending if entry[0] == "samples"):
                 self._log_samples(step, samples)
         except Exception as e:  # noqa: BLE001
-            raise _failure(f"log to run {self.run_id}", self.uri, e) from None
+            raise _failure(f"log to run {self.run_id}", self.uri, e,
+                           f"training stopped with last.pt saved: `captioner train --resume {self.run_dir}` continues "
+                           f"it and sends what MLflow lacks; ") from None
 
     def _log_samples(self, step: int, samples: list) -> None:
         """samples/step_N.json (log_table's format: {"columns", "data"}) and attention/step_N/I.jpg, in one upload:
@@ -224,13 +254,21 @@ def log_pyfunc_model(uri: str, run_id: str, folder: Path, register_as: str | Non
     code = importlib.util.find_spec("captioner.mlflow_model").origin  # the file, not imported here
     previous = mlflow.get_tracking_uri() if is_tracking_uri_set() else None
     mlflow.set_tracking_uri(uri)
+    # MLflow's own chatter at the end of a run: a coloured warning that the model has no input example (its
+    # signature says the columns) and progress bars of its artifact round trip; the user's setting wins.
+    quiet_bars = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+    if quiet_bars:
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
             mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=code, artifacts={MODEL_ARTIFACT: str(folder)},
                                     signature=model_signature(), pip_requirements=[f"captioner=={__version__}"],
                                     registered_model_name=register_as)
     finally:
         mlflow.set_tracking_uri(previous)
+        if quiet_bars:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
 
 
 def model_signature():
