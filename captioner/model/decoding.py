@@ -191,7 +191,7 @@ def beam_search(steps, raw: torch.Tensor, options: SearchOptions) -> Decoded:
     pad_row = torch.full((V,), float("-inf"), device=device)
     pad_row[Vocabulary.pad_id] = 0.0
     offsets = (torch.arange(B, device=device) * k).unsqueeze(1)  # (B, 1)
-    n_best = min(options.num_return_sequences, k)
+    n = min(options.num_return_sequences, k)  # captions returned per image
     # Ranked by log-probability alone (no length penalty, no diversity penalty), a beam's score only falls as it
     # grows: once an image's n best finished beams beat all its open ones, nothing can change its result.
     exact_stop = length_penalty == 0 and groups == 1
@@ -225,11 +225,10 @@ def beam_search(steps, raw: torch.Tensor, options: SearchOptions) -> Decoded:
             parent_alphas.unsqueeze(2)], dim=2)  # (B, k, t+1, N)
         finished = finished.gather(1, beam) | (word == Vocabulary.end_id)
         tokens = word.view(-1)
-        if bool(_decided(log_probs, finished, n_best, exact_stop).all()):  # the one host sync per step
+        if bool(_decided(log_probs, finished, n, exact_stop).all()):  # the one host sync per step
             break
     lengths = (history != Vocabulary.pad_id).sum(dim=2)  # (B, k)
     ranked = log_probs / ((5.0 + lengths.float()) / 6.0) ** length_penalty if length_penalty else log_probs
-    n = n_best
     if n == 1:
         best = ranked.argmax(dim=1, keepdim=True)  # (B, 1)
     else:  # stable: ties keep argmax's order, so the first of the n is the one caption n=1 returns
