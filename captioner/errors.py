@@ -21,6 +21,19 @@ def one_line(text: str) -> str:
     return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in text)
 
 
+def shorten(text: str, limit: int = 300) -> str:
+    """text cut to at most about limit characters at a word boundary, ' ...' marking the cut."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """A library's error as a reason quoted in one of our lines: its message's first line (its class name when
+    the message is empty), cut at a word boundary (a reason cut mid-word, "try aga", reads as a typo)."""
+    return shorten((str(error).strip().splitlines() or [type(error).__name__])[0], limit)
+
+
 class CaptionerError(ValueError):
     """A problem with the user's input (file, config, checkpoint, argument) that deserves one clear line: its
     str() is always one line, whatever the values it quotes hold (the CLI and the Python API both show it)."""

@@ -97,7 +97,18 @@ def _existing_folder(folder: Path) -> Path:
     return next((p for p in [folder, *folder.parents] if p.is_dir()), Path("."))
 
 
-def check_writable(path: str | Path, what: str = "file", folder: bool = False, append: bool = False) -> None:
+def check_writable(path: str | Path, what: str = "file", folder: bool = False, append: bool = False,
+                   hint: str = "") -> None:
+    """_check_writable's refusal, with hint after it (how to write elsewhere, where path is a default)."""
+    try:
+        _check_writable(path, what, folder, append)
+    except CaptionerError as e:
+        if not hint:
+            raise
+        raise type(e)(f"{e}; {hint}") from None
+
+
+def _check_writable(path: str | Path, what: str, folder: bool, append: bool) -> None:
     """Refuse, before any work is done, an output that cannot be written: a folder where a file is wanted (or a
     file where a folder is), a path under a plain file, or a place where creating a file fails (read-only file
     system, no permission, a full disk's exhausted inodes). The test is real: a file is created and removed in

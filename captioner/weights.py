@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.errors import CaptionerError, os_failure
+from captioner.errors import CaptionerError, first_line, os_failure
 from captioner.files import atomic_write
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -47,7 +47,7 @@ def read_state_dict(path: str | Path, what: str = "weights file") -> dict[str, t
     except OSError as e:  # the machine (EIO, ...) or the path (permission): os_failure tells them apart
         raise os_failure(f"{what} {path}: cannot read", e) from None
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign files all get the same one-line answer
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = first_line(e)
         if reason.startswith("Weights only load failed"):  # torch's advice to turn weights_only off is not ours
             reason = "not a torch file of tensors (garbage, or pickled objects that are never loaded)"
         raise CaptionerError(f"{what} {path} is not a readable state_dict: {reason}") from None
@@ -67,7 +67,7 @@ def read_safetensors_metadata(path: str | Path, what: str = "weights file") -> d
     except CaptionerError:
         raise
     except Exception as e:  # noqa: BLE001
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = first_line(e)
         raise CaptionerError(f"{what} {path} is not a readable safetensors file: {reason}") from None
 
 

@@ -14,6 +14,7 @@ import pytest
 from captioner import Captioner, CaptionerError
 from captioner.cli import main as cli
 from captioner.engine.infer import hub
+from captioner.errors import first_line, shorten
 from captioner.jobs.export import ExportJob, main as export
 
 from downloads import LoopbackServer, SilentServer, hub_repo, serve_hub
@@ -101,7 +102,11 @@ def test_offline_message_is_whole_and_a_bad_timeout_is_one_line(loopback_hub, tm
         hub.download(REPO)
     # huggingface_hub's line, once cut at 200 characters ("... set 'HF_HUB_OFFLINE)"), is whole
     assert "set 'HF_HUB_OFFLINE=0' as environment variable" in str(e.value)
-    assert hub._shorten("word " * 100, 42) == "word word word word word word word word ..."
+    assert shorten("word " * 100, 42) == "word word word word word word word word ..."
+    # a library's reason quoted in our line is cut between words, never inside one ("try aga")
+    assert first_line(OSError("We could not connect; please try again later.\nmore"), 38) == \
+        "We could not connect; please try ..."
+    assert first_line(RuntimeError()) == "RuntimeError"
 
     monkeypatch.setenv(hub.TIMEOUT_VARIABLE, "soon")
     with pytest.raises(CaptionerError, match=f"{hub.TIMEOUT_VARIABLE}='soon' is not a number of seconds"):

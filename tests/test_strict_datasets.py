@@ -255,3 +255,17 @@ def test_prepare_writes_beside_ones_own_captions_file_when_no_root_is_set(photos
     assert code == 0, err
     assert (photos / "prepared" / "summary.json").is_file()  # was ./data/synthetic/prepared of the working folder
     assert not (work / "data").exists()
+
+
+def test_a_default_prepare_folder_that_cannot_be_written_names_out(photos, tmp_path):
+    """The default output lies beside the captions file, perhaps a shared read-only folder: the refusal says how
+    to write elsewhere; a folder the user gave is refused as it is."""
+    (photos / "captions.csv").write_text("image,caption\n" + "".join(f"p{i}.png,a square number {i}\n"
+                                                                    for i in range(10)))
+    config = photos / "mine.yaml"
+    config.write_text("dataset:\n  annotations: captions.csv\n  val_fraction: 0.2\n")
+    (photos / "prepared").write_text("in the way")  # a file where the folder would go
+    code, _, err = _prepare(config, None)
+    assert code == 2 and "is a file, not a folder; write the prepared files elsewhere with --out DIR" in err
+    code, _, err = _prepare(config, photos / "prepared")
+    assert code == 2 and "--out DIR" not in err and len(err.strip().splitlines()) == 1

@@ -61,10 +61,9 @@ def main(job: EvaluateJob) -> dict:
     results_path, metrics_path = out / f"results_{job.split}.json", out / f"metrics_{job.split}.json"
     outputs = {"--out": [results_path, metrics_path]}  # the folder's other files are never touched
     refuse_overlap(outputs, {"--checkpoint": job.checkpoint})
-    try:
-        check_writable(out, "evaluation output folder", folder=True)
-    except CaptionerError as e:  # the default, beside a shared read-only model: say how to write elsewhere
-        raise (e if job.out_dir else CaptionerError(f"{e}; write the results elsewhere with --out DIR")) from None
+    # the default lies beside the model, perhaps a shared read-only one: say how to write elsewhere
+    check_writable(out, "evaluation output folder", folder=True,
+                   hint="" if job.out_dir else "write the results elsewhere with --out DIR")
     predictor = load_for_job(job, job.device)
     # One caption per image is scored, whatever decode.num_return_sequences the checkpoint carries.
     predictor.settings = predictor.settings_for({**given_options(job), "num_return_sequences": 1})

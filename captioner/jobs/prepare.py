@@ -123,7 +123,8 @@ def main(job: PrepareJob) -> dict:
     files, folders = dataset_inputs(cfg.dataset)  # e.g. dataset.splits=PREPARED/splits.json is never rewritten
     out = Path(out_dir) if out_dir else default_out(cfg.dataset, files.get("dataset.annotations"))
     refuse_overlap({"--out": [out / name for name in OUTPUT_FILES]}, {"--config": job.config, **files}, folders)
-    check_writable(out, "prepare output folder", folder=True)  # before reading a dataset of 600k captions
+    check_writable(out, "prepare output folder", folder=True,  # before reading a dataset of 600k captions
+                   hint="" if out_dir else "write the prepared files elsewhere with --out DIR")
     warnings = _Warnings()
     logger = logging.getLogger("captioner")
     logger.addHandler(warnings)

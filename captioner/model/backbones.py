@@ -24,7 +24,7 @@ import torch.nn as nn
 import torchvision
 
 from captioner.config import INTERPOLATIONS
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, first_line
 from captioner.progress import quiet_library_logs
 from captioner.model.backbone_weights import load_state, looks_like_file, read_encoder_weights
 from captioner.model.pretrained import hub_files, library_download, torchvision_state
@@ -171,7 +171,7 @@ class Timm:
                     model = timm.create_model(full, **kwargs)
             except Exception as e:  # noqa: BLE001 - a size the model cannot take fails in many ways
                 raise CaptionerError(f"timm cannot build {name} at {image_size}x{image_size}: "
-                                     f"{(str(e).splitlines() or [type(e).__name__])[0][:160]}") from None
+                                     f"{first_line(e, 160)}") from None
         if state is not None:
             load_state(model, self._as_timm(model, state, file), f"timm/{name}", file, layer)
         return model
@@ -186,7 +186,7 @@ class Timm:
                 state = convert(state, model)
             except Exception as e:  # noqa: BLE001 - a file of another model fails inside the filter
                 raise CaptionerError(f"encoder weights {file} do not fit timm/{model.pretrained_cfg['architecture']}:"
-                                     f" {(str(e).splitlines() or [type(e).__name__])[0][:160]}") from None
+                                     f" {first_line(e, 160)}") from None
         classifiers = model.pretrained_cfg.get("classifier") or ()
         for head in (classifiers,) if isinstance(classifiers, str) else classifiers:
             state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
@@ -244,7 +244,7 @@ class OpenClip:
                     clip = open_clip.create_model(name, force_image_size=image_size)
             except Exception as e:  # noqa: BLE001 - a size the model cannot take fails in many ways
                 raise CaptionerError(f"open_clip cannot build {name} at {image_size}x{image_size}: "
-                                     f"{(str(e).splitlines() or [type(e).__name__])[0][:160]}") from None
+                                     f"{first_line(e, 160)}") from None
         if state is not None:
             if not any(k.startswith("visual.") for k in state):  # a visual tower saved on its own
                 state = {"visual." + k: v for k, v in state.items()}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, first_line
 from captioner.model.backbones import INTERPOLATIONS, Preprocess, TokenLayout, parse_arch
 from captioner.model.backbone_weights import after_layer, remap_onto, strip_wrapper_prefixes  # noqa: F401
 
@@ -312,7 +312,7 @@ def _dry_run(model: nn.Module, arch: str, image_size: int, in_channels: int) -> 
         with torch.no_grad():
             return model(torch.zeros(1, in_channels, image_size, image_size))
     except (RuntimeError, AssertionError, ValueError) as e:  # torchvision and timm check sizes with assertions
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e, 160)
         raise CaptionerError(f"{arch} cannot run on {in_channels}x{image_size}x{image_size} images ({reason}); "
                              f"try another image size (224 suits most models)") from None
 

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, shorten
 from captioner.files import update_digest
 from captioner.model.backbone_weights import looks_like_file
 from captioner.progress import show_progress
@@ -49,7 +49,7 @@ def names_library_weights(weights: str | None) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}".rstrip(": ")
+    return f"{type(e).__name__}: {shorten((str(e).strip().splitlines() or [''])[0], 200)}".rstrip(": ")
 
 
 def _sha256(path: Path) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, first_line
 
 
 def _feature_extractor(backbone: nn.Module, node: str, arch: str) -> nn.Module:
@@ -36,7 +36,7 @@ def _feature_extractor(backbone: nn.Module, node: str, arch: str) -> nn.Module:
             return timm_extractor(backbone, return_nodes={node: "out"})
         except Exception:  # noqa: BLE001
             pass
-    reason = (str(first_error).strip().splitlines() or [type(first_error).__name__])[0][:200]
+    reason = first_line(first_error)
     raise CaptionerError(f"cannot cut {arch} after '{node}' for export (its forward cannot be traced: {reason}); "
                          f"the PyTorch runtime still works with it") from None
 

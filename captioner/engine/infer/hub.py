@@ -17,7 +17,7 @@ import re
 from contextvars import ContextVar
 from pathlib import Path
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, shorten
 
 # owner/name as the Hub spells repo ids: letters, digits, '-', '_', '.'; no '..', not starting with '-' or '.'
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -44,15 +44,8 @@ def client():
     return huggingface_hub
 
 
-def _shorten(text: str, limit: int = 300) -> str:
-    """text cut to at most about limit characters at a word boundary, '...' marking the cut."""
-    if len(text) <= limit:
-        return text
-    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
-
-
 def _reason(e: Exception) -> str:
-    return f"{type(e).__name__}: {_shorten((str(e).strip().splitlines() or [''])[0])}"
+    return f"{type(e).__name__}: {shorten((str(e).strip().splitlines() or [''])[0])}"
 
 
 def timeout_seconds() -> float:

@@ -29,7 +29,7 @@ import torch
 from captioner.config import ComputeConfig, Config, from_saved_dict
 from captioner.engine.infer.integrity import GraphShapes, check_graphs, check_manifest
 from captioner.engine.infer.onnx_export import GRAPHS, ONNX_FORMAT_VERSION, PRECISIONS, require_onnx
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, first_line
 from captioner.model.steps import StepState
 from captioner.model.backbones import Preprocess
 from captioner.text import Vocabulary
@@ -126,7 +126,7 @@ def _session(path: Path, providers: list[str], threads: int, optimization: str =
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line naming it
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = first_line(e)
         raise CaptionerError(f"{path}: onnxruntime cannot load it ({reason}); export the model again") from None
 
 
