@@ -311,6 +311,12 @@ def test_plot_one_run_keeps_its_figure_and_several_runs_overlay(tmp_path, capsys
     assert "nope" in capsys.readouterr().err
 
 
+def test_a_curve_of_one_point_is_drawn_as_a_point():
+    """A run stopped after its first logged step has one loss: a line through it draws nothing."""
+    from captioner.jobs.plot import _lone_point
+    assert _lone_point([10]) == "o" and _lone_point([10, 20]) is None and _lone_point([]) is None
+
+
 def test_plot_names_how_validation_decoded():
     """The validation panel said "(greedy)" on every run, also where validation ran beam 3 (the default,
     train.val_beam_size 0 -> decode.beam_size); it now takes the decoding the run's sample captions record."""

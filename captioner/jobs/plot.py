@@ -26,6 +26,12 @@ from captioner.io_paths import refuse_overlap
 from captioner.engine.train.loggers import read_metrics
 
 
+def _lone_point(x: list) -> str | None:
+    """A marker where a curve has one point: a line through one point draws nothing (a run stopped after its
+    first logged step showed an empty loss panel)."""
+    return "o" if len(x) == 1 else None
+
+
 def _moving_average(values: list[float], window: int) -> list[float]:
     out, total = [], 0.0
     for i, v in enumerate(values):
@@ -108,7 +114,8 @@ def main(job: PlotJob) -> dict:
     x, loss = [r["step"] for r in steps], [r["loss"] for r in steps]
     window = max(5, len(loss) // 25)
     ax_loss.plot(x, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
-    ax_loss.plot(x, _moving_average(loss, window), color="tab:blue", label=f"loss, mean of {window}")
+    ax_loss.plot(x, _moving_average(loss, window), color="tab:blue", label=f"loss, mean of {window}",
+                 marker=_lone_point(x))
     for i, step in enumerate(skipped):
         ax_loss.axvline(step, color="tab:red", alpha=0.4, linewidth=0.8, label=None if i else "skipped (non-finite)")
     ax_loss.set(xlabel="step", ylabel="training loss", title=f"{run_dir.name}: training")
@@ -176,7 +183,7 @@ def _compare(runs: list[Path], curves: list, out: Path) -> dict:
             x = [r["step"] if ax is loss_step else r["elapsed_s"] / scale for r in rows]
             values = [r["loss"] for r in rows]
             ax.plot(x, values, color=color, alpha=0.2, linewidth=0.7)
-            ax.plot(x, _moving_average(values, window), color=color, label=name)
+            ax.plot(x, _moving_average(values, window), color=color, label=name, marker=_lone_point(x))
         metric = validations[-1].get("select_metric", "cider") if validations else "cider"
         scored = [r for r in validations if r.get(f"val_{metric}") is not None]
         label = name if len(metrics) == 1 else f"{name} ({metric})"
