@@ -250,6 +250,39 @@ def test_an_upload_cut_off_by_a_stop_gives_no_traceback(capfd):
     assert "Exception in ASGI application" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("trickle", [False, True])
+def test_an_upload_slower_than_its_deadline_is_answered_408(trickle):
+    """A client that stalls, or trickles a byte at a time, held its connection as long as it liked (256 of them,
+    every connection); its body now has upload_timeout seconds to arrive, then a 408 and the inflight bytes back."""
+    answers = threading.Event()
+    answers.set()
+    batcher = DynamicBatcher(_fake_predict(answers), 1, 0, 4)
+    running = Running(create_app(batcher, {}, 32, (2, 2), Limits(upload_timeout=0.6)))
+    port = int(running.url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.settimeout(10)
+            slow.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b"
+                         b"\r\nContent-Length: 10000\r\n\r\n--b\r\n")
+            start = time.monotonic()
+            for _ in range(6 if trickle else 0):  # a byte every 0.2 s: past the deadline, never stalled
+                time.sleep(0.2)
+                slow.sendall(b"x")
+            answer = b""
+            while b"}" not in answer:  # the headers, then the JSON body (two packets, maybe)
+                chunk = slow.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            answer = answer.decode()
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.6 s" in answer
+        assert time.monotonic() - start < 5
+        assert httpx.get(f"{running.url}/v1/model").json()["limits"]["upload_timeout"] == 0.6
+        assert _post(running.url, [("a.png", _png_bytes())]).status_code == 200  # the server serves on
+    finally:
+        running.stop()
+
+
 def test_token_is_enforced_on_the_api(monkeypatch):
     batcher = DynamicBatcher(_fake_predict(threading.Event()), 1, 0, 4)
     running = Running(create_app(batcher, {"checkpoint": "fake"}, 32, (2, 2), Limits(), token="s3cret"))

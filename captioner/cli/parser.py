@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=40_000_000,
                    help="refuse larger images as likely decompression bombs (default: 40000000)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait for captions (default: 60)")
+    p.add_argument("--upload-timeout", type=float, default=60.0,
+                   help="seconds a request's body may take to arrive; slower uploads get 408 (default: 60)")
     p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads (default: 2)")
     _add_print_config(p)
     _add_device(p)

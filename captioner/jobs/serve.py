@@ -59,6 +59,7 @@ class ServeJob:
     max_images: int = 32  # image parts per request
     max_pixels: int = 40_000_000  # per image, checked before decoding (decompression bombs)
     timeout: float = 60.0  # seconds a request may wait for its captions
+    upload_timeout: float = 60.0  # seconds a request's body may take to arrive (408 after)
     runtime: str = "torch"  # torch | onnxruntime (a model folder's ONNX graphs)
     providers: list[str] | None = None  # onnxruntime: execution providers, best first (None: from the device)
     ort_threads: int | None = None  # onnxruntime: intra-op threads (None: torch's count)
@@ -71,7 +72,8 @@ class ServeJob:
                     ("--queue", self.queue, 1), ("--beam", self.beam_size, 1),
                     ("--decode-threads", self.decode_threads, 1), ("--max-images", self.max_images, 1),
                     ("--max-upload-mb", self.max_upload_mb, 1 / 2**20), ("--max-pixels", self.max_pixels, 1),
-                    ("--timeout", self.timeout, 0.001), ("--ort-threads", self.ort_threads, 1))
+                    ("--timeout", self.timeout, 0.001),
+                    ("--upload-timeout", self.upload_timeout, 0.001), ("--ort-threads", self.ort_threads, 1))
         check_checkpoint_overrides(list(self.overrides))
         if self.port > 65535:
             raise CaptionerError(f"--port must be <= 65535, got {self.port}")
@@ -84,7 +86,7 @@ class ServeJob:
     @property
     def limits(self) -> Limits:
         return Limits(max_upload_bytes=int(self.max_upload_mb * 2**20), max_images=self.max_images,
-                      max_pixels=self.max_pixels, timeout=self.timeout)
+                      max_pixels=self.max_pixels, timeout=self.timeout, upload_timeout=self.upload_timeout)
 
 
 class ServedModel:

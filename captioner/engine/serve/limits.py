@@ -10,6 +10,9 @@ class Limits:
     max_images: int = 32  # image parts per request
     max_pixels: int = 40_000_000  # per image, checked before decoding (decompression bombs)
     timeout: float = 60.0  # seconds a request may wait for its captions
+    # seconds a request's body may take to arrive: a client trickling bytes would hold its connection (and, 256 of
+    # them, every connection uvicorn takes) as long as it liked
+    upload_timeout: float = 60.0
     max_inflight_bytes: int = 512 * 2**20  # upload bytes held by all requests together
     retry_after: int = 1  # seconds, in 503 answers
     # A request's own generation fields (beyond the server's settings): wider searches and longer captions hold

@@ -145,8 +145,17 @@ async def _read_body(request: Request, limits: Limits, inflight: dict) -> bytes:
     if declared.isdigit() and int(declared) > limits.max_upload_bytes:
         raise too_big  # refused before reading a byte
     chunks, size = [], 0
+    stream, loop = request.stream().__aiter__(), asyncio.get_running_loop()
+    deadline = loop.time() + limits.upload_timeout
     try:
-        async for chunk in request.stream():
+        while True:
+            try:  # each wait bounded by what is left of the deadline: a stalled client sends no chunk to check
+                chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - loop.time(), 0.0))
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise Refusal(408, f"the request body did not arrive within {limits.upload_timeout:g} s "
+                                   f"({size} bytes came); send it again, faster") from None
             size += len(chunk)
             inflight["bytes"] += len(chunk)
             if size > limits.max_upload_bytes:
