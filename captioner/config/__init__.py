@@ -6,9 +6,10 @@ field (load.py); values are checked when read (validate.py).
 Unknown keys and values of the wrong type are CaptionerErrors that name the key and list the valid ones.
 """
 from captioner.config.defaults import FOLLOWING_KEYS, inherit_old_defaults, resolve_defaults
+from captioner.config.keys import valid_keys, what_is_valid
 from captioner.config.load import (PREPROCESS_KEYS, apply_overrides, coerce, from_dict, from_saved_dict,
                                    inherit_preprocess, load_config, override_value, parse_yaml, shipped_config,
-                                   stated_keys, to_dict, to_yaml, valid_keys, what_is_valid)
+                                   stated_keys, to_dict, to_yaml)
 from captioner.config.sections import (DATASET_FORMATS, DEFAULTS_BEFORE_MEASURED, INTERPOLATIONS, LEGACY_DEFAULTS,
                                        LOGGERS, LR_SCHEDULES, OBJECTIVES, SCST_BASELINES, SELECT_METRICS, CacheConfig,
                                        ComputeConfig, Config, DatasetConfig, DecodeConfig, EncoderConfig, ModelConfig,

@@ -1,12 +1,11 @@
 """YAML files and `section.key=value` overrides into the dataclasses, and back to plain dicts for checkpoints.
 
-Unknown keys and values of the wrong type are CaptionerErrors that name the key and list the valid ones.
+Unknown keys (config/keys.py says what is valid) and values of the wrong type are CaptionerErrors naming the key.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import difflib
 import functools
 import os
 import re
@@ -17,44 +16,11 @@ from pathlib import Path
 import yaml
 
 from captioner.config.defaults import resolve_defaults
+from captioner.config.keys import unknown_key
 from captioner.config.sections import LEGACY_DEFAULTS, Config
 from captioner.config.validate import check_number, check_text, validate
 from captioner.errors import CaptionerError
 from captioner.files import read_text
-
-
-def valid_keys(cfg: Config | None = None) -> list[str]:
-    cfg = cfg or Config()
-    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
-
-
-# A section with more keys than this is named, not listed: the line stays readable (train has 37 keys)
-LISTED_KEYS = 16
-
-
-def what_is_valid(key: str, cfg: Config | None = None) -> str:
-    """For an unknown dotted key: the closest valid keys, then the keys of its section (or the sections, when the
-    section itself is unknown), in one short phrase; the whole list of 90 keys would be a 1,500-character line."""
-    cfg = cfg or Config()
-    sections = {s.name: [f"{s.name}.{f.name}" for f in dataclasses.fields(getattr(cfg, s.name))]
-                for s in dataclasses.fields(cfg)}
-    section, _, name = key.partition(".")
-    if section in sections:  # the name alone: a shared 'encoder.' makes any two keys of a section look alike
-        names = [k.partition(".")[2] for k in sections[section]]
-        close = [f"{section}.{n}" for n in difflib.get_close_matches(name, names, n=2, cutoff=0.75)]
-    else:
-        close = difflib.get_close_matches(key, [*valid_keys(cfg), *sections], n=2, cutoff=0.75)
-    hint = f"did you mean {', '.join(close)}? " if close else ""  # a loose guess misleads more than none
-    if section not in sections:
-        return f"{hint}sections: {', '.join(sections)}"
-    keys = sections[section]
-    if len(keys) > LISTED_KEYS:
-        return f"{hint}{section} has {len(keys)} keys, listed in docs/reference/configuration.md and by --print-config"
-    return f"{hint}{section} keys: {', '.join(k.partition('.')[2] for k in keys)}"
-
-
-def _unknown_key(key: str, cfg: Config) -> CaptionerError:
-    return CaptionerError(f"unknown config key '{key}' ({what_is_valid(key, cfg)})")
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -219,7 +185,7 @@ def _set(cfg: Config, key: str, value) -> None:
     section_name, _, name = key.partition(".")
     section = getattr(cfg, section_name, None) if section_name in {f.name for f in dataclasses.fields(cfg)} else None
     if section is None or name not in {f.name for f in dataclasses.fields(section)}:
-        raise _unknown_key(key, cfg)
+        raise unknown_key(key, cfg)
     annotation = _field_types(type(section))[name]
     spec = next(f for f in dataclasses.fields(section) if f.name == name)
     setattr(section, name, coerce(key, value, annotation, spec))
@@ -234,13 +200,13 @@ def from_dict(data: dict, cfg: Config | None = None) -> Config:
     sections = {f.name for f in dataclasses.fields(cfg)}
     for section, values in data.items():
         if not isinstance(section, str) or section not in sections:
-            raise _unknown_key(str(section), cfg)
+            raise unknown_key(str(section), cfg)
         if not isinstance(values, dict):
             raise CaptionerError(f"config section '{section}' must be a mapping of keys (e.g. {section}: "
                                  f"{{key: value}}), got {_kind(values)}")
         for name, value in values.items():
             if not isinstance(name, str):
-                raise _unknown_key(f"{section}.{name}", cfg)
+                raise unknown_key(f"{section}.{name}", cfg)
             _set(cfg, f"{section}.{name}", value)
     validate(cfg)
     return cfg
