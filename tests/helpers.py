@@ -329,3 +329,20 @@ def parse_gallery(path: Path) -> GalleryParser:
     parser = GalleryParser()
     parser.feed(Path(path).read_text(encoding="utf-8"))  # valid UTF-8 whatever the file names
     return parser
+
+
+def sigterm_after_step(monkeypatch, step: int):
+    """SIGTERM to this process as training logs step's loss: a signal landing during step + 1, which the loop
+    handles after that step. Returns what puts the metrics log back (for a resume in the same test)."""
+    import signal
+    from captioner.engine.train.loggers import MetricsLog
+    write = MetricsLog.write
+
+    def write_then_terminate(self, record):
+        write(self, record)
+        if record.get("step") == step and "loss" in record:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLog, "write", write_then_terminate)
+    return lambda: monkeypatch.setattr(MetricsLog, "write", write)
+

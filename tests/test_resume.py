@@ -12,10 +12,9 @@ import torch
 
 from captioner.jobs import train
 from captioner.cli import main as cli
-from captioner.engine.train.loggers import MetricsLog
 
-from helpers import (ROOT, TINY, killed_child, metric_lines, small_config, small_overrides, step_losses,
-                     weights)
+from helpers import (ROOT, TINY, killed_child, metric_lines, sigterm_after_step, small_config, small_overrides,
+                     step_losses, weights)
 
 pytestmark = pytest.mark.slow  # every test trains the small model (18 steps) at least once
 
@@ -62,14 +61,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, small
 def test_sigterm_saves_last_and_exits_cleanly_then_resumes(uninterrupted, small_root, tmp_path, monkeypatch,
                                                            capsys):
     run_dir = tmp_path / "terminated"
-    write = MetricsLog.write
-
-    def write_then_terminate(self, record):  # the signal lands during step 13 (epoch 2), handled after it
-        write(self, record)
-        if record.get("step") == 12 and "loss" in record:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsLog, "write", write_then_terminate)
+    restore_log = sigterm_after_step(monkeypatch, 12)  # lands during step 13 (epoch 2), handled after it
     code = cli(["-q", "train", "--config", str(TINY), "--run-dir", str(run_dir), "--device", "cpu",
                 *small_overrides(small_root)])
     assert code == 128 + signal.SIGTERM
@@ -78,7 +70,7 @@ def test_sigterm_saves_last_and_exits_cleanly_then_resumes(uninterrupted, small_
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are given back
     state = torch.load(run_dir / "last.pt", weights_only=True)
     assert state["step"] == 13 and state["progress"]["epoch"] == 1
-    monkeypatch.setattr(MetricsLog, "write", write)
+    restore_log()
     # Same command again (no --resume): the folder holds this very run, so it is resumed.
     assert cli(["-q", "train", "--config", str(TINY), "--run-dir", str(run_dir), "--device", "cpu",
                 *small_overrides(small_root)]) == 0
@@ -108,14 +100,7 @@ def test_plot_writes_a_png_of_the_curves(uninterrupted, tmp_path, capsys):
 
 def test_a_run_stopped_before_its_first_validation_says_so_in_strict_json(small_root, tmp_path, monkeypatch,
                                                                           capsys):
-    write = MetricsLog.write
-
-    def write_then_terminate(self, record):
-        write(self, record)
-        if record.get("step") == 2 and "loss" in record:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsLog, "write", write_then_terminate)
+    sigterm_after_step(monkeypatch, 2)
     run_dir = tmp_path / "early"
     code = cli(["train", "--config", str(TINY), "--run-dir", str(run_dir), "--device", "cpu",
                 *small_overrides(small_root)])

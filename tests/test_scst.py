@@ -1,6 +1,5 @@
 """Self-critical sequence training: rewards, baselines, the loss, and (below) training runs on synthetic data."""
 import copy
-import signal
 
 import numpy as np
 import pytest
@@ -8,7 +7,6 @@ import torch
 
 from captioner.config import EncoderConfig, ModelConfig, apply_overrides
 from captioner.data.records import ImageRecord
-from captioner.engine.train.loggers import MetricsLog
 from captioner.errors import CaptionerError
 from captioner.jobs import train
 from captioner.engine.train.scst import ReferenceCaptions, Rewarder, SelfCriticalLoss, advantages
@@ -18,7 +16,7 @@ from captioner.metrics.cider import CiderD
 from captioner.model.caption_model import CaptionModel
 from captioner.text import Vocabulary
 
-from helpers import metric_lines, small_config, step_losses, weights
+from helpers import metric_lines, sigterm_after_step, small_config, step_losses, weights
 
 CAPTIONS = [["a red circle", "a red circle on the left"], ["a blue square", "one blue square"],
             ["a green triangle above a circle"]]
@@ -166,17 +164,10 @@ def test_scst_resume_in_the_middle_is_exact(xe_checkpoint, small_root, tmp_path,
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     summary = train.main(train.TrainJob(small_config(small_root, *SCST), whole, "cpu", init_from=xe_checkpoint))
     assert summary["steps"] == 12 and summary["stopped"] is None
-    write = MetricsLog.write
-
-    def write_then_terminate(self, record):  # SIGTERM during step 4 of 6 in epoch 1: handled after the step
-        write(self, record)
-        if record.get("step") == 3 and "loss" in record:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsLog, "write", write_then_terminate)
+    restore_log = sigterm_after_step(monkeypatch, 3)  # during step 4 of 6 in epoch 1: handled after it
     job = train.TrainJob(small_config(small_root, *SCST), stopped, "cpu", init_from=xe_checkpoint)
     assert train.main(job)["stopped"] == "SIGTERM"
-    monkeypatch.setattr(MetricsLog, "write", write)
+    restore_log()
     state = torch.load(stopped / "last.pt", weights_only=True)
     assert state["step"] == 4 and state["progress"]["epoch"] == 0 and state["init_from"] == str(xe_checkpoint)
     assert train.main(train.TrainJob(small_config(small_root, *SCST), stopped, "cpu", resume=True))["steps"] == 12

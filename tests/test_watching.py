@@ -14,11 +14,10 @@ import torch
 from PIL import Image
 
 from captioner.cli import main as cli
-from captioner.engine.train.loggers import MetricsLog
 from captioner.engine.train.telemetry import RunClock, duration
 from captioner.jobs import train
 
-from helpers import ROOT, TINY, killed_child, metric_lines, small_config, small_overrides
+from helpers import ROOT, TINY, killed_child, metric_lines, sigterm_after_step, small_config, small_overrides
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
@@ -143,16 +142,9 @@ def test_scst_run_turning_tensorboard_on_at_resume_gets_its_whole_history(small_
     run_dir = tmp_path / "scst"
     scst = ["dataset.val_fraction=0.15", "train.objective=scst", "train.batch_size=8", "train.scst_samples=3",
             "train.epochs=2", "train.checkpoint_every=2"]  # 42 train images: 5 steps of 8 images per epoch
-    write = MetricsLog.write
-
-    def write_then_terminate(self, record):
-        write(self, record)
-        if record.get("step") == 7 and "loss" in record:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsLog, "write", write_then_terminate)
+    restore_log = sigterm_after_step(monkeypatch, 7)
     assert train.main(train.TrainJob(small_config(small_root, *scst), run_dir, "cpu"))["stopped"] == "SIGTERM"
-    monkeypatch.setattr(MetricsLog, "write", write)
+    restore_log()
     assert not (run_dir / "tb").exists()
     resumed = small_config(small_root, *scst, "train.log_to=[jsonl,tensorboard]")
     assert train.main(train.TrainJob(resumed, run_dir, "cpu", resume=True))["steps"] == 10
