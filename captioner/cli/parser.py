@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "also encoder.onnx, decoder_init.onnx, decoder_step.onnx for --runtime onnxruntime ([onnx] extra)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="with --format onnx: int8 graphs (static int8 encoder convolutions, calibrated; dynamic int8 "
-                   "decoder matrix products): about 2x faster on a CPU")
+                   "decoder matrix products): about 2x faster on a CPU where the int8 encoder meets --feature-budget; "
+                   "else the encoder stays float32 and only the decoder is int8")
     p.add_argument("--calibrate", default=None, metavar="DIR",
                    help="with --quantize: images to calibrate on (default: the checkpoint's training split)")
     p.add_argument("--calibration-images", type=int, default=64, metavar="N",
