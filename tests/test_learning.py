@@ -1,5 +1,6 @@
 """The tiny model must actually learn the synthetic shapes, measured on held-out images."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,13 @@ def test_tiny_model_learns_held_out_bleu4(trained, tmp_path):
     lines = [json.loads(x) for x in metrics_file.read_text().splitlines()]
     losses = [x["loss_avg"] for x in lines if "loss_avg" in x]  # mean over each logging window
     assert losses[-1] < losses[0] * 0.8
+    # the cross-entropy alone beside the loss, which adds model.alpha_c's attention penalty (several nats on a
+    # small grid: a loss above ln(vocabulary size) read as a model worse than chance)
+    steps = [x for x in lines if "loss" in x and x.get("loss") is not None]
+    vocab = len(load_model(summary["best_checkpoint"])[1])
+    assert all(0 < x["xe"] <= x["loss_avg"] + 1e-6 for x in steps)  # both means over the logging window
+    assert any(x["xe"] < x["loss_avg"] - 1e-3 for x in steps) and steps[-1]["xe"] < steps[0]["xe"] * 0.8
+    assert steps[0]["xe"] < math.log(vocab)
 
 
 def test_different_images_get_different_captions(trained):

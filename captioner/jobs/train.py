@@ -141,7 +141,7 @@ def train_one_epoch(run: TrainingRun, loader: Batches, epoch: int) -> bool:
                 run.average.update(run.model)
             progress.loss_sum, progress.loss_count = progress.loss_sum + global_loss, progress.loss_count + 1
             window.steps, window.loss = window.steps + 1, window.loss + global_loss
-            stats = _scst_stats(run)
+            stats = _scst_stats(run) if scst else {"xe": result.part} if result.part is not None else {}
             progress.reward_sum += stats.get("reward", 0.0)
             for key, value in stats.items():
                 window.stats[key] = window.stats.get(key, 0.0) + value

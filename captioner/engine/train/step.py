@@ -74,6 +74,8 @@ class StepResult:
     loss: float  # the global batch's loss (all processes), nan or inf when not finite
     grad_norm: float | None  # None: the loss or the gradient was not finite and the step was skipped
     stop: bool  # some process was asked to stop (a signal): every process learns it at the same step
+    part: float | None = None  # the global batch's `part` (CaptionLoss: the cross-entropy alone, without the
+    # attention penalty, which on a small grid adds several nats: loss then reads above ln(vocabulary size))
 
 
 class TrainingStep:
@@ -89,21 +91,24 @@ class TrainingStep:
     def __call__(self, *inputs, stop: bool = False) -> StepResult:
         with autocast(self.device, self.bf16):
             loss, part, count = self.loss_fn(*inputs)
-        loss, global_loss, stop = self._reduce(loss, part, count, stop)
+        loss, (global_loss, global_part), stop = self._reduce(loss, part, count, stop)
         grad_norm = self._backward_and_step(loss) if math.isfinite(global_loss) else None
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(global_loss, grad_norm, stop)
+        return StepResult(global_loss, grad_norm, stop, global_part)
 
-    def _reduce(self, loss, part, count, stop: bool) -> tuple[torch.Tensor, float, bool]:
-        """(loss to backpropagate here, the global batch's loss, whether any process was asked to stop).
+    def _reduce(self, loss, part, count, stop: bool) -> tuple[torch.Tensor, tuple[float, float | None], bool]:
+        """(loss to backpropagate here, (the global batch's loss and part), whether any process was asked to stop).
 
         DDP averages the processes' gradients, but `part` is a mean over this process's own `count` units
         (tokens). Weighting it by its share of the global batch's units makes that average exactly the
         gradient of one process training on the whole global batch. One all_reduce per step carries it all."""
         process = self.process
         if not process.distributed:
-            return loss, loss.item(), stop
-        part = torch.zeros_like(loss) if part is None else part
+            if part is None:
+                return loss, (loss.item(), None), stop
+            both = torch.stack([loss.detach(), part.detach()]).tolist()  # one host sync for the two
+            return loss, (both[0], both[1]), stop
+        has_part, part = part is not None, torch.zeros_like(loss) if part is None else part
         count = torch.ones((), device=loss.device) if count is None else count
         rest = loss - part  # a mean over the same number of items in every process (attention penalty, ...)
         flag = torch.tensor(float(stop), device=loss.device)
@@ -111,7 +116,7 @@ class TrainingStep:
         totals = distributed.all_reduce_sum(torch.stack([part.detach() * count, count, rest.detach(), flag]), process)
         local = part * (count * process.world_size / totals[1]) + rest
         global_loss = (totals[0] / totals[1] + totals[2] / process.world_size).item()
-        return local, global_loss, bool(totals[3] > 0)
+        return local, (global_loss, (totals[0] / totals[1]).item() if has_part else None), bool(totals[3] > 0)
 
     def _backward_and_step(self, loss) -> float | None:
         """Backward, unscale, clip, step. Returns the gradient norm, or None when it was not finite (skipped)."""
