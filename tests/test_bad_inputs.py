@@ -188,6 +188,8 @@ def _table(w: Path, small_root: Path) -> dict[str, tuple[list[str], int]]:
         ("evaluate a random file", ["evaluate", "--checkpoint", str(w / "random.pt"), "--device", "cpu"], 2),
         ("evaluate --split nonsense", ["evaluate", "--checkpoint", str(w / "ok.pt"), "--split", "nonsense",
                                        "--device", "cpu", f"dataset.root={small_root}"], 2),
+        ("evaluate --out a file name", ["evaluate", "--checkpoint", str(w / "ok.pt"), "--out", str(w / "ev.json"),
+                                        "--device", "cpu"], 2),
         ("evaluate --out under a file", ["evaluate", "--checkpoint", str(w / "ok.pt"), "--out", str(w / "afile" / "e"),
                                          "--device", "cpu", *small_overrides(small_root)], 2),
         ("score: results not JSON", [*score, "--results", str(w / "results_bad.json"), "--annotations",

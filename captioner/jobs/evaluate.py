@@ -53,6 +53,16 @@ class EvaluateJob(GenerationFields):
         require_min(("--beam", self.beam_size, 1), ("--batch-size", self.batch_size, 1),
                     ("--ort-threads", self.ort_threads, 1))
         check_checkpoint_overrides(list(self.overrides))
+        out = Path(self.out_dir) if self.out_dir else None
+        if out is not None and out.suffix.lower() in FILE_SUFFIXES and not out.is_dir():
+            # a name a file would bear: `--out metrics.json` made a folder of that name, holding two files
+            raise CaptionerError(f"--out {out} names a file; evaluate writes results_{self.split}.json and "
+                                 f"metrics_{self.split}.json into a folder: give a folder, e.g. "
+                                 f"--out {out.with_suffix('')}")
+
+
+# What a file, not a folder, would be called (an existing folder of such a name is still taken)
+FILE_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".txt", ".yaml", ".yml"}
 
 
 def main(job: EvaluateJob) -> dict:
