@@ -113,6 +113,25 @@ def test_extraction_resumes_and_reports_unreadable_images(small_data, tmp_path, 
     assert third["added"] == 1 and third["failed"] == 0
 
 
+def test_a_complete_cache_this_user_cannot_write_is_used_as_it_is(small_data, tmp_path, monkeypatch):
+    """Another user's shared cache, read-only here: extract refused to start even with nothing to add. It now
+    says so and writes nothing; a split the cache lacks is still the one-line refusal."""
+    cfg = _cfg(small_data, f"cache.dir={tmp_path / 'cache'}")
+    assert extract.main(extract.ExtractJob(cfg, "val", device="cpu"))["added"] == 3
+    before = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "cache").iterdir()}
+
+    def read_only(path, what, **kwargs):
+        raise CaptionerError(f"cannot write {what} {path}: Permission denied")
+    monkeypatch.setattr(extract, "check_writable", read_only)
+    again = extract.main(extract.ExtractJob(cfg, "val", device="cpu"))
+    assert again["added"] == 0 and again["skipped_existing"] == 3 and again["images"] == 3
+    with pytest.raises(CaptionerError, match="Permission denied"):
+        extract.main(extract.ExtractJob(cfg, "val,test", device="cpu"))  # the test split is not there
+    with pytest.raises(CaptionerError, match="Permission denied"):
+        extract.main(extract.ExtractJob(cfg, "val", device="cpu", rebuild=True))
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "cache").iterdir()} == before
+
+
 def test_corrupt_cache_gives_one_line(small_data, tmp_path):
     cfg = _cfg(small_data, f"cache.dir={tmp_path / 'cache'}")
     extract.main(extract.ExtractJob(cfg, "val", device="cpu"))

@@ -81,8 +81,14 @@ def main(job: ExtractJob) -> dict:
 def _extract(cfg: Config, splits: list[str], process: Process, rebuild: bool, batch_size: int,
              num_workers: int) -> dict:
     device = process.device
+    read_only = None  # the refusal of a cache this process cannot write, if it must write to it
     if process.is_main:
-        check_writable(default_cache_dir(cfg), "feature cache", folder=True)  # before the encoder and the dataset
+        try:
+            check_writable(default_cache_dir(cfg), "feature cache", folder=True)  # before the encoder and the dataset
+        except CaptionerError as e:
+            if rebuild or process.distributed:
+                raise
+            read_only = e  # another user's shared cache, maybe complete: decided once the images are known
     compute = setup_compute(cfg.compute, device)
     # One process per node downloads the pretrained weights into the node's cache; the others read them there.
     with distributed.node_main_first(process, "fetching encoder.weights", names_library_weights(cfg.encoder.weights)):
@@ -99,6 +105,8 @@ def _extract(cfg: Config, splits: list[str], process: Process, rebuild: bool, ba
 
     folder = default_cache_dir(cfg, encoder.layer)
     signature = encoder_signature(encoder, cfg.encoder.weights)
+    if read_only is not None:
+        return _complete_or_refuse(folder, signature, cfg.cache.dtype, records, splits, read_only)
     cache, todo = None, None
     try:
         if process.is_main:
@@ -141,3 +149,18 @@ def _extract(cfg: Config, splits: list[str], process: Process, rebuild: bool, ba
             "skipped_existing": len(records) - len(todo), "failed": failed, "processes": process.world_size,
             "images_per_s": round(added / max(seconds, 1e-9), 2), "seconds": round(seconds, 2),
             "bytes": cache.num_rows * cache.row_bytes, "dtype": cache.dtype}
+
+
+def _complete_or_refuse(folder: Path, signature: dict, dtype: str, records: list, splits: list[str],
+                        refusal: CaptionerError) -> dict:
+    """A cache this process cannot write (another user's shared one, read-only here): the summary when it already
+    holds every image of the splits, as built by this encoder, with nothing to add; else the refusal."""
+    cache = FeatureCache.load(folder)
+    if cache is None or cache.mismatch(signature) or cache.dtype != dtype or not all(cache.has(r) for r in records):
+        raise refusal
+    log.info("feature cache %s: nothing to add, all %d images already there (the folder is read-only here)", folder,
+             len(records))
+    return {"cache": str(folder), "splits": splits, "images": len(cache.rows), "added": 0,
+            "skipped_existing": len(records), "failed": 0, "processes": 1, "images_per_s": 0.0, "seconds": 0.0,
+            "bytes": cache.num_rows * cache.row_bytes, "dtype": cache.dtype}
+
