@@ -37,7 +37,7 @@ from types import SimpleNamespace
 from captioner.config import Config, to_dict
 from captioner.engine.train.loggers.base import (Logger, attention_jpeg, flat_config, log_best_model, sample_rows,
                                                  scalars)
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, first_line
 
 log = logging.getLogger("captioner")
 
@@ -85,11 +85,11 @@ def tracking_uri(run_dir: Path) -> str:
 
 def _failure(what: str, uri: str, e: Exception, after: str = "") -> CaptionerError:
     """One line. after: what the run left behind (a failure while training comes after last.pt is saved)."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "MLFLOW_ALLOW_FILE_STORE" in first:  # newer MLflow refuses a folder as store unless told: keep its way out
+    first = first_line(e, 300)
+    if "MLFLOW_ALLOW_FILE_STORE" in str(e):  # newer MLflow refuses a folder as store unless told: keep its way out
         first = ("this MLflow refuses a folder as tracking store: set MLFLOW_TRACKING_URI=sqlite:///FOLDER/mlflow.db, "
                  "or MLFLOW_ALLOW_FILE_STORE=true to keep the folder")
-    return CaptionerError(f"MLflow at {uri}: cannot {what}: {first[:300]} ({after}check MLFLOW_TRACKING_URI, or "
+    return CaptionerError(f"MLflow at {uri}: cannot {what}: {first} ({after}check MLFLOW_TRACKING_URI, or "
                           f"leave mlflow out of train.log_to)")
 
 

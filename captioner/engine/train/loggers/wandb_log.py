@@ -25,7 +25,7 @@ from types import SimpleNamespace
 from captioner.config import Config, to_dict
 from captioner.engine.train.loggers.base import (Logger, attention_jpeg, flat_config, log_best_model, sample_rows,
                                                  scalars)
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, first_line
 
 log = logging.getLogger("captioner")
 
@@ -57,8 +57,7 @@ class WandbLogger(Logger):
                                   resume="allow", dir=str(run_dir), config={**flat_config(to_dict(cfg)), **tags},
                                   settings=wandb.Settings(console="off"))  # the CLI's own output stays as it is
         except Exception as e:  # noqa: BLE001 - W&B raises many kinds (network, auth, usage): one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CaptionerError(f"W&B: cannot start the run: {first[:300]} (WANDB_MODE=offline logs without an "
+            raise CaptionerError(f"W&B: cannot start the run: {first_line(e, 300)} (WANDB_MODE=offline logs without an "
                                  f"account; or leave wandb out of train.log_to)") from None
         missing = [r for r in history if r.get("step", -1) > through and ("samples" in r or scalars(r))]
         for record in missing:
