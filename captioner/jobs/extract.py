@@ -86,8 +86,8 @@ def _extract(cfg: Config, splits: list[str], process: Process, rebuild: bool, ba
         try:
             check_writable(default_cache_dir(cfg), "feature cache", folder=True)  # before the encoder and the dataset
         except CaptionerError as e:
-            if rebuild or process.distributed:
-                raise
+            if rebuild or process.distributed or not (default_cache_dir(cfg) / "header.json").is_file():
+                raise  # nothing there to use as it is: refused before any work
             read_only = e  # another user's shared cache, maybe complete: decided once the images are known
     compute = setup_compute(cfg.compute, device)
     # One process per node downloads the pretrained weights into the node's cache; the others read them there.
