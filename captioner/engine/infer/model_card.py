@@ -164,30 +164,26 @@ def _int8_section(onnx: dict | None, load_from: str) -> list[str]:
     onnx.quantization, written by the export), and that their captions are not float32's."""
     q = (onnx or {}).get("quantization") or {}
     lines = ["## int8 quantization", ""]
-    if q.get("encoder_precision") == "float32":  # the int8 encoder missed the budget: only the decoder is int8
-        return lines + [
-            f"- Encoder: {q['encoder']}. The folder keeps the float32 encoder (`captioner export --feature-budget` "
-            f"sets the budget; below it int8 captions differ from float32's on many photos).",
-            f"- Decoder: {q['decoder']}.",
-            f"- Calibrated on {q['calibration_images']} images from {q['calibration_source'] or 'the export'}; "
-            f"`{q['record']}` holds every choice and measurement.",
-            "- With the float32 encoder, the int8 decoder's captions are float32's on most photos. On captioner's "
-            "real-photo benchmark (MobileNetV2 models, 705 Flickr8k photos) " + DECODER_ONLY_MEASURED + ". Compare "
-            f"on your own photos: `captioner evaluate --checkpoint {load_from} --runtime onnxruntime` beside the "
-            "float32 export.", ""]
+    compare = (f"Compare on your own photos: `captioner evaluate --checkpoint {load_from} --runtime onnxruntime` "
+               f"beside the float32 export.")
+    float_encoder = q.get("encoder_precision") == "float32"  # its int8 version missed the budget: decoder int8 only
     if q:
-        lines += [f"- Encoder: {q['encoder']}. Its features measured cosine {q['feature_cosine']:.4f} to float32's on "
-                  f"held-out calibration images ({'meeting' if q['budget_met'] else 'under'} the budget "
-                  f"{q['feature_budget']:g}).",
+        measured = (" The folder keeps the float32 encoder (`captioner export --feature-budget` sets the budget; "
+                    "below it int8 captions differ from float32's on many photos)." if float_encoder else
+                    f" Its features measured cosine {q['feature_cosine']:.4f} to float32's on held-out calibration "
+                    f"images ({'meeting' if q['budget_met'] else 'under'} the budget {q['feature_budget']:g}).")
+        lines += [f"- Encoder: {q['encoder']}.{measured}",
                   f"- Decoder: {q['decoder']}.",
                   f"- Calibrated on {q['calibration_images']} images from {q['calibration_source'] or 'the export'}; "
                   f"`{q['record']}` holds every choice and measurement."]
+    if float_encoder:
+        return lines + ["- With the float32 encoder, the int8 decoder's captions are float32's on most photos. On "
+                        "captioner's real-photo benchmark (MobileNetV2 models, 705 Flickr8k photos) "
+                        + DECODER_ONLY_MEASURED + ". " + compare, ""]
     return lines + [
         ("- " if q else "") + "int8 captions are not float32's: beam search turns small feature differences into "
         "other words on many photos. On captioner's real-photo benchmark (MobileNetV2 models, 705 Flickr8k photos) "
-        "43.5% of the captions changed while CIDEr-D moved -1.3% (95% interval -5.0% to +3.2%). Compare on your own "
-        f"photos: `captioner evaluate --checkpoint {load_from} --runtime onnxruntime` beside the float32 export.",
-        ""]
+        "43.5% of the captions changed while CIDEr-D moved -1.3% (95% interval -5.0% to +3.2%). " + compare, ""]
 
 
 def _license_section(license: str, origin: dict, weights_words: str) -> list[str]:

@@ -66,7 +66,7 @@ def _onnx_compute(cfg: ComputeConfig, device: torch.device, backend) -> Compute:
         raise CaptionerError(f"{', '.join(asked)} (or dtype=bfloat16) applies to the PyTorch runtime (runtime torch): "
                              f"ONNX Runtime runs this folder's {backend.precision} graphs at the precision they were "
                              f"exported in")
-    encoder = getattr(backend, "encoder_precision", backend.precision)
+    encoder = backend.encoder_precision  # an int8 folder's may be float32
     kept = f" (the encoder {encoder}: its int8 features missed the export's budget)" if encoder != backend.precision \
         else ""
     return fixed_compute(cfg, device, f"ONNX Runtime runs the {backend.precision} graphs{kept} on "
